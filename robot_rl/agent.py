@@ -1,0 +1,307 @@
+"""The Q2RL agent: SAC with a REDQ-style critic ensemble, an auxiliary BC loss, and Q-gating (DESIGN §5).
+
+No I/O here: the agent takes minibatches and observations, returns statistics and decisions. Baselines (IBRL, RLPD,
+SAC) and ablations (no gating, no Q-initialisation) are the same code with `AgentConfig.method` switching parts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robot_rl.buffer import TransitionBatch
+from robot_rl.config import AgentConfig
+from robot_rl.networks import Actor, CriticEnsemble, ObsNormalizer, ValueNet
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one learner step (UTD critic updates + one actor update) reports."""
+
+    critic_loss: float
+    actor_loss: float
+    sac_loss: float
+    bc_loss: float
+    temperature: float
+    entropy: float
+    q_mean: float
+    critic_updates: int
+    actor_updates: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Both proposals, both values and the decision, batched ([B, A] and [B]); numpy."""
+
+    bc_action: np.ndarray
+    rl_action: np.ndarray
+    q_bc: np.ndarray
+    q_rl: np.ndarray
+    use_bc: np.ndarray
+    action: np.ndarray
+
+
+def transform_reward(reward: torch.Tensor | np.ndarray, scale: float, bias: float) -> torch.Tensor | np.ndarray:
+    """r~ = scale * r + bias (the WSRL/Q2RL reward transform)."""
+    return scale * reward + bias
+
+
+class Q2RLAgent(nn.Module):
+    """Networks, optimisers and update rules. `bc_policy` is frozen and only scored, never trained here."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        obs_low: np.ndarray,
+        obs_high: np.ndarray,
+        action_dim: int,
+        bc_policy: nn.Module | None,
+        qest_alpha: float = 1.0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.device = torch.device(device)
+        obs_dim = int(np.asarray(obs_low).shape[0])
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.qest_alpha = qest_alpha
+        torch.manual_seed(seed)
+        self.normalizer = ObsNormalizer(obs_low, obs_high)
+        self.actor = Actor(obs_dim, action_dim, cfg.hidden)
+        self.critics = CriticEnsemble(obs_dim, action_dim, cfg.hidden, cfg.num_critics, layer_norm=cfg.layer_norm)
+        self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        self.value = ValueNet(obs_dim, cfg.hidden, layer_norm=cfg.layer_norm)
+        self.log_alpha = nn.Parameter(torch.tensor(float(np.log(cfg.init_temperature))))
+        self.target_entropy = -float(action_dim) if cfg.target_entropy is None else cfg.target_entropy
+        self.bc_policy = bc_policy
+        if bc_policy is not None:
+            bc_policy.requires_grad_(False)
+        self.to(self.device)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.critic_updates = 0
+        self.actor_updates = 0
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Values
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_alpha.exp()
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array, np.float32), device=self.device)
+
+    def q_bc_hat(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q^_BC(s, a) = V_BC(s) + alpha * (log pi_BC(a|s) + H(pi_BC(.|s)))  (paper Eq. 6); obs unnormalised."""
+        if self.bc_policy is None:
+            raise RuntimeError("Q^_BC needs a BC policy")
+        v = self.value(self.normalizer(obs))
+        log_prob = self.bc_policy.log_prob(obs, actions)
+        entropy = self.bc_policy.entropy(obs)
+        assert v.shape == log_prob.shape == entropy.shape == (obs.shape[0],), (v.shape, log_prob.shape)
+        return v + self.qest_alpha * (log_prob + entropy)
+
+    def q_rl_min(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min_k Q_RL_k(s, a) over the whole ensemble; obs unnormalised."""
+        return self.critics(self.normalizer(obs), actions).min(dim=0).values
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Acting: Q-gating
+    # ----------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, *, rl_action: str | None = None, bc_action: str | None = None) -> GateDecision:
+        """Propose a_BC and a_RL and execute the one its Q-function rates higher (paper Eq. 10).
+
+        obs: [B, obs_dim] (unnormalised). With gating 'none' (SAC, RLPD) the RL action is always executed.
+        """
+        rl_mode = rl_action or self.cfg.rl_action
+        bc_mode = bc_action or self.cfg.bc_action
+        obs_t = self.tensor(obs)
+        assert obs_t.ndim == 2 and obs_t.shape[1] == self.obs_dim, obs_t.shape
+        dist = self.actor(self.normalizer(obs_t))
+        a_rl = dist.mode() if rl_mode == "mode" else dist.sample(generator=self.generator)
+        gating = self.cfg.gating
+        batch = obs_t.shape[0]
+        nan = torch.full((batch,), float("nan"), device=self.device)
+        if gating == "none" or self.bc_policy is None:
+            a_bc = torch.full_like(a_rl, float("nan"))
+            q_bc, q_rl = nan, self.q_rl_min(obs_t, a_rl)
+            use_bc = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        else:
+            raw = self.bc_policy.mode(obs_t) if bc_mode == "mode" else self.bc_policy.sample(obs_t, self.generator)
+            # Score exactly what would be executed: the env clips every action to [-1, 1].
+            a_bc = raw.clamp(-1.0, 1.0)
+            q_rl = self.q_rl_min(obs_t, a_rl)
+            q_bc = self.q_bc_hat(obs_t, a_bc) if gating == "q2rl" else self.q_rl_min(obs_t, a_bc)
+            use_bc = q_bc > q_rl
+        action = torch.where(use_bc[:, None], a_bc, a_rl)
+        return GateDecision(
+            bc_action=a_bc.cpu().numpy(),
+            rl_action=a_rl.cpu().numpy(),
+            q_bc=q_bc.cpu().numpy(),
+            q_rl=q_rl.cpu().numpy(),
+            use_bc=use_bc.cpu().numpy(),
+            action=action.cpu().numpy(),
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Learning
+    # ----------------------------------------------------------------------------------------------------------------
+    def _batch_tensors(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        return {
+            "obs": self.normalizer(self.tensor(batch.obs)),
+            "next_obs": self.normalizer(self.tensor(batch.next_obs)),
+            "actions": self.tensor(batch.actions),
+            "rewards": transform_reward(self.tensor(batch.rewards), self.cfg.reward_scale, self.cfg.reward_bias),
+            "not_done": 1.0 - self.tensor(batch.terminated.astype(np.float32)),
+            "bc_actions": self.tensor(batch.bc_actions),
+        }
+
+    def td_target(self, rewards: torch.Tensor, not_done: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """y = r~ + gamma * (1 - terminated) * (min over a random subset of target critics - alpha log pi).
+
+        Truncation is not termination: a step-limit transition keeps its bootstrap (only `terminated` zeroes it).
+        """
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor(next_obs).rsample_with_log_prob(generator=self.generator)
+            members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
+            members = members[: self.cfg.critic_subsample]
+            q_next = self.target_critics(next_obs, next_action, members).min(dim=0).values
+            soft_q_next = q_next - self.temperature * next_log_prob
+            target = rewards + self.cfg.discount * not_done * soft_q_next
+        assert target.shape == rewards.shape, (target.shape, rewards.shape)
+        return target
+
+    def critic_update(self, batch: TransitionBatch) -> tuple[float, float]:
+        t = self._batch_tensors(batch)
+        target = self.td_target(t["rewards"], t["not_done"], t["next_obs"])
+        q = self.critics(t["obs"], t["actions"])
+        assert q.shape == (self.cfg.num_critics, target.shape[0]), q.shape
+        # Every member regresses to the same target; summing over members gives each its own full gradient.
+        loss = ((q - target.unsqueeze(0)) ** 2).mean(dim=1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        self._soft_update()
+        self.critic_updates += 1
+        return float(loss.detach()) / self.cfg.num_critics, float(q.detach().mean())
+
+    @torch.no_grad()
+    def _soft_update(self) -> None:
+        for p, tp in zip(self.critics.parameters(), self.target_critics.parameters(), strict=True):
+            tp.lerp_(p, self.cfg.tau)
+
+    def actor_update(self, batch: TransitionBatch) -> dict[str, float]:
+        t = self._batch_tensors(batch)
+        dist = self.actor(t["obs"])
+        action, log_prob = dist.rsample_with_log_prob(generator=self.generator)
+        # REDQ: the actor ascends the mean over the whole ensemble.
+        q = self.critics(t["obs"], action).mean(dim=0)
+        assert q.shape == log_prob.shape == (t["obs"].shape[0],), (q.shape, log_prob.shape)
+        sac_loss = (self.temperature.detach() * log_prob - q).mean()
+        w = self.cfg.effective_bc_loss_weight
+        bc_loss = self.bc_loss(dist.mode(), t["bc_actions"])
+        loss = (1.0 - w) * sac_loss + w * bc_loss if w > 0 else sac_loss
+        self.actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_opt.step()
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        self.actor_updates += 1
+        return {
+            "actor_loss": float(loss.detach()),
+            "sac_loss": float(sac_loss.detach()),
+            "bc_loss": float(bc_loss.detach()),
+            "entropy": float(-log_prob.detach().mean()),
+        }
+
+    @staticmethod
+    def bc_loss(rl_mode: torch.Tensor, bc_actions: torch.Tensor) -> torch.Tensor:
+        """Squared distance from the RL actor's mode to the BC action proposed at that state.
+
+        Rows without a BC proposal (NaN) are left out; with none at all the loss is zero.
+        """
+        assert rl_mode.shape == bc_actions.shape, (rl_mode.shape, bc_actions.shape)
+        mask = torch.isfinite(bc_actions).all(dim=-1)
+        if not bool(mask.any()):
+            return rl_mode.sum() * 0.0
+        return ((rl_mode[mask] - bc_actions[mask]) ** 2).sum(dim=-1).mean()
+
+    def update(self, batches: list[TransitionBatch]) -> UpdateStats:
+        """One learner step: exactly `utd` critic updates (one per batch) then one actor update (last batch)."""
+        if len(batches) != self.cfg.utd:
+            raise ValueError(f"update needs exactly utd={self.cfg.utd} batches, got {len(batches)}")
+        critic_loss, q_mean = 0.0, 0.0
+        for batch in batches:
+            loss, q_mean = self.critic_update(batch)
+            critic_loss += loss / len(batches)
+        actor = self.actor_update(batches[-1])
+        return UpdateStats(
+            critic_loss=critic_loss,
+            actor_loss=actor["actor_loss"],
+            sac_loss=actor["sac_loss"],
+            bc_loss=actor["bc_loss"],
+            temperature=float(self.temperature.detach()),
+            entropy=actor["entropy"],
+            q_mean=q_mean,
+            critic_updates=self.critic_updates,
+            actor_updates=self.actor_updates,
+        )
+
+    def sync_target(self) -> None:
+        """Copy the critics into the target critics (after Q-initialisation)."""
+        self.target_critics.load_state_dict(self.critics.state_dict())
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Persistence: tensors for safetensors, everything else for the JSON manifest
+    # ----------------------------------------------------------------------------------------------------------------
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of actor, critics, target critics, V_BC, normaliser and temperature (BC excluded)."""
+        state = {}
+        for name in ("normalizer", "actor", "critics", "target_critics", "value"):
+            for key, value in getattr(self, name).state_dict().items():
+                state[f"{name}.{key}"] = value.detach().cpu().contiguous()
+        state["log_alpha"] = self.log_alpha.detach().cpu().reshape(1).contiguous()
+        return state
+
+    def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name in ("normalizer", "actor", "critics", "target_critics", "value"):
+                module = getattr(self, name)
+                prefix = f"{name}."
+                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                module.load_state_dict(sub, strict=True)
+            self.log_alpha.copy_(state["log_alpha"].reshape(()))
+
+    def optimizer_states(self) -> dict[str, dict]:
+        return {
+            "actor": self.actor_opt.state_dict(),
+            "critic": self.critic_opt.state_dict(),
+            "alpha": self.alpha_opt.state_dict(),
+        }
+
+    def load_optimizer_states(self, states: dict[str, dict]) -> None:
+        self.actor_opt.load_state_dict(states["actor"])
+        self.critic_opt.load_state_dict(states["critic"])
+        self.alpha_opt.load_state_dict(states["alpha"])
+
+
+def value_regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error with shapes checked (V_BC and Q-initialisation regressions)."""
+    assert pred.shape[-1] == target.shape[-1], (pred.shape, target.shape)
+    return F.mse_loss(pred, target.expand_as(pred))

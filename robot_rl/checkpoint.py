@@ -1,0 +1,102 @@
+"""Checkpoints: tensors in safetensors, everything else in a JSON manifest (DESIGN §9). No pickle anywhere.
+
+Optimizer state dicts are split: their tensors go to safetensors under `optim.<name>.<path>`, their plain values
+(step counts, hyper-parameters, parameter ids) to the manifest, and they are merged back on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
+def _split(prefix: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move tensors out of a nested structure into `tensors`, leaving a JSON-able skeleton with references."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        return {"__dict__": [[_key(k), _split(f"{prefix}.{k}", v, tensors)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return [_split(f"{prefix}.{i}", v, tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _key(k: Any) -> Any:
+    if not isinstance(k, str | int | float | bool) and k is not None:
+        raise TypeError(f"unsupported key type in state dict: {type(k).__name__}")
+    return k
+
+
+def _merge(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {k: _merge(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [_merge(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    optimizers: dict[str, dict] | None = None,
+) -> Path:
+    """Write tensors + manifest atomically (temporary files renamed into place)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    all_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    skeletons = {name: _split(f"optim.{name}", state, all_tensors) for name, state in (optimizers or {}).items()}
+    body = {"format_version": FORMAT_VERSION, **manifest, "optimizers": skeletons}
+    tmp_tensors = directory / (TENSORS_FILE + ".tmp")
+    tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
+    save_file(all_tensors, str(tmp_tensors))
+    tmp_manifest.write_text(json.dumps(body, indent=2, sort_keys=False))
+    os.replace(tmp_tensors, directory / TENSORS_FILE)
+    os.replace(tmp_manifest, directory / MANIFEST_FILE)
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, dict]]:
+    """Returns (tensors, manifest, optimizer states)."""
+    directory = Path(directory)
+    manifest_path, tensors_path = directory / MANIFEST_FILE, directory / TENSORS_FILE
+    for path in (manifest_path, tensors_path):
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is not valid JSON: {exc}") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint manifest {manifest_path} has format_version {manifest.get('format_version')!r}, "
+            f"expected {FORMAT_VERSION}"
+        )
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"checkpoint tensors {tensors_path} cannot be read: {exc}") from exc
+    skeletons = manifest.pop("optimizers", {})
+    try:
+        optimizers = {name: _merge(skel, tensors) for name, skel in skeletons.items()}
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {directory} lacks optimizer tensor {exc}") from exc
+    model_tensors = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    return model_tensors, manifest, optimizers

@@ -1,0 +1,193 @@
+"""The `robot-rl` command (DESIGN §3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from robot_rl.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument("--config", type=Path, required=required, help="YAML config (default: embedded defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a config field, e.g. --set agent.method=ibrl (repeatable; VALUE is YAML)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robot-rl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Q-Estimation then online Q2RL in one process; writes a run directory")
+    _add_config_args(p)
+    p.add_argument("--seed", type=int, default=None, help="run seed (overrides the config's)")
+    p.add_argument("--out", type=Path, required=True, help="run directory to create")
+    p.add_argument("--env-steps", type=int, default=None, help="online environment steps (train.env_steps)")
+    p.add_argument("--bc", type=Path, default=None, help="BC policy directory from `robot-rl bc` (else trained)")
+    p.add_argument("--demos", type=Path, default=None, help="demonstrations HDF5 (else collected in the run)")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+
+    p = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-layout HDF5")
+    _add_config_args(p)
+    p.add_argument("--episodes", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
+    p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("bc", help="train a BC policy on demonstrations")
+    _add_config_args(p)
+    p.add_argument("--demos", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="directory for bc.safetensors + bc.json")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-episodes", type=int, default=0, help="score the trained policy on this many episodes")
+
+    p = sub.add_parser("eval", help="success rate of a checkpoint (agent or BC policy)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--seed", type=int, default=None, help="first evaluation episode seed")
+
+    p = sub.add_parser("report", help="plot learning curves of one or more run directories")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("report.png"))
+    return parser
+
+
+def _overrides_with_seed(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from robot_rl.train import run_training
+
+    overrides = _overrides_with_seed(args)
+    if args.env_steps is not None:
+        overrides.append(f"train.env_steps={args.env_steps}")
+    cfg = load_config(args.config, overrides)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ConfigError(f"run directory {args.out} exists and is not empty; choose a new --out")
+    for path, what in ((args.bc, "--bc directory"), (args.demos, "--demos file")):
+        if path is not None and not path.exists():
+            raise ConfigError(f"{what} {path} does not exist")
+    summary = run_training(cfg, args.out, bc_dir=args.bc, demos=args.demos, quiet=args.quiet)
+    bc = summary["bc_success_rate"]
+    print(
+        f"{summary['method']} seed {summary['seed']}: BC success {'-' if bc is None else f'{bc:.2f}'}, "
+        f"final {summary['final_success_rate']:.2f}, best {summary['best_success_rate']:.2f} "
+        f"after {summary['env_steps']} env steps, {summary['learner_steps']} learner steps, "
+        f"{summary['wall_s']:.0f} s; run directory {args.out}"
+    )
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from robot_rl.train import collect_demos
+
+    cfg = load_config(args.config, _overrides_with_seed(args))
+    if args.episodes < 1:
+        raise ConfigError("--episodes must be at least 1")
+    kept, attempted = collect_demos(cfg, args.out, episodes=args.episodes, seed=cfg.seed)
+    print(f"wrote {kept} demonstrations to {args.out} ({kept}/{attempted} expert episodes kept)")
+    return 0
+
+
+def cmd_bc(args: argparse.Namespace) -> int:
+    import torch
+
+    from robot_rl.envs import make_env
+    from robot_rl.rollout import bc_policy_fn, evaluate
+    from robot_rl.train import EVAL_SEED, train_bc_from_demos
+
+    cfg = load_config(args.config, _overrides_with_seed(args))
+    if not args.demos.is_file():
+        raise ConfigError(f"demonstrations file {args.demos} does not exist")
+    policy = train_bc_from_demos(cfg, args.demos, args.out, seed=cfg.seed)
+    print(f"BC policy ({cfg.bc.policy}) written to {args.out}")
+    if args.eval_episodes > 0:
+        env = make_env(cfg.env)
+        result = evaluate(
+            env,
+            bc_policy_fn(policy, mode=cfg.agent.bc_action, generator=torch.Generator().manual_seed(7)),
+            episodes=args.eval_episodes,
+            seed=EVAL_SEED,
+        )
+        env.close()
+        print(f"BC success rate {result.success_rate:.2f} over {result.episodes} episodes")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from robot_rl.bc import load_bc
+    from robot_rl.envs import make_env
+    from robot_rl.rollout import bc_policy_fn, evaluate
+    from robot_rl.train import EVAL_SEED, evaluate_checkpoint
+
+    seed = EVAL_SEED if args.seed is None else args.seed
+    if not args.checkpoint.is_dir():
+        raise ConfigError(f"checkpoint directory {args.checkpoint} does not exist")
+    if (args.checkpoint / "bc.json").is_file():
+        cfg = load_config(args.config, args.overrides)
+        env = make_env(cfg.env)
+        policy = bc_policy_fn(load_bc(args.checkpoint), mode=cfg.agent.bc_action, generator=torch.Generator())
+        result = evaluate(env, policy, episodes=args.episodes, seed=seed)
+        env.close()
+        report = {"checkpoint": str(args.checkpoint), "method": "bc", **result.__dict__}
+    else:
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            episodes=args.episodes,
+            seed=seed,
+            config_path=args.config,
+            overrides=args.overrides,
+        )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from robot_rl.runlog import plot_curves, read_eval_csv
+
+    runs = {}
+    for run in args.runs:
+        csv_path = run / "eval.csv"
+        if not csv_path.is_file():
+            raise ConfigError(f"{run} has no eval.csv")
+        runs[str(run)] = read_eval_csv(csv_path)
+    plot_curves(runs, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "collect": cmd_collect, "bc": cmd_bc, "eval": cmd_eval, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        print(
+            f"\nrobot-rl {args.command}: interrupted" + (f"; partial output in {out}" if out else ""),
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

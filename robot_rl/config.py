@@ -1,0 +1,393 @@
+"""One typed configuration tree for every command.
+
+Every config is YAML validated by pydantic with `extra="forbid"`; `--set path.to.field=value` overrides any field
+(the value is parsed as YAML); a bad value is refused before anything starts, with the field's path in the message.
+Functions receive the slice of the tree they need, never the whole tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Vec3 = tuple[float, float, float]
+Vec6 = tuple[float, float, float, float, float, float]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field path and the problem."""
+
+
+class Strict(BaseModel):
+    """Base of every config and message model: unknown fields are refused, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Robot, action and safety
+# --------------------------------------------------------------------------------------------------------------------
+class SafetyBoxConfig(Strict):
+    """Limits of the commanded end-effector target around the reference pose (paper Table V)."""
+
+    xyz_low: Vec3 = Field((-0.05, -0.05, -0.08), description="Lower xyz limit in metres, relative to the reference.")
+    xyz_high: Vec3 = Field((0.05, 0.05, 0.06), description="Upper xyz limit in metres, relative to the reference.")
+    rpy_low_deg: Vec3 = Field((-5.0, -5.0, -20.0), description="Lower roll/pitch/yaw limit in degrees.")
+    rpy_high_deg: Vec3 = Field((5.0, 5.0, 20.0), description="Upper roll/pitch/yaw limit in degrees.")
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> SafetyBoxConfig:
+        for name, low, high in (
+            ("xyz", self.xyz_low, self.xyz_high),
+            ("rpy_deg", self.rpy_low_deg, self.rpy_high_deg),
+        ):
+            for axis, lo, hi in zip("xyz" if name == "xyz" else "rpy", low, high, strict=True):
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise ValueError(f"{name} limits must be finite (axis {axis}: {lo}, {hi})")
+                if not lo < hi:
+                    raise ValueError(f"{name} low must be below high on axis {axis}: {lo} >= {hi}")
+                if not lo <= 0.0 <= hi:
+                    raise ValueError(f"{name} limits must contain the reference (0) on axis {axis}: [{lo}, {hi}]")
+        return self
+
+
+class ActionConfig(Strict):
+    """How a policy action in [-1, 1]^6 becomes a new end-effector target."""
+
+    translation_scale_m: float = Field(0.015, gt=0, le=0.05, description="Metres per unit action per step.")
+    rotation_scale_rad: float = Field(0.02625, gt=0, le=0.2, description="Radians per unit action per step.")
+    max_target_error_m: float = Field(
+        0.015,
+        gt=0,
+        le=0.1,
+        description="The target is kept within this distance (per axis) of the measured pose.",
+    )
+    max_target_error_rad: float = Field(
+        0.05,
+        gt=0,
+        le=0.5,
+        description="The target is kept within this angle (per axis) of the measured pose.",
+    )
+
+
+class ImpedanceConfig(Strict):
+    """Cartesian impedance gains (paper Table V), in the order x, y, z, roll, pitch, yaw."""
+
+    stiffness: Vec6 = Field((1024.0, 1024.0, 1024.0, 100.0, 100.0, 100.0), description="N/m and Nm/rad.")
+    damping: Vec6 = Field((64.0, 64.0, 64.0, 10.0, 10.0, 10.0), description="Ns/m and Nms/rad.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> ImpedanceConfig:
+        for name, values in (("stiffness", self.stiffness), ("damping", self.damping)):
+            if any(not math.isfinite(v) or v <= 0 for v in values):
+                raise ValueError(f"{name} must be finite and positive, got {values}")
+        return self
+
+
+class SimTaskConfig(Strict):
+    """The simulated FR3 peg-insertion cell (DESIGN §8)."""
+
+    clearance_m: float = Field(0.001, gt=0, le=0.01, description="Gap between peg and hole on each side.")
+    peg_half_width_m: float = Field(0.01, gt=0.002, le=0.03, description="Half the width of the square peg.")
+    peg_length_m: float = Field(0.05, gt=0.01, le=0.15, description="Length of the peg below the hand.")
+    hole_depth_m: float = Field(0.025, gt=0.005, le=0.1, description="Depth of the hole in the board.")
+    success_depth_m: float = Field(0.02, gt=0, description="Insertion depth at which the peg counts as inserted.")
+    reference_height_m: float = Field(
+        0.05, gt=0.0, le=0.2, description="Height of the peg tip above the board at the reference pose."
+    )
+    reset_xyz_range_m: float = Field(0.045, ge=0, le=0.1, description="Reset pose sampled within ± this (xyz).")
+    reset_rpy_range_rad: float = Field(0.07875, ge=0, le=0.3, description="Reset pose sampled within ± this (rpy).")
+    max_episode_steps: int = Field(200, ge=1, le=10_000, description="Step limit; reaching it truncates.")
+    control_period_s: float = Field(0.1, gt=0, le=1.0, description="Policy period (10 Hz).")
+    physics_dt_s: float = Field(0.002, gt=0, le=0.005, description="MuJoCo physics step.")
+    joint_friction_scale: float = Field(
+        0.1,
+        ge=0,
+        le=1.0,
+        description="Scale of the model's joint friction loss (a real FR3 compensates most of it).",
+    )
+
+    @model_validator(mode="after")
+    def _depths(self) -> SimTaskConfig:
+        if self.success_depth_m > self.hole_depth_m:
+            raise ValueError(f"success_depth_m {self.success_depth_m} exceeds hole_depth_m {self.hole_depth_m}")
+        if self.hole_depth_m >= self.peg_length_m:
+            raise ValueError("hole_depth_m must be shorter than peg_length_m")
+        if self.physics_dt_s * 2 > self.control_period_s:
+            raise ValueError("control_period_s must span at least two physics steps")
+        return self
+
+
+class EnvConfig(Strict):
+    """The environment the actor acts in: the robot (sim twin for now), its action mapping and safety box."""
+
+    robot: Literal["sim"] = Field("sim", description="Which robot: the in-process MuJoCo twin.")
+    task: SimTaskConfig = Field(default_factory=SimTaskConfig, description="The simulated task.")
+    action: ActionConfig = Field(default_factory=ActionConfig, description="Action scaling and target limits.")
+    safety: SafetyBoxConfig = Field(default_factory=SafetyBoxConfig, description="Safety box of the target.")
+    impedance: ImpedanceConfig = Field(default_factory=ImpedanceConfig, description="Impedance gains.")
+
+    @model_validator(mode="after")
+    def _reset_inside_box(self) -> EnvConfig:
+        r = self.task.reset_xyz_range_m
+        for axis, lo, hi in zip("xyz", self.safety.xyz_low, self.safety.xyz_high, strict=True):
+            if -r < lo or r > hi:
+                raise ValueError(f"task.reset_xyz_range_m ±{r} leaves safety box on axis {axis} [{lo}, {hi}]")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Demonstrations and BC
+# --------------------------------------------------------------------------------------------------------------------
+class ExpertConfig(Strict):
+    """Scripted expert with human-like imperfections, for simulated demonstrations."""
+
+    action_noise: float = Field(0.3, ge=0, le=1.0, description="Std of Gaussian action noise (action units).")
+    noise_smoothing: float = Field(
+        0.5,
+        ge=0,
+        lt=1.0,
+        description="Correlation of the noise between steps (0 = white, like a hand's tremor).",
+    )
+    perceived_offset_std_m: float = Field(
+        0.0015, ge=0, le=0.01, description="Per-episode std of where the demonstrator thinks the hole is."
+    )
+    successful_only: bool = Field(True, description="Keep only successful demonstrations, as a lab would.")
+
+
+class BCConfig(Strict):
+    """Behaviour-cloning policy and its training budget."""
+
+    policy: Literal["gaussian", "gmm"] = Field("gmm", description="Gaussian or Gaussian-mixture head.")
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="MLP hidden sizes.")
+    num_modes: int = Field(5, ge=1, le=32, description="Mixture components (gmm only).")
+    min_std: float = Field(0.01, gt=0, le=1.0, description="Lower bound on every component's std.")
+    steps: int = Field(3000, ge=1, description="Gradient steps of BC training.")
+    batch_size: int = Field(256, ge=1, description="Minibatch size.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    demos: int = Field(50, ge=1, description="Demonstrations to collect for the BC policy.")
+
+    @model_validator(mode="after")
+    def _hidden(self) -> BCConfig:
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Q2RL
+# --------------------------------------------------------------------------------------------------------------------
+Method = Literal["q2rl", "ibrl", "rlpd", "sac", "no_gating", "no_qinit"]
+
+
+class QEstimationConfig(Strict):
+    """Q-Estimation: BC rollouts, V_BC regression, Q_RL initialisation and actor pre-training (DESIGN §5)."""
+
+    rollouts: int = Field(100, ge=1, description="BC episodes rolled out for Q-Estimation.")
+    alpha: float = Field(1.0, gt=0, description="Boltzmann temperature of the BC policy in Q^_BC.")
+    value_steps: int = Field(5000, ge=1, description="Gradient steps of V_BC regression on Monte-Carlo returns.")
+    value_rounds: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Rounds of refitting V_BC, each bootstrapping truncated returns with the last fit.",
+    )
+    q_init_steps: int = Field(20_000, ge=0, description="Gradient steps regressing every critic to Q^_BC.")
+    actor_pretrain_steps: int = Field(5000, ge=0, description="Gradient steps pulling the RL actor to BC actions.")
+    batch_size: int = Field(256, ge=1, description="Minibatch size for these regressions.")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate for these regressions.")
+
+
+class AgentConfig(Strict):
+    """SAC/REDQ learner with Q-gating (DESIGN §5); baselines by `method`."""
+
+    method: Method = Field("q2rl", description="q2rl, or a baseline/ablation from the same code.")
+    hidden: list[int] = Field(default_factory=lambda: [512, 512, 512], description="Actor and critic MLP sizes.")
+    num_critics: int = Field(10, ge=2, description="Critic ensemble size.")
+    critic_subsample: int = Field(2, ge=1, description="Target critics drawn for the min in the TD target.")
+    utd: int = Field(4, ge=1, description="Critic updates per actor update (one learner step).")
+    batch_size: int = Field(256, ge=2, description="Minibatch size.")
+    actor_lr: float = Field(3e-4, gt=0, description="Actor learning rate.")
+    critic_lr: float = Field(3e-4, gt=0, description="Critic learning rate.")
+    temperature_lr: float = Field(3e-4, gt=0, description="Temperature learning rate.")
+    init_temperature: float = Field(0.1, gt=0, description="Initial SAC temperature.")
+    target_entropy: float | None = Field(None, description="SAC target entropy; None means -action_dim.")
+    discount: float = Field(0.99, gt=0, lt=1, description="Discount factor.")
+    tau: float = Field(0.005, gt=0, le=1, description="Soft target update rate.")
+    bc_loss_weight: float = Field(0.1, ge=0, le=1, description="w in (1-w)*SAC actor loss + w*BC loss.")
+    reward_scale: float = Field(10.0, gt=0, description="r~ = scale*r + bias (robot: 10).")
+    reward_bias: float = Field(-1.0, description="r~ = scale*r + bias (robot: -1).")
+    rl_action: Literal["mode", "sample"] = Field("mode", description="RL proposal: policy mode or a sample.")
+    bc_action: Literal["mode", "sample"] = Field("sample", description="BC proposal: policy mode or a sample.")
+    offline_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Share of each batch drawn from demonstrations; None: 0.5 for rlpd, else 0.",
+    )
+    layer_norm: bool = Field(True, description="LayerNorm in critics.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> AgentConfig:
+        if self.critic_subsample > self.num_critics:
+            raise ValueError(f"critic_subsample {self.critic_subsample} exceeds num_critics {self.num_critics}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
+        return self
+
+    # What each method switches on; one place, read by the training loop.
+    @property
+    def uses_q_estimation(self) -> bool:
+        return self.method in ("q2rl", "no_gating", "no_qinit")
+
+    @property
+    def q_init(self) -> bool:
+        return self.method in ("q2rl", "no_gating")
+
+    @property
+    def gating(self) -> Literal["q2rl", "shared", "none"]:
+        """q2rl: frozen Q^_BC scores a_BC, min Q_RL scores a_RL; shared: Q_RL scores both; none: RL only."""
+        if self.method in ("q2rl", "no_qinit"):
+            return "q2rl"
+        if self.method in ("ibrl", "no_gating"):
+            return "shared"
+        return "none"
+
+    @property
+    def effective_bc_loss_weight(self) -> float:
+        return self.bc_loss_weight if self.method in ("q2rl", "no_gating", "no_qinit") else 0.0
+
+    @property
+    def effective_offline_ratio(self) -> float:
+        if self.offline_ratio is not None:
+            return self.offline_ratio
+        return 0.5 if self.method == "rlpd" else 0.0
+
+
+class TrainConfig(Strict):
+    """The single-process loop of `robot-rl train`."""
+
+    env_steps: int = Field(20_000, ge=1, description="Online environment steps after Q-Estimation.")
+    learner_steps_per_env_step: float = Field(
+        1.0, gt=0, le=16, description="Learner steps (UTD critic + 1 actor update) per environment step."
+    )
+    learning_starts: int = Field(
+        256,
+        ge=0,
+        description="Online transitions stored before the first learner step (methods without Q-init).",
+    )
+    eval_every: int = Field(2000, ge=1, description="Evaluate every this many environment steps.")
+    eval_episodes: int = Field(20, ge=1, description="Episodes per evaluation.")
+    checkpoint_every: int = Field(5000, ge=1, description="Checkpoint every this many environment steps.")
+    buffer_capacity: int = Field(2_000_000, ge=1000, description="Replay buffer capacity (transitions).")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Torch device; auto picks CUDA if present.")
+    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 leaves torch's default.")
+
+
+class RunConfig(Strict):
+    """The whole tree: one per run, saved resolved as config.yaml in the run directory."""
+
+    seed: int = Field(0, ge=0, description="Seed for environment, networks and sampling.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="Environment and robot.")
+    expert: ExpertConfig = Field(default_factory=ExpertConfig, description="Scripted demonstrator (sim).")
+    bc: BCConfig = Field(default_factory=BCConfig, description="Behaviour cloning.")
+    qest: QEstimationConfig = Field(default_factory=QEstimationConfig, description="Q-Estimation.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="RL agent and method.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# --------------------------------------------------------------------------------------------------------------------
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {path}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (['a','b','c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form path.to.field=value")
+    path, raw = text.split("=", 1)
+    keys = [k.strip() for k in path.strip().split(".")]
+    if not keys or any(not k for k in keys):
+        raise ConfigError(f"override {text!r} has an empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return keys, value
+
+
+def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set tree[k0][k1]...= value, refusing a path that names no field of RunConfig."""
+    model: type[BaseModel] | None = RunConfig
+    node = tree
+    for depth, key in enumerate(keys):
+        path = ".".join(keys[: depth + 1])
+        if model is None or key not in model.model_fields:
+            raise ConfigError(f"--set {'.'.join(keys)}: no field {path!r}")
+        annotation = model.model_fields[key].annotation
+        is_last = depth == len(keys) - 1
+        if is_last:
+            node[key] = value
+            return
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        child = node.get(key)
+        if child is None:
+            child = {}
+        elif isinstance(child, BaseModel):
+            child = child.model_dump()
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {path!r} is not a section")
+        node[key] = child
+        node = child
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the embedded defaults when path is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (tuples written as lists), loadable by load_config."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A stable short hash of a config section (for checkpoints and, later, the actor/learner handshake)."""
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]

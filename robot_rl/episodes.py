@@ -1,0 +1,763 @@
+"""Episode files in robomimic's HDF5 layout (DESIGN §9).
+
+Demonstrations, rollout logs and the learner's persisted buffer share one format, written with h5py so that we
+do not depend on robomimic itself (it drags in a CUDA torch and an old numpy):
+
+    data                       attrs: total (int, sum of num_samples), env_args (JSON string)
+    data/demo_<i>              attrs: num_samples (int) + the episode's own attrs
+    data/demo_<i>/obs/<key>        (T, ...)  any numeric dtype (images stay uint8)
+    data/demo_<i>/next_obs/<key>   (T, ...)
+    data/demo_<i>/actions          (T, A)    float32
+    data/demo_<i>/rewards          (T,)      float32, the raw env reward (the learner transforms it)
+    data/demo_<i>/dones            (T,)      int64 0/1 = terminated | truncated (robomimic's field)
+    data/demo_<i>/terminated       (T,)      bool, ours: a terminal step (success): no bootstrap
+    data/demo_<i>/truncated        (T,)      bool, ours: the step limit: bootstrap
+    data/demo_<i>/extras/<name>    (T, ...)  ours: gating record, robot state, timestamps, weights version
+
+`dones` alone cannot tell a success from a time-out, and swapping the two breaks the TD target (DESIGN §5), so
+the two flags are stored next to it. A demo without `num_samples` is one whose writer died mid-episode (crash,
+SIGKILL, Ctrl-C): readers take it up to the shortest length of its datasets, i.e. up to the last flushed step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+AttrValue = str | int | float | bool
+# Per streamed dataset: the shape of one row and its dtype, fixed by the first step.
+_Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+DEMO_PREFIX = "demo_"
+_DEMO_NAME = re.compile(r"^demo_(\d+)$")
+# Attributes the writer owns; an episode may not set them itself.
+_RESERVED_ATTRS = frozenset({"num_samples"})
+# Dtype kinds (numpy `dtype.kind`) accepted per field: b bool, i int, u unsigned, f float.
+_NUMERIC_KINDS = "biuf"
+# Target bytes per chunk of a streamed dataset: a few images per chunk, hundreds of scalars.
+_CHUNK_BYTES = 256 * 1024
+_MAX_CHUNK_ROWS = 1024
+# Superblock v0: a file whose writer was killed opens again without `h5clear` (the v3 superblock that
+# libver="latest" writes keeps a "file open for write" flag that a crash leaves set).
+_LIBVER = "earliest"
+
+
+class EpisodeFileError(ValueError):
+    """An episode file that cannot be read or appended to; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The in-memory episode
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, repr=False)
+class Episode:
+    """One episode, every array with the same first dimension T >= 1.
+
+    `rewards` is the raw env reward. `terminated` is true only on a terminal step (success: no bootstrap) and
+    `truncated` only on a step-limit step (bootstrap); only the last step may carry either. `extras` holds
+    per-step records (each (T, ...), numeric or bool; NaN allowed there, e.g. a Q-value that was not
+    computed). `attrs` is per-episode metadata. Arrays are converted on construction: actions and rewards to
+    float32, flags to bool.
+    """
+
+    obs: dict[str, np.ndarray]
+    next_obs: dict[str, np.ndarray]
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, AttrValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.actions = _float_array("actions", self.actions, ndim=2)
+        self.rewards = _float_array("rewards", self.rewards, ndim=1)
+        self.terminated = _bool_array("terminated", self.terminated)
+        self.truncated = _bool_array("truncated", self.truncated)
+        self.obs = _obs_dict("obs", self.obs)
+        self.next_obs = _obs_dict("next_obs", self.next_obs)
+        self.extras = _extras_dict(self.extras)
+        self.attrs = _clean_attrs(self.attrs)
+        _check_obs_pair(self.obs, self.next_obs)
+        _check_lengths(self._arrays())
+        _check_flags(self.terminated, self.truncated)
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def __repr__(self) -> str:
+        # Shapes, not contents: an image episode would print megabytes.
+        obs = {k: f"{v.dtype}{list(v.shape[1:])}" for k, v in self.obs.items()}
+        return (
+            f"Episode(T={len(self)}, obs={obs}, action_dim={self.actions.shape[1]}, "
+            f"terminated={bool(self.terminated[-1])}, truncated={bool(self.truncated[-1])}, "
+            f"extras={sorted(self.extras)}, attrs={self.attrs})"
+        )
+
+    @property
+    def dones(self) -> np.ndarray:
+        """robomimic's `dones`: (T,) bool, terminated | truncated."""
+        return self.terminated | self.truncated
+
+    @property
+    def success(self) -> bool:
+        """The episode ended on a terminal step with a positive raw reward (sparse success reward)."""
+        return bool(self.terminated[-1] and self.rewards[-1] > 0)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """Every array under its path inside a demo group."""
+        return _flatten_episode(self)
+
+
+def _flatten_episode(ep: Episode) -> dict[str, np.ndarray]:
+    arrays = {f"obs/{k}": v for k, v in ep.obs.items()}
+    arrays.update({f"next_obs/{k}": v for k, v in ep.next_obs.items()})
+    arrays.update(actions=ep.actions, rewards=ep.rewards, terminated=ep.terminated, truncated=ep.truncated)
+    arrays.update({f"extras/{k}": v for k, v in ep.extras.items()})
+    return arrays
+
+
+def _float_array(name: str, value: Any, *, ndim: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{name} must be floating point, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    arr = arr.astype(np.float32, copy=False)
+    _check_finite(name, arr)
+    return arr
+
+
+def _bool_array(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    # Only real booleans: a float or int array here is more likely a mix-up (e.g. rewards) than a flag.
+    if arr.dtype.kind != "b":
+        raise ValueError(f"{name} must be bool, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must have 1 dimension, got shape {arr.shape}")
+    return arr
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name} has a non-finite value (first at index {tuple(int(i) for i in bad)})")
+
+
+def _check_name(what: str, name: Any) -> str:
+    # Keys become HDF5 member names: a "/" would silently create nested groups.
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"{what} name {name!r} must be a non-empty string without '/'")
+    return name
+
+
+def _numeric_array(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"{name} must be numeric or bool, got dtype {arr.dtype}")
+    if arr.ndim < 1:
+        raise ValueError(f"{name} must have a leading time dimension, got shape {arr.shape}")
+    return arr
+
+
+def _obs_dict(group: str, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not obs:
+        raise ValueError(f"{group} must have at least one key")
+    out: dict[str, np.ndarray] = {}
+    for key, value in obs.items():
+        name = f"{group}/{_check_name(group, key)}"
+        arr = _numeric_array(name, value)
+        _check_finite(name, arr)
+        out[key] = arr
+    return out
+
+
+def _extras_dict(extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: _numeric_array(f"extras/{_check_name('extras', k)}", v) for k, v in extras.items()}
+
+
+def _check_obs_pair(obs: dict[str, np.ndarray], next_obs: dict[str, np.ndarray]) -> None:
+    if set(obs) != set(next_obs):
+        raise ValueError(f"obs keys {sorted(obs)} differ from next_obs keys {sorted(next_obs)}")
+    for key, arr in obs.items():
+        other = next_obs[key]
+        if arr.shape[1:] != other.shape[1:] or arr.dtype != other.dtype:
+            raise ValueError(
+                f"obs/{key} is {arr.dtype}{list(arr.shape[1:])} per step but next_obs/{key} is "
+                f"{other.dtype}{list(other.shape[1:])}"
+            )
+
+
+def _check_lengths(arrays: Mapping[str, np.ndarray]) -> None:
+    lengths = {name: arr.shape[0] for name, arr in arrays.items()}
+    t = lengths["actions"]
+    if t < 1:
+        raise ValueError("an episode needs at least one step")
+    wrong = {name: n for name, n in lengths.items() if n != t}
+    if wrong:
+        raise ValueError(f"every array needs {t} steps (as actions); these differ: {wrong}")
+
+
+def _check_flags(terminated: np.ndarray, truncated: np.ndarray) -> None:
+    for name, flags in (("terminated", terminated), ("truncated", truncated)):
+        if flags[:-1].any():
+            step = int(np.flatnonzero(flags[:-1])[0])
+            raise ValueError(f"{name} is set at step {step}; only the last step may end the episode")
+
+
+def _clean_attrs(attrs: Mapping[str, Any]) -> dict[str, AttrValue]:
+    out: dict[str, AttrValue] = {}
+    for key, value in attrs.items():
+        _check_name("attribute", key)
+        if key in _RESERVED_ATTRS:
+            raise ValueError(f"attribute {key!r} is set by the writer")
+        out[key] = _attr_value(key, value)
+    return out
+
+
+def _attr_value(key: str, value: Any) -> AttrValue:
+    # numpy scalars (as h5py returns them) become plain Python values, so attrs compare and serialise simply.
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str | int | float | bool):
+        raise ValueError(f"attribute {key!r} must be str, int, float or bool, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"attribute {key!r} is not finite: {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------------------
+
+
+class EpisodeWriter:
+    """Writes episodes to one file; a context manager.
+
+    `mode="w"` creates or truncates the file; `mode="a"` appends, numbering after the existing demos, and
+    refuses a file whose `env_args` differ. On append, demos left unfinished by a killed writer are sealed
+    first (cut to their flushed length, `num_samples` set, attr `interrupted=True`; empty ones removed) so the
+    file stays readable by robomimic. Whole episodes go through `add_episode`; live logging through
+    `begin_episode` (see `EpisodeStream`).
+
+        with EpisodeWriter("log.hdf5", {"env_name": "peg", "type": 4, "env_kwargs": {}}) as w:
+            w.add_episode(ep)
+
+    robomimic itself reads `env_args` as `{"env_name", "type", "env_kwargs"}`; other keys are kept as given.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        env_args: Mapping[str, Any],
+        *,
+        mode: Literal["w", "a"] = "w",
+        flush_every: int = 10,
+    ) -> None:
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.path = Path(path)
+        self.flush_every = flush_every
+        env_json = _env_args_json(env_args)
+        self._file = _open_for_write(self.path, mode)
+        self._stream: EpisodeStream | None = None
+        try:
+            self._data = self._file.require_group("data")
+            _set_or_check_env_args(self._data, env_json, self.path)
+            _seal_interrupted(self._data)
+            self._next_index = _next_demo_index(self._data)
+            self._total = _total_samples(self._data)
+            self._data.attrs["total"] = self._total
+            self._file.flush()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def num_episodes(self) -> int:
+        """Demos in the file, the open stream included."""
+        return len(self._data)
+
+    def add_episode(self, episode: Episode) -> int:
+        """Writes a whole episode, flushes, and returns its index i (the group is `data/demo_<i>`)."""
+        index = self._take_index()
+        group = self._data.create_group(f"{DEMO_PREFIX}{index}")
+        for name, arr in _flatten_episode(episode).items():
+            group.create_dataset(name, data=arr)
+        group.create_dataset("dones", data=episode.dones.astype(np.int64))
+        group.attrs.update(episode.attrs)
+        self._seal(group, len(episode))
+        return index
+
+    def begin_episode(self, attrs: Mapping[str, Any] | None = None) -> EpisodeStream:
+        """Starts a streamed episode; append steps to the returned handle and `end()` it."""
+        if self._stream is not None:
+            raise RuntimeError(f"{self.path}: episode {self._stream.index} is still open; end() it first")
+        clean = _clean_attrs(attrs or {})
+        index = self._take_index()
+        group = self._data.create_group(f"{DEMO_PREFIX}{index}")
+        group.attrs.update(clean)
+        self._file.flush()
+        self._stream = EpisodeStream(self, group, index)
+        return self._stream
+
+    def close(self) -> None:
+        """Ends an open stream (marked `interrupted`) and closes the file; safe to call twice."""
+        if not self._file.id.valid:
+            return
+        try:
+            if self._stream is not None:
+                self._stream.end(interrupted=True)
+        finally:
+            self._file.close()
+
+    def _take_index(self) -> int:
+        if not self._file.id.valid:
+            raise RuntimeError(f"{self.path}: the writer is closed")
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    def _seal(self, group: h5py.Group, num_samples: int) -> None:
+        # num_samples last: its presence is what says the demo is complete.
+        group.attrs["num_samples"] = num_samples
+        self._total += num_samples
+        self._data.attrs["total"] = self._total
+        self._file.flush()
+
+    def _stream_ended(self, group: h5py.Group, steps: int) -> None:
+        if steps == 0:
+            # Nothing was recorded: no empty demo for readers to trip over.
+            del self._data[group.name.rsplit("/", 1)[-1]]
+            self._file.flush()
+        else:
+            self._seal(group, steps)
+        self._stream = None
+
+    def _flush(self) -> None:
+        self._file.flush()
+
+
+class EpisodeStream:
+    """A live episode: each `append` records one step; every `flush_every` steps they reach the file.
+
+    Steps wait in memory between flushes and the file is not touched at all in between, so a writer killed at
+    any moment other than during a flush leaves a consistent file holding every step up to the last flush. The
+    first step fixes the keys, shapes and dtypes of the episode; later steps must match.
+    """
+
+    def __init__(self, writer: EpisodeWriter, group: h5py.Group, index: int) -> None:
+        self._writer = writer
+        self._group = group
+        self.index = index
+        self._spec: _Spec | None = None
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._written = 0
+        self._ended_on_done = False
+        self._open = True
+
+    def __enter__(self) -> EpisodeStream:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._open:
+            self.end(interrupted=exc_type is not None)
+
+    @property
+    def num_steps(self) -> int:
+        """Steps appended so far, flushed or not."""
+        return self._written + len(self._pending)
+
+    def append(
+        self,
+        *,
+        obs: Mapping[str, Any],
+        action: Any,
+        reward: float,
+        terminated: bool,
+        truncated: bool,
+        next_obs: Mapping[str, Any],
+        extras: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Records one step. Keyword-only: terminated and truncated must never be swapped."""
+        if not self._open:
+            raise RuntimeError(f"{self._writer.path}: episode {self.index} has ended")
+        if self._ended_on_done:
+            raise RuntimeError(f"{self._writer.path}: episode {self.index} ended (terminated or truncated); call end()")
+        row = _step_row(obs, action, reward, terminated, truncated, next_obs, extras or {})
+        self._spec = _check_step_spec(self._spec, row)
+        self._pending.append(row)
+        self._ended_on_done = bool(terminated or truncated)
+        if len(self._pending) >= self._writer.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the steps waiting in memory and flushes the file."""
+        if not self._pending:
+            return
+        start, stop = self._written, self._written + len(self._pending)
+        for name, (shape, dtype) in (self._spec or {}).items():
+            rows = np.stack([row[name] for row in self._pending]).astype(dtype, copy=False)
+            ds = self._group[name] if name in self._group else _create_stream_dataset(self._group, name, shape, dtype)
+            ds.resize(stop, axis=0)
+            ds[start:stop] = rows
+        self._pending.clear()
+        self._written = stop
+        self._writer._flush()
+
+    def end(self, *, interrupted: bool = False) -> int:
+        """Flushes, sets `num_samples` and returns the step count; an episode with no steps is removed."""
+        if not self._open:
+            return self._written
+        self._open = False
+        self.flush()
+        if interrupted and self._written:
+            self._group.attrs["interrupted"] = True
+        self._writer._stream_ended(self._group, self._written)
+        return self._written
+
+
+def _step_row(
+    obs: Mapping[str, Any],
+    action: Any,
+    reward: float,
+    terminated: bool,
+    truncated: bool,
+    next_obs: Mapping[str, Any],
+    extras: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+    """One step as the rows of each dataset, validated like an Episode of length 1."""
+    for name, flag in (("terminated", terminated), ("truncated", truncated)):
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    one = Episode(
+        obs={k: np.asarray(v)[None] for k, v in obs.items()},
+        next_obs={k: np.asarray(v)[None] for k, v in next_obs.items()},
+        actions=np.asarray(action)[None],
+        rewards=np.array([_real("reward", reward)], dtype=np.float32),
+        terminated=np.array([terminated], dtype=bool),
+        truncated=np.array([truncated], dtype=bool),
+        extras={k: np.asarray(v)[None] for k, v in extras.items()},
+    )
+    row = {name: arr[0] for name, arr in _flatten_episode(one).items()}
+    row["dones"] = np.int64(terminated or truncated)
+    return row
+
+
+def _real(name: str, value: Any) -> float:
+    # An int reward (0 or 1) is a fine float; a string, an array or a bool is a mix-up.
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_step_spec(spec: _Spec | None, row: dict[str, np.ndarray]) -> _Spec:
+    new = {name: (arr.shape, arr.dtype) for name, arr in row.items()}
+    if spec is None:
+        return new
+    if set(new) != set(spec):
+        raise ValueError(
+            f"step fields changed: missing {sorted(set(spec) - set(new))}, new {sorted(set(new) - set(spec))}"
+        )
+    for name, (shape, dtype) in spec.items():
+        got_shape, got_dtype = new[name]
+        if got_shape != shape or not np.can_cast(got_dtype, dtype, casting="same_kind"):
+            raise ValueError(f"{name} was {dtype}{list(shape)} in the first step, now {got_dtype}{list(got_shape)}")
+    return spec
+
+
+def _create_stream_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+    row_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    rows = int(np.clip(_CHUNK_BYTES // row_bytes, 1, _MAX_CHUNK_ROWS))
+    return group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), chunks=(rows, *shape), dtype=dtype)
+
+
+def _env_args_json(env_args: Mapping[str, Any]) -> str:
+    if not isinstance(env_args, Mapping):
+        raise TypeError(f"env_args must be a dict, got {type(env_args).__name__}")
+    try:
+        return json.dumps(dict(env_args), indent=4)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"env_args must be JSON-serialisable: {err}") from err
+
+
+def _open_for_write(path: Path, mode: str) -> h5py.File:
+    if mode == "a" and path.exists() and not h5py.is_hdf5(path):
+        raise EpisodeFileError(f"{path}: not an HDF5 file; refusing to append to it")
+    try:
+        return h5py.File(path, mode, libver=_LIBVER)
+    except OSError as err:
+        raise EpisodeFileError(f"{path}: cannot open for writing ({err})") from err
+
+
+def _set_or_check_env_args(data: h5py.Group, env_json: str, path: Path) -> None:
+    if "env_args" not in data.attrs:
+        data.attrs["env_args"] = env_json
+        return
+    existing = _parse_env_args(data.attrs["env_args"], path)
+    wanted = json.loads(env_json)
+    if existing != wanted:
+        keys = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+        raise EpisodeFileError(f"{path}: env_args differ from the file's in {keys}; refusing to mix them")
+
+
+def _seal_interrupted(data: h5py.Group) -> None:
+    for name in [n for n in data if _DEMO_NAME.match(n)]:
+        group = data[name]
+        if not isinstance(group, h5py.Group) or "num_samples" in group.attrs:
+            continue
+        datasets = _datasets(group)
+        steps = min((ds.shape[0] for ds in datasets.values()), default=0)
+        if steps == 0:
+            del data[name]
+            continue
+        for ds in datasets.values():
+            _cut_dataset(group, ds, steps)
+        group.attrs["interrupted"] = True
+        group.attrs["num_samples"] = steps
+
+
+def _cut_dataset(group: h5py.Group, ds: h5py.Dataset, steps: int) -> None:
+    if ds.shape[0] == steps:
+        return
+    if ds.maxshape[0] is None:
+        ds.resize(steps, axis=0)
+        return
+    # Not resizable (a whole-episode write cut short): rewrite the kept rows.
+    name, kept = ds.name, ds[:steps]
+    del group.file[name]
+    group.file.create_dataset(name, data=kept)
+
+
+def _total_samples(data: h5py.Group) -> int:
+    return sum(int(g.attrs.get("num_samples", 0)) for g in data.values() if isinstance(g, h5py.Group))
+
+
+def _next_demo_index(data: h5py.Group) -> int:
+    indices = [int(m.group(1)) for m in map(_DEMO_NAME.match, data) if m]
+    return max(indices, default=-1) + 1
+
+
+def _datasets(group: h5py.Group) -> dict[str, h5py.Dataset]:
+    """Every dataset under a demo group, by its path relative to the group."""
+    found: dict[str, h5py.Dataset] = {}
+
+    def visit(name: str, obj: h5py.HLObject) -> None:
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj
+
+    group.visititems(visit)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------------------
+
+
+def iter_episodes(path: str | Path, *, limit: int | None = None) -> Iterator[Episode]:
+    """Yields the episodes of a file in index order; the file stays open while the iterator lives.
+
+    A demo without `num_samples` (its writer died) is read up to the shortest length of its datasets and gets
+    attr `interrupted=True`; one with nothing flushed is skipped. Raises EpisodeFileError naming file and
+    demo.
+    """
+    path = Path(path)
+    with _open_for_read(path) as f:
+        data = _data_group(f, path)
+        count = 0
+        for name in _demo_names(data, path):
+            if limit is not None and count >= limit:
+                return
+            episode = _read_demo(data[name], f"{path}: {name}")
+            if episode is not None:
+                count += 1
+                yield episode
+
+
+def read_episodes(path: str | Path, *, limit: int | None = None) -> list[Episode]:
+    """All episodes of a file (the first `limit` when given), see `iter_episodes`."""
+    return list(iter_episodes(path, limit=limit))
+
+
+def read_env_args(path: str | Path) -> dict[str, Any]:
+    """The file's `data.attrs['env_args']`, parsed from JSON."""
+    path = Path(path)
+    with _open_for_read(path) as f:
+        data = _data_group(f, path)
+        if "env_args" not in data.attrs:
+            raise EpisodeFileError(f"{path}: data group has no env_args attribute")
+        return _parse_env_args(data.attrs["env_args"], path)
+
+
+def _parse_env_args(raw: Any, path: Path) -> dict[str, Any]:
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as err:
+        raise EpisodeFileError(f"{path}: env_args is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise EpisodeFileError(f"{path}: env_args is JSON but not an object: {value!r}")
+    return value
+
+
+def _open_for_read(path: Path) -> h5py.File:
+    if not path.exists():
+        raise EpisodeFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise EpisodeFileError(f"{path}: is a directory, not an HDF5 file")
+    if not h5py.is_hdf5(path):
+        raise EpisodeFileError(f"{path}: not an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise EpisodeFileError(f"{path}: cannot be opened as HDF5 ({err})") from err
+
+
+def _data_group(f: h5py.File, path: Path) -> h5py.Group:
+    data = f.get("data")
+    if not isinstance(data, h5py.Group):
+        raise EpisodeFileError(f"{path}: no 'data' group (not an episode file in robomimic's layout)")
+    return data
+
+
+def _demo_names(data: h5py.Group, path: Path) -> list[str]:
+    names = list(data)
+    odd = [n for n in names if not _DEMO_NAME.match(n) or not isinstance(data[n], h5py.Group)]
+    if odd:
+        raise EpisodeFileError(f"{path}: data holds members that are not demo_<i> groups: {odd}")
+    # Numeric order, as robomimic sorts them (demo_10 after demo_9).
+    return sorted(names, key=lambda n: int(n[len(DEMO_PREFIX) :]))
+
+
+def _read_demo(group: h5py.Group, where: str) -> Episode | None:
+    sealed = "num_samples" in group.attrs
+    if not sealed and not _has_required_members(group):
+        # Its writer died before the first flush completed: nothing to read.
+        return None
+    datasets = _demo_datasets(group, where)
+    steps = _demo_length(group, datasets, where)
+    if steps == 0:
+        return None
+    arrays = {name: ds[:steps] for name, ds in datasets.items()}
+    attrs = {k: v for k, v in group.attrs.items() if k not in _RESERVED_ATTRS}
+    if not sealed:
+        attrs["interrupted"] = True
+    try:
+        return _episode_from_arrays(arrays, attrs)
+    except ValueError as err:
+        raise EpisodeFileError(f"{where}: {err}") from err
+
+
+def _has_required_members(group: h5py.Group) -> bool:
+    try:
+        _demo_datasets(group, "")
+    except EpisodeFileError:
+        return False
+    return True
+
+
+def _demo_datasets(group: h5py.Group, where: str) -> dict[str, h5py.Dataset]:
+    for member in ("obs", "next_obs"):
+        if not isinstance(group.get(member), h5py.Group):
+            raise EpisodeFileError(f"{where}: missing the '{member}' group")
+    for member in ("actions", "rewards"):
+        if not isinstance(group.get(member), h5py.Dataset):
+            raise EpisodeFileError(f"{where}: missing the '{member}' dataset")
+    if not any(isinstance(group.get(m), h5py.Dataset) for m in ("terminated", "dones")):
+        raise EpisodeFileError(f"{where}: missing both 'terminated' and 'dones'")
+    return _datasets(group)
+
+
+def _demo_length(group: h5py.Group, datasets: dict[str, h5py.Dataset], where: str) -> int:
+    lengths = {name: (ds.shape[0] if ds.shape else 0) for name, ds in datasets.items()}
+    if "num_samples" not in group.attrs:
+        # Cut short by a crash: datasets were flushed together, so the shortest one marks the last whole step.
+        return min(lengths.values())
+    steps = int(group.attrs["num_samples"])
+    wrong = {name: n for name, n in lengths.items() if n != steps}
+    if wrong:
+        raise EpisodeFileError(f"{where}: num_samples is {steps} but these datasets differ in length: {wrong}")
+    return steps
+
+
+def _episode_from_arrays(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> Episode:
+    dones = arrays.pop("dones", None)
+    if dones is not None and dones.dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"dones must be numeric, got dtype {dones.dtype}")
+    if "terminated" not in arrays:
+        # A robomimic file from elsewhere: its dones cannot tell success from time-out; read them as terminal.
+        arrays["terminated"] = np.asarray(dones) != 0
+    arrays.setdefault("truncated", np.zeros_like(arrays["terminated"], dtype=bool))
+    episode = Episode(
+        obs=_subgroup(arrays, "obs"),
+        next_obs=_subgroup(arrays, "next_obs"),
+        actions=arrays.pop("actions"),
+        rewards=arrays.pop("rewards"),
+        terminated=arrays.pop("terminated"),
+        truncated=arrays.pop("truncated"),
+        extras=_subgroup(arrays, "extras"),
+        attrs=attrs,
+    )
+    if arrays:
+        raise ValueError(f"unexpected datasets {sorted(arrays)}")
+    if dones is not None and not np.array_equal(dones != 0, episode.dones):
+        raise ValueError("dones disagrees with terminated | truncated")
+    return episode
+
+
+def _subgroup(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    keys = [name for name in arrays if name.startswith(prefix + "/")]
+    return {name[len(prefix) + 1 :]: arrays.pop(name) for name in keys}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Flattening for the buffer
+# ------------------------------------------------------------------------------------------------------------
+
+
+def episodes_to_transitions(episodes: Iterable[Episode]) -> dict[str, np.ndarray]:
+    """Concatenates episodes into flat transition arrays, N = total steps, in episode then step order.
+
+    Keys: `obs/<key>` and `next_obs/<key>` (N, ...); `actions` (N, A) float32; `rewards` (N,) float32 raw;
+    `terminated`, `truncated` (N,) bool; `extras/<name>` (N, ...); `episode_index` (N,) int64, the position of
+    the step's episode in `episodes`; `step_index` (N,) int64, the step within its episode. Every episode must
+    have the same keys; a ValueError names the first that differs.
+    """
+    episodes = list(episodes)
+    if not episodes:
+        raise ValueError("episodes_to_transitions needs at least one episode")
+    flats = [_flatten_episode(ep) for ep in episodes]
+    keys = set(flats[0])
+    for i, flat in enumerate(flats[1:], start=1):
+        if set(flat) != keys:
+            raise ValueError(f"episode {i} has fields {sorted(flat)}, episode 0 has {sorted(keys)}")
+    out = {name: np.concatenate([flat[name] for flat in flats]) for name in flats[0]}
+    out["episode_index"] = np.concatenate([np.full(len(ep), i, dtype=np.int64) for i, ep in enumerate(episodes)])
+    out["step_index"] = np.concatenate([np.arange(len(ep), dtype=np.int64) for ep in episodes])
+    return out

@@ -1,0 +1,163 @@
+"""The run directory (DESIGN §3): config.yaml, eval.csv, summary.json, TensorBoard scalars, curves.png, and a live
+status line on the terminal."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+EVAL_COLUMNS = (
+    "env_steps",
+    "learner_steps",
+    "wall_s",
+    "success_rate",
+    "bc_action_fraction",
+    "episodes",
+    "phase",
+)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    env_steps: int
+    learner_steps: int
+    wall_s: float
+    success_rate: float
+    bc_action_fraction: float
+    episodes: int
+    phase: str
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Appends evaluation rows to eval.csv (flushed each row) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out: Path, *, tensorboard: bool = True) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[EvalRow] = []
+        self._csv_path = out / "eval.csv"
+        with self._csv_path.open("w", newline="") as f:
+            csv.writer(f).writerow(EVAL_COLUMNS)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(out / "tb"))
+
+    def eval_row(self, row: EvalRow) -> None:
+        self.rows.append(row)
+        with self._csv_path.open("a", newline="") as f:
+            csv.writer(f).writerow([getattr(row, c) for c in EVAL_COLUMNS])
+        self.scalars("eval", {"success_rate": row.success_rate, "bc_action_fraction": row.bc_action_fraction}, row)
+
+    def scalars(self, prefix: str, values: dict[str, float], row_or_step: EvalRow | int) -> None:
+        if self._tb is None:
+            return
+        step = row_or_step.env_steps if isinstance(row_or_step, EvalRow) else row_or_step
+        for name, value in values.items():
+            self._tb.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def read_eval_csv(path: Path) -> list[EvalRow]:
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        return [
+            EvalRow(
+                env_steps=int(r["env_steps"]),
+                learner_steps=int(r["learner_steps"]),
+                wall_s=float(r["wall_s"]),
+                success_rate=float(r["success_rate"]),
+                bc_action_fraction=float(r["bc_action_fraction"]),
+                episodes=int(r["episodes"]),
+                phase=r["phase"],
+            )
+            for r in reader
+        ]
+
+
+def plot_curves(
+    runs: dict[str, list[EvalRow]], path: Path, *, bc_success: float | None = None, title: str = ""
+) -> Path:
+    """Success rate and BC-action fraction against environment steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        rows = [r for r in rows if r.phase != "bc"]
+        if not rows:
+            continue
+        steps = [r.env_steps for r in rows]
+        ax_s.plot(steps, [r.success_rate for r in rows], marker="o", ms=3, label=label)
+        ax_b.plot(steps, [r.bc_action_fraction for r in rows], marker="o", ms=3, label=label)
+    if bc_success is not None:
+        ax_s.axhline(bc_success, color="gray", ls="--", label="BC policy")
+    ax_s.set(xlabel="environment steps", ylabel="success rate", ylim=(-0.02, 1.02), title="success rate")
+    ax_b.set(xlabel="environment steps", ylabel="fraction of BC actions", ylim=(-0.02, 1.02), title="BC actions")
+    for ax in (ax_s, ax_b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class StatusLine:
+    """One live status line on a terminal (rich); plain lines at notable moments elsewhere (CI logs, pipes)."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.interactive = enabled and sys.stdout.isatty()
+        self._live = None
+        self._last = 0.0
+        if self.interactive:
+            from rich.live import Live
+            from rich.text import Text
+
+            self._text = Text
+            self._live = Live(Text(""), refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def update(self, fields: dict[str, Any], *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        line = "  ".join(f"{k} {v}" for k, v in fields.items())
+        now = time.monotonic()
+        if self._live is not None:
+            if force or now - self._last > 0.25:
+                self._live.update(self._text(line))
+                self._last = now
+        elif force:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def summary_dict(**fields: Any) -> dict[str, Any]:
+    return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in fields.items()}

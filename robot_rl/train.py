@@ -1,0 +1,464 @@
+"""`robot-rl train`: Q-Estimation then online Q-gated RL, both roles in one process, writing a run directory.
+
+The composition root of the single-process loop: it builds the env, the BC policy, the agent and the replay buffer
+and passes each the slice of config it needs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
+from robot_rl.buffer import ReplayBuffer, concat_batches
+from robot_rl.checkpoint import load_checkpoint, save_checkpoint
+from robot_rl.config import RunConfig, dump_config, load_config
+from robot_rl.envs import make_env
+from robot_rl.episodes import EpisodeWriter, episodes_to_transitions, read_episodes
+from robot_rl.qestimation import Rollout, run_q_estimation
+from robot_rl.rollout import (
+    bc_policy_fn,
+    clip_action,
+    evaluate,
+    flatten_obs,
+    gated_policy_fn,
+    obs_bounds,
+    obs_keys,
+    run_episode,
+)
+from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
+
+# Evaluation episodes use their own seeds, the same for every method and run seed, so curves compare like with like.
+EVAL_SEED = 1_000_000
+QEST_SEED_OFFSET = 500_000
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Demonstrations and BC
+# --------------------------------------------------------------------------------------------------------------------
+def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, status: StatusLine | None = None):
+    """Scripted-expert demonstrations (sim) written to robomimic-layout HDF5; returns (kept, attempted)."""
+    from robot_rl.hardware.sim.expert import ScriptedExpert
+
+    env = make_env(cfg.env)
+    rng = np.random.default_rng(seed)
+    expert = ScriptedExpert(env.unwrapped, cfg.expert, rng)
+    kept = attempted = 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with EpisodeWriter(out_path, env_args={"env": "robot_rl/PegInsertionSim-v0", "config": cfg.env.model_dump()}) as w:
+        while kept < episodes:
+            if attempted >= 20 * episodes + 20:
+                raise RuntimeError(
+                    f"the expert succeeded in only {kept} of {attempted} episodes; check expert/task settings"
+                )
+            expert.reset()
+            result = run_episode(env, lambda o: _expert_choice(expert, o), seed=seed + attempted)
+            attempted += 1
+            if result.success or not cfg.expert.successful_only:
+                w.add_episode(result.episode)
+                kept += 1
+            if status is not None:
+                status.update({"phase": "collect", "kept": kept, "attempted": attempted}, force=False)
+    env.close()
+    return kept, attempted
+
+
+def _expert_choice(expert, obs):
+    from robot_rl.rollout import StepChoice
+
+    return StepChoice(action=clip_action(expert.act(obs)))
+
+
+def train_bc_from_demos(cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int) -> torch.nn.Module:
+    episodes = read_episodes(demos_path)
+    data = episodes_to_transitions(episodes)
+    obs_key = [k for k in data if k.startswith("obs/")]
+    if len(obs_key) != 1:
+        raise ValueError(f"{demos_path}: expected one observation key for the state config, found {obs_key}")
+    obs, actions = data[obs_key[0]].astype(np.float32), data["actions"].astype(np.float32)
+    env = make_env(cfg.env)
+    low, high = obs_bounds(env.observation_space)
+    env.close()
+    if obs.shape[1] != low.shape[0]:
+        raise ValueError(f"{demos_path}: observations have {obs.shape[1]} dims, the env has {low.shape[0]}")
+    policy = make_bc_policy(cfg.bc, obs.shape[1], actions.shape[1], low, high)
+    train_bc(policy, obs, actions, cfg.bc, seed=seed)
+    save_bc(policy, out_dir)
+    return policy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Counters:
+    env_steps: int = 0
+    qest_env_steps: int = 0
+    learner_steps: int = 0
+    episodes: int = 0
+    successes: int = 0
+    bc_steps_recent: int = 0
+    steps_recent: int = 0
+
+
+class Trainer:
+    """Owns everything of one `robot-rl train` run."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, bc_dir: Path | None, demos: Path | None, quiet: bool) -> None:
+        self.cfg, self.out = cfg, out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.device = resolve_device(cfg.train.device)
+        self.status = StatusLine(enabled=not quiet)
+        self.log = RunLog(out)
+        self.start = time.monotonic()
+        self.env = make_env(cfg.env)
+        self.eval_env = make_env(cfg.env)
+        self.keys = obs_keys(self.env.observation_space)
+        self.obs_low, self.obs_high = obs_bounds(self.env.observation_space)
+        self.action_dim = int(self.env.action_space.shape[0])
+        self.demos_path = demos
+        self.bc = self._bc_policy(bc_dir)
+        self.agent = Q2RLAgent(
+            cfg.agent,
+            obs_low=self.obs_low,
+            obs_high=self.obs_high,
+            action_dim=self.action_dim,
+            bc_policy=self.bc,
+            qest_alpha=cfg.qest.alpha,
+            seed=cfg.seed,
+            device=self.device,
+        )
+        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, len(self.obs_low), self.action_dim)
+        self.offline = self._offline_buffer()
+        self.counters = Counters()
+        self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
+        self.learner_time = 0.0
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+    def _ensure_demos(self) -> Path:
+        if self.demos_path is None:
+            self.demos_path = self.out / "demos.hdf5"
+            self._status("collect", force=True)
+            collect_demos(self.cfg, self.demos_path, episodes=self.cfg.bc.demos, seed=self.cfg.seed * 7919 + 1)
+        return self.demos_path
+
+    def _bc_policy(self, bc_dir: Path | None) -> torch.nn.Module | None:
+        if self.cfg.agent.method == "sac" and bc_dir is None:
+            return None
+        if bc_dir is not None:
+            return load_bc(bc_dir)
+        demos = self._ensure_demos()
+        self._status("bc_train", force=True)
+        return train_bc_from_demos(self.cfg, demos, self.out / "bc", seed=self.cfg.seed)
+
+    def _offline_buffer(self) -> ReplayBuffer | None:
+        if self.cfg.agent.effective_offline_ratio <= 0:
+            return None
+        data = episodes_to_transitions(read_episodes(self._ensure_demos()))
+        obs_key = next(k for k in data if k.startswith("obs/"))
+        next_key = "next_" + obs_key
+        buf = ReplayBuffer(max(len(data["actions"]), 1000), len(self.obs_low), self.action_dim)
+        buf.add_many(
+            obs=data[obs_key],
+            actions=data["actions"],
+            rewards=data["rewards"],
+            next_obs=data[next_key],
+            terminated=data["terminated"],
+            truncated=data["truncated"],
+        )
+        return buf
+
+    # -- helpers ------------------------------------------------------------------------------------------------------
+    def _status(self, phase: str, *, force: bool = False, **extra) -> None:
+        c = self.counters
+        last = self.log.rows[-1] if self.log.rows else None
+        fields = {
+            "phase": phase,
+            "env": f"{c.env_steps}",
+            "episodes": c.episodes,
+            "success(eval)": "-" if last is None else f"{last.success_rate:.2f}",
+            "bc-frac": f"{c.bc_steps_recent / max(c.steps_recent, 1):.2f}",
+            "learner": f"{c.learner_steps} ({c.learner_steps / max(self.learner_time, 1e-9):.1f}/s)",
+            "wall": f"{time.monotonic() - self.start:.0f}s",
+        }
+        fields.update(extra)
+        self.status.update(fields, force=force)
+
+    def _evaluate(self, phase: str) -> EvalRow:
+        if self.cfg.agent.method == "sac" or phase == "bc":
+            policy = (
+                bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, generator=torch.Generator().manual_seed(7))
+                if phase == "bc"
+                else gated_policy_fn(self.agent, rl_action="mode")
+            )
+        else:
+            policy = gated_policy_fn(self.agent, rl_action="mode")
+        result = evaluate(self.eval_env, policy, episodes=self.cfg.train.eval_episodes, seed=EVAL_SEED)
+        row = EvalRow(
+            env_steps=self.counters.env_steps,
+            learner_steps=self.counters.learner_steps,
+            wall_s=round(time.monotonic() - self.start, 2),
+            success_rate=result.success_rate,
+            bc_action_fraction=result.bc_action_fraction,
+            episodes=result.episodes,
+            phase=phase,
+        )
+        self.log.eval_row(row)
+        self._status(phase, force=True)
+        return row
+
+    def _store_episode_steps(self, obs, action, reward, next_obs, terminated, truncated, bc_action) -> None:
+        self.buffer.add(
+            obs=obs,
+            action=action,
+            reward=reward,
+            next_obs=next_obs,
+            terminated=terminated,
+            truncated=truncated,
+            bc_action=bc_action,
+        )
+
+    def _sample_batches(self):
+        cfg = self.cfg.agent
+        batches = []
+        for _ in range(cfg.utd):
+            if self.offline is not None:
+                n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
+                batches.append(
+                    concat_batches(
+                        self.buffer.sample(cfg.batch_size - n_off, self.rng),
+                        self.offline.sample(n_off, self.rng),
+                    )
+                )
+            else:
+                batches.append(self.buffer.sample(cfg.batch_size, self.rng))
+        return batches
+
+    def _learner_step(self) -> None:
+        t0 = time.perf_counter()
+        stats = self.agent.update(self._sample_batches())
+        self.learner_time += time.perf_counter() - t0
+        self.counters.learner_steps += 1
+        if self.counters.learner_steps % 100 == 0:
+            self.log.scalars("train", stats.as_dict(), self.counters.env_steps)
+
+    # -- phases -------------------------------------------------------------------------------------------------------
+    def q_estimation(self) -> dict:
+        cfg = self.cfg
+        rollouts = []
+        policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, generator=self.bc_generator)
+        for i in range(cfg.qest.rollouts):
+            result = run_episode(self.env, policy, seed=cfg.seed * 7919 + QEST_SEED_OFFSET + i)
+            ep = result.episode
+            obs = next(iter(ep.obs.values()))
+            next_obs = next(iter(ep.next_obs.values()))
+            rollouts.append(
+                Rollout(
+                    obs=obs,
+                    actions=ep.actions,
+                    rewards=ep.rewards,
+                    terminated=bool(ep.terminated[-1]),
+                    final_next_obs=next_obs[-1],
+                )
+            )
+            self.buffer.add_many(
+                obs=obs,
+                actions=ep.actions,
+                rewards=ep.rewards,
+                next_obs=next_obs,
+                terminated=ep.terminated,
+                truncated=ep.truncated,
+                bc_actions=ep.actions,
+            )
+            self.counters.env_steps += result.length
+            self.counters.qest_env_steps += result.length
+            self.counters.episodes += 1
+            self.counters.successes += int(result.success)
+            self._status("qest_rollouts", force=(i % 10 == 0), rollout=f"{i + 1}/{cfg.qest.rollouts}")
+        self._status("qest_fit", force=True)
+        stats = run_q_estimation(
+            self.agent,
+            rollouts,
+            cfg.qest,
+            q_init=cfg.agent.q_init,
+            actor_pretrain=True,
+            seed=cfg.seed,
+            progress=lambda phase, step, total: self._status(phase, step=f"{step}/{total}"),
+        )
+        return asdict(stats) | {"rollout_success_rate": self.counters.successes / max(self.counters.episodes, 1)}
+
+    def online(self) -> None:
+        cfg = self.cfg
+        target_steps = self.counters.env_steps + cfg.train.env_steps
+        next_eval = self.counters.env_steps + cfg.train.eval_every
+        next_ckpt = self.counters.env_steps + cfg.train.checkpoint_every
+        # Methods that start from Q-initialised critics may learn at once; the others wait for some data.
+        starts = 0 if cfg.agent.q_init else cfg.train.learning_starts
+        rl_action = cfg.agent.rl_action if cfg.agent.gating != "none" else "sample"
+        policy = gated_policy_fn(self.agent, rl_action=rl_action)
+        credit = 0.0
+        episode_index = 0
+        while self.counters.env_steps < target_steps:
+            obs_dict, _ = self.env.reset(seed=cfg.seed * 7919 + episode_index)
+            episode_index += 1
+            obs = flatten_obs(obs_dict, self.keys)
+            done = False
+            while not done and self.counters.env_steps < target_steps:
+                choice = policy(obs)
+                next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
+                next_obs = flatten_obs(next_dict, self.keys)
+                bc_action = choice.extras.get("bc_action")
+                self._store_episode_steps(obs, choice.action, reward, next_obs, terminated, truncated, bc_action)
+                c = self.counters
+                c.env_steps += 1
+                c.steps_recent += 1
+                c.bc_steps_recent += int(bool(choice.extras.get("use_bc", False)))
+                obs, done = next_obs, bool(terminated or truncated)
+                if done:
+                    c.episodes += 1
+                    c.successes += int(bool(info.get("is_success", False)))
+                if len(self.buffer) >= max(starts, 1):
+                    credit += cfg.train.learner_steps_per_env_step
+                    while credit >= 1.0:
+                        self._learner_step()
+                        credit -= 1.0
+                if c.env_steps >= next_eval:
+                    self._evaluate("online")
+                    self.log.scalars(
+                        "train",
+                        {"bc_action_fraction": c.bc_steps_recent / max(c.steps_recent, 1)},
+                        c.env_steps,
+                    )
+                    c.bc_steps_recent = c.steps_recent = 0
+                    next_eval += cfg.train.eval_every
+                if c.env_steps >= next_ckpt:
+                    self.checkpoint(f"step_{c.env_steps:08d}")
+                    next_ckpt += cfg.train.checkpoint_every
+                self._status("online")
+
+    def checkpoint(self, name: str) -> Path:
+        path = self.out / "checkpoints" / name
+        manifest = {
+            "kind": "q2rl_agent",
+            "method": self.cfg.agent.method,
+            "seed": self.cfg.seed,
+            "counters": asdict(self.counters),
+            "obs_keys": self.keys,
+            "action_dim": self.action_dim,
+            "config": self.cfg.model_dump(mode="json"),
+            "has_bc": self.bc is not None,
+        }
+        save_checkpoint(
+            path,
+            tensors=self.agent.network_state(),
+            manifest=manifest,
+            optimizers=self.agent.optimizer_states(),
+        )
+        if self.bc is not None:
+            save_bc(self.bc, path / "bc")
+        return path
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        try:
+            bc_row = self._evaluate("bc") if self.bc is not None else None
+            qest = {}
+            if cfg.agent.uses_q_estimation:
+                qest = self.q_estimation()
+            self._evaluate("start")
+            self.online()
+            if not self.log.rows or self.log.rows[-1].env_steps != self.counters.env_steps:
+                self._evaluate("online")
+            self.checkpoint("final")
+            online_rows = [r for r in self.log.rows if r.phase in ("start", "online")]
+            summary = {
+                "method": cfg.agent.method,
+                "seed": cfg.seed,
+                "bc_success_rate": None if bc_row is None else bc_row.success_rate,
+                "final_success_rate": online_rows[-1].success_rate,
+                "best_success_rate": max(r.success_rate for r in online_rows),
+                "env_steps": self.counters.env_steps,
+                "qest_env_steps": self.counters.qest_env_steps,
+                "learner_steps": self.counters.learner_steps,
+                "learner_steps_per_s": self.counters.learner_steps / max(self.learner_time, 1e-9),
+                "wall_s": round(time.monotonic() - self.start, 2),
+                "episodes": self.counters.episodes,
+                "q_estimation": qest,
+                "device": str(self.device),
+            }
+            write_json_atomic(self.out / "summary.json", summary)
+            plot_curves(
+                {cfg.agent.method: self.log.rows},
+                self.out / "curves.png",
+                bc_success=summary["bc_success_rate"],
+                title=f"{cfg.agent.method}, seed {cfg.seed}",
+            )
+            return summary
+        finally:
+            self.status.close()
+            self.log.close()
+            self.env.close()
+            self.eval_env.close()
+
+
+def run_training(
+    cfg: RunConfig, out: Path, *, bc_dir: Path | None = None, demos: Path | None = None, quiet: bool = False
+) -> dict:
+    return Trainer(cfg, out, bc_dir=bc_dir, demos=demos, quiet=quiet).run()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring a checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, RunConfig, dict]:
+    tensors, manifest, optimizers = load_checkpoint(checkpoint)
+    if manifest.get("kind") != "q2rl_agent":
+        raise ValueError(f"{checkpoint} is not an agent checkpoint (kind {manifest.get('kind')!r})")
+    cfg = RunConfig.model_validate(manifest["config"])
+    bc = load_bc(checkpoint / "bc") if manifest.get("has_bc") else None
+    low = tensors["normalizer.center"] - tensors["normalizer.half_range"]
+    high = tensors["normalizer.center"] + tensors["normalizer.half_range"]
+    agent = Q2RLAgent(
+        cfg.agent,
+        obs_low=low.numpy(),
+        obs_high=high.numpy(),
+        action_dim=int(manifest["action_dim"]),
+        bc_policy=bc,
+        qest_alpha=cfg.qest.alpha,
+        seed=cfg.seed,
+        device=device,
+    )
+    agent.load_network_state(tensors)
+    agent.load_optimizer_states(optimizers)
+    return agent, cfg, manifest
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, *, episodes: int, seed: int = EVAL_SEED, config_path: Path | None = None, overrides=None
+) -> dict:
+    agent, cfg, manifest = load_agent(checkpoint)
+    env_cfg = load_config(config_path, overrides).env if config_path or overrides else cfg.env
+    env = make_env(env_cfg)
+    try:
+        result = evaluate(env, gated_policy_fn(agent, rl_action="mode"), episodes=episodes, seed=seed)
+    finally:
+        env.close()
+    return {"checkpoint": str(checkpoint), "method": manifest["method"], **asdict(result)}

@@ -1,0 +1,292 @@
+"""The Q2RL math against independent computations: returns, Q^_BC, gating, REDQ target, UTD, BC loss."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import make_bc_policy
+from robot_rl.buffer import ReplayBuffer, TransitionBatch
+from robot_rl.config import AgentConfig, BCConfig, QEstimationConfig
+from robot_rl.qestimation import Rollout, initialise_critics, mc_returns, run_q_estimation
+
+OBS, ACT = 6, 6
+LOW, HIGH = -np.ones(OBS, np.float32), np.ones(OBS, np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def make_agent(method: str = "q2rl", **overrides) -> Q2RLAgent:
+    cfg = AgentConfig(method=method, hidden=[32, 32], num_critics=10, batch_size=32, **overrides)
+    bc = make_bc_policy(BCConfig(policy="gmm", hidden=[32], num_modes=3), OBS, ACT, LOW, HIGH)
+    return Q2RLAgent(cfg, obs_low=LOW, obs_high=HIGH, action_dim=ACT, bc_policy=bc, seed=3)
+
+
+def random_batch(n: int = 32, seed: int = 0) -> TransitionBatch:
+    rng = np.random.default_rng(seed)
+    return TransitionBatch(
+        obs=rng.uniform(-1, 1, (n, OBS)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
+        rewards=(rng.random(n) < 0.3).astype(np.float32),
+        next_obs=rng.uniform(-1, 1, (n, OBS)).astype(np.float32),
+        terminated=rng.random(n) < 0.3,
+        bc_actions=rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Monte-Carlo returns
+# ---------------------------------------------------------------------------------------------------------------------
+def test_mc_returns_terminal_episode_matches_direct_sum():
+    rewards = np.array([-1.0, -1.0, -1.0, 9.0])
+    got = mc_returns(rewards, terminated=True, discount=0.9, bootstrap=123.0)
+    for t in range(4):
+        expected = sum(0.9 ** (k - t) * rewards[k] for k in range(t, 4))
+        assert got[t] == pytest.approx(expected, rel=1e-6)
+
+
+def test_mc_returns_truncated_episode_adds_discounted_bootstrap():
+    rewards = np.array([-1.0, -1.0, -1.0])
+    bootstrap = -50.0
+    got = mc_returns(rewards, terminated=False, discount=0.99, bootstrap=bootstrap)
+    for t in range(3):
+        expected = sum(0.99 ** (k - t) * -1.0 for k in range(t, 3)) + 0.99 ** (3 - t) * bootstrap
+        assert got[t] == pytest.approx(expected, rel=1e-6)
+    # The same rewards terminated ignore the bootstrap: the difference is exactly the discounted tail.
+    terminal = mc_returns(rewards, terminated=True, discount=0.99, bootstrap=bootstrap)
+    assert got[0] - terminal[0] == pytest.approx(0.99**3 * bootstrap, rel=1e-5)
+
+
+def test_mc_returns_rejects_empty():
+    with pytest.raises(ValueError):
+        mc_returns(np.array([]), terminated=True, discount=0.99)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Q^_BC and gating
+# ---------------------------------------------------------------------------------------------------------------------
+def test_q_bc_hat_is_value_plus_alpha_logprob_plus_entropy():
+    agent = make_agent()
+    agent.qest_alpha = 0.7
+    obs = torch.rand(16, OBS) * 2 - 1
+    actions = torch.rand(16, ACT) * 2 - 1
+    dist = agent.bc_policy.dist(obs)
+    # Independent: mixture log-density by hand, entropy bound H(w) + sum_k w_k H_k by hand.
+    w = torch.softmax(dist.logits, -1)
+    comp = torch.distributions.Normal(dist.means, dist.stds)
+    log_p = torch.logsumexp(torch.log(w) + comp.log_prob(actions[:, None, :]).sum(-1), dim=-1)
+    h = -(w * torch.log(w)).sum(-1) + (w * comp.entropy().sum(-1)).sum(-1)
+    v = agent.value(agent.normalizer(obs))
+    expected = v + 0.7 * (log_p + h)
+    torch.testing.assert_close(agent.q_bc_hat(obs, actions), expected, rtol=1e-5, atol=1e-5)
+
+
+def _set_value_bias(agent: Q2RLAgent, bias: float) -> None:
+    last = agent.value.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(bias)
+
+
+def test_gate_executes_the_higher_rated_action():
+    agent = make_agent()
+    obs = np.random.default_rng(0).uniform(-1, 1, (64, OBS)).astype(np.float32)
+    d = agent.act(obs)
+    np.testing.assert_array_equal(d.use_bc, d.q_bc > d.q_rl)
+    np.testing.assert_array_equal(d.action, np.where(d.use_bc[:, None], d.bc_action, d.rl_action))
+    # Force the frozen Q^_BC far above / below every critic: the gate follows.
+    _set_value_bias(agent, 1e4)
+    assert agent.act(obs).use_bc.all()
+    _set_value_bias(agent, -1e4)
+    d = agent.act(obs)
+    assert not d.use_bc.any()
+    np.testing.assert_allclose(d.action, d.rl_action)
+
+
+def test_gate_scores_bc_proposal_clipped_to_action_range():
+    agent = make_agent()
+    obs = np.zeros((256, OBS), np.float32)
+    d = agent.act(obs)
+    assert np.all(np.abs(d.bc_action) <= 1.0)
+
+
+def test_shared_gating_scores_both_with_q_rl_and_sac_never_uses_bc():
+    ibrl = make_agent("ibrl")
+    obs = np.random.default_rng(1).uniform(-1, 1, (32, OBS)).astype(np.float32)
+    d = ibrl.act(obs)
+    with torch.no_grad():
+        expected = ibrl.q_rl_min(torch.as_tensor(obs), torch.as_tensor(d.bc_action)).numpy()
+    np.testing.assert_allclose(d.q_bc, expected, rtol=1e-5)
+    sac = make_agent("sac")
+    assert not sac.act(obs).use_bc.any()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# REDQ target
+# ---------------------------------------------------------------------------------------------------------------------
+def _constant_target_critics(agent: Q2RLAgent, values: list[float]) -> None:
+    """Make target critic k output the constant values[k] (zero weights, bias = value)."""
+    with torch.no_grad():
+        for p in agent.target_critics.parameters():
+            p.zero_()
+        for norm in agent.target_critics.norms:
+            if hasattr(norm, "weight"):
+                norm.weight.fill_(1.0)
+        agent.target_critics.head.bias[:, 0, 0] = torch.tensor(values)
+
+
+def test_td_target_is_min_over_a_random_pair_of_target_critics():
+    agent = make_agent(init_temperature=1e-8)  # no entropy term: the target is r + gamma * min(pair)
+    values = [float(v) for v in range(10)]
+    _constant_target_critics(agent, values)
+    rewards, not_done, next_obs = torch.zeros(8), torch.ones(8), torch.zeros(8, OBS)
+    counts = np.zeros(10)
+    for _ in range(3000):
+        y = agent.td_target(rewards, not_done, next_obs) / agent.cfg.discount
+        picked = round(float(y[0]))
+        assert torch.allclose(y, y[0].expand_as(y), atol=1e-4)  # one subset per minibatch
+        counts[picked] += 1
+    # P(min of a random 2-subset of 0..9 equals k) = (9 - k) / C(10, 2).
+    expected = np.array([(9 - k) / math.comb(10, 2) for k in range(10)])
+    assert counts[9] == 0
+    assert np.abs(counts / counts.sum() - expected).max() < 0.03
+
+
+def test_td_target_terminal_has_no_bootstrap_and_truncation_keeps_it():
+    agent = make_agent(init_temperature=1e-8)
+    _constant_target_critics(agent, [5.0] * 10)
+    rewards = torch.tensor([1.0, 1.0])
+    y = agent.td_target(rewards, torch.tensor([0.0, 1.0]), torch.zeros(2, OBS))
+    assert float(y[0]) == pytest.approx(1.0, abs=1e-5)
+    assert float(y[1]) == pytest.approx(1.0 + 0.99 * 5.0, abs=1e-4)
+
+
+def test_reward_transform_applied_to_batch_rewards():
+    agent = make_agent(reward_scale=10.0, reward_bias=-1.0)
+    t = agent._batch_tensors(random_batch())
+    raw = torch.as_tensor(random_batch().rewards)
+    torch.testing.assert_close(t["rewards"], 10.0 * raw - 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UTD, BC loss, learning
+# ---------------------------------------------------------------------------------------------------------------------
+def test_update_runs_exactly_utd_critic_updates_per_actor_update():
+    agent = make_agent(utd=4)
+    steps = {"critic": 0, "actor": 0}
+    agent.critic_opt.register_step_post_hook(lambda *a: steps.__setitem__("critic", steps["critic"] + 1))
+    agent.actor_opt.register_step_post_hook(lambda *a: steps.__setitem__("actor", steps["actor"] + 1))
+    batches = [random_batch(seed=i) for i in range(4)]
+    for _ in range(3):
+        stats = agent.update(batches)
+    assert steps == {"critic": 12, "actor": 3}
+    assert (stats.critic_updates, stats.actor_updates) == (12, 3)
+    with pytest.raises(ValueError, match="utd=4"):
+        agent.update(batches[:3])
+
+
+def test_update_changes_critics_and_moves_targets_softly():
+    agent = make_agent(tau=0.005)
+    before = [p.clone() for p in agent.critics.parameters()]
+    target_before = [p.clone() for p in agent.target_critics.parameters()]
+    agent.update([random_batch(seed=i) for i in range(4)])
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.critics.parameters(), strict=True))
+    # Each target parameter moved by at most tau per update times the gap (4 updates): soft, not copied.
+    for tb, ta, p in zip(target_before, agent.target_critics.parameters(), agent.critics.parameters(), strict=True):
+        assert torch.all((ta - tb).abs() <= 4 * 0.005 * (p - tb).abs().max() + 1e-6)
+
+
+def test_bc_loss_pulls_actor_mode_towards_bc_action():
+    agent = make_agent(bc_loss_weight=1.0)  # pure BC loss
+    batch = random_batch(n=64)
+    target = np.tile(np.array([[0.5, -0.3, 0.2, 0.0, 0.1, -0.6]], np.float32), (64, 1))
+    batch = TransitionBatch(**{**batch.__dict__, "bc_actions": target})
+
+    def gap() -> float:
+        with torch.no_grad():
+            mode = agent.actor(agent.normalizer(torch.as_tensor(batch.obs))).mode()
+        return float(((mode - torch.as_tensor(target)) ** 2).sum(-1).mean())
+
+    start = gap()
+    for _ in range(150):
+        agent.actor_update(batch)
+    assert gap() < 0.1 * start
+
+
+def test_bc_loss_ignores_rows_without_bc_proposal():
+    mode = torch.zeros(4, ACT)
+    bc = torch.ones(4, ACT)
+    bc[2:] = float("nan")
+    assert float(Q2RLAgent.bc_loss(mode, bc)) == pytest.approx(ACT)
+    assert float(Q2RLAgent.bc_loss(mode, torch.full((4, ACT), float("nan")))) == 0.0
+
+
+def test_q_estimation_fits_value_and_initialises_every_critic():
+    agent = make_agent()
+    rng = np.random.default_rng(0)
+    rollouts = []
+    for i in range(12):
+        T = 10 + i
+        obs = rng.uniform(-1, 1, (T, OBS)).astype(np.float32)
+        success = i % 2 == 0
+        rewards = np.zeros(T, np.float32)
+        rewards[-1] = float(success)
+        rollouts.append(
+            Rollout(
+                obs=obs,
+                actions=rng.uniform(-1, 1, (T, ACT)).astype(np.float32),
+                rewards=rewards,
+                terminated=success,
+                final_next_obs=obs[-1],
+            )
+        )
+    cfg = QEstimationConfig(rollouts=12, value_steps=300, q_init_steps=300, actor_pretrain_steps=50, lr=3e-3)
+    stats = run_q_estimation(agent, rollouts, cfg, q_init=True, actor_pretrain=True, seed=0)
+    assert stats.transitions == sum(len(r.obs) for r in rollouts)
+    obs = torch.as_tensor(np.concatenate([r.obs for r in rollouts]))
+    act = torch.as_tensor(np.concatenate([r.actions for r in rollouts]))
+    with torch.no_grad():
+        q_hat = agent.q_bc_hat(obs, act)
+        q = agent.critics(agent.normalizer(obs), act)
+        tq = agent.target_critics(agent.normalizer(obs), act)
+    # Every member tracks Q^_BC far better than a constant would, and the targets were synced.
+    spread = float(q_hat.var())
+    for k in range(agent.cfg.num_critics):
+        assert float(((q[k] - q_hat) ** 2).mean()) < 0.3 * spread
+    torch.testing.assert_close(q, tq)
+
+
+def test_initialise_critics_with_zero_steps_only_syncs():
+    agent = make_agent()
+    cfg = QEstimationConfig(q_init_steps=0)
+    x = np.zeros((4, OBS), np.float32)
+    initialise_critics(agent, x, np.zeros((4, ACT), np.float32), np.zeros(4, np.float32), cfg, np.random.default_rng())
+    for a, b in itertools.zip_longest(agent.critics.parameters(), agent.target_critics.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_buffer_refuses_non_finite_and_wrong_shapes():
+    buf = ReplayBuffer(100, OBS, ACT)
+    good = {
+        "obs": np.zeros((2, OBS), np.float32),
+        "actions": np.zeros((2, ACT), np.float32),
+        "rewards": np.zeros(2, np.float32),
+        "next_obs": np.zeros((2, OBS), np.float32),
+        "terminated": np.zeros(2, bool),
+        "truncated": np.zeros(2, bool),
+    }
+    buf.add_many(**good)
+    assert len(buf) == 2
+    with pytest.raises(ValueError, match="non-finite"):
+        buf.add_many(**{**good, "obs": np.full((2, OBS), np.nan, np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        buf.add_many(**{**good, "actions": np.zeros((2, ACT + 1), np.float32)})
+    assert len(buf) == 2
