@@ -112,7 +112,14 @@ class Q2RLAgent(nn.Module):
         log_prob = self.bc_policy.log_prob(obs, actions)
         entropy = self.bc_policy.entropy(obs)
         assert v.shape == log_prob.shape == entropy.shape == (obs.shape[0],), (v.shape, log_prob.shape)
-        return v + self.qest_alpha * (log_prob + entropy)
+        return self.clip_value(v + self.qest_alpha * (log_prob + entropy))
+
+    def clip_value(self, q: torch.Tensor) -> torch.Tensor:
+        """Clamp to the feasible return range (AgentConfig.value_range) when agent.clip_values is on."""
+        if not self.cfg.clip_values:
+            return q
+        low, high = self.cfg.value_range
+        return q.clamp(low, high)
 
     def q_rl_min(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """min_k Q_RL_k(s, a) over the whole ensemble; obs unnormalised."""
@@ -181,7 +188,7 @@ class Q2RLAgent(nn.Module):
             members = members[: self.cfg.critic_subsample]
             q_next = self.target_critics(next_obs, next_action, members).min(dim=0).values
             soft_q_next = q_next - self.temperature * next_log_prob
-            target = rewards + self.cfg.discount * not_done * soft_q_next
+            target = self.clip_value(rewards + self.cfg.discount * not_done * soft_q_next)
         assert target.shape == rewards.shape, (target.shape, rewards.shape)
         return target
 

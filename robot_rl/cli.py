@@ -175,9 +175,13 @@ COMMANDS = {"train": cmd_train, "collect": cmd_collect, "bc": cmd_bc, "eval": cm
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from robot_rl.bc import BCCheckpointError
+    from robot_rl.checkpoint import CheckpointError
+    from robot_rl.episodes import EpisodeFileError
+
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError) as exc:
         print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -200,6 +200,11 @@ class QEstimationConfig(Strict):
         description="Rounds of refitting V_BC, each bootstrapping truncated returns with the last fit.",
     )
     q_init_steps: int = Field(20_000, ge=0, description="Gradient steps regressing every critic to Q^_BC.")
+    q_init_extra_actions: bool = Field(
+        True,
+        description="Also regress Q_RL to Q^_BC at BC-sampled and uniformly random actions of each rollout state, so "
+        "that Q_RL starts out rating actions the BC policy would not take as low as Q^_BC does.",
+    )
     actor_pretrain_steps: int = Field(5000, ge=0, description="Gradient steps pulling the RL actor to BC actions.")
     batch_size: int = Field(256, ge=1, description="Minibatch size for these regressions.")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate for these regressions.")
@@ -233,6 +238,11 @@ class AgentConfig(Strict):
         description="Share of each batch drawn from demonstrations; None: 0.5 for rlpd, else 0.",
     )
     layer_norm: bool = Field(True, description="LayerNorm in critics.")
+    clip_values: bool = Field(
+        True,
+        description="Clamp TD targets and Q^_BC to the feasible return range: [min(0, r~_min)/(1-gamma), "
+        "max(0, r~_max)], valid because the only positive reward (success) terminates the episode.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> AgentConfig:
@@ -263,6 +273,13 @@ class AgentConfig(Strict):
     @property
     def effective_bc_loss_weight(self) -> float:
         return self.bc_loss_weight if self.method in ("q2rl", "no_gating", "no_qinit") else 0.0
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """Feasible range of discounted returns of r~ = scale*r + bias when success (r = 1) terminates."""
+        low_reward = min(self.reward_bias, self.reward_scale + self.reward_bias)
+        high_reward = max(self.reward_bias, self.reward_scale + self.reward_bias)
+        return min(0.0, low_reward) / (1.0 - self.discount), max(0.0, high_reward)
 
     @property
     def effective_offline_ratio(self) -> float:

@@ -90,22 +90,43 @@ def fit_value(
     return float(loss.detach())
 
 
+def _q_init_batch(
+    agent: Q2RLAgent, obs: torch.Tensor, actions: torch.Tensor, extra_actions: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(obs, actions, Q^_BC targets) for one regression minibatch.
+
+    With extra actions, each state also appears with a BC sample and a uniformly random action: Q^_BC is defined for
+    every action (low where pi_BC is unlikely to act), and fitting it there keeps Q_RL from starting with arbitrary
+    values off the rollout actions, where the RL actor would otherwise find and exploit them.
+    """
+    if extra_actions:
+        with torch.no_grad():
+            sampled = agent.bc_policy.sample(obs, generator).clamp(-1.0, 1.0)
+        uniform = torch.rand(actions.shape, generator=generator, device=actions.device) * 2 - 1
+        obs = torch.cat([obs, obs, obs])
+        actions = torch.cat([actions, sampled, uniform])
+    with torch.no_grad():
+        targets = agent.q_bc_hat(obs, actions)
+    return obs, actions, targets
+
+
 def initialise_critics(
     agent: Q2RLAgent,
     obs: np.ndarray,
     actions: np.ndarray,
-    targets: np.ndarray,
     cfg: QEstimationConfig,
     rng: np.random.Generator,
     progress: Progress | None = None,
 ) -> float:
-    """Regress every member of the Q_RL ensemble to the Q^_BC targets; then sync the target critics."""
+    """Regress every member of the Q_RL ensemble to Q^_BC on the rollout states; then sync the target critics."""
     optimizer = torch.optim.Adam(agent.critics.parameters(), lr=cfg.lr)
-    obs_t, act_t, tgt_t = agent.tensor(obs), agent.tensor(actions), agent.tensor(targets)
+    obs_t, act_t = agent.tensor(obs), agent.tensor(actions)
+    generator = torch.Generator(device=agent.device).manual_seed(int(rng.integers(2**31)))
     loss = torch.zeros(())
     for step, idx in enumerate(_minibatches(len(obs), cfg.batch_size, cfg.q_init_steps, rng)):
-        q = agent.critics(agent.normalizer(obs_t[idx]), act_t[idx])
-        loss = ((q - tgt_t[idx].unsqueeze(0)) ** 2).mean(dim=1).sum()
+        b_obs, b_act, b_tgt = _q_init_batch(agent, obs_t[idx], act_t[idx], cfg.q_init_extra_actions, generator)
+        q = agent.critics(agent.normalizer(b_obs), b_act)
+        loss = ((q - b_tgt.unsqueeze(0)) ** 2).mean(dim=1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -177,9 +198,7 @@ def run_q_estimation(
         value_loss = fit_value(agent, obs, returns, cfg, rng, progress)
     q_init_loss = actor_loss = float("nan")
     if q_init:
-        with torch.no_grad():
-            targets = agent.q_bc_hat(agent.tensor(obs), agent.tensor(actions)).cpu().numpy()
-        q_init_loss = initialise_critics(agent, obs, actions, targets, cfg, rng, progress)
+        q_init_loss = initialise_critics(agent, obs, actions, cfg, rng, progress)
     if actor_pretrain:
         actor_loss = pretrain_actor(agent, obs, actions, cfg, rng, progress)
     return QEstimationStats(

@@ -39,6 +39,17 @@ def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k in keys])
 
 
+def unflatten_obs(vector: np.ndarray, space: gym.spaces.Dict) -> dict[str, np.ndarray]:
+    """Inverse of flatten_obs for a Dict space of Boxes."""
+    out, start = {}, 0
+    for key in obs_keys(space):
+        shape = space[key].shape
+        size = int(np.prod(shape))
+        out[key] = np.asarray(vector[start : start + size], np.float32).reshape(shape)
+        start += size
+    return out
+
+
 def obs_bounds(space: gym.spaces.Dict) -> tuple[np.ndarray, np.ndarray]:
     keys = obs_keys(space)
     low = np.concatenate([np.asarray(space[k].low, np.float32).reshape(-1) for k in keys])

@@ -22,6 +22,7 @@ from robot_rl.envs import make_env
 from robot_rl.episodes import EpisodeWriter, episodes_to_transitions, read_episodes
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
+    StepChoice,
     bc_policy_fn,
     clip_action,
     evaluate,
@@ -30,6 +31,7 @@ from robot_rl.rollout import (
     obs_bounds,
     obs_keys,
     run_episode,
+    unflatten_obs,
 )
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 
@@ -65,7 +67,7 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
                     f"the expert succeeded in only {kept} of {attempted} episodes; check expert/task settings"
                 )
             expert.reset()
-            result = run_episode(env, lambda o: _expert_choice(expert, o), seed=seed + attempted)
+            result = run_episode(env, _expert_policy(expert, env.observation_space), seed=seed + attempted)
             attempted += 1
             if result.success or not cfg.expert.successful_only:
                 w.add_episode(result.episode)
@@ -76,10 +78,11 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
     return kept, attempted
 
 
-def _expert_choice(expert, obs):
-    from robot_rl.rollout import StepChoice
+def _expert_policy(expert, space):
+    def act(obs: np.ndarray) -> StepChoice:
+        return StepChoice(action=clip_action(expert.act(unflatten_obs(obs, space))))
 
-    return StepChoice(action=clip_action(expert.act(obs)))
+    return act
 
 
 def train_bc_from_demos(cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int) -> torch.nn.Module:
@@ -129,6 +132,8 @@ class Trainer:
         self.status = StatusLine(enabled=not quiet)
         self.log = RunLog(out)
         self.start = time.monotonic()
+        self.counters = Counters()
+        self.learner_time = 0.0
         self.env = make_env(cfg.env)
         self.eval_env = make_env(cfg.env)
         self.keys = obs_keys(self.env.observation_space)
@@ -148,9 +153,7 @@ class Trainer:
         )
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, len(self.obs_low), self.action_dim)
         self.offline = self._offline_buffer()
-        self.counters = Counters()
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
-        self.learner_time = 0.0
 
     # -- set-up -------------------------------------------------------------------------------------------------------
     def _ensure_demos(self) -> Path:

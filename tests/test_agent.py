@@ -248,7 +248,9 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
                 final_next_obs=obs[-1],
             )
         )
-    cfg = QEstimationConfig(rollouts=12, value_steps=300, q_init_steps=300, actor_pretrain_steps=50, lr=3e-3)
+    cfg = QEstimationConfig(
+        rollouts=12, value_steps=300, q_init_steps=300, actor_pretrain_steps=50, lr=3e-3, q_init_extra_actions=False
+    )
     stats = run_q_estimation(agent, rollouts, cfg, q_init=True, actor_pretrain=True, seed=0)
     assert stats.transitions == sum(len(r.obs) for r in rollouts)
     obs = torch.as_tensor(np.concatenate([r.obs for r in rollouts]))
@@ -264,11 +266,42 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
     torch.testing.assert_close(q, tq)
 
 
+def test_q_init_with_extra_actions_rates_unlikely_actions_low_like_q_bc_hat():
+    agent = make_agent()
+    rng = np.random.default_rng(1)
+    obs = rng.uniform(-1, 1, (256, OBS)).astype(np.float32)
+    with torch.no_grad():
+        bc_actions = agent.bc_policy.mode(torch.as_tensor(obs)).numpy()
+    cfg = QEstimationConfig(q_init_steps=400, lr=3e-3, batch_size=64, q_init_extra_actions=True)
+    initialise_critics(agent, obs, bc_actions, cfg, rng)
+    obs_t = torch.as_tensor(obs)
+    far = torch.as_tensor(-np.sign(bc_actions) * 0.95, dtype=torch.float32)  # the far corner from the BC mode
+    with torch.no_grad():
+        q_mode = agent.q_rl_min(obs_t, torch.as_tensor(bc_actions))
+        q_far = agent.q_rl_min(obs_t, far)
+        assert float(agent.q_bc_hat(obs_t, far).mean()) < float(
+            agent.q_bc_hat(obs_t, torch.as_tensor(bc_actions)).mean()
+        )
+    assert float(q_far.mean()) < float(q_mode.mean()) - 1.0
+
+
+def test_q_bc_hat_and_td_targets_stay_in_the_feasible_return_range():
+    agent = make_agent(reward_scale=10.0, reward_bias=-1.0, discount=0.99)
+    low, high = agent.cfg.value_range
+    assert (low, high) == pytest.approx((-100.0, 9.0))
+    _set_value_bias(agent, 1e4)
+    obs = torch.zeros(8, OBS)
+    assert torch.all(agent.q_bc_hat(obs, torch.zeros(8, ACT)) <= high)
+    _constant_target_critics(agent, [-1e4] * 10)
+    y = agent.td_target(torch.zeros(8), torch.ones(8), obs)
+    assert torch.all(y >= low)
+
+
 def test_initialise_critics_with_zero_steps_only_syncs():
     agent = make_agent()
     cfg = QEstimationConfig(q_init_steps=0)
     x = np.zeros((4, OBS), np.float32)
-    initialise_critics(agent, x, np.zeros((4, ACT), np.float32), np.zeros(4, np.float32), cfg, np.random.default_rng())
+    initialise_critics(agent, x, np.zeros((4, ACT), np.float32), cfg, np.random.default_rng())
     for a, b in itertools.zip_longest(agent.critics.parameters(), agent.target_critics.parameters()):
         assert torch.equal(a, b)
 

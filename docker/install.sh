@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one install step of robot_rl: README, CI and the Dockerfiles all run this script.
+# It creates .venv/ in the checkout with torch==2.13.0 (CPU wheels where the index provides them) and the project,
+# and puts libusb (needed before pyrealsense2 imports) in place where it can, saying so where it cannot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+
+if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "install: apt-get install libusb-1.0-0 (pyrealsense2 needs it)"
+    apt-get install -y -qq libusb-1.0-0 >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libusb-1.0-0 >/dev/null 2>&1; } \
+      || echo "install: could not install libusb-1.0-0; RealSense cameras stay unavailable until it is installed"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null && command -v apt-get >/dev/null; then
+    sudo apt-get install -y -qq libusb-1.0-0 >/dev/null 2>&1 \
+      || echo "install: could not install libusb-1.0-0; RealSense cameras stay unavailable until it is installed"
+  else
+    echo "install: libusb-1.0-0 is missing and this user cannot install system packages;"
+    echo "         run 'sudo apt-get install libusb-1.0-0' for RealSense cameras (everything else works without it)"
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: left to the resolver, an unpinned torch pulls gigabytes of CUDA packages.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "install: ready (.venv/bin/robot-rl)"
