@@ -124,6 +124,66 @@ class SimTaskConfig(Strict):
         return self
 
 
+class CropConfig(Strict):
+    """A rectangle of the raw frame, in pixels (x right, y down), cut out before resizing."""
+
+    x: int = Field(184, ge=0, description="Left edge in pixels.")
+    y: int = Field(0, ge=0, description="Top edge in pixels.")
+    width: int = Field(480, ge=1, description="Width in pixels.")
+    height: int = Field(480, ge=1, description="Height in pixels.")
+
+
+class CameraConfig(Strict):
+    """One camera: a RealSense by serial (or a recording the SDK made), cropped then resized."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="Observation key, e.g. front.")
+    serial: str | None = Field(None, description="RealSense serial number; None with a recording or in sim.")
+    recording: str | None = Field(None, description="Read this SDK recording (.db3) instead of a live camera.")
+    record_to: str | None = Field(None, description="Also record the raw stream with the SDK's recorder here.")
+    width: int = Field(848, ge=16, le=4096, description="Raw frame width in pixels.")
+    height: int = Field(480, ge=16, le=4096, description="Raw frame height in pixels.")
+    fps: int = Field(30, ge=1, le=300, description="Raw frame rate.")
+    crop: CropConfig = Field(default_factory=CropConfig, description="Crop box inside the raw frame.")
+    out_size: int = Field(84, ge=8, le=512, description="Side of the square image the policy sees.")
+    freshness_s: float = Field(0.2, gt=0, le=5.0, description="read() refuses a frame older than this.")
+
+    @model_validator(mode="after")
+    def _crop_inside(self) -> CameraConfig:
+        c = self.crop
+        if c.x + c.width > self.width or c.y + c.height > self.height:
+            raise ValueError(
+                f"crop x={c.x} y={c.y} width={c.width} height={c.height} leaves the {self.width}x{self.height} frame"
+            )
+        if self.serial is not None and self.recording is not None:
+            raise ValueError("give either serial or recording, not both")
+        return self
+
+
+class OperatorKeysConfig(Strict):
+    """Keys the operator presses in the actor's terminal (single printable characters, all different)."""
+
+    success: str = Field("s", min_length=1, max_length=1, description="Mark the episode a success (ends it).")
+    failure: str = Field("f", min_length=1, max_length=1, description="Mark a failure and reset.")
+    pause: str = Field("p", min_length=1, max_length=1, description="Pause / resume the robot.")
+    quit: str = Field("q", min_length=1, max_length=1, description="Quit (asks once more).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> OperatorKeysConfig:
+        keys = [self.success, self.failure, self.pause, self.quit]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"operator keys must all differ, got {keys}")
+        if any(not k.isprintable() or k.isspace() for k in keys):
+            raise ValueError(f"operator keys must be printable, non-space characters, got {keys}")
+        return self
+
+
+class OperatorConfig(Strict):
+    """Who says success and reset: a person at the keyboard, the sim's success detector, or a log."""
+
+    kind: Literal["keys", "scripted", "replay"] = Field("scripted", description="keys | scripted | replay.")
+    keys: OperatorKeysConfig = Field(default_factory=OperatorKeysConfig, description="Key bindings.")
+
+
 class EnvConfig(Strict):
     """The environment the actor acts in: the robot (sim twin for now), its action mapping and safety box."""
 
@@ -132,6 +192,8 @@ class EnvConfig(Strict):
     action: ActionConfig = Field(default_factory=ActionConfig, description="Action scaling and target limits.")
     safety: SafetyBoxConfig = Field(default_factory=SafetyBoxConfig, description="Safety box of the target.")
     impedance: ImpedanceConfig = Field(default_factory=ImpedanceConfig, description="Impedance gains.")
+    cameras: list[CameraConfig] = Field(default_factory=list, description="Cameras (empty: state observations).")
+    operator: OperatorConfig = Field(default_factory=OperatorConfig, description="Operator input.")
 
     @model_validator(mode="after")
     def _reset_inside_box(self) -> EnvConfig:
