@@ -1,0 +1,322 @@
+"""RealSenseCamera against recordings the SDK itself wrote, read back through the real pyrealsense2 pipeline.
+
+Each synthetic frame carries its index twice: as 16 black/white blocks along the top edge (readable after any copy)
+and in the blue channel; the red and green channels are gradients of x and y, so a crop can be located by its values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+rs = pytest.importorskip("pyrealsense2", reason="pyrealsense2 cannot be imported (needs libusb-1.0-0)")
+
+from robot_rl.config import CameraConfig, CropConfig  # noqa: E402
+from robot_rl.hardware.camera import Camera, CameraError, Frame, StaleFrameError, preprocess  # noqa: E402
+from robot_rl.hardware.realsense.camera import RealSenseCamera, _start_pipeline, _Stream, list_serials  # noqa: E402
+from robot_rl.hardware.realsense.recording import write_recording  # noqa: E402
+
+W, H = 848, 480
+BITS = 16
+BLOCK = 8
+
+
+def synthetic_frame(index: int, *, width: int = W, height: int = H) -> np.ndarray:
+    x = np.arange(width)
+    y = np.arange(height)
+    image = np.empty((height, width, 3), np.uint8)
+    image[..., 0] = (x // 4 % 256)[None, :]  # red: x / 4
+    image[..., 1] = (y // 2 % 256)[:, None]  # green: y / 2
+    image[..., 2] = index % 256
+    for bit in range(BITS):
+        image[:BLOCK, bit * BLOCK : (bit + 1) * BLOCK] = 255 if index >> bit & 1 else 0
+    return image
+
+
+def decode_index(image: np.ndarray) -> int:
+    blocks = image[:BLOCK, : BITS * BLOCK].reshape(BLOCK, BITS, BLOCK, 3).mean(axis=(0, 2, 3))
+    return sum(1 << bit for bit in range(BITS) if blocks[bit] > 127)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_recording(folder: Path, name: str, count: int, *, fps: int = 30, first: int = 1) -> tuple[Path, list]:
+    frames = [synthetic_frame(i) for i in range(count)]
+    path = write_recording(folder / name, frames, fps=fps, width=W, height=H, first_frame_number=first)
+    return path, frames
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """Twelve 848x480 frames at 30 fps, frame numbers from 1."""
+    return make_recording(tmp_path_factory.mktemp("rec"), "front.db3", 12)
+
+
+def camera_cfg(path: Path, **overrides: object) -> CameraConfig:
+    return CameraConfig(name="front", recording=str(path), width=W, height=H, **overrides)
+
+
+def read_until_end(camera: RealSenseCamera, *, raw: bool = True, timeout_s: float = 10.0) -> list[Frame]:
+    frames: list[Frame] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            frames.append(camera.read_raw() if raw else camera.read())
+        except CameraError as exc:
+            assert "recording ended" in str(exc), exc
+            return frames
+        time.sleep(0.001)
+    raise AssertionError("the recording never ended")
+
+
+def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recordings replay intact and in order
+# --------------------------------------------------------------------------------------------------------------------
+def test_every_frame_arrives_intact_and_in_order_when_paced(tmp_path: Path) -> None:
+    # At 10 fps each frame stays the newest for 100 ms: a reader polling every millisecond sees every one of them.
+    path, sources = make_recording(tmp_path, "paced.db3", 8, fps=10, first=41)
+    with RealSenseCamera(camera_cfg(path, fps=10), clock=FakeClock(), pace_recording=True) as camera:
+        assert isinstance(camera, Camera)
+        frames = read_until_end(camera)
+    distinct = {f.frame_number: f for f in frames}
+    assert sorted(distinct) == list(range(41, 49))
+    for number, frame in distinct.items():
+        assert frame.image.dtype == np.uint8 and frame.image.shape == (H, W, 3)
+        assert np.array_equal(frame.image, sources[number - 41])
+        assert decode_index(frame.image) == number - 41
+    numbers = [f.frame_number for f in frames]
+    assert numbers == sorted(numbers)
+    stamps = [distinct[n].timestamp_s for n in sorted(distinct)]
+    assert np.allclose(np.diff(stamps), 0.1)
+    assert stamps[0] == pytest.approx(1.0)  # write_recording's default start, 1000 ms
+
+
+def test_unpaced_recording_delivers_newest_frames_in_order(recording: tuple[Path, list]) -> None:
+    path, sources = recording
+    with RealSenseCamera(camera_cfg(path), clock=FakeClock()) as camera:
+        frames = read_until_end(camera)
+        assert camera.frames_received == len(sources)  # the reader thread got every frame the file holds
+        assert camera.ended and not camera.connected
+    assert frames, "no frame was read"
+    numbers = [f.frame_number for f in frames]
+    # A read faster than the stream may hand the newest frame over again; never an older one.
+    assert numbers == sorted(numbers) and len(set(numbers)) > 1
+    assert all(a.timestamp_s <= b.timestamp_s for a, b in itertools.pairwise(frames))
+    assert all(
+        (a.frame_number < b.frame_number) == (a.timestamp_s < b.timestamp_s) for a, b in itertools.pairwise(frames)
+    )
+    assert numbers[-1] == len(sources)  # the last frame is never skipped
+    for frame in frames:
+        assert decode_index(frame.image) == frame.frame_number - 1
+        assert np.array_equal(frame.image, sources[frame.frame_number - 1])
+        assert not frame.image.flags.writeable
+
+
+def test_end_of_recording_is_reported_and_stays_reported(recording: tuple[Path, list]) -> None:
+    path, _ = recording
+    with RealSenseCamera(camera_cfg(path), clock=FakeClock()) as camera:
+        wait_until(lambda: camera.ended)
+        last = camera.read()  # the last frame is still handed over once
+        assert last.frame_number == 12
+        for _ in range(2):
+            with pytest.raises(CameraError, match="recording ended"):
+                camera.read()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------------------------
+def test_read_gives_84x84_of_the_crop_box(recording: tuple[Path, list]) -> None:
+    path, _ = recording
+    crop = CropConfig(x=184, y=0, width=480, height=480)
+    with RealSenseCamera(camera_cfg(path, crop=crop), clock=FakeClock()) as camera:
+        frame = camera.read()
+    image = frame.image
+    assert image.shape == (84, 84, 3) and image.dtype == np.uint8
+    assert not image.flags.writeable
+    # Red is x/4: the crop spans x 184..663, red 46..165; its 84 columns each average ~5.7 source columns.
+    red = image[BLOCK:, :, 0].astype(float).mean(axis=0)
+    assert np.all(np.diff(red) >= 0)
+    assert red[0] == pytest.approx((184 + 184 + 5.7) / 2 / 4, abs=1.0)
+    assert red[-1] == pytest.approx((663 + 663 - 5.7) / 2 / 4, abs=1.0)
+    # Green is y/2 over the full height 0..479.
+    green = image[:, :, 1].astype(float).mean(axis=1)
+    assert green[0] == pytest.approx(1.0, abs=1.0) and green[-1] == pytest.approx(238.0, abs=1.0)
+    assert np.all(image[20:, :, 2] == frame.frame_number - 1)  # blue: the frame index, untouched by resampling
+
+
+def test_preprocess_crops_exactly_the_box() -> None:
+    image = np.zeros((H, W, 3), np.uint8)
+    image[40:200, 300:460] = (10, 200, 30)  # a 160x160 box, everything else black
+    out = preprocess(image, CropConfig(x=300, y=40, width=160, height=160), 84)
+    assert out.shape == (84, 84, 3) and out.dtype == np.uint8
+    assert np.all(out == (10, 200, 30))
+    shifted = preprocess(image, CropConfig(x=290, y=40, width=160, height=160), 84)
+    # Ten pixels to the left: the first output columns are black outside the box, the last ones the box's colour.
+    assert shifted[:, 0].max() == 0 and np.all(shifted[:, -1] == (10, 200, 30))
+    same_size = preprocess(image, CropConfig(x=300, y=40, width=84, height=84), 84)
+    assert np.array_equal(same_size, image[40:124, 300:384])
+
+
+def test_crop_outside_the_frame_is_refused() -> None:
+    with pytest.raises(ValidationError, match="leaves the 848x480 frame"):
+        CameraConfig(name="front", serial="1", crop=CropConfig(x=400, y=0, width=480, height=480))
+    with pytest.raises(ValidationError, match="leaves"):
+        CameraConfig(name="front", serial="1", crop=CropConfig(x=0, y=1, width=480, height=480))
+    image = np.zeros((H, W, 3), np.uint8)
+    with pytest.raises(ValueError, match="leaves the 848x480 image"):
+        preprocess(image, CropConfig(x=400, y=0, width=480, height=480), 84)
+    with pytest.raises(ValueError, match="leaves"):
+        preprocess(image[:100], CropConfig(), 84)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.uint8), np.zeros((H, W, 4), np.uint8), [[0, 0, 0]]],
+    ids=["float", "grey", "rgba", "list"],
+)
+def test_preprocess_refuses_what_is_not_uint8_rgb(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"uint8 image of shape \(H, W, 3\)"):
+        preprocess(bad, CropConfig(), 84)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Freshness
+# --------------------------------------------------------------------------------------------------------------------
+def test_old_frame_is_refused_with_its_age(recording: tuple[Path, list]) -> None:
+    path, _ = recording
+    clock = FakeClock()
+    with RealSenseCamera(camera_cfg(path, freshness_s=0.2), clock=clock) as camera:
+        wait_until(lambda: camera.ended)  # every frame arrived at clock.now
+        clock.now += 0.65
+        for _ in range(2):  # a refused frame stays refused (and is not taken as consumed)
+            with pytest.raises(StaleFrameError) as info:
+                camera.read()
+    assert info.value.age_s == pytest.approx(0.65)
+    assert info.value.limit_s == 0.2
+    assert "0.650 s old" in str(info.value) and "#12" in str(info.value)
+    with RealSenseCamera(camera_cfg(path, freshness_s=0.2), clock=clock) as camera:
+        wait_until(lambda: camera.ended)
+        clock.now += 0.15
+        assert camera.read_raw().frame_number == 12  # 0.15 s old: fresh enough
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Opening errors, options, lifecycle
+# --------------------------------------------------------------------------------------------------------------------
+def test_missing_recording_is_named_in_the_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.db3"
+    with pytest.raises(CameraError, match=re.escape(str(missing))):
+        RealSenseCamera(camera_cfg(missing))
+
+
+def test_unreadable_recording_is_named_in_the_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db3"
+    garbage.write_bytes(b"this is not a recording")
+    with pytest.raises(CameraError, match=re.escape(f"cannot open recording {garbage}")):
+        RealSenseCamera(camera_cfg(garbage))
+    bag = tmp_path / "old.bag"
+    bag.write_bytes(b"")
+    with pytest.raises(CameraError, match=r"old\.bag"):
+        RealSenseCamera(camera_cfg(bag))
+
+
+def test_recording_of_another_size_is_refused_with_both_sizes(recording: tuple[Path, list]) -> None:
+    path, _ = recording
+    cfg = CameraConfig(name="front", recording=str(path), width=640, height=480, crop=CropConfig(x=80))
+    with pytest.raises(CameraError, match=re.escape(f"cannot open recording {path} as 640x480 RGB8 at 30 fps")):
+        RealSenseCamera(cfg)
+
+
+def test_conflicting_or_missing_sources_are_refused(recording: tuple[Path, list], tmp_path: Path) -> None:
+    path, _ = recording
+    with pytest.raises(ValueError, match="give a serial"):
+        RealSenseCamera(CameraConfig(name="front"))
+    with pytest.raises(ValueError, match="record_to cannot be used while reading a recording"):
+        RealSenseCamera(camera_cfg(path, record_to=str(tmp_path / "copy.db3")))
+    with pytest.raises(ValueError, match=r"must end in \.db3"):
+        RealSenseCamera(CameraConfig(name="front", serial="123", record_to=str(tmp_path / "copy.bag")))
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        RealSenseCamera(CameraConfig(name="front", serial="123", record_to=str(path)))
+
+
+def test_close_joins_the_reader_and_later_reads_fail(recording: tuple[Path, list]) -> None:
+    path, _ = recording
+    camera = RealSenseCamera(camera_cfg(path), clock=FakeClock(), pace_recording=True)
+    assert camera.read().image.shape == (84, 84, 3)
+    camera.close()
+    camera.close()  # idempotent
+    assert not any(t.name == "camera-front" for t in threading.enumerate())
+    with pytest.raises(CameraError, match="closed"):
+        camera.read()
+
+
+class StallingCamera(RealSenseCamera):
+    """A 'live' camera whose device is a recording: when the file runs out the stream stalls, as an unplugged one.
+
+    `_open` is the seam the reconnect path goes through; the playback handle is dropped so the stream looks live.
+    """
+
+    def __init__(self, cfg: CameraConfig, source: Path, **kwargs: object) -> None:
+        self.source = source
+        self.opens = 0
+        super().__init__(cfg, **kwargs)  # type: ignore[arg-type]
+
+    def _open(self) -> _Stream:
+        self.opens += 1
+        stream = _start_pipeline(self.config, recording=self.source, record_to=None)
+        return _Stream(pipeline=stream.pipeline, playback=None)
+
+
+def test_stalled_live_stream_is_reopened(recording: tuple[Path, list]) -> None:
+    path, sources = recording
+    cfg = CameraConfig(name="wrist", serial="stand-in", width=W, height=H)
+    kwargs = {"frame_timeout_s": 0.2, "startup_timeout_s": 0.5, "poll_s": 0.05, "backoff_s": (0.05, 0.1)}
+    with StallingCamera(cfg, path, clock=FakeClock(), **kwargs) as camera:
+        assert not camera.is_recording
+        wait_until(lambda: camera.reconnects >= 1 and camera.frames_received > len(sources), timeout_s=10.0)
+        assert camera.opens >= 2
+        assert "no frame for" in (camera.last_error or "")
+        assert camera.read().image.shape == (84, 84, 3)
+    assert not camera.connected
+
+
+def test_write_recording_refuses_bad_input(tmp_path: Path) -> None:
+    frame = synthetic_frame(0, width=64, height=48)
+    with pytest.raises(ValueError, match=r"\.db3"):
+        write_recording(tmp_path / "x.bag", [frame], fps=30, width=64, height=48)
+    with pytest.raises(ValueError, match="frame 1"):
+        write_recording(tmp_path / "x.db3", [frame, frame[:, :32]], fps=30, width=64, height=48)
+    with pytest.raises(ValueError, match="at least one frame"):
+        write_recording(tmp_path / "x.db3", [], fps=30, width=64, height=48)
+    path = write_recording(tmp_path / "x.db3", [frame], fps=30, width=64, height=48)
+    with pytest.raises(FileExistsError):
+        write_recording(path, [frame], fps=30, width=64, height=48)
+    write_recording(path, [frame, frame], fps=30, width=64, height=48, overwrite=True)
+
+
+def test_list_serials_gives_strings() -> None:
+    serials = list_serials()  # empty on a machine without a camera
+    assert isinstance(serials, list) and all(isinstance(s, str) for s in serials)
