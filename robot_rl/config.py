@@ -184,10 +184,26 @@ class OperatorConfig(Strict):
     keys: OperatorKeysConfig = Field(default_factory=OperatorKeysConfig, description="Key bindings.")
 
 
+class FrankaConfig(Strict):
+    """The real arm through franky (franky-control), or franky's client against a franky-sim server."""
+
+    host: str = Field("172.16.0.2", min_length=1, description="Robot (or franky-sim server) address.")
+    realtime: bool = Field(False, description="Require a real-time kernel (franky RealtimeConfig.Enforce).")
+    gripper: bool = Field(False, description="Use franky's Gripper (disabled for peg insertion).")
+    reconnect_attempts: int = Field(3, ge=0, le=100, description="Client rebuilds tried after a lost connection.")
+    reset_speed: float = Field(0.2, gt=0, le=1.0, description="Relative speed of move_to resets.")
+    sim_server: bool = Field(
+        False, description="Start a franky-sim server with the peg scene in its own process (franky-sim twin)."
+    )
+
+
 class EnvConfig(Strict):
     """The environment the actor acts in: the robot (sim twin for now), its action mapping and safety box."""
 
-    robot: Literal["sim"] = Field("sim", description="Which robot: the in-process MuJoCo twin.")
+    robot: Literal["sim", "franky"] = Field(
+        "sim", description="sim: the in-process MuJoCo twin; franky: franky's client (real arm or franky-sim server)."
+    )
+    franka: FrankaConfig = Field(default_factory=FrankaConfig, description="franky connection (robot: franky).")
     task: SimTaskConfig = Field(default_factory=SimTaskConfig, description="The simulated task.")
     action: ActionConfig = Field(default_factory=ActionConfig, description="Action scaling and target limits.")
     safety: SafetyBoxConfig = Field(default_factory=SafetyBoxConfig, description="Safety box of the target.")
@@ -289,6 +305,11 @@ class AgentConfig(Strict):
     discount: float = Field(0.99, gt=0, lt=1, description="Discount factor.")
     tau: float = Field(0.005, gt=0, le=1, description="Soft target update rate.")
     bc_loss_weight: float = Field(0.1, ge=0, le=1, description="w in (1-w)*SAC actor loss + w*BC loss.")
+    normalize_actor_q: bool = Field(
+        True,
+        description="Divide the SAC actor term by the batch's mean |Q| (as TD3+BC does) so that the BC weight means "
+        "the same at any reward scale; without it, Q of magnitude ~50 drowns a BC loss of ~1.",
+    )
     reward_scale: float = Field(10.0, gt=0, description="r~ = scale*r + bias (robot: 10).")
     reward_bias: float = Field(-1.0, description="r~ = scale*r + bias (robot: -1).")
     rl_action: Literal["mode", "sample"] = Field("mode", description="RL proposal: policy mode or a sample.")
