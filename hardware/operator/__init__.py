@@ -1,0 +1,25 @@
+"""The operator: who says an episode succeeded, must be reset, is paused, or that the run is over (DESIGN §7).
+
+- `TerminalOperator`: a person at the actor's terminal (keys, non-blocking, works over SSH with no X server).
+- `ScriptedOperator`: the simulation's twin, fed by the env's success detector.
+- `ReplayedOperator`: events from a log, released at the steps they happened.
+
+`make_operator` builds the one the config asks for.
+"""
+
+from robot_rl.hardware.operator.events import Operator, OperatorError, OperatorEvent, OperatorInput
+from robot_rl.hardware.operator.factory import make_operator
+from robot_rl.hardware.operator.keys import TerminalOperator
+from robot_rl.hardware.operator.replay import ReplayedOperator
+from robot_rl.hardware.operator.scripted import ScriptedOperator
+
+__all__ = [
+    "Operator",
+    "OperatorError",
+    "OperatorEvent",
+    "OperatorInput",
+    "ReplayedOperator",
+    "ScriptedOperator",
+    "TerminalOperator",
+    "make_operator",
+]
