@@ -10,11 +10,15 @@ SIM_PEG_ENV_ID = "robot_rl/PegInsertionSim-v0"
 
 
 def make_env(cfg: EnvConfig) -> gym.Env:
-    """The env for `cfg.robot`; only the in-process MuJoCo twin exists so far."""
+    """The env for `cfg.robot`: the in-process MuJoCo twin, or franky's client (real arm or franky-sim server)."""
     if cfg.robot == "sim":
         from robot_rl.hardware.sim.peg import make_peg_insertion_env
 
         return make_peg_insertion_env(cfg)
+    if cfg.robot == "franky":
+        from robot_rl.hardware.franka.env import make_franky_env
+
+        return make_franky_env(cfg)
     raise ValueError(f"env.robot {cfg.robot!r} has no implementation")
 
 
