@@ -104,15 +104,22 @@ class Q2RLAgent(nn.Module):
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array, np.float32), device=self.device)
 
-    def q_bc_hat(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q^_BC(s, a) = V_BC(s) + alpha * (log pi_BC(a|s) + H(pi_BC(.|s)))  (paper Eq. 6); obs unnormalised."""
+    def q_bc_hat(self, obs: torch.Tensor, actions: torch.Tensor, *, bonus_cap: float | None = None) -> torch.Tensor:
+        """Q^_BC(s, a) = V_BC(s) + alpha * (log pi_BC(a|s) + H(pi_BC(.|s)))  (paper Eq. 6); obs unnormalised.
+
+        bonus_cap, when given, caps alpha * (log pi + H) from above (Q_RL initialisation targets, see
+        QEstimationConfig.q_init_bonus_cap).
+        """
         if self.bc_policy is None:
             raise RuntimeError("Q^_BC needs a BC policy")
         v = self.value(self.normalizer(obs))
         log_prob = self.bc_policy.log_prob(obs, actions)
         entropy = self.bc_policy.entropy(obs)
         assert v.shape == log_prob.shape == entropy.shape == (obs.shape[0],), (v.shape, log_prob.shape)
-        return self.clip_value(v + self.qest_alpha * (log_prob + entropy))
+        bonus = self.qest_alpha * (log_prob + entropy)
+        if bonus_cap is not None:
+            bonus = bonus.clamp_max(bonus_cap)
+        return self.clip_value(v + bonus)
 
     def clip_value(self, q: torch.Tensor) -> torch.Tensor:
         """Clamp to the feasible return range (AgentConfig.value_range) when agent.clip_values is on."""
@@ -178,7 +185,8 @@ class Q2RLAgent(nn.Module):
         }
 
     def td_target(self, rewards: torch.Tensor, not_done: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
-        """y = r~ + gamma * (1 - terminated) * (min over a random subset of target critics - alpha log pi).
+        """y = r~ + gamma * (1 - terminated) * min over a random subset of target critics at a' ~ pi(s')
+        (minus alpha * log pi(a'|s') with backup_entropy).
 
         Truncation is not termination: a step-limit transition keeps its bootstrap (only `terminated` zeroes it).
         """
@@ -187,8 +195,9 @@ class Q2RLAgent(nn.Module):
             members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
             members = members[: self.cfg.critic_subsample]
             q_next = self.target_critics(next_obs, next_action, members).min(dim=0).values
-            soft_q_next = q_next - self.temperature * next_log_prob
-            target = self.clip_value(rewards + self.cfg.discount * not_done * soft_q_next)
+            if self.cfg.backup_entropy:
+                q_next = q_next - self.temperature * next_log_prob
+            target = self.clip_value(rewards + self.cfg.discount * not_done * q_next)
         assert target.shape == rewards.shape, (target.shape, rewards.shape)
         return target
 
@@ -215,10 +224,13 @@ class Q2RLAgent(nn.Module):
         t = self._batch_tensors(batch)
         dist = self.actor(t["obs"])
         action, log_prob = dist.rsample_with_log_prob(generator=self.generator)
-        # REDQ: the actor ascends the mean over the whole ensemble.
-        q = self.critics(t["obs"], action).mean(dim=0)
+        # REDQ: the actor ascends the mean over the whole ensemble (or, pessimistic, its minimum).
+        q_all = self.critics(t["obs"], action)
+        q = q_all.mean(dim=0) if self.cfg.actor_q == "mean" else q_all.min(dim=0).values
         assert q.shape == log_prob.shape == (t["obs"].shape[0],), (q.shape, log_prob.shape)
         sac_loss = (self.temperature.detach() * log_prob - q).mean()
+        if self.cfg.normalize_actor_q:
+            sac_loss = sac_loss / q.detach().abs().mean().clamp_min(1e-3)
         w = self.cfg.effective_bc_loss_weight
         bc_loss = self.bc_loss(dist.mode(), t["bc_actions"])
         loss = (1.0 - w) * sac_loss + w * bc_loss if w > 0 else sac_loss

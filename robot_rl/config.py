@@ -278,6 +278,13 @@ class QEstimationConfig(Strict):
         description="Rounds of refitting V_BC, each bootstrapping truncated returns with the last fit.",
     )
     q_init_steps: int = Field(20_000, ge=0, description="Gradient steps regressing every critic to Q^_BC.")
+    q_init_bonus_cap: float | None = Field(
+        0.0,
+        description="Cap on alpha*(log pi_BC + H) in the Q_RL initialisation targets (None: uncapped, Q^_BC as is). "
+        "Near the BC mode the term is positive (about alpha*d/2 for a Gaussian); an RL actor pre-trained to that mode "
+        "would bootstrap it every step, lifting Q_RL by up to alpha*d/(2(1-gamma)) and taking over every gating "
+        "decision. Capped at 0, Q_RL starts at V_BC for likely actions and below it for unlikely ones.",
+    )
     q_init_extra_actions: bool = Field(
         True,
         description="Also regress Q_RL to Q^_BC at BC-sampled and uniformly random actions of each rollout state, so "
@@ -296,6 +303,9 @@ class AgentConfig(Strict):
     num_critics: int = Field(10, ge=2, description="Critic ensemble size.")
     critic_subsample: int = Field(2, ge=1, description="Target critics drawn for the min in the TD target.")
     utd: int = Field(4, ge=1, description="Critic updates per actor update (one learner step).")
+    actor_q: Literal["mean", "min"] = Field(
+        "mean", description="What the actor ascends: the ensemble mean (REDQ) or the ensemble minimum (pessimistic)."
+    )
     batch_size: int = Field(256, ge=2, description="Minibatch size.")
     actor_lr: float = Field(3e-4, gt=0, description="Actor learning rate.")
     critic_lr: float = Field(3e-4, gt=0, description="Critic learning rate.")
@@ -303,6 +313,11 @@ class AgentConfig(Strict):
     init_temperature: float = Field(0.1, gt=0, description="Initial SAC temperature.")
     target_entropy: float | None = Field(None, description="SAC target entropy; None means -action_dim.")
     discount: float = Field(0.99, gt=0, lt=1, description="Discount factor.")
+    backup_entropy: bool = Field(
+        False,
+        description="Add -alpha*log pi to the TD target (soft Q). Off, as in the SAC of WSRL that Q2RL uses: the "
+        "entropy bonus would lift Q_RL by alpha*H/(1-gamma) above the frozen Q^_BC and bias every gating decision.",
+    )
     tau: float = Field(0.005, gt=0, le=1, description="Soft target update rate.")
     bc_loss_weight: float = Field(0.1, ge=0, le=1, description="w in (1-w)*SAC actor loss + w*BC loss.")
     normalize_actor_q: bool = Field(

@@ -6,7 +6,8 @@
    final next state. The online critic bootstraps truncations the same way, so both Q-functions share one scale and
    Q-gating compares like with like.
 3. Q^_BC(s, a) = V_BC(s) + alpha * (log pi_BC(a|s) + H(pi_BC(.|s))).
-4. Regress every critic of the ensemble to Q^_BC on the rollout (s, a) pairs; copy into the target critics.
+4. Regress every critic of the ensemble to Q^_BC on the rollout states (at the rollout actions, BC samples and random
+   actions; the likelihood bonus capped, see QEstimationConfig.q_init_bonus_cap); copy into the target critics.
 5. Pull the RL actor's mode towards the BC actions at the rollout states.
 """
 
@@ -91,7 +92,11 @@ def fit_value(
 
 
 def _q_init_batch(
-    agent: Q2RLAgent, obs: torch.Tensor, actions: torch.Tensor, extra_actions: bool, generator: torch.Generator
+    agent: Q2RLAgent,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    cfg: QEstimationConfig,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(obs, actions, Q^_BC targets) for one regression minibatch.
 
@@ -99,14 +104,14 @@ def _q_init_batch(
     every action (low where pi_BC is unlikely to act), and fitting it there keeps Q_RL from starting with arbitrary
     values off the rollout actions, where the RL actor would otherwise find and exploit them.
     """
-    if extra_actions:
+    if cfg.q_init_extra_actions:
         with torch.no_grad():
             sampled = agent.bc_policy.sample(obs, generator).clamp(-1.0, 1.0)
         uniform = torch.rand(actions.shape, generator=generator, device=actions.device) * 2 - 1
         obs = torch.cat([obs, obs, obs])
         actions = torch.cat([actions, sampled, uniform])
     with torch.no_grad():
-        targets = agent.q_bc_hat(obs, actions)
+        targets = agent.q_bc_hat(obs, actions, bonus_cap=cfg.q_init_bonus_cap)
     return obs, actions, targets
 
 
@@ -124,7 +129,7 @@ def initialise_critics(
     generator = torch.Generator(device=agent.device).manual_seed(int(rng.integers(2**31)))
     loss = torch.zeros(())
     for step, idx in enumerate(_minibatches(len(obs), cfg.batch_size, cfg.q_init_steps, rng)):
-        b_obs, b_act, b_tgt = _q_init_batch(agent, obs_t[idx], act_t[idx], cfg.q_init_extra_actions, generator)
+        b_obs, b_act, b_tgt = _q_init_batch(agent, obs_t[idx], act_t[idx], cfg, generator)
         q = agent.critics(agent.normalizer(b_obs), b_act)
         loss = ((q - b_tgt.unsqueeze(0)) ** 2).mean(dim=1).sum()
         optimizer.zero_grad(set_to_none=True)

@@ -160,6 +160,20 @@ def test_td_target_is_min_over_a_random_pair_of_target_critics():
     assert np.abs(counts / counts.sum() - expected).max() < 0.03
 
 
+def test_td_target_entropy_backup_only_when_asked():
+    plain = make_agent(init_temperature=0.5, backup_entropy=False)
+    soft = make_agent(init_temperature=0.5, backup_entropy=True)
+    for agent in (plain, soft):
+        _constant_target_critics(agent, [2.0] * 10)
+    obs = torch.zeros(64, OBS)
+    y_plain = plain.td_target(torch.zeros(64), torch.ones(64), obs)
+    torch.testing.assert_close(y_plain, torch.full((64,), 0.99 * 2.0))
+    # Soft: the bonus is -alpha * log pi of the next action, so it varies with the sampled action.
+    y_soft = soft.td_target(torch.zeros(64), torch.ones(64), obs)
+    assert float(y_soft.std()) > 0.0
+    assert not torch.allclose(y_soft, y_plain)
+
+
 def test_td_target_terminal_has_no_bootstrap_and_truncation_keeps_it():
     agent = make_agent(init_temperature=1e-8)
     _constant_target_critics(agent, [5.0] * 10)
@@ -249,14 +263,14 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
             )
         )
     cfg = QEstimationConfig(
-        rollouts=12, value_steps=300, q_init_steps=300, actor_pretrain_steps=50, lr=3e-3, q_init_extra_actions=False
+        rollouts=12, value_steps=300, q_init_steps=800, actor_pretrain_steps=50, lr=3e-3, q_init_extra_actions=False
     )
     stats = run_q_estimation(agent, rollouts, cfg, q_init=True, actor_pretrain=True, seed=0)
     assert stats.transitions == sum(len(r.obs) for r in rollouts)
     obs = torch.as_tensor(np.concatenate([r.obs for r in rollouts]))
     act = torch.as_tensor(np.concatenate([r.actions for r in rollouts]))
     with torch.no_grad():
-        q_hat = agent.q_bc_hat(obs, act)
+        q_hat = agent.q_bc_hat(obs, act, bonus_cap=cfg.q_init_bonus_cap)
         q = agent.critics(agent.normalizer(obs), act)
         tq = agent.target_critics(agent.normalizer(obs), act)
     # Every member tracks Q^_BC far better than a constant would, and the targets were synced.
@@ -272,17 +286,33 @@ def test_q_init_with_extra_actions_rates_unlikely_actions_low_like_q_bc_hat():
     obs = rng.uniform(-1, 1, (256, OBS)).astype(np.float32)
     with torch.no_grad():
         bc_actions = agent.bc_policy.mode(torch.as_tensor(obs)).numpy()
-    cfg = QEstimationConfig(q_init_steps=400, lr=3e-3, batch_size=64, q_init_extra_actions=True)
+    cfg = QEstimationConfig(q_init_steps=800, lr=3e-3, batch_size=64, q_init_extra_actions=True, q_init_bonus_cap=None)
     initialise_critics(agent, obs, bc_actions, cfg, rng)
     obs_t = torch.as_tensor(obs)
     far = torch.as_tensor(-np.sign(bc_actions) * 0.95, dtype=torch.float32)  # the far corner from the BC mode
     with torch.no_grad():
         q_mode = agent.q_rl_min(obs_t, torch.as_tensor(bc_actions))
         q_far = agent.q_rl_min(obs_t, far)
-        assert float(agent.q_bc_hat(obs_t, far).mean()) < float(
-            agent.q_bc_hat(obs_t, torch.as_tensor(bc_actions)).mean()
-        )
-    assert float(q_far.mean()) < float(q_mode.mean()) - 1.0
+        target_mode = agent.q_bc_hat(obs_t, torch.as_tensor(bc_actions), bonus_cap=cfg.q_init_bonus_cap)
+        target_far = agent.q_bc_hat(obs_t, far, bonus_cap=cfg.q_init_bonus_cap)
+    target_gap = float(target_mode.mean() - target_far.mean())
+    assert target_gap > 0.5
+    # Q_RL learnt that actions far from the BC mode are worse, by a good part of what Q^_BC says.
+    assert float(q_mode.mean() - q_far.mean()) > 0.5 * target_gap
+
+
+def test_bonus_cap_limits_the_likelihood_term_from_above_only():
+    agent = make_agent()
+    obs = torch.rand(64, OBS) * 2 - 1
+    mode = agent.bc_policy.mode(obs)
+    far = -mode.sign() * 0.99
+    with torch.no_grad():
+        v = agent.value(agent.normalizer(obs))
+        capped_mode = agent.q_bc_hat(obs, mode, bonus_cap=0.0)
+        capped_far = agent.q_bc_hat(obs, far, bonus_cap=0.0)
+    torch.testing.assert_close(capped_mode, torch.minimum(agent.q_bc_hat(obs, mode), v))
+    assert torch.all(capped_mode <= v + 1e-5)
+    torch.testing.assert_close(capped_far, agent.q_bc_hat(obs, far))  # below the cap: unchanged
 
 
 def test_q_bc_hat_and_td_targets_stay_in_the_feasible_return_range():
