@@ -1,0 +1,109 @@
+"""A tiny end-to-end `robot-rl train` through the real CLI: every stage runs and the run directory is complete."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robot_rl.cli import main
+from robot_rl.config import RunConfig
+from robot_rl.episodes import read_episodes
+from robot_rl.train import evaluate_checkpoint
+
+TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "q2rl"
+    assert main(["train", "--config", str(TINY), "--seed", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_run_directory_has_every_file(run_dir):
+    for name in ("config.yaml", "eval.csv", "summary.json", "curves.png", "demos.hdf5", "bc/bc.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "final" in checkpoints and any(name.startswith("step_") for name in checkpoints)
+    for ckpt in checkpoints:
+        assert (run_dir / "checkpoints" / ckpt / "model.safetensors").is_file()
+        assert (run_dir / "checkpoints" / ckpt / "manifest.json").is_file()
+        assert (run_dir / "checkpoints" / ckpt / "bc" / "bc.safetensors").is_file()
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resolved_config_reloads_and_records_the_seed(run_dir):
+    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert cfg.seed == 1
+    assert cfg.train.env_steps == 120
+
+
+def test_eval_csv_and_summary_agree(run_dir):
+    rows = list(csv.DictReader((run_dir / "eval.csv").open()))
+    for column in ("env_steps", "learner_steps", "wall_s", "success_rate", "bc_action_fraction", "episodes"):
+        assert column in rows[0]
+    assert [r["phase"] for r in rows][:2] == ["bc", "start"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in (
+        "method",
+        "seed",
+        "bc_success_rate",
+        "final_success_rate",
+        "best_success_rate",
+        "env_steps",
+        "learner_steps",
+        "wall_s",
+    ):
+        assert key in summary
+    online = [r for r in rows if r["phase"] in ("start", "online")]
+    assert summary["final_success_rate"] == pytest.approx(float(online[-1]["success_rate"]))
+    assert summary["best_success_rate"] == pytest.approx(max(float(r["success_rate"]) for r in online))
+    # Q-Estimation rollouts count as environment steps; online steps are exactly the budget.
+    assert summary["env_steps"] == summary["qest_env_steps"] + 120
+    assert summary["learner_steps"] > 0
+    assert int(rows[-1]["env_steps"]) == summary["env_steps"]
+    assert all(0.0 <= float(r["success_rate"]) <= 1.0 for r in rows)
+
+
+def test_demonstrations_are_successful_robomimic_episodes(run_dir):
+    episodes = read_episodes(run_dir / "demos.hdf5")
+    assert len(episodes) == 4
+    assert all(ep.success for ep in episodes)
+
+
+def test_checkpoint_scores_through_eval_command(run_dir, capsys):
+    report = evaluate_checkpoint(run_dir / "checkpoints" / "final", episodes=2)
+    assert report["method"] == "q2rl"
+    assert report["episodes"] == 2
+    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "final"), "--episodes", "1"]) == 0
+    assert '"success_rate"' in capsys.readouterr().out
+
+
+def test_existing_run_directory_is_refused(run_dir, capsys):
+    assert main(["train", "--config", str(TINY), "--out", str(run_dir), "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_bad_override_is_refused_before_anything_starts(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--config", str(TINY), "--out", str(out), "--set", "agent.num_critics=1"]) == 2
+    assert "agent.num_critics" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_demo_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.hdf5"
+    assert main(["bc", "--config", str(TINY), "--demos", str(missing), "--out", str(tmp_path / "bc")]) == 2
+    assert "nope.hdf5" in capsys.readouterr().err
+
+
+def test_malformed_demo_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.hdf5"
+    bad.write_bytes(b"not an hdf5 file")
+    assert main(["bc", "--config", str(TINY), "--demos", str(bad), "--out", str(tmp_path / "bc")]) == 2
+    assert "bad.hdf5" in capsys.readouterr().err
