@@ -18,7 +18,7 @@ from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import ReplayBuffer, concat_batches
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import RunConfig, dump_config, load_config
-from robot_rl.envs import make_env
+from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter, episodes_to_transitions, read_episodes
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
@@ -154,6 +154,10 @@ class Trainer:
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, len(self.obs_low), self.action_dim)
         self.offline = self._offline_buffer()
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
+        # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
+        self.rollouts = EpisodeWriter(
+            out / "rollouts.hdf5", env_args={"env": SIM_PEG_ENV_ID, "config": cfg.env.model_dump(mode="json")}
+        )
 
     # -- set-up -------------------------------------------------------------------------------------------------------
     def _ensure_demos(self) -> Path:
@@ -291,6 +295,8 @@ class Trainer:
                 truncated=ep.truncated,
                 bc_actions=ep.actions,
             )
+            ep.attrs.update(phase="qest_rollouts", weights_version=0)
+            self.rollouts.add_episode(ep)
             self.counters.env_steps += result.length
             self.counters.qest_env_steps += result.length
             self.counters.episodes += 1
@@ -324,10 +330,21 @@ class Trainer:
             episode_index += 1
             obs = flatten_obs(obs_dict, self.keys)
             done = False
+            stream = self.rollouts.begin_episode({"phase": "online", "seed": cfg.seed * 7919 + episode_index - 1})
             while not done and self.counters.env_steps < target_steps:
                 choice = policy(obs)
                 next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
                 next_obs = flatten_obs(next_dict, self.keys)
+                stream.append(
+                    obs=obs_dict,
+                    action=choice.action,
+                    reward=float(reward),
+                    terminated=bool(terminated),
+                    truncated=bool(truncated),
+                    next_obs=next_dict,
+                    extras=_gating_extras(choice, self.counters.learner_steps, self.action_dim),
+                )
+                obs_dict = next_dict
                 bc_action = choice.extras.get("bc_action")
                 self._store_episode_steps(obs, choice.action, reward, next_obs, terminated, truncated, bc_action)
                 c = self.counters
@@ -356,6 +373,7 @@ class Trainer:
                     self.checkpoint(f"step_{c.env_steps:08d}")
                     next_ckpt += cfg.train.checkpoint_every
                 self._status("online")
+            stream.end(interrupted=not done)
 
     def checkpoint(self, name: str) -> Path:
         path = self.out / "checkpoints" / name
@@ -417,9 +435,24 @@ class Trainer:
             return summary
         finally:
             self.status.close()
+            self.rollouts.close()
             self.log.close()
             self.env.close()
             self.eval_env.close()
+
+
+def _gating_extras(choice: StepChoice, weights_version: int, action_dim: int) -> dict[str, np.ndarray]:
+    """The per-step gating record with fixed keys and dtypes (NaN where a method has no BC proposal or value)."""
+    nan_action = np.full(action_dim, np.nan, np.float32)
+    e = choice.extras
+    return {
+        "bc_action": np.asarray(e.get("bc_action", nan_action), np.float32),
+        "rl_action": np.asarray(e.get("rl_action", nan_action), np.float32),
+        "q_bc": np.float32(e.get("q_bc", np.nan)),
+        "q_rl": np.float32(e.get("q_rl", np.nan)),
+        "use_bc": np.bool_(e.get("use_bc", False)),
+        "weights_version": np.int64(weights_version),
+    }
 
 
 def run_training(

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -74,6 +75,21 @@ def test_demonstrations_are_successful_robomimic_episodes(run_dir):
     episodes = read_episodes(run_dir / "demos.hdf5")
     assert len(episodes) == 4
     assert all(ep.success for ep in episodes)
+
+
+def test_every_executed_step_is_logged_with_its_gating_record(run_dir):
+    episodes = read_episodes(run_dir / "rollouts.hdf5")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sum(len(ep) for ep in episodes) == summary["env_steps"]
+    online = [ep for ep in episodes if ep.attrs["phase"] == "online"]
+    assert sum(len(ep) for ep in online) == 120
+    for ep in online:
+        use_bc = ep.extras["use_bc"].astype(bool)
+        # The executed action is the chosen proposal, and the choice is the higher value (Eq. 10).
+        chosen = np.where(use_bc[:, None], ep.extras["bc_action"], ep.extras["rl_action"])
+        np.testing.assert_allclose(ep.actions, np.clip(chosen, -1, 1), atol=1e-6)
+        np.testing.assert_array_equal(use_bc, ep.extras["q_bc"] > ep.extras["q_rl"])
+        assert np.all(np.diff(ep.extras["weights_version"]) >= 0)
 
 
 def test_checkpoint_scores_through_eval_command(run_dir, capsys):
