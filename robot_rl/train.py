@@ -202,7 +202,7 @@ class Trainer:
             "env": f"{c.env_steps}",
             "episodes": c.episodes,
             "success(eval)": "-" if last is None else f"{last.success_rate:.2f}",
-            "bc-frac": f"{c.bc_steps_recent / max(c.steps_recent, 1):.2f}",
+            "bc-frac": f"{c.bc_steps_recent / c.steps_recent:.2f}" if c.steps_recent else "-",
             "learner": f"{c.learner_steps} ({c.learner_steps / max(self.learner_time, 1e-9):.1f}/s)",
             "wall": f"{time.monotonic() - self.start:.0f}s",
         }
