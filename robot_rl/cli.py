@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--seed", type=int, default=None, help="first evaluation episode seed")
 
+    p = sub.add_parser("cameras", help="list RealSense cameras; measure a camera or recording, write crop previews")
+    _add_config_args(p)
+    p.add_argument("--recording", type=Path, default=None, help="read this SDK recording (.db3) instead")
+    p.add_argument("--out", type=Path, default=Path("cameras"), help="directory for <camera>.png previews")
+    p.add_argument("--frames", type=int, default=30, help="frames to read from each camera")
+
     p = sub.add_parser("report", help="plot learning curves of one or more run directories")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, default=Path("report.png"))
@@ -170,7 +176,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "collect": cmd_collect, "bc": cmd_bc, "eval": cmd_eval, "report": cmd_report}
+def cmd_cameras(args: argparse.Namespace) -> int:
+    from robot_rl.cameras_cmd import format_report, run_cameras
+
+    report = run_cameras(args.config, args.overrides, args.recording, args.out, args.frames)
+    print(format_report(report))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "collect": cmd_collect,
+    "bc": cmd_bc,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "cameras": cmd_cameras,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,92 @@
+"""`robot-rl cameras`: serial listing, and measuring an SDK recording through RealSenseCamera with crop previews."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("pyrealsense2", reason="pyrealsense2 cannot be imported (needs libusb-1.0-0)")
+
+from robot_rl import cameras_cmd
+from robot_rl.cli import main
+from robot_rl.hardware.realsense.recording import write_recording
+
+W, H = 848, 480
+
+
+def frames(n: int, width: int = W, height: int = H) -> list[np.ndarray]:
+    x = np.arange(width, dtype=np.uint16)
+    y = np.arange(height, dtype=np.uint16)
+    out = []
+    for i in range(n):
+        image = np.empty((height, width, 3), np.uint8)
+        image[..., 0] = (x // 4 % 256)[None, :]
+        image[..., 1] = (y // 2 % 256)[:, None]
+        image[..., 2] = i * 20
+        out.append(image)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_connected_cameras(monkeypatch):
+    """The machine running the tests may or may not have a RealSense; the tests assume none."""
+    import robot_rl.hardware.realsense.camera as rs_camera
+
+    monkeypatch.setattr(rs_camera, "list_serials", lambda: [])
+
+
+def test_recording_is_measured_and_previewed(tmp_path: Path, capsys):
+    rec = write_recording(tmp_path / "rec.db3", frames(10), fps=30, width=W, height=H)
+    out = tmp_path / "previews"
+    assert main(["cameras", "--recording", str(rec), "--out", str(out), "--frames", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "no RealSense camera connected" in text
+    assert "recording" in text and "fps" in text and "p99" in text
+    png = out / "recording.png"
+    image = cv2.imread(str(png))
+    assert image is not None
+    assert image.shape[0] == H and image.shape[1] > W  # raw frame and the 84x84 result side by side
+    # The crop box is drawn in green (BGR) on the raw frame, at the default crop's left edge (x=184).
+    assert tuple(image[240, 184]) == (0, 255, 0)
+
+
+def test_measurements(tmp_path: Path):
+    rec = write_recording(tmp_path / "rec.db3", frames(10), fps=30, width=W, height=H)
+    report = cameras_cmd.run_cameras(None, [], rec, tmp_path / "out", 5)
+    (cam,) = report["cameras"]
+    assert cam["frames"] == 5 and cam["size"] == f"{W}x{H}"
+    assert 10 < cam["fps_measured"] < 90  # paced at the recorded 30 fps
+    assert 0 <= cam["latency_p50_ms"] <= cam["latency_p99_ms"] < 200
+
+
+def test_small_recording_gets_a_centred_square_crop(tmp_path: Path):
+    rec = write_recording(tmp_path / "small.db3", frames(4, 320, 240), fps=30, width=320, height=240)
+    cfg = cameras_cmd.recording_camera_config(rec)
+    assert (cfg.width, cfg.height) == (320, 240)
+    assert (cfg.crop.x, cfg.crop.y, cfg.crop.width, cfg.crop.height) == (40, 0, 240, 240)
+    report = cameras_cmd.run_cameras(None, [], rec, tmp_path / "out", 10)  # more frames than recorded
+    (cam,) = report["cameras"]
+    assert cam["frames"] == 4 and cam["recording_ended"]
+
+
+def test_missing_recording_exits_2_naming_the_file(tmp_path: Path, capsys):
+    missing = tmp_path / "nope.db3"
+    assert main(["cameras", "--recording", str(missing), "--out", str(tmp_path)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_bad_recording_exits_2(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.db3"
+    bad.write_bytes(b"not a recording")
+    assert main(["cameras", "--recording", str(bad), "--out", str(tmp_path)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_no_arguments_and_no_cameras_lists_none(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["cameras"]) == 0
+    assert "no RealSense camera connected" in capsys.readouterr().out
+    assert not (tmp_path / "cameras").exists()  # nothing read, nothing written
