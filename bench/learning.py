@@ -1,7 +1,7 @@
 """Learning benchmark: BC, Q2RL, IBRL, RLPD and SAC on the simulated peg insertion, several seeds.
 
     python bench/learning.py --out runs/bench [--seeds 0,1,2] [--methods q2rl,ibrl,rlpd,sac]
-                             [--env-steps 20000] [--marks 5000,10000,15000,20000] [--jobs 2]
+                             [--env-steps 20000] [--marks 5000,10000,15000,20000,25000] [--jobs 2]
                              [--config configs/sim_peg_state.yaml] [--set path=value ...]
 
 Per seed, demonstrations are collected and one BC policy trained, shared by every method of that seed (the BC row is
@@ -69,6 +69,12 @@ def train(seed_dir: Path, seed: int, method: str, args: argparse.Namespace) -> P
     return run_dir
 
 
+def bc_rate(rows: list[EvalRow]) -> float:
+    """The BC policy's success rate: the evaluation logged in the run's `bc` phase (before any RL)."""
+    bc_rows = [r for r in rows if r.phase == "bc"]
+    return bc_rows[-1].success_rate if bc_rows else float("nan")
+
+
 def at_mark(rows: list[EvalRow], mark: int) -> float:
     eligible = [r for r in rows if r.phase in ("start", "online") and r.env_steps <= mark]
     return eligible[-1].success_rate if eligible else float("nan")
@@ -85,25 +91,43 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="q2rl,ibrl,rlpd,sac")
     parser.add_argument("--env-steps", type=int, default=20_000, help="online env steps per run")
-    parser.add_argument("--marks", default="5000,10000,15000,20000")
+    parser.add_argument("--marks", default="5000,10000,15000,20000,25000")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--config", default="configs/sim_peg_state.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the runs already in --out, unfinished ones up to their last evaluation",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     marks = [int(m) for m in args.marks.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        prepared = pool.map(lambda s: prepare_seed(args.out, s, args.config, args.overrides), seeds)
-        seed_dirs = dict(zip(seeds, prepared, strict=True))
-        jobs = {(s, m): pool.submit(train, seed_dirs[s], s, m, args) for s in seeds for m in methods}
-        runs = {key: job.result() for key, job in jobs.items()}
+    if args.report_only:
+        runs = {(s, m): args.out / f"seed{s}" / m for s in seeds for m in methods}
+        missing = [str(path) for path in runs.values() if not (path / "eval.csv").is_file()]
+        if missing:
+            raise SystemExit(f"--report-only: no eval.csv in {', '.join(missing)}")
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            prepared = pool.map(lambda s: prepare_seed(args.out, s, args.config, args.overrides), seeds)
+            seed_dirs = dict(zip(seeds, prepared, strict=True))
+            jobs = {(s, m): pool.submit(train, seed_dirs[s], s, m, args) for s in seeds for m in methods}
+            runs = {key: job.result() for key, job in jobs.items()}
 
     curves = {key: read_eval_csv(path / "eval.csv") for key, path in runs.items()}
-    bc = [json.loads((runs[(s, methods[0])] / "summary.json").read_text())["bc_success_rate"] for s in seeds]
-    header = f"{'method':<10}" + "".join(f"{f'{m // 1000}k':>14}" for m in marks)
+    unfinished = [key for key, path in runs.items() if not (path / "summary.json").is_file()]
+    for key in unfinished:  # marks past an unfinished run's last evaluation were not reached: NaN, not its last value
+        last = curves[key][-1].env_steps if curves[key] else -1
+        curves[key] = [*curves[key], EvalRow(last + 1, 0, 0.0, float("nan"), float("nan"), 0, "online")]
+    if unfinished:
+        names = ", ".join(f"seed {s} {m}" for s, m in unfinished)
+        print(f"unfinished runs (tabulated up to their last evaluation): {names}")
+    bc = [bc_rate(curves[(s, methods[0])]) for s in seeds]
+    header = f"{'method':<10}" + "".join(f"{f'{m / 1000:g}k':>14}" for m in marks)
     print(f"\nsuccess rate at total env steps (mean ± std over seeds {seeds}; 20 eval episodes each)")
     print(header)
     bc_mean, bc_std = float(np.nanmean(bc)), float(np.nanstd(bc))
