@@ -1,0 +1,581 @@
+"""The actor <-> learner wire format (DESIGN §6): typed, versioned msgpack messages with numpy arrays as raw bytes.
+
+Every message is a msgpack map carrying `kind` (one of `KINDS`) and `v` (`PROTOCOL_VERSION`); the protocol version
+of the hello is this `v`. A numpy array travels as the map {"__nd__": 1, "dtype": "<f4", "shape": [..], "data": raw
+little-endian bytes}; only the dtypes of `DTYPES` are accepted. Nothing on the decode path executes code from the
+peer: msgpack runs with `raw=False`, `strict_map_key`, every length limited by `max_bytes`, and no extension types.
+
+A service receives with
+
+    msg = from_wire(frame, max_bytes=limit)          # or parse(decode(frame, max_bytes=limit))
+
+and gets a `Hello`, `Welcome`, `Refuse`, `Transitions`, `Ack` or `Weights` instance, or a `WireError` saying what was
+refused and why. Decoded arrays are read-only views over the private bytes objects msgpack built from the frame
+(never over the socket's buffer); copy them to keep or modify them (`ReplayBuffer.add_many` copies).
+`validate_transitions` then checks a chunk against the `TransitionSpec` both sides derived from the config.
+
+The config fingerprint (`config_fingerprint`, `config_hash`, `diff_fingerprints`) names the parts of the config both
+sides must agree on, so that a mismatched actor is refused with the differing field paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    import torch
+
+    from robot_rl.config import RunConfig
+
+PROTOCOL_VERSION: int = 1
+
+# Wire dtype string -> numpy dtype: float32, float64, int32, int64, uint8, bool, uint16, as numpy writes them
+# little-endian (`|` where byte order does not apply). A peer's dtype string is only looked up here, never parsed.
+DTYPES: dict[str, np.dtype] = {wire: np.dtype(wire) for wire in ("<f4", "<f8", "<i4", "<i8", "|u1", "|b1", "<u2")}
+_DTYPE_BY_NAME: dict[str, str] = {dt.name: wire for wire, dt in DTYPES.items()}
+
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+MAX_DEPTH = 16
+DEFAULT_MAX_CHUNK = 10_000
+PHASES = ("qest_rollouts", "qest_fit", "online", "eval", "paused")
+Phase = Literal["qest_rollouts", "qest_fit", "online", "eval", "paused"]
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_OBS_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,64}$")
+_ARRAY_KEYS = frozenset({"__nd__", "dtype", "shape", "data"})
+
+
+class WireError(ValueError):
+    """A message refused by the wire layer; the message names the field and the reason."""
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr of a peer-supplied value, cut to `limit` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _name(value: str) -> str:
+    """A peer-supplied name as is when it is short and plain, else its cut repr."""
+    return value if _PLAIN_NAME.match(value) else _short(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Encoding and decoding
+# --------------------------------------------------------------------------------------------------------------------
+def _wire_dtype(dtype: np.dtype) -> str:
+    wire = _DTYPE_BY_NAME.get(dtype.name)
+    if wire is None:
+        raise WireError(f"array dtype {dtype} is not sent on the wire (allowed: {', '.join(sorted(_DTYPE_BY_NAME))})")
+    return wire
+
+
+def _pack_default(obj: Any) -> Any:
+    """msgpack's hook for types it does not know: numpy arrays and scalars; anything else is refused."""
+    if isinstance(obj, np.ndarray):
+        wire = _wire_dtype(obj.dtype)
+        array = np.asarray(obj, dtype=DTYPES[wire])  # also swaps a big-endian array to little-endian
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        return {
+            "__nd__": 1,
+            "dtype": wire,
+            "shape": list(array.shape),
+            "data": memoryview(array.reshape(-1).view(np.uint8)),
+        }
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise WireError(f"cannot encode a {type(obj).__name__} (send numpy arrays, not tensors or objects)")
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """The msgpack bytes of a message map; `kind` must be a known kind and `v` is set to PROTOCOL_VERSION."""
+    kind = message.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"kind: unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
+    if message.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise WireError(f"v: {_short(message.get('v'))} differs from this side's protocol {PROTOCOL_VERSION}")
+    body = dict(message)
+    body["v"] = PROTOCOL_VERSION
+    try:
+        return msgpack.packb(body, default=_pack_default, use_bin_type=True, strict_types=False)
+    except WireError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"cannot encode {kind} message: {exc}") from exc
+
+
+def _array_from_map(node: dict[str, Any]) -> np.ndarray:
+    """The read-only array a {"__nd__": 1, ...} map describes, after checking dtype, shape and byte length."""
+    if set(node) != _ARRAY_KEYS or type(node["__nd__"]) is not int or node["__nd__"] != 1:
+        raise WireError(f"array map must hold exactly {sorted(_ARRAY_KEYS)} with __nd__ = 1, got {_short(list(node))}")
+    dtype = DTYPES.get(node["dtype"]) if isinstance(node["dtype"], str) else None
+    if dtype is None:
+        raise WireError(f"array dtype {_short(node['dtype'])} is not allowed (allowed: {', '.join(sorted(DTYPES))})")
+    shape, data = node["shape"], node["data"]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise WireError(f"array shape must be a list of at most {MAX_NDIM} sizes, got {_short(shape)}")
+    if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape):
+        raise WireError(f"array shape must hold integers in [0, {MAX_DIM}], got {_short(shape)}")
+    if not isinstance(data, bytes):
+        raise WireError(f"array data must be bytes, got {type(data).__name__}")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge declared shape cannot overflow
+    if expected != len(data):
+        raise WireError(f"array of shape {shape} and dtype {dtype.name} needs {expected} bytes, got {len(data)}")
+    if dtype == np.bool_ and data and np.frombuffer(data, np.uint8).max() > 1:
+        raise WireError("bool array holds bytes other than 0 and 1")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    array.flags.writeable = False
+    return array
+
+
+def _object_hook(node: dict[str, Any]) -> Any:
+    """Every decoded map: string keys only; an array map becomes its array."""
+    if any(type(key) is not str for key in node):
+        raise WireError("map keys must be strings")
+    return _array_from_map(node) if "__nd__" in node else node
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise WireError(f"msgpack extension type {code} is not accepted")
+
+
+def _check_depth(root: dict[str, Any]) -> None:
+    """Refuse containers nested deeper than MAX_DEPTH (iteratively: no recursion on peer data)."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise WireError(f"message nests containers deeper than {MAX_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def decode(data: bytes | bytearray | memoryview, *, max_bytes: int) -> dict[str, Any]:
+    """The message map in `data` (at most `max_bytes` long) with arrays as read-only numpy views; else WireError.
+
+    Checks the framing only: a map at the top, a known `kind`, `v` equal to PROTOCOL_VERSION, well-formed arrays of
+    allowed dtypes. The fields of each kind are checked by `parse`.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError(f"expected bytes, got {type(data).__name__}")
+    size = memoryview(data).nbytes
+    if size > max_bytes:
+        raise WireError(f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
+    limit = max(int(max_bytes), 1)
+    try:
+        message = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            object_hook=_object_hook,
+            ext_hook=_refuse_ext,
+            max_bin_len=limit,
+            max_str_len=limit,
+            max_array_len=limit,
+            max_map_len=limit // 2,
+            max_ext_len=0,
+        )
+    except WireError:
+        raise
+    except (ValueError, msgpack.UnpackException) as exc:  # msgpack's errors on malformed, truncated, oversized data
+        raise WireError(f"not a msgpack message: {type(exc).__name__}: {_short(str(exc), 120)}") from None
+    if not isinstance(message, dict):
+        raise WireError(f"top level must be a map, got {type(message).__name__}")
+    _check_depth(message)
+    kind = message.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
+    version = message.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
+        raise WireError(f"v: protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    return message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------------------------------
+class Message(BaseModel):
+    """Base of the wire messages: strict types, unknown fields refused, immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+    kind: ClassVar[str]
+
+    def to_message(self) -> dict[str, Any]:
+        """The message map (`kind`, `v` and the fields; arrays as they are, not copied)."""
+        body: dict[str, Any] = {"kind": self.kind, "v": PROTOCOL_VERSION}
+        body.update({name: getattr(self, name) for name in type(self).model_fields})
+        return body
+
+
+ActorId = Annotated[str, Field(pattern=ID_PATTERN, description="Actor id, [A-Za-z0-9_.-]{1,64}.")]
+RunId = Annotated[
+    str, Field(pattern=ID_PATTERN, description="Run id, [A-Za-z0-9_.-]{1,64}; sequences are numbered per (actor, run).")
+]
+
+
+class Hello(Message):
+    """Actor -> learner, first message of every connection; the protocol version is the envelope's `v`."""
+
+    kind: ClassVar[str] = "hello"
+    actor_id: ActorId
+    run_id: RunId
+    config_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="config_hash(config_fingerprint), sha256 hex.")
+    config_fingerprint: dict[str, str] = Field(
+        description="Dotted config path -> canonical JSON value, for the parts both sides must agree on."
+    )
+
+
+class Welcome(Message):
+    """Learner -> actor: the hello is accepted."""
+
+    kind: ClassVar[str] = "welcome"
+    learner_id: str = Field(pattern=ID_PATTERN, description="Learner id, [A-Za-z0-9_.-]{1,64}.")
+    phase: Phase = Field(description="The learner's current phase.")
+    weights_version: int = Field(ge=-1, description="Newest weights version published; -1 if none yet.")
+    acked_seq: int = Field(
+        ge=-1, description="Highest contiguous sequence stored durably for this (actor_id, run_id); -1 if none."
+    )
+
+
+class Refuse(Message):
+    """Learner -> actor: the hello (or a later message) is refused; the actor must not send transitions."""
+
+    kind: ClassVar[str] = "refuse"
+    reason: str = Field(max_length=4096, description="Why, in words.")
+    fields: list[str] = Field(default_factory=list, description="Dotted config paths that differ between the sides.")
+
+
+class Transitions(Message):
+    """Actor -> learner: `count` consecutive transitions numbered first_seq .. first_seq + count - 1.
+
+    `arrays` holds, with n = count: `obs/<key>` and `next_obs/<key>` [n, *shape] per observation key of the
+    TransitionSpec, `actions` and `bc_actions` [n, action_dim] float32 (bc_actions NaN where no BC proposal was
+    made), `rewards` [n] float32, `terminated` and `truncated` [n] bool, `weights_version` [n] int64.
+    """
+
+    kind: ClassVar[str] = "transitions"
+    actor_id: ActorId
+    run_id: RunId
+    first_seq: int = Field(ge=0, description="Sequence number of the first transition of the chunk.")
+    count: int = Field(ge=1, description="Number of transitions in the chunk.")
+    arrays: dict[str, np.ndarray] = Field(description="Array name -> [count, ...] array (see the class docstring).")
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last transition of the chunk."""
+        return self.first_seq + self.count - 1
+
+
+class Ack(Message):
+    """Learner -> actor: everything up to acked_seq of this (actor_id, run_id) is stored durably."""
+
+    kind: ClassVar[str] = "ack"
+    actor_id: ActorId
+    run_id: RunId
+    acked_seq: int = Field(ge=-1, description="Highest contiguous sequence stored durably; -1 if none.")
+
+
+class Weights(Message):
+    """Learner -> actors: a versioned snapshot of the networks the actor needs, and the phase."""
+
+    kind: ClassVar[str] = "weights"
+    version: int = Field(ge=0, description="Weights version; transitions collected with it carry this number.")
+    phase: Phase = Field(description="The learner's phase the actor should act in.")
+    tensors: dict[str, np.ndarray] = Field(description="Tensor name -> array (see pack_tensors).")
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {m.kind: m for m in (Hello, Welcome, Refuse, Transitions, Ack, Weights)}
+KINDS = frozenset(MESSAGE_TYPES)
+
+
+def parse(message: Mapping[str, Any]) -> Message:
+    """The message instance for a decoded map (kind and version checked again); WireError naming bad fields."""
+    kind = message.get("kind")
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
+    version = message.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
+        raise WireError(f"v: protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    fields = {k: v for k, v in message.items() if k not in ("kind", "v")}
+    try:
+        return MESSAGE_TYPES[kind].model_validate(fields)
+    except ValidationError as err:
+        problems = [f"{kind}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:8]]
+        raise WireError("; ".join(problems)) from None
+
+
+def to_wire(message: Message) -> bytes:
+    """The bytes of a message instance."""
+    return encode(message.to_message())
+
+
+def from_wire(data: bytes | bytearray | memoryview, *, max_bytes: int) -> Message:
+    """The message instance in `data`, or WireError."""
+    return parse(decode(data, max_bytes=max_bytes))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transition spec and chunk validation
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransitionSpec:
+    """What one transition holds: observation key -> (shape, dtype name), and the action dimension."""
+
+    obs: dict[str, tuple[tuple[int, ...], str]]
+    action_dim: int
+
+    def arrays(self, count: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Array name -> (shape, dtype name) of a chunk of `count` transitions."""
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for prefix in ("obs", "next_obs"):
+            for key, (shape, dtype) in self.obs.items():
+                out[f"{prefix}/{key}"] = ((count, *shape), dtype)
+        out["actions"] = ((count, self.action_dim), "float32")
+        out["bc_actions"] = ((count, self.action_dim), "float32")
+        out["rewards"] = ((count,), "float32")
+        out["terminated"] = ((count,), "bool")
+        out["truncated"] = ((count,), "bool")
+        out["weights_version"] = ((count,), "int64")
+        return out
+
+    def transition_bytes(self) -> int:
+        """Bytes of array data per transition (without msgpack framing)."""
+        return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self.arrays(1).values())
+
+
+def transition_spec_from_space(obs_space: gym.spaces.Dict, action_space: gym.spaces.Box) -> TransitionSpec:
+    """The spec of an env's Dict observation space (of Boxes with wire dtypes) and 1-D Box action space."""
+    from gymnasium import spaces
+
+    if not isinstance(obs_space, spaces.Dict):
+        raise ValueError(f"observation space must be a gymnasium Dict, got {type(obs_space).__name__}")
+    if not isinstance(action_space, spaces.Box) or len(action_space.shape) != 1:
+        raise ValueError(f"action space must be a 1-D Box, got {action_space}")
+    obs: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, space in obs_space.spaces.items():
+        if not isinstance(space, spaces.Box):
+            raise ValueError(f"observation {key!r} must be a Box, got {type(space).__name__}")
+        if not _OBS_KEY.match(key):
+            raise ValueError(f"observation key {key!r} must match {_OBS_KEY.pattern}")
+        if space.dtype is None or np.dtype(space.dtype).name not in _DTYPE_BY_NAME:
+            raise ValueError(f"observation {key!r} has dtype {space.dtype}, not sent on the wire")
+        obs[key] = (tuple(int(d) for d in space.shape), np.dtype(space.dtype).name)
+    if not obs:
+        raise ValueError("observation space is empty")
+    return TransitionSpec(obs=obs, action_dim=int(action_space.shape[0]))
+
+
+# RobotEnv's observation (robot_rl/hardware/env.py): "ee_pose", the 6-vector pose relative to the reference, float32.
+STATE_OBS_KEY = "ee_pose"
+STATE_OBS_DIM = 6
+
+
+def transition_spec(cfg: RunConfig) -> TransitionSpec:
+    """The spec of the env `cfg.env` describes, known without building it.
+
+    The state vector of RobotEnv plus, per camera, an `out_size` x `out_size` x 3 uint8 RGB image under the camera's
+    name (the layout `Camera.read()` returns).
+    """
+    from robot_rl.hardware.safety import ACTION_DIM
+
+    obs: dict[str, tuple[tuple[int, ...], str]] = {STATE_OBS_KEY: ((STATE_OBS_DIM,), "float32")}
+    for camera in cfg.env.cameras:
+        if camera.name in obs:
+            raise ValueError(f"camera name {camera.name!r} collides with another observation key")
+        obs[camera.name] = ((camera.out_size, camera.out_size, 3), "uint8")
+    return TransitionSpec(obs=obs, action_dim=ACTION_DIM)
+
+
+def _check_array(name: str, array: Any, shape: tuple[int, ...], dtype: str) -> None:
+    if not isinstance(array, np.ndarray):
+        raise WireError(f"transitions.{name}: expected an array, got {type(array).__name__}")
+    if array.dtype.name != dtype:
+        raise WireError(f"transitions.{name}: dtype {array.dtype.name}, expected {dtype}")
+    if array.shape != shape:
+        raise WireError(f"transitions.{name}: shape {list(array.shape)}, expected {list(shape)}")
+
+
+def _check_values(arrays: Mapping[str, np.ndarray]) -> None:
+    """Finite observations, actions and rewards; bc_actions rows all finite or all NaN; weights versions >= -1."""
+    for name, array in arrays.items():
+        if array.dtype.kind == "f" and name != "bc_actions" and not np.isfinite(array).all():
+            raise WireError(f"transitions.{name}: holds non-finite values")
+    bc = arrays["bc_actions"]
+    finite, nan = np.isfinite(bc), np.isnan(bc)
+    if not (finite | nan).all() or not (finite.all(axis=-1) | nan.all(axis=-1)).all():
+        raise WireError("transitions.bc_actions: each row must be all finite or all NaN (no infinities)")
+    if arrays["weights_version"].size and int(arrays["weights_version"].min()) < -1:
+        raise WireError("transitions.weights_version: versions must be >= -1")
+
+
+def validate_transitions(msg: Transitions, spec: TransitionSpec, *, max_count: int = DEFAULT_MAX_CHUNK) -> None:
+    """Refuse (WireError naming the field) a chunk whose arrays do not match `spec` and `msg.count` exactly.
+
+    Checks count <= max_count, the exact set of array names, every dtype and shape, finite observations, actions and
+    rewards, bc_actions rows all finite or all NaN, and weights versions >= -1 (-1: collected without learner weights).
+    """
+    if msg.count > max_count:
+        raise WireError(f"transitions.count: {msg.count} exceeds the chunk limit of {max_count}")
+    expected = spec.arrays(msg.count)
+    missing = sorted(set(expected) - set(msg.arrays))
+    if missing:
+        raise WireError(f"transitions.{missing[0]}: missing (missing arrays: {', '.join(missing)})")
+    unexpected = sorted(set(msg.arrays) - set(expected))
+    if unexpected:
+        raise WireError(f"transitions.{_name(unexpected[0])}: unexpected array")
+    for name, (shape, dtype) in expected.items():
+        _check_array(name, msg.arrays[name], shape, dtype)
+    _check_values(msg.arrays)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config fingerprint
+# --------------------------------------------------------------------------------------------------------------------
+# The config fields both sides must agree on, as {section: {field: sub-selection or True}}. True takes the whole
+# subtree. Everything else (seed, train.*, bc/qest/agent training budgets and learning rates, expert, operator,
+# franka connection, camera serials/recordings/fps/freshness) is local to one side and may differ.
+_FINGERPRINT_FIELDS: dict[str, Any] = {
+    "env": {
+        # What the world is and how an action moves the robot: the meaning of observations, actions and rewards.
+        "robot": True,
+        "task": True,
+        "action": True,
+        "safety": True,
+        "impedance": True,
+    },
+    "agent": {
+        # Network shapes the weights must fit, and everything the actor's Q-gating reads from the config.
+        "method": True,
+        "hidden": True,
+        "num_critics": True,
+        "layer_norm": True,
+        "reward_scale": True,
+        "reward_bias": True,
+        "discount": True,
+        "clip_values": True,
+        "rl_action": True,
+        "bc_action": True,
+    },
+    # The BC policy's network shape (its weights reach the actor for the BC proposal and Q^_BC).
+    "bc": {"policy": True, "hidden": True, "num_modes": True, "min_std": True},
+    # alpha of Q^_BC, which the actor evaluates when it gates.
+    "qest": {"alpha": True},
+}
+# Per camera (keyed by its name): what the image shows and its size; not serial, recording, fps or freshness.
+_CAMERA_FIELDS = ("width", "height", "crop", "out_size")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _flatten(f"{prefix}.{key}", child, out)
+    else:
+        out[prefix] = _canonical(value)
+
+
+def _select(prefix: str, tree: dict[str, Any], selection: dict[str, Any], out: dict[str, str]) -> None:
+    for key, sub in selection.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if sub is True:
+            _flatten(path, tree[key], out)
+        else:
+            _select(path, tree[key], sub, out)
+
+
+def config_fingerprint(cfg: RunConfig) -> dict[str, str]:
+    """Dotted field path -> canonical JSON value, for the parts of the config actor and learner must agree on.
+
+    Included: the env's world and action mapping (env.robot, env.task.*, env.action.*, env.safety.*,
+    env.impedance.*), per camera env.cameras.<name>.{width,height,crop.*,out_size}, the observation spec
+    (obs.<key> -> [shape, dtype], action_dim), the network shapes the weights must fit (agent.hidden,
+    agent.num_critics, agent.layer_norm, bc.policy, bc.hidden, bc.num_modes, bc.min_std), and what defines the
+    learning problem and the actor's gating (agent.method, agent.reward_scale, agent.reward_bias, agent.discount,
+    agent.clip_values, agent.rl_action, agent.bc_action, qest.alpha). Excluded, because each side may differ without
+    changing what transitions and weights mean: seed, train.*, training budgets, batch sizes and learning rates,
+    expert.*, env.operator, env.franka (connection), camera serials, recordings, fps and freshness.
+    """
+    tree = json.loads(cfg.model_dump_json())
+    out: dict[str, str] = {}
+    _select("", tree, _FINGERPRINT_FIELDS, out)
+    for camera in tree["env"]["cameras"]:
+        for name in _CAMERA_FIELDS:
+            _flatten(f"env.cameras.{camera['name']}.{name}", camera[name], out)
+    spec = transition_spec(cfg)
+    for key, (shape, dtype) in spec.obs.items():
+        out[f"obs.{key}"] = _canonical([list(shape), dtype])
+    out["action_dim"] = _canonical(spec.action_dim)
+    return dict(sorted(out.items()))
+
+
+def config_hash(fingerprint: Mapping[str, str]) -> str:
+    """sha256 hex of the fingerprint's canonical JSON."""
+    return hashlib.sha256(_canonical(dict(fingerprint)).encode()).hexdigest()
+
+
+def diff_fingerprints(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
+    """Sorted dotted paths whose values differ, a path present on one side only included."""
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+def check_hello(hello: Hello, fingerprint: Mapping[str, str]) -> Refuse | None:
+    """The Refuse for a hello whose config disagrees with this side's fingerprint, or None when it agrees."""
+    if config_hash(hello.config_fingerprint) != hello.config_hash:
+        return Refuse(reason="config_hash does not match the config_fingerprint sent with it", fields=[])
+    if hello.config_hash == config_hash(fingerprint):
+        return None
+    fields = diff_fingerprints(fingerprint, hello.config_fingerprint)
+    shown = ", ".join(fields[:20]) + (f" and {len(fields) - 20} more" if len(fields) > 20 else "")
+    return Refuse(reason=f"config differs from the learner's in: {shown}", fields=fields)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------------------------
+def pack_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensor name -> CPU numpy array for a Weights message.
+
+    float16 and bfloat16 travel as float32 (exact: every value is representable) and `load_state_dict` casts them
+    back; other dtypes must be wire dtypes (float32, float64, int32, int64, uint8, bool, uint16), else WireError.
+    """
+    import torch
+
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.to(torch.float32)
+        array = t.contiguous().numpy()
+        if array.dtype.name not in _DTYPE_BY_NAME:
+            raise WireError(f"tensor {name!r}: dtype {tensor.dtype} is not sent on the wire")
+        out[name] = array
+    return out
+
+
+def unpack_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Tensor name -> writable CPU tensor (a copy) for each array of a Weights message."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for name, array in arrays.items():
+        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPE_BY_NAME:
+            raise WireError(f"weights.tensors.{_name(name)}: not an array of a wire dtype")
+        out[name] = torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
+    return out
