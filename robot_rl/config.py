@@ -406,6 +406,61 @@ class TrainConfig(Strict):
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 leaves torch's default.")
 
 
+class ActorConfig(Strict):
+    """The actor service (`robot-rl actor`): its control loop next to the robot."""
+
+    actor_id: str = Field("actor0", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="This actor's id at the learner.")
+    period_s: float = Field(
+        0.1, ge=0, le=10, description="Control period (10 Hz on the robot); the sim twin may run faster, 0 = unpaced."
+    )
+    chunk_steps: int = Field(30, ge=1, le=10_000, description="Transitions per chunk sent (and at episode end).")
+    max_unacked: int = Field(
+        200_000, ge=100, description="Transitions kept unacknowledged (on disk) before the actor pauses its episodes."
+    )
+    weights_staleness_s: float = Field(
+        60.0, gt=0, description="Seconds without word from the learner before the actor falls back to BC only."
+    )
+    max_env_steps_ahead: int | None = Field(
+        None,
+        ge=1,
+        description="Online env steps the actor may run ahead of learner_steps / train.learner_steps_per_env_step "
+        "(sim: keeps a fast actor from racing a slow learner; None: no cap, as on a robot).",
+    )
+    stop_wait_s: float = Field(10.0, ge=0, description="On stop: seconds to wait for the last acknowledgements.")
+    log_episodes: bool = Field(True, description="Write every episode to DIR/episodes/ (HDF5, robomimic layout).")
+
+
+class TransportConfig(Strict):
+    """ZeroMQ endpoints and limits shared by actor and learner (DESIGN §6)."""
+
+    learner: str = Field(
+        "tcp://127.0.0.1:5555",
+        pattern=r"^(tcp://[^\s:]+:[0-9]{1,5}|ipc://\S+|inproc://\S+)$",
+        description="The learner's request (ROUTER) endpoint: bound by the learner, connected by actors.",
+    )
+    weights: str | None = Field(
+        None,
+        pattern=r"^(tcp://[^\s:]+:[0-9]{1,5}|ipc://\S+|inproc://\S+)$",
+        description="The learner's PUB endpoint for weights and status; None: the request port + 1.",
+    )
+    max_message_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="ZMQ_MAXMSGSIZE: larger messages are dropped by the socket."
+    )
+    poll_ms: int = Field(50, ge=1, le=10_000, description="Receive timeout of every poll (the stop event is checked).")
+    status_every_s: float = Field(0.5, gt=0, description="Learner status broadcast period.")
+    keys_dir: str | None = Field(None, description="CURVE keys from `robot-rl keys`; None: no encryption (loopback).")
+
+    @property
+    def weights_endpoint(self) -> str:
+        """The PUB endpoint (explicit, or the request endpoint's port + 1)."""
+        if self.weights is not None:
+            return self.weights
+        if not self.learner.startswith("tcp://"):
+            return self.learner + ".weights"
+        host, port = self.learner.rsplit(":", 1)
+        return f"{host}:{int(port) + 1}"
+
+
 class RunConfig(Strict):
     """The whole tree: one per run, saved resolved as config.yaml in the run directory."""
 
@@ -416,6 +471,8 @@ class RunConfig(Strict):
     qest: QEstimationConfig = Field(default_factory=QEstimationConfig, description="Q-Estimation.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="RL agent and method.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    actor: ActorConfig = Field(default_factory=ActorConfig, description="Actor service.")
+    transport: TransportConfig = Field(default_factory=TransportConfig, description="Actor-learner transport.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -298,7 +298,35 @@ class Weights(Message):
     tensors: dict[str, np.ndarray] = Field(description="Tensor name -> array (see pack_tensors).")
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = {m.kind: m for m in (Hello, Welcome, Refuse, Transitions, Ack, Weights)}
+class Status(Message):
+    """Learner -> actors (PUB, several times a second): liveness, phase and counters, without the weights."""
+
+    kind: ClassVar[str] = "status"
+    learner_id: str = Field(pattern=ID_PATTERN, description="Learner id, [A-Za-z0-9_.-]{1,64}.")
+    phase: Phase = Field(description="The learner's current phase.")
+    weights_version: int = Field(ge=-1, description="Newest weights version published; -1 if none yet.")
+    learner_steps: int = Field(ge=0, description="Learner steps done (UTD critic updates + 1 actor update each).")
+    online_env_steps: int = Field(ge=0, description="Online transitions stored, all actors together.")
+    eval_id: int = Field(ge=-1, description="While phase is eval: the evaluation asked for; -1 otherwise.")
+    done: bool = Field(description="The learner has finished its run; actors should stop.")
+
+
+class EvalReport(Message):
+    """Actor -> learner: the result of the evaluation `eval_id` the learner asked for."""
+
+    kind: ClassVar[str] = "eval_report"
+    actor_id: ActorId
+    run_id: RunId
+    eval_id: int = Field(ge=0, description="The Status.eval_id this answers.")
+    episodes: int = Field(ge=1, description="Evaluation episodes run.")
+    success_rate: float = Field(ge=0, le=1, description="Fraction of successful episodes.")
+    bc_action_fraction: float = Field(ge=0, le=1, description="Fraction of executed actions that were the BC proposal.")
+    weights_version: int = Field(ge=-1, description="Weights version the evaluation ran with.")
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    m.kind: m for m in (Hello, Welcome, Refuse, Transitions, Ack, Weights, Status, EvalReport)
+}
 KINDS = frozenset(MESSAGE_TYPES)
 
 
