@@ -307,6 +307,28 @@ class Q2RLAgent(nn.Module):
                 module.load_state_dict(sub, strict=True)
             self.log_alpha.copy_(state["log_alpha"].reshape(()))
 
+    ACTING_MODULES = ("normalizer", "actor", "critics", "value")
+
+    def acting_state(self) -> dict[str, torch.Tensor]:
+        """The tensors an actor needs for Q-gating (RL actor, critic ensemble, V_BC, normaliser): no targets."""
+        state = {}
+        for name in self.ACTING_MODULES:
+            for key, value in getattr(self, name).state_dict().items():
+                state[f"{name}.{key}"] = value.detach().cpu().contiguous()
+        return state
+
+    def load_acting_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what acting_state() produced; names and shapes must match exactly (KeyError/RuntimeError else)."""
+        expected = {f"{name}.{key}" for name in self.ACTING_MODULES for key in getattr(self, name).state_dict()}
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise KeyError(f"acting state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name in self.ACTING_MODULES:
+                prefix = f"{name}."
+                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                getattr(self, name).load_state_dict(sub, strict=True)
+
     def optimizer_states(self) -> dict[str, dict]:
         return {
             "actor": self.actor_opt.state_dict(),

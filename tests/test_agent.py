@@ -353,3 +353,26 @@ def test_buffer_refuses_non_finite_and_wrong_shapes():
     with pytest.raises(ValueError, match="shape"):
         buf.add_many(**{**good, "actions": np.zeros((2, ACT + 1), np.float32)})
     assert len(buf) == 2
+
+
+def test_acting_state_round_trip_reproduces_gating_and_refuses_mismatch():
+    cfg = AgentConfig(hidden=[16, 16], num_critics=3)
+    low, high = -np.ones(4, np.float32), np.ones(4, np.float32)
+    a = Q2RLAgent(cfg, obs_low=low, obs_high=high, action_dim=2, bc_policy=None, qest_alpha=1.0, seed=0)
+    b = Q2RLAgent(cfg, obs_low=low, obs_high=high, action_dim=2, bc_policy=None, qest_alpha=1.0, seed=1)
+    obs = np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32)
+    before = b.act(obs, rl_action="mode")
+    state = a.acting_state()
+    assert not any(k.startswith("target_critics.") for k in state)
+    b.load_acting_state(state)
+    da, db = a.act(obs, rl_action="mode"), b.act(obs, rl_action="mode")
+    np.testing.assert_allclose(da.action, db.action, atol=1e-6)
+    np.testing.assert_allclose(da.q_rl, db.q_rl, atol=1e-5)
+    assert not np.allclose(before.q_rl, db.q_rl)
+    with pytest.raises(KeyError, match="missing"):
+        b.load_acting_state({k: v for k, v in state.items() if not k.startswith("value.")})
+    bad = dict(state)
+    key = next(k for k in bad if k.startswith("actor.") and bad[k].ndim == 2)
+    bad[key] = torch.zeros(bad[key].shape[0] + 1, bad[key].shape[1])
+    with pytest.raises(RuntimeError):
+        b.load_acting_state(bad)
