@@ -60,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("cameras"), help="directory for <camera>.png previews")
     p.add_argument("--frames", type=int, default=30, help="frames to read from each camera")
 
+    p = sub.add_parser("actor", help="the actor service: episodes with Q-gating, logs, transitions to a learner")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="actor directory (reused: the run continues)")
+    p.add_argument("--learner", required=True, help="learner endpoint (tcp://HOST:PORT) or `none`: BC policy alone")
+    p.add_argument("--bc", type=Path, required=True, help="BC policy directory from `robot-rl bc`")
+    p.add_argument("--robot", choices=["sim", "franky", "franky-sim"], default=None, help="override env.robot")
+    p.add_argument("--episodes", type=int, default=None, help="stop after this many episodes")
+    p.add_argument("--actor-id", default=None, help="override actor.actor_id")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+
     p = sub.add_parser("report", help="plot learning curves of one or more run directories")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, default=Path("report.png"))
@@ -94,6 +104,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{summary['wall_s']:.0f} s; run directory {args.out}"
     )
     return 0
+
+
+def cmd_actor(args: argparse.Namespace) -> int:
+    from robot_rl.actor.service import run_actor
+
+    overrides = list(args.overrides)
+    if args.robot == "franky-sim":
+        overrides += ["env.robot=franky", "env.franka.sim_server=true"]
+    elif args.robot is not None:
+        overrides.append(f"env.robot={args.robot}")
+    if args.actor_id is not None:
+        overrides.append(f"actor.actor_id={args.actor_id}")
+    cfg = load_config(args.config, overrides)
+    if not (args.bc / "bc.json").is_file():
+        raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    learner = None if args.learner == "none" else args.learner
+    if learner is not None:
+        cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"learner": learner})})
+        load_config(None, [f"transport.learner={learner}"])  # refuses a malformed endpoint with the field's path
+    return run_actor(cfg, args.out, bc_dir=args.bc, learner=learner, episodes=args.episodes, quiet=args.quiet)
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -185,6 +217,7 @@ def cmd_cameras(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "actor": cmd_actor,
     "train": cmd_train,
     "collect": cmd_collect,
     "bc": cmd_bc,

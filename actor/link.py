@@ -1,0 +1,224 @@
+"""The actor's connection to the learner, on its own thread: the control loop never waits on the network.
+
+DEALER to the learner's ROUTER (hello, transitions, evaluation reports; welcome, ack, refuse back) and SUB to its PUB
+(weights and status). Transitions are read from the durable spill and sent from the sequence after the last
+acknowledgement, at most `window` chunks ahead; after a reconnect (a welcome) or a silence the link resends from
+there, and the learner drops what it already has. The newest weights wait in a one-slot mailbox for the control loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from robot_rl.actor.spill import Spill
+from robot_rl.config import RunConfig
+from robot_rl.wire import (
+    Ack,
+    EvalReport,
+    Hello,
+    Refuse,
+    Status,
+    Weights,
+    Welcome,
+    WireError,
+    config_fingerprint,
+    config_hash,
+    from_wire,
+    to_wire,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinkState:
+    """What the control loop and the status line read (replaced, never mutated in place, by the link thread)."""
+
+    welcomed: bool = False
+    acked_seq: int = -1
+    sent_seq: int = -1
+    refused: str | None = None
+    refused_fields: tuple[str, ...] = ()
+    last_heard: float = 0.0
+    status: Status | None = None
+
+
+class LearnerLink(threading.Thread):
+    """Runs the actor's side of the wire contract until `stop` is set."""
+
+    def __init__(self, cfg: RunConfig, spill: Spill, *, run_id: str, endpoint: str, window: int = 8) -> None:
+        super().__init__(name="learner-link", daemon=True)
+        self.cfg, self.spill, self.run_id = cfg, spill, run_id
+        self.endpoint = endpoint
+        self.weights_endpoint = cfg.transport.model_copy(update={"learner": endpoint}).weights_endpoint
+        self.window = window
+        self.stop_event = threading.Event()
+        self.state = LinkState()
+        self._weights: Weights | None = None
+        self._weights_lock = threading.Lock()
+        self._reports: queue.Queue[EvalReport] = queue.Queue()
+        self._wake = threading.Event()
+        self.fingerprint = config_fingerprint(cfg)
+        self.error: BaseException | None = None
+
+    # -- API for the control thread -------------------------------------------------------------------------------
+    def take_weights(self) -> Weights | None:
+        """The newest weights received since the last call, or None."""
+        with self._weights_lock:
+            weights, self._weights = self._weights, None
+        return weights
+
+    def send_report(self, report: EvalReport) -> None:
+        self._reports.put(report)
+        self._wake.set()
+
+    def notify(self) -> None:
+        """A chunk was spilled: send it soon."""
+        self._wake.set()
+
+    def seconds_since_heard(self) -> float:
+        return float("inf") if not self.state.last_heard else time.monotonic() - self.state.last_heard
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+
+    # -- thread -------------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as err:  # surfaced by the service's status line, never silently lost
+            self.error = err
+            log.exception("learner link stopped")
+
+    def _sockets(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+        dealer, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
+        for sock in (dealer, sub):
+            sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.transport.max_message_bytes)
+            sock.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 4)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        keys = self.cfg.transport.keys_dir
+        if keys is not None:
+            from robot_rl.security import secure_client
+
+            secure_client(dealer, keys_dir=Path(keys), actor=self.cfg.actor.actor_id)
+            secure_client(sub, keys_dir=Path(keys), actor=self.cfg.actor.actor_id)
+        dealer.connect(self.endpoint)
+        sub.connect(self.weights_endpoint)
+        return dealer, sub
+
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        dealer, sub = self._sockets(ctx)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        hello = to_wire(
+            Hello(
+                actor_id=self.cfg.actor.actor_id,
+                run_id=self.run_id,
+                config_hash=config_hash(self.fingerprint),
+                config_fingerprint=self.fingerprint,
+            )
+        )
+        max_bytes = self.cfg.transport.max_message_bytes
+        last_hello = last_progress = 0.0
+        cursor = 0  # next sequence to send
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                st = self.state
+                if st.refused is None and not st.welcomed and now - last_hello > 1.0:
+                    dealer.send(hello)
+                    last_hello = now
+                events = dict(poller.poll(self.cfg.transport.poll_ms))
+                if dealer in events:
+                    cursor = self._on_reply(dealer, max_bytes, cursor)
+                    last_progress = time.monotonic()
+                if sub in events:
+                    self._on_broadcast(sub, max_bytes)
+                st = self.state
+                if st.welcomed and st.refused is None:
+                    # No acknowledgement for a while with data in flight: the learner may have restarted; resend.
+                    if cursor > st.acked_seq + 1 and time.monotonic() - last_progress > 5.0:
+                        self._replace(welcomed=False)
+                        cursor = st.acked_seq + 1
+                        last_progress = time.monotonic()
+                        continue
+                    cursor = self._send_chunks(dealer, cursor)
+                    while not self._reports.empty():
+                        dealer.send(to_wire(self._reports.get_nowait()))
+        finally:
+            dealer.close(0)
+            sub.close(0)
+
+    def _replace(self, **changes) -> None:
+        state = LinkState(**{**self.state.__dict__, **changes})
+        self.state = state
+
+    def _on_reply(self, dealer: zmq.Socket, max_bytes: int, cursor: int) -> int:
+        while True:
+            try:
+                data = dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return cursor
+            try:
+                msg = from_wire(data, max_bytes=max_bytes)
+            except WireError as err:
+                log.warning("learner sent an unreadable reply: %s", err)
+                continue
+            now = time.monotonic()
+            if isinstance(msg, Welcome):
+                self.spill.release(msg.acked_seq)
+                self._replace(welcomed=True, acked_seq=msg.acked_seq, last_heard=now)
+                cursor = msg.acked_seq + 1
+            elif isinstance(msg, Ack):
+                acked = max(self.state.acked_seq, msg.acked_seq)
+                self.spill.release(acked)
+                self._replace(acked_seq=acked, last_heard=now)
+            elif isinstance(msg, Refuse):
+                if self.state.welcomed and not msg.fields:
+                    # The learner no longer knows this connection (it restarted): say hello again.
+                    log.warning("learner refused a message (%s); saying hello again", msg.reason)
+                    self._replace(welcomed=False, last_heard=now)
+                    cursor = self.state.acked_seq + 1
+                else:
+                    log.error("learner refused this actor: %s %s", msg.reason, list(msg.fields))
+                    self._replace(refused=msg.reason, refused_fields=tuple(msg.fields), last_heard=now)
+
+    def _on_broadcast(self, sub: zmq.Socket, max_bytes: int) -> None:
+        while True:
+            try:
+                data = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = from_wire(data, max_bytes=max_bytes)
+            except WireError as err:
+                log.warning("learner broadcast unreadable: %s", err)
+                continue
+            if isinstance(msg, Weights):
+                with self._weights_lock:
+                    self._weights = msg
+                self._replace(last_heard=time.monotonic())
+            elif isinstance(msg, Status):
+                self._replace(status=msg, last_heard=time.monotonic())
+
+    def _send_chunks(self, dealer: zmq.Socket, cursor: int) -> int:
+        """Send spilled chunks from `cursor` while fewer than `window` chunks' worth is unacknowledged."""
+        budget = self.window * self.cfg.actor.chunk_steps
+        for chunk, payload in self.spill.chunks_from(cursor):
+            if cursor - (self.state.acked_seq + 1) >= budget:
+                break
+            dealer.send(payload)  # a chunk straddling the cursor is sent whole; the learner trims what it has
+            cursor = chunk.last_seq + 1
+            self._replace(sent_seq=max(self.state.sent_seq, chunk.last_seq))
+        return cursor

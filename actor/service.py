@@ -1,0 +1,467 @@
+"""The actor service (`robot-rl actor`): episodes on the robot (or a twin) at a fixed rate, with Q-gating.
+
+Per step: the newest weights are swapped in at one known point (the top of the step), the BC and RL proposals are
+made and gated, the chosen action goes through the env (scaled, composed and clipped to the safety box last), the
+step is logged to `DIR/episodes/` and, with a learner, queued for the durable spill from which the link thread sends
+it. What it does depends on the learner's phase:
+
+| phase (learner) | the actor |
+|---|---|
+| none (`--learner none`), no weights yet, weights stale | BC policy alone |
+| `qest_rollouts` | BC policy alone; transitions sent |
+| `qest_fit`, `paused` | waits between episodes |
+| `online` | Q-gated; transitions sent, each tagged with its weights version |
+| `eval` | runs `train.eval_episodes` gated episodes (RL mode), reports success; nothing sent |
+| done | stops |
+
+`DIR/stats.json` (atomic, every second): actor_id, run_id, produced (transitions in the durable spill), sent, acked,
+episodes, successes, phase, weights version and age, loop overruns. Restarting with the same DIR continues the run
+and its sequence numbers; on SIGTERM/SIGINT the actor ends the episode, flushes, and waits (bounded) for the acks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robot_rl.actor.link import LearnerLink
+from robot_rl.actor.rate import RateKeeper
+from robot_rl.actor.spill import Spill
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import load_bc
+from robot_rl.config import RunConfig, dump_config
+from robot_rl.envs import SIM_PEG_ENV_ID, make_env
+from robot_rl.episodes import EpisodeWriter
+from robot_rl.rollout import StepChoice, bc_policy_fn, clip_action, flatten_obs, obs_bounds, obs_keys
+from robot_rl.runlog import StatusLine, write_json_atomic
+from robot_rl.wire import EvalReport, Transitions, Weights, to_wire, unpack_tensors
+
+log = logging.getLogger(__name__)
+EVAL_SEED_BASE = 1_000_000
+
+
+@dataclass
+class ActorCounters:
+    produced: int = 0
+    episodes: int = 0
+    successes: int = 0
+    steps: int = 0
+    bc_steps: int = 0
+    eval_runs: int = 0
+    recent: list[tuple[int, int, bool]] = field(default_factory=list)  # (steps, bc_steps, success) per episode
+
+
+class ChunkBuilder:
+    """Collects transitions and turns them into wire chunks at `chunk_steps` and at episode end."""
+
+    def __init__(self, keys: list[str], action_dim: int, actor_id: str, run_id: str) -> None:
+        self.keys, self.action_dim = keys, action_dim
+        self.actor_id, self.run_id = actor_id, run_id
+        self.rows: list[dict[str, np.ndarray]] = []
+
+    def add(self, obs, action, reward, next_obs, terminated, truncated, bc_action, weights_version) -> None:
+        self.rows.append(
+            {
+                **{f"obs/{k}": np.asarray(obs[k], np.float32) for k in self.keys},
+                **{f"next_obs/{k}": np.asarray(next_obs[k], np.float32) for k in self.keys},
+                "actions": np.asarray(action, np.float32),
+                "bc_actions": np.asarray(bc_action, np.float32),
+                "rewards": np.float32(reward),
+                "terminated": np.bool_(terminated),
+                "truncated": np.bool_(truncated),
+                "weights_version": np.int64(weights_version),
+            }
+        )
+
+    def take(self, first_seq: int) -> tuple[bytes, int] | None:
+        """The wire bytes of the pending rows as one chunk starting at first_seq (None if empty)."""
+        if not self.rows:
+            return None
+        arrays = {name: np.stack([r[name] for r in self.rows]) for name in self.rows[0]}
+        count = len(self.rows)
+        self.rows = []
+        msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first_seq, count=count, arrays=arrays)
+        return to_wire(msg), count
+
+
+class ActorService:
+    """One actor: owns the env, the policies, the episode logs, the spill and the learner link."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        *,
+        bc_dir: Path,
+        learner: str | None,
+        episodes: int | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.cfg, self.out, self.learner_endpoint = cfg, out, learner
+        self.max_episodes = episodes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        self.run_id = self._run_id()
+        self.env = make_env(cfg.env)
+        self.keys = obs_keys(self.env.observation_space)
+        low, high = obs_bounds(self.env.observation_space)
+        self.action_dim = int(self.env.action_space.shape[0])
+        self.bc = load_bc(bc_dir)
+        self.agent = Q2RLAgent(
+            cfg.agent,
+            obs_low=low,
+            obs_high=high,
+            action_dim=self.action_dim,
+            bc_policy=self.bc,
+            qest_alpha=cfg.qest.alpha,
+            seed=cfg.seed,
+        )
+        self.bc_generator = torch.Generator().manual_seed(cfg.seed + 101)
+        self.weights_version = -1
+        self.weights_time = 0.0
+        self.counters = ActorCounters()
+        self.rate = RateKeeper(cfg.actor.period_s)
+        self.status_line = StatusLine(enabled=not quiet)
+        self.stop_event = threading.Event()
+        self.spill: Spill | None = None
+        self.link: LearnerLink | None = None
+        self.chunks = ChunkBuilder(self.keys, self.action_dim, cfg.actor.actor_id, self.run_id)
+        if learner is not None:
+            self.spill = Spill(out / "spill")
+            self.counters.produced = self.spill.next_seq
+            self.link = LearnerLink(cfg, self.spill, run_id=self.run_id, endpoint=learner)
+        self.episode_dir = out / "episodes"
+        self.episode_dir.mkdir(exist_ok=True)
+        self._episode_index = len(list(self.episode_dir.glob("episode_*.hdf5")))
+        self._done_eval_ids: set[int] = set()
+        self._last_stats = 0.0
+        self.start_time = time.monotonic()
+        self.message = ""
+
+    def _run_id(self) -> str:
+        state_path = self.out / "actor_state.json"
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if state.get("actor_id") != self.cfg.actor.actor_id:
+                raise ValueError(
+                    f"{self.out} belongs to actor {state.get('actor_id')!r}, not {self.cfg.actor.actor_id!r}; "
+                    "use another --out or the same actor.actor_id"
+                )
+            return str(state["run_id"])
+        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        write_json_atomic(state_path, {"actor_id": self.cfg.actor.actor_id, "run_id": run_id})
+        return run_id
+
+    # -- weights and phase ---------------------------------------------------------------------------------------------
+    def _swap_weights(self) -> None:
+        if self.link is None:
+            return
+        weights: Weights | None = self.link.take_weights()
+        if weights is None or weights.version == self.weights_version:
+            return
+        self.agent.load_acting_state(unpack_tensors(weights.tensors))
+        self.weights_version = weights.version
+        self.weights_time = time.monotonic()
+
+    def _phase(self) -> tuple[str, int]:
+        """(phase, eval_id) the actor should act in now."""
+        if self.link is None:
+            return "bc_only", -1
+        st = self.link.state
+        if st.refused is not None:
+            return "refused", -1
+        if st.status is None:
+            return "waiting", -1
+        if st.status.done:
+            return "done", -1
+        if self.link.seconds_since_heard() > self.cfg.actor.weights_staleness_s:
+            return "stale", -1
+        return st.status.phase, st.status.eval_id
+
+    def _gated(self) -> bool:
+        return self.weights_version >= 0
+
+    # -- one step ------------------------------------------------------------------------------------------------------
+    def _choose(self, obs: np.ndarray, *, gated: bool, rl_action: str | None) -> StepChoice:
+        if not gated:
+            return bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, generator=self.bc_generator)(obs)
+        d = self.agent.act(obs[None], rl_action=rl_action)
+        extras = {
+            "bc_action": d.bc_action[0],
+            "rl_action": d.rl_action[0],
+            "q_bc": np.float32(d.q_bc[0]),
+            "q_rl": np.float32(d.q_rl[0]),
+            "use_bc": np.bool_(d.use_bc[0]),
+        }
+        return StepChoice(action=clip_action(d.action[0]), extras=extras)
+
+    def run_episode(self, *, kind: str, gated: bool, send: bool, seed: int | None) -> tuple[bool, int, int]:
+        """One episode; returns (success, steps, BC steps). `kind` is recorded: bc_only, qest_rollouts, online, eval."""
+        nan_action = np.full(self.action_dim, np.nan, np.float32)
+        rl_action = "mode" if kind == "eval" else None
+        obs_dict, _ = self.env.reset(seed=seed)
+        path = self.episode_dir / f"episode_{self._episode_index:06d}.hdf5"
+        self._episode_index += 1
+        env_args = {
+            "env_name": SIM_PEG_ENV_ID,
+            "type": 4,
+            "env_kwargs": {},
+            "config": self.cfg.env.model_dump(mode="json"),
+        }
+        flush_every = 1 if self.cfg.actor.period_s > 0 else 25
+        success, steps, bc_steps, done = False, 0, 0, False
+        with (
+            EpisodeWriter(path, env_args, flush_every=flush_every) as writer,
+            writer.begin_episode(
+                {
+                    "kind": kind,
+                    "run_id": self.run_id,
+                    "actor_id": self.cfg.actor.actor_id,
+                    "seed": -1 if seed is None else seed,
+                }
+            ) as stream,
+        ):
+            self.rate.start()
+            while not done and not self.stop_event.is_set():
+                self._swap_weights()  # the one point of the loop where weights change
+                version = self.weights_version if gated else -1
+                t0 = time.monotonic()
+                obs = flatten_obs(obs_dict, self.keys)
+                choice = self._choose(obs, gated=gated, rl_action=rl_action)
+                next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
+                done = bool(terminated or truncated)
+                e = choice.extras
+                use_bc = bool(e.get("use_bc", False))
+                bc_action = np.asarray(e.get("bc_action", nan_action), np.float32)
+                if send:
+                    self.chunks.add(obs_dict, choice.action, reward, next_dict, terminated, truncated,
+                                    bc_action, version)  # fmt: skip
+                    if len(self.chunks.rows) >= self.cfg.actor.chunk_steps or done:
+                        self._spill_chunk()
+                compute, overran = self.rate.tick()
+                stream.append(
+                    obs=obs_dict,
+                    action=choice.action,
+                    reward=float(reward),
+                    terminated=bool(terminated),
+                    truncated=bool(truncated),
+                    next_obs=next_dict,
+                    extras={
+                        "bc_action": bc_action,
+                        "rl_action": np.asarray(e.get("rl_action", nan_action), np.float32),
+                        "q_bc": np.float32(e.get("q_bc", np.nan)),
+                        "q_rl": np.float32(e.get("q_rl", np.nan)),
+                        "use_bc": np.bool_(use_bc),
+                        "weights_version": np.int64(version),
+                        "command": np.asarray(info.get("command", np.full(7, np.nan)), np.float64),
+                        "target": np.asarray(info.get("target", np.full(6, np.nan)), np.float64),
+                        "time": np.float64(t0 - self.start_time),
+                        "compute_s": np.float64(compute),
+                        "overrun": np.bool_(overran),
+                    },
+                )
+                obs_dict = next_dict
+                steps += 1
+                bc_steps += int(use_bc)
+                success = success or bool(info.get("is_success", False))
+                self._write_stats()
+            if not done and send:
+                self._spill_chunk()  # an interrupted episode's steps are still sent (it ends truncated nowhere)
+            stream.end(interrupted=not done)
+        return success, steps, bc_steps
+
+    def _spill_chunk(self) -> None:
+        assert self.spill is not None
+        chunk = self.chunks.take(self.spill.next_seq)
+        if chunk is None:
+            return
+        payload, count = chunk
+        # Pause (bounded outbox) rather than drop: the learner has not acknowledged enough.
+        while self.link is not None and self.spill.unacked(self.link.state.acked_seq) > self.cfg.actor.max_unacked:
+            self.message = "outbox full: waiting for the learner"
+            self._write_stats()
+            if self.stop_event.wait(0.2):
+                break
+        self.spill.append(payload, first_seq=self.spill.next_seq, count=count)
+        self.counters.produced = self.spill.next_seq
+        if self.link is not None:
+            self.link.notify()
+
+    # -- throttle ------------------------------------------------------------------------------------------------------
+    def _too_far_ahead(self) -> bool:
+        ahead = self.cfg.actor.max_env_steps_ahead
+        if ahead is None or self.link is None or self.link.state.status is None:
+            return False
+        st = self.link.state.status
+        unacked = self.spill.unacked(self.link.state.acked_seq) if self.spill else 0
+        return st.online_env_steps + unacked - st.learner_steps / self.cfg.train.learner_steps_per_env_step > ahead
+
+    # -- evaluation ----------------------------------------------------------------------------------------------------
+    def _evaluate(self, eval_id: int) -> None:
+        n = self.cfg.train.eval_episodes
+        gated = self._gated()
+        wins = steps = bc = 0
+        for i in range(n):
+            if self.stop_event.is_set():
+                return
+            s, k, b = self.run_episode(kind="eval", gated=gated, send=False, seed=EVAL_SEED_BASE + i)
+            wins, steps, bc = wins + int(s), steps + k, bc + b
+            self._write_stats(force=True)
+        self._done_eval_ids.add(eval_id)
+        self.counters.eval_runs += 1
+        report = EvalReport(
+            actor_id=self.cfg.actor.actor_id,
+            run_id=self.run_id,
+            eval_id=eval_id,
+            episodes=n,
+            success_rate=wins / n,
+            bc_action_fraction=bc / max(steps, 1),
+            weights_version=self.weights_version if gated else -1,
+        )
+        self.last_eval = report
+        if self.link is not None:
+            self.link.send_report(report)
+
+    # -- main loop -----------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.link is not None:
+            self.link.start()
+        seed_base = self.cfg.seed * 7919 + 31 * self._episode_index
+        try:
+            while not self.stop_event.is_set():
+                if self.max_episodes is not None and self.counters.episodes >= self.max_episodes:
+                    break
+                if self.link is not None and self.link.error is not None:
+                    raise RuntimeError(f"learner link failed: {self.link.error}")
+                self._swap_weights()
+                phase, eval_id = self._phase()
+                self.message = phase
+                if phase == "done":
+                    break
+                if phase == "refused":
+                    st = self.link.state if self.link else None
+                    raise RuntimeError(f"the learner refused this actor: {st.refused if st else ''} "
+                                       f"{list(st.refused_fields) if st else ''}")  # fmt: skip
+                if phase == "eval" and eval_id >= 0:
+                    if eval_id not in self._done_eval_ids:
+                        self._evaluate(eval_id)
+                    else:
+                        self._idle()
+                    continue
+                if phase in ("waiting", "qest_fit", "paused") or (phase == "online" and self._too_far_ahead()):
+                    self._idle()
+                    continue
+                gated = phase == "online" and self._gated()
+                send = self.link is not None and phase in ("qest_rollouts", "online", "stale")
+                kind = phase if phase in ("qest_rollouts", "online") else "bc_only"
+                success, steps, bc_steps = self.run_episode(
+                    kind=kind, gated=gated, send=send, seed=seed_base + self.counters.episodes
+                )
+                c = self.counters
+                c.episodes += 1
+                c.successes += int(success)
+                c.steps += steps
+                c.bc_steps += bc_steps
+                c.recent = [*c.recent[-19:], (steps, bc_steps, success)]
+                self._write_stats(force=True)
+        finally:
+            self._shutdown()
+        return self.stats()
+
+    def _idle(self) -> None:
+        self._write_stats()
+        self.stop_event.wait(0.05)
+
+    def _shutdown(self) -> None:
+        if self.link is not None and self.spill is not None:
+            deadline = time.monotonic() + self.cfg.actor.stop_wait_s
+            while self.spill.unacked(self.link.state.acked_seq) > 0 and time.monotonic() < deadline:
+                if self.link.state.refused is not None or not self.link.is_alive():
+                    break
+                time.sleep(0.05)
+                self._write_stats()
+            self.link.stop()
+            self.link.join(timeout=2.0)
+        self._write_stats(force=True)
+        self.status_line.close()
+        self.env.close()
+
+    # -- stats ---------------------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self.counters
+        link = self.link.state if self.link else None
+        recent = c.recent
+        return {
+            "actor_id": self.cfg.actor.actor_id,
+            "run_id": self.run_id,
+            "learner": self.learner_endpoint or "none",
+            "produced": c.produced,
+            "sent": (link.sent_seq + 1) if link else 0,
+            "acked": (link.acked_seq + 1) if link else 0,
+            "episodes": c.episodes,
+            "successes": c.successes,
+            "success_rate_recent": (sum(s for _, _, s in recent) / len(recent)) if recent else None,
+            "bc_fraction_recent": (sum(b for _, b, _ in recent) / max(sum(k for k, _, _ in recent), 1))
+            if recent
+            else None,
+            "phase": self.message,
+            "weights_version": self.weights_version,
+            "weights_age_s": round(time.monotonic() - self.weights_time, 1) if self.weights_version >= 0 else None,
+            "refused": link.refused if link else None,
+            "loop": self.rate.stats.summary(),
+            "wall_s": round(time.monotonic() - self.start_time, 1),
+        }
+
+    def _write_stats(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < 1.0:
+            return
+        self._last_stats = now
+        s = self.stats()
+        write_json_atomic(self.out / "stats.json", s)
+        self.status_line.update(
+            {
+                "phase": s["phase"],
+                "episodes": s["episodes"],
+                "success(recent)": "-" if s["success_rate_recent"] is None else f"{s['success_rate_recent']:.2f}",
+                "bc-frac": "-" if s["bc_fraction_recent"] is None else f"{s['bc_fraction_recent']:.2f}",
+                "weights": f"v{s['weights_version']}" + (f" ({s['weights_age_s']}s)" if s["weights_age_s"] else ""),
+                "sent/acked": f"{s['sent']}/{s['acked']} of {s['produced']}",
+                "overruns": s["loop"].get("overruns", 0),
+            }
+        )
+
+
+def run_actor(
+    cfg: RunConfig, out: Path, *, bc_dir: Path, learner: str | None, episodes: int | None, quiet: bool = False
+) -> int:
+    """`robot-rl actor`: run until done, N episodes, or SIGINT/SIGTERM (then flush and wait for the last acks)."""
+    service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
+
+    def on_signal(signum, frame) -> None:
+        service.stop_event.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = service.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    rate = stats["successes"] / max(stats["episodes"], 1)
+    print(
+        f"actor {stats['actor_id']}: {stats['episodes']} episodes, success {rate:.2f}, produced {stats['produced']}, "
+        f"acked {stats['acked']}; run directory {out}",
+        flush=True,
+    )
+    return 0

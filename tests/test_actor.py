@@ -1,0 +1,144 @@
+"""The actor's parts without a learner: deadline pacing, the durable outbox, and `robot-rl actor --learner none`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robot_rl.actor.rate import RateKeeper
+from robot_rl.actor.spill import Spill
+from robot_rl.bc import make_bc_policy, save_bc
+from robot_rl.cli import main
+from robot_rl.config import load_config
+from robot_rl.episodes import read_episodes
+
+TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_rate_keeper_keeps_deadlines_not_sleep_after_work():
+    clock = FakeClock()
+    rate = RateKeeper(0.1, clock=clock, sleep=clock.sleep)
+    rate.start()
+    for work in (0.03, 0.07, 0.01):
+        clock.now += work
+        compute, overran = rate.tick()
+        assert compute == pytest.approx(work)
+        assert not overran
+    # Each tick ends on the 10 Hz grid: sleeping fills the rest of the period, whatever the work took.
+    assert clock.now == pytest.approx(100.3)
+    assert clock.sleeps == pytest.approx([0.07, 0.03, 0.09])
+    assert rate.stats.overruns == 0
+
+
+def test_rate_keeper_counts_an_overrun_and_restarts_the_schedule():
+    clock = FakeClock()
+    rate = RateKeeper(0.1, clock=clock, sleep=clock.sleep)
+    rate.start()
+    clock.now += 0.25  # a step that took 2.5 periods
+    _, overran = rate.tick()
+    assert overran and rate.stats.overruns == 1
+    clock.now += 0.02
+    _, overran = rate.tick()
+    assert not overran
+    assert clock.now == pytest.approx(100.35)  # next deadline is one period after the late tick, no burst of ticks
+
+
+def test_rate_keeper_unpaced_never_sleeps():
+    clock = FakeClock()
+    rate = RateKeeper(0.0, clock=clock, sleep=clock.sleep)
+    rate.start()
+    for _ in range(5):
+        clock.now += 0.5
+        assert rate.tick()[1] is False
+    assert clock.sleeps == [] and rate.stats.ticks == 5
+
+
+def test_spill_recovers_chunks_cuts_a_torn_tail_and_continues_the_sequence(tmp_path: Path):
+    spill = Spill(tmp_path, segment_chunks=2)
+    payloads = [bytes([i]) * (10 + i) for i in range(5)]
+    seq = 0
+    for p in payloads:
+        spill.append(p, first_seq=seq, count=3)
+        seq += 3
+    assert spill.next_seq == 15
+    with pytest.raises(ValueError, match="does not continue"):
+        spill.append(b"x", first_seq=3, count=1)
+    # A crash in the middle of a write leaves half a record at the end of the newest segment.
+    newest = sorted(tmp_path.glob("seg_*.log"))[-1]
+    with newest.open("ab") as f:
+        f.write(b"\x40\x00\x00\x00garbage")
+    again = Spill(tmp_path, segment_chunks=2)
+    assert again.next_seq == 15
+    got = [(c.first_seq, c.count, data) for c, data in again.chunks_from(4)]
+    assert got == [(3, 3, payloads[1]), (6, 3, payloads[2]), (9, 3, payloads[3]), (12, 3, payloads[4])]
+    assert again.unacked(acked_seq=8) == 6
+    again.append(b"next", first_seq=15, count=1)
+    assert [c.first_seq for c, _ in again.chunks_from(15)] == [15]
+
+
+def test_spill_release_deletes_acknowledged_segments_but_keeps_the_sequence(tmp_path: Path):
+    spill = Spill(tmp_path, segment_chunks=1)
+    for i in range(4):
+        spill.append(b"p%d" % i, first_seq=i * 2, count=2)
+    assert len(list(tmp_path.glob("seg_*.log"))) == 4
+    spill.release(acked_seq=7)  # everything acknowledged
+    assert len(list(tmp_path.glob("seg_*.log"))) == 1  # the newest stays: it carries the sequence
+    assert list(spill.chunks_from(0)) == []
+    assert Spill(tmp_path).next_seq == 8
+
+
+@pytest.fixture(scope="module")
+def bc_dir(tmp_path_factory) -> Path:
+    cfg = load_config(TINY)
+    policy = make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32))
+    out = tmp_path_factory.mktemp("bc")
+    save_bc(policy, out)
+    return out
+
+
+def test_actor_without_learner_runs_bc_and_logs_every_episode(tmp_path: Path, bc_dir: Path, capsys):
+    out = tmp_path / "actor"
+    args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--bc", str(bc_dir)]
+    assert main([*args, "--episodes", "2", "--quiet", "--set", "actor.period_s=0"]) == 0
+    assert "2 episodes" in capsys.readouterr().out
+    files = sorted((out / "episodes").glob("episode_*.hdf5"))
+    assert len(files) == 2
+    ep = read_episodes(files[0])[0]
+    assert len(ep) == 60 or bool(ep.terminated[-1])  # ran to the step limit or succeeded
+    assert ep.attrs["kind"] == "bc_only"
+    assert np.all(ep.extras["use_bc"]) and np.all(ep.extras["weights_version"] == -1)
+    np.testing.assert_allclose(ep.extras["bc_action"], ep.actions)  # BC alone: the executed action is its proposal
+    assert ep.extras["command"].shape == (len(ep), 7) and np.all(np.isfinite(ep.extras["command"]))
+    assert np.all(np.diff(ep.extras["time"]) > 0)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["episodes"] == 2 and stats["produced"] == 0 and stats["learner"] == "none"
+    assert not (out / "spill").exists()
+    # The same directory continues the run (same run id) and numbers new episode files after the old ones.
+    run_id = stats["run_id"]
+    assert main([*args, "--episodes", "1", "--quiet", "--set", "actor.period_s=0"]) == 0
+    assert json.loads((out / "stats.json").read_text())["run_id"] == run_id
+    assert len(list((out / "episodes").glob("episode_*.hdf5"))) == 3
+
+
+def test_actor_refuses_a_missing_bc_policy_and_a_bad_endpoint(tmp_path: Path, bc_dir: Path, capsys):
+    base = ["actor", "--config", str(TINY), "--out", str(tmp_path / "a")]
+    assert main([*base, "--learner", "none", "--bc", str(tmp_path / "nope")]) == 2
+    assert "bc.json missing" in capsys.readouterr().err
+    assert main([*base, "--learner", "http://x", "--bc", str(bc_dir)]) == 2
+    assert "transport.learner" in capsys.readouterr().err
