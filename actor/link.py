@@ -137,7 +137,7 @@ class LearnerLink(threading.Thread):
                 now = time.monotonic()
                 st = self.state
                 if st.refused is None and not st.welcomed and now - last_hello > 1.0:
-                    dealer.send(hello)
+                    _send(dealer, hello)
                     last_hello = now
                 events = dict(poller.poll(self.cfg.transport.poll_ms))
                 if dealer in events:
@@ -155,7 +155,9 @@ class LearnerLink(threading.Thread):
                         continue
                     cursor = self._send_chunks(dealer, cursor)
                     while not self._reports.empty():
-                        dealer.send(to_wire(self._reports.get_nowait()))
+                        if not _send(dealer, to_wire(self._reports.queue[0])):
+                            break
+                        self._reports.get_nowait()
         finally:
             dealer.close(0)
             sub.close(0)
@@ -218,7 +220,17 @@ class LearnerLink(threading.Thread):
         for chunk, payload in self.spill.chunks_from(cursor):
             if cursor - (self.state.acked_seq + 1) >= budget:
                 break
-            dealer.send(payload)  # a chunk straddling the cursor is sent whole; the learner trims what it has
+            if not _send(dealer, payload):  # a chunk straddling the cursor is sent whole; the learner trims it
+                break
             cursor = chunk.last_seq + 1
             self._replace(sent_seq=max(self.state.sent_seq, chunk.last_seq))
         return cursor
+
+
+def _send(sock: zmq.Socket, data: bytes) -> bool:
+    """Send without blocking: with no learner connected (or a refused handshake) the message waits for the next try."""
+    try:
+        sock.send(data, zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from robot_rl.config import ConfigError, load_config
@@ -60,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("cameras"), help="directory for <camera>.png previews")
     p.add_argument("--frames", type=int, default=30, help="frames to read from each camera")
 
+    p = sub.add_parser("demo", help="learner + actor as two processes on loopback, sim twin; ends with a report")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo-<time>)")
+    p.add_argument("--minutes", type=float, default=15.0, help="stop after this many minutes at the latest")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+
+    p = sub.add_parser("learner", help="the learner service: buffer, Q-Estimation, SAC/REDQ updates, weights out")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="learner run directory")
+    p.add_argument("--bind", default=None, help="request endpoint to bind (transport.learner), e.g. tcp://0.0.0.0:5555")
+    p.add_argument("--bc", type=Path, required=True, help="BC policy directory (the same the actors use)")
+    p.add_argument("--demos", type=Path, default=None, help="demonstrations HDF5 (RLPD's offline half)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out: networks, counters, buffer")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+
     p = sub.add_parser("actor", help="the actor service: episodes with Q-gating, logs, transitions to a learner")
     _add_config_args(p)
     p.add_argument("--out", type=Path, required=True, help="actor directory (reused: the run continues)")
@@ -69,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=None, help="stop after this many episodes")
     p.add_argument("--actor-id", default=None, help="override actor.actor_id")
     p.add_argument("--quiet", action="store_true", help="no live status line")
+
+    from robot_rl.security import register_keys_command
+
+    register_keys_command(sub)
 
     p = sub.add_parser("report", help="plot learning curves of one or more run directories")
     p.add_argument("runs", type=Path, nargs="+")
@@ -104,6 +124,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{summary['wall_s']:.0f} s; run directory {args.out}"
     )
     return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from robot_rl.security import cmd_keys as run_keys
+
+    return run_keys(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from robot_rl.demo import run_demo
+
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run directory {out} exists and is not empty; choose a new --out")
+    return run_demo(out=out, minutes=args.minutes, config=args.config, overrides=args.overrides, quiet=args.quiet)
+
+
+def cmd_learner(args: argparse.Namespace) -> int:
+    from robot_rl.learner.service import run_learner
+
+    overrides = list(args.overrides)
+    if args.bind is not None:
+        overrides.append(f"transport.learner={args.bind}")
+    cfg = load_config(args.config, overrides)
+    if not (args.bc / "bc.json").is_file():
+        raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
+    if args.demos is not None and not args.demos.is_file():
+        raise ConfigError(f"--demos file {args.demos} does not exist")
+    return run_learner(cfg, args.out, bc_dir=args.bc, demos=args.demos, resume=args.resume, quiet=args.quiet)
 
 
 def cmd_actor(args: argparse.Namespace) -> int:
@@ -217,6 +268,9 @@ def cmd_cameras(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "keys": cmd_keys,
+    "demo": cmd_demo,
+    "learner": cmd_learner,
     "actor": cmd_actor,
     "train": cmd_train,
     "collect": cmd_collect,
@@ -232,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     from robot_rl.bc import BCCheckpointError
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError
+    from robot_rl.security import SecurityError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError) as exc:
+    except (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError) as exc:
         print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
