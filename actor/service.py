@@ -41,12 +41,16 @@ from robot_rl.bc import load_bc
 from robot_rl.config import RunConfig, dump_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter
+from robot_rl.hardware.operator import OperatorEvent, make_operator
 from robot_rl.rollout import StepChoice, bc_policy_fn, clip_action, flatten_obs, obs_bounds, obs_keys
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.wire import EvalReport, Transitions, Weights, to_wire, unpack_tensors
 
 log = logging.getLogger(__name__)
 EVAL_SEED_BASE = 1_000_000
+# Operator events as stored per step in the episode logs (extras/operator_event).
+EVENT_CODES = {None: 0, OperatorEvent.SUCCESS: 1, OperatorEvent.FAILURE: 2, OperatorEvent.PAUSE: 3,
+               OperatorEvent.RESUME: 4, OperatorEvent.QUIT: 5}  # fmt: skip
 
 
 @dataclass
@@ -132,6 +136,7 @@ class ActorService:
         self.weights_time = 0.0
         self.counters = ActorCounters()
         self.rate = RateKeeper(cfg.actor.period_s)
+        self.operator = make_operator(cfg.env.operator)
         self.status_line = StatusLine(enabled=not quiet)
         self.stop_event = threading.Event()
         self.spill: Spill | None = None
@@ -240,6 +245,7 @@ class ActorService:
                 obs = flatten_obs(obs_dict, self.keys)
                 choice = self._choose(obs, gated=gated, rl_action=rl_action)
                 next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
+                reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
                 done = bool(terminated or truncated)
                 e = choice.extras
                 use_bc = bool(e.get("use_bc", False))
@@ -269,17 +275,45 @@ class ActorService:
                         "time": np.float64(t0 - self.start_time),
                         "compute_s": np.float64(compute),
                         "overrun": np.bool_(overran),
+                        "operator_event": np.int8(EVENT_CODES[event]),
                     },
                 )
                 obs_dict = next_dict
                 steps += 1
                 bc_steps += int(use_bc)
-                success = success or bool(info.get("is_success", False))
+                success = success or bool(terminated)
                 self._write_stats()
             if not done and send:
                 self._spill_chunk()  # an interrupted episode's steps are still sent (it ends truncated nowhere)
             stream.end(interrupted=not done)
         return success, steps, bc_steps
+
+    def _operator_step(self, info, reward, terminated, truncated):
+        """Apply the operator's events of this step: success ends the episode terminated with reward 1 (the
+        operator judges success on the robot), failure or quit end it truncated, pause holds the loop here (no new
+        command is sent, the arm holds its target) until resume. Returns (reward, terminated, truncated, event)."""
+        observe = getattr(self.operator, "observe", None)
+        if observe is not None:
+            observe(info)
+        event = None
+        for item in self.operator.poll():
+            event = item.event
+            if event is OperatorEvent.SUCCESS and not terminated:
+                reward, terminated, truncated = 1.0, True, False
+            elif event is OperatorEvent.FAILURE and not terminated:
+                truncated = True
+            elif event is OperatorEvent.QUIT:
+                self.stop_event.set()
+                truncated = truncated or not terminated
+        while self.operator.paused and not self.stop_event.is_set():
+            self.message = "paused by the operator"
+            self._write_stats()
+            self.stop_event.wait(0.05)
+            for item in self.operator.poll():
+                if item.event is OperatorEvent.QUIT:
+                    self.stop_event.set()
+            self.rate.start()  # the pause is not an overrun
+        return reward, terminated, truncated, event
 
     def _spill_chunk(self) -> None:
         assert self.spill is not None
@@ -337,6 +371,7 @@ class ActorService:
     def run(self) -> dict:
         if self.link is not None:
             self.link.start()
+        self.operator.__enter__()
         seed_base = self.cfg.seed * 7919 + 31 * self._episode_index
         try:
             while not self.stop_event.is_set():
@@ -394,6 +429,7 @@ class ActorService:
             self.link.stop()
             self.link.join(timeout=2.0)
         self._write_stats(force=True)
+        self.operator.__exit__(None, None, None)
         self.status_line.close()
         self.env.close()
 

@@ -142,3 +142,22 @@ def test_actor_refuses_a_missing_bc_policy_and_a_bad_endpoint(tmp_path: Path, bc
     assert "bc.json missing" in capsys.readouterr().err
     assert main([*base, "--learner", "http://x", "--bc", str(bc_dir)]) == 2
     assert "transport.learner" in capsys.readouterr().err
+
+
+def test_operator_failure_ends_the_episode_and_quit_stops_the_actor(tmp_path: Path, bc_dir: Path):
+    from robot_rl.actor.service import EVENT_CODES, ActorService
+    from robot_rl.hardware.operator import OperatorEvent, ScriptedOperator
+
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    service = ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, episodes=5, quiet=True)
+    # Events at observe-count steps: a failure 7 steps into the first episode, quit 4 steps into the second.
+    service.operator = ScriptedOperator(events=[(7, OperatorEvent.FAILURE), (11, OperatorEvent.QUIT)])
+    stats = service.run()
+    files = sorted((tmp_path / "a" / "episodes").glob("episode_*.hdf5"))
+    first = read_episodes(files[0])[0]
+    assert len(first) == 7 and bool(first.truncated[-1]) and not bool(first.terminated[-1])
+    assert first.extras["operator_event"][-1] == EVENT_CODES[OperatorEvent.FAILURE]
+    assert np.all(first.extras["operator_event"][:-1] == 0)
+    second = read_episodes(files[1])[0]
+    assert len(second) == 4 and second.extras["operator_event"][-1] == EVENT_CODES[OperatorEvent.QUIT]
+    assert stats["episodes"] <= 2 and len(files) == 2  # quit: no further episode started
