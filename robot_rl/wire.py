@@ -100,6 +100,18 @@ def _pack_default(obj: Any) -> Any:
     raise WireError(f"cannot encode a {type(obj).__name__} (send numpy arrays, not tensors or objects)")
 
 
+def _refuse_reserved_keys(node: Any, path: str) -> None:
+    """`__nd__` marks an array map on the wire; a map of the sender's own using it would decode as a broken array."""
+    if isinstance(node, Mapping):
+        if "__nd__" in node:
+            raise WireError(f"{path or '<message>'}: the key '__nd__' is reserved for arrays")
+        for key, value in node.items():
+            _refuse_reserved_keys(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _refuse_reserved_keys(value, f"{path}[{i}]")
+
+
 def encode(message: Mapping[str, Any]) -> bytes:
     """The msgpack bytes of a message map; `kind` must be a known kind and `v` is set to PROTOCOL_VERSION."""
     kind = message.get("kind")
@@ -109,6 +121,7 @@ def encode(message: Mapping[str, Any]) -> bytes:
         raise WireError(f"v: {_short(message.get('v'))} differs from this side's protocol {PROTOCOL_VERSION}")
     body = dict(message)
     body["v"] = PROTOCOL_VERSION
+    _refuse_reserved_keys(body, "")
     try:
         return msgpack.packb(body, default=_pack_default, use_bin_type=True, strict_types=False)
     except WireError:

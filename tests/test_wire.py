@@ -159,7 +159,10 @@ array_strategy = st.sampled_from(sorted(DTYPES)).flatmap(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(arrays=st.dictionaries(st.text(min_size=1, max_size=8), array_strategy, max_size=4), big_endian=st.booleans())
+@given(
+    arrays=st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k != "__nd__"), array_strategy, max_size=4),
+    big_endian=st.booleans(),
+)
 def test_arrays_of_every_wire_dtype_and_shape_round_trip(arrays, big_endian):
     sent = {k: a.astype(a.dtype.newbyteorder(">")) if big_endian else a for k, a in arrays.items()}
     back = from_wire(to_wire(Weights(version=0, phase="online", tensors=sent)), max_bytes=LIMIT)
@@ -530,3 +533,8 @@ def test_weights_payload_size_is_raw_bytes():
     tensors = {"w": np.zeros((256, 256), np.float32)}
     data = to_wire(Weights(version=0, phase="online", tensors=tensors))
     assert math.isclose(len(data), 256 * 256 * 4, rel_tol=0.001)
+
+
+def test_the_array_marker_key_is_reserved_on_encode():
+    with pytest.raises(WireError, match="reserved for arrays"):
+        encode({"kind": "weights", "version": 1, "phase": "online", "tensors": {"__nd__": np.zeros(2, np.float32)}})
