@@ -1,0 +1,1022 @@
+"""`robot-rl learner`: the learner service (DESIGN §4-§6). It owns the phase, the replay buffer and the networks.
+
+The composition root of the learner: it builds the agent, the replay buffer, the durable transition store and the
+sockets, and drives the phases
+
+    eval (eval_id 0: the BC policy alone)  ->  qest_rollouts  ->  qest_fit  ->  online  <->  eval  ->  done
+
+(methods without Q-Estimation go from the first evaluation straight to online; without a BC policy there is no first
+evaluation). One thread does everything: between learner steps it serves the sockets without waiting, otherwise it
+waits at most `transport.poll_ms` for a request, and it checks the stop event every time round.
+
+Sockets: a ROUTER at `transport.learner` answers the actors' DEALERs (hello -> welcome or refuse, transitions -> ack
+or refuse, eval_report -> nothing or refuse); a PUB at `transport.weights_endpoint` broadcasts `Status` every
+`transport.status_every_s` and `Weights` every WEIGHTS_EVERY learner steps and at every phase change once weights
+exist. Transitions are stored exactly once per (actor_id, run_id) and sequence number: a chunk is appended to the
+durable log (learner/store.py) and fsync'd before it is acknowledged, duplicates are dropped and counted, and a chunk
+past a gap is not stored (the ack tells the actor where to resume).
+
+The run directory holds config.yaml, eval.csv, stats.json (rewritten at least once a second), tb/, buffer/ (the
+transition logs), checkpoints/ (latest, periodic step_*, final), summary.json and curves.png. `resume=True` rebuilds
+the buffer and sequence counters from buffer/ and the networks, optimisers, temperature, counters, weights version
+and phase from checkpoints/latest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+from gymnasium import spaces
+
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import load_bc, save_bc
+from robot_rl.buffer import ReplayBuffer, TransitionBatch, concat_batches
+from robot_rl.checkpoint import load_checkpoint, save_checkpoint
+from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
+from robot_rl.episodes import episodes_to_transitions, read_episodes
+from robot_rl.qestimation import Rollout, run_q_estimation
+from robot_rl.rollout import obs_bounds, obs_keys
+from robot_rl.runlog import EVAL_COLUMNS, EvalRow, StatusLine, plot_curves, read_eval_csv, write_json_atomic
+from robot_rl.train import resolve_device
+from robot_rl.wire import (
+    ID_PATTERN,
+    STATE_OBS_KEY,
+    Ack,
+    EvalReport,
+    Hello,
+    Message,
+    Refuse,
+    Status,
+    Transitions,
+    Weights,
+    Welcome,
+    WireError,
+    check_hello,
+    config_fingerprint,
+    diff_fingerprints,
+    from_wire,
+    pack_tensors,
+    to_wire,
+    transition_spec,
+    validate_transitions,
+)
+
+from .store import StoredChunk, TransitionStore
+
+log = logging.getLogger("robot_rl.learner")
+
+WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (DESIGN §6)
+STATS_EVERY_S = 0.5  # stats.json is rewritten at least this often
+DONE_STATUS_S = 1.0  # Status(done=True) is broadcast this long before the learner exits
+BATCH_MESSAGES = 64  # requests handled per poll before their chunks are fsync'd together and answered
+DEFAULT_EVAL_TIMEOUT_S = 600.0
+TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+class LearnerError(ConfigError):
+    """The learner cannot start or resume as asked; the message says why and what to do."""
+
+
+class _Stopped(Exception):
+    """The stop event was set while a long computation (Q-Estimation) was running."""
+
+
+def learner_observation_space(cfg: RunConfig) -> spaces.Dict:
+    """The env's Dict observation space, known without building the env (no robot needed on the learner's machine).
+
+    The same keys, shapes, dtypes and bounds as RobotEnv's: the end-effector pose with the safety box widened by the
+    observation margins, and an 84x84x3 uint8 image per camera.
+    """
+    from robot_rl.hardware.env import OBS_MARGIN_M, OBS_MARGIN_RAD
+    from robot_rl.hardware.safety import widened_limits
+
+    boxes: dict[str, spaces.Box] = {}
+    for key, (shape, dtype) in transition_spec(cfg).obs.items():
+        if key == STATE_OBS_KEY:
+            low, high = widened_limits(cfg.env.safety, OBS_MARGIN_M, OBS_MARGIN_RAD)
+            boxes[key] = spaces.Box(low.astype(np.float32), high.astype(np.float32), shape, np.float32)
+        else:
+            boxes[key] = spaces.Box(0, 255, shape, np.dtype(dtype))
+    return spaces.Dict(boxes)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bookkeeping
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Counters:
+    """Environment steps stored (all, and online only) and learner steps done."""
+
+    env_steps: int = 0
+    online_env_steps: int = 0
+    learner_steps: int = 0
+
+
+@dataclass
+class ActorStats:
+    """What one actor id has sent: stored and duplicate transitions, refused messages, chunks past a gap."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    gaps: int = 0
+    last_seen: float | None = None
+
+
+@dataclass
+class _Piece:
+    """Part of an episode still being assembled from a stream's chunks."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+
+
+@dataclass
+class Stream:
+    """One (actor_id, run_id): the next sequence number to store and the open Q-Estimation episode."""
+
+    next_seq: int = 0
+    pending: list[_Piece] = field(default_factory=list)
+
+
+class EvalLog:
+    """eval.csv (appended row by row, kept on resume) and the TensorBoard scalars of the run."""
+
+    def __init__(self, out: Path, *, resume: bool) -> None:
+        self.path = out / "eval.csv"
+        self.rows: list[EvalRow] = read_eval_csv(self.path) if resume and self.path.is_file() else []
+        if not (resume and self.path.is_file()):
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(EVAL_COLUMNS)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb: Any = SummaryWriter(log_dir=str(out / "tb"))
+
+    def add(self, row: EvalRow) -> None:
+        """Append a row to eval.csv and its success rate and BC-action fraction to TensorBoard."""
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([getattr(row, c) for c in EVAL_COLUMNS])
+        self.scalars(
+            "eval", {"success_rate": row.success_rate, "bc_action_fraction": row.bc_action_fraction}, row.env_steps
+        )
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        """TensorBoard scalars `prefix/name` at `step`."""
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> None:
+    """Refuse a non-empty run directory without resume, and a resume with a config that disagrees with the run's."""
+    if out.exists() and not out.is_dir():
+        raise LearnerError(f"run directory {out} is a file")
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise LearnerError(
+                f"run directory {out} exists and is not empty; pass --resume to continue the run in it, "
+                "or choose another --out"
+            )
+        return
+    saved = out / "config.yaml"
+    if saved.is_file():
+        fields = diff_fingerprints(config_fingerprint(load_config(saved)), fingerprint)
+        if fields:
+            raise LearnerError(
+                f"cannot resume {out}: the config differs from the run's {saved} in {', '.join(fields[:20])}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The service
+# --------------------------------------------------------------------------------------------------------------------
+class LearnerService:
+    """One learner run: sockets, durable store, replay buffer, agent, phases and the run directory."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        *,
+        bc_dir: Path | None,
+        demos: Path | None = None,
+        resume: bool = False,
+        learner_id: str = "learner",
+        quiet: bool = False,
+        eval_timeout_s: float = DEFAULT_EVAL_TIMEOUT_S,
+    ) -> None:
+        if not re.match(ID_PATTERN, learner_id):
+            raise LearnerError(f"learner id {learner_id!r} must match {ID_PATTERN}")
+        if cfg.env.cameras:
+            raise LearnerError(
+                "env.cameras is set: the learner's agent learns from flat state vectors; image observations "
+                "are not supported by the learner service"
+            )
+        self.cfg, self.out = cfg, Path(out)
+        self.learner_id, self.quiet, self.eval_timeout_s = learner_id, quiet, eval_timeout_s
+        self.spec = transition_spec(cfg)
+        self.fingerprint = config_fingerprint(cfg)
+        _check_out_dir(self.out, resume=resume, fingerprint=self.fingerprint)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.device = resolve_device(cfg.train.device)
+        space = learner_observation_space(cfg)
+        self.keys = obs_keys(space)
+        low, high = obs_bounds(space)
+        self.action_dim = self.spec.action_dim
+        self.bc = self._load_bc(bc_dir, len(low))
+        self.agent = Q2RLAgent(
+            cfg.agent,
+            obs_low=low,
+            obs_high=high,
+            action_dim=self.action_dim,
+            bc_policy=self.bc,
+            qest_alpha=cfg.qest.alpha,
+            seed=cfg.seed,
+            device=self.device,
+        )
+        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, len(low), self.action_dim)
+        self.offline = self._offline_buffer(demos, len(low))
+
+        self.counters = Counters()
+        self.streams: dict[tuple[str, str], Stream] = {}
+        self.actors: dict[str, ActorStats] = {}
+        self.sessions: dict[bytes, tuple[str, str]] = {}
+        self.refused_unidentified = 0
+        self.rollouts: list[Rollout] = []
+        self.qest_stats: dict[str, Any] = {}
+        # Phase state. Without a BC policy there is nothing to evaluate before learning: start online.
+        self.phase = "eval" if self.bc is not None else "online"
+        self.eval_id = 0 if self.bc is not None else -1
+        self.eval_kind = "bc"
+        self.eval_started = 0.0
+        self.eval_report: EvalReport | None = None
+        self.weights_version = -1
+        self.qest_done = not cfg.agent.uses_q_estimation
+        self.online_started = False
+        self.next_eval_at = cfg.train.eval_every
+        self.next_ckpt_at = cfg.train.checkpoint_every
+        self.bc_success_rate: float | None = None
+        self.done = False
+        self.wall_offset = 0.0
+        self.learner_time = 0.0
+
+        self.store = TransitionStore(self.out / "buffer")
+        self.evallog = EvalLog(self.out, resume=resume)
+        if resume:
+            self._restore()
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._last_status = self._last_stats = -math.inf
+        self._ctx: zmq.Context | None = None
+        self._auth: Any = None
+        self.router: zmq.Socket | None = None
+        self.pub: zmq.Socket | None = None
+        self.status = StatusLine(enabled=False)
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+    def _load_bc(self, bc_dir: Path | None, obs_dim: int) -> torch.nn.Module | None:
+        if bc_dir is None:
+            if self.cfg.agent.method != "sac":
+                raise LearnerError(f"method {self.cfg.agent.method} needs a BC policy: pass --bc DIR")
+            return None
+        bc = load_bc(bc_dir, self.device)
+        if (bc.obs_dim, bc.action_dim) != (obs_dim, self.action_dim):
+            raise LearnerError(
+                f"BC policy {bc_dir} takes {bc.obs_dim}-dim observations and {bc.action_dim}-dim actions; "
+                f"the config has {obs_dim} and {self.action_dim}"
+            )
+        return bc
+
+    def _offline_buffer(self, demos: Path | None, obs_dim: int) -> ReplayBuffer | None:
+        """Demonstrations for RLPD-style offline sampling (agent.effective_offline_ratio > 0)."""
+        if self.cfg.agent.effective_offline_ratio <= 0:
+            return None
+        if demos is None:
+            raise LearnerError(
+                f"method {self.cfg.agent.method} samples demonstrations (offline ratio "
+                f"{self.cfg.agent.effective_offline_ratio}): pass --demos FILE"
+            )
+        data = episodes_to_transitions(read_episodes(demos))
+        obs_key = [k for k in data if k.startswith("obs/")]
+        if len(obs_key) != 1 or data[obs_key[0]].shape[1] != obs_dim:
+            raise LearnerError(f"{demos}: expected one {obs_dim}-dim observation key, found {obs_key}")
+        buf = ReplayBuffer(max(len(data["actions"]), 1000), obs_dim, self.action_dim)
+        buf.add_many(
+            obs=data[obs_key[0]],
+            actions=data["actions"],
+            rewards=data["rewards"],
+            next_obs=data["next_" + obs_key[0]],
+            terminated=data["terminated"],
+            truncated=data["truncated"],
+        )
+        return buf
+
+    def _open_sockets(self) -> None:
+        transport = self.cfg.transport
+        self._ctx = ctx = zmq.Context()
+        self.router, self.pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.MAXMSGSIZE, transport.max_message_bytes)
+            sock.setsockopt(zmq.LINGER, 200)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 64)
+        if transport.keys_dir is not None:
+            from robot_rl.security import secure_server
+
+            self._auth = secure_server(ctx, [self.router, self.pub], keys_dir=Path(transport.keys_dir))
+        for sock, endpoint in ((self.router, transport.learner), (self.pub, transport.weights_endpoint)):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise LearnerError(f"cannot bind {endpoint}: {exc}") from exc
+
+    def _close(self) -> None:
+        for sock in (self.router, self.pub):
+            if sock is not None:
+                sock.close(linger=200)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        self.store.close()
+        self.evallog.close()
+        self.status.close()
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Serve and learn until the run is done (returns the summary) or `stop` is set (returns the counters so far,
+        with `finished` False, after a checkpoint)."""
+        self._stop = stop if stop is not None else threading.Event()
+        self.status = StatusLine(enabled=not self.quiet)
+        self.start = time.monotonic()
+        try:
+            self._open_sockets()
+            self._begin()
+            while not self._stop.is_set() and not self.done:
+                due = self._learner_step_due()
+                self._serve(0 if due else self._poll_ms())
+                if due:
+                    self._learner_step()
+                self._advance()
+                self._periodic()
+            if self.done:
+                return self._finish()
+            return self._interrupted()
+        except _Stopped:
+            return self._interrupted()
+        finally:
+            self._write_stats()
+            self._close()
+
+    def _poll_ms(self) -> int:
+        """transport.poll_ms, shortened so that the next status broadcast and stats.json write are not late."""
+        now = time.monotonic()
+        next_due = min(self._last_status + self.cfg.transport.status_every_s, self._last_stats + STATS_EVERY_S)
+        if next_due <= now:
+            return 0
+        return min(self.cfg.transport.poll_ms, math.ceil((next_due - now) * 1000))
+
+    def _begin(self) -> None:
+        """Announce the phase the run starts (or resumes) in."""
+        if self.phase == "eval":
+            self.eval_started = time.monotonic()
+        elif self.phase == "online" and not self.online_started:
+            self._go_online()
+            return
+        if self.weights_version >= 0:
+            self._publish_weights()
+        self._publish_status()
+        self._show(force=True)
+
+    def _interrupted(self) -> dict[str, Any]:
+        self._checkpoint(LATEST)
+        log.warning("learner stopped in phase %s; run directory %s (continue with --resume)", self.phase, self.out)
+        return {"finished": False, **self._progress()}
+
+    def _progress(self) -> dict[str, Any]:
+        return {
+            "method": self.cfg.agent.method,
+            "seed": self.cfg.seed,
+            "phase": self.phase,
+            "env_steps": self.counters.env_steps,
+            "online_env_steps": self.counters.online_env_steps,
+            "learner_steps": self.counters.learner_steps,
+            "weights_version": self.weights_version,
+            "wall_s": self._wall(),
+        }
+
+    def _wall(self) -> float:
+        return round(self.wall_offset + time.monotonic() - self.start, 2)
+
+    # -- serving requests ---------------------------------------------------------------------------------------------
+    def _serve(self, timeout_ms: int) -> None:
+        """Handle the requests waiting (up to BATCH_MESSAGES), fsync what they stored, then answer them."""
+        assert self.router is not None
+        if not self.router.poll(timeout_ms, zmq.POLLIN):
+            return
+        replies: list[tuple[bytes, Message]] = []
+        for _ in range(BATCH_MESSAGES):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            identity = frames[0]
+            if len(frames) != 2:
+                reply = self._refuse(identity, f"expected one message frame, got {len(frames) - 1}")
+            else:
+                reply = self._handle(identity, frames[1])
+            if reply is not None:
+                replies.append((identity, reply))
+        self.store.sync()  # everything acknowledged below is on disk
+        for identity, reply in replies:
+            try:
+                self.router.send_multipart([identity, to_wire(reply)], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # the peer is gone or its queue is full: it resends after reconnecting
+                log.info("reply to a peer dropped: %s", exc)
+
+    def _handle(self, identity: bytes, payload: bytes) -> Message | None:
+        try:
+            msg = from_wire(payload, max_bytes=self.cfg.transport.max_message_bytes)
+        except WireError as err:
+            return self._refuse(identity, str(err))
+        session = self.sessions.get(identity)
+        if session is not None:
+            self.actors[session[0]].last_seen = time.monotonic()
+        if isinstance(msg, Hello):
+            return self._on_hello(identity, msg)
+        if isinstance(msg, Transitions):
+            return self._on_transitions(identity, msg)
+        if isinstance(msg, EvalReport):
+            return self._on_eval_report(identity, msg)
+        return self._refuse(identity, f"kind: the learner does not accept {msg.kind} messages")
+
+    def _refuse(self, identity: bytes, reason: str, fields: list[str] | None = None) -> Refuse:
+        session = self.sessions.get(identity)
+        if session is not None:
+            self.actors[session[0]].refused += 1
+            who = f"actor {session[0]} (run {session[1]})"
+        else:
+            self.refused_unidentified += 1
+            who = "an unidentified peer"
+        log.warning("refused a message from %s: %s", who, reason)
+        return Refuse(reason=reason[:4096], fields=fields or [])
+
+    def _on_hello(self, identity: bytes, hello: Hello) -> Message:
+        refusal = check_hello(hello, self.fingerprint)
+        if refusal is not None:
+            reply = self._refuse(identity, f"actor {hello.actor_id}: {refusal.reason}", refusal.fields)
+            self.sessions.pop(identity, None)
+            return reply
+        key = (hello.actor_id, hello.run_id)
+        self.sessions[identity] = key
+        self.actors.setdefault(hello.actor_id, ActorStats()).last_seen = time.monotonic()
+        stream = self.streams.setdefault(key, Stream())
+        log.info("welcomed actor %s (run %s), acked up to %d", hello.actor_id, hello.run_id, stream.next_seq - 1)
+        return Welcome(
+            learner_id=self.learner_id,
+            phase=self.phase,
+            weights_version=self.weights_version,
+            acked_seq=stream.next_seq - 1,
+        )
+
+    def _session_refusal(self, identity: bytes, actor_id: str, run_id: str, kind: str) -> Refuse | None:
+        """The Refuse for a message from a peer without an accepted hello or with other ids than its hello."""
+        session = self.sessions.get(identity)
+        if session is None:
+            return self._refuse(identity, f"{kind} before an accepted hello: say hello first")
+        if session != (actor_id, run_id):
+            return self._refuse(
+                identity,
+                f"{kind} for actor {actor_id} run {run_id} on a connection that said hello as "
+                f"actor {session[0]} run {session[1]}",
+            )
+        return None
+
+    def _on_transitions(self, identity: bytes, msg: Transitions) -> Message:
+        refusal = self._session_refusal(identity, msg.actor_id, msg.run_id, "transitions")
+        if refusal is not None:
+            return refusal
+        try:
+            validate_transitions(msg, self.spec)
+        except WireError as err:
+            return self._refuse(identity, str(err))
+        key = (msg.actor_id, msg.run_id)
+        stream, stats = self.streams[key], self.actors[msg.actor_id]
+        if msg.last_seq < stream.next_seq:
+            stats.duplicates += msg.count
+        elif msg.first_seq > stream.next_seq:
+            stats.gaps += 1
+            log.info(
+                "actor %s run %s: chunk at %d past a gap (expected %d); not stored",
+                *key,
+                msg.first_seq,
+                stream.next_seq,
+            )
+        else:
+            skip = stream.next_seq - msg.first_seq
+            stats.duplicates += skip
+            chunk = StoredChunk(
+                actor_id=msg.actor_id,
+                run_id=msg.run_id,
+                first_seq=stream.next_seq,
+                arrays={name: array[skip:] for name, array in msg.arrays.items()},
+                online=self.online_started,
+            )
+            self.store.append(chunk)
+            self._ingest(chunk, stream)
+            stats.stored += chunk.count
+        return Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=stream.next_seq - 1)
+
+    def _on_eval_report(self, identity: bytes, report: EvalReport) -> Message | None:
+        refusal = self._session_refusal(identity, report.actor_id, report.run_id, "eval_report")
+        if refusal is not None:
+            return refusal
+        if self.phase == "eval" and report.eval_id == self.eval_id and self.eval_report is None:
+            self.eval_report = report
+        else:
+            log.info(
+                "ignoring evaluation report %d from actor %s (asked for %d)",
+                report.eval_id,
+                report.actor_id,
+                self.eval_id if self.phase == "eval" else -1,
+            )
+        return None
+
+    # -- storing ------------------------------------------------------------------------------------------------------
+    def _flat(self, arrays: dict[str, np.ndarray], prefix: str, n: int) -> np.ndarray:
+        """Observations of a chunk as flat float32 vectors, keys in the observation space's order."""
+        return np.concatenate([np.asarray(arrays[f"{prefix}/{k}"], np.float32).reshape(n, -1) for k in self.keys], 1)
+
+    def _ingest(self, chunk: StoredChunk, stream: Stream) -> None:
+        """Put a stored chunk into the replay buffer, count it, and assemble Q-Estimation episodes from it."""
+        a, n = chunk.arrays, chunk.count
+        obs, next_obs = self._flat(a, "obs", n), self._flat(a, "next_obs", n)
+        # BC rollouts executed the BC action: it is the BC proposal at that state (as in the single-process loop).
+        bc_actions = a["bc_actions"] if chunk.online else a["actions"]
+        self.buffer.add_many(
+            obs=obs,
+            actions=a["actions"],
+            rewards=a["rewards"],
+            next_obs=next_obs,
+            terminated=a["terminated"],
+            truncated=a["truncated"],
+            bc_actions=bc_actions,
+        )
+        stream.next_seq = chunk.last_seq + 1
+        self.counters.env_steps += n
+        if chunk.online:
+            self.counters.online_env_steps += n
+        elif not self.qest_done:
+            self._assemble(stream, obs, next_obs, a)
+
+    def _assemble(self, stream: Stream, obs: np.ndarray, next_obs: np.ndarray, a: dict[str, np.ndarray]) -> None:
+        """Complete episodes (ending at terminated or truncated) of a stream become Q-Estimation rollouts."""
+        ends = np.flatnonzero(np.asarray(a["terminated"]) | np.asarray(a["truncated"]))
+        start = 0
+        for end in (*ends.tolist(), len(obs) - 1):
+            if start > end:
+                continue
+            piece = _Piece(
+                obs[start : end + 1],
+                np.asarray(a["actions"][start : end + 1], np.float32),
+                np.asarray(a["rewards"][start : end + 1], np.float32),
+            )
+            stream.pending.append(piece)
+            if bool(a["terminated"][end]) or bool(a["truncated"][end]):
+                pieces, stream.pending = stream.pending, []
+                self.rollouts.append(
+                    Rollout(
+                        obs=np.concatenate([p.obs for p in pieces]),
+                        actions=np.concatenate([p.actions for p in pieces]),
+                        rewards=np.concatenate([p.rewards for p in pieces]),
+                        terminated=bool(a["terminated"][end]),
+                        final_next_obs=next_obs[end].copy(),
+                    )
+                )
+            start = end + 1
+
+    # -- phases -------------------------------------------------------------------------------------------------------
+    def _set_phase(self, phase: str) -> None:
+        """Enter a phase: broadcast it (weights too, once they exist), checkpoint, show it."""
+        self.phase = phase
+        if self.weights_version >= 0 or (self.qest_done and self.online_started):
+            self._publish_weights()
+        self._publish_status()
+        self._checkpoint(LATEST)
+        self._write_stats()
+        self._show(force=True)
+
+    def _advance(self) -> None:
+        """Move on when the current phase is complete."""
+        if self.phase == "eval":
+            if self.eval_report is not None:
+                self._eval_done(self.eval_report)
+            elif time.monotonic() - self.eval_started > self.eval_timeout_s:
+                log.warning(
+                    "no report for evaluation %d within %.0f s; continuing without it",
+                    self.eval_id,
+                    self.eval_timeout_s,
+                )
+                self._eval_done(None)
+        elif (
+            self.phase == "qest_rollouts" and len(self.rollouts) >= self.cfg.qest.rollouts
+        ) or self.phase == "qest_fit":
+            self._q_estimation()
+        elif self.phase == "online":
+            if self._eval_due():
+                self._start_eval("online")
+            elif self.counters.online_env_steps >= self.next_ckpt_at:
+                self._checkpoint(f"step_{self.counters.online_env_steps:08d}")
+                self._checkpoint(LATEST)
+                while self.next_ckpt_at <= self.counters.online_env_steps:
+                    self.next_ckpt_at += self.cfg.train.checkpoint_every
+
+    def _eval_target(self) -> int:
+        return min(self.next_eval_at, self.cfg.train.env_steps)
+
+    def _eval_due(self) -> bool:
+        """The next evaluation's env steps are reached and the learner steps owed up to them are done."""
+        target = self._eval_target()
+        if self.counters.online_env_steps < target:
+            return False
+        owed = math.floor(target * self.cfg.train.learner_steps_per_env_step)
+        return self.counters.learner_steps >= owed or not self._enough_data()
+
+    def _start_eval(self, kind: str) -> None:
+        self.eval_id += 1
+        self.eval_kind = kind
+        self.eval_started = time.monotonic()
+        self.eval_report = None
+        self._set_phase("eval")
+
+    def _eval_done(self, report: EvalReport | None) -> None:
+        if report is not None:
+            row = EvalRow(
+                env_steps=self.counters.env_steps,
+                learner_steps=self.counters.learner_steps,
+                wall_s=self._wall(),
+                success_rate=report.success_rate,
+                bc_action_fraction=report.bc_action_fraction,
+                episodes=report.episodes,
+                phase=self.eval_kind,
+            )
+            self.evallog.add(row)
+        self.eval_report = None
+        if self.eval_kind == "bc":
+            self.bc_success_rate = None if report is None else report.success_rate
+            if self.qest_done:
+                self._go_online()
+            else:
+                self._set_phase("qest_rollouts")
+            return
+        # The final evaluation is the one at train.env_steps; an earlier one overtaken by fast actors is not.
+        if (
+            self.counters.online_env_steps >= self.cfg.train.env_steps
+            and self._eval_target() >= self.cfg.train.env_steps
+        ):
+            self.done = True
+            return
+        while self.next_eval_at <= self.counters.online_env_steps:
+            self.next_eval_at += self.cfg.train.eval_every
+        self._set_phase("online")
+
+    def _go_online(self) -> None:
+        self.online_started = True
+        self._set_phase("online")
+
+    def _q_estimation(self) -> None:
+        """Fit V_BC, initialise Q_RL and pre-train the actor on the BC rollouts, serving the sockets meanwhile."""
+        self._set_phase("qest_fit")
+        rollouts = list(self.rollouts)
+        stats = run_q_estimation(
+            self.agent,
+            rollouts,
+            self.cfg.qest,
+            q_init=self.cfg.agent.q_init,
+            actor_pretrain=True,
+            seed=self.cfg.seed,
+            progress=self._qest_progress,
+        )
+        successes = sum(r.terminated for r in rollouts)
+        self.qest_stats = asdict(stats) | {"rollout_success_rate": successes / len(rollouts)}
+        self.qest_done = True
+        self.rollouts = []
+        for stream in self.streams.values():
+            stream.pending = []
+        self._go_online()
+
+    def _qest_progress(self, stage: str, step: int, total: int) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self._serve(0)
+        self._periodic(stage=f"{stage} {step}/{total}")
+
+    def _finish(self) -> dict[str, Any]:
+        """Tell the actors the run is done, checkpoint, and write summary.json and curves.png."""
+        self.phase = "paused"
+        end = time.monotonic() + DONE_STATUS_S
+        while time.monotonic() < end and not self._stop.is_set():
+            self._publish_status(done=True)
+            self._serve(min(self.cfg.transport.poll_ms, 100))
+        self._checkpoint(LATEST)
+        self._checkpoint("final")
+        online = [r for r in self.evallog.rows if r.phase == "online"]
+        summary = {
+            "finished": True,
+            **self._progress(),
+            "learner_id": self.learner_id,
+            "bc_success_rate": self.bc_success_rate,
+            "final_success_rate": online[-1].success_rate if online else None,
+            "best_success_rate": max(r.success_rate for r in online) if online else None,
+            "qest_env_steps": self.counters.env_steps - self.counters.online_env_steps,
+            "learner_steps_per_s": self.counters.learner_steps / max(self.learner_time, 1e-9),
+            "actors": {name: stats.stored for name, stats in self.actors.items()},
+            "q_estimation": self.qest_stats,
+            "device": str(self.device),
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        plot_curves(
+            {self.cfg.agent.method: self.evallog.rows},
+            self.out / "curves.png",
+            bc_success=self.bc_success_rate,
+            title=f"{self.cfg.agent.method}, seed {self.cfg.seed} (learner {self.learner_id})",
+        )
+        self._show(force=True)
+        return summary
+
+    # -- learning -----------------------------------------------------------------------------------------------------
+    def _enough_data(self) -> bool:
+        starts = 0 if self.cfg.agent.q_init else self.cfg.train.learning_starts
+        return len(self.buffer) >= max(starts, 1)
+
+    def _learner_step_due(self) -> bool:
+        """Online, with enough data, and fewer learner steps done than online env steps * learner_steps_per_env_step."""
+        if self.phase != "online" or not self._enough_data():
+            return False
+        owed = math.floor(self.counters.online_env_steps * self.cfg.train.learner_steps_per_env_step)
+        return self.counters.learner_steps < owed
+
+    def _sample_batches(self) -> list[TransitionBatch]:
+        """`utd` minibatches, each a share from the demonstrations when the method samples them (RLPD)."""
+        cfg = self.cfg.agent
+        batches = []
+        for _ in range(cfg.utd):
+            if self.offline is not None:
+                n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
+                batches.append(
+                    concat_batches(
+                        self.buffer.sample(cfg.batch_size - n_off, self.rng),
+                        self.offline.sample(n_off, self.rng),
+                    )
+                )
+            else:
+                batches.append(self.buffer.sample(cfg.batch_size, self.rng))
+        return batches
+
+    def _learner_step(self) -> None:
+        t0 = time.perf_counter()
+        stats = self.agent.update(self._sample_batches())
+        self.learner_time += time.perf_counter() - t0
+        self.counters.learner_steps += 1
+        if self.counters.learner_steps % TRAIN_SCALARS_EVERY == 0:
+            self.evallog.scalars("train", stats.as_dict(), self.counters.env_steps)
+        if self.counters.learner_steps % WEIGHTS_EVERY == 0:
+            self._publish_weights()
+
+    # -- broadcasting and reporting -----------------------------------------------------------------------------------
+    def _publish_weights(self) -> None:
+        assert self.pub is not None
+        self.weights_version = max(self.weights_version, 0) + 1
+        message = Weights(
+            version=self.weights_version, phase=self.phase, tensors=pack_tensors(self.agent.acting_state())
+        )
+        self.pub.send(to_wire(message), zmq.NOBLOCK)
+        self._write_stats()  # the newest version is on disk before anything else happens (resume continues above it)
+
+    def _publish_status(self, *, done: bool = False) -> None:
+        assert self.pub is not None
+        c = self.counters
+        status = Status(
+            learner_id=self.learner_id,
+            phase=self.phase,
+            weights_version=self.weights_version,
+            learner_steps=c.learner_steps,
+            online_env_steps=c.online_env_steps,
+            eval_id=self.eval_id if self.phase == "eval" else -1,
+            done=done,
+        )
+        self.pub.send(to_wire(status), zmq.NOBLOCK)
+        self._last_status = time.monotonic()
+
+    def _periodic(self, *, stage: str | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last_status >= self.cfg.transport.status_every_s:
+            self._publish_status()
+        if now - self._last_stats >= STATS_EVERY_S:
+            self._write_stats()
+        self._show(stage=stage)
+
+    def stats(self) -> dict[str, Any]:
+        """What stats.json holds: phase, weights version, counters, and per actor what it sent."""
+        now = time.monotonic()
+        c = self.counters
+        return {
+            "learner_id": self.learner_id,
+            "phase": self.phase,
+            "eval_id": self.eval_id,
+            "weights_version": self.weights_version,
+            "learner_steps": c.learner_steps,
+            "online_env_steps": c.online_env_steps,
+            "env_steps": c.env_steps,
+            "buffer_size": len(self.buffer),
+            "rollouts": len(self.rollouts),
+            "actors": {
+                name: {
+                    "stored": s.stored,
+                    "duplicates": s.duplicates,
+                    "refused": s.refused,
+                    "gaps": s.gaps,
+                    "last_seen_s": None if s.last_seen is None else round(now - s.last_seen, 2),
+                }
+                for name, s in self.actors.items()
+            },
+            "refused_unidentified": self.refused_unidentified,
+            "wall_s": self._wall(),
+        }
+
+    def _write_stats(self) -> None:
+        write_json_atomic(self.out / "stats.json", self.stats())
+        self._last_stats = time.monotonic()
+
+    def _show(self, *, force: bool = False, stage: str | None = None) -> None:
+        c = self.counters
+        last = self.evallog.rows[-1] if self.evallog.rows else None
+        fields: dict[str, Any] = {
+            "phase": self.phase if stage is None else stage,
+            "learner": f"{c.learner_steps} ({c.learner_steps / max(self.learner_time, 1e-9):.1f}/s)",
+            "online": f"{c.online_env_steps}/{self.cfg.train.env_steps}",
+            "stored": " ".join(f"{name}:{s.stored}" for name, s in self.actors.items()) or "-",
+            "weights": self.weights_version,
+            "eval": "-" if last is None else f"{last.success_rate:.2f} ({last.phase})",
+            "wall": f"{self._wall():.0f}s",
+        }
+        if self.phase == "qest_rollouts":
+            fields["rollouts"] = f"{len(self.rollouts)}/{self.cfg.qest.rollouts}"
+        self.status.update(fields, force=force)
+
+    # -- persistence --------------------------------------------------------------------------------------------------
+    def _checkpoint(self, name: str) -> Path:
+        path = self.out / CHECKPOINTS / name
+        manifest = {
+            "kind": "q2rl_agent",
+            "method": self.cfg.agent.method,
+            "seed": self.cfg.seed,
+            "counters": asdict(self.counters),
+            "obs_keys": self.keys,
+            "action_dim": self.action_dim,
+            "config": self.cfg.model_dump(mode="json"),
+            "has_bc": self.bc is not None,
+            "learner": {
+                "learner_id": self.learner_id,
+                "phase": self.phase,
+                "eval_id": self.eval_id,
+                "eval_kind": self.eval_kind,
+                "weights_version": self.weights_version,
+                "qest_done": self.qest_done,
+                "online_started": self.online_started,
+                "next_eval_at": self.next_eval_at,
+                "next_ckpt_at": self.next_ckpt_at,
+                "bc_success_rate": self.bc_success_rate,
+                "wall_s": self._wall(),
+                "learner_time_s": self.learner_time,
+                "q_estimation": self.qest_stats,
+                "next_seq": {f"{a}@{r}": s.next_seq for (a, r), s in self.streams.items()},
+            },
+        }
+        save_checkpoint(
+            path, tensors=self.agent.network_state(), manifest=manifest, optimizers=self.agent.optimizer_states()
+        )
+        if self.bc is not None:
+            save_bc(self.bc, path / "bc")
+        return path
+
+    def _restore(self) -> None:
+        """Networks, optimisers and phase from checkpoints/latest; buffer and sequence counters from the store."""
+        latest = self.out / CHECKPOINTS / LATEST
+        if latest.is_dir():
+            tensors, manifest, optimizers = load_checkpoint(latest)
+            self.agent.load_network_state(tensors)
+            self.agent.load_optimizer_states(optimizers)
+            state = manifest["learner"]
+            self.counters.learner_steps = int(manifest["counters"]["learner_steps"])
+            self.phase, self.eval_kind = state["phase"], state["eval_kind"]
+            self.eval_id, self.weights_version = int(state["eval_id"]), int(state["weights_version"])
+            self.qest_done, self.online_started = bool(state["qest_done"]), bool(state["online_started"])
+            self.next_eval_at, self.next_ckpt_at = int(state["next_eval_at"]), int(state["next_ckpt_at"])
+            self.bc_success_rate = state["bc_success_rate"]
+            self.wall_offset, self.learner_time = float(state["wall_s"]), float(state["learner_time_s"])
+            self.qest_stats = state["q_estimation"]
+        self._restore_stats()
+        for chunk in self.store.read_back():
+            stream = self.streams.setdefault((chunk.actor_id, chunk.run_id), Stream())
+            self._ingest(chunk, stream)
+            self.actors.setdefault(chunk.actor_id, ActorStats()).stored += chunk.count
+        if self.phase == "eval":
+            self.eval_id += 1  # a report for the interrupted evaluation may be lost: ask again, under a new id
+        elif self.phase == "paused":  # stopped while finishing: evaluate once more and finish
+            self.phase, self.eval_kind, self.eval_id = "eval", "online", self.eval_id + 1
+        log.info(
+            "resumed %s: phase %s, %d transitions in %d streams, %d learner steps, weights version %d",
+            self.out,
+            self.phase,
+            self.counters.env_steps,
+            len(self.streams),
+            self.counters.learner_steps,
+            self.weights_version,
+        )
+
+    def _restore_stats(self) -> None:
+        """Counters kept only in stats.json: the newest weights version broadcast, duplicates and refusals."""
+        path = self.out / "stats.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        self.weights_version = max(self.weights_version, int(saved.get("weights_version", -1)))
+        self.refused_unidentified = int(saved.get("refused_unidentified", 0))
+        for name, entry in (saved.get("actors") or {}).items():
+            stats = self.actors.setdefault(name, ActorStats())
+            stats.duplicates, stats.refused = int(entry.get("duplicates", 0)), int(entry.get("refused", 0))
+            stats.gaps = int(entry.get("gaps", 0))
+
+
+def run_learner(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    bc_dir: Path | None = None,
+    demos: Path | None = None,
+    resume: bool = False,
+    learner_id: str = "learner",
+    quiet: bool = False,
+) -> int:
+    """The `robot-rl learner` command: run the service until done (0) or SIGINT/SIGTERM (130, resumable)."""
+    service = LearnerService(
+        cfg, Path(out), bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id, quiet=quiet
+    )
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        summary = service.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not summary["finished"]:
+        print(
+            f"robot-rl learner: stopped in phase {summary['phase']} after {summary['online_env_steps']} online env "
+            f"steps; run directory {out} (continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    bc, final = summary["bc_success_rate"], summary["final_success_rate"]
+    print(
+        f"{summary['method']} seed {summary['seed']}: BC success {'-' if bc is None else f'{bc:.2f}'}, final "
+        f"{'-' if final is None else f'{final:.2f}'} after {summary['env_steps']} env steps, "
+        f"{summary['learner_steps']} learner steps, {summary['wall_s']:.0f} s; run directory {out}"
+    )
+    return 0

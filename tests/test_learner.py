@@ -1,0 +1,565 @@
+"""The learner service over real sockets on tcp://127.0.0.1: handshake, exactly-once storage, refusals, resume after a
+SIGKILL, and the phases from the BC evaluation to the end of the run. A fake actor (DEALER + SUB and the wire
+messages) plays the other side; every receive is bounded by a timeout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket as pysocket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import load_bc, make_bc_policy, save_bc
+from robot_rl.config import RunConfig, dump_config, load_config
+from robot_rl.envs import make_env
+from robot_rl.learner.service import LearnerError, LearnerService, learner_observation_space, run_learner
+from robot_rl.learner.store import StoredChunk, TransitionStore, encode_record
+from robot_rl.rollout import obs_bounds
+from robot_rl.runlog import read_eval_csv
+from robot_rl.security import make_keys, secure_client
+from robot_rl.wire import (
+    Ack,
+    EvalReport,
+    Hello,
+    Message,
+    Refuse,
+    Status,
+    Transitions,
+    Weights,
+    Welcome,
+    config_fingerprint,
+    config_hash,
+    from_wire,
+    to_wire,
+    transition_spec,
+    unpack_tensors,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "ci_tiny.yaml"
+WAIT_S = 15.0  # generous: the suite may share two busy cores
+LIMIT = 64 << 20
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [pysocket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def tiny_config(*extra: str) -> RunConfig:
+    request, weights = free_ports(2)
+    return load_config(
+        TINY,
+        [
+            f"transport.learner=tcp://127.0.0.1:{request}",
+            f"transport.weights=tcp://127.0.0.1:{weights}",
+            "transport.poll_ms=20",
+            "transport.status_every_s=0.1",
+            "transport.max_message_bytes=67108864",
+            "qest.rollouts=2",
+            "train.env_steps=40",
+            "train.eval_every=20",
+            "train.checkpoint_every=20",
+            "train.buffer_capacity=1000",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def bc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = load_config(TINY)
+    low, high = obs_bounds(learner_observation_space(cfg))
+    torch.manual_seed(0)
+    policy = make_bc_policy(cfg.bc, len(low), transition_spec(cfg).action_dim, low, high)
+    return save_bc(policy, tmp_path_factory.mktemp("bc") / "bc")
+
+
+@contextmanager
+def running(service: LearnerService) -> Iterator[dict]:
+    """The service running in a thread; stopped (stop event) and joined on exit. Yields {'summary' / 'error'}."""
+    stop = threading.Event()
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["summary"] = service.run(stop)
+        except BaseException as exc:  # surfaced by the test below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "the learner did not stop within the timeout"
+    if "error" in result:
+        raise result["error"]
+
+
+def chunk_arrays(cfg: RunConfig, first: int, count: int, *, ends: tuple[int, ...] = (), version: int = -1) -> dict:
+    """A valid chunk whose values are a function of the sequence number (a resent chunk is identical)."""
+    spec = transition_spec(cfg)
+    seq = np.arange(first, first + count, dtype=np.float32)
+    obs = {
+        k: (np.sin(seq[:, None] + np.arange(shape[0])) * 0.01).astype(np.float32) for k, (shape, _) in spec.obs.items()
+    }
+    actions = np.tanh(np.cos(seq[:, None] * 0.3 + np.arange(spec.action_dim))).astype(np.float32)
+    truncated = np.zeros(count, bool)
+    for i in ends:
+        truncated[i] = True
+    arrays = {f"obs/{k}": v for k, v in obs.items()}
+    arrays |= {f"next_obs/{k}": v + 0.001 for k, v in obs.items()}
+    arrays |= {
+        "actions": actions,
+        "bc_actions": actions.copy(),
+        "rewards": np.zeros(count, np.float32),
+        "terminated": np.zeros(count, bool),
+        "truncated": truncated,
+        "weights_version": np.full(count, version, np.int64),
+    }
+    return arrays
+
+
+class FakeActor:
+    """The actor's side of the protocol: a DEALER for requests, a SUB for weights and status."""
+
+    def __init__(
+        self, ctx: zmq.Context, cfg: RunConfig, actor_id: str = "a0", run_id: str = "r0", *, keys: Path | None = None
+    ) -> None:
+        self.cfg, self.actor_id, self.run_id = cfg, actor_id, run_id
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.sub = ctx.socket(zmq.SUB)
+        for sock in (self.dealer, self.sub):
+            sock.setsockopt(zmq.LINGER, 0)
+            if keys is not None:
+                secure_client(sock, keys_dir=keys, actor=actor_id)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.dealer.connect(cfg.transport.learner)
+        self.sub.connect(cfg.transport.weights_endpoint)
+        self.weights: list[Weights] = []
+        self.phases: list[str] = []
+
+    def send(self, message: Message | bytes) -> None:
+        self.dealer.send(message if isinstance(message, bytes) else to_wire(message))
+
+    def recv(self, timeout: float = WAIT_S) -> Message:
+        assert self.dealer.poll(int(timeout * 1000), zmq.POLLIN), "no reply from the learner"
+        return from_wire(self.dealer.recv(), max_bytes=LIMIT)
+
+    def request(self, message: Message | bytes, timeout: float = WAIT_S) -> Message:
+        self.send(message)
+        return self.recv(timeout)
+
+    def hello(self, cfg: RunConfig | None = None, timeout: float = WAIT_S) -> Message:
+        fingerprint = config_fingerprint(cfg or self.cfg)
+        hello = Hello(
+            actor_id=self.actor_id,
+            run_id=self.run_id,
+            config_hash=config_hash(fingerprint),
+            config_fingerprint=fingerprint,
+        )
+        return self.request(hello, timeout)
+
+    def transitions(self, first: int, count: int, **kw) -> Message:
+        arrays = chunk_arrays(self.cfg, first, count, **kw)
+        msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first, count=count, arrays=arrays)
+        return self.request(msg)
+
+    def report(self, eval_id: int, success_rate: float) -> None:
+        self.send(
+            EvalReport(
+                actor_id=self.actor_id,
+                run_id=self.run_id,
+                eval_id=eval_id,
+                episodes=2,
+                success_rate=success_rate,
+                bc_action_fraction=0.5,
+                weights_version=self.weights[-1].version if self.weights else -1,
+            )
+        )
+
+    def wait_status(self, pred: Callable[[Status], bool], timeout: float = WAIT_S) -> Status:
+        """The first broadcast Status matching `pred`; Weights seen meanwhile are kept, phases recorded."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sub.poll(int(left * 1000) + 1, zmq.POLLIN):
+                break
+            msg = from_wire(self.sub.recv(), max_bytes=LIMIT)
+            if isinstance(msg, Weights):
+                self.weights.append(msg)
+            elif isinstance(msg, Status):
+                if not self.phases or self.phases[-1] != msg.phase:
+                    self.phases.append(msg.phase)
+                if pred(msg):
+                    return msg
+        raise AssertionError(f"no matching status within {timeout} s (phases seen: {self.phases})")
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def acked(reply: Message) -> int:
+    assert isinstance(reply, Ack), reply
+    return reply.acked_seq
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_learner_space_is_the_envs() -> None:
+    cfg = load_config(TINY)
+    env = make_env(cfg.env)
+    try:
+        assert learner_observation_space(cfg) == env.observation_space
+    finally:
+        env.close()
+
+
+def test_hello_welcomed_or_refused_naming_the_differing_field(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        welcome = FakeActor(ctx, cfg, "a0").hello()
+        assert isinstance(welcome, Welcome)
+        assert (welcome.learner_id, welcome.phase, welcome.weights_version, welcome.acked_seq) == (
+            "learner",
+            "eval",
+            -1,
+            -1,
+        )
+        other = load_config(TINY, ["agent.hidden=[64, 64]"])
+        refuse = FakeActor(ctx, cfg, "a1").hello(cfg=other)
+        assert isinstance(refuse, Refuse)
+        assert "agent.hidden" in refuse.fields and "agent.hidden" in refuse.reason
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["refused_unidentified"] == 1
+    assert list(stats["actors"]) == ["a0"]
+
+
+def test_curve_admits_an_authorised_actor_only(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, actors=["a0"])
+    cfg = tiny_config(f"transport.keys_dir={keys}")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        actor = FakeActor(ctx, cfg, "a0", keys=keys)
+        assert isinstance(actor.hello(), Welcome)
+        assert actor.wait_status(lambda s: s.phase == "eval").learner_id == "learner"
+        plain = FakeActor(ctx, cfg, "a1")
+        plain.send(b"anything")
+        assert not plain.dealer.poll(500, zmq.POLLIN) and not plain.sub.poll(100, zmq.POLLIN)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["refused_unidentified"] == 0 and list(stats["actors"]) == ["a0"]
+
+
+def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        assert acked(actor.transitions(0, 10)) == 9
+        assert acked(actor.transitions(0, 10)) == 9  # the same chunk again: nothing new
+        assert acked(actor.transitions(5, 10)) == 14  # overlapping: only 10..14 are new
+        assert acked(actor.transitions(20, 5)) == 14  # past a gap: not stored, resume from 15
+        assert acked(actor.transitions(15, 5)) == 19
+    assert len(service.buffer) == 20
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["actors"]["a0"] | {"last_seen_s": None} == {
+        "stored": 20,
+        "duplicates": 15,
+        "refused": 0,
+        "gaps": 1,
+        "last_seen_s": None,
+    }
+    assert stats["env_steps"] == 20 and stats["online_env_steps"] == 0
+    # The durable log holds sequences 0..19 once each, exactly as sent.
+    chunks = TransitionStore(out / "buffer").read_back()
+    assert [(c.first_seq, c.count) for c in chunks] == [(0, 10), (10, 5), (15, 5)]
+    stored_obs = np.concatenate([c.arrays["obs/ee_pose"] for c in chunks])
+    np.testing.assert_array_equal(stored_obs, chunk_arrays(cfg, 0, 20)["obs/ee_pose"])
+    np.testing.assert_array_equal(service.buffer.obs[:20], stored_obs)
+
+
+def test_malformed_and_unidentified_refused_while_a_good_actor_is_served(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        stranger = FakeActor(ctx, cfg, "stranger")
+        assert isinstance(stranger.request(os.urandom(64)), Refuse)
+        early = stranger.transitions(0, 3)  # before any hello
+        assert isinstance(early, Refuse) and "hello" in early.reason
+
+        bad = FakeActor(ctx, cfg, "bad")
+        assert isinstance(bad.hello(), Welcome)
+        arrays = chunk_arrays(cfg, 0, 4)
+        arrays["obs/ee_pose"] = arrays["obs/ee_pose"].astype(np.float64)
+        wrong_dtype = Transitions(actor_id="bad", run_id="r0", first_seq=0, count=4, arrays=arrays)
+        reply = bad.request(wrong_dtype)
+        assert isinstance(reply, Refuse) and "dtype" in reply.reason
+        assert isinstance(bad.request(b"\xc1garbage"), Refuse)
+        impostor = Transitions(actor_id="good", run_id="r0", first_seq=0, count=2, arrays=chunk_arrays(cfg, 0, 2))
+        assert isinstance(bad.request(impostor), Refuse)
+        assert isinstance(bad.request(Ack(actor_id="bad", run_id="r0", acked_seq=3)), Refuse)  # wrong kind
+
+        good = FakeActor(ctx, cfg, "good")
+        assert isinstance(good.hello(), Welcome)
+        assert acked(good.transitions(0, 6)) == 5
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["refused_unidentified"] == 2
+    assert stats["actors"]["bad"]["refused"] == 4 and stats["actors"]["bad"]["stored"] == 0
+    assert stats["actors"]["good"]["stored"] == 6 and stats["actors"]["good"]["refused"] == 0
+    assert len(service.buffer) == 6
+
+
+LEARNER_SCRIPT = """
+import sys
+from pathlib import Path
+from robot_rl.config import load_config
+from robot_rl.learner.service import run_learner
+cfg, out, bc = load_config(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+sys.exit(run_learner(cfg, out, bc_dir=bc, resume=sys.argv[4] == "resume", quiet=True))
+"""
+
+
+def start_learner_process(config_path: Path, out: Path, bc_dir: Path, *, resume: bool) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-c",
+        LEARNER_SCRIPT,
+        str(config_path),
+        str(out),
+        str(bc_dir),
+        "resume" if resume else "new",
+    ]
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_stops_the_learner_command_resumably(tmp_path: Path, bc_dir: Path, ctx, capsys) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    replies: list[Message] = []
+
+    def actor_then_sigterm() -> None:
+        try:
+            actor = FakeActor(ctx, cfg)
+            replies.extend([actor.hello(), actor.transitions(0, 15)])
+        finally:
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # run_learner's handler, not pytest's death
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=actor_then_sigterm, daemon=True)
+    thread.start()
+    assert run_learner(cfg, out, bc_dir=bc_dir, quiet=True) == 130
+    thread.join(WAIT_S)
+    assert isinstance(replies[0], Welcome) and acked(replies[1]) == 14
+    stderr = capsys.readouterr().err
+    assert str(out) in stderr and "--resume" in stderr
+    assert (out / "checkpoints" / "latest" / "manifest.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_sigkill_then_resume_keeps_every_acked_transition(tmp_path: Path, bc_dir: Path, ctx, caplog) -> None:
+    cfg = tiny_config()
+    config_path, out = tmp_path / "config.yaml", tmp_path / "run"
+    config_path.write_text(dump_config(cfg))
+    proc = start_learner_process(config_path, out, bc_dir, resume=False)
+    try:
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(timeout=60), Welcome)
+        assert acked(actor.transitions(0, 15)) == 14
+        assert acked(actor.transitions(15, 15)) == 29
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    log_file = out / "buffer" / "a0@r0.log"
+    whole = log_file.stat().st_size
+    with log_file.open("ab") as f:  # a record torn by the kill: the header promises more than was written
+        f.write(encode_record(StoredChunk("a0", "r0", 30, chunk_arrays(cfg, 30, 5), online=False))[:40])
+
+    with pytest.raises(LearnerError, match="--resume"):
+        LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    assert log_file.stat().st_size == whole and "torn or corrupt tail" in caplog.text
+    assert len(service.buffer) == 30
+    with running(service):
+        again = FakeActor(ctx, cfg)
+        welcome = again.hello()
+        assert isinstance(welcome, Welcome) and welcome.acked_seq == 29
+        assert acked(again.transitions(25, 10)) == 34
+    assert len(service.buffer) == 35
+    assert service.actors["a0"].stored == 35 and service.actors["a0"].duplicates == 5
+
+
+def to_online(actor: FakeActor) -> None:
+    """Drive a fresh learner through the BC evaluation and Q-Estimation (two 5-step BC episodes) to online."""
+    assert isinstance(actor.hello(), Welcome)
+    actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 0)
+    actor.report(0, 0.5)
+    actor.wait_status(lambda s: s.phase == "qest_rollouts")
+    assert acked(actor.transitions(0, 10, ends=(4, 9))) == 9
+    actor.wait_status(lambda s: s.phase == "online")
+
+
+def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    with running(service) as result:
+        actor = FakeActor(ctx, cfg)
+        to_online(actor)
+        assert actor.weights and actor.weights[0].version == 1 and actor.weights[0].phase == "online"
+
+        # The broadcast weights load into a fresh agent.
+        low, high = obs_bounds(learner_observation_space(cfg))
+        fresh = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=6, bc_policy=load_bc(bc_dir), seed=99)
+        fresh.load_acting_state(unpack_tensors(actor.weights[0].tensors))
+        first = unpack_tensors(actor.weights[0].tensors)
+        for name, tensor in fresh.acting_state().items():
+            torch.testing.assert_close(tensor, first[name])
+
+        # A fast actor overshoots train.env_steps (40) in one chunk: the evaluation at 20 online steps comes first
+        # (after the 20 learner steps owed up to it), and the run ends only after the final one at 40.
+        assert acked(actor.transitions(10, 45, version=1)) == 54
+        status = actor.wait_status(lambda s: s.phase == "eval")
+        assert status.eval_id == 1 and status.online_env_steps == 45 and status.learner_steps == 20
+        actor.report(1, 0.25)
+        actor.wait_status(lambda s: s.phase == "online")
+        status = actor.wait_status(lambda s: s.phase == "eval")
+        assert status.eval_id == 2 and status.learner_steps == 40
+        actor.report(2, 0.75)
+        actor.wait_status(lambda s: s.done)
+    summary = result["summary"]
+    assert summary["finished"] is True
+    assert actor.phases[:5] == ["eval", "qest_rollouts", "qest_fit", "online", "eval"]
+    versions = [w.version for w in actor.weights]
+    assert versions == sorted(set(versions)) and versions[-1] >= 4  # online, eval, online, step 30, eval ...
+    assert (summary["bc_success_rate"], summary["final_success_rate"], summary["best_success_rate"]) == (
+        0.5,
+        0.75,
+        0.75,
+    )
+    assert (summary["env_steps"], summary["online_env_steps"], summary["learner_steps"]) == (55, 45, 40)
+    rows = read_eval_csv(out / "eval.csv")
+    assert [(r.phase, r.env_steps, r.success_rate) for r in rows] == [
+        ("bc", 0, 0.5),
+        ("online", 55, 0.25),
+        ("online", 55, 0.75),
+    ]
+    assert json.loads((out / "summary.json").read_text())["final_success_rate"] == 0.75
+    for path in ("curves.png", "config.yaml", "checkpoints/final/manifest.json", "checkpoints/final/bc/bc.json"):
+        assert (out / path).is_file(), path
+    assert any((out / "tb").iterdir())
+
+
+def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    first = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    with running(first):
+        actor = FakeActor(ctx, cfg)
+        to_online(actor)
+        assert acked(actor.transitions(10, 20, version=1)) == 29
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+    before = first.agent.acting_state()
+    assert first.counters.learner_steps == 20
+
+    service = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    assert (service.phase, service.eval_id, service.qest_done) == ("eval", 2, True)
+    assert (service.counters.env_steps, service.counters.online_env_steps, service.counters.learner_steps) == (
+        30,
+        20,
+        20,
+    )
+    assert len(service.buffer) == 30 and service.agent.actor_opt.state_dict()["state"]
+    for name, tensor in service.agent.acting_state().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+    with running(service) as result:
+        actor = FakeActor(ctx, cfg)
+        welcome = actor.hello()
+        assert isinstance(welcome, Welcome) and (welcome.phase, welcome.acked_seq) == ("eval", 29)
+        assert welcome.weights_version > first.weights_version
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 2)
+        actor.report(1, 0.0)  # the interrupted evaluation's id is stale now: ignored
+        actor.report(2, 0.5)
+        actor.wait_status(lambda s: s.phase == "online")
+        assert acked(actor.transitions(30, 20, version=welcome.weights_version)) == 49
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 3)
+        actor.report(3, 1.0)
+        actor.wait_status(lambda s: s.done)
+    summary = result["summary"]
+    assert summary["finished"] and summary["learner_steps"] == 40 and summary["final_success_rate"] == 1.0
+    rows = read_eval_csv(out / "eval.csv")
+    assert [(r.phase, r.env_steps, r.success_rate) for r in rows] == [
+        ("bc", 0, 0.5),
+        ("online", 30, 0.5),
+        ("online", 50, 1.0),
+    ]
+
+
+def test_missing_eval_report_times_out_and_a_method_without_q_estimation_goes_online(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config("agent.method=ibrl")
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True, eval_timeout_s=0.3)
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        actor.wait_status(lambda s: s.phase == "online")
+        assert [(w.version, w.phase) for w in actor.weights] == [(1, "online")]
+    assert "no report for evaluation 0" in caplog.text
+    assert "qest_rollouts" not in actor.phases and service.bc_success_rate is None
+    assert read_eval_csv(tmp_path / "run" / "eval.csv") == []
+
+
+def test_store_cuts_a_corrupt_record_and_continues_the_log(tmp_path: Path, caplog) -> None:
+    cfg = load_config(TINY)
+    store = TransitionStore(tmp_path)
+    for first in (0, 4, 8):
+        store.append(StoredChunk("a", "r", first, chunk_arrays(cfg, first, 4), online=first == 8))
+    store.close()
+    path = tmp_path / "a@r.log"
+    data = bytearray(path.read_bytes())
+    size = len(data) // 3
+    data[-5] ^= 0xFF  # a flipped bit in the last record's payload
+    path.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    chunks = TransitionStore(tmp_path).read_back()
+    assert [(c.first_seq, c.online) for c in chunks] == [(0, False), (4, False)]
+    assert "checksum" in caplog.text and path.stat().st_size == 2 * size
+    again = TransitionStore(tmp_path)
+    again.append(StoredChunk("a", "r", 8, chunk_arrays(cfg, 8, 4), online=True))
+    again.close()
+    chunks = TransitionStore(tmp_path).read_back()
+    assert [(c.first_seq, c.online) for c in chunks] == [(0, False), (4, False), (8, True)]
+    np.testing.assert_array_equal(chunks[2].arrays["actions"], chunk_arrays(cfg, 8, 4)["actions"])
