@@ -1,0 +1,236 @@
+"""`robot-rl demo`: learner and actor as two OS processes on loopback, the sim twin, CPU (DESIGN §3).
+
+Steps: collect scripted demonstrations and train the BC policy (in this process), then start `robot-rl learner` and
+`robot-rl actor` as child processes talking ZeroMQ on 127.0.0.1, show one live status line from their stats.json
+files, and at the end print a table of BC vs Q2RL success and write `DIR/report.png`: success rate and BC-action
+fraction against env steps, and a gating timeline of the last online episodes (which steps executed the BC action
+and which the RL action). Ctrl-C stops both processes (SIGTERM, then SIGKILL after a grace period) and says where
+the run directory is.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robot_rl.config import dump_config, load_config
+from robot_rl.runlog import EvalRow, StatusLine, read_eval_csv
+
+# The embedded defaults of the demo: the quick state config, the actor unpaced and kept close to the learner.
+DEMO_OVERRIDES = [
+    "bc.demos=50",
+    "qest.rollouts=30",
+    "qest.value_steps=2000",
+    "qest.q_init_steps=3000",
+    "qest.actor_pretrain_steps=2000",
+    "qest.batch_size=128",
+    "agent.method=q2rl",
+    "agent.hidden=[128, 128]",
+    "agent.batch_size=128",
+    "agent.actor_q=min",
+    "train.env_steps=6000",
+    "train.learner_steps_per_env_step=0.5",
+    "train.eval_every=1500",
+    "train.eval_episodes=20",
+    "train.checkpoint_every=3000",
+    "train.torch_threads=1",
+    "actor.period_s=0",
+    "actor.max_env_steps_ahead=150",
+]
+
+
+def free_port_pair() -> int:
+    """A port p on 127.0.0.1 with p and p + 1 free (request and weights endpoints)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _status_fields(learner: dict[str, Any], actor: dict[str, Any], wall: float) -> dict[str, Any]:
+    rate = actor.get("success_rate_recent")
+    frac = actor.get("bc_fraction_recent")
+    age = actor.get("weights_age_s")
+    return {
+        "phase": learner.get("phase", "starting"),
+        "episode": actor.get("episodes", 0),
+        "success(recent)": "-" if rate is None else f"{rate:.2f}",
+        "bc-frac": "-" if frac is None else f"{frac:.2f}",
+        "weights": f"v{actor.get('weights_version', -1)}" + ("" if age is None else f" ({age:.0f}s old)"),
+        "sent/acked": f"{actor.get('sent', 0)}/{actor.get('acked', 0)}",
+        "learner": learner.get("learner_steps", 0),
+        "overruns": actor.get("loop", {}).get("overruns", 0),
+        "wall": f"{wall:.0f}s",
+    }
+
+
+def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[str], quiet: bool = False) -> int:
+    """Prepare BC, run learner + actor until the learner finishes (or `minutes` pass), report. Returns an exit code."""
+    from robot_rl.train import collect_demos, train_bc_from_demos
+
+    cfg = load_config(config, ([] if config else DEMO_OVERRIDES) + list(overrides))
+    port = free_port_pair()
+    cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"learner": f"tcp://127.0.0.1:{port}"})})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    start = time.monotonic()
+    demos, bc_dir = out / "demos.hdf5", out / "bc"
+    print(f"demo: run directory {out}", flush=True)
+    if not demos.is_file():
+        print(f"demo: collecting {cfg.bc.demos} scripted demonstrations ...", flush=True)
+        collect_demos(cfg, demos, episodes=cfg.bc.demos, seed=cfg.seed * 7919 + 1)
+    if not (bc_dir / "bc.json").is_file():
+        print(f"demo: training the BC policy ({cfg.bc.steps} steps) ...", flush=True)
+        train_bc_from_demos(cfg, demos, bc_dir, seed=cfg.seed)
+    base = [sys.executable, "-m", "robot_rl.cli"]
+    common = ["--config", str(out / "config.yaml"), "--bc", str(bc_dir), "--quiet"]
+    logs = {name: (out / f"{name}.log").open("a") for name in ("learner", "actor")}
+    learner_cmd = [*base, "learner", *common, "--out", str(out / "learner"), "--demos", str(demos)]
+    actor_cmd = [*base, "actor", *common, "--out", str(out / "actor"), "--learner", cfg.transport.learner]
+    procs = {
+        "learner": subprocess.Popen(learner_cmd, stdout=logs["learner"], stderr=subprocess.STDOUT),
+        "actor": subprocess.Popen(actor_cmd, stdout=logs["actor"], stderr=subprocess.STDOUT),
+    }
+    status = StatusLine(enabled=not quiet)
+    deadline = start + minutes * 60
+    interrupted = False
+    try:
+        while procs["learner"].poll() is None:
+            if procs["actor"].poll() is not None:
+                code = procs["actor"].returncode
+                if code != 0:
+                    print(f"\ndemo: the actor exited ({code}); see {out / 'actor.log'}", flush=True)
+                    break
+                try:  # the actor stops when the learner says the run is done; the learner then writes its results
+                    procs["learner"].wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    print(f"\ndemo: the learner did not finish; see {out / 'learner.log'}", flush=True)
+                break
+            if time.monotonic() > deadline:
+                print(f"\ndemo: {minutes} minutes reached; stopping", flush=True)
+                break
+            learner, actor = _read_json(out / "learner" / "stats.json"), _read_json(out / "actor" / "stats.json")
+            status.update(_status_fields(learner, actor, time.monotonic() - start), force=False)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        _stop(procs)
+        status.close()
+        for f in logs.values():
+            f.close()
+    if interrupted:
+        print(f"\ndemo: interrupted; both processes stopped. Run directory: {out}", flush=True)
+        return 130
+    return report(out)
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM the actor first (it flushes and waits for its last acks), then the learner; SIGKILL after a grace."""
+    for name in ("actor", "learner"):
+        proc = procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def gating_timeline(episode_dir: Path, *, last: int = 12) -> tuple[np.ndarray, list[str]]:
+    """[episodes, max_steps] with 1 = BC action executed, 0 = RL action, NaN = no step; of the last online episodes."""
+    from robot_rl.episodes import read_episodes
+
+    rows, labels = [], []
+    for path in sorted(episode_dir.glob("episode_*.hdf5"))[::-1]:
+        try:
+            episodes = read_episodes(path)
+        except Exception:  # an episode being written or cut by a stop: skip it in the picture
+            continue
+        if not episodes or episodes[0].attrs.get("kind") != "online":
+            continue
+        ep = episodes[0]
+        rows.append(np.asarray(ep.extras["use_bc"], float))
+        labels.append(f"{path.stem[-6:]} {'success' if ep.terminated[-1] else 'fail'}")
+        if len(rows) == last:
+            break
+    rows, labels = rows[::-1], labels[::-1]
+    width = max((len(r) for r in rows), default=0)
+    grid = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        grid[i, : len(r)] = r
+    return grid, labels
+
+
+def report(out: Path) -> int:
+    """The demo's table and report.png from the learner's eval.csv and the actor's episode logs."""
+    eval_csv = out / "learner" / "eval.csv"
+    rows: list[EvalRow] = read_eval_csv(eval_csv) if eval_csv.is_file() else []
+    bc = [r for r in rows if r.phase == "bc"]
+    online = [r for r in rows if r.phase != "bc"]
+    bc_rate = bc[-1].success_rate if bc else float("nan")
+    print("\n  policy        success   episodes   env steps")
+    print(f"  BC            {bc_rate:7.2f}   {bc[-1].episodes if bc else 0:8d}   {'-':>9}")
+    if online:
+        last, best = online[-1], max(online, key=lambda r: r.success_rate)
+        print(f"  Q2RL (final)  {last.success_rate:7.2f}   {last.episodes:8d}   {last.env_steps:9d}")
+        print(f"  Q2RL (best)   {best.success_rate:7.2f}   {best.episodes:8d}   {best.env_steps:9d}")
+    else:
+        print("  Q2RL          no evaluation yet")
+    path = plot_report(rows, out / "actor" / "episodes", out / "report.png", bc_rate=bc_rate)
+    print(f"\nreport {path}; run directory {out}", flush=True)
+    return 0
+
+
+def plot_report(rows: list[EvalRow], episode_dir: Path, path: Path, *, bc_rate: float) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    fig, (ax_s, ax_b, ax_g) = plt.subplots(1, 3, figsize=(16, 4.2))
+    online = [r for r in rows if r.phase != "bc"]
+    steps = [r.env_steps for r in online]
+    ax_s.plot(steps, [r.success_rate for r in online], marker="o", ms=3, label="Q2RL (gated)")
+    if np.isfinite(bc_rate):
+        ax_s.axhline(bc_rate, color="gray", ls="--", label="BC policy")
+    ax_b.plot(steps, [r.bc_action_fraction for r in online], marker="o", ms=3, color="tab:orange")
+    ax_s.set(xlabel="environment steps", ylabel="success rate", ylim=(-0.02, 1.02), title="success rate (eval)")
+    ax_b.set(xlabel="environment steps", ylabel="fraction", ylim=(-0.02, 1.02), title="BC actions executed (eval)")
+    for ax in (ax_s, ax_b):
+        ax.grid(alpha=0.3)
+    ax_s.legend(fontsize=8)
+    grid, labels = gating_timeline(episode_dir)
+    if grid.size:
+        ax_g.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["tab:blue", "tab:orange"]),
+                    vmin=0, vmax=1)  # fmt: skip
+        ax_g.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax_g.set(xlabel="step in episode", title="gating: orange = BC action, blue = RL action")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
