@@ -1,0 +1,103 @@
+"""Actor and learner as separate processes over loopback: the demo end to end, and an actor killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robot_rl.bc import make_bc_policy, save_bc
+from robot_rl.cli import main
+from robot_rl.config import load_config
+from robot_rl.demo import free_port_pair
+from robot_rl.episodes import read_episodes
+
+TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
+
+
+def _stats(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_demo_runs_learner_and_actor_as_processes_and_reports(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--config", str(TINY), "--set", "actor.period_s=0", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "BC" in printed and "Q2RL (final)" in printed and "report.png" in printed
+    learner, actor = _stats(out / "learner" / "stats.json"), _stats(out / "actor" / "stats.json")
+    # Nothing lost, nothing doubled: what the actor produced is what it got acknowledged and what the learner stored.
+    assert actor["produced"] == actor["acked"] == learner["actors"]["actor0"]["stored"] > 0
+    assert learner["actors"]["actor0"]["duplicates"] == 0 and learner["refused_unidentified"] == 0
+    summary = json.loads((out / "learner" / "summary.json").read_text())
+    assert summary["env_steps"] == learner["env_steps"] == actor["produced"]
+    assert (out / "report.png").stat().st_size > 10_000
+    # Online episodes carry the weights version they acted with, and the gating record.
+    online = []
+    for path in sorted((out / "actor" / "episodes").glob("episode_*.hdf5")):
+        ep = read_episodes(path)[0]
+        if ep.attrs["kind"] == "online":
+            online.append(ep)
+    assert online and all(np.all(ep.extras["weights_version"] >= 1) for ep in online)
+    assert all(np.all(np.isfinite(ep.extras["q_bc"])) and np.all(np.isfinite(ep.extras["q_rl"])) for ep in online)
+    assert (np.diff(np.concatenate([ep.extras["weights_version"] for ep in online])) >= 0).all()
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "robot_rl.cli", *args], stdout=log.open("a"),
+                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+
+def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
+    cfg = load_config(TINY)
+    bc_dir = tmp_path / "bc"
+    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    port = free_port_pair()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=600",
+              "--set", "actor.period_s=0.002"]  # fmt: skip
+    learner = _spawn(["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint], tmp_path / "l.log")
+    actor_args = ["actor", *common, "--out", str(tmp_path / "actor"), "--learner", endpoint]
+    actor = _spawn(actor_args, tmp_path / "a.log")
+    try:
+        deadline = time.monotonic() + 120
+        while _stats(tmp_path / "actor" / "stats.json").get("acked", 0) < 150:
+            assert time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-2000:]
+            assert actor.poll() is None and learner.poll() is None
+            time.sleep(0.2)
+        actor.send_signal(signal.SIGKILL)
+        actor.wait()
+        produced_before = len(list((tmp_path / "actor" / "spill").glob("seg_*.log")))
+        assert produced_before >= 1
+        actor = _spawn(actor_args, tmp_path / "a.log")  # same --out: the same run continues
+        assert learner.wait(timeout=180) == 0, (tmp_path / "l.log").read_text()[-3000:]
+        assert actor.wait(timeout=60) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        for proc in (actor, learner):
+            if proc.poll() is None:
+                proc.kill()
+    a, lstats = _stats(tmp_path / "actor" / "stats.json"), _stats(tmp_path / "learner" / "stats.json")
+    stored = lstats["actors"]["actor0"]["stored"]
+    assert a["produced"] == a["acked"] == stored, (a, lstats)
+    assert lstats["env_steps"] == stored  # every stored transition counted once
+
+
+@pytest.mark.parametrize("bad", ["tcp://127.0.0.1", "ftp://x:1"])
+def test_learner_refuses_a_malformed_bind(tmp_path: Path, bad: str, capsys):
+    cfg = load_config(TINY)
+    bc_dir = tmp_path / "bc"
+    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    args = ["learner", "--config", str(TINY), "--bc", str(bc_dir), "--out", str(tmp_path / "l"), "--bind", bad]
+    assert main(args) == 2
+    assert "transport.learner" in capsys.readouterr().err
