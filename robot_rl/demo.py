@@ -36,11 +36,11 @@ DEMO_OVERRIDES = [
     "agent.hidden=[128, 128]",
     "agent.batch_size=128",
     "agent.actor_q=min",
-    "train.env_steps=6000",
+    "train.env_steps=15000",
     "train.learner_steps_per_env_step=0.5",
-    "train.eval_every=1500",
+    "train.eval_every=2500",
     "train.eval_episodes=20",
-    "train.checkpoint_every=3000",
+    "train.checkpoint_every=5000",
     "train.torch_threads=1",
     "actor.period_s=0",
     "actor.max_env_steps_ahead=150",
@@ -116,6 +116,7 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     status = StatusLine(enabled=not quiet)
     deadline = start + minutes * 60
     interrupted = False
+    last_plain = time.monotonic()
     try:
         while procs["learner"].poll() is None:
             if procs["actor"].poll() is not None:
@@ -132,7 +133,9 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
                 print(f"\ndemo: {minutes} minutes reached; stopping", flush=True)
                 break
             learner, actor = _read_json(out / "learner" / "stats.json"), _read_json(out / "actor" / "stats.json")
-            status.update(_status_fields(learner, actor, time.monotonic() - start), force=False)
+            plain_due = not status.interactive and time.monotonic() - last_plain > 30  # a line every 30 s in logs
+            last_plain = time.monotonic() if plain_due else last_plain
+            status.update(_status_fields(learner, actor, time.monotonic() - start), force=plain_due)
             time.sleep(0.5)
     except KeyboardInterrupt:
         interrupted = True
