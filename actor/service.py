@@ -15,8 +15,11 @@ it. What it does depends on the learner's phase:
 | done | stops |
 
 `DIR/stats.json` (atomic, every second): actor_id, run_id, produced (transitions in the durable spill), sent, acked,
-episodes, successes, phase, weights version and age, loop overruns. Restarting with the same DIR continues the run
-and its sequence numbers; on SIGTERM/SIGINT the actor ends the episode, flushes, and waits (bounded) for the acks.
+episodes, successes, phase, weights version and age, loop overruns. `DIR/weights/` archives every weights version
+swapped in (`weights_archive.py`); episode attrs and `DIR/actor_state.json` name it and the BC policy, and each step
+logs the measured pose the safety mapping used, so `robot-rl replay` can re-run an episode (`replay.py`).
+Restarting with the same DIR continues the run and its sequence numbers; on SIGTERM/SIGINT the actor ends the
+episode, flushes, and waits (bounded) for the acks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 from robot_rl.actor.link import LearnerLink
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
+from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc
 from robot_rl.config import RunConfig, dump_config
@@ -117,6 +121,8 @@ class ActorService:
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         self.run_id = self._run_id()
+        self.bc_dir = bc_dir.resolve()
+        self._record_bc_dir()
         self.env = make_env(cfg.env)
         self.keys = obs_keys(self.env.observation_space)
         low, high = obs_bounds(self.env.observation_space)
@@ -134,8 +140,12 @@ class ActorService:
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 101)
         self.weights_version = -1
         self.weights_time = 0.0
+        # Every version swapped in, for `robot-rl replay` (written off the control thread).
+        self.weights_archive = WeightsArchive(out / "weights", background=True)
         self.counters = ActorCounters()
-        self.rate = RateKeeper(cfg.actor.period_s)
+        # An env that keeps the wall-clock period itself (franky: each step ends at its deadline) is not paced twice.
+        self.env_pacer = getattr(self.env, "pacer", None)
+        self.rate = RateKeeper(0.0 if self.env_pacer is not None else cfg.actor.period_s)
         self.operator = make_operator(cfg.env.operator)
         self.status_line = StatusLine(enabled=not quiet)
         self.stop_event = threading.Event()
@@ -168,6 +178,13 @@ class ActorService:
         write_json_atomic(state_path, {"actor_id": self.cfg.actor.actor_id, "run_id": run_id})
         return run_id
 
+    def _record_bc_dir(self) -> None:
+        """actor_state.json names the BC policy this actor acts with (replay finds it there)."""
+        state_path = self.out / "actor_state.json"
+        state = json.loads(state_path.read_text())
+        if state.get("bc_dir") != str(self.bc_dir):
+            write_json_atomic(state_path, {**state, "bc_dir": str(self.bc_dir)})
+
     # -- weights and phase ---------------------------------------------------------------------------------------------
     def _swap_weights(self) -> None:
         if self.link is None:
@@ -175,7 +192,9 @@ class ActorService:
         weights: Weights | None = self.link.take_weights()
         if weights is None or weights.version == self.weights_version:
             return
-        self.agent.load_acting_state(unpack_tensors(weights.tensors))
+        tensors = unpack_tensors(weights.tensors)
+        self.agent.load_acting_state(tensors)
+        self.weights_archive.save(weights.version, tensors, phase=weights.phase)
         self.weights_version = weights.version
         self.weights_time = time.monotonic()
 
@@ -234,6 +253,8 @@ class ActorService:
                     "run_id": self.run_id,
                     "actor_id": self.cfg.actor.actor_id,
                     "seed": -1 if seed is None else seed,
+                    "weights_archive": str(self.weights_archive.root.resolve()),
+                    "bc_dir": str(self.bc_dir),
                 }
             ) as stream,
         ):
@@ -241,6 +262,8 @@ class ActorService:
             while not done and not self.stop_event.is_set():
                 self._swap_weights()  # the one point of the loop where weights change
                 version = self.weights_version if gated else -1
+                if kind == "eval" and version >= 0:
+                    self.weights_archive.pin(version)  # evaluated versions outlive the archive's retention
                 t0 = time.monotonic()
                 obs = flatten_obs(obs_dict, self.keys)
                 choice = self._choose(obs, gated=gated, rl_action=rl_action)
@@ -272,6 +295,7 @@ class ActorService:
                         "weights_version": np.int64(version),
                         "command": np.asarray(info.get("command", np.full(7, np.nan)), np.float64),
                         "target": np.asarray(info.get("target", np.full(6, np.nan)), np.float64),
+                        "measured": np.asarray(info.get("measured", np.full(6, np.nan)), np.float64),
                         "time": np.float64(t0 - self.start_time),
                         "compute_s": np.float64(compute),
                         "overrun": np.bool_(overran),
@@ -429,6 +453,7 @@ class ActorService:
             self.link.stop()
             self.link.join(timeout=2.0)
         self._write_stats(force=True)
+        self.weights_archive.close()
         self.operator.__exit__(None, None, None)
         self.status_line.close()
         self.env.close()
@@ -455,7 +480,8 @@ class ActorService:
             "weights_version": self.weights_version,
             "weights_age_s": round(time.monotonic() - self.weights_time, 1) if self.weights_version >= 0 else None,
             "refused": link.refused if link else None,
-            "loop": self.rate.stats.summary(),
+            "loop": self.rate.stats.summary()
+            | ({"overruns": self.rate.stats.overruns + self.env_pacer.overruns} if self.env_pacer else {}),
             "wall_s": round(time.monotonic() - self.start_time, 1),
         }
 

@@ -109,7 +109,8 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         return self._observation(self._measured), info
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        target = self.mapper.step(action, self._measured)
+        measured = self._measured.copy()
+        target = self.mapper.step(action, measured)
         pose = relative_to_world(target, self.reference)
         sent_pos, sent_quat = self.robot.command(pose.pos, pose.quat)
         self._wait(self.config.task.control_period_s)
@@ -121,6 +122,8 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         truncated = not terminated and self._steps >= self.config.task.max_episode_steps
         reward = 1.0 if status.is_success else 0.0
         info = self._info(status, target, np.concatenate([sent_pos, sent_quat]))
+        # The measured relative pose the target was computed from (before this step): what a replay feeds back.
+        info["measured"] = measured
         return self._observation(self._measured), reward, terminated, truncated, info
 
     def _reset_offset(self, options: dict[str, Any] | None) -> np.ndarray:

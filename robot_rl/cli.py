@@ -86,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--actor-id", default=None, help="override actor.actor_id")
     p.add_argument("--quiet", action="store_true", help="no live status line")
 
+    p = sub.add_parser("replay", help="re-run a recorded actor episode through mock hardware; report divergences")
+    p.add_argument("log", type=Path, help="episode log (DIR/episodes/episode_*.hdf5 of an actor directory)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="weights archive or learner checkpoint directory (default: DIR/weights, the archive next to the log)",
+    )
+    p.add_argument("--config", type=Path, default=None, help="run config (default: the actor's DIR/config.yaml)")
+    p.add_argument("--bc", type=Path, default=None, help="BC policy directory (default: the one the actor recorded)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for floats (decisions: exact)")
+
     from robot_rl.security import register_keys_command
 
     register_keys_command(sub)
@@ -245,6 +257,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from robot_rl.actor.replay import run_replay
+
+    return run_replay(
+        args.log,
+        checkpoint=args.checkpoint,
+        config=args.config,
+        bc_dir=args.bc,
+        atol=args.atol,
+        print_fn=lambda line: print(line, flush=True),
+        error_fn=lambda line: print(line, file=sys.stderr),
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from robot_rl.runlog import plot_curves, read_eval_csv
 
@@ -277,6 +303,7 @@ COMMANDS = {
     "bc": cmd_bc,
     "eval": cmd_eval,
     "report": cmd_report,
+    "replay": cmd_replay,
     "cameras": cmd_cameras,
 }
 

@@ -1,0 +1,536 @@
+"""`robot-rl replay LOG`: run a recorded actor episode back through mock hardware and re-check every decision.
+
+The inputs are the episode log the actor wrote (`DIR/episodes/episode_*.hdf5`), the weights archive it filled
+(`DIR/weights/`, see `weights_archive.py`), the BC policy it acted with (the episode's `bc_dir` attribute, else
+`DIR/actor_state.json`) and its resolved config (`DIR/config.yaml`). `--checkpoint` replaces the archive: another
+archive directory, or a learner checkpoint (`manifest.json` + `model.safetensors`) whose acting tensors then serve
+every gated step whatever version it logged.
+
+Per logged step t, in the order the actor did it:
+
+1. Observation. A `ReplayRobot` (the `Robot` twin fed from the log) reports the logged measured pose
+   (`extras/measured`, the relative pose the actor's TargetMapper used) as a world pose; the real `RobotEnv` turns it
+   into the observation. Field `obs` compares that with the logged `obs` (keys the env does not produce, such as
+   camera images, are taken from the log as recorded). The logged observation is what the policies are fed.
+2. Decision, for a gated step (`weights_version` >= 0), with that version's acting state from the archive:
+   - a_BC is the logged proposal (the BC sample is random; its log entry is the source of truth). When the config
+     asks for the BC mode, the mode is recomputed and compared (`bc_action`).
+   - a_RL is the RL actor's mode, recomputed and compared (`rl_action`), when the step acted in mode (evaluation
+     episodes always do, others as `agent.rl_action` says); a sampled a_RL is taken from the log and only re-scored.
+   - `q_bc` = Q^_BC(s, a_BC) with the archived V_BC and the BC policy (gating q2rl), or min_k Q_RL_k(s, a_BC)
+     (gating shared); `q_rl` = min_k Q_RL_k(s, a_RL); `use_bc` = q_bc > q_rl, recomputed from the replayed values;
+     `action` = the chosen proposal, clipped as the actor clips it.
+   A BC-only step (`weights_version` -1) checks that the executed action is its clipped BC proposal and that use_bc
+   was set (and recomputes the proposal when the config asks for the BC mode).
+3. Safety mapping. The replayed action goes through `RobotEnv.step` (TargetMapper, safety box, `relative_to_world`,
+   `ReplayRobot.command`); `target` and `command` are compared with the log. Afterwards the mapper is re-seeded from
+   the logged target, so each step is checked from the state the robot really was in and a divergence is reported
+   at the step it arises, not inherited by every later step.
+4. Operator. The logged operator events are released at their steps by the `ReplayedOperator` and applied as the
+   actor applies them (success: terminated with reward 1; failure or quit: truncated); with the env's step limit
+   they decide `done` = (terminated, truncated, reward), compared exactly with the log. The replayed task never
+   reports success by itself: on the robot the operator judges it, and in simulation the scripted operator turned
+   the detector's success into the logged SUCCESS event.
+
+Floats compare within `atol` (absolute; NaN equals NaN); decisions and `done` compare exactly. The report has one
+line per diverging step and field (logged, replayed), then a summary: steps, divergent steps per field, the first
+divergence. `run_replay` returns 0 when nothing diverged, 1 when something did, 2 when the input is unusable (an
+unreadable log, a weights version missing from the archive, no BC policy or config): the message names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+import torch
+
+from robot_rl.actor.weights_archive import WeightsArchive, WeightsArchiveError
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
+from robot_rl.checkpoint import CheckpointError, load_checkpoint
+from robot_rl.config import ConfigError, RunConfig, load_config
+from robot_rl.episodes import Episode, EpisodeFileError, read_episodes
+from robot_rl.hardware.env import RobotEnv, TaskStatus
+from robot_rl.hardware.interfaces import Pose, RobotState
+from robot_rl.hardware.operator import OperatorEvent, ReplayedOperator
+from robot_rl.hardware.safety import relative_to_world
+from robot_rl.rollout import clip_action, flatten_obs, obs_bounds
+
+FIELDS = ("obs", "bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "action", "target", "command", "done")
+"""Compared per step, in this order (the order the actor produces them)."""
+EXACT_FIELDS = frozenset({"use_bc", "done"})
+DEFAULT_ATOL = 1e-5
+# Operator events as the actor logs them (actor.service.EVENT_CODES; kept here to avoid importing the service).
+EVENTS_BY_CODE = {1: OperatorEvent.SUCCESS, 2: OperatorEvent.FAILURE, 3: OperatorEvent.PAUSE,
+                  4: OperatorEvent.RESUME, 5: OperatorEvent.QUIT}  # fmt: skip
+REQUIRED_EXTRAS = ("bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "weights_version", "command", "target",
+                   "operator_event")  # fmt: skip
+
+
+Check = Callable[[int, str, np.ndarray, np.ndarray], None]
+"""Records a divergence when logged and replayed values of (step, field) differ."""
+
+
+class ReplayInputError(ValueError):
+    """The replay cannot start: unreadable log, missing weights version, BC policy or config. Names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mock hardware fed from the log
+# ----------------------------------------------------------------------------------------------------------------
+class ReplayRobot:
+    """The `Robot` twin of a log: `state()` reports the pose set with `feed`; `command` returns what it was given
+    (unit quaternion), as an arm that clips nothing; `move_to` only records (the log says where the arm was)."""
+
+    def __init__(self, reference: Pose) -> None:
+        self.reference = reference
+        self._pose = Pose(pos=np.asarray(reference.pos, np.float64).copy(), quat=np.asarray(reference.quat).copy())
+        self.commands = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    def feed(self, measured: np.ndarray) -> None:
+        """The next `state()` reports this relative pose (6-vector around the reference)."""
+        self._pose = relative_to_world(np.asarray(measured, np.float64), self.reference)
+
+    def state(self) -> RobotState:
+        return RobotState(ee_pos=self._pose.pos.copy(), ee_quat=self._pose.quat.copy(), joint_pos=np.zeros(7),
+                          joint_vel=np.zeros(7), time=0.0)  # fmt: skip
+
+    def command(self, target_pos: np.ndarray, target_quat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.commands += 1
+        quat = np.asarray(target_quat, np.float64)
+        return np.asarray(target_pos, np.float64).copy(), quat / np.linalg.norm(quat)
+
+    def move_to(self, pos: np.ndarray, quat: np.ndarray) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def recover(self) -> bool:
+        return True
+
+
+class ReplayTask:
+    """The task of a replay: the cell's reference pose; success only ever comes from the replayed operator."""
+
+    def __init__(self, reference: Pose) -> None:
+        self._reference = reference
+
+    @property
+    def reference(self) -> Pose:
+        return self._reference
+
+    def evaluate(self, state: RobotState) -> TaskStatus:
+        return TaskStatus(is_success=False, insertion_depth_m=0.0)
+
+
+def apply_operator_events(
+    events: list[OperatorEvent], reward: float, terminated: bool, truncated: bool
+) -> tuple[float, bool, bool]:
+    """The actor's rule for one step's operator events: success ends the episode terminated with reward 1, failure
+    or quit end it truncated (a pause only holds the loop, which a replay need not)."""
+    for event in events:
+        if event is OperatorEvent.SUCCESS and not terminated:
+            reward, terminated, truncated = 1.0, True, False
+        elif event is OperatorEvent.FAILURE and not terminated:
+            truncated = True
+        elif event is OperatorEvent.QUIT:
+            truncated = truncated or not terminated
+    return reward, terminated, truncated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights by version
+# ----------------------------------------------------------------------------------------------------------------
+class ActingWeights:
+    """Acting-state tensors for a logged weights version: from a weights archive, or one learner checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fixed: dict[str, torch.Tensor] | None = None
+        self.archive: WeightsArchive | None = None
+        if (directory / "manifest.json").is_file() and (directory / "model.safetensors").is_file():
+            try:
+                tensors, _, _ = load_checkpoint(directory)
+            except CheckpointError as exc:
+                raise ReplayInputError(str(exc)) from exc
+            prefixes = tuple(f"{name}." for name in Q2RLAgent.ACTING_MODULES)
+            self.fixed = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+        elif directory.is_dir():
+            self.archive = WeightsArchive(directory)
+        else:
+            raise ReplayInputError(f"weights archive {directory} does not exist (pass --checkpoint DIR)")
+
+    def describe(self) -> str:
+        return f"checkpoint {self.directory}" if self.fixed is not None else f"weights archive {self.directory}"
+
+    def check(self, versions: list[int]) -> None:
+        """Refuse now, before any step is replayed, when one of `versions` cannot be loaded."""
+        if self.archive is not None:
+            for version in versions:
+                try:
+                    self.archive.manifest(version)
+                except WeightsArchiveError as exc:
+                    raise ReplayInputError(str(exc)) from exc
+
+    def load(self, version: int) -> dict[str, torch.Tensor]:
+        if self.fixed is not None:
+            return self.fixed
+        assert self.archive is not None
+        try:
+            return self.archive.load(version)
+        except WeightsArchiveError as exc:
+            raise ReplayInputError(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Divergence:
+    """One field of one step that the replay computed differently from the log."""
+
+    episode: int
+    step: int
+    field: str
+    logged: np.ndarray
+    replayed: np.ndarray
+
+    def line(self, *, with_episode: bool = False) -> str:
+        where = f"demo_{self.episode} step {self.step}" if with_episode else f"step {self.step}"
+        return f"{where} {self.field}: logged {_fmt(self.logged)} replayed {_fmt(self.replayed)}"
+
+
+def _fmt(value: np.ndarray) -> str:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return str(arr.item()) if arr.dtype.kind == "b" else f"{float(arr):.7g}"
+    return np.array2string(arr, precision=7, separator=", ", max_line_width=10_000)
+
+
+@dataclass
+class ReplayReport:
+    """What a replay found: every divergence, the steps replayed, notes about the inputs."""
+
+    log: Path
+    steps: int = 0
+    gated_steps: int = 0
+    episodes: int = 0
+    versions: list[int] = field(default_factory=list)
+    divergences: list[Divergence] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.divergences
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def per_field(self) -> dict[str, int]:
+        """Divergent steps per field, in FIELDS order (fields without divergence left out)."""
+        counts = {name: 0 for name in FIELDS}
+        for d in self.divergences:
+            counts[d.field] += 1
+        return {name: n for name, n in counts.items() if n}
+
+    @property
+    def first(self) -> Divergence | None:
+        return self.divergences[0] if self.divergences else None
+
+    def divergent_steps(self) -> int:
+        return len({(d.episode, d.step) for d in self.divergences})
+
+    def lines(self) -> Iterator[str]:
+        many = self.episodes > 1
+        for d in self.divergences:
+            yield d.line(with_episode=many)
+        for note in self.notes:
+            yield f"note: {note}"
+        versions = f"weights versions {self.versions[0]}..{self.versions[-1]}" if self.versions else "BC only"
+        yield (
+            f"replayed {self.steps} steps ({self.gated_steps} gated, {versions}) of {self.log} "
+            f"in {self.wall_s:.2f} s: {self.divergent_steps()} divergent steps"
+        )
+        if self.divergences:
+            counts = ", ".join(f"{name} {n}" for name, n in self.per_field().items())
+            first = self.divergences[0]
+            where = f"demo_{first.episode} step {first.step}" if many else f"step {first.step}"
+            yield f"divergent steps per field: {counts}"
+            yield f"first divergence: {where} field {first.field}"
+        else:
+            yield "no divergence: the replay reproduces every logged action, Q-value, decision and command"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the inputs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReplayInputs:
+    """Everything a replay needs besides the episodes: config, BC policy, weights."""
+
+    cfg: RunConfig
+    bc: BCPolicy
+    weights: ActingWeights
+
+
+def load_inputs(
+    log: Path,
+    episodes: list[Episode],
+    *,
+    checkpoint: Path | None = None,
+    config: Path | None = None,
+    bc_dir: Path | None = None,
+) -> ReplayInputs:
+    """The run's config, BC policy and weights for `log`; defaults are the actor directory's (LOG/../..)."""
+    actor_dir = log.resolve().parent.parent
+    config_path = config or actor_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ReplayInputError(f"config {config_path} does not exist (pass --config C)")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise ReplayInputError(f"config {config_path}: {exc}") from exc
+    bc_path = bc_dir or _recorded_bc_dir(actor_dir, episodes)
+    try:
+        bc = load_bc(bc_path)
+    except BCCheckpointError as exc:
+        raise ReplayInputError(f"BC policy {bc_path}: {exc}") from exc
+    archive = checkpoint or Path(str(episodes[0].attrs.get("weights_archive", actor_dir / "weights")))
+    if checkpoint is None and not archive.is_dir():
+        archive = actor_dir / "weights"  # the actor directory was moved: the archive next to the log
+    return ReplayInputs(cfg=cfg, bc=bc, weights=ActingWeights(archive))
+
+
+def _recorded_bc_dir(actor_dir: Path, episodes: list[Episode]) -> Path:
+    recorded = episodes[0].attrs.get("bc_dir")
+    if isinstance(recorded, str) and (Path(recorded) / "bc.json").is_file():
+        return Path(recorded)
+    state_path = actor_dir / "actor_state.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        state = {}
+    if isinstance(state.get("bc_dir"), str):
+        return Path(state["bc_dir"])
+    if isinstance(recorded, str):
+        return Path(recorded)
+    raise ReplayInputError(
+        f"no BC policy recorded for this log (episode attr bc_dir, {state_path}): pass --checkpoint/--bc explicitly"
+    )
+
+
+def read_log(log: Path) -> list[Episode]:
+    """The episodes of an actor log; ReplayInputError when the file is unreadable or not an actor log."""
+    try:
+        episodes = read_episodes(log)
+    except EpisodeFileError as exc:
+        raise ReplayInputError(f"episode log {exc}") from exc
+    if not episodes:
+        raise ReplayInputError(f"episode log {log}: no episode with a recorded step")
+    for i, ep in enumerate(episodes):
+        missing = [name for name in REQUIRED_EXTRAS if name not in ep.extras]
+        if missing:
+            raise ReplayInputError(f"episode log {log}: demo_{i} lacks extras {missing}: not an actor episode log")
+    return episodes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The replay
+# ----------------------------------------------------------------------------------------------------------------
+class Replayer:
+    """Holds the mock env and the agent across episodes; `replay_episode` checks one episode step by step."""
+
+    def __init__(self, inputs: ReplayInputs, *, atol: float = DEFAULT_ATOL) -> None:
+        from robot_rl.hardware.sim.scene import build_scene
+
+        cfg = inputs.cfg
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        self.cfg, self.bc, self.weights, self.atol = cfg, inputs.bc, inputs.weights, atol
+        # Both the sim twin and the franky env place the cell by this reference: commands are world poses around it.
+        reference = build_scene(cfg.env.task).reference
+        self.robot = ReplayRobot(reference)
+        self.env = RobotEnv(robot=self.robot, task=ReplayTask(reference), config=cfg.env, wait=lambda seconds: None)
+        self.env_keys = list(self.env.observation_space.spaces)
+        low, high = obs_bounds(self.env.observation_space)
+        self.agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=int(self.env.action_space.shape[0]),
+                               bc_policy=self.bc, qest_alpha=cfg.qest.alpha, seed=cfg.seed)  # fmt: skip
+        self.agent.eval()
+        self._loaded: int | None = None
+
+    def _use_version(self, version: int) -> None:
+        if self._loaded != version:
+            self.agent.load_acting_state(self.weights.load(version))
+            self._loaded = version
+
+    def replay_episode(self, ep: Episode, index: int, report: ReplayReport) -> None:
+        """Replay one episode, appending its divergences to `report`."""
+        n = len(ep)
+        keys = sorted(ep.obs)
+        measured = self._measured(ep, report)
+        rl_mode = "mode" if ep.attrs.get("kind") == "eval" else self.cfg.agent.rl_action
+        codes = [int(c) for c in ep.extras["operator_event"]]
+        operator = ReplayedOperator([(t, EVENTS_BY_CODE[c]) for t, c in enumerate(codes) if c in EVENTS_BY_CODE])
+        ext = ep.extras
+
+        def check(t: int, name: str, logged: np.ndarray, replayed: np.ndarray) -> None:
+            if not self._same(name, logged, replayed):
+                report.divergences.append(Divergence(index, t, name, np.asarray(logged), np.asarray(replayed)))
+
+        self.robot.feed(measured[0])
+        env_obs, _ = self.env.reset(options={"offset": np.clip(measured[0], self.env.mapper.low, self.env.mapper.high)})
+        for t in range(n):
+            logged_obs = {k: ep.obs[k][t] for k in keys}
+            rebuilt = [k for k in self.env_keys if k in logged_obs]
+            if rebuilt:
+                check(t, "obs", flatten_obs(logged_obs, rebuilt), flatten_obs(env_obs, rebuilt))
+            obs = flatten_obs(logged_obs, keys)
+            version = int(ext["weights_version"][t])
+            if version >= 0:
+                action = self._gated_step(t, obs, ext, rl_mode, version, check)
+                report.gated_steps += 1
+            else:
+                action = self._bc_step(t, obs, ext, check)
+            check(t, "action", ep.actions[t], action)
+            self.robot.feed(measured[t + 1] if t + 1 < n else measured[t])
+            env_obs, reward, terminated, truncated, info = self.env.step(action)
+            check(t, "target", ext["target"][t], info["target"])
+            check(t, "command", ext["command"][t], info["command"])
+            self.env.mapper.reset(np.asarray(ext["target"][t], np.float64))  # continue from the logged target
+            operator.advance(t)
+            reward, terminated, truncated = apply_operator_events(
+                [i.event for i in operator.poll()], reward, terminated, truncated
+            )
+            logged_done = np.array([ep.terminated[t], ep.truncated[t], ep.rewards[t]], np.float64)
+            check(t, "done", logged_done, np.array([terminated, truncated, reward], np.float64))
+        report.steps += n
+
+    def _measured(self, ep: Episode, report: ReplayReport) -> np.ndarray:
+        if "measured" in ep.extras and np.all(np.isfinite(ep.extras["measured"])):
+            return np.asarray(ep.extras["measured"], np.float64)
+        if "ee_pose" in ep.obs and ep.obs["ee_pose"].shape[1:] == (6,):
+            report.notes.append(
+                "the log has no extras/measured (an older actor): the measured pose is taken from obs/ee_pose "
+                "(float32, clipped to the observation bounds), so target and command may differ by its rounding"
+            )
+            return np.asarray(ep.obs["ee_pose"], np.float64)
+        raise ReplayInputError(f"episode log {report.log}: no extras/measured and no obs/ee_pose to feed the robot")
+
+    @torch.no_grad()
+    def _gated_step(
+        self,
+        t: int,
+        obs: np.ndarray,
+        ext: dict[str, np.ndarray],
+        rl_mode: str,
+        version: int,
+        check: Check,
+    ) -> np.ndarray:
+        self._use_version(version)
+        agent = self.agent
+        obs_t = agent.tensor(obs[None])
+        a_bc = agent.tensor(ext["bc_action"][t][None])
+        gating = self.cfg.agent.gating
+        if gating != "none" and self.cfg.agent.bc_action == "mode":
+            check(t, "bc_action", ext["bc_action"][t], self.bc.mode(obs_t).clamp(-1.0, 1.0)[0].numpy())
+        if rl_mode == "mode":
+            a_rl = agent.actor(agent.normalizer(obs_t)).mode()
+            check(t, "rl_action", ext["rl_action"][t], a_rl[0].numpy())
+        else:
+            a_rl = agent.tensor(ext["rl_action"][t][None])
+        q_rl = agent.q_rl_min(obs_t, a_rl)
+        if gating == "none":
+            q_bc = torch.full_like(q_rl, float("nan"))
+            use_bc = torch.zeros_like(q_rl, dtype=torch.bool)
+        else:
+            q_bc = agent.q_bc_hat(obs_t, a_bc) if gating == "q2rl" else agent.q_rl_min(obs_t, a_bc)
+            use_bc = q_bc > q_rl
+        check(t, "q_bc", ext["q_bc"][t], np.float32(q_bc[0]))
+        check(t, "q_rl", ext["q_rl"][t], np.float32(q_rl[0]))
+        check(t, "use_bc", ext["use_bc"][t], use_bc[0].numpy())
+        chosen = torch.where(use_bc[:, None], a_bc, a_rl)
+        return clip_action(chosen[0].numpy())
+
+    @torch.no_grad()
+    def _bc_step(self, t: int, obs: np.ndarray, ext: dict[str, np.ndarray], check: Check) -> np.ndarray:
+        if self.cfg.agent.bc_action == "mode":
+            mode = self.bc.mode(torch.as_tensor(obs[None], dtype=torch.float32))[0].numpy()
+            check(t, "bc_action", ext["bc_action"][t], clip_action(mode))
+        check(t, "use_bc", ext["use_bc"][t], np.bool_(True))
+        return clip_action(ext["bc_action"][t])
+
+    def _same(self, name: str, logged: np.ndarray, replayed: np.ndarray) -> bool:
+        a, b = np.asarray(logged), np.asarray(replayed)
+        if a.shape != b.shape:
+            return False
+        if name in EXACT_FIELDS:
+            return bool(np.array_equal(a, b))
+        x, y = a.astype(np.float64), b.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            close = (np.abs(x - y) <= self.atol) | (x == y) | (np.isnan(x) & np.isnan(y))
+        return bool(close.all())
+
+
+def replay_log(
+    log: Path,
+    *,
+    checkpoint: Path | None = None,
+    config: Path | None = None,
+    bc_dir: Path | None = None,
+    atol: float = DEFAULT_ATOL,
+) -> ReplayReport:
+    """Replay every episode of `log`; ReplayInputError (exit 2) when an input is unusable. See the module docstring."""
+    start = time.perf_counter()
+    if not np.isfinite(atol) or atol < 0:
+        raise ReplayInputError(f"--atol must be a finite number >= 0, got {atol}")
+    episodes = read_log(log)
+    inputs = load_inputs(log, episodes, checkpoint=checkpoint, config=config, bc_dir=bc_dir)
+    versions = sorted({int(v) for ep in episodes for v in ep.extras["weights_version"] if int(v) >= 0})
+    inputs.weights.check(versions)
+    report = ReplayReport(log=log, episodes=len(episodes), versions=versions)
+    if inputs.weights.fixed is not None and versions:
+        report.notes.append(f"every gated step replayed with {inputs.weights.describe()} (logged versions {versions})")
+    replayer = Replayer(inputs, atol=atol)
+    for i, ep in enumerate(episodes):
+        replayer.replay_episode(ep, i, report)
+    report.wall_s = time.perf_counter() - start
+    return report
+
+
+def run_replay(
+    log: Path,
+    *,
+    checkpoint: Path | None = None,
+    config: Path | None = None,
+    bc_dir: Path | None = None,
+    atol: float = DEFAULT_ATOL,
+    print_fn: Callable[[str], None] = print,
+    error_fn: Callable[[str], None] | None = None,
+) -> int:
+    """`robot-rl replay`: print the report; 0 nothing diverged, 1 something did, 2 unusable input."""
+    try:
+        report = replay_log(log, checkpoint=checkpoint, config=config, bc_dir=bc_dir, atol=atol)
+    except ReplayInputError as exc:
+        (error_fn or print_fn)(f"robot-rl replay: {exc}")
+        return 2
+    for line in report.lines():
+        print_fn(line)
+    return report.exit_code

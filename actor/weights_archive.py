@@ -1,0 +1,209 @@
+"""The actor's weights archive: every acting-state version the actor swapped in, kept for `robot-rl replay`.
+
+Layout under `DIR/weights/` (one pair of files per version, safetensors only, never pickle):
+
+    v00000012.safetensors   the acting-state tensors (RL actor, critic ensemble, V_BC, normaliser) of version 12
+    v00000012.json          manifest: format, version, phase, tensor count, file name, save time
+    pins.json               {"pinned": [...]}: versions an evaluation episode acted with
+
+Writes are atomic (a temporary sibling renamed into place; the manifest is renamed last, and its presence is what
+makes a version visible), so a killed actor leaves either a whole version or none. A version already archived is not
+written again (dedup by version number).
+
+Retention: the newest `keep_last` versions (50 by default) plus every pinned version; older unpinned versions are
+deleted after each save. Evaluation episodes pin the versions they use, so the episodes behind a reported success
+rate stay replayable for the life of the run; an online episode older than the last 50 versions is not.
+
+`save` can hand the write to a background thread (`background=True`, as the actor does), so the control loop never
+waits for the disk; `close()` drains the queue and joins the thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "robot_rl.weights_archive"
+FORMAT_VERSION = 1
+DEFAULT_KEEP_LAST = 50
+PINS_FILE = "pins.json"
+_VERSION_FILE = re.compile(r"^v(\d{8})\.json$")
+
+
+class WeightsArchiveError(ValueError):
+    """A version that is not in the archive or cannot be read; the message names the file."""
+
+
+def _stem(version: int) -> str:
+    return f"v{version:08d}"
+
+
+def _replace_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class WeightsArchive:
+    """Versions of the actor's acting state on disk; see the module docstring for layout and retention."""
+
+    def __init__(self, root: str | Path, *, keep_last: int = DEFAULT_KEEP_LAST, background: bool = False) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self._lock = threading.Lock()
+        self._pinned: set[int] = self._read_pins() if self.root.is_dir() else set()
+        self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None] | None = None
+        self._worker: threading.Thread | None = None
+        self.failures = 0
+        if background:
+            self._queue = queue.Queue()
+            self._worker = threading.Thread(target=self._drain, name="weights-archive", daemon=True)
+            self._worker.start()
+
+    # -- context manager -----------------------------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write everything still queued and stop the background thread (safe to call twice)."""
+        if self._worker is not None and self._queue is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    # -- writing -------------------------------------------------------------------------------------------------------
+    def save(self, version: int, tensors: Mapping[str, torch.Tensor], *, phase: str = "") -> None:
+        """Archive `tensors` as `version` (skipped when that version is already there), then prune.
+
+        With a background thread the tensors are copied to CPU now and written later; the caller may reuse them.
+        """
+        if version < 0:
+            raise ValueError(f"weights version must be >= 0, got {version}")
+        cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+        meta = {"phase": phase, "saved_at": time.time()}
+        if self._queue is not None and self._worker is not None:
+            self._queue.put((version, cpu, meta))
+        else:
+            self._write(version, cpu, meta)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            try:
+                self._write(*item)
+            except Exception:  # an archive failure must not stop the robot; it is logged and counted
+                self.failures += 1
+                log.exception("weights archive: version %s could not be written to %s", item[0], self.root)
+
+    def _write(self, version: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            manifest_path = self.root / f"{_stem(version)}.json"
+            if manifest_path.is_file():
+                return
+            tensors_name = f"{_stem(version)}.safetensors"
+            _replace_atomic(self.root / tensors_name, lambda p: save_file(tensors, str(p)))
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "version": version,
+                "tensors_file": tensors_name,
+                "tensor_count": len(tensors),
+                **meta,
+            }
+            _replace_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+            self._prune()
+
+    def pin(self, version: int) -> None:
+        """Keep `version` whatever retention says (an evaluation episode acted with it)."""
+        with self._lock:
+            if version < 0 or version in self._pinned:
+                return
+            self._pinned.add(version)
+            self.root.mkdir(parents=True, exist_ok=True)
+            body = json.dumps({"pinned": sorted(self._pinned)}) + "\n"
+            _replace_atomic(self.root / PINS_FILE, lambda p: p.write_text(body))
+
+    def _prune(self) -> None:
+        kept = set(self.versions()[-self.keep_last :]) | self._pinned
+        for version in self.versions():
+            if version not in kept:
+                # Manifest first: a version without its manifest is invisible, never half there.
+                (self.root / f"{_stem(version)}.json").unlink(missing_ok=True)
+                (self.root / f"{_stem(version)}.safetensors").unlink(missing_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------------------------------
+    def _read_pins(self) -> set[int]:
+        path = self.root / PINS_FILE
+        if not path.is_file():
+            return set()
+        try:
+            return {int(v) for v in json.loads(path.read_text())["pinned"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WeightsArchiveError(f"weights archive pins {path} cannot be read: {exc}") from exc
+
+    @property
+    def pinned(self) -> list[int]:
+        return sorted(self._pinned)
+
+    def versions(self) -> list[int]:
+        """Archived versions, ascending."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for m in map(_VERSION_FILE.match, os.listdir(self.root)) if m)
+
+    def __contains__(self, version: object) -> bool:
+        return isinstance(version, int) and (self.root / f"{_stem(version)}.json").is_file()
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        """The manifest of `version`; WeightsArchiveError when it is missing or malformed."""
+        path = self.root / f"{_stem(version)}.json"
+        if not path.is_file():
+            have = self.versions()
+            held = f"versions {have[0]}..{have[-1]} ({len(have)})" if have else "no versions"
+            raise WeightsArchiveError(
+                f"weights version {version} is not in the archive {self.root} ({path.name} missing; it holds {held}; "
+                f"retention keeps the last {self.keep_last} versions and every version an evaluation used)"
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsArchiveError(f"weights archive manifest {path} is not valid JSON: {exc}") from exc
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise WeightsArchiveError(f"{path} is not a weights archive manifest of format version {FORMAT_VERSION}")
+        if manifest.get("version") != version:
+            raise WeightsArchiveError(f"{path} says version {manifest.get('version')!r}, expected {version}")
+        return manifest
+
+    def load(self, version: int) -> dict[str, torch.Tensor]:
+        """The acting-state tensors of `version` (for `Q2RLAgent.load_acting_state`)."""
+        manifest = self.manifest(version)
+        path = self.root / str(manifest.get("tensors_file", f"{_stem(version)}.safetensors"))
+        if path.parent != self.root or not path.is_file():
+            raise WeightsArchiveError(f"weights archive tensors {path} are missing")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsArchiveError(f"weights archive tensors {path} cannot be read: {exc}") from exc

@@ -1,0 +1,200 @@
+"""`robot-rl replay`: real actor logs replayed through mock hardware; clean, perturbed, tampered and missing inputs.
+
+The logs come from the actor itself (ActorService on the sim twin, no learner): one BC-only episode, and one gated
+episode whose weights arrive as wire.Weights through the same swap point the learner link feeds (version 3, then
+version 4 from step 20 on), so the actor's weights archive holds exactly what it acted with.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from robot_rl.actor.replay import replay_log
+from robot_rl.actor.service import ActorService
+from robot_rl.actor.weights_archive import WeightsArchive
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import make_bc_policy, save_bc
+from robot_rl.cli import main
+from robot_rl.config import load_config
+from robot_rl.episodes import read_episodes
+from robot_rl.rollout import obs_bounds
+from robot_rl.wire import Weights, pack_tensors
+
+TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
+SECOND_VERSION_AT = 20
+VALUE_SHIFT = 3.6
+
+
+class ScriptedLink:
+    """Stands in for LearnerLink at the actor's swap point: hands out weights snapshots at given swap calls."""
+
+    state = None  # no connection state to report in stats.json
+
+    def __init__(self, snapshots: dict[int, Weights]) -> None:
+        self.snapshots = snapshots
+        self.calls = 0
+
+    def take_weights(self) -> Weights | None:
+        weights = self.snapshots.get(self.calls)
+        self.calls += 1
+        return weights
+
+
+def _snapshot(service: ActorService, version: int, seed: int) -> Weights:
+    cfg = service.cfg
+    low, high = obs_bounds(service.env.observation_space)
+    agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=6, bc_policy=service.bc, seed=seed)
+    with torch.no_grad():
+        agent.value.net[-1].bias -= VALUE_SHIFT  # brings Q^_BC down to Q_RL: both proposals get executed
+    return Weights(version=version, phase="online", tensors=pack_tensors(agent.acting_state()))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """An actor directory with a BC-only and a gated episode log, its weights archive and BC policy."""
+    root = tmp_path_factory.mktemp("replay")
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    bc_dir = root / "bc"
+    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    service = ActorService(cfg, root / "actor", bc_dir=bc_dir, learner=None, quiet=True)
+    try:
+        service.run_episode(kind="bc_only", gated=False, send=False, seed=11)
+        service.link = ScriptedLink(
+            {0: _snapshot(service, 3, seed=1), SECOND_VERSION_AT: _snapshot(service, 4, seed=2)}
+        )
+        service.run_episode(kind="online", gated=True, send=False, seed=12)
+    finally:
+        service.link = None
+        service._shutdown()
+    # A second actor whose RL proposals are samples: the replay re-scores them instead of recomputing them.
+    sampled = ActorService(load_config(TINY, ["actor.period_s=0", "agent.rl_action=sample"]), root / "sampled",
+                           bc_dir=bc_dir, learner=None, quiet=True)  # fmt: skip
+    try:
+        sampled.link = ScriptedLink({0: _snapshot(sampled, 1, seed=3)})
+        sampled.run_episode(kind="online", gated=True, send=False, seed=13)
+    finally:
+        sampled.link = None
+        sampled._shutdown()
+    episodes = sorted((root / "actor" / "episodes").glob("episode_*.hdf5"))
+    return {
+        "bc_log": episodes[0],
+        "gated_log": episodes[1],
+        "sampled_log": next((root / "sampled" / "episodes").glob("episode_*.hdf5")),
+        "archive": root / "actor" / "weights",
+        "root": root,
+    }
+
+
+def test_the_actor_logs_measured_poses_and_archives_the_versions_it_acted_with(run):
+    ep = read_episodes(run["gated_log"])[0]
+    versions = ep.extras["weights_version"]
+    assert np.all(versions[:SECOND_VERSION_AT] == 3) and np.all(versions[SECOND_VERSION_AT:] == 4)
+    assert WeightsArchive(run["archive"]).versions() == [3, 4]
+    assert ep.attrs["weights_archive"] == str(run["archive"].resolve())
+    assert ep.attrs["bc_dir"] == str((run["root"] / "bc").resolve())
+    # The measured pose of the next step is what the next observation shows (float32, inside the obs bounds).
+    np.testing.assert_allclose(ep.extras["measured"][1:], ep.next_obs["ee_pose"][:-1], atol=1e-6)
+    assert np.all(np.isfinite(ep.extras["q_rl"])) and np.all(np.isfinite(ep.extras["q_bc"]))
+    use_bc = ep.extras["use_bc"]
+    assert 0 < use_bc.mean() < 1  # both branches of the gate were taken
+    np.testing.assert_array_equal(ep.actions[use_bc], ep.extras["bc_action"][use_bc])
+    np.testing.assert_array_equal(ep.actions[~use_bc], ep.extras["rl_action"][~use_bc])
+
+
+@pytest.mark.parametrize("log", ["bc_log", "gated_log", "sampled_log"])
+def test_a_clean_replay_reproduces_every_step_and_exits_0(run, log, capsys):
+    assert main(["replay", str(run[log])]) == 0
+    out = capsys.readouterr().out
+    assert ": 0 divergent steps" in out and "no divergence" in out
+    report = replay_log(run[log])
+    assert report.ok and report.steps == len(read_episodes(run[log])[0])
+    assert report.gated_steps == (0 if log == "bc_log" else report.steps)
+
+
+def test_a_changed_critic_is_reported_at_the_first_step_that_used_it(run, tmp_path: Path, capsys):
+    changed = tmp_path / "weights"
+    shutil.copytree(run["archive"], changed)
+    tensors = load_file(str(changed / "v00000003.safetensors"))
+    name = next(k for k in sorted(tensors) if k.startswith("critics.") and k.endswith("weight"))
+    tensors[name] = tensors[name] + 0.5 * torch.ones_like(tensors[name])
+    save_file(tensors, str(changed / "v00000003.safetensors"))
+
+    assert main(["replay", str(run["gated_log"]), "--checkpoint", str(changed)]) == 1
+    out = capsys.readouterr().out
+    assert "first divergence: step 0 field q_rl" in out
+    assert out.splitlines()[0].startswith("step 0 q_rl: logged ")
+    report = replay_log(run["gated_log"], checkpoint=changed)
+    steps = {d.step for d in report.divergences}
+    # Version 3 served steps 0..19; version 4, untouched, reproduces exactly.
+    assert steps == set(range(SECOND_VERSION_AT))
+    assert {d.field for d in report.divergences} <= {"q_rl", "q_bc", "rl_action", "use_bc", "action", "target",
+                                                      "command"}  # fmt: skip
+    assert report.per_field()["q_rl"] == SECOND_VERSION_AT
+
+
+def test_a_tampered_command_is_reported_at_exactly_that_step(run, tmp_path: Path, capsys):
+    log = tmp_path / "episode.hdf5"
+    shutil.copy(run["gated_log"], log)
+    with h5py.File(log, "r+") as f:
+        f["data/demo_0/extras/command"][17, 0] += 1e-3
+    # --checkpoint and --config: the copy lies outside the actor directory.
+    args = [
+        "replay",
+        str(log),
+        "--checkpoint",
+        str(run["archive"]),
+        "--config",
+        str(run["root"] / "actor" / "config.yaml"),
+    ]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "first divergence: step 17 field command" in out
+    report = replay_log(log, checkpoint=run["archive"], config=run["root"] / "actor" / "config.yaml")
+    assert [(d.step, d.field) for d in report.divergences] == [(17, "command")]
+    assert report.divergences[0].logged[0] == pytest.approx(report.divergences[0].replayed[0] + 1e-3, abs=1e-9)
+
+
+def test_a_tampered_decision_is_reported_as_use_bc(run, tmp_path: Path):
+    log = tmp_path / "episode.hdf5"
+    shutil.copy(run["gated_log"], log)
+    with h5py.File(log, "r+") as f:
+        f["data/demo_0/extras/use_bc"][33] = not f["data/demo_0/extras/use_bc"][33]
+    report = replay_log(log, checkpoint=run["archive"], config=run["root"] / "actor" / "config.yaml")
+    assert [(d.step, d.field) for d in report.divergences] == [(33, "use_bc")]
+
+
+def test_a_missing_weights_version_or_an_unreadable_log_exits_2_naming_the_file(run, tmp_path: Path, capsys):
+    partial = tmp_path / "weights"
+    shutil.copytree(run["archive"], partial)
+    (partial / "v00000004.json").unlink()
+    assert main(["replay", str(run["gated_log"]), "--checkpoint", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "weights version 4 is not in the archive" in err and "v00000004.json" in err
+
+    garbage = tmp_path / "episode_000009.hdf5"
+    garbage.write_bytes(b"not hdf5 at all")
+    assert main(["replay", str(garbage)]) == 2
+    assert str(garbage) in capsys.readouterr().err
+
+
+def test_the_archive_keeps_the_newest_and_the_pinned_versions_and_never_rewrites_one(tmp_path: Path):
+    archive = WeightsArchive(tmp_path / "w", keep_last=3)
+    for version in range(1, 7):
+        archive.save(version, {"x": torch.full((2,), float(version))}, phase="online")
+        if version == 2:
+            archive.pin(2)  # an evaluation acted with it
+    assert archive.versions() == [2, 4, 5, 6]
+    archive.save(5, {"x": torch.zeros(2)})  # dedup: version 5 stays what it was
+    assert torch.equal(archive.load(5)["x"], torch.full((2,), 5.0))
+    assert WeightsArchive(tmp_path / "w").pinned == [2]  # pins survive a restart
+    assert not list((tmp_path / "w").glob("*.tmp"))
+    with WeightsArchive(tmp_path / "bg", background=True) as background:
+        background.save(7, {"x": torch.ones(3)})
+    assert WeightsArchive(tmp_path / "bg").versions() == [7]
