@@ -57,7 +57,7 @@ from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
 from robot_rl.checkpoint import CheckpointError, load_checkpoint
 from robot_rl.config import ConfigError, RunConfig, load_config
 from robot_rl.episodes import Episode, EpisodeFileError, read_episodes
-from robot_rl.hardware.env import RobotEnv, TaskStatus
+from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
 from robot_rl.hardware.interfaces import Pose, RobotState
 from robot_rl.hardware.operator import OperatorEvent, ReplayedOperator
 from robot_rl.hardware.safety import relative_to_world
@@ -123,20 +123,6 @@ class ReplayRobot:
 
     def recover(self) -> bool:
         return True
-
-
-class ReplayTask:
-    """The task of a replay: the cell's reference pose; success only ever comes from the replayed operator."""
-
-    def __init__(self, reference: Pose) -> None:
-        self._reference = reference
-
-    @property
-    def reference(self) -> Pose:
-        return self._reference
-
-    def evaluate(self, state: RobotState) -> TaskStatus:
-        return TaskStatus(is_success=False, insertion_depth_m=0.0)
 
 
 def apply_operator_events(
@@ -368,7 +354,9 @@ class Replayer:
         # Both the sim twin and the franky env place the cell by this reference: commands are world poses around it.
         reference = build_scene(cfg.env.task).reference
         self.robot = ReplayRobot(reference)
-        self.env = RobotEnv(robot=self.robot, task=ReplayTask(reference), config=cfg.env, wait=lambda seconds: None)
+        self.env = RobotEnv(
+            robot=self.robot, task=OperatorJudgedTask(reference), config=cfg.env, wait=lambda seconds: None
+        )
         self.env_keys = list(self.env.observation_space.spaces)
         low, high = obs_bounds(self.env.observation_space)
         self.agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=int(self.env.action_space.shape[0]),

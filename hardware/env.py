@@ -56,6 +56,20 @@ class Task(Protocol):
         ...
 
 
+class OperatorJudgedTask:
+    """A task whose success only the operator can judge (the real arm; a replay): never reports success by itself."""
+
+    def __init__(self, reference: Pose) -> None:
+        self._reference = reference
+
+    @property
+    def reference(self) -> Pose:
+        return self._reference
+
+    def evaluate(self, state: RobotState) -> TaskStatus:
+        return TaskStatus(is_success=False, insertion_depth_m=0.0)
+
+
 class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     """Delta-pose control of a Robot around a task's reference pose, with a sparse success reward.
 

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from robot_rl.config import EnvConfig
-from robot_rl.hardware.env import RobotEnv, Task, TaskStatus
+from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv, Task
 from robot_rl.hardware.franka.robot import FrankyRobot, ee_offset_along_z
 from robot_rl.hardware.franka.sim_server import FrankySimServer, peg_tip_offset
-from robot_rl.hardware.interfaces import Pose, RobotState
 from robot_rl.hardware.sim.peg import PegInsertionTask
 from robot_rl.hardware.sim.scene import build_scene
 
@@ -59,20 +58,6 @@ class DeadlinePacer:
             self._deadline = now
             return
         self._sleep(remaining)
-
-
-class OperatorJudgedTask:
-    """A task whose success only the operator can judge (the real arm): never reports success by itself."""
-
-    def __init__(self, reference: Pose) -> None:
-        self._reference = reference
-
-    @property
-    def reference(self) -> Pose:
-        return self._reference
-
-    def evaluate(self, state: RobotState) -> TaskStatus:
-        return TaskStatus(is_success=False, insertion_depth_m=0.0)
 
 
 class FrankyEnv(RobotEnv):
