@@ -45,6 +45,7 @@ from robot_rl.bc import load_bc
 from robot_rl.config import RunConfig, dump_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter
+from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
 from robot_rl.rollout import StepChoice, bc_policy_fn, clip_action, flatten_obs, obs_bounds, obs_keys
 from robot_rl.runlog import StatusLine, write_json_atomic
@@ -65,6 +66,7 @@ class ActorCounters:
     steps: int = 0
     bc_steps: int = 0
     eval_runs: int = 0
+    faults: int = 0
     recent: list[tuple[int, int, bool]] = field(default_factory=list)  # (steps, bc_steps, success) per episode
 
 
@@ -232,7 +234,6 @@ class ActorService:
 
     def run_episode(self, *, kind: str, gated: bool, send: bool, seed: int | None) -> tuple[bool, int, int]:
         """One episode; returns (success, steps, BC steps). `kind` is recorded: bc_only, qest_rollouts, online, eval."""
-        nan_action = np.full(self.action_dim, np.nan, np.float32)
         rl_action = "mode" if kind == "eval" else None
         obs_dict, _ = self.env.reset(seed=seed)
         path = self.episode_dir / f"episode_{self._episode_index:06d}.hdf5"
@@ -259,58 +260,76 @@ class ActorService:
             ) as stream,
         ):
             self.rate.start()
-            while not done and not self.stop_event.is_set():
-                self._swap_weights()  # the one point of the loop where weights change
-                version = self.weights_version if gated else -1
-                if kind == "eval" and version >= 0:
-                    self.weights_archive.pin(version)  # evaluated versions outlive the archive's retention
-                t0 = time.monotonic()
-                obs = flatten_obs(obs_dict, self.keys)
-                choice = self._choose(obs, gated=gated, rl_action=rl_action)
-                next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
-                reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
-                done = bool(terminated or truncated)
-                e = choice.extras
-                use_bc = bool(e.get("use_bc", False))
-                bc_action = np.asarray(e.get("bc_action", nan_action), np.float32)
-                if send:
-                    self.chunks.add(obs_dict, choice.action, reward, next_dict, terminated, truncated,
-                                    bc_action, version)  # fmt: skip
-                    if len(self.chunks.rows) >= self.cfg.actor.chunk_steps or done:
-                        self._spill_chunk()
-                compute, overran = self.rate.tick()
-                stream.append(
-                    obs=obs_dict,
-                    action=choice.action,
-                    reward=float(reward),
-                    terminated=bool(terminated),
-                    truncated=bool(truncated),
-                    next_obs=next_dict,
-                    extras={
-                        "bc_action": bc_action,
-                        "rl_action": np.asarray(e.get("rl_action", nan_action), np.float32),
-                        "q_bc": np.float32(e.get("q_bc", np.nan)),
-                        "q_rl": np.float32(e.get("q_rl", np.nan)),
-                        "use_bc": np.bool_(use_bc),
-                        "weights_version": np.int64(version),
-                        "command": np.asarray(info.get("command", np.full(7, np.nan)), np.float64),
-                        "target": np.asarray(info.get("target", np.full(6, np.nan)), np.float64),
-                        "measured": np.asarray(info.get("measured", np.full(6, np.nan)), np.float64),
-                        "time": np.float64(t0 - self.start_time),
-                        "compute_s": np.float64(compute),
-                        "overrun": np.bool_(overran),
-                        "operator_event": np.int8(EVENT_CODES[event]),
-                    },
+            try:
+                done, success, steps, bc_steps = self._episode_steps(
+                    stream, obs_dict, kind=kind, gated=gated, send=send, rl_action=rl_action
                 )
-                obs_dict = next_dict
-                steps += 1
-                bc_steps += int(use_bc)
-                success = success or bool(terminated)
-                self._write_stats()
-            if not done and send:
-                self._spill_chunk()  # an interrupted episode's steps are still sent (it ends truncated nowhere)
-            stream.end(interrupted=not done)
+            finally:
+                if not done and send:
+                    self._close_cut_episode()
+                stream.end(interrupted=not done)
         return success, steps, bc_steps
+
+    def _close_cut_episode(self) -> None:
+        """An episode cut by a stop or a robot fault ends truncated (its last state was not terminal: bootstrap);
+        its pending transitions are spilled so the learner sees the episode end."""
+        if self.chunks.rows:
+            self.chunks.rows[-1]["truncated"] = np.bool_(True)
+        self._spill_chunk()
+
+    def _episode_steps(self, stream, obs_dict, *, kind: str, gated: bool, send: bool, rl_action: str | None):
+        """The step loop of one episode; returns (done, success, steps, BC steps)."""
+        nan_action = np.full(self.action_dim, np.nan, np.float32)
+        success, steps, bc_steps, done = False, 0, 0, False
+        while not done and not self.stop_event.is_set():
+            self._swap_weights()  # the one point of the loop where weights change
+            version = self.weights_version if gated else -1
+            if kind == "eval" and version >= 0:
+                self.weights_archive.pin(version)  # evaluated versions outlive the archive's retention
+            t0 = time.monotonic()
+            obs = flatten_obs(obs_dict, self.keys)
+            choice = self._choose(obs, gated=gated, rl_action=rl_action)
+            next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
+            reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
+            done = bool(terminated or truncated)
+            e = choice.extras
+            use_bc = bool(e.get("use_bc", False))
+            bc_action = np.asarray(e.get("bc_action", nan_action), np.float32)
+            if send:
+                self.chunks.add(obs_dict, choice.action, reward, next_dict, terminated, truncated,
+                                bc_action, version)  # fmt: skip
+                if len(self.chunks.rows) >= self.cfg.actor.chunk_steps or done:
+                    self._spill_chunk()
+            compute, overran = self.rate.tick()
+            stream.append(
+                obs=obs_dict,
+                action=choice.action,
+                reward=float(reward),
+                terminated=bool(terminated),
+                truncated=bool(truncated),
+                next_obs=next_dict,
+                extras={
+                    "bc_action": bc_action,
+                    "rl_action": np.asarray(e.get("rl_action", nan_action), np.float32),
+                    "q_bc": np.float32(e.get("q_bc", np.nan)),
+                    "q_rl": np.float32(e.get("q_rl", np.nan)),
+                    "use_bc": np.bool_(use_bc),
+                    "weights_version": np.int64(version),
+                    "command": np.asarray(info.get("command", np.full(7, np.nan)), np.float64),
+                    "target": np.asarray(info.get("target", np.full(6, np.nan)), np.float64),
+                    "measured": np.asarray(info.get("measured", np.full(6, np.nan)), np.float64),
+                    "time": np.float64(t0 - self.start_time),
+                    "compute_s": np.float64(compute),
+                    "overrun": np.bool_(overran),
+                    "operator_event": np.int8(EVENT_CODES[event]),
+                },
+            )
+            obs_dict = next_dict
+            steps += 1
+            bc_steps += int(use_bc)
+            success = success or bool(terminated)
+            self._write_stats()
+        return done, success, steps, bc_steps
 
     def _operator_step(self, info, reward, terminated, truncated):
         """Apply the operator's events of this step: success ends the episode terminated with reward 1 (the
@@ -424,9 +443,13 @@ class ActorService:
                 gated = phase == "online" and self._gated()
                 send = self.link is not None and phase in ("qest_rollouts", "online", "stale")
                 kind = phase if phase in ("qest_rollouts", "online") else "bc_only"
-                success, steps, bc_steps = self.run_episode(
-                    kind=kind, gated=gated, send=send, seed=seed_base + self.counters.episodes
-                )
+                try:
+                    success, steps, bc_steps = self.run_episode(
+                        kind=kind, gated=gated, send=send, seed=seed_base + self.counters.episodes
+                    )
+                except RobotFault as err:
+                    self._recover_robot(err)
+                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
                 c = self.counters
                 c.episodes += 1
                 c.successes += int(success)
@@ -437,6 +460,20 @@ class ActorService:
         finally:
             self._shutdown()
         return self.stats()
+
+    def _recover_robot(self, err: RobotFault) -> None:
+        """After a fault: report it, then recover (reflex, control error) or rebuild the client (connection lost).
+        A robot that cannot be recovered stops the actor with the reason."""
+        self.counters.faults += 1
+        self.message = f"robot fault ({type(err).__name__}): {err}; recovering"
+        log.warning("episode failed on a robot fault: %s", err)
+        self._write_stats(force=True)
+        robot = self.env.unwrapped.robot
+        if isinstance(err, RobotConnectionLost) and hasattr(robot, "reconnect"):
+            robot.reconnect()  # raises RobotConnectionLost when every attempt fails
+        elif not robot.recover():
+            raise RuntimeError(f"the robot did not recover after: {err}") from err
+        self.message = f"recovered from {type(err).__name__}"
 
     def _idle(self) -> None:
         self._write_stats()
@@ -480,6 +517,7 @@ class ActorService:
             "weights_version": self.weights_version,
             "weights_age_s": round(time.monotonic() - self.weights_time, 1) if self.weights_version >= 0 else None,
             "refused": link.refused if link else None,
+            "faults": c.faults,
             "loop": self.rate.stats.summary()
             | ({"overruns": self.rate.stats.overruns + self.env_pacer.overruns} if self.env_pacer else {}),
             "wall_s": round(time.monotonic() - self.start_time, 1),
@@ -501,6 +539,7 @@ class ActorService:
                 "weights": f"v{s['weights_version']}" + (f" ({s['weights_age_s']}s)" if s["weights_age_s"] else ""),
                 "sent/acked": f"{s['sent']}/{s['acked']} of {s['produced']}",
                 "overruns": s["loop"].get("overruns", 0),
+                "faults": s["faults"],
             }
         )
 

@@ -73,3 +73,12 @@ class Robot(Protocol):
     def recover(self) -> bool:
         """Clear errors after a stop or a reflex; True when the robot accepts commands again."""
         ...
+
+
+class RobotFault(RuntimeError):
+    """The robot stopped: a reflex, a control error, or a rejected command. The episode failed; call `recover()`
+    (or `reconnect()` for a `RobotConnectionLost`) and reset. A driver chains its own exception as `__cause__`."""
+
+
+class RobotConnectionLost(RobotFault):
+    """The robot (or its simulator server) is unreachable; the client is dead. Call `reconnect()`."""

@@ -161,3 +161,29 @@ def test_operator_failure_ends_the_episode_and_quit_stops_the_actor(tmp_path: Pa
     second = read_episodes(files[1])[0]
     assert len(second) == 4 and second.extras["operator_event"][-1] == EVENT_CODES[OperatorEvent.QUIT]
     assert stats["episodes"] <= 2 and len(files) == 2  # quit: no further episode started
+
+
+def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path: Path, bc_dir: Path):
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.interfaces import RobotFault
+
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    service = ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, episodes=3, quiet=True)
+    env, robot = service.env.unwrapped, service.env.unwrapped.robot
+    real_step, calls, recovered = env.step, {"n": 0}, []
+
+    def faulty_step(action):
+        calls["n"] += 1
+        if calls["n"] == 9:  # a reflex in the 9th step of the first episode
+            raise RobotFault("cartesian reflex")
+        return real_step(action)
+
+    service.env.step = faulty_step
+    robot.recover = lambda: recovered.append(True) or True
+    stats = service.run()
+    assert recovered == [True] and stats["faults"] == 1
+    files = sorted((tmp_path / "a" / "episodes").glob("episode_*.hdf5"))
+    first = read_episodes(files[0])[0]
+    assert len(first) == 8 and first.attrs.get("interrupted") is True and not first.terminated.any()
+    assert len(files) == 3  # the faulted episode counts as one (a failure); two more follow
+    assert stats["episodes"] == 3 and stats["successes"] <= 2

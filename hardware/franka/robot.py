@@ -40,7 +40,7 @@ import franky
 import numpy as np
 
 from robot_rl.config import FrankaConfig, ImpedanceConfig
-from robot_rl.hardware.interfaces import RobotState
+from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault, RobotState
 from robot_rl.hardware.pose import quat_canonical
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,6 @@ TRANSLATIONAL_ERROR_CLIP_M = 0.1
 ROTATIONAL_ERROR_CLIP_RAD = 0.25
 # libfranka's NetworkException surfaces as a bare RuntimeError with this text on some state reads.
 _NET_MESSAGE = "Net Exception"
-
-
-class RobotFault(RuntimeError):
-    """The robot stopped: a reflex, a control error, or a rejected command. The episode failed; call `recover()`
-    (or `reconnect()` for a `RobotConnectionLost`) and reset. The franky exception is chained as `__cause__`."""
-
-
-class RobotConnectionLost(RobotFault):
-    """The robot (or franky-sim server) is unreachable; the client is dead. Call `reconnect()`."""
 
 
 def to_franky_quat(quat_wxyz: np.ndarray, *, near: np.ndarray | None = None) -> np.ndarray:
