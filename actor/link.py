@@ -187,14 +187,18 @@ class LearnerLink(threading.Thread):
                 self.spill.release(acked)
                 self._replace(acked_seq=acked, last_heard=now)
             elif isinstance(msg, Refuse):
-                if self.state.welcomed and not msg.fields:
-                    # The learner no longer knows this connection (it restarted): say hello again.
-                    log.warning("learner refused a message (%s); saying hello again", msg.reason)
-                    self._replace(welcomed=False, last_heard=now)
-                    cursor = self.state.acked_seq + 1
-                else:
+                if msg.fields or "protocol version" in msg.reason:
+                    # The two sides disagree on the config or the protocol: nothing this actor sends can be stored.
                     log.error("learner refused this actor: %s %s", msg.reason, list(msg.fields))
                     self._replace(refused=msg.reason, refused_fields=tuple(msg.fields), last_heard=now)
+                else:
+                    # The learner does not know this connection (it restarted) or refused one message: say hello
+                    # again and resend from the last acknowledgement (refusals of chunks already in flight repeat
+                    # this harmlessly).
+                    if self.state.welcomed:
+                        log.warning("learner refused a message (%s); saying hello again", msg.reason)
+                    self._replace(welcomed=False, last_heard=now)
+                    cursor = self.state.acked_seq + 1
 
     def _on_broadcast(self, sub: zmq.Socket, max_bytes: int) -> None:
         while True:

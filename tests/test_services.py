@@ -101,3 +101,45 @@ def test_learner_refuses_a_malformed_bind(tmp_path: Path, bad: str, capsys):
     args = ["learner", "--config", str(TINY), "--bc", str(bc_dir), "--out", str(tmp_path / "l"), "--bind", bad]
     assert main(args) == 2
     assert "transport.learner" in capsys.readouterr().err
+
+
+def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(tmp_path: Path):
+    cfg = load_config(TINY)
+    bc_dir = tmp_path / "bc"
+    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=900",
+              "--set", "actor.period_s=0.002"]  # fmt: skip
+    learner_args = ["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint]
+    learner = _spawn(learner_args, tmp_path / "l.log")
+    actors = {
+        name: _spawn(
+            ["actor", *common, "--out", str(tmp_path / name), "--learner", endpoint, "--actor-id", name],
+            tmp_path / f"{name}.log",
+        )
+        for name in ("arm_a", "arm_b")
+    }
+    try:
+        deadline = time.monotonic() + 120
+        while sum(_stats(tmp_path / n / "stats.json").get("acked", 0) for n in actors) < 300:
+            assert time.monotonic() < deadline, (tmp_path / "l.log").read_text()[-2000:]
+            assert learner.poll() is None and all(p.poll() is None for p in actors.values())
+            time.sleep(0.2)
+        learner.send_signal(signal.SIGKILL)
+        learner.wait()
+        time.sleep(1.0)  # the actors keep acting and spilling meanwhile
+        learner = _spawn([*learner_args, "--resume"], tmp_path / "l.log")
+        assert learner.wait(timeout=240) == 0, (tmp_path / "l.log").read_text()[-3000:]
+        for name, proc in actors.items():
+            assert proc.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for proc in (learner, *actors.values()):
+            if proc.poll() is None:
+                proc.kill()
+    lstats = _stats(tmp_path / "learner" / "stats.json")
+    total = 0
+    for name in actors:
+        a = _stats(tmp_path / name / "stats.json")
+        assert a["produced"] == a["acked"] == lstats["actors"][name]["stored"], (name, a, lstats)
+        total += a["produced"]
+    assert lstats["env_steps"] == total
