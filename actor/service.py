@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robot_rl.actor.cameras import close_cameras, open_cameras, read_cameras
 from robot_rl.actor.link import LearnerLink
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
@@ -45,6 +46,7 @@ from robot_rl.bc import load_bc
 from robot_rl.config import RunConfig, dump_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter
+from robot_rl.hardware.camera import CameraError
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
 from robot_rl.rollout import StepChoice, bc_policy_fn, clip_action, flatten_obs, obs_bounds, obs_keys
@@ -149,6 +151,7 @@ class ActorService:
         self.env_pacer = getattr(self.env, "pacer", None)
         self.rate = RateKeeper(0.0 if self.env_pacer is not None else cfg.actor.period_s)
         self.operator = make_operator(cfg.env.operator)
+        self.cameras = open_cameras(cfg.env, self.env)
         self.status_line = StatusLine(enabled=not quiet)
         self.stop_event = threading.Event()
         self.spill: Spill | None = None
@@ -290,6 +293,7 @@ class ActorService:
             obs = flatten_obs(obs_dict, self.keys)
             choice = self._choose(obs, gated=gated, rl_action=rl_action)
             next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
+            camera_extras = read_cameras(self.cameras)
             reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
             done = bool(terminated or truncated)
             e = choice.extras
@@ -322,6 +326,7 @@ class ActorService:
                     "compute_s": np.float64(compute),
                     "overrun": np.bool_(overran),
                     "operator_event": np.int8(EVENT_CODES[event]),
+                    **camera_extras,
                 },
             )
             obs_dict = next_dict
@@ -450,6 +455,11 @@ class ActorService:
                 except RobotFault as err:
                     self._recover_robot(err)
                     success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
+                except CameraError as err:  # a stale or lost camera: the episode failed, the camera reconnects itself
+                    self.counters.faults += 1
+                    self.message = f"camera fault: {err}"
+                    log.warning("episode failed on a camera fault: %s", err)
+                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
                 c = self.counters
                 c.episodes += 1
                 c.successes += int(success)
@@ -492,6 +502,7 @@ class ActorService:
         self._write_stats(force=True)
         self.weights_archive.close()
         self.operator.__exit__(None, None, None)
+        close_cameras(self.cameras)
         self.status_line.close()
         self.env.close()
 

@@ -187,3 +187,21 @@ def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path
     assert len(first) == 8 and first.attrs.get("interrupted") is True and not first.terminated.any()
     assert len(files) == 3  # the faulted episode counts as one (a failure); two more follow
     assert stats["episodes"] == 3 and stats["successes"] <= 2
+
+
+def test_actor_logs_every_camera_frame_with_its_number_and_timestamp(tmp_path: Path, bc_dir: Path):
+    small = "{width: 160, height: 96, crop: {x: 32, y: 0, width: 96, height: 96}, out_size: 32}"
+    overrides = ["actor.period_s=0", "env.task.max_episode_steps=12",
+                 f"env.cameras=[{{name: front, {small[1:-1]}}}, {{name: wrist, {small[1:-1]}}}]"]  # fmt: skip
+    out = tmp_path / "a"
+    args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--bc", str(bc_dir), "--quiet"]
+    assert main([*args, "--episodes", "1", *[x for o in overrides for x in ("--set", o)]]) == 0
+    ep = read_episodes(next((out / "episodes").glob("episode_*.hdf5")))[0]
+    for name in ("front", "wrist"):
+        images = ep.extras[f"cam_{name}_image"]
+        assert images.shape == (len(ep), 32, 32, 3) and images.dtype == np.uint8
+        assert images.std() > 1.0  # a rendered scene, not a blank buffer
+        numbers = ep.extras[f"cam_{name}_frame_number"]
+        assert np.all(np.diff(numbers) == 1)  # one new frame per control step, none skipped or repeated
+        assert np.all(np.diff(ep.extras[f"cam_{name}_timestamp_s"]) > 0)
+    assert not np.array_equal(ep.extras["cam_front_image"], ep.extras["cam_wrist_image"])
