@@ -77,6 +77,7 @@ from robot_rl.wire import (
 
 from .store import StoredChunk, TransitionStore
 
+EVAL_ID_JUMP_ON_RESUME = 1000
 log = logging.getLogger("robot_rl.learner")
 
 WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (DESIGN §6)
@@ -942,7 +943,10 @@ class LearnerService:
             state = manifest["learner"]
             self.counters.learner_steps = int(manifest["counters"]["learner_steps"])
             self.phase, self.eval_kind = state["phase"], state["eval_kind"]
-            self.eval_id, self.weights_version = int(state["eval_id"]), int(state["weights_version"])
+            # Evaluation ids jump on every resume: the killed learner may have asked for (and an actor answered)
+            # evaluations after its last checkpoint; reusing their ids would leave the actors thinking them done.
+            self.eval_id = int(state["eval_id"]) + EVAL_ID_JUMP_ON_RESUME
+            self.weights_version = int(state["weights_version"])
             self.qest_done, self.online_started = bool(state["qest_done"]), bool(state["online_started"])
             self.next_eval_at, self.next_ckpt_at = int(state["next_eval_at"]), int(state["next_ckpt_at"])
             self.bc_success_rate = state["bc_success_rate"]
@@ -953,10 +957,8 @@ class LearnerService:
             stream = self.streams.setdefault((chunk.actor_id, chunk.run_id), Stream())
             self._ingest(chunk, stream)
             self.actors.setdefault(chunk.actor_id, ActorStats()).stored += chunk.count
-        if self.phase == "eval":
-            self.eval_id += 1  # a report for the interrupted evaluation may be lost: ask again, under a new id
-        elif self.phase == "paused":  # stopped while finishing: evaluate once more and finish
-            self.phase, self.eval_kind, self.eval_id = "eval", "online", self.eval_id + 1
+        if self.phase == "paused":  # stopped while finishing: evaluate once more and finish (under the new id)
+            self.phase, self.eval_kind = "eval", "online"
         log.info(
             "resumed %s: phase %s, %d transitions in %d streams, %d learner steps, weights version %d",
             self.out,

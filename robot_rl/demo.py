@@ -163,24 +163,24 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
                 proc.wait()
 
 
-def gating_timeline(episode_dir: Path, *, last: int = 12) -> tuple[np.ndarray, list[str]]:
-    """[episodes, max_steps] with 1 = BC action executed, 0 = RL action, NaN = no step; of the last online episodes."""
+def gating_timeline(episode_dir: Path, *, count: int = 12) -> tuple[np.ndarray, list[str]]:
+    """[episodes, max_steps] with 1 = BC action executed, 0 = RL action, NaN = no step, for `count` online episodes
+    spread evenly over the run (the first and the last included), so the picture shows the gate's choices changing."""
     from robot_rl.episodes import read_episodes
 
-    rows, labels = [], []
-    for path in sorted(episode_dir.glob("episode_*.hdf5"))[::-1]:
+    online: list[tuple[Path, object]] = []
+    for path in sorted(episode_dir.glob("episode_*.hdf5")):
         try:
             episodes = read_episodes(path)
         except Exception:  # an episode being written or cut by a stop: skip it in the picture
             continue
-        if not episodes or episodes[0].attrs.get("kind") != "online":
-            continue
-        ep = episodes[0]
-        rows.append(np.asarray(ep.extras["use_bc"], float))
-        labels.append(f"{path.stem[-6:]} {'success' if ep.terminated[-1] else 'fail'}")
-        if len(rows) == last:
-            break
-    rows, labels = rows[::-1], labels[::-1]
+        if episodes and episodes[0].attrs.get("kind") == "online":
+            online.append((path, episodes[0]))
+    if len(online) > count:
+        picks = np.unique(np.linspace(0, len(online) - 1, count).round().astype(int))
+        online = [online[i] for i in picks]
+    rows = [np.asarray(ep.extras["use_bc"], float) for _, ep in online]
+    labels = [f"#{int(p.stem[-6:])} {'success' if ep.terminated[-1] else 'fail'}" for p, ep in online]
     width = max((len(r) for r in rows), default=0)
     grid = np.full((len(rows), width), np.nan)
     for i, r in enumerate(rows):
@@ -232,7 +232,8 @@ def plot_report(rows: list[EvalRow], episode_dir: Path, path: Path, *, bc_rate: 
         ax_g.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["tab:blue", "tab:orange"]),
                     vmin=0, vmax=1)  # fmt: skip
         ax_g.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax_g.set(xlabel="step in episode", title="gating: orange = BC action, blue = RL action")
+    ax_g.set(xlabel="step in episode", ylabel="online episode (top: first)")
+    ax_g.set_title("gating: orange = BC action, blue = RL action")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

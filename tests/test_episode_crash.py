@@ -33,6 +33,9 @@ CHILD_COMMON = textwrap.dedent(
     import numpy as np
     from robot_rl.episodes import EpisodeWriter
 
+    # A child started from a background job inherits SIGINT ignored; Ctrl-C must raise KeyboardInterrupt here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     ENV_ARGS = {"env_name": "PegInsertion", "type": 4, "env_kwargs": {}}
 
     def say(*words):

@@ -26,7 +26,13 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import make_env
-from robot_rl.learner.service import LearnerError, LearnerService, learner_observation_space, run_learner
+from robot_rl.learner.service import (
+    EVAL_ID_JUMP_ON_RESUME,
+    LearnerError,
+    LearnerService,
+    learner_observation_space,
+    run_learner,
+)
 from robot_rl.learner.store import StoredChunk, TransitionStore, encode_record
 from robot_rl.rollout import obs_bounds
 from robot_rl.runlog import read_eval_csv
@@ -494,7 +500,8 @@ def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: 
     assert first.counters.learner_steps == 20
 
     service = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
-    assert (service.phase, service.eval_id, service.qest_done) == ("eval", 2, True)
+    resumed_id = 1 + EVAL_ID_JUMP_ON_RESUME  # ids jump on resume: ids the killed learner issued are never reused
+    assert (service.phase, service.eval_id, service.qest_done) == ("eval", resumed_id, True)
     assert (service.counters.env_steps, service.counters.online_env_steps, service.counters.learner_steps) == (
         30,
         20,
@@ -508,13 +515,14 @@ def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: 
         welcome = actor.hello()
         assert isinstance(welcome, Welcome) and (welcome.phase, welcome.acked_seq) == ("eval", 29)
         assert welcome.weights_version > first.weights_version
-        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 2)
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == resumed_id)
         actor.report(1, 0.0)  # the interrupted evaluation's id is stale now: ignored
-        actor.report(2, 0.5)
+        actor.report(2, 0.0)  # an id the killed learner might have issued after its checkpoint: ignored
+        actor.report(resumed_id, 0.5)
         actor.wait_status(lambda s: s.phase == "online")
         assert acked(actor.transitions(30, 20, version=welcome.weights_version)) == 49
-        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 3)
-        actor.report(3, 1.0)
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == resumed_id + 1)
+        actor.report(resumed_id + 1, 1.0)
         actor.wait_status(lambda s: s.done)
     summary = result["summary"]
     assert summary["finished"] and summary["learner_steps"] == 40 and summary["final_success_rate"] == 1.0

@@ -66,7 +66,7 @@ def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=600",
-              "--set", "actor.period_s=0.002"]  # fmt: skip
+              "--set", "actor.period_s=0.002", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
     learner = _spawn(["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint], tmp_path / "l.log")
     actor_args = ["actor", *common, "--out", str(tmp_path / "actor"), "--learner", endpoint]
     actor = _spawn(actor_args, tmp_path / "a.log")
@@ -109,7 +109,7 @@ def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(
     save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=900",
-              "--set", "actor.period_s=0.002"]  # fmt: skip
+              "--set", "actor.period_s=0.002", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
     learner_args = ["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint]
     learner = _spawn(learner_args, tmp_path / "l.log")
     actors = {
@@ -143,3 +143,38 @@ def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(
         assert a["produced"] == a["acked"] == lstats["actors"][name]["stored"], (name, a, lstats)
         total += a["produced"]
     assert lstats["env_steps"] == total
+
+
+def test_sigterm_on_the_actor_flushes_and_waits_for_the_last_acks(tmp_path: Path):
+    cfg = load_config(TINY)
+    bc_dir = tmp_path / "bc"
+    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=5000",
+              "--set", "actor.period_s=0.005", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
+    learner = _spawn(["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint], tmp_path / "l.log")
+    actor = _spawn(["actor", *common, "--out", str(tmp_path / "actor"), "--learner", endpoint], tmp_path / "a.log")
+    try:
+        deadline = time.monotonic() + 120
+        while _stats(tmp_path / "actor" / "stats.json").get("acked", 0) < 100:
+            assert time.monotonic() < deadline and actor.poll() is None, (tmp_path / "a.log").read_text()[-2000:]
+            time.sleep(0.1)
+        actor.send_signal(signal.SIGTERM)  # mid-episode: the cut episode's steps must still arrive
+        assert actor.wait(timeout=60) == 0, (tmp_path / "a.log").read_text()[-2000:]
+        a = _stats(tmp_path / "actor" / "stats.json")
+        assert a["produced"] == a["acked"] > 100
+        stored = -1
+        for _ in range(50):  # the learner rewrites its stats.json at least once a second
+            stored = _stats(tmp_path / "learner" / "stats.json").get("actors", {}).get("actor0", {}).get("stored", -1)
+            if stored == a["produced"]:
+                break
+            time.sleep(0.1)
+        assert stored == a["produced"]
+    finally:
+        for proc in (actor, learner):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
