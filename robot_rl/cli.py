@@ -175,6 +175,8 @@ def cmd_actor(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.robot == "franky-sim":
         overrides += ["env.robot=franky", "env.franka.sim_server=true"]
+    elif args.robot == "franky":  # the real arm at env.franka.host
+        overrides += ["env.robot=franky", "env.franka.sim_server=false"]
     elif args.robot is not None:
         overrides.append(f"env.robot={args.robot}")
     if args.actor_id is not None:
