@@ -178,3 +178,26 @@ def test_sigterm_on_the_actor_flushes_and_waits_for_the_last_acks(tmp_path: Path
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_ctrl_c_stops_the_demo_and_both_processes_and_names_the_run_directory(tmp_path: Path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "robot_rl.cli", "demo", "--config", str(TINY), "--out", str(out), "--quiet",
+           "--set", "actor.period_s=0.01", "--set", "train.env_steps=100000"]  # fmt: skip
+    # Its own process group, as a terminal's Ctrl-C reaches the demo and its children together.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _stats(out / "actor" / "stats.json").get("acked", 0) < 60:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert "interrupted" in output and str(out) in output
+    learner, actor = _stats(out / "learner" / "stats.json"), _stats(out / "actor" / "stats.json")
+    assert actor["produced"] == actor["acked"] == learner["actors"]["actor0"]["stored"]
+    assert (out / "learner" / "checkpoints" / "latest").is_dir()  # the learner can --resume this run
