@@ -7,7 +7,8 @@ chunks, for the state config (configs/sim_peg_state.yaml) and a two-camera 84x84
 images plus the state vector):
   bare:     arrays msgpack-packed as raw bytes, sent, received, unpacked; no validation, no acks (the ceiling);
   checked:  wire.to_wire(Transitions) on the sender; from_wire + validate_transitions + an Ack per chunk on the
-            receiver, with at most 4 unacknowledged chunks in flight (the actor keeps what is unacknowledged).
+            receiver, with at most 4 unacknowledged chunks in flight (the actor keeps what is unacknowledged);
+  stored:   checked, plus the learner's transition log: each chunk appended and fsync'd before its ack.
 Weights go PUB (this process) -> SUB (a subscriber process); latency runs from the learner's torch state dict
 (pack_tensors, to_wire, send) to the subscriber's torch tensors (from_wire, unpack_tensors), one message in flight.
 Both processes stamp with CLOCK_MONOTONIC, which Linux shares between processes. The last line is the headline.
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -26,6 +29,7 @@ import numpy as np
 import zmq
 
 from robot_rl.config import load_config
+from robot_rl.learner.store import StoredChunk, TransitionStore
 from robot_rl.wire import (
     Ack,
     Transitions,
@@ -116,8 +120,12 @@ class Throughput:
     bytes_per_transition: float
 
 
-def measure_transitions(spec: TransitionSpec, count: int, checked: bool, seconds: float) -> Throughput:
-    """Receive chunks for `seconds` on a ROUTER (checked: decode, validate and ack each one)."""
+def measure_transitions(spec: TransitionSpec, count: int, mode: str, seconds: float) -> Throughput:
+    """Receive chunks for `seconds` on a ROUTER. mode bare: unpack only; checked: decode, validate and ack each one;
+    stored: also append each chunk to the learner's transition log and fsync it before the ack, as the learner does."""
+    checked = mode != "bare"
+    store_dir = tempfile.TemporaryDirectory() if mode == "stored" else None
+    store = TransitionStore(Path(store_dir.name)) if store_dir is not None else None
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -141,6 +149,9 @@ def measure_transitions(spec: TransitionSpec, count: int, checked: bool, seconds
                 assert isinstance(msg, Transitions)
                 validate_transitions(msg, spec)
                 n = msg.count
+                if store is not None:
+                    store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True))
+                    store.sync()
                 ack = Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=msg.last_seq)
                 sock.send_multipart([identity, to_wire(ack)])
             else:
@@ -155,6 +166,9 @@ def measure_transitions(spec: TransitionSpec, count: int, checked: bool, seconds
                 break
         elapsed = time.perf_counter() - t0
     finally:
+        if store is not None and store_dir is not None:
+            store.close()
+            store_dir.cleanup()
         stop.set()
         proc.join(timeout=10)
         if proc.is_alive():
@@ -330,9 +344,8 @@ def main() -> None:
     )
     headline = {}
     for name, spec in specs.items():
-        for checked in (False, True):
-            result = measure_transitions(spec, args.chunk, checked, args.seconds)
-            path = "checked" if checked else "bare"
+        for path in ("bare", "checked", "stored"):
+            result = measure_transitions(spec, args.chunk, path, args.seconds)
             headline[(name, path)] = result.transitions_per_s
             rate = result.transitions_per_s
             print(
@@ -356,8 +369,8 @@ def main() -> None:
             f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
         )
     print(
-        f"headline: checked state transitions {headline[('state', 'checked')]:,.0f}/s, "
-        f"checked 2-camera transitions {headline[('2cam 84x84', 'checked')]:,.0f}/s (a 10 Hz actor makes 10/s); "
+        f"headline: stored state transitions {headline[('state', 'stored')]:,.0f}/s, "
+        f"stored 2-camera transitions {headline[('2cam 84x84', 'stored')]:,.0f}/s (a 10 Hz actor makes 10/s); "
         f"weights p99 {latencies['state'].p99_ms:.1f} ms (state), {latencies['image-size'].p99_ms:.0f} ms (image-size)"
     )
 
