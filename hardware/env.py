@@ -149,7 +149,8 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         else:
             task = self.config.task
             ranges = np.array([task.reset_xyz_range_m] * 3 + [task.reset_rpy_range_rad] * 3)
-            offset = self.np_random.uniform(-ranges, ranges)
+            n = task.reset_deltas  # a sum of n random deltas (the paper's reset applies three delta actions)
+            offset = sum(self.np_random.uniform(-ranges / n, ranges / n) for _ in range(n))
         return np.clip(offset, low, high)
 
     def _relative(self, state: RobotState) -> np.ndarray:

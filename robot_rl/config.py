@@ -103,6 +103,13 @@ class SimTaskConfig(Strict):
     )
     reset_xyz_range_m: float = Field(0.045, ge=0, le=0.1, description="Reset pose sampled within ± this (xyz).")
     reset_rpy_range_rad: float = Field(0.07875, ge=0, le=0.3, description="Reset pose sampled within ± this (rpy).")
+    reset_deltas: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="The reset offset is the sum of this many random deltas, each within ± range / reset_deltas "
+        "(1: uniform within ± range; 3: the paper's reset, three random delta actions of Table V).",
+    )
     max_episode_steps: int = Field(200, ge=1, le=10_000, description="Step limit; reaching it truncates.")
     control_period_s: float = Field(0.1, gt=0, le=1.0, description="Policy period (10 Hz).")
     physics_dt_s: float = Field(0.002, gt=0, le=0.005, description="MuJoCo physics step.")

@@ -165,3 +165,20 @@ def test_clean_expert_succeeds(env) -> None:
 def test_default_expert_succeeds_most_but_not_all_of_the_time(env) -> None:
     stats = evaluate_expert(env, ExpertConfig(), episodes=100, seed=1)
     assert 0.5 <= stats.success_rate <= 0.95
+
+
+@pytest.mark.parametrize("deltas", [1, 3])
+def test_reset_offset_is_a_sum_of_random_deltas_within_the_range(deltas: int) -> None:
+    env = make_peg_insertion_env(task={"reset_deltas": deltas})
+    try:
+        env.reset(seed=0)
+        task = env.unwrapped.config.task
+        ranges = np.array([task.reset_xyz_range_m] * 3 + [task.reset_rpy_range_rad] * 3)
+        offsets = np.stack([env.unwrapped._reset_offset(None) for _ in range(4000)])
+        low, high = box_limits(env.unwrapped.config.safety)
+        assert np.all(np.abs(offsets) <= ranges + 1e-12) and np.all(offsets >= low) and np.all(offsets <= high)
+        # Uniform within ±r has std r/sqrt(3); the sum of three uniform deltas within ±r/3 has std r/3.
+        expected = ranges / np.sqrt(3) if deltas == 1 else ranges / 3
+        np.testing.assert_allclose(offsets.std(axis=0), expected, rtol=0.08)
+    finally:
+        env.close()
