@@ -272,6 +272,7 @@ class LearnerService:
         self.actors: dict[str, ActorStats] = {}
         self.sessions: dict[bytes, tuple[str, str]] = {}
         self.refused_unidentified = 0
+        self._refusal_log: dict[str, tuple[float, int]] = {}
         self.rollouts: list[Rollout] = []
         self.qest_stats: dict[str, Any] = {}
         # Phase state. Without a BC policy there is nothing to evaluate before learning: start online.
@@ -491,8 +492,20 @@ class LearnerService:
         else:
             self.refused_unidentified += 1
             who = "an unidentified peer"
-        log.warning("refused a message from %s: %s", who, reason)
+        self._log_refusal(who, reason)
         return Refuse(reason=reason[:4096], fields=fields or [])
+
+    def _log_refusal(self, who: str, reason: str) -> None:
+        """One warning per sender and second at most (a hostile or confused peer cannot flood the log); the
+        refusals in between are counted in the stats and summarised in the next warning."""
+        now = time.monotonic()
+        last, suppressed = self._refusal_log.get(who, (-math.inf, 0))
+        if now - last < 1.0:
+            self._refusal_log[who] = (last, suppressed + 1)
+            return
+        more = f" (and {suppressed} more refusals in the last second)" if suppressed else ""
+        log.warning("refused a message from %s: %s%s", who, reason, more)
+        self._refusal_log[who] = (now, 0)
 
     def _on_hello(self, identity: bytes, hello: Hello) -> Message:
         refusal = check_hello(hello, self.fingerprint)

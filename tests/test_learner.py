@@ -571,3 +571,20 @@ def test_store_cuts_a_corrupt_record_and_continues_the_log(tmp_path: Path, caplo
     chunks = TransitionStore(tmp_path).read_back()
     assert [(c.first_seq, c.online) for c in chunks] == [(0, False), (4, False), (8, True)]
     np.testing.assert_array_equal(chunks[2].arrays["actions"], chunk_arrays(cfg, 8, 4)["actions"])
+
+
+def test_a_flood_of_refused_messages_is_counted_but_logged_at_most_once_a_second(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with caplog.at_level(logging.WARNING, logger="robot_rl.learner.service"), running(service):
+        flooder = FakeActor(ctx, cfg, "flooder")
+        for _ in range(40):
+            assert isinstance(flooder.request(os.urandom(32)), Refuse)
+        good = FakeActor(ctx, cfg, "good")
+        assert isinstance(good.hello(), Welcome)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["refused_unidentified"] == 40  # every refusal counted
+    warnings = [r for r in caplog.records if "refused a message" in r.getMessage()]
+    assert 1 <= len(warnings) <= 5, len(warnings)
