@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -312,6 +314,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from robot_rl.bc import BCCheckpointError
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError

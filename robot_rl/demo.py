@@ -115,6 +115,8 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     }
     status = StatusLine(enabled=not quiet)
     deadline = start + minutes * 60
+    # SIGTERM stops the demo as Ctrl-C does (the CLI makes SIGINT raise KeyboardInterrupt in every command).
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
     interrupted = False
     last_plain = time.monotonic()
     try:
@@ -140,6 +142,8 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         _stop(procs)
         status.close()
         for f in logs.values():
@@ -148,6 +152,10 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
         print(f"\ndemo: interrupted; both processes stopped. Run directory: {out}", flush=True)
         return 130
     return report(out)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(procs: dict[str, subprocess.Popen]) -> None:
