@@ -49,7 +49,7 @@ from robot_rl.episodes import EpisodeWriter
 from robot_rl.hardware.camera import CameraError
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
-from robot_rl.rollout import StepChoice, bc_policy_fn, clip_action, flatten_obs, obs_bounds, obs_keys
+from robot_rl.rollout import StepChoice, bc_policy_fn, flatten_obs, gated_policy_fn, obs_bounds, obs_keys
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.wire import EvalReport, Transitions, Weights, to_wire, unpack_tensors
 
@@ -142,6 +142,8 @@ class ActorService:
             seed=cfg.seed,
         )
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 101)
+        self._bc_policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, generator=self.bc_generator)
+        self._gated_policies = {r: gated_policy_fn(self.agent, rl_action=r) for r in (None, "mode")}
         self.weights_version = -1
         self.weights_time = 0.0
         # Every version swapped in, for `robot-rl replay` (written off the control thread).
@@ -224,16 +226,8 @@ class ActorService:
     # -- one step ------------------------------------------------------------------------------------------------------
     def _choose(self, obs: np.ndarray, *, gated: bool, rl_action: str | None) -> StepChoice:
         if not gated:
-            return bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, generator=self.bc_generator)(obs)
-        d = self.agent.act(obs[None], rl_action=rl_action)
-        extras = {
-            "bc_action": d.bc_action[0],
-            "rl_action": d.rl_action[0],
-            "q_bc": np.float32(d.q_bc[0]),
-            "q_rl": np.float32(d.q_rl[0]),
-            "use_bc": np.bool_(d.use_bc[0]),
-        }
-        return StepChoice(action=clip_action(d.action[0]), extras=extras)
+            return self._bc_policy(obs)
+        return self._gated_policies[rl_action](obs)  # the agent's weights are swapped in place: built once
 
     def run_episode(self, *, kind: str, gated: bool, send: bool, seed: int | None) -> tuple[bool, int, int]:
         """One episode; returns (success, steps, BC steps). `kind` is recorded: bc_only, qest_rollouts, online, eval."""

@@ -24,7 +24,6 @@ and phase from checkpoints/latest.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -44,13 +43,13 @@ from gymnasium import spaces
 
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, save_bc
-from robot_rl.buffer import ReplayBuffer, TransitionBatch, concat_batches
+from robot_rl.buffer import ReplayBuffer, sample_utd_batches
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
 from robot_rl.episodes import episodes_to_transitions, read_episodes
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import obs_bounds, obs_keys
-from robot_rl.runlog import EVAL_COLUMNS, EvalRow, StatusLine, plot_curves, read_eval_csv, write_json_atomic
+from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 from robot_rl.train import resolve_device
 from robot_rl.wire import (
     ID_PATTERN,
@@ -157,42 +156,6 @@ class Stream:
     pending: list[_Piece] = field(default_factory=list)
 
 
-class EvalLog:
-    """eval.csv (appended row by row, kept on resume) and the TensorBoard scalars of the run."""
-
-    def __init__(self, out: Path, *, resume: bool) -> None:
-        self.path = out / "eval.csv"
-        self.rows: list[EvalRow] = read_eval_csv(self.path) if resume and self.path.is_file() else []
-        if not (resume and self.path.is_file()):
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(EVAL_COLUMNS)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb: Any = SummaryWriter(log_dir=str(out / "tb"))
-
-    def add(self, row: EvalRow) -> None:
-        """Append a row to eval.csv and its success rate and BC-action fraction to TensorBoard."""
-        self.rows.append(row)
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([getattr(row, c) for c in EVAL_COLUMNS])
-        self.scalars(
-            "eval", {"success_rate": row.success_rate, "bc_action_fraction": row.bc_action_fraction}, row.env_steps
-        )
-
-    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        """TensorBoard scalars `prefix/name` at `step`."""
-        if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(f"{prefix}/{name}", value, step)
-
-    def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
-            self._tb = None
-
-
 def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> None:
     """Refuse a non-empty run directory without resume, and a resume with a config that disagrees with the run's."""
     if out.exists() and not out.is_dir():
@@ -292,7 +255,7 @@ class LearnerService:
         self.learner_time = 0.0
 
         self.store = TransitionStore(self.out / "buffer")
-        self.evallog = EvalLog(self.out, resume=resume)
+        self.evallog = RunLog(self.out, resume=resume)
         if resume:
             self._restore()
         (self.out / "config.yaml").write_text(dump_config(cfg))
@@ -706,7 +669,7 @@ class LearnerService:
                 episodes=report.episodes,
                 phase=self.eval_kind,
             )
-            self.evallog.add(row)
+            self.evallog.eval_row(row)
         self.eval_report = None
         if self.eval_kind == "bc":
             self.bc_success_rate = None if report is None else report.success_rate
@@ -802,26 +765,9 @@ class LearnerService:
         owed = math.floor(self.counters.online_env_steps * self.cfg.train.learner_steps_per_env_step)
         return self.counters.learner_steps < owed
 
-    def _sample_batches(self) -> list[TransitionBatch]:
-        """`utd` minibatches, each a share from the demonstrations when the method samples them (RLPD)."""
-        cfg = self.cfg.agent
-        batches = []
-        for _ in range(cfg.utd):
-            if self.offline is not None:
-                n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
-                batches.append(
-                    concat_batches(
-                        self.buffer.sample(cfg.batch_size - n_off, self.rng),
-                        self.offline.sample(n_off, self.rng),
-                    )
-                )
-            else:
-                batches.append(self.buffer.sample(cfg.batch_size, self.rng))
-        return batches
-
     def _learner_step(self) -> None:
         t0 = time.perf_counter()
-        stats = self.agent.update(self._sample_batches())
+        stats = self.agent.update(sample_utd_batches(self.buffer, self.offline, self.cfg.agent, self.rng))
         self.learner_time += time.perf_counter() - t0
         self.counters.learner_steps += 1
         if self.counters.learner_steps % TRAIN_SCALARS_EVERY == 0:

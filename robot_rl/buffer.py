@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robot_rl.config import AgentConfig
+
 
 @dataclass(frozen=True)
 class TransitionBatch:
@@ -130,3 +132,17 @@ def concat_batches(a: TransitionBatch, b: TransitionBatch) -> TransitionBatch:
     return TransitionBatch(
         *(np.concatenate([getattr(a, f), getattr(b, f)]) for f in TransitionBatch.__dataclass_fields__)
     )
+
+
+def sample_utd_batches(
+    buffer: ReplayBuffer, offline: ReplayBuffer | None, cfg: AgentConfig, rng: np.random.Generator
+) -> list[TransitionBatch]:
+    """The `cfg.utd` minibatches of one learner step; with `offline` (RLPD) each holds its share of demonstrations."""
+    batches = []
+    for _ in range(cfg.utd):
+        if offline is not None:
+            n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
+            batches.append(concat_batches(buffer.sample(cfg.batch_size - n_off, rng), offline.sample(n_off, rng)))
+        else:
+            batches.append(buffer.sample(cfg.batch_size, rng))
+    return batches

@@ -43,13 +43,16 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 class RunLog:
     """Appends evaluation rows to eval.csv (flushed each row) and mirrors scalars to TensorBoard."""
 
-    def __init__(self, out: Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, out: Path, *, tensorboard: bool = True, resume: bool = False) -> None:
+        """`resume` keeps an existing eval.csv and appends to it (a resumed learner); otherwise it starts anew."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.rows: list[EvalRow] = []
         self._csv_path = out / "eval.csv"
-        with self._csv_path.open("w", newline="") as f:
-            csv.writer(f).writerow(EVAL_COLUMNS)
+        keep = resume and self._csv_path.is_file()
+        self.rows: list[EvalRow] = read_eval_csv(self._csv_path) if keep else []
+        if not keep:
+            with self._csv_path.open("w", newline="") as f:
+                csv.writer(f).writerow(EVAL_COLUMNS)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

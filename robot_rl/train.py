@@ -15,7 +15,7 @@ import torch
 
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
-from robot_rl.buffer import ReplayBuffer, concat_batches
+from robot_rl.buffer import ReplayBuffer, sample_utd_batches
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
@@ -243,25 +243,9 @@ class Trainer:
             bc_action=bc_action,
         )
 
-    def _sample_batches(self):
-        cfg = self.cfg.agent
-        batches = []
-        for _ in range(cfg.utd):
-            if self.offline is not None:
-                n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
-                batches.append(
-                    concat_batches(
-                        self.buffer.sample(cfg.batch_size - n_off, self.rng),
-                        self.offline.sample(n_off, self.rng),
-                    )
-                )
-            else:
-                batches.append(self.buffer.sample(cfg.batch_size, self.rng))
-        return batches
-
     def _learner_step(self) -> None:
         t0 = time.perf_counter()
-        stats = self.agent.update(self._sample_batches())
+        stats = self.agent.update(sample_utd_batches(self.buffer, self.offline, self.cfg.agent, self.rng))
         self.learner_time += time.perf_counter() - t0
         self.counters.learner_steps += 1
         if self.counters.learner_steps % 100 == 0:
