@@ -51,6 +51,7 @@ from typing import Self
 import numpy as np
 import torch
 
+from robot_rl import obs as obs_lib
 from robot_rl.actor.weights_archive import WeightsArchive, WeightsArchiveError
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
@@ -61,7 +62,8 @@ from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
 from robot_rl.hardware.interfaces import Pose, RobotState
 from robot_rl.hardware.operator import OperatorEvent, ReplayedOperator
 from robot_rl.hardware.safety import relative_to_world
-from robot_rl.rollout import clip_action, flatten_obs, obs_bounds
+from robot_rl.rollout import clip_action
+from robot_rl.wire import transition_spec
 
 FIELDS = ("obs", "bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "action", "target", "command", "done")
 """Compared per step, in this order (the order the actor produces them)."""
@@ -358,8 +360,11 @@ class Replayer:
             robot=self.robot, task=OperatorJudgedTask(reference), config=cfg.env, wait=lambda seconds: None
         )
         self.env_keys = list(self.env.observation_space.spaces)
-        low, high = obs_bounds(self.env.observation_space)
-        self.agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=int(self.env.action_space.shape[0]),
+        # The policies observe what the config's env observes (cameras included); the replay env rebuilds the state.
+        self.obs_spec = transition_spec(cfg).obs
+        low, high = obs_lib.state_bounds(self.env.observation_space)
+        self.agent = Q2RLAgent(cfg.agent, obs_spec=self.obs_spec, state_low=low, state_high=high,
+                               action_dim=int(self.env.action_space.shape[0]),
                                bc_policy=self.bc, qest_alpha=cfg.qest.alpha, seed=cfg.seed)  # fmt: skip
         self.agent.eval()
         self._loaded: int | None = None
@@ -373,6 +378,10 @@ class Replayer:
         """Replay one episode, appending its divergences to `report`."""
         n = len(ep)
         keys = sorted(ep.obs)
+        if set(keys) != set(self.obs_spec):
+            raise ReplayInputError(
+                f"episode log {report.log}: demo {index} observes {keys}, the config's policies {sorted(self.obs_spec)}"
+            )
         measured = self._measured(ep, report)
         rl_mode = "mode" if ep.attrs.get("kind") == "eval" else self.cfg.agent.rl_action
         codes = [int(c) for c in ep.extras["operator_event"]]
@@ -386,11 +395,10 @@ class Replayer:
         self.robot.feed(measured[0])
         env_obs, _ = self.env.reset(options={"offset": np.clip(measured[0], self.env.mapper.low, self.env.mapper.high)})
         for t in range(n):
-            logged_obs = {k: ep.obs[k][t] for k in keys}
-            rebuilt = [k for k in self.env_keys if k in logged_obs]
-            if rebuilt:
-                check(t, "obs", flatten_obs(logged_obs, rebuilt), flatten_obs(env_obs, rebuilt))
-            obs = flatten_obs(logged_obs, keys)
+            obs = {k: ep.obs[k][t : t + 1] for k in keys}
+            for key in self.env_keys:
+                if key in obs:
+                    check(t, f"obs/{key}" if key != "ee_pose" else "obs", obs[key][0], env_obs[key])
             version = int(ext["weights_version"][t])
             if version >= 0:
                 action = self._gated_step(t, obs, ext, rl_mode, version, check)
@@ -426,7 +434,7 @@ class Replayer:
     def _gated_step(
         self,
         t: int,
-        obs: np.ndarray,
+        obs: dict[str, np.ndarray],
         ext: dict[str, np.ndarray],
         rl_mode: str,
         version: int,
@@ -434,13 +442,13 @@ class Replayer:
     ) -> np.ndarray:
         self._use_version(version)
         agent = self.agent
-        obs_t = agent.tensor(obs[None])
+        obs_t = agent.obs_tensors(obs)
         a_bc = agent.tensor(ext["bc_action"][t][None])
         gating = self.cfg.agent.gating
         if gating != "none" and self.cfg.agent.bc_action == "mode":
             check(t, "bc_action", ext["bc_action"][t], self.bc.mode(obs_t).clamp(-1.0, 1.0)[0].numpy())
         if rl_mode == "mode":
-            a_rl = agent.actor(agent.normalizer(obs_t)).mode()
+            a_rl = agent.actor(agent.encoder(obs_t)).mode()
             check(t, "rl_action", ext["rl_action"][t], a_rl[0].numpy())
         else:
             a_rl = agent.tensor(ext["rl_action"][t][None])
@@ -458,9 +466,9 @@ class Replayer:
         return clip_action(chosen[0].numpy())
 
     @torch.no_grad()
-    def _bc_step(self, t: int, obs: np.ndarray, ext: dict[str, np.ndarray], check: Check) -> np.ndarray:
+    def _bc_step(self, t: int, obs: dict[str, np.ndarray], ext: dict[str, np.ndarray], check: Check) -> np.ndarray:
         if self.cfg.agent.bc_action == "mode":
-            mode = self.bc.mode(torch.as_tensor(obs[None], dtype=torch.float32))[0].numpy()
+            mode = self.bc.mode(obs_lib.to_tensors(obs, "cpu"))[0].numpy()
             check(t, "bc_action", ext["bc_action"][t], clip_action(mode))
         check(t, "use_bc", ext["use_bc"][t], np.bool_(True))
         return clip_action(ext["bc_action"][t])

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robot_rl import obs as obs_lib
 from robot_rl.actor.cameras import close_cameras, open_cameras, read_cameras
 from robot_rl.actor.link import LearnerLink
 from robot_rl.actor.rate import RateKeeper
@@ -49,7 +50,7 @@ from robot_rl.episodes import EpisodeWriter
 from robot_rl.hardware.camera import CameraError
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
-from robot_rl.rollout import StepChoice, bc_policy_fn, flatten_obs, gated_policy_fn, obs_bounds, obs_keys
+from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.wire import EvalReport, Transitions, Weights, to_wire, unpack_tensors
 
@@ -75,16 +76,16 @@ class ActorCounters:
 class ChunkBuilder:
     """Collects transitions and turns them into wire chunks at `chunk_steps` and at episode end."""
 
-    def __init__(self, keys: list[str], action_dim: int, actor_id: str, run_id: str) -> None:
-        self.keys, self.action_dim = keys, action_dim
+    def __init__(self, obs_spec: obs_lib.ObsSpec, action_dim: int, actor_id: str, run_id: str) -> None:
+        self.obs_spec, self.action_dim = obs_spec, action_dim
         self.actor_id, self.run_id = actor_id, run_id
         self.rows: list[dict[str, np.ndarray]] = []
 
     def add(self, obs, action, reward, next_obs, terminated, truncated, bc_action, weights_version) -> None:
         self.rows.append(
             {
-                **{f"obs/{k}": np.asarray(obs[k], np.float32) for k in self.keys},
-                **{f"next_obs/{k}": np.asarray(next_obs[k], np.float32) for k in self.keys},
+                **{f"obs/{k}": np.asarray(obs[k], dtype) for k, (_, dtype) in self.obs_spec.items()},
+                **{f"next_obs/{k}": np.asarray(next_obs[k], dtype) for k, (_, dtype) in self.obs_spec.items()},
                 "actions": np.asarray(action, np.float32),
                 "bc_actions": np.asarray(bc_action, np.float32),
                 "rewards": np.float32(reward),
@@ -128,14 +129,17 @@ class ActorService:
         self.bc_dir = bc_dir.resolve()
         self._record_bc_dir()
         self.env = make_env(cfg.env)
-        self.keys = obs_keys(self.env.observation_space)
-        low, high = obs_bounds(self.env.observation_space)
+        self.obs_spec = obs_lib.spec_from_space(self.env.observation_space)
+        low, high = obs_lib.state_bounds(self.env.observation_space)
         self.action_dim = int(self.env.action_space.shape[0])
         self.bc = load_bc(bc_dir)
+        if self.bc.obs_spec != self.obs_spec:
+            raise ValueError(f"BC policy {bc_dir} observes {self.bc.obs_spec}; this env observes {self.obs_spec}")
         self.agent = Q2RLAgent(
             cfg.agent,
-            obs_low=low,
-            obs_high=high,
+            obs_spec=self.obs_spec,
+            state_low=low,
+            state_high=high,
             action_dim=self.action_dim,
             bc_policy=self.bc,
             qest_alpha=cfg.qest.alpha,
@@ -224,7 +228,7 @@ class ActorService:
         return self.weights_version >= 0
 
     # -- one step ------------------------------------------------------------------------------------------------------
-    def _choose(self, obs: np.ndarray, *, gated: bool, rl_action: str | None) -> StepChoice:
+    def _choose(self, obs: dict[str, np.ndarray], *, gated: bool, rl_action: str | None) -> StepChoice:
         if not gated:
             return self._bc_policy(obs)
         return self._gated_policies[rl_action](obs)  # the agent's weights are swapped in place: built once
@@ -284,8 +288,7 @@ class ActorService:
             if kind == "eval" and version >= 0:
                 self.weights_archive.pin(version)  # evaluated versions outlive the archive's retention
             t0 = time.monotonic()
-            obs = flatten_obs(obs_dict, self.keys)
-            choice = self._choose(obs, gated=gated, rl_action=rl_action)
+            choice = self._choose(obs_dict, gated=gated, rl_action=rl_action)
             next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
             camera_extras = read_cameras(self.cameras)
             reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)

@@ -1,89 +1,160 @@
-"""Learner steps per second (one step = UTD critic updates + one actor update) for several network sizes.
+"""Learner steps per second (one step = UTD critic updates + one actor update) for the state and the image config.
 
-    python bench/learner.py [--device cpu|cuda|auto] [--threads N] [--steps N] [--sizes paper,cpu,...]
+    python bench/learner.py [--device cpu|cuda|auto] [--config state|image|PATH] [--sizes config,paper,...]
+                            [--threads N] [--steps N] [--prefetch]
 
-Synthetic minibatches of the state config's shapes (6-D observation, 6-D action) are drawn from a filled replay
-buffer, so the figure includes sampling and host->device copies, as in training. The last line is the headline
-(the CPU config's rate).
+The observation spec is the config's (state: the 6-D pose; image: the pose plus two 84x84x3 uint8 cameras); minibatches
+are drawn from a replay buffer filled with synthetic transitions, so the figure includes sampling, host->device copies
+and, for images, the DrQ shifts and both CNN encoders, as in training. `--sizes` runs the config's agent ("config")
+and/or other network sizes on the same observations. `--prefetch` samples on a background thread (robot_rl.prefetch)
+when it is available. The last line is the headline (the last size's rate).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
-from robot_rl.buffer import ReplayBuffer
-from robot_rl.config import AgentConfig, BCConfig, load_config
+from robot_rl.buffer import ReplayBuffer, sample_utd_batches
+from robot_rl.config import AgentConfig, RunConfig, load_config
+from robot_rl.wire import transition_spec
 
+CONFIGS = {"state": "configs/sim_peg_state.yaml", "image": "configs/sim_peg_image.yaml"}
 SIZES = {
-    # name: (hidden, critics, batch)
+    # name: (hidden, critics, batch); "config" keeps the config's agent section
+    "config": (None, None, None),
     "paper": ([512, 512, 512], 10, 256),
+    "paper_image": ([1024, 1024], 10, 256),
     "256x2": ([256, 256], 10, 256),
-    "cpu": (None, None, None),  # configs/sim_peg_state.yaml's agent section
 }
-OBS_DIM = ACTION_DIM = 6
+ACTION_DIM = 6
 
 
-def measure(agent_cfg: AgentConfig, *, device: str, steps: int, warmup: int = 5) -> float:
-    low, high = -np.ones(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32)
-    bc = make_bc_policy(BCConfig(), OBS_DIM, ACTION_DIM, low, high)
-    agent = Q2RLAgent(agent_cfg, obs_low=low, obs_high=high, action_dim=ACTION_DIM, bc_policy=bc, device=device)
-    rng = np.random.default_rng(0)
-    buf = ReplayBuffer(50_000, OBS_DIM, ACTION_DIM)
-    n = 50_000
-    buf.add_many(
-        obs=rng.uniform(-1, 1, (n, OBS_DIM)).astype(np.float32),
-        actions=rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32),
-        rewards=(rng.random(n) < 0.02).astype(np.float32),
-        next_obs=rng.uniform(-1, 1, (n, OBS_DIM)).astype(np.float32),
-        terminated=rng.random(n) < 0.02,
-        truncated=np.zeros(n, bool),
-        bc_actions=rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32),
+def synthetic_buffer(spec: obs_lib.ObsSpec, n: int, rng: np.random.Generator) -> ReplayBuffer:
+    """n transitions in episodes of 100 steps (so consecutive images are shared as in real data)."""
+    buf = ReplayBuffer(n, spec, ACTION_DIM)
+    episode = 100
+    for start in range(0, n, episode):
+        m = min(episode, n - start)
+        frames = {}
+        for key, (shape, dtype) in spec.items():
+            if np.dtype(dtype) == np.uint8:
+                frames[key] = rng.integers(0, 256, (m + 1, *shape), dtype=np.uint8)
+            else:
+                frames[key] = rng.uniform(-0.05, 0.05, (m + 1, *shape)).astype(np.float32)
+        buf.add_many(
+            obs={k: v[:-1] for k, v in frames.items()},
+            actions=rng.uniform(-1, 1, (m, ACTION_DIM)).astype(np.float32),
+            rewards=(rng.random(m) < 0.02).astype(np.float32),
+            next_obs={k: v[1:] for k, v in frames.items()},
+            terminated=np.zeros(m, bool),
+            truncated=np.arange(m) == m - 1,
+            bc_actions=rng.uniform(-1, 1, (m, ACTION_DIM)).astype(np.float32),
+        )
+    return buf
+
+
+def build(cfg: RunConfig, agent_cfg: AgentConfig, device: str) -> tuple[Q2RLAgent, obs_lib.ObsSpec]:
+    spec = transition_spec(cfg).obs
+    dim = obs_lib.state_dim(spec)
+    low, high = -0.1 * np.ones(dim, np.float32), 0.1 * np.ones(dim, np.float32)
+    bc = make_bc_policy(cfg.bc, spec, ACTION_DIM, low, high)
+    agent = Q2RLAgent(
+        agent_cfg,
+        obs_spec=spec,
+        state_low=low,
+        state_high=high,
+        action_dim=ACTION_DIM,
+        bc_policy=bc,
+        device=device,
     )
+    return agent, spec
+
+
+def measure(cfg: RunConfig, agent_cfg: AgentConfig, *, device: str, steps: int, prefetch: bool) -> float:
+    agent, spec = build(cfg, agent_cfg, device)
+    rng = np.random.default_rng(0)
+    n = 5000 if obs_lib.image_keys(spec) else 50_000
+    buf = synthetic_buffer(spec, n, rng)
+
+    def sample() -> list:
+        return sample_utd_batches(buf, None, agent_cfg, rng)
+
+    fetch = sample
+    prefetcher = None
+    if prefetch:
+        import threading
+
+        from robot_rl.prefetch import Prefetcher
+
+        prefetcher = Prefetcher(sample, torch.device(device), threading.Lock())
+        prefetcher.start()
+
+        def fetch() -> list:
+            return prefetcher.get(timeout=60)
 
     def step() -> None:
-        agent.update([buf.sample(agent_cfg.batch_size, rng) for _ in range(agent_cfg.utd)])
+        agent.update(fetch())
 
-    for _ in range(warmup):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0)
+    try:
+        for _ in range(3):
+            step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return steps / (time.perf_counter() - t0)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--config", default="state", help="state, image, or a config file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--sizes", default="paper,256x2,cpu")
-    parser.add_argument("--config", default="configs/sim_peg_state.yaml", help="config whose agent is 'cpu'")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sizes", default="config", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--prefetch", action="store_true", help="sample minibatches on a background thread")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = args.device
     if device == "auto":
-        device = "cpu"
-    cpu_agent = load_config(args.config).agent
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = CONFIGS.get(args.config, args.config)
+    if not Path(path).is_file():
+        parser.error(f"config {path} does not exist")
+    cfg = load_config(path)
+    spec = transition_spec(cfg).obs
+    print(f"config {path}: obs {spec}")
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps each")
-    print(f"{'size':<8} {'hidden':<18} {'critics':>7} {'batch':>5} {'utd':>3} {'steps/s':>9}")
-    last = 0.0
+    print(f"{'size':<12} {'hidden':<18} {'critics':>7} {'batch':>5} {'utd':>3} {'steps/s':>9}")
+    last, name = 0.0, ""
     for name in args.sizes.split(","):
+        if name not in SIZES:
+            parser.error(f"unknown size {name!r} (known: {', '.join(SIZES)})")
         hidden, critics, batch = SIZES[name]
-        cfg = cpu_agent if hidden is None else AgentConfig(hidden=hidden, num_critics=critics, batch_size=batch)
-        last = measure(cfg, device=device, steps=args.steps)
-        print(f"{name:<8} {cfg.hidden!s:<18} {cfg.num_critics:>7} {cfg.batch_size:>5} {cfg.utd:>3} {last:>9.1f}")
-    print(f"learner steps/s ({args.sizes.split(',')[-1]}): {last:.1f}")
+        agent_cfg = cfg.agent
+        if hidden is not None:
+            agent_cfg = agent_cfg.model_copy(update={"hidden": hidden, "num_critics": critics, "batch_size": batch})
+        last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch)
+        print(
+            f"{name:<12} {agent_cfg.hidden!s:<18} {agent_cfg.num_critics:>7} {agent_cfg.batch_size:>5} "
+            f"{agent_cfg.utd:>3} {last:>9.2f}"
+        )
+    print(f"learner steps/s ({args.config}, {name}, {device}): {last:.2f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch
 import zmq
 from gymnasium import spaces
 
+from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, sample_utd_batches
@@ -48,9 +49,8 @@ from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
 from robot_rl.episodes import episodes_to_transitions, read_episodes
 from robot_rl.qestimation import Rollout, run_q_estimation
-from robot_rl.rollout import obs_bounds, obs_keys
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
-from robot_rl.train import resolve_device
+from robot_rl.train import resolve_device, transitions_obs
 from robot_rl.wire import (
     ID_PATTERN,
     STATE_OBS_KEY,
@@ -143,7 +143,7 @@ class ActorStats:
 class _Piece:
     """Part of an episode still being assembled from a stream's chunks."""
 
-    obs: np.ndarray
+    obs: dict[str, np.ndarray]
     actions: np.ndarray
     rewards: np.ndarray
 
@@ -196,11 +196,6 @@ class LearnerService:
     ) -> None:
         if not re.match(ID_PATTERN, learner_id):
             raise LearnerError(f"learner id {learner_id!r} must match {ID_PATTERN}")
-        if cfg.env.cameras:
-            raise LearnerError(
-                "env.cameras is set: the learner's agent learns from flat state vectors; image observations "
-                "are not supported by the learner service"
-            )
         self.cfg, self.out = cfg, Path(out)
         self.learner_id, self.quiet, self.eval_timeout_s = learner_id, quiet, eval_timeout_s
         self.spec = transition_spec(cfg)
@@ -213,22 +208,23 @@ class LearnerService:
         self.rng = np.random.default_rng(cfg.seed)
         self.device = resolve_device(cfg.train.device)
         space = learner_observation_space(cfg)
-        self.keys = obs_keys(space)
-        low, high = obs_bounds(space)
+        self.obs_spec = obs_lib.spec_from_space(space)
+        low, high = obs_lib.state_bounds(space)
         self.action_dim = self.spec.action_dim
-        self.bc = self._load_bc(bc_dir, len(low))
+        self.bc = self._load_bc(bc_dir)
         self.agent = Q2RLAgent(
             cfg.agent,
-            obs_low=low,
-            obs_high=high,
+            obs_spec=self.obs_spec,
+            state_low=low,
+            state_high=high,
             action_dim=self.action_dim,
             bc_policy=self.bc,
             qest_alpha=cfg.qest.alpha,
             seed=cfg.seed,
             device=self.device,
         )
-        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, len(low), self.action_dim)
-        self.offline = self._offline_buffer(demos, len(low))
+        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
+        self.offline = self._offline_buffer(demos)
 
         self.counters = Counters()
         self.streams: dict[tuple[str, str], Stream] = {}
@@ -269,20 +265,20 @@ class LearnerService:
         self.status = StatusLine(enabled=False)
 
     # -- set-up -------------------------------------------------------------------------------------------------------
-    def _load_bc(self, bc_dir: Path | None, obs_dim: int) -> torch.nn.Module | None:
+    def _load_bc(self, bc_dir: Path | None) -> torch.nn.Module | None:
         if bc_dir is None:
             if self.cfg.agent.method != "sac":
                 raise LearnerError(f"method {self.cfg.agent.method} needs a BC policy: pass --bc DIR")
             return None
         bc = load_bc(bc_dir, self.device)
-        if (bc.obs_dim, bc.action_dim) != (obs_dim, self.action_dim):
+        if (bc.obs_spec, bc.action_dim) != (self.obs_spec, self.action_dim):
             raise LearnerError(
-                f"BC policy {bc_dir} takes {bc.obs_dim}-dim observations and {bc.action_dim}-dim actions; "
-                f"the config has {obs_dim} and {self.action_dim}"
+                f"BC policy {bc_dir} takes observations {bc.obs_spec} and {bc.action_dim}-dim actions; "
+                f"the config has {self.obs_spec} and {self.action_dim}"
             )
         return bc
 
-    def _offline_buffer(self, demos: Path | None, obs_dim: int) -> ReplayBuffer | None:
+    def _offline_buffer(self, demos: Path | None) -> ReplayBuffer | None:
         """Demonstrations for RLPD-style offline sampling (agent.effective_offline_ratio > 0)."""
         if self.cfg.agent.effective_offline_ratio <= 0:
             return None
@@ -292,15 +288,17 @@ class LearnerService:
                 f"{self.cfg.agent.effective_offline_ratio}): pass --demos FILE"
             )
         data = episodes_to_transitions(read_episodes(demos))
-        obs_key = [k for k in data if k.startswith("obs/")]
-        if len(obs_key) != 1 or data[obs_key[0]].shape[1] != obs_dim:
-            raise LearnerError(f"{demos}: expected one {obs_dim}-dim observation key, found {obs_key}")
-        buf = ReplayBuffer(max(len(data["actions"]), 1000), obs_dim, self.action_dim)
+        try:
+            obs = transitions_obs(data, "obs", self.obs_spec, demos)
+            next_obs = transitions_obs(data, "next_obs", self.obs_spec, demos)
+        except ValueError as exc:
+            raise LearnerError(str(exc)) from None
+        buf = ReplayBuffer(max(len(data["actions"]), 1000), self.obs_spec, self.action_dim)
         buf.add_many(
-            obs=data[obs_key[0]],
+            obs=obs,
             actions=data["actions"],
             rewards=data["rewards"],
-            next_obs=data["next_" + obs_key[0]],
+            next_obs=next_obs,
             terminated=data["terminated"],
             truncated=data["truncated"],
         )
@@ -552,14 +550,14 @@ class LearnerService:
         return None
 
     # -- storing ------------------------------------------------------------------------------------------------------
-    def _flat(self, arrays: dict[str, np.ndarray], prefix: str, n: int) -> np.ndarray:
-        """Observations of a chunk as flat float32 vectors, keys in the observation space's order."""
-        return np.concatenate([np.asarray(arrays[f"{prefix}/{k}"], np.float32).reshape(n, -1) for k in self.keys], 1)
+    def _obs(self, arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+        """The dict observation of a (validated) chunk."""
+        return {k: arrays[f"{prefix}/{k}"] for k in self.obs_spec}
 
     def _ingest(self, chunk: StoredChunk, stream: Stream) -> None:
         """Put a stored chunk into the replay buffer, count it, and assemble Q-Estimation episodes from it."""
         a, n = chunk.arrays, chunk.count
-        obs, next_obs = self._flat(a, "obs", n), self._flat(a, "next_obs", n)
+        obs, next_obs = self._obs(a, "obs"), self._obs(a, "next_obs")
         # BC rollouts executed the BC action: it is the BC proposal at that state (as in the single-process loop).
         bc_actions = a["bc_actions"] if chunk.online else a["actions"]
         self.buffer.add_many(
@@ -578,15 +576,15 @@ class LearnerService:
         elif not self.qest_done:
             self._assemble(stream, obs, next_obs, a)
 
-    def _assemble(self, stream: Stream, obs: np.ndarray, next_obs: np.ndarray, a: dict[str, np.ndarray]) -> None:
+    def _assemble(self, stream: Stream, obs: dict, next_obs: dict, a: dict[str, np.ndarray]) -> None:
         """Complete episodes (ending at terminated or truncated) of a stream become Q-Estimation rollouts."""
         ends = np.flatnonzero(np.asarray(a["terminated"]) | np.asarray(a["truncated"]))
         start = 0
-        for end in (*ends.tolist(), len(obs) - 1):
+        for end in (*ends.tolist(), len(a["actions"]) - 1):
             if start > end:
                 continue
             piece = _Piece(
-                obs[start : end + 1],
+                {k: np.array(v[start : end + 1]) for k, v in obs.items()},
                 np.asarray(a["actions"][start : end + 1], np.float32),
                 np.asarray(a["rewards"][start : end + 1], np.float32),
             )
@@ -595,11 +593,11 @@ class LearnerService:
                 pieces, stream.pending = stream.pending, []
                 self.rollouts.append(
                     Rollout(
-                        obs=np.concatenate([p.obs for p in pieces]),
+                        obs=obs_lib.concat([p.obs for p in pieces]),
                         actions=np.concatenate([p.actions for p in pieces]),
                         rewards=np.concatenate([p.rewards for p in pieces]),
                         terminated=bool(a["terminated"][end]),
-                        final_next_obs=next_obs[end].copy(),
+                        final_next_obs={k: np.array(v[end : end + 1]) for k, v in next_obs.items()},
                     )
                 )
             start = end + 1
@@ -864,7 +862,7 @@ class LearnerService:
             "method": self.cfg.agent.method,
             "seed": self.cfg.seed,
             "counters": asdict(self.counters),
-            "obs_keys": self.keys,
+            "obs_spec": {k: [list(shape), dtype] for k, (shape, dtype) in self.obs_spec.items()},
             "action_dim": self.action_dim,
             "config": self.cfg.model_dump(mode="json"),
             "has_bc": self.bc is not None,

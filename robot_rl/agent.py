@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robot_rl import obs as obs_lib
 from robot_rl.buffer import TransitionBatch
 from robot_rl.config import AgentConfig
-from robot_rl.networks import Actor, CriticEnsemble, ObsNormalizer, ValueNet
+from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment
+from robot_rl.obs import ObsSpec
+
+TensorObs = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,20 @@ def transform_reward(reward: torch.Tensor | np.ndarray, scale: float, bias: floa
 
 
 class Q2RLAgent(nn.Module):
-    """Networks, optimisers and update rules. `bc_policy` is frozen and only scored, never trained here."""
+    """Networks, optimisers and update rules. `bc_policy` is frozen and only scored, never trained here.
+
+    Observations are dicts (robot_rl.obs). `encoder` (the critics' observation encoder: state normaliser plus one CNN
+    per camera) is trained by the critic loss and feeds the actor detached; `target_encoder` follows it with the
+    target critics; V_BC has its own `value_encoder`. Images are randomly shifted (DrQ) whenever the networks learn.
+    """
 
     def __init__(
         self,
         cfg: AgentConfig,
         *,
-        obs_low: np.ndarray,
-        obs_high: np.ndarray,
+        obs_spec: ObsSpec,
+        state_low: np.ndarray,
+        state_high: np.ndarray,
         action_dim: int,
         bc_policy: nn.Module | None,
         qest_alpha: float = 1.0,
@@ -72,15 +82,19 @@ class Q2RLAgent(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
-        obs_dim = int(np.asarray(obs_low).shape[0])
-        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.obs_spec: ObsSpec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in obs_spec.items()}
+        self.action_dim = action_dim
         self.qest_alpha = qest_alpha
         torch.manual_seed(seed)
-        self.normalizer = ObsNormalizer(obs_low, obs_high)
-        self.actor = Actor(obs_dim, action_dim, cfg.hidden)
-        self.critics = CriticEnsemble(obs_dim, action_dim, cfg.hidden, cfg.num_critics, layer_norm=cfg.layer_norm)
+        self.encoder = ObsEncoder(self.obs_spec, state_low, state_high, cfg.encoder)
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.value_encoder = ObsEncoder(self.obs_spec, state_low, state_high, cfg.encoder)
+        self.image_keys = self.encoder.image_keys
+        feature_dim = self.encoder.out_dim
+        self.actor = Actor(feature_dim, action_dim, cfg.hidden)
+        self.critics = CriticEnsemble(feature_dim, action_dim, cfg.hidden, cfg.num_critics, layer_norm=cfg.layer_norm)
         self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
-        self.value = ValueNet(obs_dim, cfg.hidden, layer_norm=cfg.layer_norm)
+        self.value = ValueNet(self.value_encoder.out_dim, cfg.hidden, layer_norm=cfg.layer_norm)
         self.log_alpha = nn.Parameter(torch.tensor(float(np.log(cfg.init_temperature))))
         self.target_entropy = -float(action_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.bc_policy = bc_policy
@@ -88,7 +102,7 @@ class Q2RLAgent(nn.Module):
             bc_policy.requires_grad_(False)
         self.to(self.device)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr)
+        self.critic_opt = torch.optim.Adam(self.critic_parameters(), lr=cfg.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.critic_updates = 0
@@ -104,18 +118,46 @@ class Q2RLAgent(nn.Module):
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array, np.float32), device=self.device)
 
-    def q_bc_hat(self, obs: torch.Tensor, actions: torch.Tensor, *, bonus_cap: float | None = None) -> torch.Tensor:
+    def obs_tensors(self, obs: dict[str, np.ndarray] | TensorObs) -> TensorObs:
+        """A batched observation on the agent's device (images stay uint8)."""
+        return obs_lib.to_tensors(obs, self.device)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """What the critic loss trains: the ensemble and the observation encoder (the CNNs, with cameras)."""
+        return [*self.critics.parameters(), *self.encoder.parameters()]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """What the V_BC regression trains: V_BC and its own encoder."""
+        return [*self.value.parameters(), *self.value_encoder.parameters()]
+
+    def augment(self, obs: TensorObs) -> TensorObs:
+        """DrQ random shift of every image (cfg.encoder.shift_pad; state untouched)."""
+        return augment(obs, self.image_keys, self.cfg.encoder.shift_pad, self.generator)
+
+    def v_bc(self, obs: TensorObs) -> torch.Tensor:
+        """V_BC(s) [B]; obs unnormalised."""
+        return self.value(self.value_encoder(obs))
+
+    def q_bc_hat(
+        self,
+        obs: TensorObs,
+        actions: torch.Tensor,
+        *,
+        bonus_cap: float | None = None,
+        bc_dist: object | None = None,
+    ) -> torch.Tensor:
         """Q^_BC(s, a) = V_BC(s) + alpha * (log pi_BC(a|s) + H(pi_BC(.|s)))  (paper Eq. 6); obs unnormalised.
 
         bonus_cap, when given, caps alpha * (log pi + H) from above (Q_RL initialisation targets, see
-        QEstimationConfig.q_init_bonus_cap).
+        QEstimationConfig.q_init_bonus_cap). bc_dist: the BC policy's distribution at obs, when already computed.
         """
         if self.bc_policy is None:
             raise RuntimeError("Q^_BC needs a BC policy")
-        v = self.value(self.normalizer(obs))
-        log_prob = self.bc_policy.log_prob(obs, actions)
-        entropy = self.bc_policy.entropy(obs)
-        assert v.shape == log_prob.shape == entropy.shape == (obs.shape[0],), (v.shape, log_prob.shape)
+        v = self.v_bc(obs)
+        dist = bc_dist if bc_dist is not None else self.bc_policy.dist(obs)
+        log_prob = dist.log_prob(actions)
+        entropy = dist.entropy()
+        assert v.shape == log_prob.shape == entropy.shape == (actions.shape[0],), (v.shape, log_prob.shape)
         bonus = self.qest_alpha * (log_prob + entropy)
         if bonus_cap is not None:
             bonus = bonus.clamp_max(bonus_cap)
@@ -128,38 +170,46 @@ class Q2RLAgent(nn.Module):
         low, high = self.cfg.value_range
         return q.clamp(low, high)
 
-    def q_rl_min(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def q_rl_min(self, obs: TensorObs, actions: torch.Tensor) -> torch.Tensor:
         """min_k Q_RL_k(s, a) over the whole ensemble; obs unnormalised."""
-        return self.critics(self.normalizer(obs), actions).min(dim=0).values
+        return self.critics(self.encoder(obs), actions).min(dim=0).values
 
     # ----------------------------------------------------------------------------------------------------------------
     # Acting: Q-gating
     # ----------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, obs: np.ndarray, *, rl_action: str | None = None, bc_action: str | None = None) -> GateDecision:
+    def act(
+        self, obs: dict[str, np.ndarray], *, rl_action: str | None = None, bc_action: str | None = None
+    ) -> GateDecision:
         """Propose a_BC and a_RL and execute the one its Q-function rates higher (paper Eq. 10).
 
-        obs: [B, obs_dim] (unnormalised). With gating 'none' (SAC, RLPD) the RL action is always executed.
+        obs: a batched dict observation (unnormalised, images uint8). With gating 'none' (SAC, RLPD) the RL action is
+        always executed. Each encoder runs once per call (the BC policy's distribution is reused for its sample,
+        log-prob and entropy).
         """
         rl_mode = rl_action or self.cfg.rl_action
         bc_mode = bc_action or self.cfg.bc_action
-        obs_t = self.tensor(obs)
-        assert obs_t.ndim == 2 and obs_t.shape[1] == self.obs_dim, obs_t.shape
-        dist = self.actor(self.normalizer(obs_t))
+        obs_t = self.obs_tensors(obs)
+        features = self.encoder(obs_t)
+        dist = self.actor(features)
         a_rl = dist.mode() if rl_mode == "mode" else dist.sample(generator=self.generator)
         gating = self.cfg.gating
-        batch = obs_t.shape[0]
+        batch = features.shape[0]
         nan = torch.full((batch,), float("nan"), device=self.device)
+        q_rl = self.critics(features, a_rl).min(dim=0).values
         if gating == "none" or self.bc_policy is None:
             a_bc = torch.full_like(a_rl, float("nan"))
-            q_bc, q_rl = nan, self.q_rl_min(obs_t, a_rl)
+            q_bc = nan
             use_bc = torch.zeros(batch, dtype=torch.bool, device=self.device)
         else:
-            raw = self.bc_policy.mode(obs_t) if bc_mode == "mode" else self.bc_policy.sample(obs_t, self.generator)
+            bc_dist = self.bc_policy.dist(obs_t)
+            raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.generator)
             # Score exactly what would be executed: the env clips every action to [-1, 1].
             a_bc = raw.clamp(-1.0, 1.0)
-            q_rl = self.q_rl_min(obs_t, a_rl)
-            q_bc = self.q_bc_hat(obs_t, a_bc) if gating == "q2rl" else self.q_rl_min(obs_t, a_bc)
+            if gating == "q2rl":
+                q_bc = self.q_bc_hat(obs_t, a_bc, bc_dist=bc_dist)
+            else:
+                q_bc = self.critics(features, a_bc).min(dim=0).values
             use_bc = q_bc > q_rl
         action = torch.where(use_bc[:, None], a_bc, a_rl)
         return GateDecision(
@@ -174,27 +224,30 @@ class Q2RLAgent(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Learning
     # ----------------------------------------------------------------------------------------------------------------
-    def _batch_tensors(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+    def _batch_tensors(self, batch: TransitionBatch) -> dict:
+        """Tensors of a minibatch, images randomly shifted (obs and next_obs independently, as DrQ)."""
         return {
-            "obs": self.normalizer(self.tensor(batch.obs)),
-            "next_obs": self.normalizer(self.tensor(batch.next_obs)),
+            "obs": self.augment(self.obs_tensors(batch.obs)),
+            "next_obs": self.augment(self.obs_tensors(batch.next_obs)),
             "actions": self.tensor(batch.actions),
             "rewards": transform_reward(self.tensor(batch.rewards), self.cfg.reward_scale, self.cfg.reward_bias),
             "not_done": 1.0 - self.tensor(batch.terminated.astype(np.float32)),
             "bc_actions": self.tensor(batch.bc_actions),
         }
 
-    def td_target(self, rewards: torch.Tensor, not_done: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+    def td_target(self, rewards: torch.Tensor, not_done: torch.Tensor, next_obs: TensorObs) -> torch.Tensor:
         """y = r~ + gamma * (1 - terminated) * min over a random subset of target critics at a' ~ pi(s')
         (minus alpha * log pi(a'|s') with backup_entropy).
 
         Truncation is not termination: a step-limit transition keeps its bootstrap (only `terminated` zeroes it).
         """
         with torch.no_grad():
-            next_action, next_log_prob = self.actor(next_obs).rsample_with_log_prob(generator=self.generator)
+            next_features = self.encoder(next_obs)
+            next_action, next_log_prob = self.actor(next_features).rsample_with_log_prob(generator=self.generator)
             members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
             members = members[: self.cfg.critic_subsample]
-            q_next = self.target_critics(next_obs, next_action, members).min(dim=0).values
+            target_features = self.target_encoder(next_obs) if self.image_keys else next_features
+            q_next = self.target_critics(target_features, next_action, members).min(dim=0).values
             if self.cfg.backup_entropy:
                 q_next = q_next - self.temperature * next_log_prob
             target = self.clip_value(rewards + self.cfg.discount * not_done * q_next)
@@ -204,7 +257,7 @@ class Q2RLAgent(nn.Module):
     def critic_update(self, batch: TransitionBatch) -> tuple[float, float]:
         t = self._batch_tensors(batch)
         target = self.td_target(t["rewards"], t["not_done"], t["next_obs"])
-        q = self.critics(t["obs"], t["actions"])
+        q = self.critics(self.encoder(t["obs"]), t["actions"])
         assert q.shape == (self.cfg.num_critics, target.shape[0]), q.shape
         # Every member regresses to the same target; summing over members gives each its own full gradient.
         loss = ((q - target.unsqueeze(0)) ** 2).mean(dim=1).sum()
@@ -219,15 +272,20 @@ class Q2RLAgent(nn.Module):
     def _soft_update(self) -> None:
         for p, tp in zip(self.critics.parameters(), self.target_critics.parameters(), strict=True):
             tp.lerp_(p, self.cfg.tau)
+        for p, tp in zip(self.encoder.parameters(), self.target_encoder.parameters(), strict=True):
+            tp.lerp_(p, self.cfg.tau)
 
     def actor_update(self, batch: TransitionBatch) -> dict[str, float]:
         t = self._batch_tensors(batch)
-        dist = self.actor(t["obs"])
+        # The actor sees the critics' features detached: only the critic loss trains the encoder.
+        with torch.no_grad():
+            features = self.encoder(t["obs"])
+        dist = self.actor(features)
         action, log_prob = dist.rsample_with_log_prob(generator=self.generator)
         # REDQ: the actor ascends the mean over the whole ensemble (or, pessimistic, its minimum).
-        q_all = self.critics(t["obs"], action)
+        q_all = self.critics(features, action)
         q = q_all.mean(dim=0) if self.cfg.actor_q == "mean" else q_all.min(dim=0).values
-        assert q.shape == log_prob.shape == (t["obs"].shape[0],), (q.shape, log_prob.shape)
+        assert q.shape == log_prob.shape == (features.shape[0],), (q.shape, log_prob.shape)
         sac_loss = (self.temperature.detach() * log_prob - q).mean()
         if self.cfg.normalize_actor_q:
             sac_loss = sac_loss / q.detach().abs().mean().clamp_min(1e-3)
@@ -283,16 +341,19 @@ class Q2RLAgent(nn.Module):
         )
 
     def sync_target(self) -> None:
-        """Copy the critics into the target critics (after Q-initialisation)."""
+        """Copy the critics (and their encoder) into the targets (after Q-initialisation)."""
         self.target_critics.load_state_dict(self.critics.state_dict())
+        self.target_encoder.load_state_dict(self.encoder.state_dict())
 
     # ----------------------------------------------------------------------------------------------------------------
     # Persistence: tensors for safetensors, everything else for the JSON manifest
     # ----------------------------------------------------------------------------------------------------------------
+    NETWORK_MODULES = ("encoder", "target_encoder", "actor", "critics", "target_critics", "value_encoder", "value")
+
     def network_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor of actor, critics, target critics, V_BC, normaliser and temperature (BC excluded)."""
+        """Every tensor of encoders, actor, critics, target critics, V_BC and temperature (BC excluded)."""
         state = {}
-        for name in ("normalizer", "actor", "critics", "target_critics", "value"):
+        for name in self.NETWORK_MODULES:
             for key, value in getattr(self, name).state_dict().items():
                 state[f"{name}.{key}"] = value.detach().cpu().contiguous()
         state["log_alpha"] = self.log_alpha.detach().cpu().reshape(1).contiguous()
@@ -300,17 +361,17 @@ class Q2RLAgent(nn.Module):
 
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name in ("normalizer", "actor", "critics", "target_critics", "value"):
+            for name in self.NETWORK_MODULES:
                 module = getattr(self, name)
                 prefix = f"{name}."
                 sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 module.load_state_dict(sub, strict=True)
             self.log_alpha.copy_(state["log_alpha"].reshape(()))
 
-    ACTING_MODULES = ("normalizer", "actor", "critics", "value")
+    ACTING_MODULES = ("encoder", "actor", "critics", "value_encoder", "value")
 
     def acting_state(self) -> dict[str, torch.Tensor]:
-        """The tensors an actor needs for Q-gating (RL actor, critic ensemble, V_BC, normaliser): no targets."""
+        """The tensors an actor needs for Q-gating (encoders, RL actor, critic ensemble, V_BC): no targets."""
         state = {}
         for name in self.ACTING_MODULES:
             for key, value in getattr(self, name).state_dict().items():

@@ -25,13 +25,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from robot_rl import obs as obs_lib
 from robot_rl.config import BCConfig
 from robot_rl.distributions import ActionDistribution, DiagGaussian, GaussianMixture
+from robot_rl.networks import ObsEncoder, augment
+from robot_rl.obs import ObsSpec, state_dim
 
 WEIGHTS_FILE = "bc.safetensors"
 MANIFEST_FILE = "bc.json"
 FORMAT = "robot_rl.bc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Demonstrated actions may exceed [-1, 1] by this much (float round-off in recording); they are then clipped.
 ACTION_TOLERANCE = 1e-5
@@ -65,58 +68,63 @@ def _check_obs_bounds(obs_low: np.ndarray, obs_high: np.ndarray, obs_dim: int) -
 
 
 class BCPolicy(nn.Module):
-    """Shared part of the BC policies: the observation normaliser, the MLP trunk and the batched interface."""
+    """Shared part of the BC policies: the observation encoder, the MLP trunk and the batched interface.
+
+    Observations are dicts (robot_rl.obs): the state keys are normalised by fixed bounds, each camera image goes
+    through its own small CNN (trained with DrQ random shifts when the dataset has images).
+    """
 
     kind: ClassVar[str]
 
     def __init__(
         self,
         cfg: BCConfig,
-        obs_dim: int,
+        obs_spec: ObsSpec,
         action_dim: int,
-        obs_low: np.ndarray,
-        obs_high: np.ndarray,
+        state_low: np.ndarray,
+        state_high: np.ndarray,
         head_dim: int,
     ) -> None:
         super().__init__()
-        if obs_dim < 1 or action_dim < 1:
-            raise ValueError(f"obs_dim and action_dim must be positive, got {obs_dim} and {action_dim}")
-        low, high = _check_obs_bounds(obs_low, obs_high, obs_dim)
+        if action_dim < 1:
+            raise ValueError(f"action_dim must be positive, got {action_dim}")
+        if not obs_spec:
+            raise ValueError("the observation spec is empty")
+        low, high = _check_obs_bounds(state_low, state_high, state_dim(obs_spec))
         self.cfg = cfg.model_copy(deep=True)
-        self.obs_dim = obs_dim
+        self.obs_spec: ObsSpec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in obs_spec.items()}
         self.action_dim = action_dim
-        self.register_buffer("obs_low", torch.from_numpy(low))
-        self.register_buffer("obs_high", torch.from_numpy(high))
-        self.net = _mlp(obs_dim, list(cfg.hidden), head_dim)
+        self.encoder = ObsEncoder(self.obs_spec, low, high, cfg.encoder)
+        self.net = _mlp(self.encoder.out_dim, list(cfg.hidden), head_dim)
 
-    def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        """[B, obs_dim] -> the same in [-1, 1] where obs lies within the bounds (not clipped outside them)."""
-        assert obs.ndim == 2 and obs.shape[1] == self.obs_dim, (obs.shape, self.obs_dim)
-        return 2.0 * (obs - self.obs_low) / (self.obs_high - self.obs_low) - 1.0
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
-    def _features(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize_obs(obs))
+    def _features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(self.encoder(obs))
 
     def _std(self, raw: torch.Tensor) -> torch.Tensor:
         return F.softplus(raw) + self.cfg.min_std
 
-    def dist(self, obs: torch.Tensor) -> ActionDistribution:
+    def dist(self, obs: dict[str, torch.Tensor]) -> ActionDistribution:
+        """The action distribution at a batch of observations (dict of [B, ...] tensors, unnormalised)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Actions [B, action_dim] drawn from the (unsquashed) policy; may leave [-1, 1], the env clips."""
         return self.dist(obs).sample(generator)
 
     @torch.no_grad()
-    def mode(self, obs: torch.Tensor) -> torch.Tensor:
+    def mode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.dist(obs).mode()
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) in nats, [B]; differentiable (training uses it)."""
         return self.dist(obs).log_prob(actions)
 
-    def entropy(self, obs: torch.Tensor) -> torch.Tensor:
+    def entropy(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """H(pi(.|s)) in nats, [B] (for the GMM: the upper bound, see GaussianMixture)."""
         return self.dist(obs).entropy()
 
@@ -129,10 +137,10 @@ class GaussianBCPolicy(BCPolicy):
 
     kind: ClassVar[str] = "gaussian"
 
-    def __init__(self, cfg: BCConfig, obs_dim: int, action_dim: int, obs_low: np.ndarray, obs_high: np.ndarray) -> None:
-        super().__init__(cfg, obs_dim, action_dim, obs_low, obs_high, head_dim=2 * action_dim)
+    def __init__(self, cfg: BCConfig, obs_spec: ObsSpec, action_dim: int, low: np.ndarray, high: np.ndarray) -> None:
+        super().__init__(cfg, obs_spec, action_dim, low, high, head_dim=2 * action_dim)
 
-    def dist(self, obs: torch.Tensor) -> DiagGaussian:
+    def dist(self, obs: dict[str, torch.Tensor]) -> DiagGaussian:
         raw_mean, raw_std = self._features(obs).chunk(2, dim=-1)
         return DiagGaussian(torch.tanh(raw_mean), self._std(raw_std))
 
@@ -142,12 +150,12 @@ class GMMBCPolicy(BCPolicy):
 
     kind: ClassVar[str] = "gmm"
 
-    def __init__(self, cfg: BCConfig, obs_dim: int, action_dim: int, obs_low: np.ndarray, obs_high: np.ndarray) -> None:
+    def __init__(self, cfg: BCConfig, obs_spec: ObsSpec, action_dim: int, low: np.ndarray, high: np.ndarray) -> None:
         k = cfg.num_modes
-        super().__init__(cfg, obs_dim, action_dim, obs_low, obs_high, head_dim=k + 2 * k * action_dim)
+        super().__init__(cfg, obs_spec, action_dim, low, high, head_dim=k + 2 * k * action_dim)
         self.num_modes = k
 
-    def dist(self, obs: torch.Tensor) -> GaussianMixture:
+    def dist(self, obs: dict[str, torch.Tensor]) -> GaussianMixture:
         out = self._features(obs)
         k, d = self.num_modes, self.action_dim
         logits = out[:, :k]
@@ -158,48 +166,70 @@ class GMMBCPolicy(BCPolicy):
 _POLICIES: dict[str, type[BCPolicy]] = {"gaussian": GaussianBCPolicy, "gmm": GMMBCPolicy}
 
 
-def make_bc_policy(cfg: BCConfig, obs_dim: int, action_dim: int, obs_low: np.ndarray, obs_high: np.ndarray) -> BCPolicy:
-    """The policy named by cfg.policy; its weights come from torch's global RNG (seed it to reproduce)."""
-    return _POLICIES[cfg.policy](cfg, obs_dim, action_dim, obs_low, obs_high)
+def make_bc_policy(
+    cfg: BCConfig, obs_spec: ObsSpec, action_dim: int, state_low: np.ndarray, state_high: np.ndarray
+) -> BCPolicy:
+    """The policy named by cfg.policy for observations of `obs_spec` (state bounds: the concatenated state keys);
+    its weights come from torch's global RNG (seed it to reproduce)."""
+    return _POLICIES[cfg.policy](cfg, obs_spec, action_dim, state_low, state_high)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------------------
-def _validate_dataset(policy: BCPolicy, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    obs = np.asarray(obs)
+def _validate_dataset(
+    policy: BCPolicy, obs: dict[str, np.ndarray], actions: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if not isinstance(obs, dict):
+        raise ValueError(f"obs must be a dict of arrays keyed like {sorted(policy.obs_spec)}, got {type(obs).__name__}")
     actions = np.asarray(actions)
-    if obs.ndim != 2 or obs.shape[1] != policy.obs_dim:
-        raise ValueError(f"obs must have shape (N, {policy.obs_dim}), got {obs.shape}")
     if actions.ndim != 2 or actions.shape[1] != policy.action_dim:
         raise ValueError(f"actions must have shape (N, {policy.action_dim}), got {actions.shape}")
-    if obs.shape[0] != actions.shape[0]:
-        raise ValueError(f"obs and actions disagree on N: {obs.shape[0]} vs {actions.shape[0]}")
-    if obs.shape[0] == 0:
+    if actions.shape[0] == 0:
         raise ValueError("the BC dataset is empty")
-    for name, array in (("obs", obs), ("actions", actions)):
-        if not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
-        bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
-        if bad_rows.size:
-            raise ValueError(f"{name} has non-finite values in {bad_rows.size} rows (first: {bad_rows[0]})")
+    if not np.issubdtype(actions.dtype, np.number):
+        raise ValueError(f"actions must be numeric, got dtype {actions.dtype}")
+    bad_rows = np.flatnonzero(~np.isfinite(actions).all(axis=1))
+    if bad_rows.size:
+        raise ValueError(f"actions has non-finite values in {bad_rows.size} rows (first: {bad_rows[0]})")
+    converted = {key: _validate_obs_key(obs, key, shape, dtype, len(actions)) for key, (shape, dtype) in
+                 policy.obs_spec.items()}  # fmt: skip
     worst = float(np.abs(actions).max())
     if worst > 1.0 + ACTION_TOLERANCE:
         raise ValueError(f"actions must lie in [-1, 1]; the largest magnitude is {worst}")
-    return obs.astype(np.float32), np.clip(actions, -1.0, 1.0).astype(np.float32)
+    return converted, np.clip(actions, -1.0, 1.0).astype(np.float32)
+
+
+def _validate_obs_key(obs: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: str, n: int) -> np.ndarray:
+    if key not in obs:
+        raise ValueError(f"obs lacks key {key!r} (it has {sorted(obs)})")
+    array = np.asarray(obs[key])
+    if array.shape != (n, *shape):
+        raise ValueError(f"obs[{key!r}] must have shape {(n, *shape)}, got {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"obs[{key!r}] must be numeric, got dtype {array.dtype}")
+    if np.dtype(dtype) == np.uint8:
+        if array.dtype != np.uint8:
+            raise ValueError(f"obs[{key!r}] is an image and must be uint8, got {array.dtype}")
+        return array
+    bad_rows = np.flatnonzero(~np.isfinite(array.reshape(n, -1)).all(axis=1))
+    if bad_rows.size:
+        raise ValueError(f"obs[{key!r}] has non-finite values in {bad_rows.size} rows (first: {bad_rows[0]})")
+    return array.astype(np.float32)
 
 
 @torch.no_grad()
-def _mean_nll(policy: BCPolicy, obs: torch.Tensor, actions: torch.Tensor, chunk: int = 8192) -> float:
+def _mean_nll(policy: BCPolicy, obs: dict[str, torch.Tensor], actions: torch.Tensor, chunk: int = 4096) -> float:
     total = 0.0
-    for start in range(0, obs.shape[0], chunk):
-        total -= float(policy.log_prob(obs[start : start + chunk], actions[start : start + chunk]).sum())
-    return total / obs.shape[0]
+    for start in range(0, actions.shape[0], chunk):
+        part = {k: v[start : start + chunk].to(policy.device) for k, v in obs.items()}
+        total -= float(policy.log_prob(part, actions[start : start + chunk]).sum())
+    return total / actions.shape[0]
 
 
 def train_bc(
     policy: BCPolicy,
-    obs: np.ndarray,
+    obs: dict[str, np.ndarray],
     actions: np.ndarray,
     cfg: BCConfig,
     seed: int,
@@ -209,26 +239,31 @@ def train_bc(
 ) -> dict[str, float]:
     """Fit the policy by maximum likelihood (Adam on the mean NLL of minibatches drawn with replacement).
 
-    Deterministic given the seed and the policy's initial weights. `progress(step, loss)` is called every
-    `progress_every` steps and after the last, with the mean minibatch NLL since the previous call.
-    Returns initial and final full-dataset NLL (nats per sample), the mean minibatch loss of the last
-    window, the step count and the dataset size.
+    obs: dict of [N, ...] arrays (images uint8). Images are randomly shifted (DrQ, cfg.encoder.shift_pad) in every
+    minibatch. Deterministic given the seed and the policy's initial weights. `progress(step, loss)` is called every
+    `progress_every` steps and after the last, with the mean minibatch NLL since the previous call. Returns initial
+    and final full-dataset NLL (nats per sample, unaugmented), the mean minibatch loss of the last window, the step
+    count and the dataset size.
     """
     obs_np, actions_np = _validate_dataset(policy, obs, actions)
     if progress_every < 1:
         raise ValueError(f"progress_every must be positive, got {progress_every}")
-    device = policy.obs_low.device
-    obs_t = torch.from_numpy(obs_np).to(device)
-    actions_t = torch.from_numpy(actions_np).to(device)
-    # Indices are drawn on the CPU so the batches do not depend on the device.
+    device = policy.device
+    # The dataset stays on the CPU (images can be large); minibatches move to the device.
+    obs_t = obs_lib.to_tensors(obs_np, "cpu")
+    actions_t = torch.from_numpy(actions_np)
+    # Indices and shifts are drawn on the CPU so the batches do not depend on the device.
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     initial_nll = _mean_nll(policy, obs_t, actions_t)
     policy.train()
+    pad = cfg.encoder.shift_pad
     running, count, window_loss = torch.zeros((), device=device), 0, float("nan")
     for step in range(1, cfg.steps + 1):
-        index = torch.randint(obs_t.shape[0], (cfg.batch_size,), generator=generator).to(device)
-        loss = -policy.log_prob(obs_t[index], actions_t[index]).mean()
+        index = torch.randint(actions_t.shape[0], (cfg.batch_size,), generator=generator)
+        batch = augment({k: v[index] for k, v in obs_t.items()}, policy.encoder.image_keys, pad, generator)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = -policy.log_prob(batch, actions_t[index].to(device)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -247,7 +282,7 @@ def train_bc(
         "final_nll": _mean_nll(policy, obs_t, actions_t),
         "final_window_loss": window_loss,
         "steps": float(cfg.steps),
-        "num_samples": float(obs_np.shape[0]),
+        "num_samples": float(actions_np.shape[0]),
     }
 
 
@@ -270,7 +305,7 @@ def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": policy.kind,
-        "obs_dim": policy.obs_dim,
+        "obs_spec": {k: [list(shape), dtype] for k, (shape, dtype) in policy.obs_spec.items()},
         "action_dim": policy.action_dim,
         "config": policy.cfg.model_dump(mode="json"),
     }
@@ -292,11 +327,29 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise BCCheckpointError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
-    for key in ("obs_dim", "action_dim"):
-        value = manifest.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise BCCheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+    value = manifest.get("action_dim")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BCCheckpointError(f"{path}: action_dim must be a positive integer, got {value!r}")
+    manifest["obs_spec"] = _manifest_spec(path, manifest.get("obs_spec"))
     return manifest
+
+
+def _manifest_spec(path: Path, raw: Any) -> ObsSpec:
+    """The manifest's {key: [shape, dtype]} as an ObsSpec; BCCheckpointError when malformed."""
+    if not isinstance(raw, dict) or not raw:
+        raise BCCheckpointError(f"{path}: obs_spec must be a non-empty mapping, got {raw!r}")
+    spec: ObsSpec = {}
+    for key, entry in raw.items():
+        try:
+            shape, dtype = entry
+            shape = tuple(int(d) for d in shape)
+            dtype = np.dtype(dtype).name
+        except (TypeError, ValueError) as exc:
+            raise BCCheckpointError(f"{path}: obs_spec[{key!r}] is not [shape, dtype]: {entry!r}") from exc
+        if any(d < 1 for d in shape) or dtype not in ("float32", "uint8"):
+            raise BCCheckpointError(f"{path}: obs_spec[{key!r}] has shape {shape} and dtype {dtype}")
+        spec[str(key)] = (shape, dtype)
+    return spec
 
 
 def _manifest_config(path: Path, manifest: dict[str, Any]) -> BCConfig:
@@ -321,15 +374,19 @@ def load_bc(directory: str | Path, device: str | torch.device = "cpu") -> BCPoli
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BCCheckpointError(f"BC checkpoint weights {weights_path} cannot be read: {exc}") from exc
-    obs_dim, action_dim = manifest["obs_dim"], manifest["action_dim"]
-    # Placeholder bounds: the saved obs_low / obs_high buffers overwrite them below.
-    policy = make_bc_policy(cfg, obs_dim, action_dim, -np.ones(obs_dim), np.ones(obs_dim))
+    spec, action_dim = manifest["obs_spec"], manifest["action_dim"]
+    dim = state_dim(spec)
+    # Placeholder bounds: the saved normaliser buffers overwrite them below.
+    try:
+        policy = make_bc_policy(cfg, spec, action_dim, -np.ones(dim), np.ones(dim))
+    except ValueError as exc:
+        raise BCCheckpointError(f"{manifest_path}: cannot build the policy it describes: {exc}") from exc
     try:
         policy.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise BCCheckpointError(f"BC checkpoint weights {weights_path} do not match {manifest_path}: {exc}") from exc
-    try:
-        _check_obs_bounds(policy.obs_low.numpy(), policy.obs_high.numpy(), obs_dim)
-    except ValueError as exc:
-        raise BCCheckpointError(f"BC checkpoint weights {weights_path}: bad observation bounds: {exc}") from exc
+    normalizer = policy.encoder.normalizer
+    bounds_ok = normalizer is None or bool((normalizer.half_range > 0).all() and normalizer.center.isfinite().all())
+    if not bounds_ok:
+        raise BCCheckpointError(f"BC checkpoint weights {weights_path}: bad observation bounds")
     return policy.to(device).eval()

@@ -227,6 +227,25 @@ class EnvConfig(Strict):
         return self
 
 
+class EncoderConfig(Strict):
+    """The small CNN that turns one camera's uint8 image into features (one per camera; unused without cameras).
+
+    Each conv layer is 3x3 with stride 2 and a ReLU; the flattened output goes through Linear -> LayerNorm -> tanh
+    (the DrQ/SAC-AE trunk). Random-shift augmentation (DrQ) pads by `shift_pad` pixels and crops back at a random
+    offset, per image, whenever the networks learn from images.
+    """
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64], description="Conv channels, 3x3 stride 2 each.")
+    feature_dim: int = Field(64, ge=1, le=4096, description="Features per camera.")
+    shift_pad: int = Field(4, ge=0, le=16, description="DrQ random-shift padding in pixels (0: no augmentation).")
+
+    @model_validator(mode="after")
+    def _channels(self) -> EncoderConfig:
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be a non-empty list of positive sizes, got {self.channels}")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Demonstrations and BC
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,6 +277,7 @@ class BCConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
     demos: int = Field(50, ge=1, description="Demonstrations to collect for the BC policy.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Image encoder (image configs only).")
 
     @model_validator(mode="after")
     def _hidden(self) -> BCConfig:
@@ -343,6 +363,11 @@ class AgentConfig(Strict):
         description="Share of each batch drawn from demonstrations; None: 0.5 for rlpd, else 0.",
     )
     layer_norm: bool = Field(True, description="LayerNorm in critics.")
+    encoder: EncoderConfig = Field(
+        default_factory=EncoderConfig,
+        description="Image encoder of the critics (trained by the critic loss, used detached by the actor) and, "
+        "separately, of V_BC (image configs only).",
+    )
     clip_values: bool = Field(
         True,
         description="Clamp TD targets and Q^_BC to the feasible return range: [min(0, r~_min)/(1-gamma), "

@@ -1,4 +1,7 @@
-"""Networks of the RL agent: an observation normaliser, MLPs, a batched critic ensemble, the SAC actor and V_BC.
+"""Networks of the RL agent: observation encoders, MLPs, a batched critic ensemble, the SAC actor and V_BC.
+
+`ObsEncoder` turns a dict observation into one feature vector: the state keys normalised to [-1, 1] by fixed bounds,
+then, per camera, a small CNN on the uint8 image (`ConvEncoder`). Without cameras it is the normaliser alone.
 
 The critic ensemble is one module whose weights carry a leading member dimension, so all members run in one batched
 matrix multiply instead of a Python loop over networks (the loop is bound by kernel launches, not arithmetic).
@@ -13,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robot_rl.config import EncoderConfig
 from robot_rl.distributions import TanhGaussian
+from robot_rl.obs import ObsSpec, image_keys, state_dim, state_keys
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -23,8 +28,8 @@ class ObsNormalizer(nn.Module):
 
     def __init__(self, low: np.ndarray, high: np.ndarray) -> None:
         super().__init__()
-        low_t = torch.as_tensor(np.asarray(low, dtype=np.float32))
-        high_t = torch.as_tensor(np.asarray(high, dtype=np.float32))
+        low_t = torch.as_tensor(np.asarray(low, dtype=np.float32).copy())
+        high_t = torch.as_tensor(np.asarray(high, dtype=np.float32).copy())
         if low_t.shape != high_t.shape or low_t.ndim != 1:
             raise ValueError(f"obs bounds must be 1-D and of equal shape, got {low_t.shape} and {high_t.shape}")
         if not bool(torch.all(high_t > low_t)):
@@ -34,6 +39,88 @@ class ObsNormalizer(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.center) / self.half_range
+
+
+class ConvEncoder(nn.Module):
+    """uint8 [B, H, W, 3] -> features [B, feature_dim]: 3x3 stride-2 convs with ReLU, Linear, LayerNorm, tanh."""
+
+    def __init__(self, height: int, width: int, cfg: EncoderConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for out in cfg.channels:
+            layers += [nn.Conv2d(channels, out, kernel_size=3, stride=2), nn.ReLU()]
+            channels = out
+        self.convs = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = int(self.convs(torch.zeros(1, 3, height, width)).numel())
+        if flat == 0:
+            raise ValueError(f"a {height}x{width} image is too small for {len(cfg.channels)} stride-2 convs")
+        self.trunk = nn.Sequential(nn.Linear(flat, cfg.feature_dim), nn.LayerNorm(cfg.feature_dim), nn.Tanh())
+        self.feature_dim = cfg.feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.ndim == 4 and images.shape[-1] == 3, images.shape
+        x = images.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5
+        return self.trunk(self.convs(x).flatten(1))
+
+
+class ObsEncoder(nn.Module):
+    """Dict observation -> [B, out_dim]: normalised state (state_keys order), then each camera's CNN features."""
+
+    def __init__(self, spec: ObsSpec, state_low: np.ndarray, state_high: np.ndarray, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.state_keys = state_keys(spec)
+        self.image_keys = image_keys(spec)
+        dim = state_dim(spec)
+        if np.asarray(state_low).shape != (dim,):
+            raise ValueError(f"state bounds must have shape ({dim},) for keys {self.state_keys}")
+        self.normalizer = ObsNormalizer(state_low, state_high) if dim else None
+        self.cnns = nn.ModuleDict({k: ConvEncoder(spec[k][0][0], spec[k][0][1], cfg) for k in self.image_keys})
+        self.out_dim = dim + cfg.feature_dim * len(self.image_keys)
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.image_keys)
+
+    def state(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The concatenated state vector, unnormalised [B, state_dim]."""
+        return torch.cat([obs[k].reshape(obs[k].shape[0], -1) for k in self.state_keys], dim=-1)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        if self.normalizer is not None:
+            parts.append(self.normalizer(self.state(obs)))
+        parts += [self.cnns[k](obs[k]) for k in self.image_keys]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DrQ augmentation: pad [B, H, W, C] by `pad` (edge pixels repeated) and crop back at a random offset per image.
+
+    Works on uint8 and float images alike and keeps the dtype; pad 0 returns the input.
+    """
+    if pad <= 0:
+        return images
+    b, h, w, _ = images.shape
+    padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
+    padded = padded.to(images.dtype).permute(0, 2, 3, 1)
+    shifts = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device if generator else None)
+    shifts = shifts.to(images.device)
+    rows = (torch.arange(h, device=images.device)[None, :] + shifts[:, :1])[:, :, None]
+    cols = (torch.arange(w, device=images.device)[None, :] + shifts[:, 1:])[:, None, :]
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, rows, cols]
+
+
+def augment(obs: dict[str, torch.Tensor], keys: list[str], pad: int, generator: torch.Generator | None) -> dict:
+    """The observation with random_shift applied to each image key (state keys untouched)."""
+    if pad <= 0 or not keys:
+        return obs
+    out = dict(obs)
+    for key in keys:
+        out[key] = random_shift(obs[key], pad, generator)
+    return out
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int, *, layer_norm: bool) -> nn.Sequential:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from robot_rl.agent import Q2RLAgent, transform_reward
+from robot_rl import obs as obs_lib
+from robot_rl.agent import Q2RLAgent, TensorObs, transform_reward
 from robot_rl.config import QEstimationConfig
 
 Progress = Callable[[str, int, int], None]
@@ -27,13 +28,13 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Rollout:
-    """One BC episode as flat arrays: obs [T, D], actions [T, A], raw rewards [T], final next_obs [D]."""
+    """One BC episode: obs (dict of [T, ...]), actions [T, A], raw rewards [T], final next_obs (dict of [1, ...])."""
 
-    obs: np.ndarray
+    obs: dict[str, np.ndarray]
     actions: np.ndarray
     rewards: np.ndarray
     terminated: bool
-    final_next_obs: np.ndarray
+    final_next_obs: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,26 @@ def _minibatches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
         yield rng.integers(0, n, size=min(batch_size, n))
 
 
+def _rows(obs: TensorObs, idx: np.ndarray, device: torch.device) -> TensorObs:
+    """Rows idx of a CPU-held observation dataset, on the device."""
+    index = torch.as_tensor(idx)
+    return {k: v[index].to(device, non_blocking=True) for k, v in obs.items()}
+
+
 def fit_value(
     agent: Q2RLAgent,
-    obs: np.ndarray,
+    obs: dict[str, np.ndarray],
     returns: np.ndarray,
     cfg: QEstimationConfig,
     rng: np.random.Generator,
     progress: Progress | None = None,
 ) -> float:
     """Regress V_BC on Monte-Carlo returns; returns the last minibatch loss."""
-    optimizer = torch.optim.Adam(agent.value.parameters(), lr=cfg.lr)
-    obs_t, ret_t = agent.tensor(obs), agent.tensor(returns)
+    optimizer = torch.optim.Adam(agent.value_parameters(), lr=cfg.lr)
+    obs_t, ret_t = obs_lib.to_tensors(obs, "cpu"), agent.tensor(returns)
     loss = torch.zeros(())
-    for step, idx in enumerate(_minibatches(len(obs), cfg.batch_size, cfg.value_steps, rng)):
-        pred = agent.value(agent.normalizer(obs_t[idx]))
+    for step, idx in enumerate(_minibatches(len(ret_t), cfg.batch_size, cfg.value_steps, rng)):
+        pred = agent.v_bc(agent.augment(_rows(obs_t, idx, agent.device)))
         loss = torch.nn.functional.mse_loss(pred, ret_t[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,11 +100,11 @@ def fit_value(
 
 def _q_init_batch(
     agent: Q2RLAgent,
-    obs: torch.Tensor,
+    obs: TensorObs,
     actions: torch.Tensor,
     cfg: QEstimationConfig,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[TensorObs, torch.Tensor, torch.Tensor]:
     """(obs, actions, Q^_BC targets) for one regression minibatch.
 
     With extra actions, each state also appears with a BC sample and a uniformly random action: Q^_BC is defined for
@@ -108,7 +115,7 @@ def _q_init_batch(
         with torch.no_grad():
             sampled = agent.bc_policy.sample(obs, generator).clamp(-1.0, 1.0)
         uniform = torch.rand(actions.shape, generator=generator, device=actions.device) * 2 - 1
-        obs = torch.cat([obs, obs, obs])
+        obs = {k: torch.cat([v, v, v]) for k, v in obs.items()}
         actions = torch.cat([actions, sampled, uniform])
     with torch.no_grad():
         targets = agent.q_bc_hat(obs, actions, bonus_cap=cfg.q_init_bonus_cap)
@@ -117,20 +124,21 @@ def _q_init_batch(
 
 def initialise_critics(
     agent: Q2RLAgent,
-    obs: np.ndarray,
+    obs: dict[str, np.ndarray],
     actions: np.ndarray,
     cfg: QEstimationConfig,
     rng: np.random.Generator,
     progress: Progress | None = None,
 ) -> float:
-    """Regress every member of the Q_RL ensemble to Q^_BC on the rollout states; then sync the target critics."""
-    optimizer = torch.optim.Adam(agent.critics.parameters(), lr=cfg.lr)
-    obs_t, act_t = agent.tensor(obs), agent.tensor(actions)
+    """Regress every member of the Q_RL ensemble (and the critics' encoder) to Q^_BC on the rollout states; then sync
+    the target critics. Q^_BC is scored on the unshifted images, the critics see shifted ones (DrQ)."""
+    optimizer = torch.optim.Adam(agent.critic_parameters(), lr=cfg.lr)
+    obs_t, act_t = obs_lib.to_tensors(obs, "cpu"), agent.tensor(actions)
     generator = torch.Generator(device=agent.device).manual_seed(int(rng.integers(2**31)))
     loss = torch.zeros(())
-    for step, idx in enumerate(_minibatches(len(obs), cfg.batch_size, cfg.q_init_steps, rng)):
-        b_obs, b_act, b_tgt = _q_init_batch(agent, obs_t[idx], act_t[idx], cfg, generator)
-        q = agent.critics(agent.normalizer(b_obs), b_act)
+    for step, idx in enumerate(_minibatches(len(act_t), cfg.batch_size, cfg.q_init_steps, rng)):
+        b_obs, b_act, b_tgt = _q_init_batch(agent, _rows(obs_t, idx, agent.device), act_t[idx], cfg, generator)
+        q = agent.critics(agent.encoder(agent.augment(b_obs)), b_act)
         loss = ((q - b_tgt.unsqueeze(0)) ** 2).mean(dim=1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +151,7 @@ def initialise_critics(
 
 def pretrain_actor(
     agent: Q2RLAgent,
-    obs: np.ndarray,
+    obs: dict[str, np.ndarray],
     bc_actions: np.ndarray,
     cfg: QEstimationConfig,
     rng: np.random.Generator,
@@ -151,10 +159,12 @@ def pretrain_actor(
 ) -> float:
     """Pull the RL actor's mode towards the BC actions (the same BC loss the online actor update uses)."""
     optimizer = torch.optim.Adam(agent.actor.parameters(), lr=cfg.lr)
-    obs_t, act_t = agent.tensor(obs), agent.tensor(bc_actions)
+    obs_t, act_t = obs_lib.to_tensors(obs, "cpu"), agent.tensor(bc_actions)
     loss = torch.zeros(())
-    for step, idx in enumerate(_minibatches(len(obs), cfg.batch_size, cfg.actor_pretrain_steps, rng)):
-        mode = agent.actor(agent.normalizer(obs_t[idx])).mode()
+    for step, idx in enumerate(_minibatches(len(act_t), cfg.batch_size, cfg.actor_pretrain_steps, rng)):
+        with torch.no_grad():
+            features = agent.encoder(agent.augment(_rows(obs_t, idx, agent.device)))
+        mode = agent.actor(features).mode()
         loss = agent.bc_loss(mode, act_t[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,7 +183,7 @@ def rollout_returns(agent: Q2RLAgent, rollouts: list[Rollout], *, bootstrap_with
         bootstrap = never_succeed
         if bootstrap_with_value and not ro.terminated:
             with torch.no_grad():
-                bootstrap = float(agent.value(agent.normalizer(agent.tensor(ro.final_next_obs[None])))[0])
+                bootstrap = float(agent.v_bc(agent.obs_tensors(ro.final_next_obs))[0])
         rewards = transform_reward(ro.rewards, cfg.reward_scale, cfg.reward_bias)
         parts.append(mc_returns(rewards, terminated=ro.terminated, discount=cfg.discount, bootstrap=bootstrap))
     return np.concatenate(parts)
@@ -193,7 +203,7 @@ def run_q_estimation(
     if not rollouts:
         raise ValueError("Q-Estimation needs at least one BC rollout")
     rng = np.random.default_rng(seed)
-    obs = np.concatenate([ro.obs for ro in rollouts])
+    obs = obs_lib.concat([ro.obs for ro in rollouts])
     actions = np.concatenate([ro.actions for ro in rollouts])
     value_loss = 0.0
     returns = rollout_returns(agent, rollouts, bootstrap_with_value=False)
@@ -208,7 +218,7 @@ def run_q_estimation(
         actor_loss = pretrain_actor(agent, obs, actions, cfg, rng, progress)
     return QEstimationStats(
         episodes=len(rollouts),
-        transitions=len(obs),
+        transitions=len(actions),
         value_loss=value_loss,
         q_init_loss=q_init_loss,
         actor_pretrain_loss=actor_loss,

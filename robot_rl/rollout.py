@@ -1,7 +1,7 @@
 """Running episodes: demonstrations, BC rollouts, Q-gated episodes and evaluations.
 
-A policy here is any callable from a flat observation to a `StepChoice` (the executed action plus the gating record),
-so BC alone, the gated agent and the scripted expert share one episode runner.
+A policy here is any callable from one dict observation (robot_rl.obs, unbatched) to a `StepChoice` (the executed
+action plus the gating record), so BC alone, the gated agent and the scripted expert share one episode runner.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.episodes import Episode
 
@@ -27,34 +28,7 @@ class StepChoice:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-Policy = Callable[[np.ndarray], StepChoice]
-
-
-def obs_keys(space: gym.spaces.Dict) -> list[str]:
-    """Keys of the flat state vector, in a fixed order (the space's own, which gymnasium sorts)."""
-    return list(space.spaces.keys())
-
-
-def flatten_obs(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k in keys])
-
-
-def unflatten_obs(vector: np.ndarray, space: gym.spaces.Dict) -> dict[str, np.ndarray]:
-    """Inverse of flatten_obs for a Dict space of Boxes."""
-    out, start = {}, 0
-    for key in obs_keys(space):
-        shape = space[key].shape
-        size = int(np.prod(shape))
-        out[key] = np.asarray(vector[start : start + size], np.float32).reshape(shape)
-        start += size
-    return out
-
-
-def obs_bounds(space: gym.spaces.Dict) -> tuple[np.ndarray, np.ndarray]:
-    keys = obs_keys(space)
-    low = np.concatenate([np.asarray(space[k].low, np.float32).reshape(-1) for k in keys])
-    high = np.concatenate([np.asarray(space[k].high, np.float32).reshape(-1) for k in keys])
-    return low, high
+Policy = Callable[[dict[str, np.ndarray]], StepChoice]
 
 
 @dataclass
@@ -69,16 +43,13 @@ def run_episode(
     env: gym.Env, policy: Policy, *, seed: int | None, on_step: Callable[[int], None] | None = None
 ) -> EpisodeResult:
     """Run one episode to termination or truncation; returns it in the on-disk Episode form."""
-    keys = obs_keys(env.observation_space)
-    obs_dict, _ = env.reset(seed=seed)
-    obs = flatten_obs(obs_dict, keys)
+    obs, _ = env.reset(seed=seed)
     rows: dict[str, list] = {"obs": [], "next_obs": [], "actions": [], "rewards": [], "term": [], "trunc": []}
     extras: dict[str, list] = {}
     success, bc_steps = False, 0
     while True:
         choice = policy(obs)
-        next_obs_dict, reward, terminated, truncated, info = env.step(choice.action)
-        next_obs = flatten_obs(next_obs_dict, keys)
+        next_obs, reward, terminated, truncated, info = env.step(choice.action)
         for name, value in (
             ("obs", obs),
             ("next_obs", next_obs),
@@ -97,10 +68,9 @@ def run_episode(
         obs = next_obs
         if terminated or truncated:
             break
-    key = keys[0] if len(keys) == 1 else "state"
     episode = Episode(
-        obs={key: np.stack(rows["obs"])},
-        next_obs={key: np.stack(rows["next_obs"])},
+        obs=obs_lib.stack(rows["obs"]),
+        next_obs=obs_lib.stack(rows["next_obs"]),
         actions=np.stack(rows["actions"]).astype(np.float32),
         rewards=np.asarray(rows["rewards"], np.float32),
         terminated=np.asarray(rows["term"], bool),
@@ -119,8 +89,8 @@ def bc_policy_fn(bc: torch.nn.Module, *, mode: str, generator: torch.Generator) 
     """The BC policy alone (Q-Estimation rollouts, BC evaluation); the proposal is recorded as bc_action."""
 
     @torch.no_grad()
-    def act(obs: np.ndarray) -> StepChoice:
-        obs_t = torch.as_tensor(obs[None], dtype=torch.float32)
+    def act(obs: dict[str, np.ndarray]) -> StepChoice:
+        obs_t = obs_lib.to_tensors(obs_lib.batch1(obs), bc.device)
         raw = bc.mode(obs_t) if mode == "mode" else bc.sample(obs_t, generator)
         action = clip_action(raw[0].cpu().numpy())
         return StepChoice(action=action, extras={"bc_action": action, "use_bc": np.bool_(True)})
@@ -131,8 +101,8 @@ def bc_policy_fn(bc: torch.nn.Module, *, mode: str, generator: torch.Generator) 
 def gated_policy_fn(agent: Q2RLAgent, *, rl_action: str | None = None) -> Policy:
     """The Q-gated policy (paper Eq. 10), recording both proposals, both values and the decision."""
 
-    def act(obs: np.ndarray) -> StepChoice:
-        d = agent.act(obs[None], rl_action=rl_action)
+    def act(obs: dict[str, np.ndarray]) -> StepChoice:
+        d = agent.act(obs_lib.batch1(obs), rl_action=rl_action)
         extras = {
             "bc_action": d.bc_action[0],
             "rl_action": d.rl_action[0],

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import ReplayBuffer, sample_utd_batches
@@ -26,12 +27,8 @@ from robot_rl.rollout import (
     bc_policy_fn,
     clip_action,
     evaluate,
-    flatten_obs,
     gated_policy_fn,
-    obs_bounds,
-    obs_keys,
     run_episode,
-    unflatten_obs,
 )
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 
@@ -79,25 +76,45 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
 
 
 def _expert_policy(expert, space):
-    def act(obs: np.ndarray) -> StepChoice:
-        return StepChoice(action=clip_action(expert.act(unflatten_obs(obs, space))))
+    def act(obs: dict[str, np.ndarray]) -> StepChoice:
+        return StepChoice(action=clip_action(expert.act(obs)))
 
     return act
+
+
+def transitions_obs(
+    data: dict[str, np.ndarray], prefix: str, spec: obs_lib.ObsSpec, source: Path | str
+) -> dict[str, np.ndarray]:
+    """The `prefix/<key>` arrays of episodes_to_transitions' output as a dict observation matching `spec`.
+
+    ValueError naming the file when a key is missing or its shape or dtype differs from the env's (demonstrations
+    recorded with another camera set-up, say).
+    """
+    found = sorted(k.split("/", 1)[1] for k in data if k.startswith(prefix + "/"))
+    missing = sorted(set(spec) - set(found))
+    if missing:
+        raise ValueError(f"{source}: {prefix} lacks {missing} (it has {found}); the env observes {sorted(spec)}")
+    out = {}
+    for key, (shape, dtype) in spec.items():
+        array = data[f"{prefix}/{key}"]
+        if array.shape[1:] != tuple(shape):
+            raise ValueError(f"{source}: {prefix}/{key} has rows of shape {array.shape[1:]}, the env's are {shape}")
+        if np.dtype(dtype) == np.uint8 and array.dtype != np.uint8:
+            raise ValueError(f"{source}: {prefix}/{key} is {array.dtype}, the env's images are uint8")
+        out[key] = array if array.dtype == np.dtype(dtype) else array.astype(dtype)
+    return out
 
 
 def train_bc_from_demos(cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int) -> torch.nn.Module:
     episodes = read_episodes(demos_path)
     data = episodes_to_transitions(episodes)
-    obs_key = [k for k in data if k.startswith("obs/")]
-    if len(obs_key) != 1:
-        raise ValueError(f"{demos_path}: expected one observation key for the state config, found {obs_key}")
-    obs, actions = data[obs_key[0]].astype(np.float32), data["actions"].astype(np.float32)
     env = make_env(cfg.env)
-    low, high = obs_bounds(env.observation_space)
+    spec = obs_lib.spec_from_space(env.observation_space)
+    low, high = obs_lib.state_bounds(env.observation_space)
     env.close()
-    if obs.shape[1] != low.shape[0]:
-        raise ValueError(f"{demos_path}: observations have {obs.shape[1]} dims, the env has {low.shape[0]}")
-    policy = make_bc_policy(cfg.bc, obs.shape[1], actions.shape[1], low, high)
+    obs = transitions_obs(data, "obs", spec, demos_path)
+    actions = data["actions"].astype(np.float32)
+    policy = make_bc_policy(cfg.bc, spec, actions.shape[1], low, high)
     train_bc(policy, obs, actions, cfg.bc, seed=seed)
     save_bc(policy, out_dir)
     return policy
@@ -136,22 +153,23 @@ class Trainer:
         self.learner_time = 0.0
         self.env = make_env(cfg.env)
         self.eval_env = make_env(cfg.env)
-        self.keys = obs_keys(self.env.observation_space)
-        self.obs_low, self.obs_high = obs_bounds(self.env.observation_space)
+        self.obs_spec = obs_lib.spec_from_space(self.env.observation_space)
+        self.state_low, self.state_high = obs_lib.state_bounds(self.env.observation_space)
         self.action_dim = int(self.env.action_space.shape[0])
         self.demos_path = demos
         self.bc = self._bc_policy(bc_dir)
         self.agent = Q2RLAgent(
             cfg.agent,
-            obs_low=self.obs_low,
-            obs_high=self.obs_high,
+            obs_spec=self.obs_spec,
+            state_low=self.state_low,
+            state_high=self.state_high,
             action_dim=self.action_dim,
             bc_policy=self.bc,
             qest_alpha=cfg.qest.alpha,
             seed=cfg.seed,
             device=self.device,
         )
-        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, len(self.obs_low), self.action_dim)
+        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer()
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
         # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
@@ -171,23 +189,25 @@ class Trainer:
         if self.cfg.agent.method == "sac" and bc_dir is None:
             return None
         if bc_dir is not None:
-            return load_bc(bc_dir)
+            bc = load_bc(bc_dir, device=self.device)
+            if bc.obs_spec != self.obs_spec:
+                raise ValueError(f"{bc_dir}: the BC policy observes {bc.obs_spec}, the env {self.obs_spec}")
+            return bc
         demos = self._ensure_demos()
         self._status("bc_train", force=True)
-        return train_bc_from_demos(self.cfg, demos, self.out / "bc", seed=self.cfg.seed)
+        return train_bc_from_demos(self.cfg, demos, self.out / "bc", seed=self.cfg.seed).to(self.device)
 
     def _offline_buffer(self) -> ReplayBuffer | None:
         if self.cfg.agent.effective_offline_ratio <= 0:
             return None
-        data = episodes_to_transitions(read_episodes(self._ensure_demos()))
-        obs_key = next(k for k in data if k.startswith("obs/"))
-        next_key = "next_" + obs_key
-        buf = ReplayBuffer(max(len(data["actions"]), 1000), len(self.obs_low), self.action_dim)
+        demos = self._ensure_demos()
+        data = episodes_to_transitions(read_episodes(demos))
+        buf = ReplayBuffer(max(len(data["actions"]), 1000), self.obs_spec, self.action_dim)
         buf.add_many(
-            obs=data[obs_key],
+            obs=transitions_obs(data, "obs", self.obs_spec, demos),
             actions=data["actions"],
             rewards=data["rewards"],
-            next_obs=data[next_key],
+            next_obs=transitions_obs(data, "next_obs", self.obs_spec, demos),
             terminated=data["terminated"],
             truncated=data["truncated"],
         )
@@ -259,15 +279,14 @@ class Trainer:
         for i in range(cfg.qest.rollouts):
             result = run_episode(self.env, policy, seed=cfg.seed * 7919 + QEST_SEED_OFFSET + i)
             ep = result.episode
-            obs = next(iter(ep.obs.values()))
-            next_obs = next(iter(ep.next_obs.values()))
+            obs, next_obs = ep.obs, ep.next_obs
             rollouts.append(
                 Rollout(
                     obs=obs,
                     actions=ep.actions,
                     rewards=ep.rewards,
                     terminated=bool(ep.terminated[-1]),
-                    final_next_obs=next_obs[-1],
+                    final_next_obs=obs_lib.take(next_obs, len(ep) - 1),
                 )
             )
             self.buffer.add_many(
@@ -310,25 +329,22 @@ class Trainer:
         credit = 0.0
         episode_index = 0
         while self.counters.env_steps < target_steps:
-            obs_dict, _ = self.env.reset(seed=cfg.seed * 7919 + episode_index)
+            obs, _ = self.env.reset(seed=cfg.seed * 7919 + episode_index)
             episode_index += 1
-            obs = flatten_obs(obs_dict, self.keys)
             done = False
             stream = self.rollouts.begin_episode({"phase": "online", "seed": cfg.seed * 7919 + episode_index - 1})
             while not done and self.counters.env_steps < target_steps:
                 choice = policy(obs)
-                next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
-                next_obs = flatten_obs(next_dict, self.keys)
+                next_obs, reward, terminated, truncated, info = self.env.step(choice.action)
                 stream.append(
-                    obs=obs_dict,
+                    obs=obs,
                     action=choice.action,
                     reward=float(reward),
                     terminated=bool(terminated),
                     truncated=bool(truncated),
-                    next_obs=next_dict,
+                    next_obs=next_obs,
                     extras=_gating_extras(choice, self.counters.learner_steps, self.action_dim),
                 )
-                obs_dict = next_dict
                 bc_action = choice.extras.get("bc_action")
                 self._store_episode_steps(obs, choice.action, reward, next_obs, terminated, truncated, bc_action)
                 c = self.counters
@@ -366,7 +382,7 @@ class Trainer:
             "method": self.cfg.agent.method,
             "seed": self.cfg.seed,
             "counters": asdict(self.counters),
-            "obs_keys": self.keys,
+            "obs_spec": {k: [list(shape), dtype] for k, (shape, dtype) in self.obs_spec.items()},
             "action_dim": self.action_dim,
             "config": self.cfg.model_dump(mode="json"),
             "has_bc": self.bc is not None,
@@ -453,13 +469,17 @@ def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, Run
     if manifest.get("kind") != "q2rl_agent":
         raise ValueError(f"{checkpoint} is not an agent checkpoint (kind {manifest.get('kind')!r})")
     cfg = RunConfig.model_validate(manifest["config"])
-    bc = load_bc(checkpoint / "bc") if manifest.get("has_bc") else None
-    low = tensors["normalizer.center"] - tensors["normalizer.half_range"]
-    high = tensors["normalizer.center"] + tensors["normalizer.half_range"]
+    bc = load_bc(checkpoint / "bc", device=device) if manifest.get("has_bc") else None
+    if "obs_spec" not in manifest:
+        raise ValueError(f"{checkpoint}: the manifest has no obs_spec (written by an older robot_rl; retrain)")
+    spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in manifest["obs_spec"].items()}
+    dim = obs_lib.state_dim(spec)
+    # Placeholder bounds: the saved normaliser buffers overwrite them.
     agent = Q2RLAgent(
         cfg.agent,
-        obs_low=low.numpy(),
-        obs_high=high.numpy(),
+        obs_spec=spec,
+        state_low=-np.ones(dim, np.float32),
+        state_high=np.ones(dim, np.float32),
         action_dim=int(manifest["action_dim"]),
         bc_policy=bc,
         qest_alpha=cfg.qest.alpha,

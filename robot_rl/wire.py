@@ -504,6 +504,7 @@ _FINGERPRINT_FIELDS: dict[str, Any] = {
         "hidden": True,
         "num_critics": True,
         "layer_norm": True,
+        "encoder": True,
         "reward_scale": True,
         "reward_bias": True,
         "discount": True,
@@ -512,7 +513,7 @@ _FINGERPRINT_FIELDS: dict[str, Any] = {
         "bc_action": True,
     },
     # The BC policy's network shape (its weights reach the actor for the BC proposal and Q^_BC).
-    "bc": {"policy": True, "hidden": True, "num_modes": True, "min_std": True},
+    "bc": {"policy": True, "hidden": True, "num_modes": True, "min_std": True, "encoder": True},
     # alpha of Q^_BC, which the actor evaluates when it gates.
     "qest": {"alpha": True},
 }

@@ -11,12 +11,18 @@ import torch
 
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
+from robot_rl.obs import state_spec
 from robot_rl.buffer import ReplayBuffer, TransitionBatch
 from robot_rl.config import AgentConfig, BCConfig, QEstimationConfig
 from robot_rl.qestimation import Rollout, initialise_critics, mc_returns, run_q_estimation
 
 OBS, ACT = 6, 6
 LOW, HIGH = -np.ones(OBS, np.float32), np.ones(OBS, np.float32)
+SPEC = state_spec(OBS)
+
+
+def O(x):  # noqa: N802 (a state observation as the dict the agent takes)
+    return {"ee_pose": x}
 
 
 @pytest.fixture(autouse=True)
@@ -26,17 +32,17 @@ def _threads():
 
 def make_agent(method: str = "q2rl", **overrides) -> Q2RLAgent:
     cfg = AgentConfig(method=method, hidden=[32, 32], num_critics=10, batch_size=32, **overrides)
-    bc = make_bc_policy(BCConfig(policy="gmm", hidden=[32], num_modes=3), OBS, ACT, LOW, HIGH)
-    return Q2RLAgent(cfg, obs_low=LOW, obs_high=HIGH, action_dim=ACT, bc_policy=bc, seed=3)
+    bc = make_bc_policy(BCConfig(policy="gmm", hidden=[32], num_modes=3), SPEC, ACT, LOW, HIGH)
+    return Q2RLAgent(cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=ACT, bc_policy=bc, seed=3)
 
 
 def random_batch(n: int = 32, seed: int = 0) -> TransitionBatch:
     rng = np.random.default_rng(seed)
     return TransitionBatch(
-        obs=rng.uniform(-1, 1, (n, OBS)).astype(np.float32),
+        obs=O(rng.uniform(-1, 1, (n, OBS)).astype(np.float32)),
         actions=rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
         rewards=(rng.random(n) < 0.3).astype(np.float32),
-        next_obs=rng.uniform(-1, 1, (n, OBS)).astype(np.float32),
+        next_obs=O(rng.uniform(-1, 1, (n, OBS)).astype(np.float32)),
         terminated=rng.random(n) < 0.3,
         bc_actions=rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
     )
@@ -76,7 +82,7 @@ def test_mc_returns_rejects_empty():
 def test_q_bc_hat_is_value_plus_alpha_logprob_plus_entropy():
     agent = make_agent()
     agent.qest_alpha = 0.7
-    obs = torch.rand(16, OBS) * 2 - 1
+    obs = O(torch.rand(16, OBS) * 2 - 1)
     actions = torch.rand(16, ACT) * 2 - 1
     dist = agent.bc_policy.dist(obs)
     # Independent: mixture log-density by hand, entropy bound H(w) + sum_k w_k H_k by hand.
@@ -84,7 +90,7 @@ def test_q_bc_hat_is_value_plus_alpha_logprob_plus_entropy():
     comp = torch.distributions.Normal(dist.means, dist.stds)
     log_p = torch.logsumexp(torch.log(w) + comp.log_prob(actions[:, None, :]).sum(-1), dim=-1)
     h = -(w * torch.log(w)).sum(-1) + (w * comp.entropy().sum(-1)).sum(-1)
-    v = agent.value(agent.normalizer(obs))
+    v = agent.v_bc(obs)
     expected = v + 0.7 * (log_p + h)
     torch.testing.assert_close(agent.q_bc_hat(obs, actions), expected, rtol=1e-5, atol=1e-5)
 
@@ -98,7 +104,7 @@ def _set_value_bias(agent: Q2RLAgent, bias: float) -> None:
 
 def test_gate_executes_the_higher_rated_action():
     agent = make_agent()
-    obs = np.random.default_rng(0).uniform(-1, 1, (64, OBS)).astype(np.float32)
+    obs = O(np.random.default_rng(0).uniform(-1, 1, (64, OBS)).astype(np.float32))
     d = agent.act(obs)
     np.testing.assert_array_equal(d.use_bc, d.q_bc > d.q_rl)
     np.testing.assert_array_equal(d.action, np.where(d.use_bc[:, None], d.bc_action, d.rl_action))
@@ -113,17 +119,17 @@ def test_gate_executes_the_higher_rated_action():
 
 def test_gate_scores_bc_proposal_clipped_to_action_range():
     agent = make_agent()
-    obs = np.zeros((256, OBS), np.float32)
+    obs = O(np.zeros((256, OBS), np.float32))
     d = agent.act(obs)
     assert np.all(np.abs(d.bc_action) <= 1.0)
 
 
 def test_shared_gating_scores_both_with_q_rl_and_sac_never_uses_bc():
     ibrl = make_agent("ibrl")
-    obs = np.random.default_rng(1).uniform(-1, 1, (32, OBS)).astype(np.float32)
+    obs = O(np.random.default_rng(1).uniform(-1, 1, (32, OBS)).astype(np.float32))
     d = ibrl.act(obs)
     with torch.no_grad():
-        expected = ibrl.q_rl_min(torch.as_tensor(obs), torch.as_tensor(d.bc_action)).numpy()
+        expected = ibrl.q_rl_min(ibrl.obs_tensors(obs), torch.as_tensor(d.bc_action)).numpy()
     np.testing.assert_allclose(d.q_bc, expected, rtol=1e-5)
     sac = make_agent("sac")
     assert not sac.act(obs).use_bc.any()
@@ -147,7 +153,7 @@ def test_td_target_is_min_over_a_random_pair_of_target_critics():
     agent = make_agent(init_temperature=1e-8)  # no entropy term: the target is r + gamma * min(pair)
     values = [float(v) for v in range(10)]
     _constant_target_critics(agent, values)
-    rewards, not_done, next_obs = torch.zeros(8), torch.ones(8), torch.zeros(8, OBS)
+    rewards, not_done, next_obs = torch.zeros(8), torch.ones(8), O(torch.zeros(8, OBS))
     counts = np.zeros(10)
     for _ in range(3000):
         y = agent.td_target(rewards, not_done, next_obs) / agent.cfg.discount
@@ -165,7 +171,7 @@ def test_td_target_entropy_backup_only_when_asked():
     soft = make_agent(init_temperature=0.5, backup_entropy=True)
     for agent in (plain, soft):
         _constant_target_critics(agent, [2.0] * 10)
-    obs = torch.zeros(64, OBS)
+    obs = O(torch.zeros(64, OBS))
     y_plain = plain.td_target(torch.zeros(64), torch.ones(64), obs)
     torch.testing.assert_close(y_plain, torch.full((64,), 0.99 * 2.0))
     # Soft: the bonus is -alpha * log pi of the next action, so it varies with the sampled action.
@@ -178,7 +184,7 @@ def test_td_target_terminal_has_no_bootstrap_and_truncation_keeps_it():
     agent = make_agent(init_temperature=1e-8)
     _constant_target_critics(agent, [5.0] * 10)
     rewards = torch.tensor([1.0, 1.0])
-    y = agent.td_target(rewards, torch.tensor([0.0, 1.0]), torch.zeros(2, OBS))
+    y = agent.td_target(rewards, torch.tensor([0.0, 1.0]), O(torch.zeros(2, OBS)))
     assert float(y[0]) == pytest.approx(1.0, abs=1e-5)
     assert float(y[1]) == pytest.approx(1.0 + 0.99 * 5.0, abs=1e-4)
 
@@ -226,7 +232,7 @@ def test_bc_loss_pulls_actor_mode_towards_bc_action():
 
     def gap() -> float:
         with torch.no_grad():
-            mode = agent.actor(agent.normalizer(torch.as_tensor(batch.obs))).mode()
+            mode = agent.actor(agent.encoder(agent.obs_tensors(batch.obs))).mode()
         return float(((mode - torch.as_tensor(target)) ** 2).sum(-1).mean())
 
     start = gap()
@@ -249,7 +255,7 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
     rollouts = []
     for i in range(12):
         T = 10 + i
-        obs = rng.uniform(-1, 1, (T, OBS)).astype(np.float32)
+        obs = O(rng.uniform(-1, 1, (T, OBS)).astype(np.float32))
         success = i % 2 == 0
         rewards = np.zeros(T, np.float32)
         rewards[-1] = float(success)
@@ -259,20 +265,20 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
                 actions=rng.uniform(-1, 1, (T, ACT)).astype(np.float32),
                 rewards=rewards,
                 terminated=success,
-                final_next_obs=obs[-1],
+                final_next_obs=O(obs["ee_pose"][-1:]),
             )
         )
     cfg = QEstimationConfig(
         rollouts=12, value_steps=300, q_init_steps=800, actor_pretrain_steps=50, lr=3e-3, q_init_extra_actions=False
     )
     stats = run_q_estimation(agent, rollouts, cfg, q_init=True, actor_pretrain=True, seed=0)
-    assert stats.transitions == sum(len(r.obs) for r in rollouts)
-    obs = torch.as_tensor(np.concatenate([r.obs for r in rollouts]))
+    assert stats.transitions == sum(len(r.actions) for r in rollouts)
+    obs = O(torch.as_tensor(np.concatenate([r.obs["ee_pose"] for r in rollouts])))
     act = torch.as_tensor(np.concatenate([r.actions for r in rollouts]))
     with torch.no_grad():
         q_hat = agent.q_bc_hat(obs, act, bonus_cap=cfg.q_init_bonus_cap)
-        q = agent.critics(agent.normalizer(obs), act)
-        tq = agent.target_critics(agent.normalizer(obs), act)
+        q = agent.critics(agent.encoder(obs), act)
+        tq = agent.target_critics(agent.target_encoder(obs), act)
     # Every member tracks Q^_BC far better than a constant would, and the targets were synced.
     spread = float(q_hat.var())
     for k in range(agent.cfg.num_critics):
@@ -283,12 +289,12 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
 def test_q_init_with_extra_actions_rates_unlikely_actions_low_like_q_bc_hat():
     agent = make_agent()
     rng = np.random.default_rng(1)
-    obs = rng.uniform(-1, 1, (256, OBS)).astype(np.float32)
+    obs = O(rng.uniform(-1, 1, (256, OBS)).astype(np.float32))
+    obs_t = agent.obs_tensors(obs)
     with torch.no_grad():
-        bc_actions = agent.bc_policy.mode(torch.as_tensor(obs)).numpy()
+        bc_actions = agent.bc_policy.mode(obs_t).numpy()
     cfg = QEstimationConfig(q_init_steps=800, lr=3e-3, batch_size=64, q_init_extra_actions=True, q_init_bonus_cap=None)
     initialise_critics(agent, obs, bc_actions, cfg, rng)
-    obs_t = torch.as_tensor(obs)
     far = torch.as_tensor(-np.sign(bc_actions) * 0.95, dtype=torch.float32)  # the far corner from the BC mode
     with torch.no_grad():
         q_mode = agent.q_rl_min(obs_t, torch.as_tensor(bc_actions))
@@ -303,11 +309,11 @@ def test_q_init_with_extra_actions_rates_unlikely_actions_low_like_q_bc_hat():
 
 def test_bonus_cap_limits_the_likelihood_term_from_above_only():
     agent = make_agent()
-    obs = torch.rand(64, OBS) * 2 - 1
+    obs = O(torch.rand(64, OBS) * 2 - 1)
     mode = agent.bc_policy.mode(obs)
     far = -mode.sign() * 0.99
     with torch.no_grad():
-        v = agent.value(agent.normalizer(obs))
+        v = agent.v_bc(obs)
         capped_mode = agent.q_bc_hat(obs, mode, bonus_cap=0.0)
         capped_far = agent.q_bc_hat(obs, far, bonus_cap=0.0)
     torch.testing.assert_close(capped_mode, torch.minimum(agent.q_bc_hat(obs, mode), v))
@@ -320,7 +326,7 @@ def test_q_bc_hat_and_td_targets_stay_in_the_feasible_return_range():
     low, high = agent.cfg.value_range
     assert (low, high) == pytest.approx((-100.0, 9.0))
     _set_value_bias(agent, 1e4)
-    obs = torch.zeros(8, OBS)
+    obs = O(torch.zeros(8, OBS))
     assert torch.all(agent.q_bc_hat(obs, torch.zeros(8, ACT)) <= high)
     _constant_target_critics(agent, [-1e4] * 10)
     y = agent.td_target(torch.zeros(8), torch.ones(8), obs)
@@ -330,26 +336,26 @@ def test_q_bc_hat_and_td_targets_stay_in_the_feasible_return_range():
 def test_initialise_critics_with_zero_steps_only_syncs():
     agent = make_agent()
     cfg = QEstimationConfig(q_init_steps=0)
-    x = np.zeros((4, OBS), np.float32)
+    x = O(np.zeros((4, OBS), np.float32))
     initialise_critics(agent, x, np.zeros((4, ACT), np.float32), cfg, np.random.default_rng())
     for a, b in itertools.zip_longest(agent.critics.parameters(), agent.target_critics.parameters()):
         assert torch.equal(a, b)
 
 
 def test_buffer_refuses_non_finite_and_wrong_shapes():
-    buf = ReplayBuffer(100, OBS, ACT)
+    buf = ReplayBuffer(100, SPEC, ACT)
     good = {
-        "obs": np.zeros((2, OBS), np.float32),
+        "obs": O(np.zeros((2, OBS), np.float32)),
         "actions": np.zeros((2, ACT), np.float32),
         "rewards": np.zeros(2, np.float32),
-        "next_obs": np.zeros((2, OBS), np.float32),
+        "next_obs": O(np.zeros((2, OBS), np.float32)),
         "terminated": np.zeros(2, bool),
         "truncated": np.zeros(2, bool),
     }
     buf.add_many(**good)
     assert len(buf) == 2
     with pytest.raises(ValueError, match="non-finite"):
-        buf.add_many(**{**good, "obs": np.full((2, OBS), np.nan, np.float32)})
+        buf.add_many(**{**good, "obs": O(np.full((2, OBS), np.nan, np.float32))})
     with pytest.raises(ValueError, match="shape"):
         buf.add_many(**{**good, "actions": np.zeros((2, ACT + 1), np.float32)})
     assert len(buf) == 2
@@ -358,9 +364,10 @@ def test_buffer_refuses_non_finite_and_wrong_shapes():
 def test_acting_state_round_trip_reproduces_gating_and_refuses_mismatch():
     cfg = AgentConfig(hidden=[16, 16], num_critics=3)
     low, high = -np.ones(4, np.float32), np.ones(4, np.float32)
-    a = Q2RLAgent(cfg, obs_low=low, obs_high=high, action_dim=2, bc_policy=None, qest_alpha=1.0, seed=0)
-    b = Q2RLAgent(cfg, obs_low=low, obs_high=high, action_dim=2, bc_policy=None, qest_alpha=1.0, seed=1)
-    obs = np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32)
+    spec = state_spec(4)
+    a = Q2RLAgent(cfg, obs_spec=spec, state_low=low, state_high=high, action_dim=2, bc_policy=None, seed=0)
+    b = Q2RLAgent(cfg, obs_spec=spec, state_low=low, state_high=high, action_dim=2, bc_policy=None, seed=1)
+    obs = O(np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32))
     before = b.act(obs, rl_action="mode")
     state = a.acting_state()
     assert not any(k.startswith("target_critics.") for k in state)
