@@ -1,0 +1,247 @@
+"""Image observations in the networks: the CNN encoders, DrQ shifts, image BC, and what trains which encoder."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
+from robot_rl.buffer import TransitionBatch
+from robot_rl.config import AgentConfig, BCConfig, EncoderConfig
+from robot_rl.networks import CriticEnsemble, ObsEncoder, random_shift
+from robot_rl.train import resolve_device
+
+SIZE = 24
+SPEC = {"ee_pose": ((6,), "float32"), "front": ((SIZE, SIZE, 3), "uint8"), "wrist": ((SIZE, SIZE, 3), "uint8")}
+LOW, HIGH = -np.ones(6, np.float32), np.ones(6, np.float32)
+ENC = EncoderConfig(channels=[8, 8], feature_dim=16, shift_pad=2)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def random_obs(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "ee_pose": rng.uniform(-1, 1, (n, 6)).astype(np.float32),
+        "front": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+        "wrist": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+    }
+
+
+def make_agent(**overrides) -> Q2RLAgent:
+    cfg = AgentConfig(hidden=[32, 32], num_critics=4, batch_size=16, encoder=ENC, **overrides)
+    bc = make_bc_policy(BCConfig(hidden=[32], num_modes=2, encoder=ENC), SPEC, 6, LOW, HIGH)
+    return Q2RLAgent(cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6, bc_policy=bc, seed=0)
+
+
+def random_batch(n: int = 16, seed: int = 0) -> TransitionBatch:
+    rng = np.random.default_rng(seed)
+    return TransitionBatch(
+        obs=random_obs(n, rng),
+        actions=rng.uniform(-1, 1, (n, 6)).astype(np.float32),
+        rewards=(rng.random(n) < 0.3).astype(np.float32),
+        next_obs=random_obs(n, rng),
+        terminated=rng.random(n) < 0.3,
+        bc_actions=rng.uniform(-1, 1, (n, 6)).astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders and the DrQ shift
+# ---------------------------------------------------------------------------------------------------------------------
+def test_obs_encoder_concatenates_normalised_state_and_one_cnn_per_camera():
+    enc = ObsEncoder(SPEC, LOW * 2, HIGH * 2, ENC)
+    assert enc.image_keys == ["front", "wrist"] and enc.state_keys == ["ee_pose"]
+    assert enc.out_dim == 6 + 2 * ENC.feature_dim
+    obs = {k: torch.as_tensor(v) for k, v in random_obs(5, np.random.default_rng(0)).items()}
+    out = enc(obs)
+    assert out.shape == (5, enc.out_dim)
+    torch.testing.assert_close(out[:, :6], obs["ee_pose"] / 2)  # bounds ±2 -> [-1, 1]
+    torch.testing.assert_close(out[:, 6:22], enc.cnns["front"](obs["front"]))
+    # Each camera's features depend on its own image only.
+    changed = dict(obs, wrist=255 - obs["wrist"])
+    out2 = enc(changed)
+    torch.testing.assert_close(out2[:, :22], out[:, :22])
+    assert not torch.allclose(out2[:, 22:], out[:, 22:])
+
+
+def test_random_shift_crops_a_window_of_the_edge_padded_image():
+    rng = np.random.default_rng(0)
+    images = torch.as_tensor(rng.integers(0, 256, (6, 10, 12, 3), dtype=np.uint8))
+    pad = 2
+    shifted = random_shift(images, pad, torch.Generator().manual_seed(1))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    padded = np.pad(images.numpy(), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    offsets = []
+    for i in range(len(images)):
+        found = [
+            (dy, dx)
+            for dy, dx in itertools.product(range(2 * pad + 1), repeat=2)
+            if np.array_equal(shifted[i].numpy(), padded[i, dy : dy + 10, dx : dx + 12])
+        ]
+        assert found, f"image {i} is not a window of its padded original"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1  # per-image offsets, not one for the batch
+    assert torch.equal(random_shift(images, 0), images)
+
+
+def test_ensemble_matches_a_loop_over_members_with_plain_layers():
+    """Reference math: each member is Linear -> LayerNorm(affine) -> ReLU ... -> Linear, computed one at a time."""
+    torch.manual_seed(0)
+    ens = CriticEnsemble(7, 3, [16, 8], members=5)
+    with torch.no_grad():
+        for norm in ens.norms:
+            norm.weight.normal_()
+            norm.bias.normal_()
+    obs, act = torch.randn(9, 7), torch.randn(9, 3)
+    got = ens(obs, act)
+    for k in range(5):
+        x = torch.cat([obs, act], -1)
+        for linear, norm in zip(ens.linears, ens.norms, strict=True):
+            x = F.linear(x, linear.weight[k].T, linear.bias[k, 0])
+            x = F.layer_norm(x, x.shape[-1:], norm.weight[k, 0], norm.bias[k, 0]).relu()
+        q = F.linear(x, ens.head.weight[k].T, ens.head.bias[k, 0]).squeeze(-1)
+        torch.testing.assert_close(got[k], q, rtol=1e-5, atol=1e-5)
+
+
+def test_device_auto_falls_back_to_cpu_without_cuda():
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gating_and_a_value_update_on_cuda_match_cpu():
+    import copy
+
+    from robot_rl.config import QEstimationConfig
+    from robot_rl.qestimation import fit_value
+
+    cpu = make_agent(encoder=ENC.model_copy(update={"shift_pad": 0}))  # no random draws in what is compared
+    gpu = copy.deepcopy(cpu).to("cuda")
+    gpu.device = torch.device("cuda")
+    obs = random_obs(32, np.random.default_rng(4))
+    d_cpu = cpu.act(obs, rl_action="mode", bc_action="mode")
+    d_gpu = gpu.act(obs, rl_action="mode", bc_action="mode")
+    for name in ("bc_action", "rl_action", "q_bc", "q_rl"):
+        np.testing.assert_allclose(getattr(d_gpu, name), getattr(d_cpu, name), rtol=1e-4, atol=1e-4)
+    returns = np.random.default_rng(5).uniform(-50, 0, 32).astype(np.float32)
+    cfg = QEstimationConfig(value_steps=3, batch_size=32)
+    fit_value(cpu, obs, returns, cfg, np.random.default_rng(6))
+    fit_value(gpu, obs, returns, cfg, np.random.default_rng(6))
+    with torch.no_grad():
+        v_cpu = cpu.v_bc(cpu.obs_tensors(obs)).numpy()
+        v_gpu = gpu.v_bc(gpu.obs_tensors(obs)).cpu().numpy()
+    np.testing.assert_allclose(v_gpu, v_cpu, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What trains which encoder
+# ---------------------------------------------------------------------------------------------------------------------
+def _params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_critic_loss_trains_the_encoder_and_the_actor_loss_does_not():
+    agent = make_agent()
+    enc = _params(agent.encoder)
+    agent.critic_update(random_batch(seed=1))
+    assert _changed(enc, agent.encoder)
+    enc, actor, value_enc = _params(agent.encoder), _params(agent.actor), _params(agent.value_encoder)
+    agent.actor_update(random_batch(seed=2))
+    assert _changed(actor, agent.actor)
+    assert not _changed(enc, agent.encoder)  # the actor uses the critic's features detached
+    assert not _changed(value_enc, agent.value_encoder)
+    # The target encoder follows the encoder softly, never jumps to it.
+    gap = [
+        (t - p).detach().abs().max()
+        for t, p in zip(agent.target_encoder.parameters(), agent.encoder.parameters(), strict=True)
+    ]
+    assert max(float(g) for g in gap) > 0
+
+
+def test_gating_runs_each_encoder_once_per_step():
+    agent = make_agent()
+    calls = {"encoder": 0, "value_encoder": 0, "bc": 0}
+    agent.encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
+    agent.value_encoder.register_forward_hook(lambda *a: calls.__setitem__("value_encoder", calls["value_encoder"] + 1))
+    agent.bc_policy.encoder.register_forward_hook(lambda *a: calls.__setitem__("bc", calls["bc"] + 1))
+    d = agent.act(random_obs(3, np.random.default_rng(0)))
+    assert calls == {"encoder": 1, "value_encoder": 1, "bc": 1}
+    np.testing.assert_array_equal(d.use_bc, d.q_bc > d.q_rl)
+    # The recorded Q^_BC is what q_bc_hat says for the executed BC proposal.
+    with torch.no_grad():
+        obs_t = agent.obs_tensors(random_obs(3, np.random.default_rng(0)))
+        np.testing.assert_allclose(d.q_bc, agent.q_bc_hat(obs_t, torch.as_tensor(d.bc_action)).numpy(), rtol=1e-5)
+
+
+def test_acting_state_carries_the_encoders():
+    a, b = make_agent(), make_agent(critic_lr=1e-3)
+    for p in b.encoder.parameters():
+        torch.nn.init.normal_(p)
+    obs = random_obs(4, np.random.default_rng(3))
+    assert not np.allclose(a.act(obs, rl_action="mode").q_rl, b.act(obs, rl_action="mode").q_rl)
+    b.load_acting_state(a.acting_state())
+    np.testing.assert_allclose(a.act(obs, rl_action="mode").q_rl, b.act(obs, rl_action="mode").q_rl, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image BC
+# ---------------------------------------------------------------------------------------------------------------------
+def _bright_square_dataset(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The action points at a bright square's position in the front image; the state and wrist carry no signal."""
+    rng = np.random.default_rng(seed)
+    obs = {
+        "ee_pose": np.zeros((n, 6), np.float32),
+        "front": np.full((n, SIZE, SIZE, 3), 20, np.uint8),
+        "wrist": np.full((n, SIZE, SIZE, 3), 20, np.uint8),
+    }
+    cells = rng.integers(0, 2, (n, 2))
+    for i, (cy, cx) in enumerate(cells):
+        y, x = 3 + cy * 12, 3 + cx * 12
+        obs["front"][i, y : y + 6, x : x + 6] = 250
+    actions = np.zeros((n, 6), np.float32)
+    actions[:, :2] = (cells * 2 - 1) * 0.6
+    return obs, actions
+
+
+def test_image_bc_learns_from_pixels_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    cfg = BCConfig(policy="gaussian", hidden=[64], steps=300, batch_size=64, lr=1e-3, encoder=ENC)
+    policy = make_bc_policy(cfg, SPEC, 6, LOW, HIGH)
+    obs, actions = _bright_square_dataset(256, seed=0)
+    stats = train_bc(policy, obs, actions, cfg, seed=0)
+    assert stats["final_nll"] < stats["initial_nll"] - 3.0
+    test_obs, test_actions = _bright_square_dataset(64, seed=1)
+    obs_t = {k: torch.as_tensor(v) for k, v in test_obs.items()}
+    error = (policy.mode(obs_t)[:, :2] - torch.as_tensor(test_actions[:, :2])).abs().mean()
+    assert float(error) < 0.1  # ignoring the images, the best mean is 0 (error 0.6)
+    save_bc(policy, tmp_path / "bc")
+    loaded = load_bc(tmp_path / "bc")
+    assert loaded.obs_spec == policy.obs_spec
+    torch.testing.assert_close(loaded.mode(obs_t), policy.mode(obs_t))
+
+
+def test_image_bc_refuses_float_images_and_wrong_sizes():
+    policy = make_bc_policy(BCConfig(hidden=[8], encoder=ENC), SPEC, 6, LOW, HIGH)
+    obs, actions = _bright_square_dataset(8, seed=2)
+    with pytest.raises(ValueError, match=r"obs\['front'\] is an image and must be uint8"):
+        train_bc(policy, {**obs, "front": obs["front"].astype(np.float32)}, actions, policy.cfg, seed=0)
+    with pytest.raises(ValueError, match=r"obs\['wrist'\] must have shape"):
+        train_bc(policy, {**obs, "wrist": obs["wrist"][:, :10]}, actions, policy.cfg, seed=0)
+    with pytest.raises(ValueError, match="lacks key 'front'"):
+        train_bc(policy, {k: v for k, v in obs.items() if k != "front"}, actions, policy.cfg, seed=0)
