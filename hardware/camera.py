@@ -10,6 +10,8 @@ that one step, shared by every camera so that the real camera and its twins cann
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -17,7 +19,7 @@ from typing import Protocol, Self, runtime_checkable
 import cv2
 import numpy as np
 
-from robot_rl.config import CropConfig
+from robot_rl.config import CameraConfig, CropConfig
 
 
 class CameraError(RuntimeError):
@@ -112,3 +114,38 @@ def preprocess(image: np.ndarray, crop: CropConfig, out_size: int) -> np.ndarray
     if region.shape[:2] == (out_size, out_size):
         return region.copy()  # always a new array, never a view into the caller's frame
     return cv2.resize(region, (out_size, out_size), interpolation=cv2.INTER_AREA)
+
+
+def open_cameras(
+    configs: Sequence[CameraConfig], *, twin: Callable[[CameraConfig], Camera] | None = None, what: str = "this robot"
+) -> list[Camera]:
+    """Open one camera per config, in order: a RealSense by `serial` or an SDK `recording`, else `twin(cfg)` (a
+    simulated twin's renderer). A camera with neither source and no twin is refused (CameraError), and so is anything
+    that cannot be opened; the cameras opened before the failure are closed again.
+
+    what: names the robot in the refusal, e.g. "env.robot=franky".
+    """
+    cameras: list[Camera] = []
+    try:
+        for cfg in configs:
+            if cfg.serial is not None or cfg.recording is not None:
+                from robot_rl.hardware.realsense.camera import RealSenseCamera
+
+                cameras.append(RealSenseCamera(cfg))
+            elif twin is not None:
+                cameras.append(twin(cfg))
+            else:
+                raise CameraError(
+                    f"camera {cfg.name}: {what} renders no cameras; give it a RealSense serial or a recording"
+                )
+    except BaseException:
+        close_quietly(cameras)
+        raise
+    return cameras
+
+
+def close_quietly(cameras: Sequence[Camera]) -> None:
+    """Close every camera, ignoring their errors (for cleanup after another error, which must not be hidden)."""
+    for camera in cameras:
+        with contextlib.suppress(Exception):
+            camera.close()

@@ -5,13 +5,18 @@ measured pose, at most one delta per step, clipped to the safety box last) -> wo
 control period -> measure. Observations and targets are 6-vectors relative to the task's reference pose (xyz offset
 in metres along the base axes, additive roll/pitch/yaw in radians, see `safety.py`).
 
+With cameras (`config.cameras` non-empty) the observation also holds one image per camera under the camera's name:
+the `Camera.read()` of that step, (out_size, out_size, 3) uint8 RGB, read after the wait and after the reset move (the
+layout `robot_rl.wire.transition_spec` expects). The env owns its cameras and closes them in `close()`. A camera that
+cannot deliver (stale frame, lost device) raises `CameraError` from `reset`/`step`; no image is ever made up.
+
 Reward is the raw sparse success signal (1.0 or 0.0; the learner transforms it). Success terminates; the step limit
 truncates. Never the other way round: a truncated episode must be bootstrapped, a successful one must not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +24,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from robot_rl.config import EnvConfig
+from robot_rl.config import CameraConfig, EnvConfig
+from robot_rl.hardware.camera import Camera, CameraError, Frame
 from robot_rl.hardware.interfaces import Pose, Robot, RobotState
 from robot_rl.hardware.safety import (
     ACTION_DIM,
@@ -33,6 +39,23 @@ from robot_rl.hardware.safety import (
 # The measured pose may leave the safety box (contacts, tracking lag); observations keep a generous margin.
 OBS_MARGIN_M = 0.05
 OBS_MARGIN_RAD = 0.2
+# The state observation's key; camera images sit beside it under the cameras' names.
+STATE_KEY = "ee_pose"
+
+
+def check_camera_names(cameras: Sequence[CameraConfig]) -> None:
+    """Raise ValueError unless every camera has its own name and none is the state's key (they are observation keys)."""
+    names = [c.name for c in cameras]
+    if STATE_KEY in names:
+        raise ValueError(f"camera name {STATE_KEY!r} collides with the state observation; rename the camera")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"camera names must differ, {duplicates} appear more than once")
+
+
+def image_space(cfg: CameraConfig) -> spaces.Box:
+    """The observation space of one camera: (out_size, out_size, 3) uint8 RGB."""
+    return spaces.Box(0, 255, shape=(cfg.out_size, cfg.out_size, 3), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -75,12 +98,32 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     `wait(seconds)` lets one control period pass: a simulated twin advances its physics; a real robot waits for the
     next deadline of the fixed-rate loop.
+
+    `cameras`: one open Camera per `config.cameras` entry, in the same order and with the same names (the twin's
+    renderers, RealSense cameras or recordings; the factories open them). The env owns them from then on: `close()`
+    closes them. `last_frames` holds the frames behind the latest observation (numbers, timestamps), so that a
+    logger never needs to read a camera a second time.
     """
 
     metadata: dict[str, Any] = {"render_modes": [], "render_fps": 10}  # noqa: RUF012 (gymnasium's own attribute)
 
-    def __init__(self, *, robot: Robot, task: Task, config: EnvConfig, wait: Callable[[float], None]) -> None:
+    def __init__(
+        self,
+        *,
+        robot: Robot,
+        task: Task,
+        config: EnvConfig,
+        wait: Callable[[float], None],
+        cameras: Sequence[Camera] = (),
+    ) -> None:
         super().__init__()
+        check_camera_names(config.cameras)
+        names = [c.name for c in cameras]
+        wanted = [c.name for c in config.cameras]
+        if names != wanted:
+            raise ValueError(
+                f"config.cameras names {wanted} but the cameras given are {names} (same names, same order)"
+            )
         self.robot = robot
         self.task = task
         self.config = config
@@ -88,7 +131,12 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._wait = wait
         low, high = widened_limits(config.safety, OBS_MARGIN_M, OBS_MARGIN_RAD)
         self._obs_low, self._obs_high = low.astype(np.float32), high.astype(np.float32)
-        self.observation_space = spaces.Dict({"ee_pose": spaces.Box(self._obs_low, self._obs_high, dtype=np.float32)})
+        obs_spaces: dict[str, spaces.Space] = {STATE_KEY: spaces.Box(self._obs_low, self._obs_high, dtype=np.float32)}
+        obs_spaces.update({c.name: image_space(c) for c in config.cameras})
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.cameras: tuple[Camera, ...] = tuple(cameras)
+        self._image_shapes = {c.name: (c.out_size, c.out_size, 3) for c in config.cameras}
+        self.last_frames: dict[str, Frame] = {}
         self.action_space = spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
         self._steps = 0
         self._measured = np.zeros(ACTION_DIM)
@@ -156,9 +204,45 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     def _relative(self, state: RobotState) -> np.ndarray:
         return world_to_relative(state.ee_pos, state.ee_quat, self.reference)
 
+    def close(self) -> None:
+        """Close the cameras (idempotent). Every camera is closed even when one fails; the first failure is raised."""
+        cameras, self.cameras = self.cameras, ()
+        self.last_frames = {}
+        first: BaseException | None = None
+        for camera in cameras:
+            try:
+                camera.close()
+            except Exception as exc:
+                first = first or exc
+        super().close()
+        if first is not None:
+            raise first
+
     def _observation(self, measured: np.ndarray) -> dict[str, np.ndarray]:
         pose = np.clip(measured.astype(np.float32), self._obs_low, self._obs_high)
-        return {"ee_pose": pose}
+        obs = {STATE_KEY: pose}
+        if self.cameras:
+            self.last_frames = self._read_cameras()
+            obs.update({name: frame.image for name, frame in self.last_frames.items()})
+        return obs
+
+    def _read_cameras(self) -> dict[str, Frame]:
+        """One new frame per camera, checked; CameraError (naming the camera) when one cannot be had."""
+        self.last_frames = {}  # never leave the previous step's frames behind a failed read
+        frames: dict[str, Frame] = {}
+        for camera in self.cameras:
+            try:
+                frame = camera.read()
+            except CameraError:
+                raise
+            except Exception as exc:  # a driver's own error: still a camera that cannot deliver
+                raise CameraError(f"camera {camera.name}: read failed: {type(exc).__name__}: {exc}") from exc
+            image, shape = frame.image, self._image_shapes[camera.name]
+            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != shape:
+                got = f"{getattr(image, 'dtype', type(image).__name__)}{list(getattr(image, 'shape', []))}"
+                raise CameraError(f"camera {camera.name}: delivered {got}, expected uint8{list(shape)}")
+            frames[camera.name] = frame
+        return frames
 
     def _info(self, status: TaskStatus, target: np.ndarray, command: np.ndarray) -> dict[str, Any]:
         return {

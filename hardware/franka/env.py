@@ -15,13 +15,14 @@ Success detector:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from robot_rl.config import EnvConfig
-from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv, Task
+from robot_rl.hardware.camera import Camera, close_quietly, open_cameras
+from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv, Task, check_camera_names
 from robot_rl.hardware.franka.robot import FrankyRobot, ee_offset_along_z
 from robot_rl.hardware.franka.sim_server import FrankySimServer, peg_tip_offset
 from robot_rl.hardware.sim.peg import PegInsertionTask
@@ -75,8 +76,9 @@ class FrankyEnv(RobotEnv):
         config: EnvConfig,
         pacer: DeadlinePacer,
         server: FrankySimServer | None = None,
+        cameras: Sequence[Camera] = (),
     ) -> None:
-        super().__init__(robot=robot, task=task, config=config, wait=pacer.wait)
+        super().__init__(robot=robot, task=task, config=config, wait=pacer.wait, cameras=cameras)
         self.franky_robot = robot
         self.pacer = pacer
         self.server = server
@@ -106,9 +108,13 @@ class FrankyEnv(RobotEnv):
 
 def make_franky_env(cfg: EnvConfig, *, pacer: DeadlinePacer | None = None) -> FrankyEnv:
     """The env `cfg` names with `robot: franky`: connects (starting a franky-sim server first when
-    `franka.sim_server`), ready for `reset()`. Close it to stop the arm and the server."""
+    `franka.sim_server`), ready for `reset()`. Close it to stop the arm and the server.
+
+    Cameras (`cfg.cameras`) are RealSense cameras by serial, or SDK recordings; they open before the robot connects,
+    and the env closes them. The franky-sim twin renders none (its scene lives in the server's process)."""
     if cfg.robot != "franky":
         raise ValueError(f"make_franky_env needs env.robot = franky, got {cfg.robot!r}")
+    check_camera_names(cfg.cameras)
     # The nominal cell: reference pose (peg tip above the hole) and, for the twin, the hole the detector checks.
     scene = build_scene(cfg.task)
     server = FrankySimServer(cfg.task, hostname=cfg.franka.host) if cfg.franka.sim_server else None
@@ -119,12 +125,17 @@ def make_franky_env(cfg: EnvConfig, *, pacer: DeadlinePacer | None = None) -> Fr
         ee_offset=ee_offset_along_z(peg_tip_offset(cfg.task)),
     )
     task: Task = PegInsertionTask(scene) if server is not None else OperatorJudgedTask(scene.reference)
+    cameras: list[Camera] = []
     try:
+        cameras = open_cameras(cfg.cameras, what="env.robot=franky")
         if server is not None:
             server.start()
         robot.connect()
-        return FrankyEnv(robot=robot, task=task, config=cfg, pacer=pacer or DeadlinePacer(), server=server)
+        return FrankyEnv(
+            robot=robot, task=task, config=cfg, pacer=pacer or DeadlinePacer(), server=server, cameras=cameras
+        )
     except BaseException:
+        close_quietly(cameras)
         robot.release()
         if server is not None:
             server.stop()

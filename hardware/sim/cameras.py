@@ -200,6 +200,11 @@ class SimCamera:
         return f"SimCamera(name={self.name!r}, {self._cfg.width}x{self._cfg.height} -> {self._cfg.out_size})"
 
 
+def twin_cameras(model: object, data: object) -> Callable[[CameraConfig], SimCamera]:
+    """The `twin` of `hardware.camera.open_cameras` for this model and data: a SimCamera of the config's name."""
+    return lambda cfg: SimCamera(model, data, cfg=cfg)
+
+
 def render_size_for_speed(cfg: CameraConfig, *, min_crop: int | None = None) -> CameraConfig:
     """A copy of `cfg` scaled down so the crop box is about `min_crop` pixels (default: out_size * 2) on a side.
 
@@ -226,4 +231,4 @@ def render_size_for_speed(cfg: CameraConfig, *, min_crop: int | None = None) -> 
     return CameraConfig.model_validate({**cfg.model_dump(), "width": width, "height": height, "crop": crop})
 
 
-__all__ = ["GLBackendError", "SimCamera", "render_size_for_speed", "select_gl_backend"]
+__all__ = ["GLBackendError", "SimCamera", "render_size_for_speed", "select_gl_backend", "twin_cameras"]

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from robot_rl.config import EnvConfig
-from robot_rl.hardware.env import RobotEnv, TaskStatus
+from robot_rl.hardware.camera import close_quietly, open_cameras
+from robot_rl.hardware.env import RobotEnv, TaskStatus, check_camera_names
 from robot_rl.hardware.interfaces import Pose, RobotState
+from robot_rl.hardware.sim.cameras import twin_cameras
 from robot_rl.hardware.sim.robot import MujocoRobot
 from robot_rl.hardware.sim.scene import PegScene, build_scene
 
@@ -57,11 +59,21 @@ def make_peg_insertion_env(
     one level deep per section, e.g. `make_peg_insertion_env(task={"clearance_m": 0.0005})`.
     visual_meshes: compile the detailed arm meshes (only matters for rendering; slower to build and draw).
     hold_steps: physics steps sharing one torque computation (2: ~1.5x faster, tracking indistinguishable from 1).
+
+    Cameras (`cfg.cameras`): a camera without a serial or recording renders the scene's MuJoCo camera of its name
+    ("front", "wrist") from the twin's own model and data (`SimCamera`); one with a serial or a recording reads that
+    RealSense source. The env owns them: close it to free the renderers.
     """
     cfg = _resolve_config(config, overrides)
+    check_camera_names(cfg.cameras)  # before any renderer is made
     scene = build_scene(cfg.task, visual_meshes=visual_meshes)
     robot = MujocoRobot(scene, impedance=cfg.impedance, hold_steps=hold_steps)
-    return RobotEnv(robot=robot, task=PegInsertionTask(scene), config=cfg, wait=robot.advance)
+    cameras = open_cameras(cfg.cameras, twin=twin_cameras(robot.model, robot.data))
+    try:
+        return RobotEnv(robot=robot, task=PegInsertionTask(scene), config=cfg, wait=robot.advance, cameras=cameras)
+    except BaseException:
+        close_quietly(cameras)
+        raise
 
 
 def _resolve_config(config: EnvConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> EnvConfig:
