@@ -106,7 +106,10 @@ def check_obs_spec(obs_spec: Mapping[str, tuple[tuple[int, ...], str]]) -> ObsSp
 
 
 class ReplayBuffer:
-    """FIFO buffer of transitions whose observations live once in a ring of frames (see the module docstring)."""
+    """FIFO buffer of transitions whose observations live once in a ring of frames (see the module docstring).
+
+    Not thread-safe: a thread that samples while another adds must share a lock with it (robot_rl.prefetch).
+    """
 
     def __init__(self, capacity: int, obs_spec: ObsSpec, action_dim: int, *, frame_slack: int = FRAME_SLACK) -> None:
         if capacity < 1:

@@ -293,6 +293,19 @@ def test_one_actor_with_episodes_of_four_steps_or_more_fills_the_buffer(capacity
     assert len(buf) == min(len(steps), capacity)
 
 
+def test_demonstrations_in_one_call_fill_a_buffer_of_their_size():
+    """The learner's offline buffer: every demo episode in one add_many (split internally into pieces)."""
+    rng = np.random.default_rng(16)
+    demos = episode_chunk(rng, 60, SMALL_SPEC)
+    for n in [45, 80, 4, 33] * 10:
+        demos = join_chunks(demos, episode_chunk(rng, n, SMALL_SPEC))
+    total = len(demos["actions"])
+    buf = ReplayBuffer(total, SMALL_SPEC, ACT)
+    buf.add_many(**demos)
+    assert len(buf) == total and buf.frames_stored() == total + 41
+    assert_batch_equals_chunk(buf.take(np.arange(total)), demos)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
