@@ -1,137 +1,348 @@
-"""Replay buffer of flat state transitions (numpy ring arrays).
+"""Replay buffer of dict observations (state vectors and camera images) that stores each observation once.
 
 Rewards are stored raw (the env's sparse 0/1); the agent transforms them when it learns, so the same buffer serves
 every reward scale. `bc_actions` holds the BC proposal made at each state (for the auxiliary BC loss); it is NaN
 where no BC proposal exists (demonstrations of a method without BC, plain SAC).
+
+Storage. Within an episode a transition's `next_obs` is the next transition's `obs`; storing both would hold every
+camera image twice. The buffer keeps one FIFO ring of observation *frames* (a frame holds every observation key) and,
+per transition, the id of its `next_obs` frame; its `obs` is always the frame written just before (frame id - 1):
+
+    frames:  o0  o1  o2  o3 | r0  o4  o5      (| an episode boundary: the reset observation r0 is a new frame)
+    next:        1   2   3        5   6       (transition i reads frames next-1 and next)
+
+A chunk's row shares the previous row's `next_obs` frame when its `obs` is bit for bit equal to it (every key), and
+a chunk's first row shares the last frame of the previous call the same way. Sharing is decided by equality alone,
+so it is never wrong: chunks of different actors interleaved, or an episode boundary, just store a new frame.
+
+Capacity. The transition ring holds `capacity` transitions; the frame ring holds `capacity + capacity // 4 +
+frame_slack` frames (64 by default), enough for `capacity` transitions when episodes are at least 4 steps long and
+their chunks arrive in order. Transitions leave in FIFO order, and leave early, before the transition ring is full,
+when a new frame would overwrite a frame that a live transition still reads: with poor sharing (two frames per
+transition, e.g. chunks of several actors interleaved step by step) `size` stays near half the frame ring.
+
+Memory. Arrays are allocated with np.zeros, so pages the ring has not reached yet cost no memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from robot_rl.config import AgentConfig
+
+ObsSpec = dict[str, tuple[tuple[int, ...], str]]
+"""Observation key -> (per-row shape, numpy dtype name), e.g. {"ee_pose": ((6,), "float32")}."""
+
+FRAME_SLACK = 64
+"""Frames the frame ring holds beyond capacity * 1.25 by default (the window's edges, small buffers)."""
+
+_DTYPE_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 
 
 @dataclass(frozen=True)
 class TransitionBatch:
     """A minibatch as numpy arrays; shapes [B, ...]."""
 
-    obs: np.ndarray
+    obs: dict[str, np.ndarray]  # key -> [B, *shape] in the spec's dtype
+    actions: np.ndarray  # [B, A] float32
+    rewards: np.ndarray  # [B] float32, the raw env reward
+    next_obs: dict[str, np.ndarray]
+    terminated: np.ndarray  # [B] bool
+    bc_actions: np.ndarray  # [B, A] float32, NaN rows where no BC proposal exists
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of one add_many call: as given (bc_actions may be None), then validated (ReplayBuffer._validated)."""
+
+    obs: dict[str, np.ndarray]
     actions: np.ndarray
     rewards: np.ndarray
-    next_obs: np.ndarray
+    next_obs: dict[str, np.ndarray]
     terminated: np.ndarray
+    truncated: np.ndarray
     bc_actions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def slice(self, lo: int, hi: int) -> _Rows:
+        def cut(value: np.ndarray | dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+            return {k: v[lo:hi] for k, v in value.items()} if isinstance(value, dict) else value[lo:hi]
+
+        return _Rows(**{f.name: cut(getattr(self, f.name)) for f in fields(_Rows)})
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """The array viewed as unsigned integers of its item size, so that equality is bit for bit (-0.0 != 0.0)."""
+    return array.view(f"u{array.dtype.itemsize}")
+
+
+def _rows_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+    """[n] bool: row i of `a` equals row i of `b` in every key."""
+    equal = np.ones(len(next(iter(a.values()))), bool)
+    for key, rows in a.items():
+        equal &= (_bits(rows) == _bits(b[key])).all(axis=tuple(range(1, rows.ndim)))
+    return equal
+
+
+def check_obs_spec(obs_spec: Mapping[str, tuple[tuple[int, ...], str]]) -> ObsSpec:
+    """The spec with tuple shapes and canonical dtype names; ValueError naming the key that is not valid."""
+    if not obs_spec:
+        raise ValueError("obs_spec is empty")
+    spec: ObsSpec = {}
+    for key, (shape, dtype) in obs_spec.items():
+        shape = tuple(int(d) for d in shape)
+        if any(d < 1 for d in shape):
+            raise ValueError(f"obs_spec[{key!r}] has shape {shape}; every dimension must be positive")
+        if np.dtype(dtype).kind not in _DTYPE_KINDS:
+            raise ValueError(f"obs_spec[{key!r}] has dtype {dtype}; expected a bool, integer or float dtype")
+        spec[key] = (shape, np.dtype(dtype).name)
+    return spec
 
 
 class ReplayBuffer:
-    """Fixed-capacity ring buffer; the oldest transitions are overwritten once full."""
+    """FIFO buffer of transitions whose observations live once in a ring of frames (see the module docstring).
 
-    def __init__(self, capacity: int, obs_dim: int, action_dim: int) -> None:
+    Not thread-safe: a thread that samples while another adds must share a lock with it (robot_rl.prefetch).
+    """
+
+    def __init__(self, capacity: int, obs_spec: ObsSpec, action_dim: int, *, frame_slack: int = FRAME_SLACK) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be positive, got {capacity}")
+        if action_dim < 1:
+            raise ValueError(f"action_dim must be positive, got {action_dim}")
+        if frame_slack < 2:
+            raise ValueError(f"frame_slack must be at least 2 (one transition's two frames), got {frame_slack}")
         self.capacity = capacity
-        self.obs_dim = obs_dim
+        self.obs_spec = check_obs_spec(obs_spec)
         self.action_dim = action_dim
-        self.obs = np.zeros((capacity, obs_dim), np.float32)
-        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.frame_capacity = capacity + capacity // 4 + frame_slack
+        self._frames = {
+            k: np.zeros((self.frame_capacity, *shape), dtype) for k, (shape, dtype) in self.obs_spec.items()
+        }
+        self._next_frame = np.zeros(capacity, np.int64)  # global frame id of next_obs; obs is id - 1
         self.actions = np.zeros((capacity, action_dim), np.float32)
-        self.bc_actions = np.full((capacity, action_dim), np.nan, np.float32)
+        self.bc_actions = np.zeros((capacity, action_dim), np.float32)
         self.rewards = np.zeros(capacity, np.float32)
         self.terminated = np.zeros(capacity, np.bool_)
         self.truncated = np.zeros(capacity, np.bool_)
-        self._next = 0
+        self._start = 0  # ring position of the oldest live transition
+        self._last_frame = -1  # global id of the newest frame written; frame f lives in slot f % frame_capacity
         self.size = 0
         self.total_added = 0
 
     def __len__(self) -> int:
         return self.size
 
+    def frames_stored(self) -> int:
+        """Observation frames the live transitions read (each holds every key): size + 1 for one shared episode."""
+        if self.size == 0:
+            return 0
+        return int(self._next_frame[self._pos(self.size - 1)] - self._next_frame[self._start]) + 2
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Adding
+    # ----------------------------------------------------------------------------------------------------------------
     def add(
         self,
         *,
-        obs: np.ndarray,
+        obs: Mapping[str, np.ndarray],
         action: np.ndarray,
         reward: float,
-        next_obs: np.ndarray,
+        next_obs: Mapping[str, np.ndarray],
         terminated: bool,
         truncated: bool,
         bc_action: np.ndarray | None = None,
     ) -> None:
+        """One transition of unbatched arrays (obs[key] has the spec's shape)."""
         self.add_many(
-            obs=obs[None],
-            actions=action[None],
-            rewards=np.asarray([reward], np.float32),
-            next_obs=next_obs[None],
+            obs=_one_row(obs, "obs"),
+            actions=np.asarray(action)[None],
+            rewards=np.asarray([reward]),
+            next_obs=_one_row(next_obs, "next_obs"),
             terminated=np.asarray([terminated]),
             truncated=np.asarray([truncated]),
-            bc_actions=None if bc_action is None else bc_action[None],
+            bc_actions=None if bc_action is None else np.asarray(bc_action)[None],
         )
 
     def add_many(
         self,
         *,
-        obs: np.ndarray,
+        obs: Mapping[str, np.ndarray],
         actions: np.ndarray,
         rewards: np.ndarray,
-        next_obs: np.ndarray,
+        next_obs: Mapping[str, np.ndarray],
         terminated: np.ndarray,
         truncated: np.ndarray,
         bc_actions: np.ndarray | None = None,
     ) -> None:
-        n = len(obs)
-        expected = {
-            "obs": (obs, (n, self.obs_dim)),
-            "next_obs": (next_obs, (n, self.obs_dim)),
-            "actions": (actions, (n, self.action_dim)),
-            "rewards": (rewards, (n,)),
-            "terminated": (terminated, (n,)),
-            "truncated": (truncated, (n,)),
-        }
-        if bc_actions is not None:
-            expected["bc_actions"] = (bc_actions, (n, self.action_dim))
-        for name, (array, shape) in expected.items():
-            if np.shape(array) != shape:
-                raise ValueError(f"{name} has shape {np.shape(array)}, expected {shape}")
-        for name in ("obs", "next_obs", "actions", "rewards"):
-            if not np.all(np.isfinite(expected[name][0])):
-                raise ValueError(f"{name} holds non-finite values; refusing to store them")
-        idx = (self._next + np.arange(n)) % self.capacity
-        self.obs[idx] = obs
-        self.next_obs[idx] = next_obs
-        self.actions[idx] = actions
-        self.rewards[idx] = rewards
-        self.terminated[idx] = terminated
-        self.truncated[idx] = truncated
-        self.bc_actions[idx] = np.nan if bc_actions is None else bc_actions
-        self._next = int((self._next + n) % self.capacity)
-        self.size = min(self.capacity, self.size + n)
+        """n transitions in time order (arrays [n, ...]); the arrays are copied, so the caller may reuse them."""
+        raw = _Rows(obs, actions, rewards, next_obs, terminated, truncated, bc_actions)
+        rows = self._validated(raw)
+        n = len(rows)
         self.total_added += n
+        # Rows beyond the last `capacity` would be overwritten within this call; a piece of at most `piece` rows
+        # writes fewer frames than the frame ring holds, so it never overwrites its own frames.
+        piece = (self.frame_capacity - 1) // 2
+        for lo in range(max(0, n - self.capacity), n, piece):
+            self._append(rows.slice(lo, min(n, lo + piece)))
 
+    def _append(self, rows: _Rows) -> None:
+        n = len(rows)
+        shares_last = self._last_frame >= 0 and self._equals_frame(rows.obs, self._last_frame)
+        continues = _rows_equal({k: v[1:] for k, v in rows.obs.items()}, {k: v[:-1] for k, v in rows.next_obs.items()})
+        new_obs = np.concatenate([[not shares_last], ~continues])
+        # Frames in order: for each row its obs frame where it is new, then its next_obs frame.
+        frames_per_row = new_obs.astype(np.int64) + 1
+        next_ids = self._last_frame + np.cumsum(frames_per_row)
+        self._evict(incoming=n, last_new_frame=int(next_ids[-1]))
+        for key, frames in self._frames.items():
+            frames[(next_ids[new_obs] - 1) % self.frame_capacity] = rows.obs[key][new_obs]
+            frames[next_ids % self.frame_capacity] = rows.next_obs[key]
+        pos = self._pos(self.size + np.arange(n))
+        self._next_frame[pos] = next_ids
+        self.actions[pos] = rows.actions
+        self.rewards[pos] = rows.rewards
+        self.terminated[pos] = rows.terminated
+        self.truncated[pos] = rows.truncated
+        self.bc_actions[pos] = rows.bc_actions
+        self.size += n
+        self._last_frame = int(next_ids[-1])
+
+    def _evict(self, *, incoming: int, last_new_frame: int) -> None:
+        """Drop the oldest transitions so that `incoming` more fit and no live one reads a frame about to be reused.
+
+        Writing frame f reuses the slot of frame f - frame_capacity, so every live obs frame must be newer than
+        last_new_frame - frame_capacity. Frame ids grow with the transition order, so the transitions to drop are
+        a prefix, found by bisection.
+        """
+        oldest_kept_next = last_new_frame - self.frame_capacity + 2  # obs frame = next - 1 must stay
+        stale = bisect.bisect_left(
+            range(self.size), oldest_kept_next, key=lambda k: int(self._next_frame[self._pos(k)])
+        )
+        drop = max(stale, self.size + incoming - self.capacity, 0)
+        self._start = int(self._pos(drop))
+        self.size -= drop
+
+    def _equals_frame(self, obs: dict[str, np.ndarray], frame: int) -> bool:
+        slot = frame % self.frame_capacity
+        return all(np.array_equal(_bits(obs[k][0]), _bits(frames[slot])) for k, frames in self._frames.items())
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------------------------------
+    def _validated(self, raw: _Rows) -> _Rows:
+        """The rows as arrays of the stored dtypes; ValueError naming the first field (and key) that is not valid."""
+        actions = np.asarray(raw.actions, np.float32)
+        n = len(actions) if actions.ndim else 0
+        _check_shape("actions", actions, (n, self.action_dim))
+        _check_finite("actions", actions)
+        rewards = np.asarray(raw.rewards, np.float32)
+        _check_shape("rewards", rewards, (n,))
+        _check_finite("rewards", rewards)
+        flags = {"terminated": np.asarray(raw.terminated), "truncated": np.asarray(raw.truncated)}
+        for name, flag in flags.items():
+            _check_shape(name, flag, (n,))
+            if flag.dtype != np.bool_ and not np.isin(flag, (0, 1)).all():
+                raise ValueError(f"{name} must be bool (or 0/1), got {flag.dtype} values outside 0/1")
+        if raw.bc_actions is None:
+            bc = np.full((n, self.action_dim), np.nan, np.float32)
+        else:
+            bc = np.asarray(raw.bc_actions, np.float32)
+            _check_shape("bc_actions", bc, (n, self.action_dim))
+            if not (np.isfinite(bc).all(axis=1) | np.isnan(bc).all(axis=1)).all():
+                raise ValueError("bc_actions rows must be all finite, or all NaN where no BC proposal exists")
+        return _Rows(
+            obs=self._checked_obs("obs", raw.obs, n),
+            actions=actions,
+            rewards=rewards,
+            next_obs=self._checked_obs("next_obs", raw.next_obs, n),
+            terminated=flags["terminated"].astype(np.bool_),
+            truncated=flags["truncated"].astype(np.bool_),
+            bc_actions=bc,
+        )
+
+    def _checked_obs(self, name: str, obs: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        if not isinstance(obs, Mapping):
+            raise ValueError(f"{name} must be a dict of arrays with keys {sorted(self.obs_spec)}, got {type(obs)}")
+        if set(obs) != set(self.obs_spec):
+            raise ValueError(f"{name} has keys {sorted(obs)}, expected {sorted(self.obs_spec)}")
+        checked = {}
+        for key, (shape, dtype) in self.obs_spec.items():
+            array = np.asarray(obs[key])
+            _check_shape(f"{name}[{key!r}]", array, (n, *shape))
+            if array.dtype != dtype:
+                raise ValueError(f"{name}[{key!r}] has dtype {array.dtype}, expected {dtype}")
+            if array.dtype.kind == "f":
+                _check_finite(f"{name}[{key!r}]", array)
+            checked[key] = array
+        return checked
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reading
+    # ----------------------------------------------------------------------------------------------------------------
     def sample(self, batch_size: int, rng: np.random.Generator) -> TransitionBatch:
+        """`batch_size` live transitions drawn uniformly with replacement."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty buffer")
-        idx = rng.integers(0, self.size, size=batch_size)
-        return self.take(idx)
+        return self.take(rng.integers(0, self.size, size=batch_size))
 
     def take(self, idx: np.ndarray) -> TransitionBatch:
+        """The transitions at `idx` in [0, size), 0 being the oldest live one; the arrays are copies."""
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"idx must hold integers, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(f"idx must lie in [0, {self.size}), got [{idx.min()}, {idx.max()}]")
+        pos = self._pos(idx)
+        next_slots = self._next_frame[pos] % self.frame_capacity
+        obs_slots = (next_slots - 1) % self.frame_capacity
         return TransitionBatch(
-            obs=self.obs[idx],
-            actions=self.actions[idx],
-            rewards=self.rewards[idx],
-            next_obs=self.next_obs[idx],
-            terminated=self.terminated[idx],
-            bc_actions=self.bc_actions[idx],
+            obs={k: frames[obs_slots] for k, frames in self._frames.items()},
+            actions=self.actions[pos],
+            rewards=self.rewards[pos],
+            next_obs={k: frames[next_slots] for k, frames in self._frames.items()},
+            terminated=self.terminated[pos],
+            bc_actions=self.bc_actions[pos],
         )
+
+    def _pos(self, k: int | np.ndarray) -> int | np.ndarray:
+        """Ring position of the k-th oldest live transition."""
+        return (self._start + k) % self.capacity
+
+
+def _one_row(obs: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    if not isinstance(obs, Mapping):
+        raise ValueError(f"{name} must be a dict of arrays, got {type(obs)}")
+    return {k: np.asarray(v)[None] for k, v in obs.items()}
+
+
+def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds non-finite values; refusing to store them")
 
 
 def concat_batches(a: TransitionBatch, b: TransitionBatch) -> TransitionBatch:
     """Join two minibatches (RLPD's 50/50 offline/online sampling)."""
-    return TransitionBatch(
-        *(np.concatenate([getattr(a, f), getattr(b, f)]) for f in TransitionBatch.__dataclass_fields__)
-    )
+    if a.obs.keys() != b.obs.keys():
+        raise ValueError(f"cannot join batches with observation keys {sorted(a.obs)} and {sorted(b.obs)}")
+
+    def join(x: np.ndarray | dict[str, np.ndarray], y: np.ndarray | dict[str, np.ndarray]):
+        if isinstance(x, dict):
+            return {k: np.concatenate([x[k], y[k]]) for k in x}
+        return np.concatenate([x, y])
+
+    return TransitionBatch(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(TransitionBatch)})
 
 
 def sample_utd_batches(
