@@ -162,7 +162,7 @@ class ActorService:
         self.stop_event = threading.Event()
         self.spill: Spill | None = None
         self.link: LearnerLink | None = None
-        self.chunks = ChunkBuilder(self.keys, self.action_dim, cfg.actor.actor_id, self.run_id)
+        self.chunks = ChunkBuilder(self.obs_spec, self.action_dim, cfg.actor.actor_id, self.run_id)
         if learner is not None:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq

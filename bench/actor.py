@@ -23,7 +23,7 @@ from robot_rl.actor.service import ActorService
 from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.config import load_config
 from robot_rl.envs import make_env
-from robot_rl.rollout import obs_bounds
+from robot_rl.obs import spec_from_space, state_bounds
 
 
 def main() -> None:
@@ -36,9 +36,10 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         env = make_env(cfg.env)
-        low, high = obs_bounds(env.observation_space)
+        spec = spec_from_space(env.observation_space)
+        low, high = state_bounds(env.observation_space)
         env.close()
-        bc = make_bc_policy(cfg.bc, len(low), 6, low, high)
+        bc = make_bc_policy(cfg.bc, spec, 6, low, high)
         save_bc(bc, Path(tmp) / "bc")
         service = ActorService(cfg, Path(tmp) / "actor", bc_dir=Path(tmp) / "bc", learner=None, quiet=True)
         service.weights_version = 0  # gate with the initial networks

@@ -25,7 +25,7 @@ from robot_rl.actor.service import ActorService
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.config import load_config
-from robot_rl.rollout import obs_bounds
+from robot_rl.obs import state_bounds, state_spec
 from robot_rl.wire import Weights, pack_tensors
 
 
@@ -47,12 +47,13 @@ def record_episode(config: Path, steps: int, root: Path) -> Path:
     cfg = load_config(config, ["actor.period_s=0", f"env.task.max_episode_steps={steps}", "train.torch_threads=1"])
     bc_dir = root / "bc"
     obs_dim = action_dim = 6
-    save_bc(make_bc_policy(cfg.bc, obs_dim, action_dim, -np.ones(obs_dim, np.float32), np.ones(obs_dim, np.float32)),
-            bc_dir)  # fmt: skip
+    save_bc(make_bc_policy(cfg.bc, state_spec(obs_dim), action_dim, -np.ones(obs_dim, np.float32),
+                           np.ones(obs_dim, np.float32)), bc_dir)  # fmt: skip
     service = ActorService(cfg, root / "actor", bc_dir=bc_dir, learner=None, quiet=True)
     try:
-        low, high = obs_bounds(service.env.observation_space)
-        agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=action_dim, bc_policy=service.bc)
+        low, high = state_bounds(service.env.observation_space)
+        agent = Q2RLAgent(cfg.agent, obs_spec=service.obs_spec, state_low=low, state_high=high,
+                          action_dim=action_dim, bc_policy=service.bc)  # fmt: skip
         service.link = _OneSnapshot(Weights(version=1, phase="online", tensors=pack_tensors(agent.acting_state())))
         service.run_episode(kind="online", gated=True, send=False, seed=0)
     finally:

@@ -187,13 +187,16 @@ def state_config_weights() -> dict[str, Any]:
 
     from robot_rl.agent import Q2RLAgent
     from robot_rl.bc import make_bc_policy
+    from robot_rl.obs import state_dim
 
     cfg = load_config(STATE_CONFIG)
     spec = transition_spec(cfg)
-    obs_dim = sum(int(np.prod(shape)) for shape, _ in spec.obs.values())
-    low, high = -np.ones(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    bc = make_bc_policy(cfg.bc, obs_dim, spec.action_dim, low, high)
-    agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=spec.action_dim, bc_policy=bc)
+    dim = state_dim(spec.obs)
+    low, high = -np.ones(dim, np.float32), np.ones(dim, np.float32)
+    bc = make_bc_policy(cfg.bc, spec.obs, spec.action_dim, low, high)
+    agent = Q2RLAgent(
+        cfg.agent, obs_spec=spec.obs, state_low=low, state_high=high, action_dim=spec.action_dim, bc_policy=bc
+    )
     state = {k: v for k, v in agent.network_state().items() if not k.startswith("target_critics.")}
     state.update({f"bc.{k}": v for k, v in bc.state_dict().items()})
     return {k: torch.as_tensor(v).clone() for k, v in state.items()}

@@ -14,6 +14,7 @@ from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.cli import main
 from robot_rl.config import load_config
 from robot_rl.episodes import read_episodes
+from robot_rl.obs import state_spec
 
 TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
 
@@ -106,7 +107,7 @@ def test_spill_release_deletes_acknowledged_segments_but_keeps_the_sequence(tmp_
 @pytest.fixture(scope="module")
 def bc_dir(tmp_path_factory) -> Path:
     cfg = load_config(TINY)
-    policy = make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32))
+    policy = make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32))
     out = tmp_path_factory.mktemp("bc")
     save_bc(policy, out)
     return out

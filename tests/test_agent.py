@@ -11,9 +11,9 @@ import torch
 
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
-from robot_rl.obs import state_spec
 from robot_rl.buffer import ReplayBuffer, TransitionBatch
 from robot_rl.config import AgentConfig, BCConfig, QEstimationConfig
+from robot_rl.obs import state_spec
 from robot_rl.qestimation import Rollout, initialise_critics, mc_returns, run_q_estimation
 
 OBS, ACT = 6, 6
@@ -21,7 +21,8 @@ LOW, HIGH = -np.ones(OBS, np.float32), np.ones(OBS, np.float32)
 SPEC = state_spec(OBS)
 
 
-def O(x):  # noqa: N802 (a state observation as the dict the agent takes)
+def obs_dict(x):
+    """A state observation as the dict the agent takes."""
     return {"ee_pose": x}
 
 
@@ -39,10 +40,10 @@ def make_agent(method: str = "q2rl", **overrides) -> Q2RLAgent:
 def random_batch(n: int = 32, seed: int = 0) -> TransitionBatch:
     rng = np.random.default_rng(seed)
     return TransitionBatch(
-        obs=O(rng.uniform(-1, 1, (n, OBS)).astype(np.float32)),
+        obs=obs_dict(rng.uniform(-1, 1, (n, OBS)).astype(np.float32)),
         actions=rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
         rewards=(rng.random(n) < 0.3).astype(np.float32),
-        next_obs=O(rng.uniform(-1, 1, (n, OBS)).astype(np.float32)),
+        next_obs=obs_dict(rng.uniform(-1, 1, (n, OBS)).astype(np.float32)),
         terminated=rng.random(n) < 0.3,
         bc_actions=rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
     )
@@ -82,7 +83,7 @@ def test_mc_returns_rejects_empty():
 def test_q_bc_hat_is_value_plus_alpha_logprob_plus_entropy():
     agent = make_agent()
     agent.qest_alpha = 0.7
-    obs = O(torch.rand(16, OBS) * 2 - 1)
+    obs = obs_dict(torch.rand(16, OBS) * 2 - 1)
     actions = torch.rand(16, ACT) * 2 - 1
     dist = agent.bc_policy.dist(obs)
     # Independent: mixture log-density by hand, entropy bound H(w) + sum_k w_k H_k by hand.
@@ -104,7 +105,7 @@ def _set_value_bias(agent: Q2RLAgent, bias: float) -> None:
 
 def test_gate_executes_the_higher_rated_action():
     agent = make_agent()
-    obs = O(np.random.default_rng(0).uniform(-1, 1, (64, OBS)).astype(np.float32))
+    obs = obs_dict(np.random.default_rng(0).uniform(-1, 1, (64, OBS)).astype(np.float32))
     d = agent.act(obs)
     np.testing.assert_array_equal(d.use_bc, d.q_bc > d.q_rl)
     np.testing.assert_array_equal(d.action, np.where(d.use_bc[:, None], d.bc_action, d.rl_action))
@@ -119,14 +120,14 @@ def test_gate_executes_the_higher_rated_action():
 
 def test_gate_scores_bc_proposal_clipped_to_action_range():
     agent = make_agent()
-    obs = O(np.zeros((256, OBS), np.float32))
+    obs = obs_dict(np.zeros((256, OBS), np.float32))
     d = agent.act(obs)
     assert np.all(np.abs(d.bc_action) <= 1.0)
 
 
 def test_shared_gating_scores_both_with_q_rl_and_sac_never_uses_bc():
     ibrl = make_agent("ibrl")
-    obs = O(np.random.default_rng(1).uniform(-1, 1, (32, OBS)).astype(np.float32))
+    obs = obs_dict(np.random.default_rng(1).uniform(-1, 1, (32, OBS)).astype(np.float32))
     d = ibrl.act(obs)
     with torch.no_grad():
         expected = ibrl.q_rl_min(ibrl.obs_tensors(obs), torch.as_tensor(d.bc_action)).numpy()
@@ -153,7 +154,7 @@ def test_td_target_is_min_over_a_random_pair_of_target_critics():
     agent = make_agent(init_temperature=1e-8)  # no entropy term: the target is r + gamma * min(pair)
     values = [float(v) for v in range(10)]
     _constant_target_critics(agent, values)
-    rewards, not_done, next_obs = torch.zeros(8), torch.ones(8), O(torch.zeros(8, OBS))
+    rewards, not_done, next_obs = torch.zeros(8), torch.ones(8), obs_dict(torch.zeros(8, OBS))
     counts = np.zeros(10)
     for _ in range(3000):
         y = agent.td_target(rewards, not_done, next_obs) / agent.cfg.discount
@@ -171,7 +172,7 @@ def test_td_target_entropy_backup_only_when_asked():
     soft = make_agent(init_temperature=0.5, backup_entropy=True)
     for agent in (plain, soft):
         _constant_target_critics(agent, [2.0] * 10)
-    obs = O(torch.zeros(64, OBS))
+    obs = obs_dict(torch.zeros(64, OBS))
     y_plain = plain.td_target(torch.zeros(64), torch.ones(64), obs)
     torch.testing.assert_close(y_plain, torch.full((64,), 0.99 * 2.0))
     # Soft: the bonus is -alpha * log pi of the next action, so it varies with the sampled action.
@@ -184,7 +185,7 @@ def test_td_target_terminal_has_no_bootstrap_and_truncation_keeps_it():
     agent = make_agent(init_temperature=1e-8)
     _constant_target_critics(agent, [5.0] * 10)
     rewards = torch.tensor([1.0, 1.0])
-    y = agent.td_target(rewards, torch.tensor([0.0, 1.0]), O(torch.zeros(2, OBS)))
+    y = agent.td_target(rewards, torch.tensor([0.0, 1.0]), obs_dict(torch.zeros(2, OBS)))
     assert float(y[0]) == pytest.approx(1.0, abs=1e-5)
     assert float(y[1]) == pytest.approx(1.0 + 0.99 * 5.0, abs=1e-4)
 
@@ -255,7 +256,7 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
     rollouts = []
     for i in range(12):
         T = 10 + i
-        obs = O(rng.uniform(-1, 1, (T, OBS)).astype(np.float32))
+        obs = obs_dict(rng.uniform(-1, 1, (T, OBS)).astype(np.float32))
         success = i % 2 == 0
         rewards = np.zeros(T, np.float32)
         rewards[-1] = float(success)
@@ -265,7 +266,7 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
                 actions=rng.uniform(-1, 1, (T, ACT)).astype(np.float32),
                 rewards=rewards,
                 terminated=success,
-                final_next_obs=O(obs["ee_pose"][-1:]),
+                final_next_obs=obs_dict(obs["ee_pose"][-1:]),
             )
         )
     cfg = QEstimationConfig(
@@ -273,7 +274,7 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
     )
     stats = run_q_estimation(agent, rollouts, cfg, q_init=True, actor_pretrain=True, seed=0)
     assert stats.transitions == sum(len(r.actions) for r in rollouts)
-    obs = O(torch.as_tensor(np.concatenate([r.obs["ee_pose"] for r in rollouts])))
+    obs = obs_dict(torch.as_tensor(np.concatenate([r.obs["ee_pose"] for r in rollouts])))
     act = torch.as_tensor(np.concatenate([r.actions for r in rollouts]))
     with torch.no_grad():
         q_hat = agent.q_bc_hat(obs, act, bonus_cap=cfg.q_init_bonus_cap)
@@ -289,7 +290,7 @@ def test_q_estimation_fits_value_and_initialises_every_critic():
 def test_q_init_with_extra_actions_rates_unlikely_actions_low_like_q_bc_hat():
     agent = make_agent()
     rng = np.random.default_rng(1)
-    obs = O(rng.uniform(-1, 1, (256, OBS)).astype(np.float32))
+    obs = obs_dict(rng.uniform(-1, 1, (256, OBS)).astype(np.float32))
     obs_t = agent.obs_tensors(obs)
     with torch.no_grad():
         bc_actions = agent.bc_policy.mode(obs_t).numpy()
@@ -309,7 +310,7 @@ def test_q_init_with_extra_actions_rates_unlikely_actions_low_like_q_bc_hat():
 
 def test_bonus_cap_limits_the_likelihood_term_from_above_only():
     agent = make_agent()
-    obs = O(torch.rand(64, OBS) * 2 - 1)
+    obs = obs_dict(torch.rand(64, OBS) * 2 - 1)
     mode = agent.bc_policy.mode(obs)
     far = -mode.sign() * 0.99
     with torch.no_grad():
@@ -326,7 +327,7 @@ def test_q_bc_hat_and_td_targets_stay_in_the_feasible_return_range():
     low, high = agent.cfg.value_range
     assert (low, high) == pytest.approx((-100.0, 9.0))
     _set_value_bias(agent, 1e4)
-    obs = O(torch.zeros(8, OBS))
+    obs = obs_dict(torch.zeros(8, OBS))
     assert torch.all(agent.q_bc_hat(obs, torch.zeros(8, ACT)) <= high)
     _constant_target_critics(agent, [-1e4] * 10)
     y = agent.td_target(torch.zeros(8), torch.ones(8), obs)
@@ -336,7 +337,7 @@ def test_q_bc_hat_and_td_targets_stay_in_the_feasible_return_range():
 def test_initialise_critics_with_zero_steps_only_syncs():
     agent = make_agent()
     cfg = QEstimationConfig(q_init_steps=0)
-    x = O(np.zeros((4, OBS), np.float32))
+    x = obs_dict(np.zeros((4, OBS), np.float32))
     initialise_critics(agent, x, np.zeros((4, ACT), np.float32), cfg, np.random.default_rng())
     for a, b in itertools.zip_longest(agent.critics.parameters(), agent.target_critics.parameters()):
         assert torch.equal(a, b)
@@ -345,17 +346,17 @@ def test_initialise_critics_with_zero_steps_only_syncs():
 def test_buffer_refuses_non_finite_and_wrong_shapes():
     buf = ReplayBuffer(100, SPEC, ACT)
     good = {
-        "obs": O(np.zeros((2, OBS), np.float32)),
+        "obs": obs_dict(np.zeros((2, OBS), np.float32)),
         "actions": np.zeros((2, ACT), np.float32),
         "rewards": np.zeros(2, np.float32),
-        "next_obs": O(np.zeros((2, OBS), np.float32)),
+        "next_obs": obs_dict(np.zeros((2, OBS), np.float32)),
         "terminated": np.zeros(2, bool),
         "truncated": np.zeros(2, bool),
     }
     buf.add_many(**good)
     assert len(buf) == 2
     with pytest.raises(ValueError, match="non-finite"):
-        buf.add_many(**{**good, "obs": O(np.full((2, OBS), np.nan, np.float32))})
+        buf.add_many(**{**good, "obs": obs_dict(np.full((2, OBS), np.nan, np.float32))})
     with pytest.raises(ValueError, match="shape"):
         buf.add_many(**{**good, "actions": np.zeros((2, ACT + 1), np.float32)})
     assert len(buf) == 2
@@ -367,7 +368,7 @@ def test_acting_state_round_trip_reproduces_gating_and_refuses_mismatch():
     spec = state_spec(4)
     a = Q2RLAgent(cfg, obs_spec=spec, state_low=low, state_high=high, action_dim=2, bc_policy=None, seed=0)
     b = Q2RLAgent(cfg, obs_spec=spec, state_low=low, state_high=high, action_dim=2, bc_policy=None, seed=1)
-    obs = O(np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32))
+    obs = obs_dict(np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32))
     before = b.act(obs, rl_action="mode")
     state = a.acting_state()
     assert not any(k.startswith("target_critics.") for k in state)

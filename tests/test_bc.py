@@ -21,12 +21,14 @@ from robot_rl.bc import (
 )
 from robot_rl.config import BCConfig
 from robot_rl.distributions import DiagGaussian, GaussianMixture
+from robot_rl.obs import state_spec
 
 torch.set_num_threads(1)
 
 OBS_DIM, ACTION_DIM = 3, 2
 OBS_LOW = np.array([-2.0, 0.0, -1.0], dtype=np.float32)
 OBS_HIGH = np.array([2.0, 4.0, 1.0], dtype=np.float32)
+SPEC = state_spec(OBS_DIM)
 
 
 def _cfg(policy: str = "gaussian", **overrides: object) -> BCConfig:
@@ -36,7 +38,7 @@ def _cfg(policy: str = "gaussian", **overrides: object) -> BCConfig:
 
 def _policy(cfg: BCConfig, seed: int = 0) -> GaussianBCPolicy | GMMBCPolicy:
     torch.manual_seed(seed)
-    return make_bc_policy(cfg, OBS_DIM, ACTION_DIM, OBS_LOW, OBS_HIGH)
+    return make_bc_policy(cfg, SPEC, ACTION_DIM, OBS_LOW, OBS_HIGH)
 
 
 def _target(obs: np.ndarray) -> np.ndarray:
@@ -65,6 +67,16 @@ def _t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x, dtype=np.float32))
 
 
+def _o(x: np.ndarray) -> dict[str, torch.Tensor]:
+    """A batch of state vectors as the dict observation the policies take."""
+    return {"ee_pose": _t(x)}
+
+
+def _d(x: np.ndarray) -> dict[str, np.ndarray]:
+    """A dataset's state vectors as the dict of arrays train_bc takes."""
+    return {"ee_pose": x}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Construction and interface
 # ------------------------------------------------------------------------------------------------------------
@@ -76,7 +88,7 @@ def test_policy_outputs_have_batch_shapes_and_bounded_parameters(kind: str, cls:
     cfg = _cfg(kind, min_std=0.05)
     policy = _policy(cfg)
     assert isinstance(policy, cls)
-    obs = _t(np.random.default_rng(0).uniform(OBS_LOW - 5, OBS_HIGH + 5, size=(7, OBS_DIM)))
+    obs = _o(np.random.default_rng(0).uniform(OBS_LOW - 5, OBS_HIGH + 5, size=(7, OBS_DIM)))
     dist = policy.dist(obs)
     assert isinstance(dist, dist_cls)
     assert policy.sample(obs, torch.Generator().manual_seed(0)).shape == (7, ACTION_DIM)
@@ -96,13 +108,13 @@ def test_observations_are_normalised_to_unit_box_by_the_stored_bounds() -> None:
     policy = _policy(_cfg())
     corners = _t(np.stack([OBS_LOW, OBS_HIGH, (OBS_LOW + OBS_HIGH) / 2]))
     expected = torch.tensor([[-1.0] * OBS_DIM, [1.0] * OBS_DIM, [0.0] * OBS_DIM])
-    torch.testing.assert_close(policy.normalize_obs(corners), expected)
-    assert {"obs_low", "obs_high"} <= set(policy.state_dict())
+    torch.testing.assert_close(policy.encoder.normalizer(corners), expected)
+    assert {"encoder.normalizer.center", "encoder.normalizer.half_range"} <= set(policy.state_dict())
 
 
 def test_policy_sampling_follows_the_generator_and_matches_its_distribution() -> None:
     policy = _policy(_cfg("gmm"))
-    obs = _t(np.tile(OBS_LOW, (4, 1)))
+    obs = _o(np.tile(OBS_LOW, (4, 1)))
     a = policy.sample(obs, torch.Generator().manual_seed(3))
     b = policy.sample(obs, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
@@ -124,7 +136,7 @@ def test_policy_sampling_follows_the_generator_and_matches_its_distribution() ->
 )
 def test_bad_observation_bounds_are_refused(low: np.ndarray, high: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        make_bc_policy(_cfg(), OBS_DIM, ACTION_DIM, low, high)
+        make_bc_policy(_cfg(), SPEC, ACTION_DIM, low, high)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,17 +147,17 @@ def test_training_reduces_nll_and_mode_approaches_the_function(kind: str) -> Non
     obs, actions = _smooth_dataset(2000, seed=1)
     policy = _policy(_cfg(kind))
     test_obs, _ = _smooth_dataset(500, seed=2)
-    before = float(np.mean((policy.mode(_t(test_obs)).numpy() - _target(test_obs)) ** 2))
+    before = float(np.mean((policy.mode(_o(test_obs)).numpy() - _target(test_obs)) ** 2))
     calls: list[tuple[int, float]] = []
-    stats = train_bc(policy, obs, actions, policy.cfg, seed=0, progress=lambda s, v: calls.append((s, v)))
-    after = float(np.mean((policy.mode(_t(test_obs)).numpy() - _target(test_obs)) ** 2))
+    stats = train_bc(policy, _d(obs), actions, policy.cfg, seed=0, progress=lambda s, v: calls.append((s, v)))
+    after = float(np.mean((policy.mode(_o(test_obs)).numpy() - _target(test_obs)) ** 2))
     assert stats["final_nll"] < stats["initial_nll"] - 2.0, stats
     assert after < 0.003 and before > 0.03, (before, after)  # noise variance is 0.0025
     assert [s for s, _ in calls] == [100, 200, 300, 400]
     assert calls[-1][1] < calls[0][1]
     if kind == "gaussian":
         # The learnt std is about the data's 0.05: the entropy of N(0, 0.05^2 I_2) is about -3.15 nats.
-        entropy = float(policy.entropy(_t(test_obs)).mean().detach())
+        entropy = float(policy.entropy(_o(test_obs)).mean().detach())
         assert abs(entropy - 2 * 0.5 * np.log(2 * np.pi * np.e * 0.05**2)) < 0.3, entropy
 
 
@@ -155,12 +167,12 @@ def test_gmm_fits_bimodal_actions_better_than_a_gaussian() -> None:
     held_out = {}
     for kind in ("gaussian", "gmm"):
         policy = _policy(_cfg(kind, steps=300))
-        train_bc(policy, obs, actions, policy.cfg, seed=0)
+        train_bc(policy, _d(obs), actions, policy.cfg, seed=0)
         with torch.no_grad():
-            held_out[kind] = float(policy.log_prob(_t(test_obs), _t(test_actions)).mean())
+            held_out[kind] = float(policy.log_prob(_o(test_obs), _t(test_actions)).mean())
         if kind == "gmm":
             # Samples land near the two modes, not in the gap between them (where a Gaussian's mean is).
-            draws = policy.sample(_t(test_obs), torch.Generator().manual_seed(0)).numpy()
+            draws = policy.sample(_o(test_obs), torch.Generator().manual_seed(0)).numpy()
             assert np.mean(np.abs(draws[:, 0]) < 0.3) < 0.05
     # Best single Gaussian: std ~0.6 per dim (about 1.8 nats NLL for 2 dims); the mixture reaches about -1.8.
     assert held_out["gmm"] > held_out["gaussian"] + 2.0, held_out
@@ -172,7 +184,7 @@ def test_training_is_deterministic_under_the_seed() -> None:
     runs = []
     for seed in (0, 0, 1):
         policy = _policy(cfg, seed=0)
-        train_bc(policy, obs, actions, cfg, seed=seed)
+        train_bc(policy, _d(obs), actions, cfg, seed=seed)
         runs.append(policy.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
@@ -182,20 +194,20 @@ def test_actions_at_the_boundary_up_to_round_off_are_accepted() -> None:
     obs, actions = _smooth_dataset(64, seed=6)
     actions[0, 0] = 1.0 + 1e-7
     policy = _policy(_cfg(steps=2))
-    stats = train_bc(policy, obs, actions, policy.cfg, seed=0)
+    stats = train_bc(policy, _d(obs), actions, policy.cfg, seed=0)
     assert np.isfinite(stats["final_nll"])
 
 
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda o, a: (o.copy()[:, :2], a), r"obs must have shape"),
+        (lambda o, a: (o.copy()[:, :2], a), r"obs\['ee_pose'\] must have shape"),
         (lambda o, a: (o, a[:, :1]), r"actions must have shape"),
-        (lambda o, a: (o, a[:-1]), r"disagree on N"),
+        (lambda o, a: (o, a[:-1]), r"obs\['ee_pose'\] must have shape \(63, 3\), got \(64, 3\)"),
         (lambda o, a: (o[:0], a[:0]), r"empty"),
         (
             lambda o, a: (np.where(np.arange(len(o))[:, None] == 3, np.nan, o), a),
-            r"obs has non-finite.*first: 3",
+            r"obs\['ee_pose'\] has non-finite.*first: 3",
         ),
         (lambda o, a: (o, np.where(np.arange(len(a))[:, None] == 5, np.inf, a)), r"actions has non-finite"),
         (lambda o, a: (o, a * 1.5 + np.sign(a) * 0.6), r"\[-1, 1\]"),
@@ -206,7 +218,16 @@ def test_training_refuses_bad_data(mutate: object, match: str) -> None:
     bad_obs, bad_actions = mutate(obs, actions)  # type: ignore[operator]
     policy = _policy(_cfg(steps=2))
     with pytest.raises(ValueError, match=match):
-        train_bc(policy, bad_obs, bad_actions, policy.cfg, seed=0)
+        train_bc(policy, _d(bad_obs), bad_actions, policy.cfg, seed=0)
+
+
+def test_training_refuses_observations_not_keyed_like_the_spec() -> None:
+    obs, actions = _smooth_dataset(64, seed=7)
+    policy = _policy(_cfg(steps=2))
+    with pytest.raises(ValueError, match=r"obs must be a dict"):
+        train_bc(policy, obs, actions, policy.cfg, seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"obs lacks key 'ee_pose'"):
+        train_bc(policy, {"joints": obs}, actions, policy.cfg, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -216,14 +237,15 @@ def test_training_refuses_bad_data(mutate: object, match: str) -> None:
 def test_save_load_round_trip_gives_identical_outputs(kind: str, tmp_path: Path) -> None:
     obs, actions = _smooth_dataset(300, seed=8)
     policy = _policy(_cfg(kind, steps=20, min_std=0.02))
-    train_bc(policy, obs, actions, policy.cfg, seed=0)
+    train_bc(policy, _d(obs), actions, policy.cfg, seed=0)
     save_bc(policy, tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"bc.safetensors", "bc.json"}
     loaded = load_bc(tmp_path / "ckpt")
     assert type(loaded) is type(policy)
     assert loaded.cfg == policy.cfg and not loaded.training
-    assert torch.equal(loaded.obs_low, policy.obs_low) and torch.equal(loaded.obs_high, policy.obs_high)
-    probe = _t(np.random.default_rng(9).uniform(OBS_LOW - 1, OBS_HIGH + 1, size=(16, OBS_DIM)))
+    for name in ("center", "half_range"):
+        assert torch.equal(getattr(loaded.encoder.normalizer, name), getattr(policy.encoder.normalizer, name))
+    probe = _o(np.random.default_rng(9).uniform(OBS_LOW - 1, OBS_HIGH + 1, size=(16, OBS_DIM)))
     probe_actions = _t(np.random.default_rng(10).uniform(-1, 1, size=(16, ACTION_DIM)))
     assert torch.equal(loaded.mode(probe), policy.mode(probe))
     assert torch.equal(loaded.log_prob(probe, probe_actions), policy.log_prob(probe, probe_actions))
@@ -266,7 +288,10 @@ def test_corrupted_weights_name_the_file(tmp_path: Path) -> None:
         (lambda m: json.dumps(m | {"format": "other"}), r"not a BC checkpoint"),
         (lambda m: json.dumps(m | {"kind": "gaussian"}), r"disagrees with config.policy"),
         (lambda m: json.dumps(m | {"config": m["config"] | {"num_modes": 0}}), r"BC config is invalid"),
-        (lambda m: json.dumps(m | {"obs_dim": "3"}), r"obs_dim must be a positive integer"),
+        (lambda m: json.dumps(m | {"obs_spec": "3"}), r"obs_spec must be a non-empty mapping"),
+        (lambda m: json.dumps(m | {"obs_spec": {"ee_pose": 3}}), r"obs_spec\['ee_pose'\] is not \[shape, dtype\]"),
+        (lambda m: json.dumps(m | {"obs_spec": {"ee_pose": [[0], "float32"]}}), r"obs_spec\['ee_pose'\] has shape"),
+        (lambda m: json.dumps(m | {"obs_spec": {"ee_pose": [[4], "float32"]}}), r"bc\.safetensors do not match"),
         (lambda m: json.dumps(m | {"action_dim": 4}), r"bc\.safetensors do not match"),
     ],
 )

@@ -34,7 +34,7 @@ from robot_rl.learner.service import (
     run_learner,
 )
 from robot_rl.learner.store import StoredChunk, TransitionStore, encode_record
-from robot_rl.rollout import obs_bounds
+from robot_rl.obs import spec_from_space, state_bounds
 from robot_rl.runlog import read_eval_csv
 from robot_rl.security import make_keys, secure_client
 from robot_rl.wire import (
@@ -95,9 +95,10 @@ def tiny_config(*extra: str) -> RunConfig:
 @pytest.fixture(scope="module")
 def bc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(TINY)
-    low, high = obs_bounds(learner_observation_space(cfg))
+    space = learner_observation_space(cfg)
+    low, high = state_bounds(space)
     torch.manual_seed(0)
-    policy = make_bc_policy(cfg.bc, len(low), transition_spec(cfg).action_dim, low, high)
+    policy = make_bc_policy(cfg.bc, spec_from_space(space), transition_spec(cfg).action_dim, low, high)
     return save_bc(policy, tmp_path_factory.mktemp("bc") / "bc")
 
 
@@ -310,7 +311,7 @@ def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Pat
     assert [(c.first_seq, c.count) for c in chunks] == [(0, 10), (10, 5), (15, 5)]
     stored_obs = np.concatenate([c.arrays["obs/ee_pose"] for c in chunks])
     np.testing.assert_array_equal(stored_obs, chunk_arrays(cfg, 0, 20)["obs/ee_pose"])
-    np.testing.assert_array_equal(service.buffer.obs[:20], stored_obs)
+    np.testing.assert_array_equal(service.buffer.take(np.arange(20)).obs["ee_pose"], stored_obs)
 
 
 def test_malformed_and_unidentified_refused_while_a_good_actor_is_served(tmp_path: Path, bc_dir: Path, ctx) -> None:
@@ -446,8 +447,17 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
         assert actor.weights and actor.weights[0].version == 1 and actor.weights[0].phase == "online"
 
         # The broadcast weights load into a fresh agent.
-        low, high = obs_bounds(learner_observation_space(cfg))
-        fresh = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=6, bc_policy=load_bc(bc_dir), seed=99)
+        space = learner_observation_space(cfg)
+        low, high = state_bounds(space)
+        fresh = Q2RLAgent(
+            cfg.agent,
+            obs_spec=spec_from_space(space),
+            state_low=low,
+            state_high=high,
+            action_dim=6,
+            bc_policy=load_bc(bc_dir),
+            seed=99,
+        )
         fresh.load_acting_state(unpack_tensors(actor.weights[0].tensors))
         first = unpack_tensors(actor.weights[0].tensors)
         for name, tensor in fresh.acting_state().items():

@@ -24,7 +24,7 @@ from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.cli import main
 from robot_rl.config import load_config
 from robot_rl.episodes import read_episodes
-from robot_rl.rollout import obs_bounds
+from robot_rl.obs import state_bounds, state_spec
 from robot_rl.wire import Weights, pack_tensors
 
 TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
@@ -49,8 +49,16 @@ class ScriptedLink:
 
 def _snapshot(service: ActorService, version: int, seed: int) -> Weights:
     cfg = service.cfg
-    low, high = obs_bounds(service.env.observation_space)
-    agent = Q2RLAgent(cfg.agent, obs_low=low, obs_high=high, action_dim=6, bc_policy=service.bc, seed=seed)
+    low, high = state_bounds(service.env.observation_space)
+    agent = Q2RLAgent(
+        cfg.agent,
+        obs_spec=service.obs_spec,
+        state_low=low,
+        state_high=high,
+        action_dim=6,
+        bc_policy=service.bc,
+        seed=seed,
+    )
     with torch.no_grad():
         agent.value.net[-1].bias -= VALUE_SHIFT  # brings Q^_BC down to Q_RL: both proposals get executed
     return Weights(version=version, phase="online", tensors=pack_tensors(agent.acting_state()))
@@ -62,7 +70,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("replay")
     cfg = load_config(TINY, ["actor.period_s=0"])
     bc_dir = root / "bc"
-    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     service = ActorService(cfg, root / "actor", bc_dir=bc_dir, learner=None, quiet=True)
     try:
         service.run_episode(kind="bc_only", gated=False, send=False, seed=11)

@@ -29,7 +29,8 @@ from robot_rl.hardware.interfaces import RobotState
 from robot_rl.hardware.pose import matrix_to_quat, quat_to_matrix, rpy_to_matrix
 from robot_rl.hardware.safety import box_limits, world_to_relative
 from robot_rl.hardware.sim.expert import ScriptedExpert
-from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn, obs_bounds, run_episode
+from robot_rl.obs import spec_from_space, state_bounds
+from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn, run_episode
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ci_tiny.yaml"
 FRANKY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "franky_sim_peg.yaml"
@@ -320,8 +321,8 @@ def test_reset_offsets_are_clipped_into_the_box_or_refused(sim, offset: Any, see
 # The BC policy
 # ----------------------------------------------------------------------------------------------------------------------
 def make_bc(run_cfg: RunConfig, env: RobotEnv) -> torch.nn.Module:
-    low, high = obs_bounds(env.observation_space)
-    return make_bc_policy(run_cfg.bc, low.shape[0], 6, low, high)
+    low, high = state_bounds(env.observation_space)
+    return make_bc_policy(run_cfg.bc, spec_from_space(env.observation_space), 6, low, high)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -356,8 +357,16 @@ def test_bc_policy_of_the_wrong_action_size_is_refused_before_the_robot(run_cfg,
 # The Q-gated agent
 # ----------------------------------------------------------------------------------------------------------------------
 def make_agent(run_cfg: RunConfig, env: RobotEnv) -> Q2RLAgent:
-    low, high = obs_bounds(env.observation_space)
-    return Q2RLAgent(run_cfg.agent, obs_low=low, obs_high=high, action_dim=6, bc_policy=make_bc(run_cfg, env), seed=1)
+    low, high = state_bounds(env.observation_space)
+    return Q2RLAgent(
+        run_cfg.agent,
+        obs_spec=spec_from_space(env.observation_space),
+        state_low=low,
+        state_high=high,
+        action_dim=6,
+        bc_policy=make_bc(run_cfg, env),
+        seed=1,
+    )
 
 
 def decision(action: np.ndarray, use_bc: bool) -> GateDecision:

@@ -18,6 +18,7 @@ from robot_rl.cli import main
 from robot_rl.config import load_config
 from robot_rl.demo import free_port_pair
 from robot_rl.episodes import read_episodes
+from robot_rl.obs import state_spec
 
 TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
 
@@ -62,7 +63,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
 def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
     cfg = load_config(TINY)
     bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=600",
@@ -97,7 +98,7 @@ def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
 def test_learner_refuses_a_malformed_bind(tmp_path: Path, bad: str, capsys):
     cfg = load_config(TINY)
     bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     args = ["learner", "--config", str(TINY), "--bc", str(bc_dir), "--out", str(tmp_path / "l"), "--bind", bad]
     assert main(args) == 2
     assert "transport.learner" in capsys.readouterr().err
@@ -106,7 +107,7 @@ def test_learner_refuses_a_malformed_bind(tmp_path: Path, bad: str, capsys):
 def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(tmp_path: Path):
     cfg = load_config(TINY)
     bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=900",
               "--set", "actor.period_s=0.002", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
@@ -148,7 +149,7 @@ def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(
 def test_sigterm_on_the_actor_flushes_and_waits_for_the_last_acks(tmp_path: Path):
     cfg = load_config(TINY)
     bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, 6, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=5000",
               "--set", "actor.period_s=0.005", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
