@@ -1,6 +1,12 @@
-"""Actor loop timing: Q-gating at a fixed rate on the sim twin, compute per step and period jitter.
+"""Actor timing: Q-gating at a fixed rate on the sim twin (compute per step, period jitter), or gating alone.
 
-    python bench/actor.py [--minutes 10] [--period 0.1] [--config configs/sim_peg_state.yaml]
+    python bench/actor.py [--minutes 10] [--period 0.1] [--config state|image|PATH]
+    python bench/actor.py --gating 2000 [--config image] [--threads 1]
+
+`--gating N` times N Q-gating decisions alone, as the actor makes them on a real robot: per camera, the crop and
+resize of a raw 848x480 RealSense-sized frame to 84x84 (new random pixels each step), then `Q2RLAgent.act` on one
+observation (BC distribution once for its sample, log-prob and entropy; V_BC and its encoder; the critics' encoder;
+RL actor; the critic ensemble), with networks of the config's sizes. The last line is the headline.
 
 Runs the actor's own episode loop (`ActorService.run_episode`, gated: BC proposal + RL proposal + V_BC + the critic
 ensemble every step, episode logs written) for the given wall time at the given period, with networks of the config's
@@ -19,25 +25,77 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robot_rl import obs as obs_lib
 from robot_rl.actor.service import ActorService
+from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy, save_bc
-from robot_rl.config import load_config
+from robot_rl.config import CameraConfig, RunConfig, load_config
 from robot_rl.envs import make_env
-from robot_rl.obs import spec_from_space, state_bounds
+from robot_rl.hardware.camera import preprocess
+from robot_rl.wire import transition_spec
+
+CONFIGS = {"state": "configs/sim_peg_state.yaml", "image": "configs/sim_peg_image.yaml"}
+
+
+def percentiles(name: str, values_ms: np.ndarray) -> str:
+    p50, p99 = np.percentile(values_ms, 50), np.percentile(values_ms, 99)
+    return f"{name:<26}{p50:>10.2f}{p99:>10.2f}{values_ms.max():>10.2f}"
+
+
+def gating(cfg: RunConfig, steps: int) -> None:
+    """Time preprocessing + one Q-gating decision per step, with the config's networks (initial weights)."""
+    spec = transition_spec(cfg).obs
+    dim = obs_lib.state_dim(spec)
+    low, high = -0.1 * np.ones(dim, np.float32), 0.1 * np.ones(dim, np.float32)
+    bc = make_bc_policy(cfg.bc, spec, 6, low, high).eval()
+    agent = Q2RLAgent(cfg.agent, obs_spec=spec, state_low=low, state_high=high, action_dim=6, bc_policy=bc).eval()
+    # Raw frames as a RealSense delivers them (848x480, the real crop), whatever size the sim renders.
+    real = CameraConfig(name="raw")
+    rng = np.random.default_rng(0)
+    raws = [rng.integers(0, 256, (real.height, real.width, 3), dtype=np.uint8) for _ in range(8)]
+    cameras = obs_lib.image_keys(spec)
+    pre, act, total = [], [], []
+    for i in range(steps + 20):
+        t0 = time.perf_counter()
+        obs = {k: raws[(i + j) % len(raws)] for j, k in enumerate(cameras)}
+        obs = {k: preprocess(v, real.crop, spec[k][0][0]) for k, v in obs.items()}
+        obs["ee_pose"] = rng.uniform(-0.05, 0.05, 6).astype(np.float32)
+        t1 = time.perf_counter()
+        agent.act(obs_lib.batch1(obs))
+        t2 = time.perf_counter()
+        if i >= 20:  # warm-up
+            pre.append(t1 - t0)
+            act.append(t2 - t1)
+            total.append(t2 - t0)
+    pre_ms, act_ms, total_ms = (np.asarray(v) * 1e3 for v in (pre, act, total))
+    nets = f"hidden {cfg.agent.hidden}, {cfg.agent.num_critics} critics, BC {cfg.bc.policy} {cfg.bc.hidden}"
+    print(f"obs {spec}; {nets}, encoder {cfg.agent.encoder.channels}; torch threads {torch.get_num_threads()}")
+    print(f"{'what':<26}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    print(percentiles(f"preprocess {len(cameras)} x 848x480", pre_ms))
+    print(percentiles("Q-gating (agent.act)", act_ms))
+    print(percentiles("total", total_ms))
+    print(f"headline: gating incl. preprocessing p99 {np.percentile(total_ms, 99):.2f} ms over {steps} steps")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--period", type=float, default=0.1)
-    parser.add_argument("--config", default="configs/sim_peg_state.yaml")
+    parser.add_argument("--config", default="state", help="state, image, or a config file")
+    parser.add_argument("--gating", type=int, default=0, help="time N gating decisions alone instead of the loop")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
-    cfg = load_config(args.config, [f"actor.period_s={args.period}", "train.torch_threads=1"])
-    torch.set_num_threads(1)
+    path = CONFIGS.get(args.config, args.config)
+    cfg = load_config(path, [f"actor.period_s={args.period}", f"train.torch_threads={args.threads}"])
+    torch.set_num_threads(args.threads)
+    if args.gating:
+        with torch.inference_mode():
+            gating(cfg, args.gating)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         env = make_env(cfg.env)
-        spec = spec_from_space(env.observation_space)
-        low, high = state_bounds(env.observation_space)
+        spec = obs_lib.spec_from_space(env.observation_space)
+        low, high = obs_lib.state_bounds(env.observation_space)
         env.close()
         bc = make_bc_policy(cfg.bc, spec, 6, low, high)
         save_bc(bc, Path(tmp) / "bc")
