@@ -92,12 +92,14 @@ def close_cameras(cameras: list[Camera]) -> None:
     close_quietly(cameras)  # closing must not hide the error that got us here
 
 
-def read_cameras(cameras: list[Camera]) -> dict[str, Any]:
-    """Per-step extras: `cam_<name>_image` (uint8 HxWx3), `_frame_number`, `_timestamp_s`, `_age_s`."""
+def read_cameras(cameras: list[Camera], *, images: bool = True) -> dict[str, Any]:
+    """Per-step extras: `cam_<name>_image` (uint8 HxWx3; left out with images=False, when the observation holds the
+    image already), `_frame_number`, `_timestamp_s`, `_age_s`."""
     extras: dict[str, Any] = {}
     for cam in cameras:
         frame = cam.read()  # raises StaleFrameError for a frame older than the camera's freshness limit
-        extras[f"cam_{cam.name}_image"] = np.asarray(frame.image, np.uint8)
+        if images:
+            extras[f"cam_{cam.name}_image"] = np.asarray(frame.image, np.uint8)
         extras[f"cam_{cam.name}_frame_number"] = np.int64(frame.frame_number)
         extras[f"cam_{cam.name}_timestamp_s"] = np.float64(frame.timestamp_s)
         extras[f"cam_{cam.name}_age_s"] = np.float64(max(0.0, time.monotonic() - frame.received_s))

@@ -44,7 +44,7 @@ from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc
-from robot_rl.config import RunConfig, dump_config
+from robot_rl.config import ConfigError, RunConfig, dump_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter
 from robot_rl.hardware.camera import CameraError
@@ -134,7 +134,11 @@ class ActorService:
         self.action_dim = int(self.env.action_space.shape[0])
         self.bc = load_bc(bc_dir)
         if self.bc.obs_spec != self.obs_spec:
-            raise ValueError(f"BC policy {bc_dir} observes {self.bc.obs_spec}; this env observes {self.obs_spec}")
+            self.env.close()
+            raise ConfigError(
+                f"--bc {bc_dir}: the BC policy observes {self.bc.obs_spec}, the config's env {self.obs_spec} "
+                "(train the BC policy with this config's cameras)"
+            )
         self.agent = Q2RLAgent(
             cfg.agent,
             obs_spec=self.obs_spec,
@@ -290,7 +294,8 @@ class ActorService:
             t0 = time.monotonic()
             choice = self._choose(obs_dict, gated=gated, rl_action=rl_action)
             next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
-            camera_extras = read_cameras(self.cameras)
+            # The episode log has the images under obs/<camera> when the policies observe them.
+            camera_extras = read_cameras(self.cameras, images=not obs_lib.image_keys(self.obs_spec))
             reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
             done = bool(terminated or truncated)
             e = choice.extras

@@ -100,6 +100,8 @@ def to_tensors(obs: Mapping[str, np.ndarray | torch.Tensor], device: torch.devic
     dtype already fits."""
     out: dict[str, torch.Tensor] = {}
     for key, value in obs.items():
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            value = value.copy()  # camera frames are read-only; torch wants memory it may write
         t = torch.as_tensor(value)
         if t.dtype != torch.uint8 and t.dtype != torch.float32:
             t = t.to(torch.float32)

@@ -15,6 +15,7 @@ from robot_rl.cli import main
 from robot_rl.config import load_config
 from robot_rl.episodes import read_episodes
 from robot_rl.obs import state_spec
+from robot_rl.wire import transition_spec
 
 TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
 
@@ -190,22 +191,33 @@ def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path
     assert stats["episodes"] == 3 and stats["successes"] <= 2
 
 
-def test_actor_logs_every_camera_frame_with_its_number_and_timestamp(tmp_path: Path, bc_dir: Path):
+def test_actor_observes_and_logs_every_camera_frame_with_its_number_and_timestamp(tmp_path: Path):
     small = "{width: 160, height: 96, crop: {x: 32, y: 0, width: 96, height: 96}, out_size: 32}"
-    overrides = ["actor.period_s=0", "env.task.max_episode_steps=12",
+    overrides = ["actor.period_s=0", "env.task.max_episode_steps=12", "agent.encoder.channels=[8, 8]",
+                 "bc.encoder.channels=[8, 8]",
                  f"env.cameras=[{{name: front, {small[1:-1]}}}, {{name: wrist, {small[1:-1]}}}]"]  # fmt: skip
+    cfg = load_config(TINY, overrides)
+    spec = transition_spec(cfg).obs
+    bc_dir = tmp_path / "bc"
+    save_bc(make_bc_policy(cfg.bc, spec, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
     out = tmp_path / "a"
     args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--bc", str(bc_dir), "--quiet"]
     assert main([*args, "--episodes", "1", *[x for o in overrides for x in ("--set", o)]]) == 0
     ep = read_episodes(next((out / "episodes").glob("episode_*.hdf5")))[0]
     for name in ("front", "wrist"):
-        images = ep.extras[f"cam_{name}_image"]
+        assert f"cam_{name}_image" not in ep.extras  # the observation holds it: not logged twice
+        images = ep.obs[name]
         assert images.shape == (len(ep), 32, 32, 3) and images.dtype == np.uint8
         assert images.std() > 1.0  # a rendered scene, not a blank buffer
         numbers = ep.extras[f"cam_{name}_frame_number"]
         assert np.all(np.diff(numbers) == 1)  # one new frame per control step, none skipped or repeated
         assert np.all(np.diff(ep.extras[f"cam_{name}_timestamp_s"]) > 0)
-    assert not np.array_equal(ep.extras["cam_front_image"], ep.extras["cam_wrist_image"])
+    assert not np.array_equal(ep.obs["front"], ep.obs["wrist"])
+    # The policy observed those images: a state-only BC policy is refused for this env.
+    state_bc = tmp_path / "state_bc"
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), state_bc)
+    args[args.index(str(bc_dir))] = str(state_bc)
+    assert main([*args, "--episodes", "1", *[x for o in overrides for x in ("--set", o)]]) == 2
 
 
 def test_actor_drives_the_real_franky_client_against_the_franky_sim_twin(tmp_path: Path, bc_dir: Path):
