@@ -48,6 +48,7 @@ from robot_rl.buffer import ReplayBuffer, sample_utd_batches
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
 from robot_rl.episodes import episodes_to_transitions, read_episodes
+from robot_rl.prefetch import StepSampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 from robot_rl.train import resolve_device, transitions_obs
@@ -222,9 +223,16 @@ class LearnerService:
             qest_alpha=cfg.qest.alpha,
             seed=cfg.seed,
             device=self.device,
+            amp=cfg.train.bf16,
         )
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer(demos)
+        sample_rng = np.random.default_rng(cfg.seed + 31) if cfg.train.prefetch else self.rng
+        self.sampler = StepSampler(
+            lambda: sample_utd_batches(self.buffer, self.offline, cfg.agent, sample_rng),
+            self.device,
+            prefetch=cfg.train.prefetch,
+        )
 
         self.counters = Counters()
         self.streams: dict[tuple[str, str], Stream] = {}
@@ -324,6 +332,7 @@ class LearnerService:
                 raise LearnerError(f"cannot bind {endpoint}: {exc}") from exc
 
     def _close(self) -> None:
+        self.sampler.close()
         for sock in (self.router, self.pub):
             if sock is not None:
                 sock.close(linger=200)
@@ -560,15 +569,16 @@ class LearnerService:
         obs, next_obs = self._obs(a, "obs"), self._obs(a, "next_obs")
         # BC rollouts executed the BC action: it is the BC proposal at that state (as in the single-process loop).
         bc_actions = a["bc_actions"] if chunk.online else a["actions"]
-        self.buffer.add_many(
-            obs=obs,
-            actions=a["actions"],
-            rewards=a["rewards"],
-            next_obs=next_obs,
-            terminated=a["terminated"],
-            truncated=a["truncated"],
-            bc_actions=bc_actions,
-        )
+        with self.sampler.lock:
+            self.buffer.add_many(
+                obs=obs,
+                actions=a["actions"],
+                rewards=a["rewards"],
+                next_obs=next_obs,
+                terminated=a["terminated"],
+                truncated=a["truncated"],
+                bc_actions=bc_actions,
+            )
         stream.next_seq = chunk.last_seq + 1
         self.counters.env_steps += n
         if chunk.online:
@@ -765,7 +775,7 @@ class LearnerService:
 
     def _learner_step(self) -> None:
         t0 = time.perf_counter()
-        stats = self.agent.update(sample_utd_batches(self.buffer, self.offline, self.cfg.agent, self.rng))
+        stats = self.agent.update(self.sampler.next())
         self.learner_time += time.perf_counter() - t0
         self.counters.learner_steps += 1
         if self.counters.learner_steps % TRAIN_SCALARS_EVERY == 0:

@@ -78,10 +78,12 @@ class Q2RLAgent(nn.Module):
         qest_alpha: float = 1.0,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        amp: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
+        self.amp = amp
         self.obs_spec: ObsSpec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in obs_spec.items()}
         self.action_dim = action_dim
         self.qest_alpha = qest_alpha
@@ -224,16 +226,32 @@ class Q2RLAgent(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Learning
     # ----------------------------------------------------------------------------------------------------------------
-    def _batch_tensors(self, batch: TransitionBatch) -> dict:
-        """Tensors of a minibatch, images randomly shifted (obs and next_obs independently, as DrQ)."""
+    def _batch_tensors(self, batch: TransitionBatch | dict) -> dict:
+        """Tensors of a minibatch, images randomly shifted (obs and next_obs independently, as DrQ).
+
+        batch: numpy (TransitionBatch) or already on the device (robot_rl.prefetch.to_tensors' dict)."""
+        if isinstance(batch, TransitionBatch):
+            batch = {
+                "obs": self.obs_tensors(batch.obs),
+                "next_obs": self.obs_tensors(batch.next_obs),
+                "actions": self.tensor(batch.actions),
+                "rewards": self.tensor(batch.rewards),
+                "terminated": torch.as_tensor(batch.terminated, device=self.device),
+                "bc_actions": self.tensor(batch.bc_actions),
+            }
         return {
-            "obs": self.augment(self.obs_tensors(batch.obs)),
-            "next_obs": self.augment(self.obs_tensors(batch.next_obs)),
-            "actions": self.tensor(batch.actions),
-            "rewards": transform_reward(self.tensor(batch.rewards), self.cfg.reward_scale, self.cfg.reward_bias),
-            "not_done": 1.0 - self.tensor(batch.terminated.astype(np.float32)),
-            "bc_actions": self.tensor(batch.bc_actions),
+            "obs": self.augment(batch["obs"]),
+            "next_obs": self.augment(batch["next_obs"]),
+            "actions": batch["actions"],
+            "rewards": transform_reward(batch["rewards"], self.cfg.reward_scale, self.cfg.reward_bias),
+            "not_done": 1.0 - batch["terminated"].to(torch.float32),
+            "bc_actions": batch["bc_actions"],
         }
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast of the learner's forward passes when the agent was built with amp=True (losses, optimiser
+        state and weights stay float32); a disabled context otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def td_target(self, rewards: torch.Tensor, not_done: torch.Tensor, next_obs: TensorObs) -> torch.Tensor:
         """y = r~ + gamma * (1 - terminated) * min over a random subset of target critics at a' ~ pi(s')
@@ -254,10 +272,17 @@ class Q2RLAgent(nn.Module):
         assert target.shape == rewards.shape, (target.shape, rewards.shape)
         return target
 
-    def critic_update(self, batch: TransitionBatch) -> tuple[float, float]:
+    def critic_update(self, batch: TransitionBatch | dict) -> tuple[float, float]:
+        """One critic update; returns (loss per member, mean Q)."""
+        loss, q_mean = self._critic_step(batch)
+        return float(loss), float(q_mean)
+
+    def _critic_step(self, batch: TransitionBatch | dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One critic update; its statistics stay on the device (no synchronisation)."""
         t = self._batch_tensors(batch)
-        target = self.td_target(t["rewards"], t["not_done"], t["next_obs"])
-        q = self.critics(self.encoder(t["obs"]), t["actions"])
+        with self.autocast():
+            target = self.td_target(t["rewards"], t["not_done"], t["next_obs"]).float()
+            q = self.critics(self.encoder(t["obs"]), t["actions"]).float()
         assert q.shape == (self.cfg.num_critics, target.shape[0]), q.shape
         # Every member regresses to the same target; summing over members gives each its own full gradient.
         loss = ((q - target.unsqueeze(0)) ** 2).mean(dim=1).sum()
@@ -266,7 +291,7 @@ class Q2RLAgent(nn.Module):
         self.critic_opt.step()
         self._soft_update()
         self.critic_updates += 1
-        return float(loss.detach()) / self.cfg.num_critics, float(q.detach().mean())
+        return loss.detach() / self.cfg.num_critics, q.detach().mean()
 
     @torch.no_grad()
     def _soft_update(self) -> None:
@@ -275,15 +300,20 @@ class Q2RLAgent(nn.Module):
         for p, tp in zip(self.encoder.parameters(), self.target_encoder.parameters(), strict=True):
             tp.lerp_(p, self.cfg.tau)
 
-    def actor_update(self, batch: TransitionBatch) -> dict[str, float]:
+    def actor_update(self, batch: TransitionBatch | dict) -> dict[str, float]:
+        """One actor and temperature update; returns its losses and the policy's entropy estimate."""
+        return {k: float(v) for k, v in self._actor_step(batch).items()}
+
+    def _actor_step(self, batch: TransitionBatch | dict) -> dict[str, torch.Tensor]:
         t = self._batch_tensors(batch)
         # The actor sees the critics' features detached: only the critic loss trains the encoder.
-        with torch.no_grad():
-            features = self.encoder(t["obs"])
+        with torch.no_grad(), self.autocast():
+            features = self.encoder(t["obs"]).float()
         dist = self.actor(features)
         action, log_prob = dist.rsample_with_log_prob(generator=self.generator)
         # REDQ: the actor ascends the mean over the whole ensemble (or, pessimistic, its minimum).
-        q_all = self.critics(features, action)
+        with self.autocast():
+            q_all = self.critics(features, action).float()
         q = q_all.mean(dim=0) if self.cfg.actor_q == "mean" else q_all.min(dim=0).values
         assert q.shape == log_prob.shape == (features.shape[0],), (q.shape, log_prob.shape)
         sac_loss = (self.temperature.detach() * log_prob - q).mean()
@@ -301,10 +331,10 @@ class Q2RLAgent(nn.Module):
         self.alpha_opt.step()
         self.actor_updates += 1
         return {
-            "actor_loss": float(loss.detach()),
-            "sac_loss": float(sac_loss.detach()),
-            "bc_loss": float(bc_loss.detach()),
-            "entropy": float(-log_prob.detach().mean()),
+            "actor_loss": loss.detach(),
+            "sac_loss": sac_loss.detach(),
+            "bc_loss": bc_loss.detach(),
+            "entropy": -log_prob.detach().mean(),
         }
 
     @staticmethod
@@ -315,27 +345,31 @@ class Q2RLAgent(nn.Module):
         """
         assert rl_mode.shape == bc_actions.shape, (rl_mode.shape, bc_actions.shape)
         mask = torch.isfinite(bc_actions).all(dim=-1)
-        if not bool(mask.any()):
-            return rl_mode.sum() * 0.0
-        return ((rl_mode[mask] - bc_actions[mask]) ** 2).sum(dim=-1).mean()
+        # Masked mean without reading the mask back to the host (no synchronisation on a GPU).
+        sq = ((rl_mode - torch.nan_to_num(bc_actions)) ** 2).sum(dim=-1)
+        return (sq * mask).sum() / mask.sum().clamp_min(1)
 
-    def update(self, batches: list[TransitionBatch]) -> UpdateStats:
+    def update(self, batches: list[TransitionBatch] | list[dict]) -> UpdateStats:
         """One learner step: exactly `utd` critic updates (one per batch) then one actor update (last batch)."""
         if len(batches) != self.cfg.utd:
             raise ValueError(f"update needs exactly utd={self.cfg.utd} batches, got {len(batches)}")
-        critic_loss, q_mean = 0.0, 0.0
+        losses, q_mean = [], None
         for batch in batches:
-            loss, q_mean = self.critic_update(batch)
-            critic_loss += loss / len(batches)
-        actor = self.actor_update(batches[-1])
+            loss, q_mean = self._critic_step(batch)
+            losses.append(loss)
+        actor = self._actor_step(batches[-1])
+        # One read-back of every statistic for the whole step.
+        names = ["critic_loss", "q_mean", "temperature", *actor]
+        values = torch.stack([torch.stack(losses).mean(), q_mean, self.temperature.detach(), *actor.values()])
+        stats = dict(zip(names, values.float().tolist(), strict=True))
         return UpdateStats(
-            critic_loss=critic_loss,
-            actor_loss=actor["actor_loss"],
-            sac_loss=actor["sac_loss"],
-            bc_loss=actor["bc_loss"],
-            temperature=float(self.temperature.detach()),
-            entropy=actor["entropy"],
-            q_mean=q_mean,
+            critic_loss=stats["critic_loss"],
+            actor_loss=stats["actor_loss"],
+            sac_loss=stats["sac_loss"],
+            bc_loss=stats["bc_loss"],
+            temperature=stats["temperature"],
+            entropy=stats["entropy"],
+            q_mean=stats["q_mean"],
             critic_updates=self.critic_updates,
             actor_updates=self.actor_updates,
         )

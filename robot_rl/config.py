@@ -435,6 +435,14 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(5000, ge=1, description="Checkpoint every this many environment steps.")
     buffer_capacity: int = Field(2_000_000, ge=1000, description="Replay buffer capacity (transitions).")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Torch device; auto picks CUDA if present.")
+    bf16: bool = Field(
+        False,
+        description="bf16 autocast of the learner's forward passes (weights, optimiser and losses stay float32); "
+        "for GPUs and CPUs with bf16 units.",
+    )
+    prefetch: bool = Field(
+        False, description="Sample each learner step's minibatches on a background thread (pinned memory on CUDA)."
+    )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 leaves torch's default.")
 
 

@@ -158,3 +158,38 @@ class Prefetcher:
                 return
             except queue.Full:
                 continue
+
+
+class StepSampler:
+    """Where a learner loop gets each step's minibatches: sampled in place, or from a Prefetcher thread.
+
+    `lock` guards the buffers: hold it around every add while the sampler is open (it is only taken by the thread
+    when prefetching). The thread starts at the first `next()`, so a learner that never learns starts none.
+    """
+
+    def __init__(
+        self,
+        sample_fn: Callable[[], list[TransitionBatch]],
+        device: torch.device | str,
+        *,
+        prefetch: bool,
+        lock: AbstractContextManager | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.lock: AbstractContextManager = lock if lock is not None else threading.Lock()
+        self._sample_fn, self._device, self._prefetch, self._timeout = sample_fn, device, prefetch, timeout_s
+        self._prefetcher: Prefetcher | None = None
+
+    def next(self) -> list[TransitionBatch] | list[TensorBatch]:
+        if not self._prefetch:
+            return self._sample_fn()
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(self._sample_fn, self._device, self.lock)
+            self._prefetcher.start()
+        return self._prefetcher.get(timeout=self._timeout)
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if one runs; idempotent."""
+        prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.close()

@@ -21,6 +21,7 @@ from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter, episodes_to_transitions, read_episodes
+from robot_rl.prefetch import StepSampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
     StepChoice,
@@ -168,9 +169,18 @@ class Trainer:
             qest_alpha=cfg.qest.alpha,
             seed=cfg.seed,
             device=self.device,
+            amp=cfg.train.bf16,
         )
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer()
+        # Without prefetching the loop's own rng draws the minibatches (runs reproduce exactly); a prefetch thread
+        # gets its own.
+        sample_rng = np.random.default_rng(cfg.seed + 31) if cfg.train.prefetch else self.rng
+        self.sampler = StepSampler(
+            lambda: sample_utd_batches(self.buffer, self.offline, cfg.agent, sample_rng),
+            self.device,
+            prefetch=cfg.train.prefetch,
+        )
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
         # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
         self.rollouts = EpisodeWriter(
@@ -253,19 +263,20 @@ class Trainer:
         return row
 
     def _store_episode_steps(self, obs, action, reward, next_obs, terminated, truncated, bc_action) -> None:
-        self.buffer.add(
-            obs=obs,
-            action=action,
-            reward=reward,
-            next_obs=next_obs,
-            terminated=terminated,
-            truncated=truncated,
-            bc_action=bc_action,
-        )
+        with self.sampler.lock:
+            self.buffer.add(
+                obs=obs,
+                action=action,
+                reward=reward,
+                next_obs=next_obs,
+                terminated=terminated,
+                truncated=truncated,
+                bc_action=bc_action,
+            )
 
     def _learner_step(self) -> None:
         t0 = time.perf_counter()
-        stats = self.agent.update(sample_utd_batches(self.buffer, self.offline, self.cfg.agent, self.rng))
+        stats = self.agent.update(self.sampler.next())
         self.learner_time += time.perf_counter() - t0
         self.counters.learner_steps += 1
         if self.counters.learner_steps % 100 == 0:
@@ -289,15 +300,16 @@ class Trainer:
                     final_next_obs=obs_lib.take(next_obs, len(ep) - 1),
                 )
             )
-            self.buffer.add_many(
-                obs=obs,
-                actions=ep.actions,
-                rewards=ep.rewards,
-                next_obs=next_obs,
-                terminated=ep.terminated,
-                truncated=ep.truncated,
-                bc_actions=ep.actions,
-            )
+            with self.sampler.lock:
+                self.buffer.add_many(
+                    obs=obs,
+                    actions=ep.actions,
+                    rewards=ep.rewards,
+                    next_obs=next_obs,
+                    terminated=ep.terminated,
+                    truncated=ep.truncated,
+                    bc_actions=ep.actions,
+                )
             ep.attrs.update(phase="qest_rollouts", weights_version=0)
             self.rollouts.add_episode(ep)
             self.counters.env_steps += result.length
@@ -434,6 +446,7 @@ class Trainer:
             )
             return summary
         finally:
+            self.sampler.close()
             self.status.close()
             self.rollouts.close()
             self.log.close()

@@ -245,3 +245,19 @@ def test_image_bc_refuses_float_images_and_wrong_sizes():
         train_bc(policy, {**obs, "wrist": obs["wrist"][:, :10]}, actions, policy.cfg, seed=0)
     with pytest.raises(ValueError, match="lacks key 'front'"):
         train_bc(policy, {k: v for k, v in obs.items() if k != "front"}, actions, policy.cfg, seed=0)
+
+
+def test_bf16_autocast_update_tracks_the_float32_update():
+    fp32, bf16 = make_agent(), make_agent()
+    bf16.amp = True
+    fp32.generator.manual_seed(9)
+    bf16.generator.manual_seed(9)
+    batch = random_batch(seed=4)
+    loss32, q32 = fp32.critic_update(batch)
+    loss16, q16 = bf16.critic_update(batch)
+    assert np.isfinite(loss16) and loss16 == pytest.approx(loss32, rel=0.05)
+    assert q16 == pytest.approx(q32, rel=0.05, abs=0.05)
+    # Weights and optimiser state stay float32 under autocast.
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    stats = bf16.update([random_batch(seed=s) for s in range(4)])
+    assert np.isfinite(stats.critic_loss) and np.isfinite(stats.actor_loss)

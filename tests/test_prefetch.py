@@ -179,3 +179,32 @@ def test_to_tensors_keeps_every_field_and_key():
     assert set(tensors) == {"obs", "next_obs", "actions", "rewards", "terminated", "bc_actions"}
     assert set(tensors["obs"]) == set(tensors["next_obs"]) == set(SPEC)
     assert torch.isnan(tensors["bc_actions"]).all()  # no BC proposal was stored
+
+
+def test_step_sampler_samples_in_place_or_through_a_thread_started_on_first_use():
+    from robot_rl.prefetch import StepSampler
+
+    calls = []
+
+    def sample_fn():
+        calls.append(len(calls))
+        return [len(calls)]
+
+    plain = StepSampler(sample_fn, "cpu", prefetch=False)
+    assert plain.next() == [1] and plain.next() == [2]  # the very lists sample_fn made, in order
+    plain.close()
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    buf = filled_buffer()
+    before = threading.active_count()
+    threaded = StepSampler(lambda: [buf.sample(8, rng_a)], "cpu", prefetch=True)
+    time.sleep(0.2)
+    assert threading.active_count() == before  # nothing started before the first next()
+    for _ in range(3):
+        got = threaded.next()[0]
+        want = buf.sample(8, rng_b)
+        np.testing.assert_array_equal(got["actions"].numpy(), want.actions)
+        np.testing.assert_array_equal(got["obs"]["front"].numpy(), want.obs["front"])
+    assert threading.active_count() == before + 1
+    threaded.close()
+    threaded.close()  # idempotent
+    assert threading.active_count() == before
