@@ -202,3 +202,31 @@ def test_ctrl_c_stops_the_demo_and_both_processes_and_names_the_run_directory(tm
     learner, actor = _stats(out / "learner" / "stats.json"), _stats(out / "actor" / "stats.json")
     assert actor["produced"] == actor["acked"] == learner["actors"]["actor0"]["stored"]
     assert (out / "learner" / "checkpoints" / "latest").is_dir()  # the learner can --resume this run
+
+
+def test_demo_with_cameras_learns_from_images_across_the_two_processes(tmp_path: Path, capsys):
+    """The image path end to end: demonstrations, BC, Q-Estimation and online RL on camera images, over the wire."""
+    cam = "width: 64, height: 48, crop: {x: 8, y: 0, width: 48, height: 48}, out_size: 24"
+    sets = [f"env.cameras=[{{name: front, {cam}}}, {{name: wrist, {cam}}}]", "actor.period_s=0",
+            "agent.encoder={channels: [8, 8], feature_dim: 8}", "bc.encoder={channels: [8, 8], feature_dim: 8}",
+            "train.env_steps=60"]  # fmt: skip
+    out = tmp_path / "demo"
+    args = ["demo", "--config", str(TINY), "--out", str(out), "--quiet"]
+    assert main([*args, *[x for s in sets for x in ("--set", s)]]) == 0
+    learner, actor = _stats(out / "learner" / "stats.json"), _stats(out / "actor" / "stats.json")
+    assert actor["produced"] == actor["acked"] == learner["actors"]["actor0"]["stored"] > 0
+    assert json.loads((out / "learner" / "summary.json").read_text())["learner_steps"] > 0
+    online = [ep for p in sorted((out / "actor" / "episodes").glob("episode_*.hdf5")) for ep in read_episodes(p)
+              if ep.attrs["kind"] == "online"]  # fmt: skip
+    assert online
+    for ep in online:
+        for name in ("front", "wrist"):
+            assert ep.obs[name].dtype == np.uint8 and ep.obs[name].shape == (len(ep), 24, 24, 3)
+        assert np.all(np.isfinite(ep.extras["q_bc"])) and np.all(ep.extras["weights_version"] >= 1)
+    # The weights the actor gated with carry the camera encoders (trained by the learner, not the initial ones).
+    from safetensors.numpy import load_file
+
+    versions = sorted((out / "actor" / "weights").glob("*.safetensors"))
+    first, last = load_file(str(versions[0])), load_file(str(versions[-1]))
+    key = next(k for k in last if k.startswith("encoder.cnns.front."))
+    assert not np.array_equal(first[key], last[key])
