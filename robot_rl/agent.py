@@ -63,7 +63,9 @@ class Q2RLAgent(nn.Module):
 
     Observations are dicts (robot_rl.obs). `encoder` (the critics' observation encoder: state normaliser plus one CNN
     per camera) is trained by the critic loss and feeds the actor detached; `target_encoder` follows it with the
-    target critics; V_BC has its own `value_encoder`. Images are randomly shifted (DrQ) whenever the networks learn.
+    target critics. V_BC reads the frozen BC policy's encoding of the observation (its normalised state and camera
+    features), so gating encodes each image twice, not three times. Images are randomly shifted (DrQ) whenever the
+    networks learn.
     """
 
     def __init__(
@@ -90,13 +92,14 @@ class Q2RLAgent(nn.Module):
         torch.manual_seed(seed)
         self.encoder = ObsEncoder(self.obs_spec, state_low, state_high, cfg.encoder)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.value_encoder = ObsEncoder(self.obs_spec, state_low, state_high, cfg.encoder)
         self.image_keys = self.encoder.image_keys
         feature_dim = self.encoder.out_dim
         self.actor = Actor(feature_dim, action_dim, cfg.hidden)
         self.critics = CriticEnsemble(feature_dim, action_dim, cfg.hidden, cfg.num_critics, layer_norm=cfg.layer_norm)
         self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
-        self.value = ValueNet(self.value_encoder.out_dim, cfg.hidden, layer_norm=cfg.layer_norm)
+        # Without a BC policy there is no V_BC to learn; the (unused) net then reads the critics' features.
+        value_in = bc_policy.encoder.out_dim if bc_policy is not None else feature_dim
+        self.value = ValueNet(value_in, cfg.hidden, layer_norm=cfg.layer_norm)
         self.log_alpha = nn.Parameter(torch.tensor(float(np.log(cfg.init_temperature))))
         self.target_entropy = -float(action_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.bc_policy = bc_policy
@@ -129,16 +132,21 @@ class Q2RLAgent(nn.Module):
         return [*self.critics.parameters(), *self.encoder.parameters()]
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """What the V_BC regression trains: V_BC and its own encoder."""
-        return [*self.value.parameters(), *self.value_encoder.parameters()]
+        """What the V_BC regression trains: V_BC's MLP (the BC encoder it reads stays frozen)."""
+        return list(self.value.parameters())
 
     def augment(self, obs: TensorObs) -> TensorObs:
         """DrQ random shift of every image (cfg.encoder.shift_pad; state untouched)."""
         return augment(obs, self.image_keys, self.cfg.encoder.shift_pad, self.generator)
 
-    def v_bc(self, obs: TensorObs) -> torch.Tensor:
-        """V_BC(s) [B]; obs unnormalised."""
-        return self.value(self.value_encoder(obs))
+    def v_bc(self, obs: TensorObs, *, bc_encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """V_BC(s) [B]; obs unnormalised. bc_encoded: the BC policy's encoder(obs), when already computed."""
+        if self.bc_policy is None:
+            raise RuntimeError("V_BC needs a BC policy (it reads the BC policy's encoding)")
+        if bc_encoded is None:
+            with torch.no_grad():
+                bc_encoded = self.bc_policy.encoder(obs)
+        return self.value(bc_encoded)
 
     def q_bc_hat(
         self,
@@ -146,19 +154,25 @@ class Q2RLAgent(nn.Module):
         actions: torch.Tensor,
         *,
         bonus_cap: float | None = None,
+        bc_encoded: torch.Tensor | None = None,
         bc_dist: object | None = None,
     ) -> torch.Tensor:
         """Q^_BC(s, a) = V_BC(s) + alpha * (log pi_BC(a|s) + H(pi_BC(.|s)))  (paper Eq. 6); obs unnormalised.
 
         bonus_cap, when given, caps alpha * (log pi + H) from above (Q_RL initialisation targets, see
-        QEstimationConfig.q_init_bonus_cap). bc_dist: the BC policy's distribution at obs, when already computed.
+        QEstimationConfig.q_init_bonus_cap). bc_encoded / bc_dist: the BC policy's encoder(obs) and its action
+        distribution there, when the caller has them already (gating computes each once per step).
         """
         if self.bc_policy is None:
             raise RuntimeError("Q^_BC needs a BC policy")
-        v = self.v_bc(obs)
-        dist = bc_dist if bc_dist is not None else self.bc_policy.dist(obs)
-        log_prob = dist.log_prob(actions)
-        entropy = dist.entropy()
+        if bc_encoded is None:
+            with torch.no_grad():
+                bc_encoded = self.bc_policy.encoder(obs)
+        if bc_dist is None:
+            bc_dist = self.bc_policy.head(bc_encoded)
+        v = self.v_bc(obs, bc_encoded=bc_encoded)
+        log_prob = bc_dist.log_prob(actions)
+        entropy = bc_dist.entropy()
         assert v.shape == log_prob.shape == entropy.shape == (actions.shape[0],), (v.shape, log_prob.shape)
         bonus = self.qest_alpha * (log_prob + entropy)
         if bonus_cap is not None:
@@ -204,12 +218,13 @@ class Q2RLAgent(nn.Module):
             q_bc = nan
             use_bc = torch.zeros(batch, dtype=torch.bool, device=self.device)
         else:
-            bc_dist = self.bc_policy.dist(obs_t)
+            bc_encoded = self.bc_policy.encoder(obs_t)
+            bc_dist = self.bc_policy.head(bc_encoded)
             raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.generator)
             # Score exactly what would be executed: the env clips every action to [-1, 1].
             a_bc = raw.clamp(-1.0, 1.0)
             if gating == "q2rl":
-                q_bc = self.q_bc_hat(obs_t, a_bc, bc_dist=bc_dist)
+                q_bc = self.q_bc_hat(obs_t, a_bc, bc_encoded=bc_encoded, bc_dist=bc_dist)
             else:
                 q_bc = self.critics(features, a_bc).min(dim=0).values
             use_bc = q_bc > q_rl
@@ -382,7 +397,7 @@ class Q2RLAgent(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Persistence: tensors for safetensors, everything else for the JSON manifest
     # ----------------------------------------------------------------------------------------------------------------
-    NETWORK_MODULES = ("encoder", "target_encoder", "actor", "critics", "target_critics", "value_encoder", "value")
+    NETWORK_MODULES = ("encoder", "target_encoder", "actor", "critics", "target_critics", "value")
 
     def network_state(self) -> dict[str, torch.Tensor]:
         """Every tensor of encoders, actor, critics, target critics, V_BC and temperature (BC excluded)."""
@@ -402,10 +417,11 @@ class Q2RLAgent(nn.Module):
                 module.load_state_dict(sub, strict=True)
             self.log_alpha.copy_(state["log_alpha"].reshape(()))
 
-    ACTING_MODULES = ("encoder", "actor", "critics", "value_encoder", "value")
+    ACTING_MODULES = ("encoder", "actor", "critics", "value")
 
     def acting_state(self) -> dict[str, torch.Tensor]:
-        """The tensors an actor needs for Q-gating (encoders, RL actor, critic ensemble, V_BC): no targets."""
+        """The tensors an actor needs for Q-gating (the critics' encoder, RL actor, critic ensemble, V_BC): no targets
+        (the BC policy, which V_BC reads, the actor has already)."""
         state = {}
         for name in self.ACTING_MODULES:
             for key, value in getattr(self, name).state_dict().items():

@@ -101,15 +101,16 @@ class BCPolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def _features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.net(self.encoder(obs))
+    def head(self, encoded: torch.Tensor) -> ActionDistribution:
+        """The action distribution from `encoder(obs)` (callers that need the encoding too compute it once)."""
+        raise NotImplementedError
 
     def _std(self, raw: torch.Tensor) -> torch.Tensor:
         return F.softplus(raw) + self.cfg.min_std
 
     def dist(self, obs: dict[str, torch.Tensor]) -> ActionDistribution:
         """The action distribution at a batch of observations (dict of [B, ...] tensors, unnormalised)."""
-        raise NotImplementedError
+        return self.head(self.encoder(obs))
 
     @torch.no_grad()
     def sample(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -140,8 +141,8 @@ class GaussianBCPolicy(BCPolicy):
     def __init__(self, cfg: BCConfig, obs_spec: ObsSpec, action_dim: int, low: np.ndarray, high: np.ndarray) -> None:
         super().__init__(cfg, obs_spec, action_dim, low, high, head_dim=2 * action_dim)
 
-    def dist(self, obs: dict[str, torch.Tensor]) -> DiagGaussian:
-        raw_mean, raw_std = self._features(obs).chunk(2, dim=-1)
+    def head(self, encoded: torch.Tensor) -> DiagGaussian:
+        raw_mean, raw_std = self.net(encoded).chunk(2, dim=-1)
         return DiagGaussian(torch.tanh(raw_mean), self._std(raw_std))
 
 
@@ -155,8 +156,8 @@ class GMMBCPolicy(BCPolicy):
         super().__init__(cfg, obs_spec, action_dim, low, high, head_dim=k + 2 * k * action_dim)
         self.num_modes = k
 
-    def dist(self, obs: dict[str, torch.Tensor]) -> GaussianMixture:
-        out = self._features(obs)
+    def head(self, encoded: torch.Tensor) -> GaussianMixture:
+        out = self.net(encoded)
         k, d = self.num_modes, self.action_dim
         logits = out[:, :k]
         raw_means, raw_stds = out[:, k:].reshape(-1, k, 2 * d).chunk(2, dim=-1)

@@ -41,28 +41,42 @@ class ObsNormalizer(nn.Module):
         return (obs - self.center) / self.half_range
 
 
-class ConvEncoder(nn.Module):
-    """uint8 [B, H, W, 3] -> features [B, feature_dim]: 3x3 stride-2 convs with ReLU, Linear, LayerNorm, tanh."""
+class CameraEncoders(nn.Module):
+    """One small CNN per camera, all cameras of a size run as one grouped convolution stack.
 
-    def __init__(self, height: int, width: int, cfg: EncoderConfig) -> None:
+    uint8 {camera: [B, H, W, 3]} -> features [B, cameras * feature_dim] (cameras in the given order). Per camera:
+    3x3 stride-2 convs with ReLU, then Linear -> LayerNorm -> tanh (the DrQ/SAC-AE trunk). The cameras' weights are
+    independent (groups = cameras, a batched trunk), exactly as separate networks would be, but each layer is one
+    kernel call instead of one per camera, and the convolutions run channels-last (the images' own layout).
+    """
+
+    def __init__(self, names: list[str], height: int, width: int, cfg: EncoderConfig) -> None:
         super().__init__()
+        self.names = list(names)
+        n = len(self.names)
         layers: list[nn.Module] = []
         channels = 3
         for out in cfg.channels:
-            layers += [nn.Conv2d(channels, out, kernel_size=3, stride=2), nn.ReLU()]
+            layers += [nn.Conv2d(channels * n, out * n, kernel_size=3, stride=2, groups=n), nn.ReLU()]
             channels = out
-        self.convs = nn.Sequential(*layers)
+        self.convs = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         with torch.no_grad():
-            flat = int(self.convs(torch.zeros(1, 3, height, width)).numel())
+            flat = int(self.convs(torch.zeros(1, 3 * n, height, width)).numel()) // n
         if flat == 0:
             raise ValueError(f"a {height}x{width} image is too small for {len(cfg.channels)} stride-2 convs")
-        self.trunk = nn.Sequential(nn.Linear(flat, cfg.feature_dim), nn.LayerNorm(cfg.feature_dim), nn.Tanh())
+        self.trunk = EnsembleLinear(n, flat, cfg.feature_dim)
+        self.norm = EnsembleLayerNorm(n, cfg.feature_dim)
         self.feature_dim = cfg.feature_dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert images.ndim == 4 and images.shape[-1] == 3, images.shape
-        x = images.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5
-        return self.trunk(self.convs(x).flatten(1))
+    def forward(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = torch.cat([images[k] for k in self.names], dim=-1)  # [B, H, W, 3n]: camera c in channels 3c..3c+2
+        assert x.ndim == 4 and x.shape[-1] == 3 * len(self.names), x.shape
+        b = x.shape[0]
+        x = x.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5  # a channels-last view, no copy
+        x = self.convs(x)  # [B, n * C, h, w], camera-major channel blocks
+        x = x.reshape(b, len(self.names), -1).transpose(0, 1)  # [n, B, C * h * w]
+        x = torch.tanh(self.norm(self.trunk(x)))  # [n, B, feature_dim]
+        return x.transpose(0, 1).reshape(b, -1)
 
 
 class ObsEncoder(nn.Module):
@@ -76,7 +90,12 @@ class ObsEncoder(nn.Module):
         if np.asarray(state_low).shape != (dim,):
             raise ValueError(f"state bounds must have shape ({dim},) for keys {self.state_keys}")
         self.normalizer = ObsNormalizer(state_low, state_high) if dim else None
-        self.cnns = nn.ModuleDict({k: ConvEncoder(spec[k][0][0], spec[k][0][1], cfg) for k in self.image_keys})
+        # Cameras of one image size share a grouped CNN stack (independent weights per camera).
+        sizes: dict[tuple[int, int], list[str]] = {}
+        for key in self.image_keys:
+            sizes.setdefault((spec[key][0][0], spec[key][0][1]), []).append(key)
+        self.cameras = nn.ModuleList(CameraEncoders(names, h, w, cfg) for (h, w), names in sizes.items())
+        self.image_keys = [k for group in self.cameras for k in group.names]  # the order of the features
         self.out_dim = dim + cfg.feature_dim * len(self.image_keys)
 
     @property
@@ -91,7 +110,7 @@ class ObsEncoder(nn.Module):
         parts = []
         if self.normalizer is not None:
             parts.append(self.normalizer(self.state(obs)))
-        parts += [self.cnns[k](obs[k]) for k in self.image_keys]
+        parts += [group(obs) for group in self.cameras]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

@@ -91,7 +91,7 @@ def test_q_bc_hat_is_value_plus_alpha_logprob_plus_entropy():
     comp = torch.distributions.Normal(dist.means, dist.stds)
     log_p = torch.logsumexp(torch.log(w) + comp.log_prob(actions[:, None, :]).sum(-1), dim=-1)
     h = -(w * torch.log(w)).sum(-1) + (w * comp.entropy().sum(-1)).sum(-1)
-    v = agent.v_bc(obs)
+    v = agent.value(agent.bc_policy.encoder.normalizer(obs["ee_pose"]))  # V_BC reads the BC policy's encoding
     expected = v + 0.7 * (log_p + h)
     torch.testing.assert_close(agent.q_bc_hat(obs, actions), expected, rtol=1e-5, atol=1e-5)
 

@@ -64,7 +64,19 @@ def test_obs_encoder_concatenates_normalised_state_and_one_cnn_per_camera():
     out = enc(obs)
     assert out.shape == (5, enc.out_dim)
     torch.testing.assert_close(out[:, :6], obs["ee_pose"] / 2)  # bounds ±2 -> [-1, 1]
-    torch.testing.assert_close(out[:, 6:22], enc.cnns["front"](obs["front"]))
+    # Reference math: each camera through its own slice of the grouped weights, as a separate network would run.
+    group = enc.cameras[0]
+    convs = [m for m in group.convs if isinstance(m, torch.nn.Conv2d)]
+    for c, name in enumerate(group.names):
+        x = obs[name].permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        for conv in convs:
+            out_c = conv.out_channels // 2
+            w, b = conv.weight[c * out_c : (c + 1) * out_c], conv.bias[c * out_c : (c + 1) * out_c]
+            x = F.conv2d(x, w, b, stride=2).relu()
+        y = F.linear(x.flatten(1), group.trunk.weight[c].T, group.trunk.bias[c, 0])
+        y = torch.tanh(F.layer_norm(y, y.shape[-1:], group.norm.weight[c, 0], group.norm.bias[c, 0]))
+        start = 6 + ENC.feature_dim * enc.image_keys.index(name)
+        torch.testing.assert_close(out[:, start : start + ENC.feature_dim], y, rtol=1e-4, atol=1e-5)
     # Each camera's features depend on its own image only.
     changed = dict(obs, wrist=255 - obs["wrist"])
     out2 = enc(changed)
@@ -161,11 +173,11 @@ def test_critic_loss_trains_the_encoder_and_the_actor_loss_does_not():
     enc = _params(agent.encoder)
     agent.critic_update(random_batch(seed=1))
     assert _changed(enc, agent.encoder)
-    enc, actor, value_enc = _params(agent.encoder), _params(agent.actor), _params(agent.value_encoder)
+    enc, actor, bc_enc = _params(agent.encoder), _params(agent.actor), _params(agent.bc_policy.encoder)
     agent.actor_update(random_batch(seed=2))
     assert _changed(actor, agent.actor)
     assert not _changed(enc, agent.encoder)  # the actor uses the critic's features detached
-    assert not _changed(value_enc, agent.value_encoder)
+    assert not _changed(bc_enc, agent.bc_policy.encoder)
     # The target encoder follows the encoder softly, never jumps to it.
     gap = [
         (t - p).detach().abs().max()
@@ -174,14 +186,13 @@ def test_critic_loss_trains_the_encoder_and_the_actor_loss_does_not():
     assert max(float(g) for g in gap) > 0
 
 
-def test_gating_runs_each_encoder_once_per_step():
+def test_gating_encodes_each_image_twice_per_step():
     agent = make_agent()
-    calls = {"encoder": 0, "value_encoder": 0, "bc": 0}
+    calls = {"encoder": 0, "bc": 0}
     agent.encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
-    agent.value_encoder.register_forward_hook(lambda *a: calls.__setitem__("value_encoder", calls["value_encoder"] + 1))
     agent.bc_policy.encoder.register_forward_hook(lambda *a: calls.__setitem__("bc", calls["bc"] + 1))
     d = agent.act(random_obs(3, np.random.default_rng(0)))
-    assert calls == {"encoder": 1, "value_encoder": 1, "bc": 1}
+    assert calls == {"encoder": 1, "bc": 1}  # V_BC reads the BC encoding: two image encodings per step
     np.testing.assert_array_equal(d.use_bc, d.q_bc > d.q_rl)
     # The recorded Q^_BC is what q_bc_hat says for the executed BC proposal.
     with torch.no_grad():

@@ -228,5 +228,5 @@ def test_demo_with_cameras_learns_from_images_across_the_two_processes(tmp_path:
 
     versions = sorted((out / "actor" / "weights").glob("*.safetensors"))
     first, last = load_file(str(versions[0])), load_file(str(versions[-1]))
-    key = next(k for k in last if k.startswith("encoder.cnns.front."))
+    key = next(k for k in last if k.startswith("encoder.cameras.0.convs."))
     assert not np.array_equal(first[key], last[key])
