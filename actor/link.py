@@ -30,6 +30,7 @@ from robot_rl.wire import (
     WireError,
     config_fingerprint,
     config_hash,
+    from_frames,
     from_wire,
     to_wire,
 )
@@ -202,12 +203,12 @@ class LearnerLink(threading.Thread):
 
     def _on_broadcast(self, sub: zmq.Socket, max_bytes: int) -> None:
         while True:
-            try:
-                data = sub.recv(zmq.NOBLOCK)
+            try:  # weights come as a header and one frame per tensor, received without copying (wire.from_frames)
+                frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
-                msg = from_wire(data, max_bytes=max_bytes)
+                msg = from_frames(frames, max_bytes=max_bytes)
             except WireError as err:
                 log.warning("learner broadcast unreadable: %s", err)
                 continue

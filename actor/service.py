@@ -199,7 +199,7 @@ class ActorService:
         weights: Weights | None = self.link.take_weights()
         if weights is None or weights.version == self.weights_version:
             return
-        tensors = unpack_tensors(weights.tensors)
+        tensors = unpack_tensors(weights.tensors, copy=False)  # only read: loading copies into the networks
         self.agent.load_acting_state(tensors)
         self.weights_archive.save(weights.version, tensors, phase=weights.phase)
         self.weights_version = weights.version

@@ -69,6 +69,7 @@ from robot_rl.wire import (
     diff_fingerprints,
     from_wire,
     pack_tensors,
+    to_frames,
     to_wire,
     transition_spec,
     validate_transitions,
@@ -782,7 +783,7 @@ class LearnerService:
         message = Weights(
             version=self.weights_version, phase=self.phase, tensors=pack_tensors(self.agent.acting_state())
         )
-        self.pub.send(to_wire(message), zmq.NOBLOCK)
+        self.pub.send_multipart(to_frames(message), zmq.NOBLOCK, copy=False)
         self._write_stats()  # the newest version is on disk before anything else happens (resume continues above it)
 
     def _publish_status(self, *, done: bool = False) -> None:

@@ -11,6 +11,9 @@ exactly the transitions the learner stored from one chunk, numbered from `first_
 transitions stored after the learner first went online (they count as online environment steps); without it they
 were collected for Q-Estimation.
 
+Records written under protocol 1 read back unchanged (Transitions messages did not change in protocol 2); an intact
+record of an unknown protocol version stops the read with StoreError rather than being cut as damage.
+
 `append` writes a record and `sync` flushes and fsyncs every file written since the last sync; the learner
 acknowledges a chunk only after `sync`. `read_back` returns every stream's records in order. A torn or corrupt tail
 (a partial header, a length past the end of the file, a checksum or decoding failure, or a sequence number that does
@@ -29,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from robot_rl.wire import Transitions, WireError, from_wire, to_wire
+from robot_rl.wire import Transitions, VersionError, WireError, from_wire, to_wire
 
 log = logging.getLogger("robot_rl.learner")
 
@@ -39,6 +42,12 @@ FLAG_ONLINE = 0x01
 SUFFIX = ".log"
 # Upper bound on one record's payload when reading back (a chunk of the largest image spec stays far below it).
 MAX_RECORD_BYTES = 1 << 31
+# Protocol versions whose Transitions payloads this store reads (the message has not changed since version 1).
+READABLE_VERSIONS = (1, 2)
+
+
+class StoreError(RuntimeError):
+    """The transition log cannot be written or read as it is; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,12 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
     if zlib.crc32(bytes([flags]) + bytes(payload)) != crc:
         raise _TornRecord("checksum mismatch")
     try:
-        message = from_wire(payload, max_bytes=MAX_RECORD_BYTES)
+        message = from_wire(payload, max_bytes=MAX_RECORD_BYTES, versions=READABLE_VERSIONS)
+    except VersionError as err:  # intact (the checksum holds) but written by another version: do not cut it
+        raise StoreError(
+            f"a record at byte {offset} of the {actor_id}@{run_id} log was written under another protocol "
+            f"({err}); read it with the robot-rl version that wrote it, or move the log away"
+        ) from None
     except WireError as err:
         raise _TornRecord(f"payload does not decode: {err}") from None
     if not isinstance(message, Transitions) or (message.actor_id, message.run_id) != (actor_id, run_id):

@@ -14,6 +14,13 @@ refused and why. Decoded arrays are read-only views over the private bytes objec
 (never over the socket's buffer); copy them to keep or modify them (`ReplayBuffer.add_many` copies).
 `validate_transitions` then checks a chunk against the `TransitionSpec` both sides derived from the config.
 
+Weights are tens of megabytes for image agents, so the learner broadcasts them as a multipart message
+(`to_frames` / `from_frames`, protocol 2): a msgpack header frame of kind `weights` whose `tensors` is a list of
+{"name", "dtype", "shape"}, then one frame of raw little-endian bytes per tensor, in the header's order. Sent with
+`copy=False` and received with `copy=False`, no tensor byte is copied by msgpack or Python; every frame's length is
+checked against its header entry (dtype, shape, byte count) before an array is made over it. Every other message
+travels as one frame, and `from_frames` of one frame is `from_wire`.
+
 The config fingerprint (`config_fingerprint`, `config_hash`, `diff_fingerprints`) names the parts of the config both
 sides must agree on, so that a mismatched actor is refused with the differing field paths.
 """
@@ -24,7 +31,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -38,7 +45,8 @@ if TYPE_CHECKING:
 
     from robot_rl.config import RunConfig
 
-PROTOCOL_VERSION: int = 1
+# 2: Weights travel as a header frame plus one frame per tensor (to_frames); Transitions are unchanged since 1.
+PROTOCOL_VERSION: int = 2
 
 # Wire dtype string -> numpy dtype: float32, float64, int32, int64, uint8, bool, uint16, as numpy writes them
 # little-endian (`|` where byte order does not apply). A peer's dtype string is only looked up here, never parsed.
@@ -59,6 +67,17 @@ _ARRAY_KEYS = frozenset({"__nd__", "dtype", "shape", "data"})
 
 class WireError(ValueError):
     """A message refused by the wire layer; the message names the field and the reason."""
+
+
+class VersionError(WireError):
+    """A well-formed message of another protocol version than the ones accepted."""
+
+
+def _check_version(version: Any, versions: Collection[int] | None) -> None:
+    accepted = (PROTOCOL_VERSION,) if versions is None else versions
+    if not isinstance(version, int) or isinstance(version, bool) or version not in accepted:
+        speaks = ", ".join(str(v) for v in sorted(accepted))
+        raise VersionError(f"v: protocol version {_short(version)}, this side speaks {speaks}")
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -134,20 +153,24 @@ def _array_from_map(node: dict[str, Any]) -> np.ndarray:
     """The read-only array a {"__nd__": 1, ...} map describes, after checking dtype, shape and byte length."""
     if set(node) != _ARRAY_KEYS or type(node["__nd__"]) is not int or node["__nd__"] != 1:
         raise WireError(f"array map must hold exactly {sorted(_ARRAY_KEYS)} with __nd__ = 1, got {_short(list(node))}")
-    dtype = DTYPES.get(node["dtype"]) if isinstance(node["dtype"], str) else None
+    if not isinstance(node["data"], bytes):
+        raise WireError(f"array data must be bytes, got {type(node['data']).__name__}")
+    return _checked_array(node["dtype"], node["shape"], memoryview(node["data"]))
+
+
+def _checked_array(wire_dtype: Any, shape: Any, data: memoryview) -> np.ndarray:
+    """The read-only array of a peer's dtype string and shape over `data`, after checking them and the byte count."""
+    dtype = DTYPES.get(wire_dtype) if isinstance(wire_dtype, str) else None
     if dtype is None:
-        raise WireError(f"array dtype {_short(node['dtype'])} is not allowed (allowed: {', '.join(sorted(DTYPES))})")
-    shape, data = node["shape"], node["data"]
+        raise WireError(f"array dtype {_short(wire_dtype)} is not allowed (allowed: {', '.join(sorted(DTYPES))})")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise WireError(f"array shape must be a list of at most {MAX_NDIM} sizes, got {_short(shape)}")
     if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape):
         raise WireError(f"array shape must hold integers in [0, {MAX_DIM}], got {_short(shape)}")
-    if not isinstance(data, bytes):
-        raise WireError(f"array data must be bytes, got {type(data).__name__}")
     expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge declared shape cannot overflow
-    if expected != len(data):
-        raise WireError(f"array of shape {shape} and dtype {dtype.name} needs {expected} bytes, got {len(data)}")
-    if dtype == np.bool_ and data and np.frombuffer(data, np.uint8).max() > 1:
+    if expected != data.nbytes:
+        raise WireError(f"array of shape {shape} and dtype {dtype.name} needs {expected} bytes, got {data.nbytes}")
+    if dtype == np.bool_ and data.nbytes and np.frombuffer(data, np.uint8).max() > 1:
         raise WireError("bool array holds bytes other than 0 and 1")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     array.flags.writeable = False
@@ -176,11 +199,13 @@ def _check_depth(root: dict[str, Any]) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_bytes: int) -> dict[str, Any]:
+def decode(
+    data: bytes | bytearray | memoryview, *, max_bytes: int, versions: Collection[int] | None = None
+) -> dict[str, Any]:
     """The message map in `data` (at most `max_bytes` long) with arrays as read-only numpy views; else WireError.
 
-    Checks the framing only: a map at the top, a known `kind`, `v` equal to PROTOCOL_VERSION, well-formed arrays of
-    allowed dtypes. The fields of each kind are checked by `parse`.
+    Checks the framing only: a map at the top, a known `kind`, `v` equal to PROTOCOL_VERSION (or one of `versions`;
+    VersionError else), well-formed arrays of allowed dtypes. The fields of each kind are checked by `parse`.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"expected bytes, got {type(data).__name__}")
@@ -212,9 +237,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int) -> dict[str,
     kind = message.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
-    version = message.get("v")
-    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
-        raise WireError(f"v: protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    _check_version(message.get("v"), versions)
     return message
 
 
@@ -343,14 +366,12 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 KINDS = frozenset(MESSAGE_TYPES)
 
 
-def parse(message: Mapping[str, Any]) -> Message:
+def parse(message: Mapping[str, Any], *, versions: Collection[int] | None = None) -> Message:
     """The message instance for a decoded map (kind and version checked again); WireError naming bad fields."""
     kind = message.get("kind")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
-    version = message.get("v")
-    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
-        raise WireError(f"v: protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    _check_version(message.get("v"), versions)
     fields = {k: v for k, v in message.items() if k not in ("kind", "v")}
     try:
         return MESSAGE_TYPES[kind].model_validate(fields)
@@ -364,9 +385,89 @@ def to_wire(message: Message) -> bytes:
     return encode(message.to_message())
 
 
-def from_wire(data: bytes | bytearray | memoryview, *, max_bytes: int) -> Message:
-    """The message instance in `data`, or WireError."""
-    return parse(decode(data, max_bytes=max_bytes))
+def from_wire(
+    data: bytes | bytearray | memoryview, *, max_bytes: int, versions: Collection[int] | None = None
+) -> Message:
+    """The message instance in `data`, or WireError (VersionError for a version other than PROTOCOL_VERSION, or
+    than one of `versions` when given: the store reads logs written under earlier versions)."""
+    return parse(decode(data, max_bytes=max_bytes, versions=versions), versions=versions)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multipart messages (weights)
+# --------------------------------------------------------------------------------------------------------------------
+_TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
+MAX_TENSOR_NAME = 256
+
+
+def to_frames(message: Message) -> list[bytes | memoryview]:
+    """The frames of a message to send with `send_multipart(frames, copy=False)`.
+
+    Weights: a msgpack header (version, phase, and per tensor its name, dtype and shape) and one frame per tensor,
+    a view of the array's own memory (no copy; `pack_tensors` returns arrays that share nothing with live tensors).
+    Every other kind: the single frame `to_wire` makes.
+    """
+    if not isinstance(message, Weights):
+        return [to_wire(message)]
+    specs: list[dict[str, Any]] = []
+    frames: list[bytes | memoryview] = []
+    for name, array in message.tensors.items():
+        if not isinstance(array, np.ndarray):
+            raise WireError(f"weights.tensors.{_name(name)}: expected an array, got {type(array).__name__}")
+        wire = _wire_dtype(array.dtype)
+        data = np.ascontiguousarray(array, dtype=DTYPES[wire])  # a copy only for big-endian or strided arrays
+        specs.append({"name": name, "dtype": wire, "shape": list(data.shape)})
+        frames.append(memoryview(data.reshape(-1).view(np.uint8)))
+    header = encode({"kind": Weights.kind, "version": message.version, "phase": message.phase, "tensors": specs})
+    return [header, *frames]
+
+
+def _frame_buffer(frame: Any) -> memoryview:
+    """A read-only byte view of one received frame (a zmq.Frame, bytes or a buffer)."""
+    buffer = getattr(frame, "buffer", frame)  # zmq.Frame (recv with copy=False) exposes its memory as .buffer
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise WireError(f"expected a frame of bytes, got {type(frame).__name__}") from None
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view.toreadonly()
+
+
+def from_frames(frames: Sequence[Any], *, max_bytes: int) -> Message:
+    """The message in the frames of one multipart message (from `recv_multipart`, `copy=False` or not), or WireError.
+
+    One frame: `from_wire`. Several: a weights header frame, then exactly one frame per tensor it lists, each of
+    exactly the bytes its dtype and shape need; the frames together at most `max_bytes`. The arrays are read-only
+    views over the received frames (no copy: each frame is memory of its own, not the socket's buffer).
+    """
+    buffers = [_frame_buffer(frame) for frame in frames]
+    if not buffers:
+        raise WireError("empty multipart message")
+    if len(buffers) == 1:
+        return from_wire(buffers[0], max_bytes=max_bytes)
+    total = sum(b.nbytes for b in buffers)
+    if total > max_bytes:
+        raise WireError(f"message of {total} bytes in {len(buffers)} frames exceeds the limit of {max_bytes} bytes")
+    header = decode(buffers[0], max_bytes=max_bytes)
+    if header["kind"] != Weights.kind:
+        raise WireError(f"kind: only weights travel in several frames, got {header['kind']} in {len(buffers)}")
+    specs = header.get("tensors")
+    if not isinstance(specs, list) or len(specs) != len(buffers) - 1:
+        listed = len(specs) if isinstance(specs, list) else _short(specs)
+        raise WireError(f"weights.tensors: the header lists {listed} tensors for {len(buffers) - 1} tensor frames")
+    tensors: dict[str, np.ndarray] = {}
+    for i, (spec, buffer) in enumerate(zip(specs, buffers[1:], strict=True)):
+        if not isinstance(spec, dict) or set(spec) != _TENSOR_KEYS:
+            raise WireError(f"weights.tensors[{i}]: must hold exactly {sorted(_TENSOR_KEYS)}, got {_short(spec)}")
+        name = spec["name"]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_TENSOR_NAME or name in tensors:
+            raise WireError(f"weights.tensors[{i}].name: {_short(name)} is not a new name of 1-{MAX_TENSOR_NAME} chars")
+        try:
+            tensors[name] = _checked_array(spec["dtype"], spec["shape"], buffer)
+        except WireError as err:
+            raise WireError(f"weights.tensors.{_name(name)} (frame {i + 1}): {err}") from None
+    return parse({**header, "tensors": tensors})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -591,32 +692,63 @@ def check_hello(hello: Hello, fingerprint: Mapping[str, str]) -> Refuse | None:
 # Tensors
 # --------------------------------------------------------------------------------------------------------------------
 def pack_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Tensor name -> CPU numpy array for a Weights message.
+    """Tensor name -> CPU numpy array for a Weights message: a snapshot that shares no memory with `state`.
 
-    float16 and bfloat16 travel as float32 (exact: every value is representable) and `load_state_dict` casts them
-    back; other dtypes must be wire dtypes (float32, float64, int32, int64, uint8, bool, uint16), else WireError.
+    The snapshot matters because `to_frames` sends the arrays' memory without copying it, after this call returns,
+    while the learner goes on updating its parameters. float16 and bfloat16 travel as float32 (exact: every value is
+    representable) and `load_state_dict` casts them back; other dtypes must be wire dtypes (float32, float64, int32,
+    int64, uint8, bool, uint16), else WireError.
     """
     import torch
 
     out: dict[str, np.ndarray] = {}
     for name, tensor in state.items():
-        t = tensor.detach().cpu()
+        t = tensor.detach()
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.to(torch.float32)
-        array = t.contiguous().numpy()
+        t = t.cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            t = t.clone()  # a CPU tensor itself: snapshot it (a GPU tensor was copied by .cpu() already)
+        array = t.numpy()
         if array.dtype.name not in _DTYPE_BY_NAME:
             raise WireError(f"tensor {name!r}: dtype {tensor.dtype} is not sent on the wire")
         out[name] = array
     return out
 
 
-def unpack_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Tensor name -> writable CPU tensor (a copy) for each array of a Weights message."""
+def unpack_tensors(arrays: Mapping[str, np.ndarray], *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Tensor name -> CPU tensor for each array of a Weights message.
+
+    copy=True: writable tensors of their own. copy=False: tensors over the arrays' memory (none is copied unless it
+    is big-endian), for a caller that only reads them, such as `load_state_dict`, which copies into the parameters;
+    writing to them is not allowed (the arrays of a received message are read-only).
+    """
     import torch
 
     out: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
         if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPE_BY_NAME:
             raise WireError(f"weights.tensors.{_name(name)}: not an array of a wire dtype")
-        out[name] = torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
+        native = array.dtype.newbyteorder("=")
+        if copy or array.dtype != native:
+            out[name] = torch.from_numpy(np.array(array, dtype=native, copy=True))
+        else:
+            out[name] = _read_only_tensor(array)
     return out
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only array's memory without torch's non-writable warning (the caller only reads it)."""
+    import torch
+
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    if array.size == 0:
+        return torch.from_numpy(array.copy())
+    flat = memoryview(array.reshape(-1).view(np.uint8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        tensor = torch.frombuffer(flat, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype)
+    return tensor.view(array.shape)

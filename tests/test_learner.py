@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ from robot_rl.learner.service import (
     learner_observation_space,
     run_learner,
 )
-from robot_rl.learner.store import StoredChunk, TransitionStore, encode_record
+from robot_rl.learner.store import HEADER, MAGIC, StoredChunk, StoreError, TransitionStore, encode_record
 from robot_rl.rollout import obs_bounds
 from robot_rl.runlog import read_eval_csv
 from robot_rl.security import make_keys, secure_client
@@ -49,6 +51,7 @@ from robot_rl.wire import (
     Welcome,
     config_fingerprint,
     config_hash,
+    from_frames,
     from_wire,
     to_wire,
     transition_spec,
@@ -213,7 +216,7 @@ class FakeActor:
         while (left := deadline - time.monotonic()) > 0:
             if not self.sub.poll(int(left * 1000) + 1, zmq.POLLIN):
                 break
-            msg = from_wire(self.sub.recv(), max_bytes=LIMIT)
+            msg = from_frames(self.sub.recv_multipart(copy=False), max_bytes=LIMIT)
             if isinstance(msg, Weights):
                 self.weights.append(msg)
             elif isinstance(msg, Status):
@@ -588,3 +591,27 @@ def test_a_flood_of_refused_messages_is_counted_but_logged_at_most_once_a_second
     assert stats["refused_unidentified"] == 40  # every refusal counted
     warnings = [r for r in caplog.records if "refused a message" in r.getMessage()]
     assert 1 <= len(warnings) <= 5, len(warnings)
+
+
+def raw_record(payload: bytes, flags: int = 0) -> bytes:
+    """A log record around `payload`, as learner/store.py lays it out (magic, flags, length, crc32, payload)."""
+    return HEADER.pack(MAGIC, flags, len(payload), zlib.crc32(bytes([flags]) + payload)) + payload
+
+
+def test_store_reads_protocol_1_records_and_refuses_unknown_versions_without_cutting(tmp_path: Path) -> None:
+    cfg = load_config(TINY)
+    arrays = chunk_arrays(cfg, 0, 4)
+    message = msgpack.unpackb(to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=arrays)))
+    path = tmp_path / "a@r.log"
+    v1 = msgpack.packb({**message, "v": 1}, use_bin_type=True)  # a log written before protocol 2
+    path.write_bytes(raw_record(v1))
+    chunks = TransitionStore(tmp_path).read_back()
+    assert [c.first_seq for c in chunks] == [0]
+    np.testing.assert_array_equal(chunks[0].arrays["actions"], arrays["actions"])
+    v9 = msgpack.packb({**message, "first_seq": 4, "v": 9}, use_bin_type=True)
+    with path.open("ab") as f:
+        f.write(raw_record(v9))
+    size = path.stat().st_size
+    with pytest.raises(StoreError, match="written under another protocol"):
+        TransitionStore(tmp_path).read_back()
+    assert path.stat().st_size == size and path.read_bytes()[:4] == MAGIC  # nothing cut
