@@ -35,7 +35,15 @@ from robot_rl.learner.service import (
     learner_observation_space,
     run_learner,
 )
-from robot_rl.learner.store import HEADER, MAGIC, StoredChunk, StoreError, TransitionStore, encode_record
+from robot_rl.learner.store import (
+    HEADER,
+    MAGIC,
+    HeldReplies,
+    StoredChunk,
+    StoreError,
+    TransitionStore,
+    encode_record,
+)
 from robot_rl.rollout import obs_bounds
 from robot_rl.runlog import read_eval_csv
 from robot_rl.security import make_keys, secure_client
@@ -591,6 +599,104 @@ def test_a_flood_of_refused_messages_is_counted_but_logged_at_most_once_a_second
     assert stats["refused_unidentified"] == 40  # every refusal counted
     warnings = [r for r in caplog.records if "refused a message" in r.getMessage()]
     assert 1 <= len(warnings) <= 5, len(warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Group fsync on the store's writer thread: acknowledgements wait for the fsync that covers them
+# ---------------------------------------------------------------------------------------------------------------------
+class FsyncGate:
+    """An fsync that waits until `opened` is set, then records how many bytes each file had when it was synced."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self.synced_bytes = 0  # file size covered by the last completed fsync
+
+    def __call__(self, fd: int) -> None:
+        self.entered.set()
+        assert self.opened.wait(WAIT_S), "the test never opened the fsync gate"
+        os.fsync(fd)
+        self.synced_bytes = os.fstat(fd).st_size
+
+
+def released_within(held: HeldReplies, timeout: float = WAIT_S) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = held.release()
+        if out:
+            return out
+        time.sleep(0.01)
+    return []
+
+
+def test_store_releases_replies_only_after_the_fsync_that_covers_their_chunks(tmp_path: Path) -> None:
+    cfg = load_config(TINY)
+    gate = FsyncGate()
+    chunks = [StoredChunk("a", "r", first, chunk_arrays(cfg, first, 4), online=False) for first in (0, 4, 8)]
+    sizes = np.cumsum([len(encode_record(c)) for c in chunks])
+    with TransitionStore(tmp_path, fsync=gate) as store:
+        held: HeldReplies[str] = HeldReplies(store)
+        held.hold("welcome")  # nothing appended before it: not held back
+        assert held.release() == ["welcome"]
+        store.append(chunks[0])
+        held.hold("ack 3")
+        assert gate.entered.wait(WAIT_S)  # the writer wrote chunk 0 and now waits in its fsync
+        store.append(chunks[1])
+        held.hold("ack 7")
+        store.append(chunks[2])
+        held.hold("ack 11")
+        time.sleep(0.2)
+        assert held.release() == [] and store.durable() == 0  # written perhaps, but not fsync'd: no ack
+        gate.opened.set()
+        out = released_within(held)
+        assert out[0] == "ack 3" and gate.synced_bytes >= sizes[0]
+        out += released_within(held) if len(out) < 3 else []
+        # The two chunks queued during the first fsync were written and fsync'd as one group.
+        assert out == ["ack 3", "ack 7", "ack 11"] and gate.synced_bytes == sizes[2]
+        assert store.durable() == store.appended == 3
+    assert [c.first_seq for c in TransitionStore(tmp_path).read_back()] == [0, 4, 8]
+
+
+def test_a_failed_fsync_stops_the_acks_and_surfaces_as_store_error(tmp_path: Path) -> None:
+    cfg = load_config(TINY)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    store = TransitionStore(tmp_path, fsync=failing)
+    held: HeldReplies[str] = HeldReplies(store)
+    store.append(StoredChunk("a", "r", 0, chunk_arrays(cfg, 0, 4), online=False))
+    held.hold("ack 3")
+    with pytest.raises(StoreError, match="Input/output error"):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            assert held.release() == []  # never released; raises once the writer has failed
+            time.sleep(0.01)
+    with pytest.raises(StoreError):
+        store.append(StoredChunk("a", "r", 4, chunk_arrays(cfg, 4, 4), online=False))
+    with pytest.raises(StoreError):
+        store.close()
+
+
+def test_the_learner_acks_a_chunk_only_once_its_fsync_is_done(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    gate = FsyncGate()
+    service.store._fsync = gate
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        sent = Transitions(actor_id="a0", run_id="r0", first_seq=0, count=10, arrays=chunk_arrays(cfg, 0, 10))
+        actor.send(sent)
+        assert gate.entered.wait(WAIT_S)
+        assert not actor.dealer.poll(500, zmq.POLLIN), "acknowledged before the fsync was done"
+        gate.opened.set()
+        assert acked(actor.recv()) == 9
+        assert gate.synced_bytes >= HEADER.size + len(to_wire(sent))
+    # The record's payload is the frame the actor sent, byte for byte (written as received, not re-encoded).
+    data = (out / "buffer" / "a0@r0.log").read_bytes()
+    assert data[HEADER.size : HEADER.size + len(to_wire(sent))] == to_wire(sent)
 
 
 def raw_record(payload: bytes, flags: int = 0) -> bytes:
