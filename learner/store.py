@@ -13,8 +13,9 @@ were collected for Q-Estimation.
 
 The payload of a record is the message exactly as the actor sent it when the learner stores the whole chunk (the
 received frame is written as is, never re-encoded); a chunk trimmed of duplicates is encoded anew. Records written
-under protocol 1 read back unchanged (Transitions messages did not change in protocol 2); an intact record of an
-unknown protocol version stops the read with StoreError rather than being cut as damage.
+under protocol 1 read back unchanged (a protocol-2 Transitions message differs only by the next observations it may
+leave out, which parsing rebuilds); an intact record of an unknown protocol version stops the read with StoreError
+rather than being cut as damage.
 
 Writing happens on a writer thread so that the learner's receive loop never waits on the disk: `append` queues a
 record and returns its ticket (1, 2, ...); the writer writes everything queued with one `os.writev` per record, then
@@ -55,7 +56,7 @@ FLAG_ONLINE = 0x01
 SUFFIX = ".log"
 # Upper bound on one record's payload when reading back (a chunk of the largest image spec stays far below it).
 MAX_RECORD_BYTES = 1 << 31
-# Protocol versions whose Transitions payloads this store reads (the message has not changed since version 1).
+# Protocol versions whose Transitions payloads this store reads (both parse to the same Transitions).
 READABLE_VERSIONS = (1, 2)
 # Bytes queued for the writer before `append` waits for it (the actors' windows bound it well below this).
 MAX_QUEUED_BYTES = 512 << 20

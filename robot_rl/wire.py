@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
     from robot_rl.config import RunConfig
 
-# 2: Weights travel as a header frame plus one frame per tensor (to_frames); Transitions are unchanged since 1.
+# 2: Weights travel as a header frame plus one frame per tensor (to_frames); Transitions may leave out next
+# observations that repeat the following observation (next_obs_shared). A version-1 message parses the same way.
 PROTOCOL_VERSION: int = 2
 
 # Wire dtype string -> numpy dtype: float32, float64, int32, int64, uint8, bool, uint16, as numpy writes them
@@ -301,6 +302,12 @@ class Transitions(Message):
     `arrays` holds, with n = count: `obs/<key>` and `next_obs/<key>` [n, *shape] per observation key of the
     TransitionSpec, `actions` and `bc_actions` [n, action_dim] float32 (bc_actions NaN where no BC proposal was
     made), `rewards` [n] float32, `terminated` and `truncated` [n] bool, `weights_version` [n] int64.
+
+    On the wire (protocol 2) a next observation that is, bit for bit and for every key, the observation of the
+    following transition is not sent twice: the map then carries `next_obs_shared` [n] bool (True at such rows; the
+    last row is always False) and each `next_obs/<key>` holds only the other rows. Within an episode every row but
+    the last is shared, which halves an image chunk. `parse` rebuilds the full arrays, so the instance always holds
+    them.
     """
 
     kind: ClassVar[str] = "transitions"
@@ -314,6 +321,69 @@ class Transitions(Message):
     def last_seq(self) -> int:
         """Sequence number of the last transition of the chunk."""
         return self.first_seq + self.count - 1
+
+    def to_message(self) -> dict[str, Any]:
+        """The message map, with next-observation rows that repeat the following observation left out."""
+        body = super().to_message()
+        shared = _shared_next_obs(self.arrays, self.count)
+        if shared is not None:
+            kept = ~shared
+            body["arrays"] = {k: a[kept] if k.startswith(NEXT_OBS) else a for k, a in self.arrays.items()}
+            body[NEXT_OBS_SHARED] = shared
+        return body
+
+
+NEXT_OBS, OBS = "next_obs/", "obs/"
+NEXT_OBS_SHARED = "next_obs_shared"
+
+
+def _shared_next_obs(arrays: Mapping[str, Any], count: int) -> np.ndarray | None:
+    """[count] bool: rows whose next observations equal the next row's observations bit for bit, every key; None
+    when no row is shared (or the arrays are not of the expected form: validation refuses them elsewhere)."""
+    names = [name for name in arrays if name.startswith(NEXT_OBS)]
+    if count < 2 or not names:
+        return None
+    shared = np.ones(count, bool)
+    shared[-1] = False
+    for name in names:
+        nxt, obs = arrays[name], arrays.get(OBS + name[len(NEXT_OBS) :])
+        if not isinstance(nxt, np.ndarray) or not isinstance(obs, np.ndarray):
+            return None
+        if nxt.shape != obs.shape or nxt.dtype != obs.dtype or nxt.shape[:1] != (count,):
+            return None
+        row_bytes = obs[0].nbytes
+        if row_bytes:
+            a = np.ascontiguousarray(nxt[:-1]).view(np.uint8).reshape(count - 1, row_bytes)
+            b = np.ascontiguousarray(obs[1:]).view(np.uint8).reshape(count - 1, row_bytes)
+            shared[:-1] &= (a == b).all(axis=1)
+    return shared if shared.any() else None
+
+
+def _expand_next_obs(fields: dict[str, Any]) -> None:
+    """Rebuild the full `next_obs/<key>` arrays of a transitions map that carries `next_obs_shared` (in place)."""
+    shared, count, arrays = fields.pop(NEXT_OBS_SHARED), fields.get("count"), fields.get("arrays")
+    if type(count) is not int or count < 1 or not isinstance(arrays, dict):
+        raise WireError("transitions.next_obs_shared: needs an integer count >= 1 and an arrays map")
+    if not isinstance(shared, np.ndarray) or shared.dtype != np.bool_ or shared.shape != (count,) or shared[-1]:
+        raise WireError(f"transitions.next_obs_shared: must be a bool array of shape [{count}], False at the end")
+    kept = int(count - shared.sum())
+    for name in [name for name in arrays if name.startswith(NEXT_OBS)]:
+        sent, obs = arrays[name], arrays.get(OBS + name[len(NEXT_OBS) :])
+        if not isinstance(sent, np.ndarray) or not isinstance(obs, np.ndarray) or obs.shape[:1] != (count,):
+            raise WireError(f"transitions.{_name(name)}: shared rows need the matching obs array of {count} rows")
+        if sent.dtype != obs.dtype or sent.shape != (kept, *obs.shape[1:]):
+            raise WireError(
+                f"transitions.{_name(name)}: {list(sent.shape)} {sent.dtype.name} sent, expected "
+                f"{[kept, *obs.shape[1:]]} {obs.dtype.name} (the rows next_obs_shared does not cover)"
+            )
+        full = np.empty(obs.shape, obs.dtype)
+        start = 0
+        for i, row in enumerate(np.flatnonzero(~shared).tolist()):  # the rows sent; shared runs lie between them
+            full[start:row] = obs[start + 1 : row + 1]  # slices, not fancy indexing: one copy per run
+            full[row] = sent[i]
+            start = row + 1
+        full.flags.writeable = False
+        arrays[name] = full
 
 
 class Ack(Message):
@@ -373,6 +443,8 @@ def parse(message: Mapping[str, Any], *, versions: Collection[int] | None = None
         raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
     _check_version(message.get("v"), versions)
     fields = {k: v for k, v in message.items() if k not in ("kind", "v")}
+    if kind == Transitions.kind and NEXT_OBS_SHARED in fields:
+        _expand_next_obs(fields)
     try:
         return MESSAGE_TYPES[kind].model_validate(fields)
     except ValidationError as err:

@@ -670,3 +670,95 @@ def test_other_protocol_versions_are_refused_unless_accepted():
     with pytest.raises(VersionError, match="protocol version 1, this side speaks 2"):
         from_wire(v1, max_bytes=LIMIT)
     assert from_wire(v1, max_bytes=LIMIT, versions=(1, 2)) == Ack(actor_id="a", run_id="r", acked_seq=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Next observations that repeat the following observation are sent once (protocol 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def trajectory(spec: TransitionSpec, n: int, *, seed: int = 0, breaks: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """A chunk whose next_obs[i] is obs[i + 1] (consecutive steps), except at the rows in `breaks` and the last."""
+    arrays = chunk(spec, n, seed=seed)
+    for key in spec.obs:
+        nxt = arrays[f"next_obs/{key}"]
+        keep = {n - 1, *breaks}
+        for i in range(n - 1):
+            if i not in keep:
+                nxt[i] = arrays[f"obs/{key}"][i + 1]
+    return arrays
+
+
+def wire_map(message: Transitions) -> dict:
+    return msgpack.unpackb(to_wire(message), raw=False)
+
+
+def test_shared_next_observations_travel_once_and_come_back_whole(image_spec):
+    arrays = trajectory(image_spec, 30, breaks=(9,))
+    msg = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=arrays)
+    unrelated = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=chunk(image_spec, 30))
+    assert len(to_wire(msg)) < 0.55 * len(to_wire(unrelated))  # the images' next observations are not sent twice
+    sent = wire_map(msg)
+    shared = np.frombuffer(sent["next_obs_shared"]["data"], bool)
+    assert shared.sum() == 28 and not shared[9] and not shared[29]
+    assert sent["arrays"]["next_obs/front"]["shape"][0] == 2  # rows 9 and 29 only
+    back = from_wire(to_wire(msg), max_bytes=LIMIT)
+    validate_transitions(back, image_spec)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(back.arrays[name], array, err_msg=name)
+        assert not back.arrays[name].flags.writeable
+    assert "next_obs_shared" not in wire_map(unrelated)
+
+
+def test_only_bit_identical_rows_are_shared():
+    spec = TransitionSpec(obs={"p": ((2,), "float32")}, action_dim=1)
+    arrays = trajectory(spec, 4)
+    arrays["obs/p"][1:] = [[0.0, 1.0], [np.nan, 2.0], [3.0, 4.0]]
+    arrays["next_obs/p"][:3] = [[-0.0, 1.0], [np.nan, 2.0], [3.0, 4.0]]  # -0.0 == 0.0, but not the same bits
+    back = from_wire(
+        to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=arrays)), max_bytes=LIMIT
+    )
+    assert np.signbit(back.arrays["next_obs/p"][0, 0])  # kept as sent, not rebuilt from obs
+    np.testing.assert_array_equal(back.arrays["next_obs/p"], arrays["next_obs/p"])  # NaN rows compare by bits
+
+
+def shared_map(spec: TransitionSpec, **change) -> dict:
+    """A transitions map with next_obs_shared, as a peer might alter it."""
+    message = wire_map(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=trajectory(spec, 4)))
+    for path, value in change.items():
+        *parents, leaf = path.split(".")
+        node = message
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return message
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"next_obs_shared": nd("|b1", [3], b"\x01\x01\x00")}, "shape \\[4\\]"),
+        ({"next_obs_shared": nd("|b1", [4], b"\x01\x01\x01\x01")}, "False at the end"),
+        ({"next_obs_shared": nd("|u1", [4], b"\x01\x01\x01\x00")}, "bool array"),
+        ({"next_obs_shared": [True, True, True, False]}, "bool array"),
+        (
+            {"next_obs_shared": nd("|b1", [4], b"\x01\x00\x01\x00")},
+            r"next_obs/p: \[1, 2\] float32 sent, expected \[2, 2\]",
+        ),
+        ({"arrays.next_obs/p": nd("<f8", [1, 2], b"\x00" * 16)}, "float64 sent"),
+        ({"arrays.obs/p": nd("<f4", [3, 2], b"\x00" * 24)}, "matching obs array of 4 rows"),
+        ({"count": "4"}, "integer count"),
+        ({"arrays": [1]}, "arrays map"),
+    ],
+)
+def test_broken_shared_next_observations_are_refused(change, match):
+    spec = TransitionSpec(obs={"p": ((2,), "float32")}, action_dim=1)
+    with pytest.raises(WireError, match=match):
+        from_wire(raw(shared_map(spec, **change)), max_bytes=LIMIT)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_corrupted_messages_with_shared_rows_raise_only_wire_error(data):
+    spec = TransitionSpec(obs={"p": ((2,), "float32"), "q": ((1,), "uint8")}, action_dim=1)
+    base = to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=5, arrays=trajectory(spec, 5, breaks=(2,))))
+    with contextlib.suppress(WireError):
+        validate_transitions(from_wire(mutated(base, data), max_bytes=LIMIT), spec)
