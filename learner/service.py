@@ -63,20 +63,18 @@ from robot_rl.wire import (
     Refuse,
     Status,
     Transitions,
-    Weights,
     Welcome,
     WireError,
     check_hello,
     config_fingerprint,
     diff_fingerprints,
     from_wire,
-    pack_tensors,
-    to_frames,
     to_wire,
     transition_spec,
     validate_transitions,
 )
 
+from .broadcast import WeightsFrames
 from .store import HeldReplies, StoredChunk, StoreError, TransitionStore
 
 EVAL_ID_JUMP_ON_RESUME = 1000
@@ -259,6 +257,7 @@ class LearnerService:
 
         self.store = TransitionStore(self.out / "buffer")
         self.held: HeldReplies[tuple[bytes, Message]] = HeldReplies(self.store)
+        self._weights_frames = WeightsFrames()
         self._poller = zmq.Poller()
         self.evallog = RunLog(self.out, resume=resume)
         if resume:
@@ -806,10 +805,10 @@ class LearnerService:
     def _publish_weights(self) -> None:
         assert self.pub is not None
         self.weights_version = max(self.weights_version, 0) + 1
-        message = Weights(
-            version=self.weights_version, phase=self.phase, tensors=pack_tensors(self.agent.acting_state())
+        frames = self._weights_frames.frames(
+            version=self.weights_version, phase=self.phase, state=self.agent.acting_state()
         )
-        self.pub.send_multipart(to_frames(message), zmq.NOBLOCK, copy=False)
+        self.pub.send_multipart(frames, zmq.NOBLOCK, copy=False)
         self._write_stats()  # the newest version is on disk before anything else happens (resume continues above it)
 
     def _publish_status(self, *, done: bool = False) -> None:

@@ -27,10 +27,12 @@ sides must agree on, so that a mismatched actor is refused with the differing fi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -763,13 +765,17 @@ def check_hello(hello: Hello, fingerprint: Mapping[str, str]) -> Refuse | None:
 # --------------------------------------------------------------------------------------------------------------------
 # Tensors
 # --------------------------------------------------------------------------------------------------------------------
-def pack_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def pack_tensors(
+    state: Mapping[str, torch.Tensor], *, into: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Tensor name -> CPU numpy array for a Weights message: a snapshot that shares no memory with `state`.
 
     The snapshot matters because `to_frames` sends the arrays' memory without copying it, after this call returns,
-    while the learner goes on updating its parameters. float16 and bfloat16 travel as float32 (exact: every value is
-    representable) and `load_state_dict` casts them back; other dtypes must be wire dtypes (float32, float64, int32,
-    int64, uint8, bool, uint16), else WireError.
+    while the learner goes on updating its parameters. `into`: the arrays of an earlier snapshot that nothing reads
+    any more (ZeroMQ has sent them); a tensor of the same shape and dtype is copied into its array instead of new
+    memory, which a large snapshot would otherwise fault in page by page. float16 and bfloat16 travel as float32
+    (exact: every value is representable) and `load_state_dict` casts them back; other dtypes must be wire dtypes
+    (float32, float64, int32, int64, uint8, bool, uint16), else WireError.
     """
     import torch
 
@@ -778,13 +784,19 @@ def pack_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         t = tensor.detach()
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.to(torch.float32)
-        t = t.cpu().contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-            t = t.clone()  # a CPU tensor itself: snapshot it (a GPU tensor was copied by .cpu() already)
-        array = t.numpy()
-        if array.dtype.name not in _DTYPE_BY_NAME:
+        dtype = _numpy_dtypes().get(t.dtype)
+        if dtype is None:
             raise WireError(f"tensor {name!r}: dtype {tensor.dtype} is not sent on the wire")
-        out[name] = array
+        old = into.get(name) if into is not None else None
+        if old is not None and old.shape == tuple(t.shape) and old.dtype == dtype and old.flags.writeable:
+            target = old
+        else:
+            target = np.empty(tuple(t.shape), dtype)
+        if t.device.type == "cpu":
+            np.copyto(target, t.numpy())  # one plain memcpy (torch's copy spreads over threads, slow on a busy box)
+        else:
+            torch.from_numpy(target).copy_(t)  # straight from the device into the snapshot
+        out[name] = target
     return out
 
 
@@ -797,30 +809,30 @@ def unpack_tensors(arrays: Mapping[str, np.ndarray], *, copy: bool = True) -> di
     """
     import torch
 
+    torch_dtypes = {np_dtype: t for t, np_dtype in _numpy_dtypes().items()}
     out: dict[str, torch.Tensor] = {}
-    for name, array in arrays.items():
-        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPE_BY_NAME:
-            raise WireError(f"weights.tensors.{_name(name)}: not an array of a wire dtype")
-        native = array.dtype.newbyteorder("=")
-        if copy or array.dtype != native:
-            out[name] = torch.from_numpy(np.array(array, dtype=native, copy=True))
-        else:
-            out[name] = _read_only_tensor(array)
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark a tensor over read-only memory read-only; the caller only reads these.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, array in arrays.items():
+            if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPE_BY_NAME:
+                raise WireError(f"weights.tensors.{_name(name)}: not an array of a wire dtype")
+            native = array.dtype.newbyteorder("=")
+            if copy or array.dtype != native or array.size == 0:
+                out[name] = torch.from_numpy(np.array(array, dtype=native, copy=True))
+            elif array.flags.writeable:
+                out[name] = torch.from_numpy(array)
+            else:
+                flat = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                out[name] = torch.frombuffer(flat, dtype=torch_dtypes[native]).view(array.shape)
     return out
 
 
-def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor over a read-only array's memory without torch's non-writable warning (the caller only reads it)."""
+@functools.cache
+def _numpy_dtypes() -> dict[Any, np.dtype]:
+    """torch dtype -> the (native-order) numpy dtype it travels as."""
     import torch
 
-    if array.flags.writeable:
-        return torch.from_numpy(array)
-    if array.size == 0:
-        return torch.from_numpy(array.copy())
-    flat = memoryview(array.reshape(-1).view(np.uint8))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        tensor = torch.frombuffer(flat, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype)
-    return tensor.view(array.shape)
+    pairs = {torch.float32: "<f4", torch.float64: "<f8", torch.int32: "<i4", torch.int64: "<i8", torch.uint8: "|u1"}
+    pairs |= {torch.bool: "|b1", torch.uint16: "<u2"}
+    return {t: DTYPES[w].newbyteorder("=") for t, w in pairs.items()}

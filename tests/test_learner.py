@@ -28,6 +28,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import make_env
+from robot_rl.learner.broadcast import WeightsFrames
 from robot_rl.learner.service import (
     EVAL_ID_JUMP_ON_RESUME,
     LearnerError,
@@ -721,3 +722,31 @@ def test_store_reads_protocol_1_records_and_refuses_unknown_versions_without_cut
     with pytest.raises(StoreError, match="written under another protocol"):
         TransitionStore(tmp_path).read_back()
     assert path.stat().st_size == size and path.read_bytes()[:4] == MAGIC  # nothing cut
+
+
+def test_weights_snapshots_reuse_memory_only_after_zeromq_has_sent_them(ctx) -> None:
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    weight = torch.zeros(50_000)
+    snapshots = WeightsFrames()
+    first = snapshots.frames(version=1, phase="online", state={"w": weight})
+    memory = np.frombuffer(first[1].buffer, np.float32)
+    # Not sent yet (and still held here): the next snapshot must not write into the first one's memory.
+    weight += 1.0
+    second = snapshots.frames(version=2, phase="online", state={"w": weight})
+    assert not np.shares_memory(memory, np.frombuffer(second[1].buffer, np.float32)) and memory[0] == 0.0
+    del first, memory
+    deadline = time.monotonic() + WAIT_S
+    while not sub.poll(10, zmq.POLLIN):  # PUB drops until the subscription has arrived: send until one gets through
+        assert time.monotonic() < deadline
+        pub.send_multipart(second, copy=False)
+    got = from_frames(sub.recv_multipart(copy=False), max_bytes=LIMIT)
+    address = np.frombuffer(second[1].buffer, np.uint8).ctypes.data
+    del second  # a Frame still held here would count as a reader
+    time.sleep(0.2)  # ZeroMQ's I/O thread has written the frames to the kernel by now
+    weight += 1.0
+    third = snapshots.frames(version=3, phase="online", state={"w": weight})
+    assert snapshots.reused == 1 and np.frombuffer(third[1].buffer, np.uint8).ctypes.data == address
+    assert isinstance(got, Weights) and got.version == 2 and float(got.tensors["w"][0]) == 1.0  # a copy of its own
