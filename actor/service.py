@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from robot_rl.actor.cameras import close_cameras, open_cameras, read_cameras
-from robot_rl.actor.link import LearnerLink
+from robot_rl.actor.link import LearnerLink, keep_receive_buffers
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
@@ -163,6 +163,7 @@ class ActorService:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq
             self.link = LearnerLink(cfg, self.spill, run_id=self.run_id, endpoint=learner)
+            keep_receive_buffers()  # weights frames reuse heap memory instead of fresh pages each broadcast
         self.episode_dir = out / "episodes"
         self.episode_dir.mkdir(exist_ok=True)
         self._episode_index = len(list(self.episode_dir.glob("episode_*.hdf5")))
