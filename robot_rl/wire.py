@@ -337,13 +337,16 @@ class Transitions(Message):
 
 NEXT_OBS, OBS = "next_obs/", "obs/"
 NEXT_OBS_SHARED = "next_obs_shared"
+# Chunks whose next observations hold fewer bytes than this are sent whole: finding and rebuilding shared rows costs
+# more time than the bytes save (a 30-step state chunk: 720 bytes).
+MIN_SHARED_BYTES = 4096
 
 
 def _shared_next_obs(arrays: Mapping[str, Any], count: int) -> np.ndarray | None:
     """[count] bool: rows whose next observations equal the next row's observations bit for bit, every key; None
     when no row is shared (or the arrays are not of the expected form: validation refuses them elsewhere)."""
     names = [name for name in arrays if name.startswith(NEXT_OBS)]
-    if count < 2 or not names:
+    if count < 2 or sum(getattr(arrays[name], "nbytes", 0) for name in names) < MIN_SHARED_BYTES:
         return None
     shared = np.ones(count, bool)
     shared[-1] = False

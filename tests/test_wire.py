@@ -708,6 +708,23 @@ def test_shared_next_observations_travel_once_and_come_back_whole(image_spec):
     assert "next_obs_shared" not in wire_map(unrelated)
 
 
+@pytest.fixture
+def share_small(monkeypatch):
+    """Share rows of chunks of any size (the tests below use small observations)."""
+    import robot_rl.wire
+
+    monkeypatch.setattr(robot_rl.wire, "MIN_SHARED_BYTES", 0)
+
+
+def test_small_chunks_are_sent_whole(cfg):
+    spec = transition_spec(cfg)
+    message = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=trajectory(spec, 30))
+    assert "next_obs_shared" not in wire_map(message)  # 720 bytes of next observations: not worth the time
+    back = from_wire(to_wire(message), max_bytes=LIMIT)
+    np.testing.assert_array_equal(back.arrays["next_obs/ee_pose"], message.arrays["next_obs/ee_pose"])
+
+
+@pytest.mark.usefixtures("share_small")
 def test_only_bit_identical_rows_are_shared():
     spec = TransitionSpec(obs={"p": ((2,), "float32")}, action_dim=1)
     arrays = trajectory(spec, 4)
@@ -749,6 +766,7 @@ def shared_map(spec: TransitionSpec, **change) -> dict:
         ({"arrays": [1]}, "arrays map"),
     ],
 )
+@pytest.mark.usefixtures("share_small")
 def test_broken_shared_next_observations_are_refused(change, match):
     spec = TransitionSpec(obs={"p": ((2,), "float32")}, action_dim=1)
     with pytest.raises(WireError, match=match):
@@ -757,6 +775,7 @@ def test_broken_shared_next_observations_are_refused(change, match):
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
+@pytest.mark.usefixtures("share_small")
 def test_corrupted_messages_with_shared_rows_raise_only_wire_error(data):
     spec = TransitionSpec(obs={"p": ((2,), "float32"), "q": ((1,), "uint8")}, action_dim=1)
     base = to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=5, arrays=trajectory(spec, 5, breaks=(2,))))
