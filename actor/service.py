@@ -38,7 +38,7 @@ import torch
 
 from robot_rl import obs as obs_lib
 from robot_rl.actor.cameras import close_cameras, open_cameras, read_cameras
-from robot_rl.actor.link import LearnerLink
+from robot_rl.actor.link import LearnerLink, keep_receive_buffers
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
@@ -52,6 +52,7 @@ from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
 from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
+from robot_rl.signals import stop_signals
 from robot_rl.wire import EvalReport, Transitions, Weights, to_wire, unpack_tensors
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class ActorService:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq
             self.link = LearnerLink(cfg, self.spill, run_id=self.run_id, endpoint=learner)
+            keep_receive_buffers()  # weights frames reuse heap memory instead of fresh pages each broadcast
         self.episode_dir = out / "episodes"
         self.episode_dir.mkdir(exist_ok=True)
         self._episode_index = len(list(self.episode_dir.glob("episode_*.hdf5")))
@@ -207,7 +209,7 @@ class ActorService:
         weights: Weights | None = self.link.take_weights()
         if weights is None or weights.version == self.weights_version:
             return
-        tensors = unpack_tensors(weights.tensors)
+        tensors = unpack_tensors(weights.tensors, copy=False)  # only read: loading copies into the networks
         self.agent.load_acting_state(tensors)
         self.weights_archive.save(weights.version, tensors, phase=weights.phase)
         self.weights_version = weights.version
@@ -566,7 +568,7 @@ def run_actor(
     def on_signal(signum, frame) -> None:
         service.stop_event.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals()}
     try:
         stats = service.run()
     finally:

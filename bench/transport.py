@@ -1,17 +1,26 @@
 """Loopback transport benchmark: transitions actor -> learner and weights learner -> actor over real ZeroMQ on TCP.
 
-    python bench/transport.py [--seconds 4] [--chunk 30] [--weights-samples 100]
+    python bench/transport.py [--seconds 4] [--chunk 30] [--weights-samples 100] [--weights-seconds 20]
+                              [--unrelated-next-obs]
 
 Transitions go DEALER (a sender process, the actor) -> ROUTER (this process, the learner) on tcp://127.0.0.1 in
 chunks, for the state config (configs/sim_peg_state.yaml) and a two-camera 84x84 image config (two (3, 84, 84) uint8
-images plus the state vector):
-  bare:     arrays msgpack-packed as raw bytes, sent, received, unpacked; no validation, no acks (the ceiling);
+images plus the state vector). A chunk holds consecutive steps of one episode, as an actor sends them (next_obs[i]
+is obs[i + 1], which the wire sends once); --unrelated-next-obs draws every next observation on its own instead.
+  bare:     arrays msgpack-packed as raw bytes (every array whole), sent, received, unpacked; no validation, no acks;
   checked:  wire.to_wire(Transitions) on the sender; from_wire + validate_transitions + an Ack per chunk on the
-            receiver, with at most 4 unacknowledged chunks in flight (the actor keeps what is unacknowledged);
-  stored:   checked, plus the learner's transition log: each chunk appended and fsync'd before its ack.
+            receiver, with at most 8 unacknowledged chunks in flight (the actor link's default window; the actor keeps
+            what is unacknowledged);
+  stored:   checked, plus the learner's transition log as the learner uses it: each received frame appended as is,
+            written and fsync'd in groups by the store's writer thread, and its Ack held until that fsync is done
+            (learner.store.HeldReplies). Transitions count when their Ack is sent.
 Weights go PUB (this process) -> SUB (a subscriber process); latency runs from the learner's torch state dict
-(pack_tensors, to_wire, send) to the subscriber's torch tensors (from_wire, unpack_tensors), one message in flight.
-Both processes stamp with CLOCK_MONOTONIC, which Linux shares between processes. The last line is the headline.
+(learner.broadcast.WeightsFrames: pack_tensors into the previous snapshot's memory once ZeroMQ has sent it, to_frames,
+send_multipart without copying) to torch tensors the actor can load (recv_multipart without copying, from_frames,
+unpack_tensors(copy=False)), one message in flight; the "load" column is the copy into the actor's networks that
+follows (copy_ into preallocated tensors, as load_state_dict does, torch on one thread), not part of the latency. The
+subscriber calls actor.link.keep_receive_buffers as the actor does. Both processes stamp with CLOCK_MONOTONIC, which
+Linux shares between processes. The last line is the headline.
 """
 
 from __future__ import annotations
@@ -28,15 +37,17 @@ import msgpack
 import numpy as np
 import zmq
 
+from robot_rl.actor.link import keep_receive_buffers
 from robot_rl.config import load_config
-from robot_rl.learner.store import StoredChunk, TransitionStore
+from robot_rl.learner.broadcast import WeightsFrames
+from robot_rl.learner.store import HeldReplies, StoredChunk, TransitionStore
 from robot_rl.wire import (
     Ack,
     Transitions,
     TransitionSpec,
     Weights,
+    from_frames,
     from_wire,
-    pack_tensors,
     to_wire,
     transition_spec,
     unpack_tensors,
@@ -44,7 +55,7 @@ from robot_rl.wire import (
 )
 
 MAX_BYTES = 512 << 20
-WINDOW = 4
+WINDOW = 8  # chunks in flight: actor.link.LearnerLink's default
 STATE_CONFIG = "configs/sim_peg_state.yaml"
 
 
@@ -56,8 +67,9 @@ def image_spec() -> TransitionSpec:
     )
 
 
-def make_chunk(spec: TransitionSpec, count: int, seed: int) -> dict[str, np.ndarray]:
-    """A valid chunk of `count` random transitions."""
+def make_chunk(spec: TransitionSpec, count: int, seed: int, *, consecutive: bool = True) -> dict[str, np.ndarray]:
+    """A valid chunk of `count` random transitions; consecutive: steps of one episode, as an actor records them
+    (next_obs[i] is obs[i + 1]; the last next_obs is new), else every next observation drawn on its own."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in spec.arrays(count).items():
@@ -69,6 +81,9 @@ def make_chunk(spec: TransitionSpec, count: int, seed: int) -> dict[str, np.ndar
             arrays[name] = np.full(shape, 3, np.int64)
         else:
             arrays[name] = rng.uniform(-1, 1, shape).astype(dtype)
+    if consecutive:
+        for key in spec.obs:
+            arrays[f"next_obs/{key}"][:-1] = arrays[f"obs/{key}"][1:]
     return arrays
 
 
@@ -84,7 +99,7 @@ def bare_unpack(data: bytes | memoryview) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------------------------
 # Transitions
 # --------------------------------------------------------------------------------------------------------------------
-def sender(endpoint: str, spec: TransitionSpec, count: int, checked: bool, stop: Any) -> None:
+def sender(endpoint: str, spec: TransitionSpec, count: int, checked: bool, consecutive: bool, stop: Any) -> None:
     """The actor side: send chunks until `stop` is set (checked: keep at most WINDOW chunks unacknowledged)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -92,7 +107,7 @@ def sender(endpoint: str, spec: TransitionSpec, count: int, checked: bool, stop:
     sock.setsockopt(zmq.SNDHWM, WINDOW * 2)
     sock.setsockopt(zmq.SNDTIMEO, 100)
     sock.connect(endpoint)
-    chunks = [make_chunk(spec, count, seed) for seed in range(4)]
+    chunks = [make_chunk(spec, count, seed, consecutive=consecutive) for seed in range(4)]
     seq, acked = 0, -1
     while not stop.is_set():
         if checked:
@@ -120,62 +135,85 @@ class Throughput:
     bytes_per_transition: float
 
 
-def measure_transitions(spec: TransitionSpec, count: int, mode: str, seconds: float) -> Throughput:
+def measure_transitions(
+    spec: TransitionSpec, count: int, mode: str, seconds: float, *, consecutive: bool = True
+) -> Throughput:
     """Receive chunks for `seconds` on a ROUTER. mode bare: unpack only; checked: decode, validate and ack each one;
-    stored: also append each chunk to the learner's transition log and fsync it before the ack, as the learner does."""
+    stored: also append each received frame to the learner's transition log and hold its ack until the store's
+    writer has fsync'd it, as the learner does."""
+    with tempfile.TemporaryDirectory() as store_dir, TransitionStore(Path(store_dir)) as store:
+        return _receive(spec, count, mode, seconds, consecutive, store if mode == "stored" else None)
+
+
+def _receive(
+    spec: TransitionSpec, count: int, mode: str, seconds: float, consecutive: bool, store: TransitionStore | None
+) -> Throughput:
     checked = mode != "bare"
-    store_dir = tempfile.TemporaryDirectory() if mode == "stored" else None
-    store = TransitionStore(Path(store_dir.name)) if store_dir is not None else None
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, WINDOW * 2)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_BYTES)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    held: HeldReplies[tuple[bytes, Ack, int]] | None = None
+    if store is not None:
+        held = HeldReplies(store)
+        poller.register(store.wake_fd, zmq.POLLIN)
     mp_ctx = mp.get_context("spawn")
     stop = mp_ctx.Event()
-    proc = mp_ctx.Process(target=sender, args=(f"tcp://127.0.0.1:{port}", spec, count, checked, stop), daemon=True)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    proc = mp_ctx.Process(target=sender, args=(endpoint, spec, count, checked, consecutive, stop), daemon=True)
     proc.start()
-    received = transitions = nbytes = 0
-    t0 = None
+    transitions = nbytes = received = 0
+    t0: float | None = None
+
+    def counted(n: int) -> None:
+        nonlocal transitions, t0
+        if t0 is None:  # the first chunk starts the clock (process start-up is not measured)
+            t0 = time.perf_counter()
+        else:
+            transitions += n
+
     try:
-        while True:
-            if not sock.poll(30_000, zmq.POLLIN):
+        while t0 is None or time.perf_counter() - t0 < seconds:
+            events = dict(poller.poll(30_000))
+            if not events:
                 raise RuntimeError("no chunk from the sender within 30 s")
-            identity, frame = sock.recv_multipart(copy=False)
-            data = frame.buffer  # zero-copy view of the received frame; decoding copies what it keeps
-            if checked:
+            if sock in events:
+                identity, frame = sock.recv_multipart(copy=False)
+                data = frame.buffer  # zero-copy view of the received frame; decoding copies what it keeps
+                if not checked:
+                    n = len(bare_unpack(data)["rewards"])
+                    nbytes, received = nbytes + data.nbytes, received + n
+                    counted(n)
+                    continue
                 msg = from_wire(data, max_bytes=MAX_BYTES)
                 assert isinstance(msg, Transitions)
                 validate_transitions(msg, spec)
-                n = msg.count
-                if store is not None:
-                    store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True))
-                    store.sync()
+                nbytes, received = nbytes + data.nbytes, received + msg.count
                 ack = Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=msg.last_seq)
-                sock.send_multipart([identity, to_wire(ack)])
-            else:
-                n = len(bare_unpack(data)["rewards"])
-            received += 1
-            if t0 is None:  # the first chunk starts the clock (process start-up is not measured)
-                t0 = time.perf_counter()
-                continue
-            transitions += n
-            nbytes += data.nbytes
-            if time.perf_counter() - t0 >= seconds:
-                break
+                if store is None or held is None:
+                    sock.send_multipart([identity.bytes, to_wire(ack)])
+                    counted(msg.count)
+                    continue
+                store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True), data)
+                held.hold((identity.bytes, ack, msg.count))
+            if held is not None:
+                for identity_bytes, ack, n in held.release():
+                    sock.send_multipart([identity_bytes, to_wire(ack)])
+                    counted(n)
+        assert t0 is not None
         elapsed = time.perf_counter() - t0
     finally:
-        if store is not None and store_dir is not None:
-            store.close()
-            store_dir.cleanup()
         stop.set()
         proc.join(timeout=10)
         if proc.is_alive():
             proc.terminate()
         sock.close()
         ctx.term()
-    return Throughput(transitions / elapsed, nbytes / max(transitions, 1))
+    return Throughput(transitions / elapsed, nbytes / max(received, 1))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,7 +274,12 @@ def image_config_weights() -> dict[str, Any]:
 
 
 def subscriber(endpoint: str, back: str) -> None:
-    """The actor side: decode each weights message to torch tensors and report the one-way latency."""
+    """The actor side: decode each weights message, load it into tensors of its own, and report the latency."""
+    import torch
+
+    keep_receive_buffers()  # as the actor service does
+    torch.set_num_threads(1)  # an actor on a small machine runs torch on one thread (train.torch_threads)
+
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -246,19 +289,25 @@ def subscriber(endpoint: str, back: str) -> None:
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(back)
+    loaded: dict[str, torch.Tensor] = {}  # the actor's networks: allocated once, overwritten by every load
     while True:
         if not sub.poll(30_000, zmq.POLLIN):
             break
-        stamp, frame = sub.recv_multipart(copy=False)
+        stamp, *frames = sub.recv_multipart(copy=False)
         received = time.monotonic_ns()
         if stamp.bytes == b"stop":
             break
-        msg = from_wire(frame.buffer, max_bytes=MAX_BYTES)
+        msg = from_frames(frames, max_bytes=MAX_BYTES)
         assert isinstance(msg, Weights)
-        tensors = unpack_tensors(msg.tensors)
+        tensors = unpack_tensors(msg.tensors, copy=False)
+        decoded = time.monotonic_ns()
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name not in loaded:
+                    loaded[name] = torch.empty_like(tensor)
+                loaded[name].copy_(tensor)  # what load_state_dict does with each parameter
         done = time.monotonic_ns()
-        assert tensors
-        push.send_multipart([stamp.bytes, str(received).encode(), str(done).encode()])
+        push.send_multipart([stamp.bytes, str(received).encode(), str(decoded).encode(), str(done).encode()])
     sub.close()
     push.close()
     ctx.term()
@@ -268,16 +317,17 @@ def subscriber(endpoint: str, back: str) -> None:
 class Latency:
     params: int
     message_bytes: int
-    encode_ms: float  # p50 of pack_tensors + to_wire on the learner
+    encode_ms: float  # p50 of pack_tensors + to_frames on the learner
     transfer_ms: float  # p50 of send to received (ZeroMQ over loopback TCP)
-    decode_ms: float  # p50 of from_wire + unpack_tensors on the actor
-    p50_ms: float
+    decode_ms: float  # p50 of from_frames + unpack_tensors(copy=False) on the actor
+    load_ms: float  # p50 of copying the tensors into the actor's networks (load_state_dict's work), not in p50/p99
+    p50_ms: float  # send to usable tensors on the actor (encode + transfer + decode)
     p99_ms: float
     samples: int
 
 
 def measure_weights(state: dict[str, Any], samples: int, seconds: float) -> Latency:
-    """Publish `state` one message at a time; latency from pack_tensors to the subscriber's unpacked tensors."""
+    """Publish `state` one message at a time; latency from pack_tensors to the subscriber's loaded tensors."""
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
@@ -291,31 +341,34 @@ def measure_weights(state: dict[str, Any], samples: int, seconds: float) -> Late
         target=subscriber, args=(f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{pull_port}"), daemon=True
     )
     proc.start()
-    latencies: list[tuple[float, float, float, float]] = []
+    latencies: list[tuple[float, ...]] = []
+    snapshots = WeightsFrames()  # as the learner publishes: snapshot memory reused once ZeroMQ has sent it
     size = 0
     try:
         version, deadline = 0, None
         while len(latencies) < samples and (deadline is None or time.perf_counter() < deadline):
             start = time.monotonic_ns()
-            data = to_wire(Weights(version=version, phase="online", tensors=pack_tensors(state)))
+            frames = snapshots.frames(version=version, phase="online", state=state)
             encoded = time.monotonic_ns()
-            size = len(data)
-            pub.send_multipart([f"{start} {encoded}".encode(), data], copy=False)
+            size = sum(f.buffer.nbytes for f in frames)
+            pub.send_multipart([f"{start} {encoded}".encode(), *frames], copy=False)
+            del frames  # a Frame object still held keeps its memory from being reused for the next snapshot
             version += 1
             # Until the subscription has reached the publisher, PUB drops messages: resend after a short wait.
             if not pull.poll(30_000 if deadline else 500, zmq.POLLIN):
                 if deadline is not None:
                     raise RuntimeError("no weights reached the subscriber within 30 s")
                 continue
-            stamp, received, done = pull.recv_multipart()
+            stamp, received_b, decoded_b, done_b = pull.recv_multipart()
             sent, encoded = (int(x) for x in stamp.split())
+            received, decoded, done = int(received_b), int(decoded_b), int(done_b)
             if deadline is None:  # the first delivery only proves the subscription; it starts the clock
                 time.sleep(0.2)
                 while pull.poll(0, zmq.POLLIN):  # late deliveries of warm-up messages are not samples
                     pull.recv_multipart()
                 deadline = time.perf_counter() + seconds
                 continue
-            stages = (encoded - sent, int(received) - encoded, int(done) - int(received), int(done) - sent)
+            stages = (encoded - sent, received - encoded, decoded - received, done - decoded, decoded - sent)
             latencies.append(tuple(x / 1e6 for x in stages))
         pub.send_multipart([b"stop", b""])
     finally:
@@ -327,20 +380,31 @@ def measure_weights(state: dict[str, Any], samples: int, seconds: float) -> Late
         ctx.term()
     params = sum(int(t.numel()) for t in state.values())
     table = np.asarray(latencies)
-    encode_ms, transfer_ms, decode_ms, p50 = np.percentile(table, 50, axis=0)
-    p99 = np.percentile(table[:, 3], 99)
-    return Latency(params, size, encode_ms, transfer_ms, decode_ms, p50, float(p99), len(latencies))
+    encode_ms, transfer_ms, decode_ms, load_ms, p50 = np.percentile(table, 50, axis=0)
+    p99 = np.percentile(table[:, 4], 99)
+    return Latency(params, size, encode_ms, transfer_ms, decode_ms, load_ms, p50, float(p99), len(latencies))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="Measured seconds per transitions row.")
+    parser.add_argument(
+        "--weights-seconds", type=float, default=20.0, help="At most this long per weights row (p99 needs samples)."
+    )
     parser.add_argument("--chunk", type=int, default=30, help="Transitions per chunk.")
     parser.add_argument("--weights-samples", type=int, default=100, help="Weights messages per latency row (at most).")
+    parser.add_argument(
+        "--unrelated-next-obs",
+        action="store_true",
+        help="Draw every next observation on its own instead of taking the next step's (nothing is shared).",
+    )
     args = parser.parse_args()
 
     specs = {"state": transition_spec(load_config(STATE_CONFIG)), "2cam 84x84": image_spec()}
-    print(f"transitions: chunks of {args.chunk}, {args.seconds:g} s per row, DEALER -> ROUTER on tcp://127.0.0.1")
+    steps = "unrelated next observations" if args.unrelated_next_obs else "consecutive steps"
+    print(
+        f"transitions: chunks of {args.chunk} {steps}, {args.seconds:g} s per row, DEALER -> ROUTER on tcp://127.0.0.1"
+    )
     print(
         f"{'config':<11} {'path':<8} {'transitions/s':>14} {'chunks/s':>9} {'MB/s':>8}"
         f" {'B/transition':>13} {'raw B':>7}"
@@ -348,7 +412,7 @@ def main() -> None:
     headline = {}
     for name, spec in specs.items():
         for path in ("bare", "checked", "stored"):
-            result = measure_transitions(spec, args.chunk, path, args.seconds)
+            result = measure_transitions(spec, args.chunk, path, args.seconds, consecutive=not args.unrelated_next_obs)
             headline[(name, path)] = result.transitions_per_s
             rate = result.transitions_per_s
             print(
@@ -357,19 +421,21 @@ def main() -> None:
                 f" {result.bytes_per_transition:>13,.0f} {spec.transition_bytes():>7,}"
             )
     print(
-        f"weights: PUB -> SUB on tcp://127.0.0.1, pack_tensors -> unpack_tensors, up to {args.weights_samples} samples"
+        f"weights: PUB -> SUB on tcp://127.0.0.1, pack_tensors -> usable tensors on the actor (load: not in p50/p99), "
+        f"up to {args.weights_samples} samples"
     )
     print(
-        f"{'network':<11} {'params':>11} {'MB':>7} {'encode':>7} {'transfer':>9} {'decode':>7}"
+        f"{'network':<11} {'params':>11} {'MB':>7} {'encode':>7} {'transfer':>9} {'decode':>7} {'load':>7}"
         f" {'p50 ms':>8} {'p99 ms':>8} {'samples':>8}"
     )
     latencies = {}
     for name, build in (("state", state_config_weights), ("image-size", image_config_weights)):
-        lat = measure_weights(build(), args.weights_samples, args.seconds)
+        lat = measure_weights(build(), args.weights_samples, args.weights_seconds)
         latencies[name] = lat
         print(
             f"{name:<11} {lat.params:>11,} {lat.message_bytes / 1e6:>7.1f} {lat.encode_ms:>7.2f}"
-            f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
+            f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.load_ms:>7.2f}"
+            f" {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
         )
     print(
         f"headline: stored state transitions {headline[('state', 'stored')]:,.0f}/s, "

@@ -13,8 +13,10 @@ Sockets: a ROUTER at `transport.learner` answers the actors' DEALERs (hello -> w
 or refuse, eval_report -> nothing or refuse); a PUB at `transport.weights_endpoint` broadcasts `Status` every
 `transport.status_every_s` and `Weights` every WEIGHTS_EVERY learner steps and at every phase change once weights
 exist. Transitions are stored exactly once per (actor_id, run_id) and sequence number: a chunk is appended to the
-durable log (learner/store.py) and fsync'd before it is acknowledged, duplicates are dropped and counted, and a chunk
-past a gap is not stored (the ack tells the actor where to resume).
+durable log (learner/store.py), whose writer thread writes and fsyncs what arrived meanwhile as one group while this
+thread goes on receiving; every reply is held until the store has fsync'd all that was appended before it was made,
+so an ack never covers a transition that is not on disk. Duplicates are dropped and counted, and a chunk past a gap
+is not stored (the ack tells the actor where to resume).
 
 The run directory holds config.yaml, eval.csv, stats.json (rewritten at least once a second), tb/, buffer/ (the
 transition logs), checkpoints/ (latest, periodic step_*, final), summary.json and curves.png. `resume=True` rebuilds
@@ -51,6 +53,7 @@ from robot_rl.episodes import episodes_to_transitions, read_episodes
 from robot_rl.prefetch import StepSampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
+from robot_rl.signals import stop_signals
 from robot_rl.train import resolve_device, transitions_obs
 from robot_rl.wire import (
     ID_PATTERN,
@@ -62,20 +65,19 @@ from robot_rl.wire import (
     Refuse,
     Status,
     Transitions,
-    Weights,
     Welcome,
     WireError,
     check_hello,
     config_fingerprint,
     diff_fingerprints,
     from_wire,
-    pack_tensors,
     to_wire,
     transition_spec,
     validate_transitions,
 )
 
-from .store import StoredChunk, TransitionStore
+from .broadcast import WeightsFrames
+from .store import HeldReplies, StoredChunk, StoreError, TransitionStore
 
 EVAL_ID_JUMP_ON_RESUME = 1000
 log = logging.getLogger("robot_rl.learner")
@@ -83,7 +85,7 @@ log = logging.getLogger("robot_rl.learner")
 WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (DESIGN §6)
 STATS_EVERY_S = 0.5  # stats.json is rewritten at least this often
 DONE_STATUS_S = 1.0  # Status(done=True) is broadcast this long before the learner exits
-BATCH_MESSAGES = 64  # requests handled per poll before their chunks are fsync'd together and answered
+BATCH_MESSAGES = 64  # requests handled per poll before the held replies are looked at again
 DEFAULT_EVAL_TIMEOUT_S = 600.0
 TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
 CHECKPOINTS = "checkpoints"
@@ -259,6 +261,9 @@ class LearnerService:
         self.learner_time = 0.0
 
         self.store = TransitionStore(self.out / "buffer")
+        self.held: HeldReplies[tuple[bytes, Message]] = HeldReplies(self.store)
+        self._weights_frames = WeightsFrames()
+        self._poller = zmq.Poller()
         self.evallog = RunLog(self.out, resume=resume)
         if resume:
             self._restore()
@@ -330,6 +335,8 @@ class LearnerService:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
                 raise LearnerError(f"cannot bind {endpoint}: {exc}") from exc
+        self._poller.register(self.router, zmq.POLLIN)
+        self._poller.register(self.store.wake_fd, zmq.POLLIN)
 
     def _close(self) -> None:
         self.sampler.close()
@@ -342,7 +349,10 @@ class LearnerService:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
-        self.store.close()
+        try:
+            self.store.close()
+        except StoreError as err:  # nothing after the failure was acknowledged; the actors resend it
+            log.error("transition log closed after a failed write: %s", err)
         self.evallog.close()
         self.status.close()
 
@@ -369,6 +379,7 @@ class LearnerService:
         except _Stopped:
             return self._interrupted()
         finally:
+            self._send_held_replies()
             self._write_stats()
             self._close()
 
@@ -414,31 +425,47 @@ class LearnerService:
 
     # -- serving requests ---------------------------------------------------------------------------------------------
     def _serve(self, timeout_ms: int) -> None:
-        """Handle the requests waiting (up to BATCH_MESSAGES), fsync what they stored, then answer them."""
+        """Handle the requests waiting (up to BATCH_MESSAGES), then send the replies whose chunks are fsync'd.
+
+        Waits at most `timeout_ms` for a request or for the store's writer to finish a group.
+        """
         assert self.router is not None
-        if not self.router.poll(timeout_ms, zmq.POLLIN):
-            return
-        replies: list[tuple[bytes, Message]] = []
-        for _ in range(BATCH_MESSAGES):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            identity = frames[0]
-            if len(frames) != 2:
-                reply = self._refuse(identity, f"expected one message frame, got {len(frames) - 1}")
-            else:
-                reply = self._handle(identity, frames[1])
-            if reply is not None:
-                replies.append((identity, reply))
-        self.store.sync()  # everything acknowledged below is on disk
-        for identity, reply in replies:
+        events = dict(self._poller.poll(timeout_ms))
+        if self.router in events:
+            for _ in range(BATCH_MESSAGES):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                identity = frames[0].bytes
+                if len(frames) != 2:
+                    reply = self._refuse(identity, f"expected one message frame, got {len(frames) - 1}")
+                else:
+                    reply = self._handle(identity, frames[1].buffer)
+                if reply is not None:
+                    self.held.hold((identity, reply))
+        self._send_released()
+
+    def _send_released(self) -> None:
+        """Send the held replies whose chunks the store has fsync'd (only those are acknowledged), in order."""
+        assert self.router is not None
+        for identity, reply in self.held.release():
             try:
                 self.router.send_multipart([identity, to_wire(reply)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # the peer is gone or its queue is full: it resends after reconnecting
                 log.info("reply to a peer dropped: %s", exc)
 
-    def _handle(self, identity: bytes, payload: bytes) -> Message | None:
+    def _send_held_replies(self) -> None:
+        """On the way out: wait for the store's last fsync and send the acknowledgements it releases."""
+        if self.router is None or not len(self.held):
+            return
+        try:
+            self.store.sync()
+            self._send_released()
+        except StoreError as err:  # already logged by the writer; the exception on the way out stays the original
+            log.error("acknowledgements held at exit not sent: %s", err)
+
+    def _handle(self, identity: bytes, payload: memoryview) -> Message | None:
         try:
             msg = from_wire(payload, max_bytes=self.cfg.transport.max_message_bytes)
         except WireError as err:
@@ -449,7 +476,7 @@ class LearnerService:
         if isinstance(msg, Hello):
             return self._on_hello(identity, msg)
         if isinstance(msg, Transitions):
-            return self._on_transitions(identity, msg)
+            return self._on_transitions(identity, msg, payload)
         if isinstance(msg, EvalReport):
             return self._on_eval_report(identity, msg)
         return self._refuse(identity, f"kind: the learner does not accept {msg.kind} messages")
@@ -508,7 +535,7 @@ class LearnerService:
             )
         return None
 
-    def _on_transitions(self, identity: bytes, msg: Transitions) -> Message:
+    def _on_transitions(self, identity: bytes, msg: Transitions, payload: memoryview) -> Message:
         refusal = self._session_refusal(identity, msg.actor_id, msg.run_id, "transitions")
         if refusal is not None:
             return refusal
@@ -538,7 +565,7 @@ class LearnerService:
                 arrays={name: array[skip:] for name, array in msg.arrays.items()},
                 online=self.online_started,
             )
-            self.store.append(chunk)
+            self.store.append(chunk, payload if skip == 0 else None)  # a whole chunk: the frame as received
             self._ingest(chunk, stream)
             stats.stored += chunk.count
         return Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=stream.next_seq - 1)
@@ -787,10 +814,10 @@ class LearnerService:
     def _publish_weights(self) -> None:
         assert self.pub is not None
         self.weights_version = max(self.weights_version, 0) + 1
-        message = Weights(
-            version=self.weights_version, phase=self.phase, tensors=pack_tensors(self.agent.acting_state())
+        frames = self._weights_frames.frames(
+            version=self.weights_version, phase=self.phase, state=self.agent.acting_state()
         )
-        self.pub.send(to_wire(message), zmq.NOBLOCK)
+        self.pub.send_multipart(frames, zmq.NOBLOCK, copy=False)
         self._write_stats()  # the newest version is on disk before anything else happens (resume continues above it)
 
     def _publish_status(self, *, done: bool = False) -> None:
@@ -866,6 +893,7 @@ class LearnerService:
 
     # -- persistence --------------------------------------------------------------------------------------------------
     def _checkpoint(self, name: str) -> Path:
+        self.store.sync()  # the log holds every transition the checkpoint counts (a failed write raises here)
         path = self.out / CHECKPOINTS / name
         manifest = {
             "kind": "q2rl_agent",
@@ -968,7 +996,7 @@ def run_learner(
     stop = threading.Event()
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         summary = service.run(stop)

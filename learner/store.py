@@ -11,25 +11,42 @@ exactly the transitions the learner stored from one chunk, numbered from `first_
 transitions stored after the learner first went online (they count as online environment steps); without it they
 were collected for Q-Estimation.
 
-`append` writes a record and `sync` flushes and fsyncs every file written since the last sync; the learner
-acknowledges a chunk only after `sync`. `read_back` returns every stream's records in order. A torn or corrupt tail
-(a partial header, a length past the end of the file, a checksum or decoding failure, or a sequence number that does
-not continue the stream) is cut off the file, with a warning, so the next append continues a well-formed log.
+The payload of a record is the message exactly as the actor sent it when the learner stores the whole chunk (the
+received frame is written as is, never re-encoded); a chunk trimmed of duplicates is encoded anew. Records written
+under protocol 1 read back unchanged (a protocol-2 Transitions message differs only by the next observations it may
+leave out, which parsing rebuilds); an intact record of an unknown protocol version stops the read with StoreError
+rather than being cut as damage.
+
+Writing happens on a writer thread so that the learner's receive loop never waits on the disk: `append` queues a
+record and returns its ticket (1, 2, ...); the writer writes everything queued with one `os.writev` per record, then
+fsyncs every file it wrote (and the directory, for new files) once for the whole group, and only then raises
+`durable()` to the last ticket of the group and makes `wake_fd` readable. The learner acknowledges a chunk only when
+`durable()` has reached the chunk's ticket (`HeldReplies`), so an acknowledgement never covers a byte that is not
+fsync'd. `sync` waits until everything appended is durable. A write or fsync error stops the writer; every later
+call raises StoreError with it, and nothing more is acknowledged.
+
+`read_back` returns every stream's records in order. A torn or corrupt tail (a partial header, a length past the end
+of the file, a checksum or decoding failure, or a sequence number that does not continue the stream) is cut off the
+file, with a warning, so the next append continues a well-formed log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
+import threading
 import zlib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Generic, TypeVar
 
 import numpy as np
 
-from robot_rl.wire import Transitions, WireError, from_wire, to_wire
+from robot_rl.wire import Transitions, VersionError, WireError, from_wire, to_wire
 
 log = logging.getLogger("robot_rl.learner")
 
@@ -39,6 +56,15 @@ FLAG_ONLINE = 0x01
 SUFFIX = ".log"
 # Upper bound on one record's payload when reading back (a chunk of the largest image spec stays far below it).
 MAX_RECORD_BYTES = 1 << 31
+# Protocol versions whose Transitions payloads this store reads (both parse to the same Transitions).
+READABLE_VERSIONS = (1, 2)
+# Bytes queued for the writer before `append` waits for it (the actors' windows bound it well below this).
+MAX_QUEUED_BYTES = 512 << 20
+T = TypeVar("T")
+
+
+class StoreError(RuntimeError):
+    """The transition log cannot be written or read as it is; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +95,8 @@ def stream_file_name(actor_id: str, run_id: str) -> str:
     return f"{actor_id}@{run_id}{SUFFIX}"
 
 
-def encode_record(chunk: StoredChunk) -> bytes:
-    """The bytes of one record (header + payload)."""
+def encode_payload(chunk: StoredChunk) -> bytes:
+    """The wire encoding of a chunk (a Transitions message), a record's payload."""
     message = Transitions(
         actor_id=chunk.actor_id,
         run_id=chunk.run_id,
@@ -78,10 +104,19 @@ def encode_record(chunk: StoredChunk) -> bytes:
         count=chunk.count,
         arrays=chunk.arrays,
     )
-    payload = to_wire(message)
-    flags = FLAG_ONLINE if chunk.online else 0
-    crc = zlib.crc32(bytes([flags]) + payload)
-    return HEADER.pack(MAGIC, flags, len(payload), crc) + payload
+    return to_wire(message)
+
+
+def record_header(flags: int, payload: bytes | memoryview) -> bytes:
+    """The header of the record of `payload` (its crc32 covers the flags byte and the payload, read in place)."""
+    view = memoryview(payload)
+    return HEADER.pack(MAGIC, flags, view.nbytes, zlib.crc32(view, zlib.crc32(bytes([flags]))))
+
+
+def encode_record(chunk: StoredChunk) -> bytes:
+    """The bytes of one record (header + payload)."""
+    payload = encode_payload(chunk)
+    return record_header(FLAG_ONLINE if chunk.online else 0, payload) + payload
 
 
 class _TornRecord(Exception):
@@ -99,10 +134,15 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
     if length > MAX_RECORD_BYTES or start + length > len(data):
         raise _TornRecord(f"record of {length} bytes runs past the end of the file")
     payload = data[start : start + length]
-    if zlib.crc32(bytes([flags]) + bytes(payload)) != crc:
+    if zlib.crc32(payload, zlib.crc32(bytes([flags]))) != crc:
         raise _TornRecord("checksum mismatch")
     try:
-        message = from_wire(payload, max_bytes=MAX_RECORD_BYTES)
+        message = from_wire(payload, max_bytes=MAX_RECORD_BYTES, versions=READABLE_VERSIONS)
+    except VersionError as err:  # intact (the checksum holds) but written by another version: do not cut it
+        raise StoreError(
+            f"a record at byte {offset} of the {actor_id}@{run_id} log was written under another protocol "
+            f"({err}); read it with the robot-rl version that wrote it, or move the log away"
+        ) from None
     except WireError as err:
         raise _TornRecord(f"payload does not decode: {err}") from None
     if not isinstance(message, Transitions) or (message.actor_id, message.run_id) != (actor_id, run_id):
@@ -117,15 +157,41 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
     return chunk, start + length
 
 
-class TransitionStore:
-    """Append-only, fsync'd logs of stored transition chunks, one file per (actor_id, run_id), in `directory`."""
+@dataclass(frozen=True)
+class _Record:
+    key: tuple[str, str]
+    flags: int
+    payload: bytes | memoryview
+    ticket: int
 
-    def __init__(self, directory: Path) -> None:
+
+class TransitionStore:
+    """Append-only, fsync'd logs of stored transition chunks, one file per (actor_id, run_id), in `directory`.
+
+    `append` queues, a writer thread writes and fsyncs in groups; `durable()` says up to which ticket. Use it as a
+    context manager or call `close`.
+    """
+
+    def __init__(self, directory: Path, *, fsync: Callable[[int], None] = os.fsync) -> None:
         self.directory = Path(directory)
+        self._fsync = fsync  # replaceable to hold a group at its fsync in tests
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._files: dict[tuple[str, str], BinaryIO] = {}
-        self._dirty: set[tuple[str, str]] = set()
-        self._new_files = False
+        self.appended = 0  # tickets handed out
+        self._durable = 0
+        self._queue: list[_Record] = []
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._fds: dict[tuple[str, str], int] = {}
+        self._wake_r = self._wake_w = -1  # a pipe, made with the writer (a store that only reads holds no fds)
+        self._writer: threading.Thread | None = None
+
+    def __enter__(self) -> TransitionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def is_empty(self) -> bool:
         """True when no stream file holds any bytes."""
@@ -167,36 +233,170 @@ class TransitionStore:
             offset, next_seq = end, chunk.last_seq + 1
         return chunks
 
-    def append(self, chunk: StoredChunk) -> None:
-        """Write one record (buffered); durable only after `sync`."""
-        key = (chunk.actor_id, chunk.run_id)
-        file = self._files.get(key)
-        if file is None:
-            path = self.directory / stream_file_name(*key)
-            self._new_files = self._new_files or not path.exists()
-            file = self._files[key] = path.open("ab")
-        file.write(encode_record(chunk))
-        self._dirty.add(key)
+    def append(self, chunk: StoredChunk, payload: bytes | memoryview | None = None) -> int:
+        """Queue one record and return its ticket; it is durable once `durable()` reaches the ticket.
+
+        `payload`, when given, must be the wire encoding of exactly this chunk (the received frame of a chunk stored
+        whole); it is written as is and must not change until written. Without it the chunk is encoded here.
+        """
+        if payload is None:
+            payload = encode_payload(chunk)
+        size = memoryview(payload).nbytes
+        with self._cond:
+            self._raise_error()
+            if self._closing:
+                raise StoreError("the transition store is closed")
+            if self._writer is None:
+                self._open_pipe()
+                self._writer = threading.Thread(target=self._write_loop, name="transition-store", daemon=True)
+                self._writer.start()
+            while self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES and self._error is None:
+                self._cond.wait()  # the disk is behind: the receive loop waits rather than queueing without bound
+            self._raise_error()
+            self.appended += 1
+            flags = FLAG_ONLINE if chunk.online else 0
+            self._queue.append(_Record((chunk.actor_id, chunk.run_id), flags, payload, self.appended))
+            self._queued_bytes += size
+            self._cond.notify_all()
+            return self.appended
+
+    def durable(self) -> int:
+        """The highest ticket whose record, and every one before it, is written and fsync'd; StoreError when the
+        writer failed. Also empties `wake_fd`."""
+        if self._wake_r >= 0:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_r, 4096):
+                    pass
+        with self._cond:
+            self._raise_error()
+            return self._durable
+
+    @property
+    def wake_fd(self) -> int:
+        """A file descriptor that becomes readable when `durable()` has risen (poll it with the sockets)."""
+        with self._cond:
+            self._open_pipe()
+            return self._wake_r
+
+    def _open_pipe(self) -> None:
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
 
     def sync(self) -> None:
-        """Flush and fsync every file appended to since the last sync (and the directory, for new files)."""
-        for key in self._dirty:
-            file = self._files[key]
-            file.flush()
-            os.fsync(file.fileno())
-        self._dirty.clear()
-        if self._new_files:
-            _fsync_directory(self.directory)
-            self._new_files = False
+        """Wait until everything appended so far is durable (StoreError if the writer fails meanwhile)."""
+        with self._cond:
+            target = self.appended
+            while self._durable < target and self._error is None:
+                self._cond.wait()
+            self._raise_error()
 
     def close(self) -> None:
-        """Sync and close every file."""
-        try:
-            self.sync()
-        finally:
-            for file in self._files.values():
-                file.close()
-            self._files.clear()
+        """Write and fsync what is queued, stop the writer and close every file (idempotent)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
+            self._writer = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        with self._cond:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"writing the transition log failed: {self._error}") from self._error
+
+    # -- the writer thread --------------------------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                group, self._queue = self._queue, []
+            try:
+                self._write_group(group)
+            except BaseException as err:  # surfaced to the learner's thread by the next append/durable/sync
+                log.error("transition log write failed: %s", err)
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                self._wake()
+                return
+            with self._cond:
+                self._durable = group[-1].ticket
+                self._queued_bytes -= sum(memoryview(r.payload).nbytes for r in group)
+                self._cond.notify_all()
+            self._wake()
+
+    def _write_group(self, group: list[_Record]) -> None:
+        """Write every record of the group, then fsync each file written once (and the directory for new files)."""
+        written: set[tuple[str, str]] = set()
+        new_files = False
+        for record in group:
+            fd = self._fds.get(record.key)
+            if fd is None:
+                path = self.directory / stream_file_name(*record.key)
+                new_files = new_files or not path.exists()
+                fd = self._fds[record.key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            _write_all(fd, [record_header(record.flags, record.payload), memoryview(record.payload)])
+            written.add(record.key)
+        for key in written:
+            self._fsync(self._fds[key])
+        if new_files:
+            _fsync_directory(self.directory)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a full pipe is awake already
+            os.write(self._wake_w, b"\0")
+
+
+class HeldReplies(Generic[T]):
+    """Replies held back until the store has made durable every record appended before each was made.
+
+    `hold(reply)` right after handling the request that made it; `release()` returns, in order, the replies whose
+    records are fsync'd. An Ack made after an append is therefore never sent before that append is on disk, and a
+    reply that follows it (a Welcome with the acknowledged sequence, a Refuse) never overtakes it.
+    """
+
+    def __init__(self, store: TransitionStore) -> None:
+        self.store = store
+        self._held: deque[tuple[int, T]] = deque()
+
+    def hold(self, reply: T) -> None:
+        self._held.append((self.store.appended, reply))
+
+    def release(self) -> list[T]:
+        durable = self.store.durable()  # also when nothing is held: it empties the store's wake_fd
+        out: list[T] = []
+        while self._held and self._held[0][0] <= durable:
+            out.append(self._held.popleft()[1])
+        return out
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
+    """os.writev until every byte is written (a regular file may take fewer bytes than asked)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= views[0].nbytes:
+            done -= views[0].nbytes
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from robot_rl.config import ConfigError, load_config
+from robot_rl.signals import SUPERVISED_ENV
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -315,8 +317,13 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if os.environ.get(SUPERVISED_ENV) == "1":
+            # A service the demo started: the terminal's Ctrl-C reaches it too, but the demo stops it in order
+            # (actor first, so that its last chunks are acknowledged, then the learner) with SIGTERM.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     from robot_rl.bc import BCCheckpointError
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError

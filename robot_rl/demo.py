@@ -11,6 +11,7 @@ the run directory is.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import numpy as np
 
 from robot_rl.config import dump_config, load_config
 from robot_rl.runlog import EvalRow, StatusLine, read_eval_csv
+from robot_rl.signals import SUPERVISED_ENV
 
 # The embedded defaults of the demo: the state config's networks with the paper's Q-Estimation budget (100 BC
 # rollouts, 5000 value and 20k Q-initialisation steps: the gate beats BC from the first online step, with no dip; see
@@ -111,9 +113,11 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     logs = {name: (out / f"{name}.log").open("a") for name in ("learner", "actor")}
     learner_cmd = [*base, "learner", *common, "--out", str(out / "learner"), "--demos", str(demos)]
     actor_cmd = [*base, "actor", *common, "--out", str(out / "actor"), "--learner", cfg.transport.learner]
+    # The services ignore the terminal's Ctrl-C; the demo stops them in order (_stop).
+    env = {**os.environ, SUPERVISED_ENV: "1"}
     procs = {
-        "learner": subprocess.Popen(learner_cmd, stdout=logs["learner"], stderr=subprocess.STDOUT),
-        "actor": subprocess.Popen(actor_cmd, stdout=logs["actor"], stderr=subprocess.STDOUT),
+        "learner": subprocess.Popen(learner_cmd, stdout=logs["learner"], stderr=subprocess.STDOUT, env=env),
+        "actor": subprocess.Popen(actor_cmd, stdout=logs["actor"], stderr=subprocess.STDOUT, env=env),
     }
     status = StatusLine(enabled=not quiet)
     deadline = start + minutes * 60

@@ -14,17 +14,26 @@ refused and why. Decoded arrays are read-only views over the private bytes objec
 (never over the socket's buffer); copy them to keep or modify them (`ReplayBuffer.add_many` copies).
 `validate_transitions` then checks a chunk against the `TransitionSpec` both sides derived from the config.
 
+Weights are tens of megabytes for image agents, so the learner broadcasts them as a multipart message
+(`to_frames` / `from_frames`, protocol 2): a msgpack header frame of kind `weights` whose `tensors` is a list of
+{"name", "dtype", "shape"}, then one frame of raw little-endian bytes per tensor, in the header's order. Sent with
+`copy=False` and received with `copy=False`, no tensor byte is copied by msgpack or Python; every frame's length is
+checked against its header entry (dtype, shape, byte count) before an array is made over it. Every other message
+travels as one frame, and `from_frames` of one frame is `from_wire`.
+
 The config fingerprint (`config_fingerprint`, `config_hash`, `diff_fingerprints`) names the parts of the config both
 sides must agree on, so that a mismatched actor is refused with the differing field paths.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -38,7 +47,9 @@ if TYPE_CHECKING:
 
     from robot_rl.config import RunConfig
 
-PROTOCOL_VERSION: int = 1
+# 2: Weights travel as a header frame plus one frame per tensor (to_frames); Transitions may leave out next
+# observations that repeat the following observation (next_obs_shared). A version-1 message parses the same way.
+PROTOCOL_VERSION: int = 2
 
 # Wire dtype string -> numpy dtype: float32, float64, int32, int64, uint8, bool, uint16, as numpy writes them
 # little-endian (`|` where byte order does not apply). A peer's dtype string is only looked up here, never parsed.
@@ -59,6 +70,17 @@ _ARRAY_KEYS = frozenset({"__nd__", "dtype", "shape", "data"})
 
 class WireError(ValueError):
     """A message refused by the wire layer; the message names the field and the reason."""
+
+
+class VersionError(WireError):
+    """A well-formed message of another protocol version than the ones accepted."""
+
+
+def _check_version(version: Any, versions: Collection[int] | None) -> None:
+    accepted = (PROTOCOL_VERSION,) if versions is None else versions
+    if not isinstance(version, int) or isinstance(version, bool) or version not in accepted:
+        speaks = ", ".join(str(v) for v in sorted(accepted))
+        raise VersionError(f"v: protocol version {_short(version)}, this side speaks {speaks}")
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -134,20 +156,24 @@ def _array_from_map(node: dict[str, Any]) -> np.ndarray:
     """The read-only array a {"__nd__": 1, ...} map describes, after checking dtype, shape and byte length."""
     if set(node) != _ARRAY_KEYS or type(node["__nd__"]) is not int or node["__nd__"] != 1:
         raise WireError(f"array map must hold exactly {sorted(_ARRAY_KEYS)} with __nd__ = 1, got {_short(list(node))}")
-    dtype = DTYPES.get(node["dtype"]) if isinstance(node["dtype"], str) else None
+    if not isinstance(node["data"], bytes):
+        raise WireError(f"array data must be bytes, got {type(node['data']).__name__}")
+    return _checked_array(node["dtype"], node["shape"], memoryview(node["data"]))
+
+
+def _checked_array(wire_dtype: Any, shape: Any, data: memoryview) -> np.ndarray:
+    """The read-only array of a peer's dtype string and shape over `data`, after checking them and the byte count."""
+    dtype = DTYPES.get(wire_dtype) if isinstance(wire_dtype, str) else None
     if dtype is None:
-        raise WireError(f"array dtype {_short(node['dtype'])} is not allowed (allowed: {', '.join(sorted(DTYPES))})")
-    shape, data = node["shape"], node["data"]
+        raise WireError(f"array dtype {_short(wire_dtype)} is not allowed (allowed: {', '.join(sorted(DTYPES))})")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise WireError(f"array shape must be a list of at most {MAX_NDIM} sizes, got {_short(shape)}")
     if any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape):
         raise WireError(f"array shape must hold integers in [0, {MAX_DIM}], got {_short(shape)}")
-    if not isinstance(data, bytes):
-        raise WireError(f"array data must be bytes, got {type(data).__name__}")
     expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge declared shape cannot overflow
-    if expected != len(data):
-        raise WireError(f"array of shape {shape} and dtype {dtype.name} needs {expected} bytes, got {len(data)}")
-    if dtype == np.bool_ and data and np.frombuffer(data, np.uint8).max() > 1:
+    if expected != data.nbytes:
+        raise WireError(f"array of shape {shape} and dtype {dtype.name} needs {expected} bytes, got {data.nbytes}")
+    if dtype == np.bool_ and data.nbytes and np.frombuffer(data, np.uint8).max() > 1:
         raise WireError("bool array holds bytes other than 0 and 1")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     array.flags.writeable = False
@@ -176,11 +202,13 @@ def _check_depth(root: dict[str, Any]) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_bytes: int) -> dict[str, Any]:
+def decode(
+    data: bytes | bytearray | memoryview, *, max_bytes: int, versions: Collection[int] | None = None
+) -> dict[str, Any]:
     """The message map in `data` (at most `max_bytes` long) with arrays as read-only numpy views; else WireError.
 
-    Checks the framing only: a map at the top, a known `kind`, `v` equal to PROTOCOL_VERSION, well-formed arrays of
-    allowed dtypes. The fields of each kind are checked by `parse`.
+    Checks the framing only: a map at the top, a known `kind`, `v` equal to PROTOCOL_VERSION (or one of `versions`;
+    VersionError else), well-formed arrays of allowed dtypes. The fields of each kind are checked by `parse`.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"expected bytes, got {type(data).__name__}")
@@ -212,9 +240,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int) -> dict[str,
     kind = message.get("kind")
     if not isinstance(kind, str) or kind not in KINDS:
         raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
-    version = message.get("v")
-    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
-        raise WireError(f"v: protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    _check_version(message.get("v"), versions)
     return message
 
 
@@ -278,6 +304,12 @@ class Transitions(Message):
     `arrays` holds, with n = count: `obs/<key>` and `next_obs/<key>` [n, *shape] per observation key of the
     TransitionSpec, `actions` and `bc_actions` [n, action_dim] float32 (bc_actions NaN where no BC proposal was
     made), `rewards` [n] float32, `terminated` and `truncated` [n] bool, `weights_version` [n] int64.
+
+    On the wire (protocol 2) a next observation that is, bit for bit and for every key, the observation of the
+    following transition is not sent twice: the map then carries `next_obs_shared` [n] bool (True at such rows; the
+    last row is always False) and each `next_obs/<key>` holds only the other rows. Within an episode every row but
+    the last is shared, which halves an image chunk. `parse` rebuilds the full arrays, so the instance always holds
+    them.
     """
 
     kind: ClassVar[str] = "transitions"
@@ -291,6 +323,72 @@ class Transitions(Message):
     def last_seq(self) -> int:
         """Sequence number of the last transition of the chunk."""
         return self.first_seq + self.count - 1
+
+    def to_message(self) -> dict[str, Any]:
+        """The message map, with next-observation rows that repeat the following observation left out."""
+        body = super().to_message()
+        shared = _shared_next_obs(self.arrays, self.count)
+        if shared is not None:
+            kept = ~shared
+            body["arrays"] = {k: a[kept] if k.startswith(NEXT_OBS) else a for k, a in self.arrays.items()}
+            body[NEXT_OBS_SHARED] = shared
+        return body
+
+
+NEXT_OBS, OBS = "next_obs/", "obs/"
+NEXT_OBS_SHARED = "next_obs_shared"
+# Chunks whose next observations hold fewer bytes than this are sent whole: finding and rebuilding shared rows costs
+# more time than the bytes save (a 30-step state chunk: 720 bytes).
+MIN_SHARED_BYTES = 4096
+
+
+def _shared_next_obs(arrays: Mapping[str, Any], count: int) -> np.ndarray | None:
+    """[count] bool: rows whose next observations equal the next row's observations bit for bit, every key; None
+    when no row is shared (or the arrays are not of the expected form: validation refuses them elsewhere)."""
+    names = [name for name in arrays if name.startswith(NEXT_OBS)]
+    if count < 2 or sum(getattr(arrays[name], "nbytes", 0) for name in names) < MIN_SHARED_BYTES:
+        return None
+    shared = np.ones(count, bool)
+    shared[-1] = False
+    for name in names:
+        nxt, obs = arrays[name], arrays.get(OBS + name[len(NEXT_OBS) :])
+        if not isinstance(nxt, np.ndarray) or not isinstance(obs, np.ndarray):
+            return None
+        if nxt.shape != obs.shape or nxt.dtype != obs.dtype or nxt.shape[:1] != (count,):
+            return None
+        row_bytes = obs[0].nbytes
+        if row_bytes:
+            a = np.ascontiguousarray(nxt[:-1]).view(np.uint8).reshape(count - 1, row_bytes)
+            b = np.ascontiguousarray(obs[1:]).view(np.uint8).reshape(count - 1, row_bytes)
+            shared[:-1] &= (a == b).all(axis=1)
+    return shared if shared.any() else None
+
+
+def _expand_next_obs(fields: dict[str, Any]) -> None:
+    """Rebuild the full `next_obs/<key>` arrays of a transitions map that carries `next_obs_shared` (in place)."""
+    shared, count, arrays = fields.pop(NEXT_OBS_SHARED), fields.get("count"), fields.get("arrays")
+    if type(count) is not int or count < 1 or not isinstance(arrays, dict):
+        raise WireError("transitions.next_obs_shared: needs an integer count >= 1 and an arrays map")
+    if not isinstance(shared, np.ndarray) or shared.dtype != np.bool_ or shared.shape != (count,) or shared[-1]:
+        raise WireError(f"transitions.next_obs_shared: must be a bool array of shape [{count}], False at the end")
+    kept = int(count - shared.sum())
+    for name in [name for name in arrays if name.startswith(NEXT_OBS)]:
+        sent, obs = arrays[name], arrays.get(OBS + name[len(NEXT_OBS) :])
+        if not isinstance(sent, np.ndarray) or not isinstance(obs, np.ndarray) or obs.shape[:1] != (count,):
+            raise WireError(f"transitions.{_name(name)}: shared rows need the matching obs array of {count} rows")
+        if sent.dtype != obs.dtype or sent.shape != (kept, *obs.shape[1:]):
+            raise WireError(
+                f"transitions.{_name(name)}: {list(sent.shape)} {sent.dtype.name} sent, expected "
+                f"{[kept, *obs.shape[1:]]} {obs.dtype.name} (the rows next_obs_shared does not cover)"
+            )
+        full = np.empty(obs.shape, obs.dtype)
+        start = 0
+        for i, row in enumerate(np.flatnonzero(~shared).tolist()):  # the rows sent; shared runs lie between them
+            full[start:row] = obs[start + 1 : row + 1]  # slices, not fancy indexing: one copy per run
+            full[row] = sent[i]
+            start = row + 1
+        full.flags.writeable = False
+        arrays[name] = full
 
 
 class Ack(Message):
@@ -343,15 +441,15 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 KINDS = frozenset(MESSAGE_TYPES)
 
 
-def parse(message: Mapping[str, Any]) -> Message:
+def parse(message: Mapping[str, Any], *, versions: Collection[int] | None = None) -> Message:
     """The message instance for a decoded map (kind and version checked again); WireError naming bad fields."""
     kind = message.get("kind")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
-    version = message.get("v")
-    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
-        raise WireError(f"v: protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    _check_version(message.get("v"), versions)
     fields = {k: v for k, v in message.items() if k not in ("kind", "v")}
+    if kind == Transitions.kind and NEXT_OBS_SHARED in fields:
+        _expand_next_obs(fields)
     try:
         return MESSAGE_TYPES[kind].model_validate(fields)
     except ValidationError as err:
@@ -364,9 +462,89 @@ def to_wire(message: Message) -> bytes:
     return encode(message.to_message())
 
 
-def from_wire(data: bytes | bytearray | memoryview, *, max_bytes: int) -> Message:
-    """The message instance in `data`, or WireError."""
-    return parse(decode(data, max_bytes=max_bytes))
+def from_wire(
+    data: bytes | bytearray | memoryview, *, max_bytes: int, versions: Collection[int] | None = None
+) -> Message:
+    """The message instance in `data`, or WireError (VersionError for a version other than PROTOCOL_VERSION, or
+    than one of `versions` when given: the store reads logs written under earlier versions)."""
+    return parse(decode(data, max_bytes=max_bytes, versions=versions), versions=versions)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multipart messages (weights)
+# --------------------------------------------------------------------------------------------------------------------
+_TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
+MAX_TENSOR_NAME = 256
+
+
+def to_frames(message: Message) -> list[bytes | memoryview]:
+    """The frames of a message to send with `send_multipart(frames, copy=False)`.
+
+    Weights: a msgpack header (version, phase, and per tensor its name, dtype and shape) and one frame per tensor,
+    a view of the array's own memory (no copy; `pack_tensors` returns arrays that share nothing with live tensors).
+    Every other kind: the single frame `to_wire` makes.
+    """
+    if not isinstance(message, Weights):
+        return [to_wire(message)]
+    specs: list[dict[str, Any]] = []
+    frames: list[bytes | memoryview] = []
+    for name, array in message.tensors.items():
+        if not isinstance(array, np.ndarray):
+            raise WireError(f"weights.tensors.{_name(name)}: expected an array, got {type(array).__name__}")
+        wire = _wire_dtype(array.dtype)
+        data = np.ascontiguousarray(array, dtype=DTYPES[wire])  # a copy only for big-endian or strided arrays
+        specs.append({"name": name, "dtype": wire, "shape": list(data.shape)})
+        frames.append(memoryview(data.reshape(-1).view(np.uint8)))
+    header = encode({"kind": Weights.kind, "version": message.version, "phase": message.phase, "tensors": specs})
+    return [header, *frames]
+
+
+def _frame_buffer(frame: Any) -> memoryview:
+    """A read-only byte view of one received frame (a zmq.Frame, bytes or a buffer)."""
+    buffer = getattr(frame, "buffer", frame)  # zmq.Frame (recv with copy=False) exposes its memory as .buffer
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise WireError(f"expected a frame of bytes, got {type(frame).__name__}") from None
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view.toreadonly()
+
+
+def from_frames(frames: Sequence[Any], *, max_bytes: int) -> Message:
+    """The message in the frames of one multipart message (from `recv_multipart`, `copy=False` or not), or WireError.
+
+    One frame: `from_wire`. Several: a weights header frame, then exactly one frame per tensor it lists, each of
+    exactly the bytes its dtype and shape need; the frames together at most `max_bytes`. The arrays are read-only
+    views over the received frames (no copy: each frame is memory of its own, not the socket's buffer).
+    """
+    buffers = [_frame_buffer(frame) for frame in frames]
+    if not buffers:
+        raise WireError("empty multipart message")
+    if len(buffers) == 1:
+        return from_wire(buffers[0], max_bytes=max_bytes)
+    total = sum(b.nbytes for b in buffers)
+    if total > max_bytes:
+        raise WireError(f"message of {total} bytes in {len(buffers)} frames exceeds the limit of {max_bytes} bytes")
+    header = decode(buffers[0], max_bytes=max_bytes)
+    if header["kind"] != Weights.kind:
+        raise WireError(f"kind: only weights travel in several frames, got {header['kind']} in {len(buffers)}")
+    specs = header.get("tensors")
+    if not isinstance(specs, list) or len(specs) != len(buffers) - 1:
+        listed = len(specs) if isinstance(specs, list) else _short(specs)
+        raise WireError(f"weights.tensors: the header lists {listed} tensors for {len(buffers) - 1} tensor frames")
+    tensors: dict[str, np.ndarray] = {}
+    for i, (spec, buffer) in enumerate(zip(specs, buffers[1:], strict=True)):
+        if not isinstance(spec, dict) or set(spec) != _TENSOR_KEYS:
+            raise WireError(f"weights.tensors[{i}]: must hold exactly {sorted(_TENSOR_KEYS)}, got {_short(spec)}")
+        name = spec["name"]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_TENSOR_NAME or name in tensors:
+            raise WireError(f"weights.tensors[{i}].name: {_short(name)} is not a new name of 1-{MAX_TENSOR_NAME} chars")
+        try:
+            tensors[name] = _checked_array(spec["dtype"], spec["shape"], buffer)
+        except WireError as err:
+            raise WireError(f"weights.tensors.{_name(name)} (frame {i + 1}): {err}") from None
+    return parse({**header, "tensors": tensors})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -591,33 +769,74 @@ def check_hello(hello: Hello, fingerprint: Mapping[str, str]) -> Refuse | None:
 # --------------------------------------------------------------------------------------------------------------------
 # Tensors
 # --------------------------------------------------------------------------------------------------------------------
-def pack_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Tensor name -> CPU numpy array for a Weights message.
+def pack_tensors(
+    state: Mapping[str, torch.Tensor], *, into: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Tensor name -> CPU numpy array for a Weights message: a snapshot that shares no memory with `state`.
 
-    float16 and bfloat16 travel as float32 (exact: every value is representable) and `load_state_dict` casts them
-    back; other dtypes must be wire dtypes (float32, float64, int32, int64, uint8, bool, uint16), else WireError.
+    The snapshot matters because `to_frames` sends the arrays' memory without copying it, after this call returns,
+    while the learner goes on updating its parameters. `into`: the arrays of an earlier snapshot that nothing reads
+    any more (ZeroMQ has sent them); a tensor of the same shape and dtype is copied into its array instead of new
+    memory, which a large snapshot would otherwise fault in page by page. float16 and bfloat16 travel as float32
+    (exact: every value is representable) and `load_state_dict` casts them back; other dtypes must be wire dtypes
+    (float32, float64, int32, int64, uint8, bool, uint16), else WireError.
     """
     import torch
 
     out: dict[str, np.ndarray] = {}
     for name, tensor in state.items():
-        t = tensor.detach().cpu()
+        t = tensor.detach()
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.to(torch.float32)
-        array = t.contiguous().numpy()
-        if array.dtype.name not in _DTYPE_BY_NAME:
+        dtype = _numpy_dtypes().get(t.dtype)
+        if dtype is None:
             raise WireError(f"tensor {name!r}: dtype {tensor.dtype} is not sent on the wire")
-        out[name] = array
+        old = into.get(name) if into is not None else None
+        if old is not None and old.shape == tuple(t.shape) and old.dtype == dtype and old.flags.writeable:
+            target = old
+        else:
+            target = np.empty(tuple(t.shape), dtype)
+        if t.device.type == "cpu":
+            np.copyto(target, t.numpy())  # one plain memcpy (torch's copy spreads over threads, slow on a busy box)
+        else:
+            torch.from_numpy(target).copy_(t)  # straight from the device into the snapshot
+        out[name] = target
     return out
 
 
-def unpack_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Tensor name -> writable CPU tensor (a copy) for each array of a Weights message."""
+def unpack_tensors(arrays: Mapping[str, np.ndarray], *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Tensor name -> CPU tensor for each array of a Weights message.
+
+    copy=True: writable tensors of their own. copy=False: tensors over the arrays' memory (none is copied unless it
+    is big-endian), for a caller that only reads them, such as `load_state_dict`, which copies into the parameters;
+    writing to them is not allowed (the arrays of a received message are read-only).
+    """
     import torch
 
+    torch_dtypes = {np_dtype: t for t, np_dtype in _numpy_dtypes().items()}
     out: dict[str, torch.Tensor] = {}
-    for name, array in arrays.items():
-        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPE_BY_NAME:
-            raise WireError(f"weights.tensors.{_name(name)}: not an array of a wire dtype")
-        out[name] = torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True))
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark a tensor over read-only memory read-only; the caller only reads these.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, array in arrays.items():
+            if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPE_BY_NAME:
+                raise WireError(f"weights.tensors.{_name(name)}: not an array of a wire dtype")
+            native = array.dtype.newbyteorder("=")
+            if copy or array.dtype != native or array.size == 0:
+                out[name] = torch.from_numpy(np.array(array, dtype=native, copy=True))
+            elif array.flags.writeable:
+                out[name] = torch.from_numpy(array)
+            else:
+                flat = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                out[name] = torch.frombuffer(flat, dtype=torch_dtypes[native]).view(array.shape)
     return out
+
+
+@functools.cache
+def _numpy_dtypes() -> dict[Any, np.dtype]:
+    """torch dtype -> the (native-order) numpy dtype it travels as."""
+    import torch
+
+    pairs = {torch.float32: "<f4", torch.float64: "<f8", torch.int32: "<i4", torch.int64: "<i8", torch.uint8: "|u1"}
+    pairs |= {torch.bool: "|b1", torch.uint16: "<u2"}
+    return {t: DTYPES[w].newbyteorder("=") for t, w in pairs.items()}

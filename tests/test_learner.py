@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import make_env
+from robot_rl.learner.broadcast import WeightsFrames
 from robot_rl.learner.service import (
     EVAL_ID_JUMP_ON_RESUME,
     LearnerError,
@@ -33,7 +36,15 @@ from robot_rl.learner.service import (
     learner_observation_space,
     run_learner,
 )
-from robot_rl.learner.store import StoredChunk, TransitionStore, encode_record
+from robot_rl.learner.store import (
+    HEADER,
+    MAGIC,
+    HeldReplies,
+    StoredChunk,
+    StoreError,
+    TransitionStore,
+    encode_record,
+)
 from robot_rl.obs import spec_from_space, state_bounds
 from robot_rl.runlog import read_eval_csv
 from robot_rl.security import make_keys, secure_client
@@ -49,6 +60,7 @@ from robot_rl.wire import (
     Welcome,
     config_fingerprint,
     config_hash,
+    from_frames,
     from_wire,
     to_wire,
     transition_spec,
@@ -214,7 +226,7 @@ class FakeActor:
         while (left := deadline - time.monotonic()) > 0:
             if not self.sub.poll(int(left * 1000) + 1, zmq.POLLIN):
                 break
-            msg = from_wire(self.sub.recv(), max_bytes=LIMIT)
+            msg = from_frames(self.sub.recv_multipart(copy=False), max_bytes=LIMIT)
             if isinstance(msg, Weights):
                 self.weights.append(msg)
             elif isinstance(msg, Status):
@@ -598,3 +610,153 @@ def test_a_flood_of_refused_messages_is_counted_but_logged_at_most_once_a_second
     assert stats["refused_unidentified"] == 40  # every refusal counted
     warnings = [r for r in caplog.records if "refused a message" in r.getMessage()]
     assert 1 <= len(warnings) <= 5, len(warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Group fsync on the store's writer thread: acknowledgements wait for the fsync that covers them
+# ---------------------------------------------------------------------------------------------------------------------
+class FsyncGate:
+    """An fsync that waits until `opened` is set, then records how many bytes each file had when it was synced."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self.synced_bytes = 0  # file size covered by the last completed fsync
+
+    def __call__(self, fd: int) -> None:
+        self.entered.set()
+        assert self.opened.wait(WAIT_S), "the test never opened the fsync gate"
+        os.fsync(fd)
+        self.synced_bytes = os.fstat(fd).st_size
+
+
+def released_within(held: HeldReplies, timeout: float = WAIT_S) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = held.release()
+        if out:
+            return out
+        time.sleep(0.01)
+    return []
+
+
+def test_store_releases_replies_only_after_the_fsync_that_covers_their_chunks(tmp_path: Path) -> None:
+    cfg = load_config(TINY)
+    gate = FsyncGate()
+    chunks = [StoredChunk("a", "r", first, chunk_arrays(cfg, first, 4), online=False) for first in (0, 4, 8)]
+    sizes = np.cumsum([len(encode_record(c)) for c in chunks])
+    with TransitionStore(tmp_path, fsync=gate) as store:
+        held: HeldReplies[str] = HeldReplies(store)
+        held.hold("welcome")  # nothing appended before it: not held back
+        assert held.release() == ["welcome"]
+        store.append(chunks[0])
+        held.hold("ack 3")
+        assert gate.entered.wait(WAIT_S)  # the writer wrote chunk 0 and now waits in its fsync
+        store.append(chunks[1])
+        held.hold("ack 7")
+        store.append(chunks[2])
+        held.hold("ack 11")
+        time.sleep(0.2)
+        assert held.release() == [] and store.durable() == 0  # written perhaps, but not fsync'd: no ack
+        gate.opened.set()
+        out = released_within(held)
+        assert out[0] == "ack 3" and gate.synced_bytes >= sizes[0]
+        out += released_within(held) if len(out) < 3 else []
+        # The two chunks queued during the first fsync were written and fsync'd as one group.
+        assert out == ["ack 3", "ack 7", "ack 11"] and gate.synced_bytes == sizes[2]
+        assert store.durable() == store.appended == 3
+    assert [c.first_seq for c in TransitionStore(tmp_path).read_back()] == [0, 4, 8]
+
+
+def test_a_failed_fsync_stops_the_acks_and_surfaces_as_store_error(tmp_path: Path) -> None:
+    cfg = load_config(TINY)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    store = TransitionStore(tmp_path, fsync=failing)
+    held: HeldReplies[str] = HeldReplies(store)
+    store.append(StoredChunk("a", "r", 0, chunk_arrays(cfg, 0, 4), online=False))
+    held.hold("ack 3")
+    with pytest.raises(StoreError, match="Input/output error"):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            assert held.release() == []  # never released; raises once the writer has failed
+            time.sleep(0.01)
+    with pytest.raises(StoreError):
+        store.append(StoredChunk("a", "r", 4, chunk_arrays(cfg, 4, 4), online=False))
+    with pytest.raises(StoreError):
+        store.close()
+
+
+def test_the_learner_acks_a_chunk_only_once_its_fsync_is_done(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    gate = FsyncGate()
+    service.store._fsync = gate
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        sent = Transitions(actor_id="a0", run_id="r0", first_seq=0, count=10, arrays=chunk_arrays(cfg, 0, 10))
+        actor.send(sent)
+        assert gate.entered.wait(WAIT_S)
+        assert not actor.dealer.poll(500, zmq.POLLIN), "acknowledged before the fsync was done"
+        gate.opened.set()
+        assert acked(actor.recv()) == 9
+        assert gate.synced_bytes >= HEADER.size + len(to_wire(sent))
+    # The record's payload is the frame the actor sent, byte for byte (written as received, not re-encoded).
+    data = (out / "buffer" / "a0@r0.log").read_bytes()
+    assert data[HEADER.size : HEADER.size + len(to_wire(sent))] == to_wire(sent)
+
+
+def raw_record(payload: bytes, flags: int = 0) -> bytes:
+    """A log record around `payload`, as learner/store.py lays it out (magic, flags, length, crc32, payload)."""
+    return HEADER.pack(MAGIC, flags, len(payload), zlib.crc32(bytes([flags]) + payload)) + payload
+
+
+def test_store_reads_protocol_1_records_and_refuses_unknown_versions_without_cutting(tmp_path: Path) -> None:
+    cfg = load_config(TINY)
+    arrays = chunk_arrays(cfg, 0, 4)
+    message = msgpack.unpackb(to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=arrays)))
+    path = tmp_path / "a@r.log"
+    v1 = msgpack.packb({**message, "v": 1}, use_bin_type=True)  # a log written before protocol 2
+    path.write_bytes(raw_record(v1))
+    chunks = TransitionStore(tmp_path).read_back()
+    assert [c.first_seq for c in chunks] == [0]
+    np.testing.assert_array_equal(chunks[0].arrays["actions"], arrays["actions"])
+    v9 = msgpack.packb({**message, "first_seq": 4, "v": 9}, use_bin_type=True)
+    with path.open("ab") as f:
+        f.write(raw_record(v9))
+    size = path.stat().st_size
+    with pytest.raises(StoreError, match="written under another protocol"):
+        TransitionStore(tmp_path).read_back()
+    assert path.stat().st_size == size and path.read_bytes()[:4] == MAGIC  # nothing cut
+
+
+def test_weights_snapshots_reuse_memory_only_after_zeromq_has_sent_them(ctx) -> None:
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    weight = torch.zeros(50_000)
+    snapshots = WeightsFrames()
+    first = snapshots.frames(version=1, phase="online", state={"w": weight})
+    memory = np.frombuffer(first[1].buffer, np.float32)
+    # Not sent yet (and still held here): the next snapshot must not write into the first one's memory.
+    weight += 1.0
+    second = snapshots.frames(version=2, phase="online", state={"w": weight})
+    assert not np.shares_memory(memory, np.frombuffer(second[1].buffer, np.float32)) and memory[0] == 0.0
+    del first, memory
+    deadline = time.monotonic() + WAIT_S
+    while not sub.poll(10, zmq.POLLIN):  # PUB drops until the subscription has arrived: send until one gets through
+        assert time.monotonic() < deadline
+        pub.send_multipart(second, copy=False)
+    got = from_frames(sub.recv_multipart(copy=False), max_bytes=LIMIT)
+    address = np.frombuffer(second[1].buffer, np.uint8).ctypes.data
+    del second  # a Frame still held here would count as a reader
+    time.sleep(0.2)  # ZeroMQ's I/O thread has written the frames to the kernel by now
+    weight += 1.0
+    third = snapshots.frames(version=3, phase="online", state={"w": weight})
+    assert snapshots.reused == 1 and np.frombuffer(third[1].buffer, np.uint8).ctypes.data == address
+    assert isinstance(got, Weights) and got.version == 2 and float(got.tensors["w"][0]) == 1.0  # a copy of its own

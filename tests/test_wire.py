@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import gymnasium as gym
 import msgpack
@@ -24,6 +25,7 @@ from robot_rl.wire import (
     Refuse,
     Transitions,
     TransitionSpec,
+    VersionError,
     Weights,
     Welcome,
     WireError,
@@ -33,9 +35,11 @@ from robot_rl.wire import (
     decode,
     diff_fingerprints,
     encode,
+    from_frames,
     from_wire,
     pack_tensors,
     parse,
+    to_frames,
     to_wire,
     transition_spec,
     transition_spec_from_space,
@@ -44,6 +48,7 @@ from robot_rl.wire import (
 )
 
 LIMIT = 16 << 20
+V = PROTOCOL_VERSION  # the envelope version this side speaks
 STATE_CONFIG = "configs/sim_peg_state.yaml"
 
 
@@ -322,34 +327,37 @@ def test_nesting_bombs_are_refused():
         ([1, 2, 3], "top level must be a map, got list"),
         ("ack", "top level must be a map, got str"),
         (nd("<f4", [1], b"\x00" * 4), "top level must be a map, got ndarray"),
-        ({"v": 1, "acked_seq": 1}, "missing or unknown kind"),
-        ({"kind": "shutdown", "v": 1}, "unknown kind 'shutdown'"),
-        ({"kind": 3, "v": 1}, "unknown kind"),
-        ({"kind": "ack", "v": 2, "actor_id": "a", "run_id": "r", "acked_seq": 1}, "v: protocol version 2"),
+        ({"v": V, "acked_seq": 1}, "missing or unknown kind"),
+        ({"kind": "shutdown", "v": V}, "unknown kind 'shutdown'"),
+        ({"kind": 3, "v": V}, "unknown kind"),
+        (
+            {"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": 1},
+            "v: protocol version 1, this side speaks 2",
+        ),
         ({"kind": "ack", "actor_id": "a", "run_id": "r", "acked_seq": 1}, "v: protocol version None"),
         ({"kind": "ack", "v": True, "actor_id": "a", "run_id": "r", "acked_seq": 1}, "v: protocol version True"),
-        ({"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": 1, "extra": 1}, "ack.extra"),
-        ({"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": "1"}, "ack.acked_seq"),
-        ({"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": -2}, "ack.acked_seq"),
-        ({"kind": "ack", "v": 1, "actor_id": "a/../b", "run_id": "r", "acked_seq": 1}, "ack.actor_id"),
-        ({"kind": "ack", "v": 1, "actor_id": "a" * 65, "run_id": "r", "acked_seq": 1}, "ack.actor_id"),
-        ({"kind": "ack", "v": 1, "actor_id": "a", "acked_seq": 1}, "ack.run_id"),
+        ({"kind": "ack", "v": V, "actor_id": "a", "run_id": "r", "acked_seq": 1, "extra": 1}, "ack.extra"),
+        ({"kind": "ack", "v": V, "actor_id": "a", "run_id": "r", "acked_seq": "1"}, "ack.acked_seq"),
+        ({"kind": "ack", "v": V, "actor_id": "a", "run_id": "r", "acked_seq": -2}, "ack.acked_seq"),
+        ({"kind": "ack", "v": V, "actor_id": "a/../b", "run_id": "r", "acked_seq": 1}, "ack.actor_id"),
+        ({"kind": "ack", "v": V, "actor_id": "a" * 65, "run_id": "r", "acked_seq": 1}, "ack.actor_id"),
+        ({"kind": "ack", "v": V, "actor_id": "a", "acked_seq": 1}, "ack.run_id"),
         (
-            {"kind": "welcome", "v": 1, "learner_id": "l", "phase": "train", "weights_version": 0, "acked_seq": 0},
+            {"kind": "welcome", "v": V, "learner_id": "l", "phase": "train", "weights_version": 0, "acked_seq": 0},
             "phase",
         ),
-        ({"kind": "weights", "v": 1, "version": 0, "phase": "online", "tensors": {"x": [1.0]}}, "weights.tensors.x"),
+        ({"kind": "weights", "v": V, "version": 0, "phase": "online", "tensors": {"x": [1.0]}}, "weights.tensors.x"),
         (
-            {"kind": "hello", "v": 1, "actor_id": "a", "run_id": "r", "config_hash": "00", "config_fingerprint": {}},
+            {"kind": "hello", "v": V, "actor_id": "a", "run_id": "r", "config_hash": "00", "config_fingerprint": {}},
             "hash",
         ),
         (
-            {"kind": "transitions", "v": 1, "actor_id": "a", "run_id": "r", "first_seq": -1, "count": 1, "arrays": {}},
+            {"kind": "transitions", "v": V, "actor_id": "a", "run_id": "r", "first_seq": -1, "count": 1, "arrays": {}},
             "first",
         ),
         ({1: "ack"}, "not a msgpack message"),
-        ({b"kind": "ack", "v": 1}, "keys must be strings"),
-        ({"kind": "ack", "v": 1, "x": {b"__nd__": 1, "__nd__": 1}}, "keys must be strings"),
+        ({b"kind": "ack", "v": V}, "keys must be strings"),
+        ({"kind": "ack", "v": V, "x": {b"__nd__": 1, "__nd__": 1}}, "keys must be strings"),
     ],
 )
 def test_bad_envelopes_and_fields_are_refused(message, match):
@@ -538,3 +546,238 @@ def test_weights_payload_size_is_raw_bytes():
 def test_the_array_marker_key_is_reserved_on_encode():
     with pytest.raises(WireError, match="reserved for arrays"):
         encode({"kind": "weights", "version": 1, "phase": "online", "tensors": {"__nd__": np.zeros(2, np.float32)}})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights in several frames (protocol 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def weights_frames(tensors: dict[str, np.ndarray] | None = None) -> list[bytes]:
+    """The frames of a weights message as a receiver gets them (bytes)."""
+    tensors = tensors if tensors is not None else {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    return [bytes(f) for f in to_frames(Weights(version=4, phase="online", tensors=tensors))]
+
+
+def header(tensors: list, **fields) -> bytes:
+    """A weights header frame as a peer might write it."""
+    return raw({"kind": "weights", "v": V, "version": 1, "phase": "online", "tensors": tensors, **fields})
+
+
+def test_weights_travel_as_a_header_and_one_raw_frame_per_tensor():
+    sent = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.array([True, False]),
+        "c": np.arange(3, dtype=">i8"),  # big-endian: sent little-endian
+        "empty": np.zeros((0, 5), np.float32),
+    }
+    frames = to_frames(Weights(version=7, phase="eval", tensors=sent))
+    assert len(frames) == 1 + len(sent)
+    assert [memoryview(f).nbytes for f in frames[1:]] == [48, 2, 24, 0]  # raw bytes, nothing around them
+    received = [bytearray(f) for f in frames]  # private buffers, as recv_multipart(copy=False) gives
+    msg = from_frames(received, max_bytes=LIMIT)
+    assert isinstance(msg, Weights) and (msg.version, msg.phase) == (7, "eval")
+    for name, array in sent.items():
+        np.testing.assert_array_equal(msg.tensors[name], array)
+        assert msg.tensors[name].dtype == array.dtype.newbyteorder("<")
+    # Arrays are views over the received frames (no copy) and read-only.
+    assert np.shares_memory(msg.tensors["a"], np.frombuffer(received[1], np.uint8))
+    with pytest.raises(ValueError):
+        msg.tensors["a"][0, 0] = 1.0
+
+
+def test_other_kinds_travel_in_one_frame_and_from_frames_reads_them():
+    ack = Ack(actor_id="a", run_id="r", acked_seq=3)
+    assert to_frames(ack) == [to_wire(ack)]
+    assert from_frames([to_wire(ack)], max_bytes=LIMIT) == ack
+
+
+F4x2 = {"name": "w", "dtype": "<f4", "shape": [2]}
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        ([header([F4x2]), b"\x00" * 4], r"needs 8 bytes, got 4"),  # a truncated tensor frame
+        ([header([F4x2]), b"\x00" * 12], r"needs 8 bytes, got 12"),  # more bytes than the header says
+        ([header([{**F4x2, "shape": [2**31 - 1, 2**31 - 1]}]), b"\x00" * 8], r"needs \d+ bytes, got 8"),
+        ([header([F4x2, {**F4x2, "name": "v"}]), b"\x00" * 8], "lists 2 tensors for 1 tensor frames"),
+        ([header([F4x2]), b"\x00" * 8, b"\x00" * 8], "lists 1 tensors for 2 tensor frames"),
+        ([header([F4x2, F4x2]), b"\x00" * 8, b"\x00" * 8], "is not a new name"),
+        ([header([{**F4x2, "dtype": "|O"}]), b"\x00" * 8], "dtype '|O' is not allowed"),
+        ([header([{**F4x2, "dtype": "<f4 "}]), b"\x00" * 8], "is not allowed"),
+        ([header([{**F4x2, "shape": [-2]}]), b"\x00" * 8], "integers in"),
+        ([header([{**F4x2, "shape": "2"}]), b"\x00" * 8], "must be a list"),
+        ([header([{**F4x2, "data": b""}]), b"\x00" * 8], "must hold exactly"),
+        ([header([{"name": "b", "dtype": "|b1", "shape": [2]}]), b"\x01\x02"], "bytes other than 0 and 1"),
+        ([header([{**F4x2, "name": ""}]), b"\x00" * 8], "is not a new name"),
+        ([header({"w": F4x2}), b"\x00" * 8], "lists"),
+        ([header([F4x2], version=-1), b"\x00" * 8], "weights.version"),
+        ([raw({"kind": "ack", "v": V, "actor_id": "a", "run_id": "r", "acked_seq": 1}), b"x"], "only weights"),
+        ([header([F4x2])[:-3], b"\x00" * 8], "not a msgpack message"),
+        ([raw({"kind": "weights", "v": 1, "version": 1, "phase": "online", "tensors": [F4x2]}), b"\x00" * 8], "v: "),
+        ([header([F4x2])], "weights.tensors"),  # a header alone is not a weights message
+        ([], "empty multipart"),
+    ],
+)
+def test_weights_frames_with_a_lying_or_broken_header_are_refused(frames, match):
+    with pytest.raises(WireError, match=match):
+        from_frames(frames, max_bytes=LIMIT)
+
+
+def test_weights_frames_over_the_size_limit_are_refused_before_decoding():
+    frames = weights_frames({"w": np.zeros(1000, np.float32)})
+    with pytest.raises(WireError, match="exceeds the limit"):
+        from_frames(frames, max_bytes=3000)  # each frame is below the limit, together they are not
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_corrupted_weights_frames_raise_only_wire_error(data):
+    frames = weights_frames({"a": np.arange(4, dtype=np.float32), "b": np.array([True, False, True])})
+    i = data.draw(st.integers(0, len(frames) - 1))
+    cut = data.draw(st.integers(0, len(frames[i])))
+    frames[i] = mutated(frames[i], data) if frames[i] and data.draw(st.booleans()) else frames[i][:cut]
+    with contextlib.suppress(WireError):
+        from_frames(frames, max_bytes=LIMIT)
+
+
+def test_pack_tensors_is_a_snapshot_of_cpu_tensors():
+    """to_frames sends the arrays' memory later, without copying: a learner step must not change what is sent."""
+    weight = torch.zeros(3)
+    arrays = pack_tensors({"w": weight, "h": torch.ones(2, dtype=torch.float16)})
+    frames = to_frames(Weights(version=0, phase="online", tensors=arrays))
+    weight += 5.0  # the learner goes on training after publishing
+    msg = from_frames([bytes(f) for f in frames], max_bytes=LIMIT)
+    np.testing.assert_array_equal(msg.tensors["w"], np.zeros(3, np.float32))
+    assert msg.tensors["h"].dtype == np.float32
+
+
+def test_unpack_without_copy_shares_the_frames_memory_and_loads_silently():
+    received = [bytearray(f) for f in to_frames(Weights(version=0, phase="online", tensors={"w": np.ones(4, "<f4")}))]
+    msg = from_frames(received, max_bytes=LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about a non-writable buffer would fail here
+        shared = unpack_tensors(msg.tensors, copy=False)["w"]
+    copied = unpack_tensors(msg.tensors)["w"]
+    received[1][:4] = np.float32(7.0).tobytes()  # proves which tensor looks at the frame
+    assert shared[0].item() == 7.0 and copied[0].item() == 1.0
+    module = torch.nn.Linear(4, 1, bias=False)
+    module.load_state_dict({"weight": shared.view(1, 4)})
+    assert module.weight.data_ptr() != shared.data_ptr()  # loading copied into the parameter
+
+
+def test_other_protocol_versions_are_refused_unless_accepted():
+    v1 = raw({"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": 1})
+    with pytest.raises(VersionError, match="protocol version 1, this side speaks 2"):
+        from_wire(v1, max_bytes=LIMIT)
+    assert from_wire(v1, max_bytes=LIMIT, versions=(1, 2)) == Ack(actor_id="a", run_id="r", acked_seq=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Next observations that repeat the following observation are sent once (protocol 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def trajectory(spec: TransitionSpec, n: int, *, seed: int = 0, breaks: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """A chunk whose next_obs[i] is obs[i + 1] (consecutive steps), except at the rows in `breaks` and the last."""
+    arrays = chunk(spec, n, seed=seed)
+    for key in spec.obs:
+        nxt = arrays[f"next_obs/{key}"]
+        keep = {n - 1, *breaks}
+        for i in range(n - 1):
+            if i not in keep:
+                nxt[i] = arrays[f"obs/{key}"][i + 1]
+    return arrays
+
+
+def wire_map(message: Transitions) -> dict:
+    return msgpack.unpackb(to_wire(message), raw=False)
+
+
+def test_shared_next_observations_travel_once_and_come_back_whole(image_spec):
+    arrays = trajectory(image_spec, 30, breaks=(9,))
+    msg = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=arrays)
+    unrelated = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=chunk(image_spec, 30))
+    assert len(to_wire(msg)) < 0.55 * len(to_wire(unrelated))  # the images' next observations are not sent twice
+    sent = wire_map(msg)
+    shared = np.frombuffer(sent["next_obs_shared"]["data"], bool)
+    assert shared.sum() == 28 and not shared[9] and not shared[29]
+    assert sent["arrays"]["next_obs/front"]["shape"][0] == 2  # rows 9 and 29 only
+    back = from_wire(to_wire(msg), max_bytes=LIMIT)
+    validate_transitions(back, image_spec)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(back.arrays[name], array, err_msg=name)
+        assert not back.arrays[name].flags.writeable
+    assert "next_obs_shared" not in wire_map(unrelated)
+
+
+@pytest.fixture
+def share_small(monkeypatch):
+    """Share rows of chunks of any size (the tests below use small observations)."""
+    import robot_rl.wire
+
+    monkeypatch.setattr(robot_rl.wire, "MIN_SHARED_BYTES", 0)
+
+
+def test_small_chunks_are_sent_whole(cfg):
+    spec = transition_spec(cfg)
+    message = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=trajectory(spec, 30))
+    assert "next_obs_shared" not in wire_map(message)  # 720 bytes of next observations: not worth the time
+    back = from_wire(to_wire(message), max_bytes=LIMIT)
+    np.testing.assert_array_equal(back.arrays["next_obs/ee_pose"], message.arrays["next_obs/ee_pose"])
+
+
+@pytest.mark.usefixtures("share_small")
+def test_only_bit_identical_rows_are_shared():
+    spec = TransitionSpec(obs={"p": ((2,), "float32")}, action_dim=1)
+    arrays = trajectory(spec, 4)
+    arrays["obs/p"][1:] = [[0.0, 1.0], [np.nan, 2.0], [3.0, 4.0]]
+    arrays["next_obs/p"][:3] = [[-0.0, 1.0], [np.nan, 2.0], [3.0, 4.0]]  # -0.0 == 0.0, but not the same bits
+    back = from_wire(
+        to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=arrays)), max_bytes=LIMIT
+    )
+    assert np.signbit(back.arrays["next_obs/p"][0, 0])  # kept as sent, not rebuilt from obs
+    np.testing.assert_array_equal(back.arrays["next_obs/p"], arrays["next_obs/p"])  # NaN rows compare by bits
+
+
+def shared_map(spec: TransitionSpec, **change) -> dict:
+    """A transitions map with next_obs_shared, as a peer might alter it."""
+    message = wire_map(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=trajectory(spec, 4)))
+    for path, value in change.items():
+        *parents, leaf = path.split(".")
+        node = message
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return message
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"next_obs_shared": nd("|b1", [3], b"\x01\x01\x00")}, "shape \\[4\\]"),
+        ({"next_obs_shared": nd("|b1", [4], b"\x01\x01\x01\x01")}, "False at the end"),
+        ({"next_obs_shared": nd("|u1", [4], b"\x01\x01\x01\x00")}, "bool array"),
+        ({"next_obs_shared": [True, True, True, False]}, "bool array"),
+        (
+            {"next_obs_shared": nd("|b1", [4], b"\x01\x00\x01\x00")},
+            r"next_obs/p: \[1, 2\] float32 sent, expected \[2, 2\]",
+        ),
+        ({"arrays.next_obs/p": nd("<f8", [1, 2], b"\x00" * 16)}, "float64 sent"),
+        ({"arrays.obs/p": nd("<f4", [3, 2], b"\x00" * 24)}, "matching obs array of 4 rows"),
+        ({"count": "4"}, "integer count"),
+        ({"arrays": [1]}, "arrays map"),
+    ],
+)
+@pytest.mark.usefixtures("share_small")
+def test_broken_shared_next_observations_are_refused(change, match):
+    spec = TransitionSpec(obs={"p": ((2,), "float32")}, action_dim=1)
+    with pytest.raises(WireError, match=match):
+        from_wire(raw(shared_map(spec, **change)), max_bytes=LIMIT)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+@pytest.mark.usefixtures("share_small")
+def test_corrupted_messages_with_shared_rows_raise_only_wire_error(data):
+    spec = TransitionSpec(obs={"p": ((2,), "float32"), "q": ((1,), "uint8")}, action_dim=1)
+    base = to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=5, arrays=trajectory(spec, 5, breaks=(2,))))
+    with contextlib.suppress(WireError):
+        validate_transitions(from_wire(mutated(base, data), max_bytes=LIMIT), spec)
