@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# While tracking, franky's `state` is the control loop's newest measurement: if its robot time stops advancing for this
+# long (1000 control cycles), the loop is dead although no error reached us (a connection lost while the motion
+# started was seen to hang so), and the connection counts as lost.
+STATE_STALL_S = 1.0
 STOP_TIMEOUT_S = 4.0  # TorqueStopMotion ramps for 0.2 s and gives up after max_duration = 2 s
 MOVE_TIMEOUT_S = 15.0  # a reset move of < 0.3 m at 0.2 of the FR3's dynamics takes well under a second
 SETTLE_TIMEOUT_S = 2.0  # after a reset move, wait at most this long for the joints to come to rest
@@ -140,6 +144,7 @@ class FrankyRobot:
         self._gripper_future: franky.BoolFuture | None = None
         self._motion: franky.CartesianImpedanceTrackingMotion | None = None
         self._connected_once = False
+        self._last_robot_time, self._last_advance = float("nan"), 0.0  # see _check_stall
 
     # ------------------------------------------------------------------------------------------------------------
     # Connection
@@ -253,6 +258,7 @@ class FrankyRobot:
         self._live()
         self._check_motion()
         s = self._call("read state", lambda: self._live().state)
+        self._check_stall(float(s.time.to_sec()))
         pose = s.O_T_EE
         return RobotState(
             ee_pos=np.array(pose.translation, dtype=np.float64).reshape(3),
@@ -390,6 +396,20 @@ class FrankyRobot:
         # The motion thread is gone; join_motion raises what stopped it (returns at once).
         self._call("join the ended tracking motion", lambda: self._live().join_motion(timeout=STOP_TIMEOUT_S))
         raise RobotFault("the tracking motion ended without an error (nothing should end it but stop())")
+
+    def _check_stall(self, robot_time: float) -> None:
+        """RobotConnectionLost (client dropped) when the tracking loop's robot time stood still for STATE_STALL_S."""
+        now = time.monotonic()
+        if self._motion is None or robot_time != self._last_robot_time:
+            self._last_robot_time, self._last_advance = robot_time, now
+            return
+        stalled = now - self._last_advance
+        if stalled > STATE_STALL_S:
+            self._lost()
+            raise RobotConnectionLost(
+                f"read state: the robot's time has not advanced for {stalled:.1f} s while tracking; the connection to "
+                f"{self.cfg.host} counts as lost"
+            )
 
     def _stop_tracking(self) -> None:
         if self._motion is None:
