@@ -123,3 +123,20 @@ def test_malformed_demo_file_is_named(tmp_path, capsys):
     bad.write_bytes(b"not an hdf5 file")
     assert main(["bc", "--config", str(TINY), "--demos", str(bad), "--out", str(tmp_path / "bc")]) == 2
     assert "bad.hdf5" in capsys.readouterr().err
+
+
+def test_prefetch_and_bf16_switches_learn_and_leave_no_thread_behind(run_dir, tmp_path):
+    """The same run with minibatches sampled on a thread and bf16 autocast: it learns as many steps, reuses the
+    demonstrations and the BC policy, and its prefetch thread is gone when the command returns."""
+    import threading
+
+    before = {t.name for t in threading.enumerate()}
+    out = tmp_path / "switches"
+    args = ["train", "--config", str(TINY), "--seed", "1", "--out", str(out), "--quiet", "--bc", str(run_dir / "bc"),
+            "--demos", str(run_dir / "demos.hdf5"),
+            "--set", "train.prefetch=true", "--set", "train.bf16=true"]  # fmt: skip
+    assert main(args) == 0
+    plain, switched = (json.loads((d / "summary.json").read_text()) for d in (run_dir, out))
+    assert switched["learner_steps"] == plain["learner_steps"] > 0
+    assert np.isfinite(switched["final_success_rate"])
+    assert "prefetch" not in {t.name for t in threading.enumerate()} - before
