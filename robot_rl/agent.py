@@ -193,7 +193,7 @@ class Q2RLAgent(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Acting: Q-gating
     # ----------------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(
         self, obs: dict[str, np.ndarray], *, rl_action: str | None = None, bc_action: str | None = None
     ) -> GateDecision:
