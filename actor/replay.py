@@ -56,7 +56,7 @@ from robot_rl.actor.weights_archive import WeightsArchive, WeightsArchiveError
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
 from robot_rl.checkpoint import CheckpointError, load_checkpoint
-from robot_rl.config import ConfigError, RunConfig, load_config
+from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, load_config
 from robot_rl.episodes import Episode, EpisodeFileError, read_episodes
 from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
 from robot_rl.hardware.interfaces import Pose, RobotState
@@ -398,7 +398,7 @@ class Replayer:
             obs = {k: ep.obs[k][t : t + 1] for k in keys}
             for key in self.env_keys:
                 if key in obs:
-                    check(t, f"obs/{key}" if key != "ee_pose" else "obs", obs[key][0], env_obs[key])
+                    check(t, f"obs/{key}" if key != STATE_OBS_KEY else "obs", obs[key][0], env_obs[key])
             version = int(ext["weights_version"][t])
             if version >= 0:
                 action = self._gated_step(t, obs, ext, rl_mode, version, check)
@@ -422,12 +422,12 @@ class Replayer:
     def _measured(self, ep: Episode, report: ReplayReport) -> np.ndarray:
         if "measured" in ep.extras and np.all(np.isfinite(ep.extras["measured"])):
             return np.asarray(ep.extras["measured"], np.float64)
-        if "ee_pose" in ep.obs and ep.obs["ee_pose"].shape[1:] == (6,):
+        if STATE_OBS_KEY in ep.obs and ep.obs[STATE_OBS_KEY].shape[1:] == (6,):
             report.notes.append(
                 "the log has no extras/measured (an older actor): the measured pose is taken from obs/ee_pose "
                 "(float32, clipped to the observation bounds), so target and command may differ by its rounding"
             )
-            return np.asarray(ep.obs["ee_pose"], np.float64)
+            return np.asarray(ep.obs[STATE_OBS_KEY], np.float64)
         raise ReplayInputError(f"episode log {report.log}: no extras/measured and no obs/ee_pose to feed the robot")
 
     @torch.no_grad()

@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from robot_rl.buffer import ObsSpec, ReplayBuffer
+from robot_rl.buffer import ReplayBuffer
+from robot_rl.obs import ObsSpec
 from robot_rl.prefetch import Prefetcher
 
 SPECS: dict[str, ObsSpec] = {

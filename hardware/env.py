@@ -24,7 +24,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from robot_rl.config import CameraConfig, EnvConfig
+from robot_rl.config import STATE_OBS_KEY, CameraConfig, EnvConfig
 from robot_rl.hardware.camera import Camera, CameraError, Frame
 from robot_rl.hardware.interfaces import Pose, Robot, RobotState
 from robot_rl.hardware.safety import (
@@ -39,18 +39,6 @@ from robot_rl.hardware.safety import (
 # The measured pose may leave the safety box (contacts, tracking lag); observations keep a generous margin.
 OBS_MARGIN_M = 0.05
 OBS_MARGIN_RAD = 0.2
-# The state observation's key; camera images sit beside it under the cameras' names.
-STATE_KEY = "ee_pose"
-
-
-def check_camera_names(cameras: Sequence[CameraConfig]) -> None:
-    """Raise ValueError unless every camera has its own name and none is the state's key (they are observation keys)."""
-    names = [c.name for c in cameras]
-    if STATE_KEY in names:
-        raise ValueError(f"camera name {STATE_KEY!r} collides with the state observation; rename the camera")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"camera names must differ, {duplicates} appear more than once")
 
 
 def image_space(cfg: CameraConfig) -> spaces.Box:
@@ -117,7 +105,6 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         cameras: Sequence[Camera] = (),
     ) -> None:
         super().__init__()
-        check_camera_names(config.cameras)
         names = [c.name for c in cameras]
         wanted = [c.name for c in config.cameras]
         if names != wanted:
@@ -131,11 +118,11 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._wait = wait
         low, high = widened_limits(config.safety, OBS_MARGIN_M, OBS_MARGIN_RAD)
         self._obs_low, self._obs_high = low.astype(np.float32), high.astype(np.float32)
-        obs_spaces: dict[str, spaces.Space] = {STATE_KEY: spaces.Box(self._obs_low, self._obs_high, dtype=np.float32)}
+        state_space = spaces.Box(self._obs_low, self._obs_high, dtype=np.float32)
+        obs_spaces: dict[str, spaces.Space] = {STATE_OBS_KEY: state_space}
         obs_spaces.update({c.name: image_space(c) for c in config.cameras})
         self.observation_space = spaces.Dict(obs_spaces)
         self.cameras: tuple[Camera, ...] = tuple(cameras)
-        self._image_shapes = {c.name: (c.out_size, c.out_size, 3) for c in config.cameras}
         self.last_frames: dict[str, Frame] = {}
         self.action_space = spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
         self._steps = 0
@@ -220,7 +207,7 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     def _observation(self, measured: np.ndarray) -> dict[str, np.ndarray]:
         pose = np.clip(measured.astype(np.float32), self._obs_low, self._obs_high)
-        obs = {STATE_KEY: pose}
+        obs = {STATE_OBS_KEY: pose}
         if self.cameras:
             self.last_frames = self._read_cameras()
             obs.update({name: frame.image for name, frame in self.last_frames.items()})
@@ -237,7 +224,7 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
                 raise
             except Exception as exc:  # a driver's own error: still a camera that cannot deliver
                 raise CameraError(f"camera {camera.name}: read failed: {type(exc).__name__}: {exc}") from exc
-            image, shape = frame.image, self._image_shapes[camera.name]
+            image, shape = frame.image, self.observation_space[camera.name].shape
             if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != shape:
                 got = f"{getattr(image, 'dtype', type(image).__name__)}{list(getattr(image, 'shape', []))}"
                 raise CameraError(f"camera {camera.name}: delivered {got}, expected uint8{list(shape)}")

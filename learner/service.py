@@ -48,7 +48,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, sample_utd_batches
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
-from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
+from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
 from robot_rl.episodes import episodes_to_transitions, read_episodes
 from robot_rl.prefetch import StepSampler
 from robot_rl.qestimation import Rollout, run_q_estimation
@@ -57,7 +57,6 @@ from robot_rl.signals import stop_signals
 from robot_rl.train import resolve_device, transitions_obs
 from robot_rl.wire import (
     ID_PATTERN,
-    STATE_OBS_KEY,
     Ack,
     EvalReport,
     Hello,
@@ -900,7 +899,7 @@ class LearnerService:
             "method": self.cfg.agent.method,
             "seed": self.cfg.seed,
             "counters": asdict(self.counters),
-            "obs_spec": {k: [list(shape), dtype] for k, (shape, dtype) in self.obs_spec.items()},
+            "obs_spec": obs_lib.spec_to_json(self.obs_spec),
             "action_dim": self.action_dim,
             "config": self.cfg.model_dump(mode="json"),
             "has_bc": self.bc is not None,

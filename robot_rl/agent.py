@@ -86,7 +86,7 @@ class Q2RLAgent(nn.Module):
         self.cfg = cfg
         self.device = torch.device(device)
         self.amp = amp
-        self.obs_spec: ObsSpec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in obs_spec.items()}
+        self.obs_spec = obs_lib.check_spec(obs_spec)
         self.action_dim = action_dim
         self.qest_alpha = qest_alpha
         torch.manual_seed(seed)

@@ -88,11 +88,9 @@ class BCPolicy(nn.Module):
         super().__init__()
         if action_dim < 1:
             raise ValueError(f"action_dim must be positive, got {action_dim}")
-        if not obs_spec:
-            raise ValueError("the observation spec is empty")
-        low, high = _check_obs_bounds(state_low, state_high, state_dim(obs_spec))
+        self.obs_spec = obs_lib.check_spec(obs_spec)
+        low, high = _check_obs_bounds(state_low, state_high, state_dim(self.obs_spec))
         self.cfg = cfg.model_copy(deep=True)
-        self.obs_spec: ObsSpec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in obs_spec.items()}
         self.action_dim = action_dim
         self.encoder = ObsEncoder(self.obs_spec, low, high, cfg.encoder)
         self.net = _mlp(self.encoder.out_dim, list(cfg.hidden), head_dim)
@@ -306,7 +304,7 @@ def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": policy.kind,
-        "obs_spec": {k: [list(shape), dtype] for k, (shape, dtype) in policy.obs_spec.items()},
+        "obs_spec": obs_lib.spec_to_json(policy.obs_spec),
         "action_dim": policy.action_dim,
         "config": policy.cfg.model_dump(mode="json"),
     }

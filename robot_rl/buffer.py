@@ -33,14 +33,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from robot_rl.config import AgentConfig
-
-ObsSpec = dict[str, tuple[tuple[int, ...], str]]
-"""Observation key -> (per-row shape, numpy dtype name), e.g. {"ee_pose": ((6,), "float32")}."""
+from robot_rl.obs import ObsSpec, check_spec
 
 FRAME_SLACK = 64
 """Frames the frame ring holds beyond capacity * 1.25 by default (the window's edges, small buffers)."""
-
-_DTYPE_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 
 
 @dataclass(frozen=True)
@@ -90,21 +86,6 @@ def _rows_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarra
     return equal
 
 
-def check_obs_spec(obs_spec: Mapping[str, tuple[tuple[int, ...], str]]) -> ObsSpec:
-    """The spec with tuple shapes and canonical dtype names; ValueError naming the key that is not valid."""
-    if not obs_spec:
-        raise ValueError("obs_spec is empty")
-    spec: ObsSpec = {}
-    for key, (shape, dtype) in obs_spec.items():
-        shape = tuple(int(d) for d in shape)
-        if any(d < 1 for d in shape):
-            raise ValueError(f"obs_spec[{key!r}] has shape {shape}; every dimension must be positive")
-        if np.dtype(dtype).kind not in _DTYPE_KINDS:
-            raise ValueError(f"obs_spec[{key!r}] has dtype {dtype}; expected a bool, integer or float dtype")
-        spec[key] = (shape, np.dtype(dtype).name)
-    return spec
-
-
 class ReplayBuffer:
     """FIFO buffer of transitions whose observations live once in a ring of frames (see the module docstring).
 
@@ -119,7 +100,7 @@ class ReplayBuffer:
         if frame_slack < 2:
             raise ValueError(f"frame_slack must be at least 2 (one transition's two frames), got {frame_slack}")
         self.capacity = capacity
-        self.obs_spec = check_obs_spec(obs_spec)
+        self.obs_spec = check_spec(obs_spec)
         self.action_dim = action_dim
         self.frame_capacity = capacity + capacity // 4 + frame_slack
         self._frames = {

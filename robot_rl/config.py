@@ -16,6 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# RobotEnv's state observation: the end-effector pose relative to the reference; camera images sit beside it under
+# the cameras' names.
+STATE_OBS_KEY = "ee_pose"
+
 Vec3 = tuple[float, float, float]
 Vec6 = tuple[float, float, float, float, float, float]
 
@@ -217,6 +221,17 @@ class EnvConfig(Strict):
     impedance: ImpedanceConfig = Field(default_factory=ImpedanceConfig, description="Impedance gains.")
     cameras: list[CameraConfig] = Field(default_factory=list, description="Cameras (empty: state observations).")
     operator: OperatorConfig = Field(default_factory=OperatorConfig, description="Operator input.")
+
+    @model_validator(mode="after")
+    def _camera_names(self) -> EnvConfig:
+        """Camera names are observation keys: each its own, none the state's."""
+        names = [c.name for c in self.cameras]
+        if STATE_OBS_KEY in names:
+            raise ValueError(f"camera name {STATE_OBS_KEY!r} collides with the state observation; rename the camera")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"camera names must differ, {duplicates} appear more than once")
+        return self
 
     @model_validator(mode="after")
     def _reset_inside_box(self) -> EnvConfig:

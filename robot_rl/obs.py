@@ -14,6 +14,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from robot_rl.config import STATE_OBS_KEY
+
 ObsSpec = dict[str, tuple[tuple[int, ...], str]]
 Obs = dict[str, np.ndarray]
 
@@ -21,6 +23,26 @@ Obs = dict[str, np.ndarray]
 def is_image(shape: Sequence[int], dtype: str) -> bool:
     """An image is a uint8 H x W x 3 array; everything else is state."""
     return np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] == 3
+
+
+def check_spec(spec: Mapping[str, tuple[Sequence[int], str]]) -> ObsSpec:
+    """The spec with tuple shapes and canonical dtype names; ValueError naming the key that is not valid."""
+    if not spec:
+        raise ValueError("obs_spec is empty")
+    out: ObsSpec = {}
+    for key, (shape, dtype) in spec.items():
+        shape = tuple(int(d) for d in shape)
+        if any(d < 1 for d in shape):
+            raise ValueError(f"obs_spec[{key!r}] has shape {shape}; every dimension must be positive")
+        if np.dtype(dtype).kind not in "biuf":
+            raise ValueError(f"obs_spec[{key!r}] has dtype {dtype}; expected a bool, integer or float dtype")
+        out[key] = (shape, np.dtype(dtype).name)
+    return out
+
+
+def spec_to_json(spec: ObsSpec) -> dict[str, list]:
+    """The spec as JSON for manifests: {key: [shape list, dtype name]} (check_spec reads it back)."""
+    return {k: [list(shape), dtype] for k, (shape, dtype) in spec.items()}
 
 
 def spec_from_space(space: gym.spaces.Dict) -> ObsSpec:
@@ -59,14 +81,6 @@ def state_bounds(space: gym.spaces.Dict) -> tuple[np.ndarray, np.ndarray]:
     low = np.concatenate([np.asarray(space[k].low, np.float32).reshape(-1) for k in keys])
     high = np.concatenate([np.asarray(space[k].high, np.float32).reshape(-1) for k in keys])
     return low, high
-
-
-def count(obs: Mapping[str, np.ndarray]) -> int:
-    """Rows of a batched observation; every key must agree."""
-    sizes = {len(v) for v in obs.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"observation keys disagree on the batch size: { {k: len(v) for k, v in obs.items()} }")
-    return sizes.pop()
 
 
 def stack(rows: Sequence[Mapping[str, np.ndarray]]) -> Obs:
@@ -109,22 +123,6 @@ def to_tensors(obs: Mapping[str, np.ndarray | torch.Tensor], device: torch.devic
     return out
 
 
-def check(obs: Mapping[str, np.ndarray], spec: ObsSpec, *, batched: bool, what: str = "obs") -> None:
-    """ValueError naming the key when a (batched) observation does not match the spec's keys, shapes and dtypes."""
-    if set(obs) != set(spec):
-        raise ValueError(f"{what} keys {sorted(obs)} differ from the spec's {sorted(spec)}")
-    n = count(obs) if batched else None
-    for key, (shape, dtype) in spec.items():
-        array = np.asarray(obs[key])
-        want = (n, *shape) if batched else tuple(shape)
-        if array.shape != want:
-            raise ValueError(f"{what}[{key!r}] has shape {array.shape}, expected {want}")
-        if array.dtype != np.dtype(dtype):
-            raise ValueError(f"{what}[{key!r}] has dtype {array.dtype}, expected {dtype}")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ValueError(f"{what}[{key!r}] holds non-finite values")
-
-
-def state_spec(dim: int, key: str = "ee_pose") -> ObsSpec:
+def state_spec(dim: int, key: str = STATE_OBS_KEY) -> ObsSpec:
     """The spec of a state-only observation: one float32 vector of `dim` values under `key`."""
     return {key: ((int(dim),), "float32")}

@@ -394,7 +394,7 @@ class Trainer:
             "method": self.cfg.agent.method,
             "seed": self.cfg.seed,
             "counters": asdict(self.counters),
-            "obs_spec": {k: [list(shape), dtype] for k, (shape, dtype) in self.obs_spec.items()},
+            "obs_spec": obs_lib.spec_to_json(self.obs_spec),
             "action_dim": self.action_dim,
             "config": self.cfg.model_dump(mode="json"),
             "has_bc": self.bc is not None,
@@ -485,7 +485,7 @@ def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, Run
     bc = load_bc(checkpoint / "bc", device=device) if manifest.get("has_bc") else None
     if "obs_spec" not in manifest:
         raise ValueError(f"{checkpoint}: the manifest has no obs_spec (written by an older robot_rl; retrain)")
-    spec = {k: (tuple(shape), dtype) for k, (shape, dtype) in manifest["obs_spec"].items()}
+    spec = obs_lib.check_spec(manifest["obs_spec"])
     dim = obs_lib.state_dim(spec)
     # Placeholder bounds: the saved normaliser buffers overwrite them.
     agent = Q2RLAgent(

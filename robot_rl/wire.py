@@ -41,6 +41,8 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from robot_rl.config import STATE_OBS_KEY
+
 if TYPE_CHECKING:
     import gymnasium as gym
     import torch
@@ -598,8 +600,7 @@ def transition_spec_from_space(obs_space: gym.spaces.Dict, action_space: gym.spa
     return TransitionSpec(obs=obs, action_dim=int(action_space.shape[0]))
 
 
-# RobotEnv's observation (robot_rl/hardware/env.py): "ee_pose", the 6-vector pose relative to the reference, float32.
-STATE_OBS_KEY = "ee_pose"
+# RobotEnv's state observation (STATE_OBS_KEY): the 6-vector pose relative to the reference, float32.
 STATE_OBS_DIM = 6
 
 
@@ -612,9 +613,7 @@ def transition_spec(cfg: RunConfig) -> TransitionSpec:
     from robot_rl.hardware.safety import ACTION_DIM
 
     obs: dict[str, tuple[tuple[int, ...], str]] = {STATE_OBS_KEY: ((STATE_OBS_DIM,), "float32")}
-    for camera in cfg.env.cameras:
-        if camera.name in obs:
-            raise ValueError(f"camera name {camera.name!r} collides with another observation key")
+    for camera in cfg.env.cameras:  # names checked by EnvConfig: none is the state's, none repeats
         obs[camera.name] = ((camera.out_size, camera.out_size, 3), "uint8")
     return TransitionSpec(obs=obs, action_dim=ACTION_DIM)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from robot_rl.config import EnvConfig
 from robot_rl.hardware.camera import Camera, close_quietly, open_cameras
-from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv, Task, check_camera_names
+from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv, Task
 from robot_rl.hardware.franka.robot import FrankyRobot, ee_offset_along_z
 from robot_rl.hardware.franka.sim_server import FrankySimServer, peg_tip_offset
 from robot_rl.hardware.sim.peg import PegInsertionTask
@@ -114,7 +114,6 @@ def make_franky_env(cfg: EnvConfig, *, pacer: DeadlinePacer | None = None) -> Fr
     and the env closes them. The franky-sim twin renders none (its scene lives in the server's process)."""
     if cfg.robot != "franky":
         raise ValueError(f"make_franky_env needs env.robot = franky, got {cfg.robot!r}")
-    check_camera_names(cfg.cameras)
     # The nominal cell: reference pose (peg tip above the hole) and, for the twin, the hole the detector checks.
     scene = build_scene(cfg.task)
     server = FrankySimServer(cfg.task, hostname=cfg.franka.host) if cfg.franka.sim_server else None

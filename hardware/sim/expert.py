@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from robot_rl.config import ExpertConfig
+from robot_rl.config import STATE_OBS_KEY, ExpertConfig
 from robot_rl.hardware.env import RobotEnv
 
 APPROACH_HEIGHT_M = 0.012  # above the board's top: the lowest the tip goes before it is over the hole
@@ -78,7 +78,7 @@ class ScriptedExpert:
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The noisy action for an observation, float32 in [-1, 1]^6."""
-        action = self.clean_action(obs["ee_pose"], self._env.mapper.target)
+        action = self.clean_action(obs[STATE_OBS_KEY], self._env.mapper.target)
         # Like a teleoperator switching to a fine mode close to the board: the tremor shrinks with the speed.
         gain = FINE_NOISE_SCALE if self.phase in (Phase.ALIGN, Phase.INSERT) else 1.0
         action = action + gain * self._next_noise()

@@ -11,7 +11,7 @@ import numpy as np
 
 from robot_rl.config import EnvConfig
 from robot_rl.hardware.camera import close_quietly, open_cameras
-from robot_rl.hardware.env import RobotEnv, TaskStatus, check_camera_names
+from robot_rl.hardware.env import RobotEnv, TaskStatus
 from robot_rl.hardware.interfaces import Pose, RobotState
 from robot_rl.hardware.sim.cameras import twin_cameras
 from robot_rl.hardware.sim.robot import MujocoRobot
@@ -65,7 +65,6 @@ def make_peg_insertion_env(
     RealSense source. The env owns them: close it to free the renderers.
     """
     cfg = _resolve_config(config, overrides)
-    check_camera_names(cfg.cameras)  # before any renderer is made
     scene = build_scene(cfg.task, visual_meshes=visual_meshes)
     robot = MujocoRobot(scene, impedance=cfg.impedance, hold_steps=hold_steps)
     cameras = open_cameras(cfg.cameras, twin=twin_cameras(robot.model, robot.data))
