@@ -46,15 +46,14 @@ from gymnasium import spaces
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, save_bc
-from robot_rl.buffer import ReplayBuffer, sample_utd_batches
+from robot_rl.buffer import ReplayBuffer
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
-from robot_rl.episodes import episodes_to_transitions, read_episodes
-from robot_rl.prefetch import StepSampler
+from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 from robot_rl.signals import stop_signals
-from robot_rl.train import resolve_device, transitions_obs
+from robot_rl.train import demo_buffer, resolve_device
 from robot_rl.wire import (
     ID_PATTERN,
     Ack,
@@ -228,12 +227,7 @@ class LearnerService:
         )
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer(demos)
-        sample_rng = np.random.default_rng(cfg.seed + 31) if cfg.train.prefetch else self.rng
-        self.sampler = StepSampler(
-            lambda: sample_utd_batches(self.buffer, self.offline, cfg.agent, sample_rng),
-            self.device,
-            prefetch=cfg.train.prefetch,
-        )
+        self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
 
         self.counters = Counters()
         self.streams: dict[tuple[str, str], Stream] = {}
@@ -299,22 +293,10 @@ class LearnerService:
                 f"method {self.cfg.agent.method} samples demonstrations (offline ratio "
                 f"{self.cfg.agent.effective_offline_ratio}): pass --demos FILE"
             )
-        data = episodes_to_transitions(read_episodes(demos))
         try:
-            obs = transitions_obs(data, "obs", self.obs_spec, demos)
-            next_obs = transitions_obs(data, "next_obs", self.obs_spec, demos)
+            return demo_buffer(demos, self.obs_spec, self.action_dim)
         except ValueError as exc:
             raise LearnerError(str(exc)) from None
-        buf = ReplayBuffer(max(len(data["actions"]), 1000), self.obs_spec, self.action_dim)
-        buf.add_many(
-            obs=obs,
-            actions=data["actions"],
-            rewards=data["rewards"],
-            next_obs=next_obs,
-            terminated=data["terminated"],
-            truncated=data["truncated"],
-        )
-        return buf
 
     def _open_sockets(self) -> None:
         transport = self.cfg.transport

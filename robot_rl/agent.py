@@ -19,6 +19,7 @@ from robot_rl.buffer import TransitionBatch
 from robot_rl.config import AgentConfig
 from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment
 from robot_rl.obs import ObsSpec
+from robot_rl.prefetch import to_tensors
 
 TensorObs = dict[str, torch.Tensor]
 
@@ -139,14 +140,16 @@ class Q2RLAgent(nn.Module):
         """DrQ random shift of every image (cfg.encoder.shift_pad; state untouched)."""
         return augment(obs, self.image_keys, self.cfg.encoder.shift_pad, self.generator)
 
-    def v_bc(self, obs: TensorObs, *, bc_encoded: torch.Tensor | None = None) -> torch.Tensor:
-        """V_BC(s) [B]; obs unnormalised. bc_encoded: the BC policy's encoder(obs), when already computed."""
+    def bc_encode(self, obs: TensorObs) -> torch.Tensor:
+        """The frozen BC policy's encoder(obs), which its action head and V_BC read."""
         if self.bc_policy is None:
-            raise RuntimeError("V_BC needs a BC policy (it reads the BC policy's encoding)")
-        if bc_encoded is None:
-            with torch.no_grad():
-                bc_encoded = self.bc_policy.encoder(obs)
-        return self.value(bc_encoded)
+            raise RuntimeError("V_BC and Q^_BC need a BC policy (they read the BC policy's encoding)")
+        with torch.no_grad():
+            return self.bc_policy.encoder(obs)
+
+    def v_bc(self, obs: TensorObs, *, bc_encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """V_BC(s) [B]; obs unnormalised. bc_encoded: bc_encode(obs), when already computed."""
+        return self.value(self.bc_encode(obs) if bc_encoded is None else bc_encoded)
 
     def q_bc_hat(
         self,
@@ -163,11 +166,8 @@ class Q2RLAgent(nn.Module):
         QEstimationConfig.q_init_bonus_cap). bc_encoded / bc_dist: the BC policy's encoder(obs) and its action
         distribution there, when the caller has them already (gating computes each once per step).
         """
-        if self.bc_policy is None:
-            raise RuntimeError("Q^_BC needs a BC policy")
         if bc_encoded is None:
-            with torch.no_grad():
-                bc_encoded = self.bc_policy.encoder(obs)
+            bc_encoded = self.bc_encode(obs)
         if bc_dist is None:
             bc_dist = self.bc_policy.head(bc_encoded)
         v = self.v_bc(obs, bc_encoded=bc_encoded)
@@ -246,14 +246,7 @@ class Q2RLAgent(nn.Module):
 
         batch: numpy (TransitionBatch) or already on the device (robot_rl.prefetch.to_tensors' dict)."""
         if isinstance(batch, TransitionBatch):
-            batch = {
-                "obs": self.obs_tensors(batch.obs),
-                "next_obs": self.obs_tensors(batch.next_obs),
-                "actions": self.tensor(batch.actions),
-                "rewards": self.tensor(batch.rewards),
-                "terminated": torch.as_tensor(batch.terminated, device=self.device),
-                "bc_actions": self.tensor(batch.bc_actions),
-            }
+            batch = to_tensors(batch, self.device)
         return {
             "obs": self.augment(batch["obs"]),
             "next_obs": self.augment(batch["next_obs"]),
@@ -279,8 +272,7 @@ class Q2RLAgent(nn.Module):
             next_action, next_log_prob = self.actor(next_features).rsample_with_log_prob(generator=self.generator)
             members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
             members = members[: self.cfg.critic_subsample]
-            target_features = self.target_encoder(next_obs) if self.image_keys else next_features
-            q_next = self.target_critics(target_features, next_action, members).min(dim=0).values
+            q_next = self.target_critics(self.target_encoder(next_obs), next_action, members).min(dim=0).values
             if self.cfg.backup_entropy:
                 q_next = q_next - self.temperature * next_log_prob
             target = self.clip_value(rewards + self.cfg.discount * not_done * q_next)

@@ -1,7 +1,7 @@
 """Networks of the RL agent: observation encoders, MLPs, a batched critic ensemble, the SAC actor and V_BC.
 
 `ObsEncoder` turns a dict observation into one feature vector: the state keys normalised to [-1, 1] by fixed bounds,
-then, per camera, a small CNN on the uint8 image (`ConvEncoder`). Without cameras it is the normaliser alone.
+then, per camera, a small CNN on the uint8 image (`CameraEncoders`). Without cameras it is the normaliser alone.
 
 The critic ensemble is one module whose weights carry a leading member dimension, so all members run in one batched
 matrix multiply instead of a Python loop over networks (the loop is bound by kernel launches, not arithmetic).
@@ -85,22 +85,17 @@ class ObsEncoder(nn.Module):
     def __init__(self, spec: ObsSpec, state_low: np.ndarray, state_high: np.ndarray, cfg: EncoderConfig) -> None:
         super().__init__()
         self.state_keys = state_keys(spec)
-        self.image_keys = image_keys(spec)
         dim = state_dim(spec)
         if np.asarray(state_low).shape != (dim,):
             raise ValueError(f"state bounds must have shape ({dim},) for keys {self.state_keys}")
         self.normalizer = ObsNormalizer(state_low, state_high) if dim else None
         # Cameras of one image size share a grouped CNN stack (independent weights per camera).
         sizes: dict[tuple[int, int], list[str]] = {}
-        for key in self.image_keys:
+        for key in image_keys(spec):
             sizes.setdefault((spec[key][0][0], spec[key][0][1]), []).append(key)
         self.cameras = nn.ModuleList(CameraEncoders(names, h, w, cfg) for (h, w), names in sizes.items())
         self.image_keys = [k for group in self.cameras for k in group.names]  # the order of the features
         self.out_dim = dim + cfg.feature_dim * len(self.image_keys)
-
-    @property
-    def has_images(self) -> bool:
-        return bool(self.image_keys)
 
     def state(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The concatenated state vector, unnormalised [B, state_dim]."""

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from robot_rl.buffer import TransitionBatch
+from robot_rl.buffer import ReplayBuffer, TransitionBatch, sample_utd_batches
+from robot_rl.config import RunConfig
 
 TensorBatch = dict[str, "torch.Tensor | dict[str, torch.Tensor]"]
 """One minibatch: "obs" and "next_obs" (key -> tensor), "actions", "rewards", "terminated" (bool), "bc_actions"."""
@@ -193,3 +194,19 @@ class StepSampler:
         prefetcher, self._prefetcher = self._prefetcher, None
         if prefetcher is not None:
             prefetcher.close()
+
+
+def learner_sampler(
+    buffer: ReplayBuffer,
+    offline: ReplayBuffer | None,
+    cfg: RunConfig,
+    rng: np.random.Generator,
+    device: torch.device | str,
+) -> StepSampler:
+    """The StepSampler of a learner loop: `cfg.agent.utd` minibatches per step (RLPD's share of `offline` included),
+    on a prefetch thread when `cfg.train.prefetch`. Sampled in place, the loop's own `rng` draws them (a run then
+    reproduces exactly); a prefetch thread gets an rng of its own."""
+    sample_rng = np.random.default_rng(cfg.seed + 31) if cfg.train.prefetch else rng
+    return StepSampler(
+        lambda: sample_utd_batches(buffer, offline, cfg.agent, sample_rng), device, prefetch=cfg.train.prefetch
+    )

@@ -16,12 +16,12 @@ import torch
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
-from robot_rl.buffer import ReplayBuffer, sample_utd_batches
+from robot_rl.buffer import ReplayBuffer
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter, episodes_to_transitions, read_episodes
-from robot_rl.prefetch import StepSampler
+from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
     StepChoice,
@@ -106,6 +106,22 @@ def transitions_obs(
     return out
 
 
+def demo_buffer(demos: Path, spec: obs_lib.ObsSpec, action_dim: int) -> ReplayBuffer:
+    """A replay buffer holding every transition of a demonstrations file (RLPD's offline share); ValueError naming
+    the file when its observations are not the env's."""
+    data = episodes_to_transitions(read_episodes(demos))
+    buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim)
+    buf.add_many(
+        obs=transitions_obs(data, "obs", spec, demos),
+        actions=data["actions"],
+        rewards=data["rewards"],
+        next_obs=transitions_obs(data, "next_obs", spec, demos),
+        terminated=data["terminated"],
+        truncated=data["truncated"],
+    )
+    return buf
+
+
 def train_bc_from_demos(cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int) -> torch.nn.Module:
     episodes = read_episodes(demos_path)
     data = episodes_to_transitions(episodes)
@@ -173,14 +189,7 @@ class Trainer:
         )
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer()
-        # Without prefetching the loop's own rng draws the minibatches (runs reproduce exactly); a prefetch thread
-        # gets its own.
-        sample_rng = np.random.default_rng(cfg.seed + 31) if cfg.train.prefetch else self.rng
-        self.sampler = StepSampler(
-            lambda: sample_utd_batches(self.buffer, self.offline, cfg.agent, sample_rng),
-            self.device,
-            prefetch=cfg.train.prefetch,
-        )
+        self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
         # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
         self.rollouts = EpisodeWriter(
@@ -210,18 +219,7 @@ class Trainer:
     def _offline_buffer(self) -> ReplayBuffer | None:
         if self.cfg.agent.effective_offline_ratio <= 0:
             return None
-        demos = self._ensure_demos()
-        data = episodes_to_transitions(read_episodes(demos))
-        buf = ReplayBuffer(max(len(data["actions"]), 1000), self.obs_spec, self.action_dim)
-        buf.add_many(
-            obs=transitions_obs(data, "obs", self.obs_spec, demos),
-            actions=data["actions"],
-            rewards=data["rewards"],
-            next_obs=transitions_obs(data, "next_obs", self.obs_spec, demos),
-            terminated=data["terminated"],
-            truncated=data["truncated"],
-        )
-        return buf
+        return demo_buffer(self._ensure_demos(), self.obs_spec, self.action_dim)
 
     # -- helpers ------------------------------------------------------------------------------------------------------
     def _status(self, phase: str, *, force: bool = False, **extra) -> None:
