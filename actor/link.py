@@ -86,16 +86,20 @@ class LearnerLink(threading.Thread):
         self.state = LinkState()
         self._weights: Weights | None = None
         self._weights_lock = threading.Lock()
+        self._weights_arrived = threading.Event()
         self._reports: queue.Queue[EvalReport] = queue.Queue()
         self._wake = threading.Event()
         self.fingerprint = config_fingerprint(cfg)
         self.error: BaseException | None = None
 
     # -- API for the control thread -------------------------------------------------------------------------------
-    def take_weights(self) -> Weights | None:
-        """The newest weights received since the last call, or None."""
+    def take_weights(self, timeout: float = 0.0) -> Weights | None:
+        """The newest weights received since the last call, or None (after waiting up to `timeout` s for some)."""
+        if timeout > 0:
+            self._weights_arrived.wait(timeout)
         with self._weights_lock:
             weights, self._weights = self._weights, None
+            self._weights_arrived.clear()
         return weights
 
     def send_report(self, report: EvalReport) -> None:
@@ -237,6 +241,7 @@ class LearnerLink(threading.Thread):
             if isinstance(msg, Weights):
                 with self._weights_lock:
                     self._weights = msg
+                    self._weights_arrived.set()
                 self._replace(last_heard=time.monotonic())
             elif isinstance(msg, Status):
                 self._replace(status=msg, last_heard=time.monotonic())

@@ -367,6 +367,7 @@ class Replayer:
                                action_dim=int(self.env.action_space.shape[0]),
                                bc_policy=self.bc, qest_alpha=cfg.qest.alpha, seed=cfg.seed)  # fmt: skip
         self.agent.eval()
+        self.agent.set_acting_precision(cfg.actor.gating_precision)  # score with what the actor gated with
         self._loaded: int | None = None
 
     def _use_version(self, version: int) -> None:
@@ -442,22 +443,28 @@ class Replayer:
     ) -> np.ndarray:
         self._use_version(version)
         agent = self.agent
+        nets = agent.acting_networks()  # compact copies when the actor gated with them
         obs_t = agent.obs_tensors(obs)
         a_bc = agent.tensor(ext["bc_action"][t][None])
         gating = self.cfg.agent.gating
         if gating != "none" and self.cfg.agent.bc_action == "mode":
-            check(t, "bc_action", ext["bc_action"][t], self.bc.mode(obs_t).clamp(-1.0, 1.0)[0].numpy())
+            check(t, "bc_action", ext["bc_action"][t], nets.bc_policy.mode(obs_t).clamp(-1.0, 1.0)[0].numpy())
+        features = nets.encoder(obs_t)
         if rl_mode == "mode":
-            a_rl = agent.actor(agent.encoder(obs_t)).mode()
+            a_rl = nets.actor(features).mode()
             check(t, "rl_action", ext["rl_action"][t], a_rl[0].numpy())
         else:
             a_rl = agent.tensor(ext["rl_action"][t][None])
-        q_rl = agent.q_rl_min(obs_t, a_rl)
+        q_rl = nets.critics(features, a_rl).min(dim=0).values
         if gating == "none":
             q_bc = torch.full_like(q_rl, float("nan"))
             use_bc = torch.zeros_like(q_rl, dtype=torch.bool)
         else:
-            q_bc = agent.q_bc_hat(obs_t, a_bc) if gating == "q2rl" else agent.q_rl_min(obs_t, a_bc)
+            if gating == "q2rl":
+                bc_encoded = nets.bc_policy.encoder(obs_t)
+                q_bc = agent.q_bc_from(nets.value(bc_encoded), nets.bc_policy.head(bc_encoded), a_bc)
+            else:
+                q_bc = nets.critics(features, a_bc).min(dim=0).values
             use_bc = q_bc > q_rl
         check(t, "q_bc", ext["q_bc"][t], np.float32(q_bc[0]))
         check(t, "q_rl", ext["q_rl"][t], np.float32(q_rl[0]))

@@ -42,6 +42,7 @@ from robot_rl.actor.link import LearnerLink, keep_receive_buffers
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
+from robot_rl.actor.weights_loader import WeightsLoader
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc
 from robot_rl.config import ConfigError, RunConfig, dump_config
@@ -53,7 +54,7 @@ from robot_rl.hardware.operator import OperatorEvent, make_operator
 from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.signals import stop_signals
-from robot_rl.wire import EvalReport, Transitions, Weights, to_wire, unpack_tensors
+from robot_rl.wire import EvalReport, Transitions, to_wire
 
 log = logging.getLogger(__name__)
 EVAL_SEED_BASE = 1_000_000
@@ -150,6 +151,8 @@ class ActorService:
             qest_alpha=cfg.qest.alpha,
             seed=cfg.seed,
         )
+        self.agent.set_acting_precision(cfg.actor.gating_precision)
+        self.agent.set_acting_threads(cfg.actor.gating_threads)
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 101)
         self._bc_policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, generator=self.bc_generator)
         self._gated_policies = {r: gated_policy_fn(self.agent, rl_action=r) for r in (None, "mode")}
@@ -167,11 +170,13 @@ class ActorService:
         self.stop_event = threading.Event()
         self.spill: Spill | None = None
         self.link: LearnerLink | None = None
+        self.weights_source: WeightsLoader | None = None  # what the swap point takes prepared weights from
         self.chunks = ChunkBuilder(self.obs_spec, self.action_dim, cfg.actor.actor_id, self.run_id)
         if learner is not None:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq
             self.link = LearnerLink(cfg, self.spill, run_id=self.run_id, endpoint=learner)
+            self.weights_source = WeightsLoader(self.link.take_weights, self.agent)
             keep_receive_buffers()  # weights frames reuse heap memory instead of fresh pages each broadcast
         self.episode_dir = out / "episodes"
         self.episode_dir.mkdir(exist_ok=True)
@@ -204,14 +209,13 @@ class ActorService:
 
     # -- weights and phase ---------------------------------------------------------------------------------------------
     def _swap_weights(self) -> None:
-        if self.link is None:
+        """Swap in the newest weights the loader has made ready (decoded and built off this thread)."""
+        ready = self.weights_source.take() if self.weights_source is not None else None
+        if ready is None or ready.weights.version == self.weights_version:
             return
-        weights: Weights | None = self.link.take_weights()
-        if weights is None or weights.version == self.weights_version:
-            return
-        tensors = unpack_tensors(weights.tensors, copy=False)  # only read: loading copies into the networks
-        self.agent.load_acting_state(tensors)
-        self.weights_archive.save(weights.version, tensors, phase=weights.phase)
+        weights = ready.weights
+        self.agent.use_acting(ready.prepared)
+        self.weights_archive.save(weights.version, ready.tensors, phase=weights.phase)
         self.weights_version = weights.version
         self.weights_time = time.monotonic()
 
@@ -420,9 +424,13 @@ class ActorService:
             self.link.send_report(report)
 
     # -- main loop -----------------------------------------------------------------------------------------------------
+    def _start_threads(self) -> None:
+        for thread in (self.link, self.weights_source):
+            if thread is not None:
+                thread.start()
+
     def run(self) -> dict:
-        if self.link is not None:
-            self.link.start()
+        self._start_threads()
         self.operator.__enter__()
         seed_base = self.cfg.seed * 7919 + 31 * self._episode_index
         try:
@@ -503,6 +511,10 @@ class ActorService:
                 self._write_stats()
             self.link.stop()
             self.link.join(timeout=2.0)
+        if self.weights_source is not None and self.weights_source.is_alive():
+            self.weights_source.stop()
+            self.weights_source.join(timeout=5.0)
+        self.agent.set_acting_threads(1)
         self._write_stats(force=True)
         self.weights_archive.close()
         self.operator.__exit__(None, None, None)

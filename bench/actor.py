@@ -1,12 +1,13 @@
 """Actor timing: Q-gating at a fixed rate on the sim twin (compute per step, period jitter), or gating alone.
 
     python bench/actor.py [--minutes 10] [--period 0.1] [--config state|image|PATH]
-    python bench/actor.py --gating 2000 [--config image] [--threads 1]
+    python bench/actor.py --gating 2000 [--config image] [--threads 1] [--precision int8] [--gating-threads 2]
 
 `--gating N` times N Q-gating decisions alone, as the actor makes them on a real robot: per camera, the crop and
 resize of a raw 848x480 RealSense-sized frame to 84x84 (new random pixels each step), then `Q2RLAgent.act` on one
 observation (BC distribution once for its sample, log-prob and entropy; V_BC and its encoder; the critics' encoder;
-RL actor; the critic ensemble), with networks of the config's sizes. The last line is the headline.
+RL actor; the critic ensemble), with networks of the config's sizes, at the config's `actor.gating_precision` and
+`actor.gating_threads` unless --precision / --gating-threads say otherwise. The last line is the headline.
 
 Runs the actor's own episode loop (`ActorService.run_episode`, gated: BC proposal + RL proposal + V_BC + the critic
 ensemble every step, episode logs written) for the given wall time at the given period, with networks of the config's
@@ -49,6 +50,8 @@ def gating(cfg: RunConfig, steps: int) -> None:
     low, high = -0.1 * np.ones(dim, np.float32), 0.1 * np.ones(dim, np.float32)
     bc = make_bc_policy(cfg.bc, spec, 6, low, high).eval()
     agent = Q2RLAgent(cfg.agent, obs_spec=spec, state_low=low, state_high=high, action_dim=6, bc_policy=bc).eval()
+    agent.set_acting_precision(cfg.actor.gating_precision)
+    agent.set_acting_threads(cfg.actor.gating_threads)
     # Raw frames as a RealSense delivers them (848x480, the real crop), whatever size the sim renders.
     real = CameraConfig(name="raw")
     rng = np.random.default_rng(0)
@@ -68,8 +71,10 @@ def gating(cfg: RunConfig, steps: int) -> None:
             act.append(t2 - t1)
             total.append(t2 - t0)
     pre_ms, act_ms, total_ms = (np.asarray(v) * 1e3 for v in (pre, act, total))
+    agent.set_acting_threads(1)
     nets = f"hidden {cfg.agent.hidden}, {cfg.agent.num_critics} critics, BC {cfg.bc.policy} {cfg.bc.hidden}"
-    print(f"obs {spec}; {nets}, encoder {cfg.agent.encoder.channels}; torch threads {torch.get_num_threads()}")
+    print(f"obs {spec}; {nets}, encoder {cfg.agent.encoder.channels}; torch threads {torch.get_num_threads()}; "
+          f"gating precision {cfg.actor.gating_precision}, gating threads {cfg.actor.gating_threads}")  # fmt: skip
     print(f"{'what':<26}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     print(percentiles(f"preprocess {len(cameras)} x 848x480", pre_ms))
     print(percentiles("Q-gating (agent.act)", act_ms))
@@ -84,13 +89,19 @@ def main() -> None:
     parser.add_argument("--config", default="state", help="state, image, or a config file")
     parser.add_argument("--gating", type=int, default=0, help="time N gating decisions alone instead of the loop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--precision", choices=["float32", "int8"], help="actor.gating_precision (default: config's)")
+    parser.add_argument("--gating-threads", type=int, choices=[1, 2], help="actor.gating_threads (default: config's)")
     args = parser.parse_args()
     path = CONFIGS.get(args.config, args.config)
-    cfg = load_config(path, [f"actor.period_s={args.period}", f"train.torch_threads={args.threads}"])
+    overrides = [f"actor.period_s={args.period}", f"train.torch_threads={args.threads}"]
+    if args.precision:
+        overrides.append(f"actor.gating_precision={args.precision}")
+    if args.gating_threads:
+        overrides.append(f"actor.gating_threads={args.gating_threads}")
+    cfg = load_config(path, overrides)
     torch.set_num_threads(args.threads)
     if args.gating:
-        with torch.inference_mode():
-            gating(cfg, args.gating)
+        gating(cfg, args.gating)  # agent.act runs under torch.inference_mode itself
         return
     with tempfile.TemporaryDirectory() as tmp:
         env = make_env(cfg.env)

@@ -7,6 +7,7 @@ SAC) and ablations (no gating, no Q-initialisation) are the same code with `Agen
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 
 from robot_rl import obs as obs_lib
 from robot_rl.buffer import TransitionBatch
+from robot_rl.compact import compact_copy
 from robot_rl.config import AgentConfig
 from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment
 from robot_rl.obs import ObsSpec
@@ -40,6 +42,26 @@ class UpdateStats:
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ActingNetworks:
+    """The networks Q-gating reads: the agent's own (float32), or compact copies of them (robot_rl.compact)."""
+
+    encoder: nn.Module
+    actor: nn.Module
+    critics: nn.Module
+    value: nn.Module
+    bc_policy: nn.Module | None
+
+
+@dataclass(frozen=True)
+class PreparedActing:
+    """New acting weights made ready off the control thread (Q2RLAgent.prepare_acting / use_acting)."""
+
+    modules: dict[str, nn.Module]  # ACTING_MODULES name -> a float32 module holding the new weights
+    compact: ActingNetworks | None  # their compact copies, when prepared for the 'int8' acting precision
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -111,8 +133,16 @@ class Q2RLAgent(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic_parameters(), lr=cfg.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Gating samples BC proposals from its own stream, so that the BC branch may run on another thread.
+        self.bc_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.critic_updates = 0
         self.actor_updates = 0
+        self.acting_precision = "float32"
+        self._acting: ActingNetworks | None = None
+        self._acting_versions = -1
+        self._compact_bc: nn.Module | None = None
+        self._acting_tensors: list[torch.Tensor] | None = None
+        self._bc_branch_pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Values
@@ -170,7 +200,12 @@ class Q2RLAgent(nn.Module):
             bc_encoded = self.bc_encode(obs)
         if bc_dist is None:
             bc_dist = self.bc_policy.head(bc_encoded)
-        v = self.v_bc(obs, bc_encoded=bc_encoded)
+        return self.q_bc_from(self.v_bc(obs, bc_encoded=bc_encoded), bc_dist, actions, bonus_cap)
+
+    def q_bc_from(
+        self, v: torch.Tensor, bc_dist: object, actions: torch.Tensor, bonus_cap: float | None = None
+    ) -> torch.Tensor:
+        """Q^_BC from its parts: V_BC(s) and the BC policy's action distribution at s (Eq. 6)."""
         log_prob = bc_dist.log_prob(actions)
         entropy = bc_dist.entropy()
         assert v.shape == log_prob.shape == entropy.shape == (actions.shape[0],), (v.shape, log_prob.shape)
@@ -193,6 +228,54 @@ class Q2RLAgent(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Acting: Q-gating
     # ----------------------------------------------------------------------------------------------------------------
+    def set_acting_precision(self, precision: str) -> None:
+        """What `act` computes with: 'float32' (the agent's own networks) or 'int8' (compact copies: int8 weight-only
+        linear layers and bf16 convolutions, robot_rl.compact; for gating on a CPU). The copies follow the agent's
+        weights: they are rebuilt at the first `act` after any change to them."""
+        if precision not in ("float32", "int8"):
+            raise ValueError(f"acting precision must be 'float32' or 'int8', got {precision!r}")
+        self.acting_precision = precision
+        self._acting = None
+
+    def acting_networks(self) -> ActingNetworks:
+        """The networks `act` reads now (compact copies rebuilt when the agent's acting weights changed)."""
+        if self.acting_precision == "float32":
+            return ActingNetworks(self.encoder, self.actor, self.critics, self.value, self.bc_policy)
+        versions = self._acting_weights_version()
+        if self._acting is None or versions != self._acting_versions:
+            if self._compact_bc is None and self.bc_policy is not None:
+                self._compact_bc = compact_copy(self.bc_policy)  # frozen: compacted once
+            self._acting = ActingNetworks(
+                encoder=compact_copy(self.encoder),
+                actor=compact_copy(self.actor),
+                critics=compact_copy(self.critics),
+                value=compact_copy(self.value),
+                bc_policy=self._compact_bc,
+            )
+            self._acting_versions = versions
+        return self._acting
+
+    def _acting_weights_version(self) -> int:
+        """Changes whenever any acting weight is written in place (optimiser steps, loads): torch's version counters.
+        Writes through `.data`, and to networks built under torch.inference_mode (no counters), are not seen."""
+        if self._acting_tensors is None:
+            self._acting_tensors = [
+                t for name in self.ACTING_MODULES for t in getattr(self, name).state_dict().values()
+            ]
+        return sum(0 if t.is_inference() else t._version for t in self._acting_tensors)
+
+    def set_acting_threads(self, threads: int) -> None:
+        """1: `act` runs on the calling thread. 2: with Q2RL gating, the BC branch (BC encoder, sample, V_BC, Q^_BC)
+        runs on a second thread beside the RL branch (critics' encoder, RL actor, critic ensemble); same results.
+        Meant for torch.set_num_threads(1): the two branches then use one core each."""
+        if threads not in (1, 2):
+            raise ValueError(f"acting threads must be 1 or 2, got {threads}")
+        if threads == 2 and self._bc_branch_pool is None:
+            self._bc_branch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gating-bc")
+        elif threads == 1 and self._bc_branch_pool is not None:
+            self._bc_branch_pool.shutdown(wait=True)
+            self._bc_branch_pool = None
+
     @torch.inference_mode()
     def act(
         self, obs: dict[str, np.ndarray], *, rl_action: str | None = None, bc_action: str | None = None
@@ -201,33 +284,30 @@ class Q2RLAgent(nn.Module):
 
         obs: a batched dict observation (unnormalised, images uint8). With gating 'none' (SAC, RLPD) the RL action is
         always executed. Each encoder runs once per call (the BC policy's distribution is reused for its sample,
-        log-prob and entropy).
+        log-prob and entropy). The networks are those of `acting_networks()`; see also `set_acting_threads`.
         """
         rl_mode = rl_action or self.cfg.rl_action
         bc_mode = bc_action or self.cfg.bc_action
+        nets = self.acting_networks()
         obs_t = self.obs_tensors(obs)
-        features = self.encoder(obs_t)
-        dist = self.actor(features)
-        a_rl = dist.mode() if rl_mode == "mode" else dist.sample(generator=self.generator)
-        gating = self.cfg.gating
+        gating = "none" if nets.bc_policy is None else self.cfg.gating
+        bc_branch = None
+        if gating == "q2rl" and self._bc_branch_pool is not None:
+            bc_branch = self._bc_branch_pool.submit(self._bc_branch, nets, obs_t, bc_mode)
+        features = nets.encoder(obs_t)
+        a_rl = nets.actor(features)
+        a_rl = a_rl.mode() if rl_mode == "mode" else a_rl.sample(generator=self.generator)
+        q_rl = nets.critics(features, a_rl).min(dim=0).values
         batch = features.shape[0]
-        nan = torch.full((batch,), float("nan"), device=self.device)
-        q_rl = self.critics(features, a_rl).min(dim=0).values
-        if gating == "none" or self.bc_policy is None:
+        if gating == "none":
             a_bc = torch.full_like(a_rl, float("nan"))
-            q_bc = nan
-            use_bc = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        else:
-            bc_encoded = self.bc_policy.encoder(obs_t)
-            bc_dist = self.bc_policy.head(bc_encoded)
-            raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.generator)
-            # Score exactly what would be executed: the env clips every action to [-1, 1].
-            a_bc = raw.clamp(-1.0, 1.0)
-            if gating == "q2rl":
-                q_bc = self.q_bc_hat(obs_t, a_bc, bc_encoded=bc_encoded, bc_dist=bc_dist)
-            else:
-                q_bc = self.critics(features, a_bc).min(dim=0).values
-            use_bc = q_bc > q_rl
+            q_bc = torch.full((batch,), float("nan"), device=self.device)
+        elif gating == "q2rl":
+            a_bc, q_bc = bc_branch.result() if bc_branch is not None else self._bc_branch(nets, obs_t, bc_mode)
+        else:  # one Q-function scores both proposals
+            a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, score=False)
+            q_bc = nets.critics(features, a_bc).min(dim=0).values
+        use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
         action = torch.where(use_bc[:, None], a_bc, a_rl)
         return GateDecision(
             bc_action=a_bc.cpu().numpy(),
@@ -237,6 +317,17 @@ class Q2RLAgent(nn.Module):
             use_bc=use_bc.cpu().numpy(),
             action=action.cpu().numpy(),
         )
+
+    @torch.inference_mode()  # thread-local: the branch may run on the gating thread
+    def _bc_branch(
+        self, nets: ActingNetworks, obs_t: TensorObs, bc_mode: str, *, score: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a_BC, Q^_BC(s, a_BC) or None): the BC proposal, clipped as the env clips it, and its frozen value."""
+        bc_encoded = nets.bc_policy.encoder(obs_t)
+        bc_dist = nets.bc_policy.head(bc_encoded)
+        raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.bc_generator)
+        a_bc = raw.clamp(-1.0, 1.0)  # score exactly what would be executed: the env clips every action to [-1, 1]
+        return a_bc, self.q_bc_from(nets.value(bc_encoded), bc_dist, a_bc) if score else None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Learning
@@ -403,10 +494,7 @@ class Q2RLAgent(nn.Module):
     def load_network_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name in self.NETWORK_MODULES:
-                module = getattr(self, name)
-                prefix = f"{name}."
-                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                module.load_state_dict(sub, strict=True)
+                getattr(self, name).load_state_dict(_sub_state(state, name), strict=True)
             self.log_alpha.copy_(state["log_alpha"].reshape(()))
 
     ACTING_MODULES = ("encoder", "actor", "critics", "value")
@@ -422,15 +510,44 @@ class Q2RLAgent(nn.Module):
 
     def load_acting_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load what acting_state() produced; names and shapes must match exactly (KeyError/RuntimeError else)."""
+        self._check_acting_keys(state)
+        with torch.no_grad():
+            for name in self.ACTING_MODULES:
+                getattr(self, name).load_state_dict(_sub_state(state, name), strict=True)
+
+    def prepare_acting(self, state: dict[str, torch.Tensor]) -> PreparedActing:
+        """New acting networks holding `state` (checked as load_acting_state checks it), compacted when the acting
+        precision asks for it, built without touching the networks `act` uses now: it may run on another thread while
+        the agent acts. `use_acting` swaps them in."""
+        self._check_acting_keys(state)
+        modules = {}
+        with torch.no_grad():
+            for name in self.ACTING_MODULES:
+                module = copy.deepcopy(getattr(self, name))
+                module.load_state_dict(_sub_state(state, name), strict=True)
+                modules[name] = module
+        compact = None
+        if self.acting_precision == "int8":
+            if self._compact_bc is None and self.bc_policy is not None:
+                self._compact_bc = compact_copy(self.bc_policy)
+            compact = ActingNetworks(**{k: compact_copy(m) for k, m in modules.items()}, bc_policy=self._compact_bc)
+        return PreparedActing(modules=modules, compact=compact, precision=self.acting_precision)
+
+    def use_acting(self, prepared: PreparedActing) -> None:
+        """Swap in what prepare_acting built (a reference swap, no copy): the agent's acting modules become the
+        prepared ones. For an agent that only acts (the actor): optimisers keep pointing at the modules replaced."""
+        for name, module in prepared.modules.items():
+            setattr(self, name, module)
+        self._acting_tensors = None
+        if prepared.compact is not None and prepared.precision == self.acting_precision:
+            self._acting = prepared.compact
+            self._acting_versions = self._acting_weights_version()
+
+    def _check_acting_keys(self, state: dict[str, torch.Tensor]) -> None:
         expected = {f"{name}.{key}" for name in self.ACTING_MODULES for key in getattr(self, name).state_dict()}
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise KeyError(f"acting state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name in self.ACTING_MODULES:
-                prefix = f"{name}."
-                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                getattr(self, name).load_state_dict(sub, strict=True)
 
     def optimizer_states(self) -> dict[str, dict]:
         return {
@@ -443,6 +560,12 @@ class Q2RLAgent(nn.Module):
         self.actor_opt.load_state_dict(states["actor"])
         self.critic_opt.load_state_dict(states["critic"])
         self.alpha_opt.load_state_dict(states["alpha"])
+
+
+def _sub_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `name.`, without the prefix."""
+    prefix = f"{name}."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def value_regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

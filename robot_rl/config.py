@@ -482,6 +482,17 @@ class ActorConfig(Strict):
         "(sim: keeps a fast actor from racing a slow learner; None: no cap, as on a robot).",
     )
     stop_wait_s: float = Field(10.0, ge=0, description="On stop: seconds to wait for the last acknowledgements.")
+    gating_precision: Literal["float32", "int8"] = Field(
+        "float32",
+        description="Networks the actor gates with: float32 as trained, or int8 (compact copies: int8 weight-only "
+        "linear layers, bf16 convolutions; Q-values within ~1%, gating ~1.7x faster on CPU: docs/benchmarks.md). "
+        "Made from each weights broadcast off the control thread.",
+    )
+    gating_threads: Literal[1, 2] = Field(
+        1,
+        description="2: the BC branch of each gating decision (BC encoder, sample, V_BC) runs on a second thread "
+        "beside the RL branch; same decisions.",
+    )
     log_episodes: bool = Field(True, description="Write every episode to DIR/episodes/ (HDF5, robomimic layout).")
 
 

@@ -19,10 +19,11 @@ from safetensors.torch import load_file, save_file
 from robot_rl.actor.replay import replay_log
 from robot_rl.actor.service import ActorService
 from robot_rl.actor.weights_archive import WeightsArchive
+from robot_rl.actor.weights_loader import ReadyWeights, prepare_weights
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.cli import main
-from robot_rl.config import load_config
+from robot_rl.config import dump_config, load_config
 from robot_rl.episodes import read_episodes
 from robot_rl.obs import state_bounds, state_spec
 from robot_rl.wire import Weights, pack_tensors
@@ -32,19 +33,17 @@ SECOND_VERSION_AT = 20
 VALUE_SHIFT = 3.6
 
 
-class ScriptedLink:
-    """Stands in for LearnerLink at the actor's swap point: hands out weights snapshots at given swap calls."""
+class ScriptedWeights:
+    """Stands in for the weights loader at the actor's swap point: hands out snapshots at given swap calls."""
 
-    state = None  # no connection state to report in stats.json
-
-    def __init__(self, snapshots: dict[int, Weights]) -> None:
-        self.snapshots = snapshots
+    def __init__(self, agent: Q2RLAgent, snapshots: dict[int, Weights]) -> None:
+        self.agent, self.snapshots = agent, snapshots
         self.calls = 0
 
-    def take_weights(self) -> Weights | None:
+    def take(self) -> ReadyWeights | None:
         weights = self.snapshots.get(self.calls)
         self.calls += 1
-        return weights
+        return None if weights is None else prepare_weights(self.agent, weights)
 
 
 def _snapshot(service: ActorService, version: int, seed: int) -> Weights:
@@ -64,6 +63,18 @@ def _snapshot(service: ActorService, version: int, seed: int) -> Weights:
     return Weights(version=version, phase="online", tensors=pack_tensors(agent.acting_state()))
 
 
+def _one_gated_episode(out: Path, bc_dir: Path, overrides: list[str], *, version: int, seed: int) -> None:
+    """An actor in `out` that runs one gated online episode with one weights version."""
+    service = ActorService(load_config(TINY, ["actor.period_s=0", *overrides]), out, bc_dir=bc_dir, learner=None,
+                           quiet=True)  # fmt: skip
+    try:
+        service.weights_source = ScriptedWeights(service.agent, {0: _snapshot(service, version, seed=seed)})
+        service.run_episode(kind="online", gated=True, send=False, seed=10 + seed)
+    finally:
+        service.weights_source = None
+        service._shutdown()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:
     """An actor directory with a BC-only and a gated episode log, its weights archive and BC policy."""
@@ -74,27 +85,24 @@ def run(tmp_path_factory) -> dict[str, Path]:
     service = ActorService(cfg, root / "actor", bc_dir=bc_dir, learner=None, quiet=True)
     try:
         service.run_episode(kind="bc_only", gated=False, send=False, seed=11)
-        service.link = ScriptedLink(
-            {0: _snapshot(service, 3, seed=1), SECOND_VERSION_AT: _snapshot(service, 4, seed=2)}
+        service.weights_source = ScriptedWeights(
+            service.agent, {0: _snapshot(service, 3, seed=1), SECOND_VERSION_AT: _snapshot(service, 4, seed=2)}
         )
         service.run_episode(kind="online", gated=True, send=False, seed=12)
     finally:
-        service.link = None
+        service.weights_source = None
         service._shutdown()
     # A second actor whose RL proposals are samples: the replay re-scores them instead of recomputing them.
-    sampled = ActorService(load_config(TINY, ["actor.period_s=0", "agent.rl_action=sample"]), root / "sampled",
-                           bc_dir=bc_dir, learner=None, quiet=True)  # fmt: skip
-    try:
-        sampled.link = ScriptedLink({0: _snapshot(sampled, 1, seed=3)})
-        sampled.run_episode(kind="online", gated=True, send=False, seed=13)
-    finally:
-        sampled.link = None
-        sampled._shutdown()
+    _one_gated_episode(root / "sampled", bc_dir, ["agent.rl_action=sample"], version=1, seed=3)
+    # A third gates with compact networks (int8 linears, layers wide enough to be quantised) on two threads.
+    compact = ["agent.hidden=[256,256]", "actor.gating_precision=int8", "actor.gating_threads=2"]
+    _one_gated_episode(root / "compact", bc_dir, compact, version=1, seed=4)
     episodes = sorted((root / "actor" / "episodes").glob("episode_*.hdf5"))
     return {
         "bc_log": episodes[0],
         "gated_log": episodes[1],
         "sampled_log": next((root / "sampled" / "episodes").glob("episode_*.hdf5")),
+        "compact_log": next((root / "compact" / "episodes").glob("episode_*.hdf5")),
         "archive": root / "actor" / "weights",
         "root": root,
     }
@@ -116,7 +124,7 @@ def test_the_actor_logs_measured_poses_and_archives_the_versions_it_acted_with(r
     np.testing.assert_array_equal(ep.actions[~use_bc], ep.extras["rl_action"][~use_bc])
 
 
-@pytest.mark.parametrize("log", ["bc_log", "gated_log", "sampled_log"])
+@pytest.mark.parametrize("log", ["bc_log", "gated_log", "sampled_log", "compact_log"])
 def test_a_clean_replay_reproduces_every_step_and_exits_0(run, log, capsys):
     assert main(["replay", str(run[log])]) == 0
     out = capsys.readouterr().out
@@ -124,6 +132,18 @@ def test_a_clean_replay_reproduces_every_step_and_exits_0(run, log, capsys):
     report = replay_log(run[log])
     assert report.ok and report.steps == len(read_episodes(run[log])[0])
     assert report.gated_steps == (0 if log == "bc_log" else report.steps)
+
+
+def test_compact_gating_replays_with_its_own_networks_not_the_float_ones(run, tmp_path: Path):
+    """The replay scores with the precision the actor gated with; scored in float32 the values differ (~1%)."""
+    cfg = load_config(run["root"] / "compact" / "config.yaml", ["actor.gating_precision=float32"])
+    float_config = tmp_path / "config.yaml"
+    float_config.write_text(dump_config(cfg))
+    archive = run["root"] / "compact" / "weights"
+    report = replay_log(run["compact_log"], checkpoint=archive, config=float_config)
+    assert not report.ok
+    assert report.per_field()["q_rl"] == report.steps  # every step's value moved by more than atol
+    assert replay_log(run["compact_log"]).ok
 
 
 def test_a_changed_critic_is_reported_at_the_first_step_that_used_it(run, tmp_path: Path, capsys):

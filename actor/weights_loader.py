@@ -1,0 +1,90 @@
+"""Weights broadcasts made ready for the control loop on a thread of their own.
+
+Loading a broadcast into the acting networks copies every weight (~62 MB for the image config), and with
+`actor.gating_precision: int8` also quantises them: tens to a hundred milliseconds, too long for the top of a 10 Hz
+step. The loader takes each newest broadcast from the learner link, decodes it and builds the agent's new acting
+networks with `Q2RLAgent.prepare_acting`, without touching the networks the control loop is gating with. The control
+loop swaps them in at its one swap point (`take`, then `Q2RLAgent.use_acting`: a reference swap). A broadcast that
+arrives while another is being prepared waits; one that is overtaken before its turn is skipped for the newer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from robot_rl.agent import PreparedActing, Q2RLAgent
+from robot_rl.wire import Weights, unpack_tensors
+
+log = logging.getLogger(__name__)
+
+
+class WeightsLoadError(RuntimeError):
+    """A broadcast could not be made into acting networks (the learner sent weights of other networks)."""
+
+
+@dataclass(frozen=True)
+class ReadyWeights:
+    """A broadcast ready to swap in: the message, its decoded tensors (for the archive) and the prepared networks."""
+
+    weights: Weights
+    tensors: dict[str, torch.Tensor]
+    prepared: PreparedActing
+
+
+def prepare_weights(agent: Q2RLAgent, weights: Weights) -> ReadyWeights:
+    """Decode one broadcast and prepare the agent's acting networks from it (on the calling thread)."""
+    tensors = unpack_tensors(weights.tensors, copy=False)  # only read: preparing copies into new networks
+    return ReadyWeights(weights=weights, tensors=tensors, prepared=agent.prepare_acting(tensors))
+
+
+class WeightsLoader(threading.Thread):
+    """Prepares the newest weights from `take_weights(timeout)` (LearnerLink.take_weights) until stopped."""
+
+    def __init__(self, take_weights: Callable[[float], Weights | None], agent: Q2RLAgent, *, poll_s: float = 0.05):
+        super().__init__(name="weights-loader", daemon=True)
+        self._take_weights, self._agent, self._poll_s = take_weights, agent, poll_s
+        self._ready: ReadyWeights | None = None
+        self._error: WeightsLoadError | None = None
+        self._lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.prepared = 0  # broadcasts made ready
+        self.prepare_s: list[float] = []  # seconds each took (the latest 100)
+
+    def take(self) -> ReadyWeights | None:
+        """The newest prepared broadcast not taken yet, or None; raises WeightsLoadError when one could not be used."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            ready, self._ready = self._ready, None
+        return ready
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            weights = self._take_weights(self._poll_s)
+            if weights is None:
+                continue
+            start = time.perf_counter()
+            try:
+                ready = prepare_weights(self._agent, weights)
+            except (KeyError, RuntimeError, ValueError) as err:
+                with self._lock:
+                    self._error = WeightsLoadError(f"weights version {weights.version} cannot be loaded: {err}")
+                log.error("%s", self._error)
+                return
+            self.prepared += 1
+            self.prepare_s = [*self.prepare_s[-99:], time.perf_counter() - start]
+            with self._lock:
+                self._ready = ready  # an untaken older one is overtaken
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def prepare_p99_s(self) -> float | None:
+        return float(np.percentile(self.prepare_s, 99)) if self.prepare_s else None

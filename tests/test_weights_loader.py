@@ -1,0 +1,101 @@
+"""The actor's weights loader: broadcasts are decoded and built into acting networks off the control thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from robot_rl.actor.weights_loader import WeightsLoader, WeightsLoadError
+from robot_rl.agent import Q2RLAgent
+from robot_rl.bc import make_bc_policy
+from robot_rl.config import AgentConfig, BCConfig
+from robot_rl.obs import state_spec
+from robot_rl.wire import Weights, pack_tensors
+
+SPEC = state_spec(6)
+LOW, HIGH = -np.ones(6, np.float32), np.ones(6, np.float32)
+
+
+def make_agent(seed: int) -> Q2RLAgent:
+    torch.manual_seed(0)  # the same BC policy for every agent
+    bc = make_bc_policy(BCConfig(hidden=[32], num_modes=2), SPEC, 6, LOW, HIGH)
+    cfg = AgentConfig(hidden=[256, 256], num_critics=4, batch_size=8)
+    return Q2RLAgent(cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6, bc_policy=bc, seed=seed)
+
+
+class Source:
+    """A link's take_weights: hands out what the test puts in, newest first, waiting up to the timeout."""
+
+    def __init__(self) -> None:
+        self.weights: Weights | None = None
+        self.arrived = threading.Event()
+        self.lock = threading.Lock()
+
+    def put(self, weights: Weights) -> None:
+        with self.lock:
+            self.weights = weights
+            self.arrived.set()
+
+    def take_weights(self, timeout: float) -> Weights | None:
+        self.arrived.wait(timeout)
+        with self.lock:
+            weights, self.weights = self.weights, None
+            self.arrived.clear()
+        return weights
+
+
+def _wait_take(loader: WeightsLoader, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = loader.take()
+        if ready is not None:
+            return ready
+        time.sleep(0.01)
+    raise AssertionError("the loader prepared nothing")
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_loader_prepares_broadcasts_that_change_nothing_until_swapped_in(precision):
+    agent = make_agent(seed=0)
+    agent.set_acting_precision(precision)
+    obs = {"ee_pose": np.random.default_rng(0).uniform(-1, 1, (4, 6)).astype(np.float32)}
+    before = agent.act(obs, rl_action="mode", bc_action="mode")
+    source = Source()
+    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
+    loader.start()
+    try:
+        new = make_agent(seed=9)
+        new.set_acting_precision(precision)
+        source.put(Weights(version=5, phase="online", tensors=pack_tensors(new.acting_state())))
+        ready = _wait_take(loader)
+        assert ready.weights.version == 5 and set(ready.tensors) == set(new.acting_state())
+        assert loader.take() is None  # taken once
+        np.testing.assert_array_equal(agent.act(obs, rl_action="mode", bc_action="mode").q_rl, before.q_rl)
+        agent.use_acting(ready.prepared)
+        after = agent.act(obs, rl_action="mode", bc_action="mode")
+        np.testing.assert_allclose(after.q_rl, new.act(obs, rl_action="mode", bc_action="mode").q_rl, rtol=1e-5)
+        assert loader.prepared == 1 and loader.prepare_p99_s() > 0
+    finally:
+        loader.stop()
+        loader.join(timeout=5)
+    assert not loader.is_alive()
+
+
+def test_a_broadcast_of_other_networks_is_reported_at_the_swap_point():
+    agent = make_agent(seed=0)
+    source = Source()
+    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
+    loader.start()
+    try:
+        state = {k: v for k, v in agent.acting_state().items() if not k.startswith("critics.")}
+        source.put(Weights(version=2, phase="online", tensors=pack_tensors(state)))
+        loader.join(timeout=20)  # the loader stops at a broadcast it cannot use
+        assert not loader.is_alive()
+        with pytest.raises(WeightsLoadError, match=r"version 2 cannot be loaded.*acting state mismatch"):
+            loader.take()
+    finally:
+        loader.stop()
