@@ -447,9 +447,12 @@ class Replayer:
         obs_t = agent.obs_tensors(obs)
         a_bc = agent.tensor(ext["bc_action"][t][None])
         gating = self.cfg.agent.gating
-        if gating != "none" and self.cfg.agent.bc_action == "mode":
-            check(t, "bc_action", ext["bc_action"][t], nets.bc_policy.mode(obs_t).clamp(-1.0, 1.0)[0].numpy())
-        features = nets.encoder(obs_t)
+        features, bc_encoded = agent.acting_encodings(nets, obs_t)  # as the actor computed them
+        if gating != "none":
+            bc_encoded = nets.bc_policy.encoder(obs_t) if bc_encoded is None else bc_encoded
+            bc_dist = nets.bc_policy.head(bc_encoded)
+            if self.cfg.agent.bc_action == "mode":
+                check(t, "bc_action", ext["bc_action"][t], bc_dist.mode().clamp(-1.0, 1.0)[0].numpy())
         if rl_mode == "mode":
             a_rl = nets.actor(features).mode()
             check(t, "rl_action", ext["rl_action"][t], a_rl[0].numpy())
@@ -461,8 +464,7 @@ class Replayer:
             use_bc = torch.zeros_like(q_rl, dtype=torch.bool)
         else:
             if gating == "q2rl":
-                bc_encoded = nets.bc_policy.encoder(obs_t)
-                q_bc = agent.q_bc_from(nets.value(bc_encoded), nets.bc_policy.head(bc_encoded), a_bc)
+                q_bc = agent.q_bc_from(nets.value(bc_encoded), bc_dist, a_bc)
             else:
                 q_bc = nets.critics(features, a_bc).min(dim=0).values
             use_bc = q_bc > q_rl

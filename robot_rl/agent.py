@@ -17,7 +17,7 @@ from torch import nn
 
 from robot_rl import obs as obs_lib
 from robot_rl.buffer import TransitionBatch
-from robot_rl.compact import compact_copy
+from robot_rl.compact import compact_copy, joint_encoder
 from robot_rl.config import AgentConfig
 from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment
 from robot_rl.obs import ObsSpec
@@ -53,6 +53,8 @@ class ActingNetworks:
     critics: nn.Module
     value: nn.Module
     bc_policy: nn.Module | None
+    # Both image encodings at once (robot_rl.compact.JointEncoder): obs -> (encoder(obs), bc_policy.encoder(obs)).
+    joint: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -243,17 +245,24 @@ class Q2RLAgent(nn.Module):
             return ActingNetworks(self.encoder, self.actor, self.critics, self.value, self.bc_policy)
         versions = self._acting_weights_version()
         if self._acting is None or versions != self._acting_versions:
-            if self._compact_bc is None and self.bc_policy is not None:
-                self._compact_bc = compact_copy(self.bc_policy)  # frozen: compacted once
-            self._acting = ActingNetworks(
-                encoder=compact_copy(self.encoder),
-                actor=compact_copy(self.actor),
-                critics=compact_copy(self.critics),
-                value=compact_copy(self.value),
-                bc_policy=self._compact_bc,
-            )
+            self._acting = self._compact_networks({name: getattr(self, name) for name in self.ACTING_MODULES})
             self._acting_versions = versions
         return self._acting
+
+    def _compact_networks(self, modules: dict[str, nn.Module]) -> ActingNetworks:
+        """Compact copies of the float acting `modules` (and of the frozen BC policy, made once)."""
+        if self._compact_bc is None and self.bc_policy is not None:
+            self._compact_bc = compact_copy(self.bc_policy)
+        joint = None if self.bc_policy is None else joint_encoder(modules["encoder"], self.bc_policy.encoder)
+        return ActingNetworks(
+            **{name: compact_copy(module) for name, module in modules.items()}, bc_policy=self._compact_bc, joint=joint
+        )
+
+    def acting_encodings(self, nets: ActingNetworks, obs_t: TensorObs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the critics' encoding, the BC policy's encoding or None: then the BC branch makes it) of obs_t."""
+        if nets.joint is not None:
+            return nets.joint(obs_t)
+        return nets.encoder(obs_t), None
 
     def _acting_weights_version(self) -> int:
         """Changes whenever any acting weight is written in place (optimiser steps, loads): torch's version counters.
@@ -291,10 +300,13 @@ class Q2RLAgent(nn.Module):
         nets = self.acting_networks()
         obs_t = self.obs_tensors(obs)
         gating = "none" if nets.bc_policy is None else self.cfg.gating
-        bc_branch = None
-        if gating == "q2rl" and self._bc_branch_pool is not None:
+        parallel = gating == "q2rl" and self._bc_branch_pool is not None
+        bc_branch = bc_encoded = None
+        if parallel and nets.joint is None:  # the BC encoder runs beside the critics' encoder
             bc_branch = self._bc_branch_pool.submit(self._bc_branch, nets, obs_t, bc_mode)
-        features = nets.encoder(obs_t)
+        features, bc_encoded = self.acting_encodings(nets, obs_t)
+        if parallel and bc_branch is None:
+            bc_branch = self._bc_branch_pool.submit(self._bc_branch, nets, obs_t, bc_mode, bc_encoded=bc_encoded)
         a_rl = nets.actor(features)
         a_rl = a_rl.mode() if rl_mode == "mode" else a_rl.sample(generator=self.generator)
         q_rl = nets.critics(features, a_rl).min(dim=0).values
@@ -303,9 +315,12 @@ class Q2RLAgent(nn.Module):
             a_bc = torch.full_like(a_rl, float("nan"))
             q_bc = torch.full((batch,), float("nan"), device=self.device)
         elif gating == "q2rl":
-            a_bc, q_bc = bc_branch.result() if bc_branch is not None else self._bc_branch(nets, obs_t, bc_mode)
+            if bc_branch is not None:
+                a_bc, q_bc = bc_branch.result()
+            else:
+                a_bc, q_bc = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded)
         else:  # one Q-function scores both proposals
-            a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, score=False)
+            a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded, score=False)
             q_bc = nets.critics(features, a_bc).min(dim=0).values
         use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
         action = torch.where(use_bc[:, None], a_bc, a_rl)
@@ -320,10 +335,17 @@ class Q2RLAgent(nn.Module):
 
     @torch.inference_mode()  # thread-local: the branch may run on the gating thread
     def _bc_branch(
-        self, nets: ActingNetworks, obs_t: TensorObs, bc_mode: str, *, score: bool = True
+        self,
+        nets: ActingNetworks,
+        obs_t: TensorObs,
+        bc_mode: str,
+        *,
+        bc_encoded: torch.Tensor | None = None,
+        score: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(a_BC, Q^_BC(s, a_BC) or None): the BC proposal, clipped as the env clips it, and its frozen value."""
-        bc_encoded = nets.bc_policy.encoder(obs_t)
+        if bc_encoded is None:
+            bc_encoded = nets.bc_policy.encoder(obs_t)
         bc_dist = nets.bc_policy.head(bc_encoded)
         raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.bc_generator)
         a_bc = raw.clamp(-1.0, 1.0)  # score exactly what would be executed: the env clips every action to [-1, 1]
@@ -526,11 +548,7 @@ class Q2RLAgent(nn.Module):
                 module = copy.deepcopy(getattr(self, name))
                 module.load_state_dict(_sub_state(state, name), strict=True)
                 modules[name] = module
-        compact = None
-        if self.acting_precision == "int8":
-            if self._compact_bc is None and self.bc_policy is not None:
-                self._compact_bc = compact_copy(self.bc_policy)
-            compact = ActingNetworks(**{k: compact_copy(m) for k, m in modules.items()}, bc_policy=self._compact_bc)
+        compact = self._compact_networks(modules) if self.acting_precision == "int8" else None
         return PreparedActing(modules=modules, compact=compact, precision=self.acting_precision)
 
     def use_acting(self, prepared: PreparedActing) -> None:

@@ -485,7 +485,7 @@ class ActorConfig(Strict):
     gating_precision: Literal["float32", "int8"] = Field(
         "float32",
         description="Networks the actor gates with: float32 as trained, or int8 (compact copies: int8 weight-only "
-        "linear layers, bf16 convolutions; Q-values within ~1%, gating ~1.7x faster on CPU: docs/benchmarks.md). "
+        "linear layers, bf16 convolutions; Q-values within ~1%, gating ~1.7x faster on CPU with cameras: docs/benchmarks.md). "
         "Made from each weights broadcast off the control thread.",
     )
     gating_threads: Literal[1, 2] = Field(

@@ -53,6 +53,7 @@ class CameraEncoders(nn.Module):
     def __init__(self, names: list[str], height: int, width: int, cfg: EncoderConfig) -> None:
         super().__init__()
         self.names = list(names)
+        self.image_size = (height, width)
         n = len(self.names)
         layers: list[nn.Module] = []
         channels = 3

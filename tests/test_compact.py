@@ -9,7 +9,14 @@ from torch import nn
 
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
-from robot_rl.compact import Bf16Convs, Int8EnsembleLinear, Int8Linear, compact_copy, quantize_rows
+from robot_rl.compact import (
+    Bf16Convs,
+    Int8EnsembleLinear,
+    Int8Linear,
+    compact_copy,
+    joint_encoder,
+    quantize_rows,
+)
 from robot_rl.config import AgentConfig, BCConfig, EncoderConfig
 from robot_rl.networks import EnsembleLinear
 
@@ -195,3 +202,29 @@ def test_acting_settings_refuse_unknown_values():
         agent.set_acting_precision("fp8")
     with pytest.raises(ValueError, match="threads"):
         agent.set_acting_threads(3)
+
+
+def test_joint_encoder_computes_both_encodings_as_the_separate_encoders_do():
+    agent = make_agent(seed=1)  # critics' encoder initialised unlike the BC policy's
+    joint = joint_encoder(agent.encoder, agent.bc_policy.encoder)
+    assert joint is not None and len(joint.groups) == 1 and len(joint.groups[0].names) == 4
+    obs = agent.obs_tensors(random_obs(4, np.random.default_rng(6)))
+    with torch.no_grad():
+        features, bc_encoded = joint(obs)
+        for out, float_encoder in ((features, agent.encoder), (bc_encoded, agent.bc_policy.encoder)):
+            ref, alone = float_encoder(obs), compact_copy(float_encoder)(obs)
+            assert out.shape == ref.shape
+            np.testing.assert_allclose(out.numpy(), alone.numpy(), atol=2e-2)  # same math, other kernel blocking
+            assert float((out - ref).norm() / ref.norm()) < 0.02
+        # The halves are not interchangeable: each holds its own encoder's weights.
+        assert float((features[:, 6:] - bc_encoded[:, 6:]).abs().mean()) > 0.05
+    assert agent.set_acting_precision("int8") is None and agent.acting_networks().joint is not None
+
+
+def test_encoders_of_other_shapes_are_not_joined():
+    agent = make_agent()
+    other = make_bc_policy(BCConfig(hidden=[32], encoder=EncoderConfig(channels=[16, 16])), SPEC, 6, LOW, HIGH)
+    assert joint_encoder(agent.encoder, other.encoder) is None
+    state_only = {"ee_pose": ((6,), "float32")}
+    bc = make_bc_policy(BCConfig(hidden=[32]), state_only, 6, LOW, HIGH)
+    assert joint_encoder(bc.encoder, bc.encoder) is None  # no cameras: nothing to join
