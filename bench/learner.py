@@ -1,13 +1,15 @@
 """Learner steps per second (one step = UTD critic updates + one actor update) for the state and the image config.
 
     python bench/learner.py [--device cpu|cuda|auto] [--config state|image|PATH] [--sizes config,paper,...]
-                            [--threads N] [--steps N] [--prefetch]
+                            [--threads N] [--steps N] [--prefetch] [--bf16] [--compile MODE]
 
 The observation spec is the config's (state: the 6-D pose; image: the pose plus two 84x84x3 uint8 cameras); minibatches
 are drawn from a replay buffer filled with synthetic transitions, so the figure includes sampling, host->device copies
 and, for images, the DrQ shifts and both CNN encoders, as in training. `--sizes` runs the config's agent ("config")
 and/or other network sizes on the same observations. `--prefetch` samples on a background thread (robot_rl.prefetch);
-`--bf16` runs the forward passes under bf16 autocast. The last line is the headline (the last size's rate).
+`--bf16` runs the forward passes under bf16 autocast; `--compile MODE` compiles the updates with torch.compile
+(during the warm-up steps, which are not timed; reduce-overhead adds CUDA graphs on a GPU). The last line is the
+headline (the last size's rate).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def synthetic_buffer(spec: obs_lib.ObsSpec, n: int, rng: np.random.Generator) ->
     return buf
 
 
-def build(cfg: RunConfig, agent_cfg: AgentConfig, device: str, *, bf16: bool = False) -> tuple[Q2RLAgent, dict]:
+def build(
+    cfg: RunConfig, agent_cfg: AgentConfig, device: str, *, bf16: bool = False, compile: str = "off"
+) -> tuple[Q2RLAgent, dict]:
     spec = transition_spec(cfg).obs
     dim = obs_lib.state_dim(spec)
     low, high = -0.1 * np.ones(dim, np.float32), 0.1 * np.ones(dim, np.float32)
@@ -75,14 +79,22 @@ def build(cfg: RunConfig, agent_cfg: AgentConfig, device: str, *, bf16: bool = F
         bc_policy=bc,
         device=device,
         amp=bf16,
+        compile=compile,
     )
     return agent, spec
 
 
 def measure(
-    cfg: RunConfig, agent_cfg: AgentConfig, *, device: str, steps: int, prefetch: bool, bf16: bool = False
+    cfg: RunConfig,
+    agent_cfg: AgentConfig,
+    *,
+    device: str,
+    steps: int,
+    prefetch: bool,
+    bf16: bool = False,
+    compile: str = "off",
 ) -> float:
-    agent, spec = build(cfg, agent_cfg, device, bf16=bf16)
+    agent, spec = build(cfg, agent_cfg, device, bf16=bf16, compile=compile)
     rng = np.random.default_rng(0)
     n = 5000 if obs_lib.image_keys(spec) else 50_000
     buf = synthetic_buffer(spec, n, rng)
@@ -131,6 +143,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="config", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--prefetch", action="store_true", help="sample minibatches on a background thread")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes")
+    parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the updates (compiled while warming up)")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +157,12 @@ def main() -> None:
     cfg = load_config(path)
     spec = transition_spec(cfg).obs
     print(f"config {path}: obs {spec}")
-    extras = ", ".join(n for n, on in (("prefetch", args.prefetch), ("bf16 autocast", args.bf16)) if on) or "plain"
+    flags = (
+        ("prefetch", args.prefetch),
+        ("bf16 autocast", args.bf16),
+        (f"torch.compile {args.compile}", args.compile != "off"),
+    )
+    extras = ", ".join(n for n, on in flags if on) or "plain"
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps each, {extras}")
     print(f"{'size':<12} {'hidden':<18} {'critics':>7} {'batch':>5} {'utd':>3} {'steps/s':>9}")
     last, name = 0.0, ""
@@ -154,7 +173,8 @@ def main() -> None:
         agent_cfg = cfg.agent
         if hidden is not None:
             agent_cfg = agent_cfg.model_copy(update={"hidden": hidden, "num_critics": critics, "batch_size": batch})
-        last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch, bf16=args.bf16)
+        last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch, bf16=args.bf16,
+                       compile=args.compile)  # fmt: skip
         print(
             f"{name:<12} {agent_cfg.hidden!s:<18} {agent_cfg.num_critics:>7} {agent_cfg.batch_size:>5} "
             f"{agent_cfg.utd:>3} {last:>9.2f}"

@@ -7,6 +7,7 @@ SAC) and ablations (no gating, no Q-initialisation) are the same code with `Agen
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -106,6 +107,7 @@ class Q2RLAgent(nn.Module):
         seed: int = 0,
         device: str | torch.device = "cpu",
         amp: bool = False,
+        compile: str = "off",
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -135,6 +137,17 @@ class Q2RLAgent(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic_parameters(), lr=cfg.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # The soft update as two fused ops (one per list) instead of one small op per tensor.
+        self._online = [*self.critics.parameters(), *self.encoder.parameters()]
+        self._targets = [*self.target_critics.parameters(), *self.target_encoder.parameters()]
+        # The tensor work of each update, compiled with torch.compile when asked (train.compile: its mode).
+        if compile not in ("off", "default", "reduce-overhead", "max-autotune"):
+            raise ValueError(f"unknown compile mode {compile!r}")
+        self.compile_mode = compile
+        self._critic_fn, self._actor_fn = self._critic_tensors, self._actor_tensors
+        if compile != "off":
+            self._critic_fn = torch.compile(self._critic_tensors, mode=compile)
+            self._actor_fn = torch.compile(self._actor_tensors, mode=compile)
         # Gating samples BC proposals from its own stream, so that the BC branch may run on another thread.
         self.bc_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.critic_updates = 0
@@ -374,17 +387,26 @@ class Q2RLAgent(nn.Module):
         state and weights stay float32); a disabled context otherwise."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    def td_target(self, rewards: torch.Tensor, not_done: torch.Tensor, next_obs: TensorObs) -> torch.Tensor:
+    def td_target(
+        self,
+        rewards: torch.Tensor,
+        not_done: torch.Tensor,
+        next_obs: TensorObs,
+        *,
+        noise: torch.Tensor | None = None,
+        members: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """y = r~ + gamma * (1 - terminated) * min over a random subset of target critics at a' ~ pi(s')
         (minus alpha * log pi(a'|s') with backup_entropy).
 
         Truncation is not termination: a step-limit transition keeps its bootstrap (only `terminated` zeroes it).
+        noise / members: the random draws (standard normal for a', the subset of critics), drawn here by default.
         """
+        if noise is None:
+            noise, members = self._td_draws(rewards.shape[0])
         with torch.no_grad():
             next_features = self.encoder(next_obs)
-            next_action, next_log_prob = self.actor(next_features).rsample_with_log_prob(generator=self.generator)
-            members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
-            members = members[: self.cfg.critic_subsample]
+            next_action, next_log_prob = self.actor(next_features).rsample_with_log_prob(noise=noise)
             q_next = self.target_critics(self.target_encoder(next_obs), next_action, members).min(dim=0).values
             if self.cfg.backup_entropy:
                 q_next = q_next - self.temperature * next_log_prob
@@ -392,16 +414,36 @@ class Q2RLAgent(nn.Module):
         assert target.shape == rewards.shape, (target.shape, rewards.shape)
         return target
 
+    def _normal(self, rows: int) -> torch.Tensor:
+        """A [rows, action_dim] standard-normal draw from the agent's generator."""
+        return torch.randn((rows, self.action_dim), generator=self.generator, device=self.device)
+
+    def _td_draws(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The TD target's random draws: the noise of a' ~ pi(s'), then the subset of target critics."""
+        noise = self._normal(rows)
+        members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
+        return noise, members[: self.cfg.critic_subsample]
+
     def critic_update(self, batch: TransitionBatch | dict) -> tuple[float, float]:
         """One critic update; returns (loss per member, mean Q)."""
         loss, q_mean = self._critic_step(batch)
         return float(loss), float(q_mean)
 
     def _critic_step(self, batch: TransitionBatch | dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One critic update; its statistics stay on the device (no synchronisation)."""
+        """One critic update; its statistics stay on the device (no synchronisation). The random draws are made
+        here, outside the (possibly compiled) tensor work, which takes them as inputs."""
         t = self._batch_tensors(batch)
+        t["td_noise"], t["td_members"] = self._td_draws(t["rewards"].shape[0])
+        out = self._run_compiled(self._critic_fn, t)
+        self.critic_updates += 1
+        return out
+
+    def _critic_tensors(self, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor work of one critic update (what train.compile compiles): (loss per member, mean Q)."""
         with self.autocast():
-            target = self.td_target(t["rewards"], t["not_done"], t["next_obs"]).float()
+            target = self.td_target(
+                t["rewards"], t["not_done"], t["next_obs"], noise=t["td_noise"], members=t["td_members"]
+            ).float()
             q = self.critics(self.encoder(t["obs"]), t["actions"]).float()
         assert q.shape == (self.cfg.num_critics, target.shape[0]), q.shape
         # Every member regresses to the same target; summing over members gives each its own full gradient.
@@ -410,15 +452,23 @@ class Q2RLAgent(nn.Module):
         loss.backward()
         self.critic_opt.step()
         self._soft_update()
-        self.critic_updates += 1
         return loss.detach() / self.cfg.num_critics, q.detach().mean()
+
+    def _run_compiled(self, fn: Callable[[dict], tuple | dict], t: dict) -> tuple | dict:
+        """fn(t); with CUDA graphs (reduce-overhead on a GPU) each call is a new step, and its outputs are copied out
+        of the graph's memory, which the next replay overwrites."""
+        if self.compile_mode != "reduce-overhead" or self.device.type != "cuda":
+            return fn(t)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(t)
+        if isinstance(out, dict):
+            return {k: v.clone() for k, v in out.items()}
+        return tuple(v.clone() for v in out)
 
     @torch.no_grad()
     def _soft_update(self) -> None:
-        for p, tp in zip(self.critics.parameters(), self.target_critics.parameters(), strict=True):
-            tp.lerp_(p, self.cfg.tau)
-        for p, tp in zip(self.encoder.parameters(), self.target_encoder.parameters(), strict=True):
-            tp.lerp_(p, self.cfg.tau)
+        """Targets (critics and their encoder) move tau of the way to the online networks."""
+        torch._foreach_lerp_(self._targets, self._online, self.cfg.tau)
 
     def actor_update(self, batch: TransitionBatch | dict) -> dict[str, float]:
         """One actor and temperature update; returns its losses and the policy's entropy estimate."""
@@ -426,11 +476,18 @@ class Q2RLAgent(nn.Module):
 
     def _actor_step(self, batch: TransitionBatch | dict) -> dict[str, torch.Tensor]:
         t = self._batch_tensors(batch)
+        t["noise"] = self._normal(t["actions"].shape[0])
+        out = self._run_compiled(self._actor_fn, t)
+        self.actor_updates += 1
+        return out
+
+    def _actor_tensors(self, t: dict) -> dict[str, torch.Tensor]:
+        """The tensor work of one actor and temperature update (what train.compile compiles)."""
         # The actor sees the critics' features detached: only the critic loss trains the encoder.
         with torch.no_grad(), self.autocast():
             features = self.encoder(t["obs"]).float()
         dist = self.actor(features)
-        action, log_prob = dist.rsample_with_log_prob(generator=self.generator)
+        action, log_prob = dist.rsample_with_log_prob(noise=t["noise"])
         # REDQ: the actor ascends the mean over the whole ensemble (or, pessimistic, its minimum).
         with self.autocast():
             q_all = self.critics(features, action).float()
@@ -449,7 +506,6 @@ class Q2RLAgent(nn.Module):
         self.alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_opt.step()
-        self.actor_updates += 1
         return {
             "actor_loss": loss.detach(),
             "sac_loss": sac_loss.detach(),

@@ -450,6 +450,12 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(5000, ge=1, description="Checkpoint every this many environment steps.")
     buffer_capacity: int = Field(2_000_000, ge=1000, description="Replay buffer capacity (transitions).")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Torch device; auto picks CUDA if present.")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the tensor work of the learner's critic and actor updates with this mode "
+        "(reduce-overhead: also CUDA graphs on a GPU). The first steps compile (tens of seconds; the learner serves "
+        "no actor meanwhile). Gains: docs/benchmarks.md.",
+    )
     bf16: bool = Field(
         False,
         description="bf16 autocast of the learner's forward passes (weights, optimiser and losses stay float32); "
@@ -485,8 +491,8 @@ class ActorConfig(Strict):
     gating_precision: Literal["float32", "int8"] = Field(
         "float32",
         description="Networks the actor gates with: float32 as trained, or int8 (compact copies: int8 weight-only "
-        "linear layers, bf16 convolutions; Q-values within ~1%, gating ~1.7x faster on CPU with cameras: docs/benchmarks.md). "
-        "Made from each weights broadcast off the control thread.",
+        "linear layers, bf16 convolutions; Q-values within ~1%, image-config gating ~1.5x faster on CPU: "
+        "docs/benchmarks.md). Made from each weights broadcast off the control thread.",
     )
     gating_threads: Literal[1, 2] = Field(
         1,

@@ -170,9 +170,16 @@ class TanhGaussian:
     def _log_prob_pre_tanh(self, u: torch.Tensor) -> torch.Tensor:
         return _diag_normal_log_prob(u, self.mean, self.std) - _log_one_minus_tanh_sq(u).sum(-1)
 
-    def rsample_with_log_prob(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised action in (-1, 1) and its log-density, computed from the pre-tanh draw u."""
-        u = self.mean + self.std * _standard_normal(self.mean.shape, self.mean, generator)
+    def rsample_with_log_prob(
+        self, generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action in (-1, 1) and its log-density, computed from the pre-tanh draw u.
+
+        noise: the standard-normal draw to use (shaped like the mean), drawn by the caller; by default drawn here."""
+        if noise is None:
+            noise = _standard_normal(self.mean.shape, self.mean, generator)
+        assert noise.shape == self.mean.shape, (noise.shape, self.mean.shape)
+        u = self.mean + self.std * noise
         action = torch.tanh(u)
         # Keep the value strictly inside (-1, 1) but pass tanh's own gradient through (straight-through
         # clamp): the clamp only bites where |u| > 7.25, and a hard clamp would zero the gradient there.

@@ -186,6 +186,7 @@ class Trainer:
             seed=cfg.seed,
             device=self.device,
             amp=cfg.train.bf16,
+            compile=cfg.train.compile,
         )
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer()
