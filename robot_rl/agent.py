@@ -397,7 +397,8 @@ class Q2RLAgent(nn.Module):
         members: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """y = r~ + gamma * (1 - terminated) * min over a random subset of target critics at a' ~ pi(s')
-        (minus alpha * log pi(a'|s') with backup_entropy).
+        (minus alpha * log pi(a'|s') with backup_entropy). IBRL (method 'ibrl') bootstraps from the better of a' and
+        the BC policy's mode at s' under the same critics.
 
         Truncation is not termination: a step-limit transition keeps its bootstrap (only `terminated` zeroes it).
         noise / members: the random draws (standard normal for a', the subset of critics), drawn here by default.
@@ -407,9 +408,15 @@ class Q2RLAgent(nn.Module):
         with torch.no_grad():
             next_features = self.encoder(next_obs)
             next_action, next_log_prob = self.actor(next_features).rsample_with_log_prob(noise=noise)
-            q_next = self.target_critics(self.target_encoder(next_obs), next_action, members).min(dim=0).values
+            target_features = self.target_encoder(next_obs)
+            q_next = self.target_critics(target_features, next_action, members).min(dim=0).values
             if self.cfg.backup_entropy:
                 q_next = q_next - self.temperature * next_log_prob
+            if self.cfg.method == "ibrl" and self.bc_policy is not None:
+                # IBRL's bootstrap proposal: the BC policy's action at s' competes with a' for the target.
+                bc_next = self.bc_policy.head(self.bc_encode(next_obs)).mode().clamp(-1.0, 1.0)
+                q_bc_next = self.target_critics(target_features, bc_next, members).min(dim=0).values
+                q_next = torch.maximum(q_next, q_bc_next)
             target = self.clip_value(rewards + self.cfg.discount * not_done * q_next)
         assert target.shape == rewards.shape, (target.shape, rewards.shape)
         return target

@@ -167,6 +167,25 @@ def test_td_target_is_min_over_a_random_pair_of_target_critics():
     assert np.abs(counts / counts.sum() - expected).max() < 0.03
 
 
+@pytest.mark.parametrize("method", ["ibrl", "q2rl"])
+def test_ibrl_bootstraps_from_the_better_of_the_rl_and_bc_proposals(method):
+    agent = make_agent(method, init_temperature=1e-8)
+    n = 256
+    next_obs = obs_dict(torch.as_tensor(np.random.default_rng(4).uniform(-1, 1, (n, OBS)).astype(np.float32)))
+    rewards, not_done = torch.zeros(n), torch.ones(n)
+    noise, members = agent._td_draws(n)
+    y = agent.td_target(rewards, not_done, next_obs, noise=noise, members=members)
+    with torch.no_grad():  # the same target, written out
+        a_rl = agent.actor(agent.encoder(next_obs)).rsample_with_log_prob(noise=noise)[0]
+        features = agent.target_encoder(next_obs)
+        q_rl = agent.target_critics(features, a_rl, members).min(dim=0).values
+        a_bc = agent.bc_policy.mode(next_obs).clamp(-1.0, 1.0)
+        q_bc = agent.target_critics(features, a_bc, members).min(dim=0).values
+    expected = torch.maximum(q_rl, q_bc) if method == "ibrl" else q_rl
+    torch.testing.assert_close(y, agent.cfg.discount * expected, rtol=1e-4, atol=1e-5)
+    assert bool((q_bc > q_rl).any()) and bool((q_rl > q_bc).any())  # both proposals win somewhere
+
+
 def test_td_target_entropy_backup_only_when_asked():
     plain = make_agent(init_temperature=0.5, backup_entropy=False)
     soft = make_agent(init_temperature=0.5, backup_entropy=True)
