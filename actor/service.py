@@ -330,6 +330,8 @@ class ActorService:
                     "command": np.asarray(info.get("command", np.full(7, np.nan)), np.float64),
                     "target": np.asarray(info.get("target", np.full(6, np.nan)), np.float64),
                     "measured": np.asarray(info.get("measured", np.full(6, np.nan)), np.float64),
+                    "joint_pos": np.asarray(info.get("joint_pos", np.full(7, np.nan)), np.float64),
+                    "joint_vel": np.asarray(info.get("joint_vel", np.full(7, np.nan)), np.float64),
                     "time": np.float64(t0 - self.start_time),
                     "compute_s": np.float64(compute),
                     "overrun": np.bool_(overran),

@@ -173,6 +173,8 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         info = self._info(status, target, np.concatenate([sent_pos, sent_quat]))
         # The measured relative pose the target was computed from (before this step): what a replay feeds back.
         info["measured"] = measured
+        # The arm's joints after this step (rad, rad/s), for diagnosis: limits, singularities, contact stalls.
+        info["joint_pos"], info["joint_vel"] = state.joint_pos, state.joint_vel
         return self._observation(self._measured), reward, terminated, truncated, info
 
     def _reset_offset(self, options: dict[str, Any] | None) -> np.ndarray:

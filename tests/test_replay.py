@@ -117,6 +117,10 @@ def test_the_actor_logs_measured_poses_and_archives_the_versions_it_acted_with(r
     assert ep.attrs["bc_dir"] == str((run["root"] / "bc").resolve())
     # The measured pose of the next step is what the next observation shows (float32, inside the obs bounds).
     np.testing.assert_allclose(ep.extras["measured"][1:], ep.next_obs["ee_pose"][:-1], atol=1e-6)
+    # The arm's joints after each step: the sim arm moves, within the FR3's joint limits.
+    joints = ep.extras["joint_pos"]
+    assert joints.shape == (len(ep), 7) and np.all(np.isfinite(joints)) and np.all(np.isfinite(ep.extras["joint_vel"]))
+    assert np.abs(np.diff(joints, axis=0)).max() > 1e-4 and np.all(np.abs(joints) < 3.0)
     assert np.all(np.isfinite(ep.extras["q_rl"])) and np.all(np.isfinite(ep.extras["q_bc"]))
     use_bc = ep.extras["use_bc"]
     assert 0 < use_bc.mean() < 1  # both branches of the gate were taken
