@@ -13,8 +13,7 @@ camera's freshness limit fails the episode (`StaleFrameError`), as a fault would
 from __future__ import annotations
 
 import time
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -22,9 +21,10 @@ import numpy as np
 from robot_rl.config import EnvConfig
 from robot_rl.hardware.camera import Camera, CameraError, Frame, close_quietly
 from robot_rl.hardware.camera import open_cameras as open_device_cameras
+from robot_rl.hardware.interfaces import ClosesOnExit
 
 
-class EnvFrameCamera:
+class EnvFrameCamera(ClosesOnExit):
     """A Camera view of one of the env's own cameras: `read()` is the frame the env's latest observation holds."""
 
     def __init__(self, env: gym.Env, camera: Camera) -> None:
@@ -48,17 +48,6 @@ class EnvFrameCamera:
 
     def close(self) -> None:
         """Nothing to release: the env owns the camera and closes it."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def env_cameras(env: gym.Env) -> list[Camera]:

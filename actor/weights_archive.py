@@ -29,12 +29,13 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from robot_rl.hardware.interfaces import ClosesOnExit
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _replace_atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-class WeightsArchive:
+class WeightsArchive(ClosesOnExit):
     """Versions of the actor's acting state on disk; see the module docstring for layout and retention."""
 
     def __init__(self, root: str | Path, *, keep_last: int = DEFAULT_KEEP_LAST, background: bool = False) -> None:
@@ -78,14 +79,6 @@ class WeightsArchive:
             self._worker.start()
 
     # -- context manager -----------------------------------------------------------------------------------------------
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         """Write everything still queued and stop the background thread (safe to call twice)."""
         if self._worker is not None and self._queue is not None:

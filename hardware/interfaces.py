@@ -13,6 +13,21 @@ from typing import Protocol, Self, runtime_checkable
 import numpy as np
 
 
+class ClosesOnExit:
+    """`with thing:` gives the thing and calls its `close()` on the way out; an exception passes through."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class RobotState:
     """One measurement of the arm."""

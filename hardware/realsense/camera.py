@@ -23,14 +23,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import pyrealsense2 as rs
 
 from robot_rl.config import CameraConfig
 from robot_rl.hardware.camera import CameraError, Frame, StaleFrameError, check_crop, preprocess
+from robot_rl.hardware.interfaces import ClosesOnExit
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class _StreamStalled(CameraError):
     """No frame for longer than the frame timeout (the reader thread reconnects)."""
 
 
-class RealSenseCamera:
+class RealSenseCamera(ClosesOnExit):
     """A RealSense colour camera (or its SDK recording) streaming in the background; see the module docstring.
 
     Opens in the constructor: a wrong serial, a missing or unreadable recording, or a stream the device cannot give
@@ -246,17 +245,6 @@ class RealSenseCamera:
         if self._thread.is_alive():
             # An SDK call without a timeout (pipeline.stop/start) is stuck; the daemon thread dies with the process.
             log.warning("camera %s: reader thread still running %.1f s after close", self.name, self._join_timeout_s)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         source = f"recording={self._recording}" if self._recording else f"serial={self._cfg.serial}"

@@ -20,11 +20,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
 from robot_rl.config import CameraConfig
 from robot_rl.hardware.camera import CameraError, Frame, check_crop, preprocess
+from robot_rl.hardware.interfaces import ClosesOnExit
 
 GL_BACKENDS = ("egl", "osmesa")
 _selected: str | None = None
@@ -97,7 +96,7 @@ def _install(backend: str, cls: type) -> None:
         module.GLContext = cls
 
 
-class SimCamera:
+class SimCamera(ClosesOnExit):
     """A MuJoCo camera of the twin, read like a RealSense: `read()` gives cfg.out_size x cfg.out_size x 3 uint8 RGB.
 
     `cfg.name` names both the observation key and the MuJoCo camera (the scene defines "front" and "wrist"); the
@@ -180,17 +179,6 @@ class SimCamera:
         renderer, self._renderer = self._renderer, None
         if renderer is not None:
             renderer.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: the GL library may be gone already
