@@ -20,6 +20,7 @@ same values, without the speed.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,10 @@ MIN_INT8_WEIGHTS = 32 * 1024
 K_ALIGN = 32
 
 
-def _int8_kernel_works(device: torch.device) -> bool:
-    if device.type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
+@functools.cache
+def _int8_kernel_works(device_type: str) -> bool:
+    """Whether torch's weight-only int8 kernel runs here and computes what it should (checked once per device type)."""
+    if device_type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
         return False
     try:
         x = torch.ones(1, K_ALIGN, dtype=torch.bfloat16)
@@ -74,13 +77,16 @@ class _Int8Rows(nn.Module):
         q, scales = quantize_rows(weight)
         q, scales = q.reshape(-1, q.shape[-1]), scales.reshape(-1)
         self.in_dim = int(weight.shape[-1])
-        self.fast = _int8_kernel_works(weight.device)
-        self.register_buffer("q", q)
-        self.register_buffer("scales", scales.to(torch.bfloat16) if self.fast else scales)
+        self.fast = _int8_kernel_works(weight.device.type)
+        if self.fast:
+            self.register_buffer("q", q)
+            self.register_buffer("scales", scales.to(torch.bfloat16))
+        else:  # the same values as float32 weights, dequantised once
+            self.register_buffer("dequantised", q[:, : self.in_dim].float() * scales[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.ndim == 2 and x.shape[1] == self.in_dim, (x.shape, self.in_dim)
-        return self.product(self.prepare(x), self.q, self.scales).float()
+        return self.product(self.prepare(x), slice(None)).float()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] as `product` takes it: bf16, zero-padded to the quantised width (float32 without the kernel)."""
@@ -89,12 +95,12 @@ class _Int8Rows(nn.Module):
         pad = self.q.shape[1] - self.in_dim
         return (F.pad(x.to(torch.bfloat16), (0, pad)) if pad else x.to(torch.bfloat16)).contiguous()
 
-    def product(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """prepare(x) [B, .] times (q, scales): all of this layer's rows or a slice of them (one ensemble member's);
-        bf16 out with the kernel, float32 without."""
+    def product(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """prepare(x) [B, .] times the weight's `rows` (all, or one ensemble member's); bf16 out with the kernel,
+        float32 without."""
         if not self.fast:
-            return F.linear(x, q[:, : self.in_dim].float() * scales[:, None])
-        return torch._weight_int8pack_mm(x, q, scales)
+            return F.linear(x, self.dequantised[rows])
+        return torch._weight_int8pack_mm(x, self.q[rows], self.scales[rows])
 
 
 class Int8Linear(nn.Module):
@@ -137,9 +143,7 @@ class Int8EnsembleLinear(nn.Module):
         else:
             rows, n = self.stacked, self.out_dim
             x = rows.prepare(x)  # converted once for all members
-            y = torch.stack(
-                [rows.product(x[k], rows.q[k * n : (k + 1) * n], rows.scales[k * n : (k + 1) * n]) for k in range(e)]
-            )
+            y = torch.stack([rows.product(x[k], slice(k * n, (k + 1) * n)) for k in range(e)])
             y = y.float()
         return y + self.bias
 

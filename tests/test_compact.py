@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from robot_rl import compact as compact_module
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
 from robot_rl.compact import (
@@ -64,14 +65,19 @@ def test_quantize_rows_bounds_the_error_by_half_a_step_and_pads_the_width():
         quantize_rows(torch.tensor([[1.0, float("nan")]]))
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_int8_linear_tracks_the_float_layer(fast):
+@pytest.fixture(params=["kernel", "fallback"])
+def int8_path(request, monkeypatch):
+    """Both ways of computing an int8 layer: torch's int8 kernel, or (where it is missing) the dequantised weights."""
+    if request.param == "fallback":
+        monkeypatch.setattr(compact_module, "_int8_kernel_works", lambda device_type: False)
+    return request.param
+
+
+def test_int8_linear_tracks_the_float_layer(int8_path):
     torch.manual_seed(0)
     layer = nn.Linear(300, 512)
     compact = Int8Linear(layer)
-    compact.rows.fast = compact.rows.fast and fast
-    if not fast:  # the fallback keeps float32 scales
-        compact.rows.scales = compact.rows.scales.float()
+    assert compact.rows.fast == (int8_path == "kernel")
     x = torch.randn(3, 300)
     with torch.no_grad():
         ref, out = layer(x), compact(x)
@@ -80,7 +86,7 @@ def test_int8_linear_tracks_the_float_layer(fast):
     assert rel < 0.01, rel
 
 
-def test_int8_ensemble_linear_matches_per_member_layers_shared_input_or_not():
+def test_int8_ensemble_linear_matches_per_member_layers_shared_input_or_not(int8_path):
     torch.manual_seed(1)
     layer = EnsembleLinear(4, 300, 256)
     compact = Int8EnsembleLinear(layer)
