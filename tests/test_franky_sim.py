@@ -477,11 +477,11 @@ def test_a_server_never_outlives_the_process_that_started_it(tmp_path: Path) -> 
         "from robot_rl.hardware.franka.sim_server import FrankySimServer\n"
         f"server = FrankySimServer(SimTaskConfig(), hostname={HOST!r})\n"
         "server.start()\n"
-        "print(server.pid, flush=True)\n"
+        "print(server._workdir.name, server.pid, flush=True)\n"
         "os._exit(0)\n"
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
-    pid = int(out.stdout.split()[-1])
+    workdir, pid = Path(out.stdout.split()[-2]), int(out.stdout.split()[-1])
     deadline = time.monotonic() + ORPHAN_EXIT_S
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -490,6 +490,7 @@ def test_a_server_never_outlives_the_process_that_started_it(tmp_path: Path) -> 
         os.kill(pid, signal.SIGKILL)  # never leave it behind, even when the test fails
     assert not alive, f"franky-sim server {pid} outlived its parent by {ORPHAN_EXIT_S} s"
     assert not franky_sim_listening(HOST)
+    assert not workdir.exists()  # the orphaned server removed its ready file, log and directory
 
 
 def _alive(pid: int) -> bool:

@@ -46,6 +46,7 @@ POLL_S = 0.05
 PROBE_TIMEOUT_S = 0.2
 PARENT_CHECK_S = 0.5  # how often the server checks that the process that started it is still alive
 LOG_TAIL_CHARS = 2000
+READY_FILE, LOG_FILE = "ready", "server.log"  # in the work directory the parent makes for each server
 ROBOT_PREFIX = "robot0_"  # franky-sim prefixes the first robot's names
 HAND_BODY = f"{ROBOT_PREFIX}hand"
 READY_MARK = "FRANKY_SIM_READY"
@@ -185,13 +186,25 @@ def serve(task: SimTaskConfig, hostname: str, *, parent_pid: int | None = None, 
         if ready_file is not None:
             ready_file.write_text(hostname)
         next_check = time.monotonic()
-        while not stop.is_set():
+        orphaned = False
+        while not stop.is_set() and not orphaned:
             server.run_once(True)  # True: paced at 1 kHz, so simulated time follows the wall clock
             now = time.monotonic()
             if parent_pid is not None and now >= next_check:
                 next_check = now + PARENT_CHECK_S
-                if os.getppid() != parent_pid:  # orphaned: never outlive whoever started us
-                    break
+                orphaned = os.getppid() != parent_pid  # never outlive whoever started us
+    if orphaned and ready_file is not None:
+        _remove_workdir(ready_file.parent)
+
+
+def _remove_workdir(workdir: Path) -> None:
+    """Remove the parent's work directory for this server (its ready file and log), which a parent that died without
+    stopping us could not; anything else in it is left, and so is the directory then."""
+    for name in (READY_FILE, LOG_FILE):
+        with contextlib.suppress(OSError):
+            (workdir / name).unlink()
+    with contextlib.suppress(OSError):
+        workdir.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -282,7 +295,7 @@ class FrankySimServer:
             raise FrankySimError(f"something already listens on {self.hostname}:{ROBOT_PORT}; pick another 127.0.1.x")
         self._workdir = tempfile.TemporaryDirectory(prefix="franky_sim_")
         workdir = Path(self._workdir.name)
-        ready_file = workdir / "ready"
+        ready_file = workdir / READY_FILE
         command = [
             sys.executable,
             "-m",
@@ -298,7 +311,7 @@ class FrankySimServer:
         ]
         # One thread per library in the server: the machine's cores are shared with training.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with open(workdir / "server.log", "wb") as log:
+        with open(workdir / LOG_FILE, "wb") as log:
             # A log file, not a pipe: nobody reads a pipe while the server runs, and a full pipe would block it.
             # A new session: a Ctrl+C meant for the parent does not reach the server; the parent stops it.
             self._proc = subprocess.Popen(
@@ -350,7 +363,7 @@ class FrankySimServer:
         """The end of the server's output (for error messages)."""
         if self._workdir is None:
             return "<no log>"
-        path = Path(self._workdir.name) / "server.log"
+        path = Path(self._workdir.name) / LOG_FILE
         try:
             return path.read_text(errors="replace")[-chars:]
         except OSError:
