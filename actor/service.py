@@ -546,6 +546,8 @@ class ActorService:
             "weights_version": self.weights_version,
             "weights_age_s": round(time.monotonic() - self.weights_time, 1) if self.weights_version >= 0 else None,
             "refused": link.refused if link else None,
+            # Broadcasts holding NaN or inf: skipped, the actor kept the weights it had.
+            "weights_refused": self.weights_source.refused if self.weights_source else 0,
             "faults": c.faults,
             "loop": self.rate.stats.summary()
             | ({"overruns": self.rate.stats.overruns + self.env_pacer.overruns} if self.env_pacer else {}),
@@ -570,6 +572,7 @@ class ActorService:
                 "overruns": s["loop"].get("overruns", 0),
                 "faults": s["faults"],
             }
+            | ({"weights refused": s["weights_refused"]} if s["weights_refused"] else {})
         )
 
 

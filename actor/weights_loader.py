@@ -29,6 +29,10 @@ class WeightsLoadError(RuntimeError):
     """A broadcast could not be made into acting networks (the learner sent weights of other networks)."""
 
 
+class NonFiniteWeights(ValueError):
+    """A broadcast holds NaN or inf (a diverged learner): the actor keeps acting with the weights it has."""
+
+
 @dataclass(frozen=True)
 class ReadyWeights:
     """A broadcast ready to swap in: the message, its decoded tensors (for the archive) and the prepared networks."""
@@ -39,8 +43,13 @@ class ReadyWeights:
 
 
 def prepare_weights(agent: Q2RLAgent, weights: Weights) -> ReadyWeights:
-    """Decode one broadcast and prepare the agent's acting networks from it (on the calling thread)."""
+    """Decode one broadcast and prepare the agent's acting networks from it (on the calling thread).
+
+    NonFiniteWeights when a tensor holds NaN or inf; KeyError/RuntimeError when the networks do not match."""
     tensors = unpack_tensors(weights.tensors, copy=False)  # only read: preparing copies into new networks
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeights(f"weights version {weights.version}: {name} holds NaN or inf; not swapped in")
     return ReadyWeights(weights=weights, tensors=tensors, prepared=agent.prepare_acting(tensors))
 
 
@@ -55,6 +64,8 @@ class WeightsLoader(threading.Thread):
         self._lock = threading.Lock()
         self.stop_event = threading.Event()
         self.prepared = 0  # broadcasts made ready
+        self.refused = 0  # broadcasts with NaN or inf, skipped
+        self.last_refusal = ""
         self.prepare_s: list[float] = []  # seconds each took (the latest 100)
 
     def take(self) -> ReadyWeights | None:
@@ -73,6 +84,11 @@ class WeightsLoader(threading.Thread):
             start = time.perf_counter()
             try:
                 ready = prepare_weights(self._agent, weights)
+            except NonFiniteWeights as err:
+                self.refused += 1
+                self.last_refusal = str(err)
+                log.warning("%s", err)
+                continue
             except (KeyError, RuntimeError, ValueError) as err:
                 with self._lock:
                     self._error = WeightsLoadError(f"weights version {weights.version} cannot be loaded: {err}")

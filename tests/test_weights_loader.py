@@ -99,3 +99,27 @@ def test_a_broadcast_of_other_networks_is_reported_at_the_swap_point():
             loader.take()
     finally:
         loader.stop()
+
+
+def test_a_broadcast_with_nan_is_skipped_and_the_next_one_is_used():
+    """A diverged learner's weights are never gated with: the loader counts and skips them and goes on."""
+    agent = make_agent(seed=0)
+    source = Source()
+    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
+    loader.start()
+    try:
+        state = make_agent(seed=1).acting_state()
+        bad = dict(state)
+        bad["critics.linears.0.weight"] = bad["critics.linears.0.weight"].clone()
+        bad["critics.linears.0.weight"][0, 0, 0] = float("nan")
+        source.put(Weights(version=3, phase="online", tensors=pack_tensors(bad)))
+        deadline = time.monotonic() + 20
+        while loader.refused == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loader.refused == 1 and "version 3" in loader.last_refusal and "NaN or inf" in loader.last_refusal
+        assert loader.take() is None and loader.is_alive()
+        source.put(Weights(version=4, phase="online", tensors=pack_tensors(state)))
+        assert _wait_take(loader).weights.version == 4
+    finally:
+        loader.stop()
+        loader.join(timeout=5)
