@@ -7,6 +7,7 @@ SAC) and ablations (no gating, no Q-initialisation) are the same code with `Agen
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -25,6 +26,10 @@ from robot_rl.obs import ObsSpec
 from robot_rl.prefetch import to_tensors
 
 TensorObs = dict[str, torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """A learner step produced non-finite losses or values."""
 
 
 @dataclass(frozen=True)
@@ -545,6 +550,13 @@ class Q2RLAgent(nn.Module):
         names = ["critic_loss", "q_mean", "temperature", *actor]
         values = torch.stack([torch.stack(losses).mean(), q_mean, self.temperature.detach(), *actor.values()])
         stats = dict(zip(names, values.float().tolist(), strict=True))
+        diverged = {k: v for k, v in stats.items() if not math.isfinite(v)}
+        if diverged:
+            raise TrainingDiverged(
+                f"learner step {self.actor_updates}: non-finite {diverged}: the networks diverged. This step's "
+                "weights are neither checkpointed nor broadcast; the last checkpoint is kept. Lower the learning "
+                "rates or the reward scale."
+            )
         return UpdateStats(
             critic_loss=stats["critic_loss"],
             actor_loss=stats["actor_loss"],

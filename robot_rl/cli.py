@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
             signal.signal(signal.SIGINT, signal.default_int_handler)
+    from robot_rl.agent import TrainingDiverged
     from robot_rl.bc import BCCheckpointError
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError) as exc:
         print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:  # a failed run, not a usage error: the last checkpoint is kept
+        print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         print(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from robot_rl.agent import Q2RLAgent
+from robot_rl.agent import Q2RLAgent, TrainingDiverged
 from robot_rl.bc import make_bc_policy
 from robot_rl.buffer import ReplayBuffer, TransitionBatch
 from robot_rl.config import AgentConfig, BCConfig, QEstimationConfig
@@ -420,3 +420,11 @@ def test_compiled_update_matches_the_eager_update():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     assert compiled.critic_updates == eager.critic_updates == 2 * eager.cfg.utd
+
+
+def test_a_diverged_update_is_refused_not_reported_as_statistics():
+    agent = make_agent()
+    with torch.no_grad():
+        agent.critics.linears[0].weight[0, 0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        agent.update([random_batch(seed=i) for i in range(agent.cfg.utd)])

@@ -36,6 +36,8 @@ VALUE_SHIFT = 3.6
 class ScriptedWeights:
     """Stands in for the weights loader at the actor's swap point: hands out snapshots at given swap calls."""
 
+    refused = 0  # broadcasts skipped for NaN (the loader's counter, in stats.json)
+
     def __init__(self, agent: Q2RLAgent, snapshots: dict[int, Weights]) -> None:
         self.agent, self.snapshots = agent, snapshots
         self.calls = 0

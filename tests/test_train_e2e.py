@@ -140,3 +140,13 @@ def test_prefetch_and_bf16_switches_learn_and_leave_no_thread_behind(run_dir, tm
     assert switched["learner_steps"] == plain["learner_steps"] > 0
     assert np.isfinite(switched["final_success_rate"])
     assert "prefetch" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_a_diverging_run_stops_with_exit_3_and_says_why(tmp_path: Path, capsys):
+    """Absurd learning rates turn the networks to NaN at the first online update: the run stops there."""
+    args = ["train", "--config", str(TINY), "--out", str(tmp_path / "run"), "--quiet"]
+    args += ["--set", "agent.critic_lr=1e30", "--set", "agent.actor_lr=1e30"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "diverged" in err
+    assert not (tmp_path / "run" / "checkpoints" / "final").exists()
