@@ -131,7 +131,9 @@ def train_bc_from_demos(cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed
     env.close()
     obs = transitions_obs(data, "obs", spec, demos_path)
     actions = data["actions"].astype(np.float32)
-    policy = make_bc_policy(cfg.bc, spec, actions.shape[1], low, high)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too (torch's global RNG untouched)
+        torch.manual_seed(seed)
+        policy = make_bc_policy(cfg.bc, spec, actions.shape[1], low, high)
     train_bc(policy, obs, actions, cfg.bc, seed=seed)
     save_bc(policy, out_dir)
     return policy
