@@ -635,6 +635,8 @@ class Q2RLAgent(nn.Module):
         if prepared.compact is not None and prepared.precision == self.acting_precision:
             self._acting = prepared.compact
             self._acting_versions = self._acting_weights_version()
+        else:  # new module objects: their version counters say nothing about the old copies, so rebuild them
+            self._acting = None
 
     def _check_acting_keys(self, state: dict[str, torch.Tensor]) -> None:
         expected = {f"{name}.{key}" for name in self.ACTING_MODULES for key in getattr(self, name).state_dict()}

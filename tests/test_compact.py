@@ -234,3 +234,16 @@ def test_encoders_of_other_shapes_are_not_joined():
     state_only = {"ee_pose": ((6,), "float32")}
     bc = make_bc_policy(BCConfig(hidden=[32]), state_only, 6, LOW, HIGH)
     assert joint_encoder(bc.encoder, bc.encoder) is None  # no cameras: nothing to join
+
+
+def test_weights_prepared_in_float32_are_compacted_when_the_agent_gates_in_int8():
+    """A broadcast prepared before the precision changed still ends up in the compact networks gating reads."""
+    agent, reference = make_agent(), make_agent(seed=8)
+    prepared = agent.prepare_acting(reference.acting_state())  # float32: no compact copies made
+    agent.set_acting_precision("int8")
+    obs = random_obs(8, np.random.default_rng(9))
+    agent.act(obs, rl_action="mode", bc_action="mode")  # builds int8 copies of the old weights
+    agent.use_acting(prepared)
+    after = agent.act(obs, rl_action="mode", bc_action="mode")
+    ref = reference.act(obs, rl_action="mode", bc_action="mode")
+    assert np.abs(after.q_rl - ref.q_rl).max() < 0.02 * np.abs(ref.q_rl).mean() + 0.01
