@@ -238,7 +238,8 @@ def test_encoders_of_other_shapes_are_not_joined():
 
 def test_weights_prepared_in_float32_are_compacted_when_the_agent_gates_in_int8():
     """A broadcast prepared before the precision changed still ends up in the compact networks gating reads."""
-    agent, reference = make_agent(), make_agent(seed=8)
+    agent, first, reference = make_agent(), make_agent(seed=7), make_agent(seed=8)
+    agent.use_acting(agent.prepare_acting(first.acting_state()))  # modules loaded once, as the next ones will be
     prepared = agent.prepare_acting(reference.acting_state())  # float32: no compact copies made
     agent.set_acting_precision("int8")
     obs = random_obs(8, np.random.default_rng(9))
