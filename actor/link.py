@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 HEAP_BUFFERS_UP_TO = 256 << 20
+REPORT_RESEND_S = 2.0  # an evaluation report is sent again this often while the learner still waits for it
 
 
 def keep_receive_buffers() -> bool:
@@ -88,6 +89,8 @@ class LearnerLink(threading.Thread):
         self._weights_lock = threading.Lock()
         self._weights_arrived = threading.Event()
         self._reports: queue.Queue[EvalReport] = queue.Queue()
+        self._last_report: EvalReport | None = None
+        self._last_report_sent = 0.0
         self._wake = threading.Event()
         self.fingerprint = config_fingerprint(cfg)
         self.error: BaseException | None = None
@@ -181,13 +184,28 @@ class LearnerLink(threading.Thread):
                         last_progress = time.monotonic()
                         continue
                     cursor = self._send_chunks(dealer, cursor)
-                    while not self._reports.empty():
-                        if not _send(dealer, to_wire(self._reports.queue[0])):
-                            break
-                        self._reports.get_nowait()
+                    self._send_reports(dealer)
         finally:
             dealer.close(0)
             sub.close(0)
+
+    def _send_reports(self, dealer: zmq.Socket) -> None:
+        """Send queued evaluation reports; resend the last one every REPORT_RESEND_S while the learner still asks for
+        that evaluation. Reports have no acknowledgement: one refused by a learner that restarted (and did not know
+        this connection yet) or lost on the way would otherwise leave the learner waiting; it ignores duplicates."""
+        while not self._reports.empty():
+            report = self._reports.queue[0]
+            if not _send(dealer, to_wire(report)):
+                return
+            self._reports.get_nowait()
+            self._last_report, self._last_report_sent = report, time.monotonic()
+        report, status = self._last_report, self.state.status
+        if report is None or status is None:
+            return
+        if status.phase != "eval" or status.eval_id != report.eval_id:
+            self._last_report = None  # the learner has moved on
+        elif time.monotonic() - self._last_report_sent > REPORT_RESEND_S and _send(dealer, to_wire(report)):
+            self._last_report_sent = time.monotonic()
 
     def _replace(self, **changes) -> None:
         state = LinkState(**{**self.state.__dict__, **changes})
@@ -226,6 +244,7 @@ class LearnerLink(threading.Thread):
                         log.warning("learner refused a message (%s); saying hello again", msg.reason)
                     self._replace(welcomed=False, last_heard=now)
                     cursor = self.state.acked_seq + 1
+                    self._last_report_sent = 0.0  # a refused report goes again right after the next welcome
 
     def _on_broadcast(self, sub: zmq.Socket, max_bytes: int) -> None:
         while True:

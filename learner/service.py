@@ -82,7 +82,10 @@ log = logging.getLogger("robot_rl.learner")
 
 WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (DESIGN §6)
 STATS_EVERY_S = 0.5  # stats.json is rewritten at least this often
-DONE_STATUS_S = 1.0  # Status(done=True) is broadcast this long before the learner exits
+# Status(done=True) is broadcast until no actor has sent transitions for this long (at least two chunks' time at the
+# actors' period), for at most this long (at least two episodes' time): actors finish their episodes first.
+DONE_QUIET_S = 2.0
+DONE_MAX_S = 30.0
 BATCH_MESSAGES = 64  # requests handled per poll before the held replies are looked at again
 DEFAULT_EVAL_TIMEOUT_S = 600.0
 TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
@@ -265,6 +268,7 @@ class LearnerService:
         self.start = time.monotonic()
         self._stop = threading.Event()
         self._last_status = self._last_stats = -math.inf
+        self._last_transitions = -math.inf  # when an actor last sent transitions
         self._ctx: zmq.Context | None = None
         self._auth: Any = None
         self.router: zmq.Socket | None = None
@@ -527,6 +531,7 @@ class LearnerService:
             return self._refuse(identity, str(err))
         key = (msg.actor_id, msg.run_id)
         stream, stats = self.streams[key], self.actors[msg.actor_id]
+        self._last_transitions = time.monotonic()
         if msg.last_seq < stream.next_seq:
             stats.duplicates += msg.count
         elif msg.first_seq > stream.next_seq:
@@ -740,8 +745,15 @@ class LearnerService:
     def _finish(self) -> dict[str, Any]:
         """Tell the actors the run is done, checkpoint, and write summary.json and curves.png."""
         self.phase = "paused"
-        end = time.monotonic() + DONE_STATUS_S
-        while time.monotonic() < end and not self._stop.is_set():
+        period = self.cfg.actor.period_s
+        quiet_s = max(DONE_QUIET_S, 2 * self.cfg.actor.chunk_steps * period)
+        max_s = max(DONE_MAX_S, 2 * self.cfg.env.task.max_episode_steps * period)
+        start = time.monotonic()
+        while not self._stop.is_set():
+            # Actors see `done` between episodes: the steps of the episode they are in still arrive and are acked.
+            now = time.monotonic()
+            if now - start >= max_s or now - max(self._last_transitions, start) >= quiet_s:
+                break
             self._publish_status(done=True)
             self._serve(min(self.cfg.transport.poll_ms, 100))
         self._checkpoint(LATEST)

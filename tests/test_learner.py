@@ -486,6 +486,9 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
         assert status.eval_id == 2 and status.learner_steps == 40
         actor.report(2, 0.75)
         actor.wait_status(lambda s: s.done)
+        # An actor sees `done` between episodes: the rest of the episode it is in still arrives, and is stored.
+        time.sleep(1.5)
+        assert acked(actor.transitions(55, 5, version=2)) == 59
     summary = result["summary"]
     assert summary["finished"] is True
     assert actor.phases[:5] == ["eval", "qest_rollouts", "qest_fit", "online", "eval"]
@@ -496,7 +499,7 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
         0.75,
         0.75,
     )
-    assert (summary["env_steps"], summary["online_env_steps"], summary["learner_steps"]) == (55, 45, 40)
+    assert (summary["env_steps"], summary["online_env_steps"], summary["learner_steps"]) == (60, 50, 40)
     rows = read_eval_csv(out / "eval.csv")
     assert [(r.phase, r.env_steps, r.success_rate) for r in rows] == [
         ("bc", 0, 0.5),
