@@ -112,6 +112,7 @@ def main() -> None:
         save_bc(bc, Path(tmp) / "bc")
         service = ActorService(cfg, Path(tmp) / "actor", bc_dir=Path(tmp) / "bc", learner=None, quiet=True)
         service.weights_version = 0  # gate with the initial networks
+        service.agent.acting_networks()  # as a weights swap delivers them: built before the loop (int8: compacted)
         end = time.monotonic() + args.minutes * 60
         episodes = 0
         while time.monotonic() < end:
