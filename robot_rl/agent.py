@@ -617,12 +617,7 @@ class Q2RLAgent(nn.Module):
         precision asks for it, built without touching the networks `act` uses now: it may run on another thread while
         the agent acts. `use_acting` swaps them in."""
         self._check_acting_keys(state)
-        modules = {}
-        with torch.no_grad():
-            for name in self.ACTING_MODULES:
-                module = copy.deepcopy(getattr(self, name))
-                module.load_state_dict(_sub_state(state, name), strict=True)
-                modules[name] = module
+        modules = {name: _holding(getattr(self, name), _sub_state(state, name)) for name in self.ACTING_MODULES}
         compact = self._compact_networks(modules) if self.acting_precision == "int8" else None
         return PreparedActing(modules=modules, compact=compact, precision=self.acting_precision)
 
@@ -655,6 +650,19 @@ class Q2RLAgent(nn.Module):
         self.actor_opt.load_state_dict(states["actor"])
         self.critic_opt.load_state_dict(states["critic"])
         self.alpha_opt.load_state_dict(states["alpha"])
+
+
+def _holding(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are copies of `state`'s tensors (its state_dict keys; shapes
+    checked, RuntimeError else): each tensor is copied once, straight from `state`, not copied and then overwritten."""
+    memo: dict[int, torch.Tensor] = {}
+    for key, own in module.state_dict(keep_vars=True).items():
+        new = state[key]
+        if new.shape != own.shape:
+            raise RuntimeError(f"{key}: shape {tuple(new.shape)} received, {tuple(own.shape)} expected")
+        new = new.detach().to(device=own.device, dtype=own.dtype, copy=True)
+        memo[id(own)] = nn.Parameter(new, requires_grad=own.requires_grad) if isinstance(own, nn.Parameter) else new
+    return copy.deepcopy(module, memo)
 
 
 def _sub_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
