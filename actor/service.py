@@ -548,6 +548,8 @@ class ActorService:
             "refused": link.refused if link else None,
             # Broadcasts holding NaN or inf: skipped, the actor kept the weights it had.
             "weights_refused": self.weights_source.refused if self.weights_source else 0,
+            # Seconds to decode and build a broadcast's networks on the loader thread (p99 of the latest 100).
+            "weights_prepare_p99_s": self.weights_source.prepare_p99_s() if self.weights_source else None,
             "faults": c.faults,
             "loop": self.rate.stats.summary()
             | ({"overruns": self.rate.stats.overruns + self.env_pacer.overruns} if self.env_pacer else {}),

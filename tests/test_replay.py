@@ -38,6 +38,9 @@ class ScriptedWeights:
 
     refused = 0  # broadcasts skipped for NaN (the loader's counter, in stats.json)
 
+    def prepare_p99_s(self) -> None:  # the loader's preparation time, in stats.json: none measured here
+        return None
+
     def __init__(self, agent: Q2RLAgent, snapshots: dict[int, Weights]) -> None:
         self.agent, self.snapshots = agent, snapshots
         self.calls = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -48,6 +50,19 @@ class Source:
         return weights
 
 
+@contextlib.contextmanager
+def _loading(agent: Q2RLAgent) -> Iterator[tuple[Source, WeightsLoader]]:
+    """A loader preparing for `agent` what the test puts into the source; stopped and joined on exit."""
+    source = Source()
+    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
+    loader.start()
+    try:
+        yield source, loader
+    finally:
+        loader.stop()
+        loader.join(timeout=5)
+
+
 def _wait_take(loader: WeightsLoader, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,10 +79,7 @@ def test_loader_prepares_broadcasts_that_change_nothing_until_swapped_in(precisi
     agent.set_acting_precision(precision)
     obs = {"ee_pose": np.random.default_rng(0).uniform(-1, 1, (4, 6)).astype(np.float32)}
     before = agent.act(obs, rl_action="mode", bc_action="mode")
-    source = Source()
-    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
-    loader.start()
-    try:
+    with _loading(agent) as (source, loader):
         new = make_agent(seed=9)
         new.set_acting_precision(precision)
         source.put(Weights(version=5, phase="online", tensors=pack_tensors(new.acting_state())))
@@ -79,35 +91,24 @@ def test_loader_prepares_broadcasts_that_change_nothing_until_swapped_in(precisi
         after = agent.act(obs, rl_action="mode", bc_action="mode")
         np.testing.assert_allclose(after.q_rl, new.act(obs, rl_action="mode", bc_action="mode").q_rl, rtol=1e-5)
         assert loader.prepared == 1 and loader.prepare_p99_s() > 0
-    finally:
-        loader.stop()
-        loader.join(timeout=5)
     assert not loader.is_alive()
 
 
 def test_a_broadcast_of_other_networks_is_reported_at_the_swap_point():
     agent = make_agent(seed=0)
-    source = Source()
-    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
-    loader.start()
-    try:
+    with _loading(agent) as (source, loader):
         state = {k: v for k, v in agent.acting_state().items() if not k.startswith("critics.")}
         source.put(Weights(version=2, phase="online", tensors=pack_tensors(state)))
         loader.join(timeout=20)  # the loader stops at a broadcast it cannot use
         assert not loader.is_alive()
         with pytest.raises(WeightsLoadError, match=r"version 2 cannot be loaded.*acting state mismatch"):
             loader.take()
-    finally:
-        loader.stop()
 
 
 def test_a_broadcast_with_nan_is_skipped_and_the_next_one_is_used():
     """A diverged learner's weights are never gated with: the loader counts and skips them and goes on."""
     agent = make_agent(seed=0)
-    source = Source()
-    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
-    loader.start()
-    try:
+    with _loading(agent) as (source, loader):
         state = make_agent(seed=1).acting_state()
         bad = dict(state)
         bad["critics.linears.0.weight"] = bad["critics.linears.0.weight"].clone()
@@ -120,6 +121,3 @@ def test_a_broadcast_with_nan_is_skipped_and_the_next_one_is_used():
         assert loader.take() is None and loader.is_alive()
         source.put(Weights(version=4, phase="online", tensors=pack_tensors(state)))
         assert _wait_take(loader).weights.version == 4
-    finally:
-        loader.stop()
-        loader.join(timeout=5)
