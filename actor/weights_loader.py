@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,7 +66,7 @@ class WeightsLoader(threading.Thread):
         self.prepared = 0  # broadcasts made ready
         self.refused = 0  # broadcasts with NaN or inf, skipped
         self.last_refusal = ""
-        self.prepare_s: deque[float] = deque(maxlen=100)  # seconds each of the latest 100 took
+        self.prepare_s: list[float] = []  # seconds each took (the latest 100)
 
     def take(self) -> ReadyWeights | None:
         """The newest prepared broadcast not taken yet, or None; raises WeightsLoadError when one could not be used."""
@@ -96,7 +95,7 @@ class WeightsLoader(threading.Thread):
                 log.error("%s", self._error)
                 return
             self.prepared += 1
-            self.prepare_s.append(time.perf_counter() - start)
+            self.prepare_s = [*self.prepare_s[-99:], time.perf_counter() - start]
             with self._lock:
                 self._ready = ready  # an untaken older one is overtaken
 
