@@ -66,7 +66,8 @@ class WeightsLoader(threading.Thread):
         self.prepared = 0  # broadcasts made ready
         self.refused = 0  # broadcasts with NaN or inf, skipped
         self.last_refusal = ""
-        self.prepare_s: list[float] = []  # seconds each took (the latest 100)
+        # Seconds each of the latest 100 took; replaced whole, never mutated, so other threads may read it any time.
+        self.prepare_s: list[float] = []
 
     def take(self) -> ReadyWeights | None:
         """The newest prepared broadcast not taken yet, or None; raises WeightsLoadError when one could not be used."""
