@@ -95,7 +95,12 @@ def preprocess(image: np.ndarray, crop: CropConfig, out_size: int) -> np.ndarray
     """Cut `crop` out of an RGB uint8 image (H, W, 3) and resize it to (out_size, out_size, 3) uint8.
 
     INTER_AREA averages every source pixel under a target pixel: it is the resampling that does not alias when
-    shrinking by a large, non-integer factor (480 -> 84 is 5.7x), which nearest or bilinear would.
+    shrinking by a large, non-integer factor (480 -> 84 is 5.7x), which nearest or bilinear would. A crop at least
+    four times the output is first halved exactly (means of 2x2 blocks, OpenCV's fast integer path) while it stays at
+    least twice the output: 480 -> 240 -> 84 takes ~0.23 ms against ~0.48 ms for 480 -> 84 in one resize, and each
+    output pixel still averages the same ~5.7x5.7 source pixels, rounded to whole 2x2 blocks (within a few grey
+    levels of the one-step result on camera images; tests/test_realsense.py). Smaller shrink factors, as the
+    simulated cameras' 168 -> 84, take one resize.
 
     >>> img = np.zeros((480, 848, 3), np.uint8); img[:, 184:664] = 200
     >>> out = preprocess(img, CropConfig(x=184, y=0, width=480, height=480), 84)
@@ -113,6 +118,8 @@ def preprocess(image: np.ndarray, crop: CropConfig, out_size: int) -> np.ndarray
     region = image[crop.y : crop.y + crop.height, crop.x : crop.x + crop.width]
     if region.shape[:2] == (out_size, out_size):
         return region.copy()  # always a new array, never a view into the caller's frame
+    while all(side % 2 == 0 and side >= 4 * out_size for side in region.shape[:2]):
+        region = cv2.resize(region, (region.shape[1] // 2, region.shape[0] // 2), interpolation=cv2.INTER_AREA)
     return cv2.resize(region, (out_size, out_size), interpolation=cv2.INTER_AREA)
 
 

@@ -180,6 +180,36 @@ def test_preprocess_crops_exactly_the_box() -> None:
     assert np.array_equal(same_size, image[40:124, 300:384])
 
 
+def test_preprocess_of_a_large_crop_averages_without_aliasing() -> None:
+    """480 -> 84 goes through an exact halving first: the result must still be an area average of each output
+    pixel's ~5.7x5.7 source pixels, as one INTER_AREA resize would give."""
+    import cv2
+
+    crop = CropConfig(x=184, y=0, width=480, height=480)
+    stripes = np.zeros((H, W, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: nearest or bilinear sampling would give 0 or 255 here
+    stripes[::3, :, 1] = 90
+    out = preprocess(stripes, crop, 84).astype(int)
+    assert np.abs(out[..., 0] - 127.5).max() <= 1 and np.abs(out[..., 2] - 127.5).max() <= 1
+    assert np.abs(out[..., 1] - (127.5 * 2 / 3 + 90 / 3)).max() <= 16  # rows of 90 every 3rd: ~5.7 rows per pixel
+    # A camera-like image (smooth shading and texture): within a few grey levels of the one-step resize.
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:H, 0:W]
+    shading = (0.2 * xx + 0.3 * yy)[..., None] + cv2.GaussianBlur(rng.normal(0, 60, (H, W, 3)), (0, 0), 3)
+    image = np.clip(shading, 0, 255).astype(np.uint8)
+    one_step = cv2.resize(image[0:480, 184:664], (84, 84), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(preprocess(image, crop, 84).astype(int) - one_step).max() <= 3
+    # The simulated cameras' 168 -> 84 (an exact 2x) is one resize, unchanged.
+    small = image[:168, :297].copy()
+    sim = CropConfig(x=64, y=0, width=168, height=168)
+    expected = cv2.resize(small[:, 64:232], (84, 84), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(preprocess(small, sim, 84), expected)
+    # Odd crop sides cannot be halved exactly: one resize.
+    odd = CropConfig(x=184, y=0, width=479, height=479)
+    expected = cv2.resize(image[0:479, 184:663], (84, 84), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(preprocess(image, odd, 84), expected)
+
+
 def test_crop_outside_the_frame_is_refused() -> None:
     with pytest.raises(ValidationError, match="leaves the 848x480 frame"):
         CameraConfig(name="front", serial="1", crop=CropConfig(x=400, y=0, width=480, height=480))
