@@ -8,6 +8,7 @@ every frame of the previous message (sent to every subscriber, or dropped); othe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,15 @@ class WeightsFrames:
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] | None = None
         self._tracker: zmq.MessageTracker | None = None
+        self._built_at = 0.0
         self.reused = 0  # snapshots that could use the previous one's memory
+
+    def in_flight_s(self) -> float | None:
+        """Seconds since the newest message's frames were made while ZeroMQ still holds some of them (not yet handed to
+        every subscriber's connection); None once released, or before the first message."""
+        if self._tracker is None or self._tracker.done:
+            return None
+        return time.monotonic() - self._built_at
 
     def frames(self, *, version: int, phase: Phase, state: Mapping[str, torch.Tensor]) -> list[zmq.Frame]:
         """The frames of a Weights message of `state`, for `send_multipart(frames, copy=False)`.
@@ -39,4 +48,5 @@ class WeightsFrames:
         message = Weights(version=version, phase=phase, tensors=arrays)
         frames = [zmq.Frame(f, copy=False, track=True) for f in to_frames(message)]
         self._arrays, self._tracker = arrays, zmq.MessageTracker(*frames)
+        self._built_at = time.monotonic()
         return frames

@@ -12,9 +12,13 @@ waits at most `transport.poll_ms` for a request, and it checks the stop event ev
 Sockets: a ROUTER at `transport.learner` answers the actors' DEALERs (hello -> welcome or refuse, transitions -> ack
 or refuse, eval_report -> nothing or refuse); a PUB at `transport.weights_endpoint` broadcasts `Status` every
 `transport.status_every_s` and `Weights` every WEIGHTS_EVERY learner steps and at every phase change once weights
-exist. Transitions are stored exactly once per (actor_id, run_id) and sequence number: a chunk is appended to the
-durable log (learner/store.py), whose writer thread writes and fsyncs what arrived meanwhile as one group while this
-thread goes on receiving; every reply is held until the store has fsync'd all that was appended before it was made,
+exist. A periodic broadcast waits (up to WEIGHTS_MAX_WAIT_S) until ZeroMQ has handed the previous one to every
+actor's connection, and the broadcasts due meanwhile become one with the newest weights: a link slower than the
+learner gets the newest weights as often as it can carry them, and no backlog of old ones piles up in memory.
+
+Transitions are stored exactly once per (actor_id, run_id) and sequence number: a chunk is appended to the durable
+log (learner/store.py), whose writer thread writes and fsyncs what arrived meanwhile as one group while this thread
+goes on receiving; every reply is held until the store has fsync'd all that was appended before it was made,
 so an ack never covers a transition that is not on disk. Duplicates are dropped and counted, and a chunk past a gap
 is not stored (the ack tells the actor where to resume).
 
@@ -81,6 +85,9 @@ EVAL_ID_JUMP_ON_RESUME = 1000
 log = logging.getLogger("robot_rl.learner")
 
 WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (DESIGN §6)
+# A periodic broadcast waits while the previous one is still being handed to the actors' connections (a slow link: an
+# image config's weights are ~77 MB, 0.6 s on 1 Gb/s), for at most this long; meanwhile due broadcasts fold into one.
+WEIGHTS_MAX_WAIT_S = 5.0
 STATS_EVERY_S = 0.5  # stats.json is rewritten at least this often
 # Status(done=True) is broadcast until no actor has sent transitions for this long (at least two chunks' time at the
 # actors' period), for at most this long (at least two episodes' time): actors finish their episodes first.
@@ -260,6 +267,8 @@ class LearnerService:
         self.store = TransitionStore(self.out / "buffer")
         self.held: HeldReplies[tuple[bytes, Message]] = HeldReplies(self.store)
         self._weights_frames = WeightsFrames()
+        self._weights_due = False  # a periodic broadcast is waiting for the previous one to leave
+        self.weights_folded = 0  # periodic broadcasts folded into a later one while they waited
         self._poller = zmq.Poller()
         self.evallog = RunLog(self.out, resume=resume)
         if resume:
@@ -802,11 +811,26 @@ class LearnerService:
         if self.counters.learner_steps % TRAIN_SCALARS_EVERY == 0:
             self.evallog.scalars("train", stats.as_dict(), self.counters.env_steps)
         if self.counters.learner_steps % WEIGHTS_EVERY == 0:
-            self._publish_weights()
+            self._weights_tick()
+        self._publish_due_weights()
 
     # -- broadcasting and reporting -----------------------------------------------------------------------------------
+    def _weights_tick(self) -> None:
+        """A periodic broadcast falls due; one still waiting is folded into it (it would carry older weights)."""
+        self.weights_folded += self._weights_due
+        self._weights_due = True
+
+    def _publish_due_weights(self) -> None:
+        """Send the periodic broadcast that is due unless the previous one is still leaving (WEIGHTS_MAX_WAIT_S)."""
+        if not self._weights_due:
+            return
+        in_flight = self._weights_frames.in_flight_s()
+        if in_flight is None or in_flight >= WEIGHTS_MAX_WAIT_S:
+            self._publish_weights()
+
     def _publish_weights(self) -> None:
         assert self.pub is not None
+        self._weights_due = False
         self.weights_version = max(self.weights_version, 0) + 1
         frames = self._weights_frames.frames(
             version=self.weights_version, phase=self.phase, state=self.agent.acting_state()
@@ -830,6 +854,7 @@ class LearnerService:
         self._last_status = time.monotonic()
 
     def _periodic(self, *, stage: str | None = None) -> None:
+        self._publish_due_weights()
         now = time.monotonic()
         if now - self._last_status >= self.cfg.transport.status_every_s:
             self._publish_status()
@@ -862,6 +887,7 @@ class LearnerService:
                 for name, s in self.actors.items()
             },
             "refused_unidentified": self.refused_unidentified,
+            "weights_folded": self.weights_folded,
             "wall_s": self._wall(),
         }
 

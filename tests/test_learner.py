@@ -31,6 +31,7 @@ from robot_rl.envs import make_env
 from robot_rl.learner.broadcast import WeightsFrames
 from robot_rl.learner.service import (
     EVAL_ID_JUMP_ON_RESUME,
+    WEIGHTS_MAX_WAIT_S,
     LearnerError,
     LearnerService,
     learner_observation_space,
@@ -763,3 +764,71 @@ def test_weights_snapshots_reuse_memory_only_after_zeromq_has_sent_them(ctx) -> 
     third = snapshots.frames(version=3, phase="online", state={"w": weight})
     assert snapshots.reused == 1 and np.frombuffer(third[1].buffer, np.uint8).ctypes.data == address
     assert isinstance(got, Weights) and got.version == 2 and float(got.tensors["w"][0]) == 1.0  # a copy of its own
+
+
+def test_weights_stay_in_flight_while_a_subscriber_does_not_read(ctx) -> None:
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVBUF, 4096)
+    sub.setsockopt(zmq.RCVHWM, 1)  # its I/O thread takes one message in while the application reads nothing
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    deadline = time.monotonic() + WAIT_S
+    while not sub.poll(10, zmq.POLLIN):  # until the subscription has arrived
+        assert time.monotonic() < deadline
+        pub.send(b"hello")
+    while sub.poll(50, zmq.POLLIN):
+        sub.recv()
+    snapshots = WeightsFrames()
+    assert snapshots.in_flight_s() is None  # nothing sent yet
+    for version in (1, 2):  # 32 MB each: more than the kernel's socket buffers hold
+        pub.send_multipart(
+            snapshots.frames(version=version, phase="online", state={"w": torch.zeros(8 << 20)}), copy=False
+        )
+    time.sleep(0.5)
+    in_flight = snapshots.in_flight_s()  # the second one cannot leave while the subscriber reads nothing
+    assert in_flight is not None and in_flight >= 0.5
+    for version in (1, 2):  # the subscriber reads: it leaves
+        got = from_frames(sub.recv_multipart(copy=False), max_bytes=LIMIT)
+        assert isinstance(got, Weights) and got.version == version
+    while snapshots.in_flight_s() is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_periodic_weights_wait_for_the_previous_broadcast_and_fold_into_one(tmp_path: Path, bc_dir: Path) -> None:
+    service = LearnerService(tiny_config(), tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    sub = None
+    try:
+        service._open_sockets()
+        sub = service._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(service.cfg.transport.weights_endpoint)
+        service.weights_version = 4
+        in_flight: list[float | None] = [1.0]  # the previous broadcast is still leaving (a slow link)
+        service._weights_frames.in_flight_s = lambda: in_flight[0]
+        for _ in range(3):  # three periodic broadcasts fall due meanwhile: none is sent
+            service._weights_tick()
+            service._publish_due_weights()
+        assert service.weights_version == 4 and service.weights_folded == 2
+        in_flight[0] = None  # it has left: one broadcast, with the newest weights
+        service._periodic()
+        assert service.weights_version == 5 and service.stats()["weights_folded"] == 2
+        service._periodic()
+        assert service.weights_version == 5  # nothing more was due
+        in_flight[0] = WEIGHTS_MAX_WAIT_S + 0.1  # stuck for too long (a subscriber that hangs): sent anyway
+        service._weights_tick()
+        service._publish_due_weights()
+        assert service.weights_version == 6
+        versions = []
+        deadline = time.monotonic() + WAIT_S
+        while 6 not in versions:
+            assert sub.poll(int(WAIT_S * 1000), zmq.POLLIN) and time.monotonic() < deadline
+            message = from_frames(sub.recv_multipart(copy=False), max_bytes=LIMIT)
+            if isinstance(message, Weights):
+                versions.append(message.version)
+        assert versions[-2:] == [5, 6] or versions == [6]  # 5 may be lost while the subscription was on its way
+    finally:
+        if sub is not None:
+            sub.close(linger=0)
+        service._close()
