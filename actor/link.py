@@ -61,6 +61,30 @@ def keep_receive_buffers() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BUFFERS_UP_TO) and mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_BUFFERS_UP_TO))
 
 
+class NewestWeights:
+    """A one-slot mailbox between a receiving thread and the loader: `put` replaces what is there (an older broadcast
+    not taken yet is overtaken), `take` empties it."""
+
+    def __init__(self) -> None:
+        self._weights: Weights | None = None
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+
+    def put(self, weights: Weights) -> None:
+        with self._lock:
+            self._weights = weights
+            self._arrived.set()
+
+    def take(self, timeout: float = 0.0) -> Weights | None:
+        """The newest weights put since the last take, or None (after waiting up to `timeout` s for some)."""
+        if timeout > 0:
+            self._arrived.wait(timeout)
+        with self._lock:
+            weights, self._weights = self._weights, None
+            self._arrived.clear()
+        return weights
+
+
 @dataclass
 class LinkState:
     """What the control loop and the status line read (replaced, never mutated in place, by the link thread)."""
@@ -85,9 +109,7 @@ class LearnerLink(threading.Thread):
         self.window = window
         self.stop_event = threading.Event()
         self.state = LinkState()
-        self._weights: Weights | None = None
-        self._weights_lock = threading.Lock()
-        self._weights_arrived = threading.Event()
+        self._weights = NewestWeights()
         self._reports: queue.Queue[EvalReport] = queue.Queue()
         self._last_report: EvalReport | None = None
         self._last_report_sent = 0.0
@@ -98,12 +120,7 @@ class LearnerLink(threading.Thread):
     # -- API for the control thread -------------------------------------------------------------------------------
     def take_weights(self, timeout: float = 0.0) -> Weights | None:
         """The newest weights received since the last call, or None (after waiting up to `timeout` s for some)."""
-        if timeout > 0:
-            self._weights_arrived.wait(timeout)
-        with self._weights_lock:
-            weights, self._weights = self._weights, None
-            self._weights_arrived.clear()
-        return weights
+        return self._weights.take(timeout)
 
     def send_report(self, report: EvalReport) -> None:
         self._reports.put(report)
@@ -258,9 +275,7 @@ class LearnerLink(threading.Thread):
                 log.warning("learner broadcast unreadable: %s", err)
                 continue
             if isinstance(msg, Weights):
-                with self._weights_lock:
-                    self._weights = msg
-                    self._weights_arrived.set()
+                self._weights.put(msg)
                 self._replace(last_heard=time.monotonic())
             elif isinstance(msg, Status):
                 self._replace(status=msg, last_heard=time.monotonic())

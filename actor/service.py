@@ -176,7 +176,9 @@ class ActorService:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq
             self.link = LearnerLink(cfg, self.spill, run_id=self.run_id, endpoint=learner)
-            self.weights_source = WeightsLoader(self.link.take_weights, self.agent)
+            self.weights_source = WeightsLoader(
+                self.link.take_weights, self.agent, min_interval_s=cfg.actor.weights_min_interval_s
+            )
             keep_receive_buffers()  # weights frames reuse heap memory instead of fresh pages each broadcast
         self.episode_dir = out / "episodes"
         self.episode_dir.mkdir(exist_ok=True)
@@ -215,7 +217,8 @@ class ActorService:
             return
         weights = ready.weights
         self.agent.use_acting(ready.prepared)
-        self.weights_archive.save(weights.version, ready.tensors, phase=weights.phase)
+        # The decoded broadcast is only read from now on: the archive's writer thread takes it without a copy.
+        self.weights_archive.save(weights.version, ready.tensors, phase=weights.phase, copy=False)
         self.weights_version = weights.version
         self.weights_time = time.monotonic()
 
@@ -550,6 +553,9 @@ class ActorService:
             "weights_refused": self.weights_source.refused if self.weights_source else 0,
             # Seconds to decode and build a broadcast's networks on the loader thread (p99 of the latest 100).
             "weights_prepare_p99_s": self.weights_source.prepare_p99_s() if self.weights_source else None,
+            # Weights versions not archived: writes that failed, versions dropped while the disk was too far behind.
+            "weights_archive_failures": self.weights_archive.failures,
+            "weights_archive_dropped": self.weights_archive.dropped,
             "faults": c.faults,
             "loop": self.rate.stats.summary()
             | ({"overruns": self.rate.stats.overruns + self.env_pacer.overruns} if self.env_pacer else {}),

@@ -15,11 +15,14 @@ deleted after each save. Evaluation episodes pin the versions they use, so the e
 rate stay replayable for the life of the run; an online episode older than the last 50 versions is not.
 
 `save` can hand the write to a background thread (`background=True`, as the actor does), so the control loop never
-waits for the disk; `close()` drains the queue and joins the thread.
+waits for the disk; `close()` drains the queue and joins the thread. At most `max_queued` versions wait for the
+disk: when the writer falls further behind, the oldest waiting version is dropped (counted in `dropped`, logged), so a
+slow disk cannot make the actor's memory grow without bound.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 FORMAT = "robot_rl.weights_archive"
 FORMAT_VERSION = 1
 DEFAULT_KEEP_LAST = 50
+DEFAULT_MAX_QUEUED = 8  # versions waiting for the background writer
 PINS_FILE = "pins.json"
 _VERSION_FILE = re.compile(r"^v(\d{8})\.json$")
 
@@ -63,9 +67,16 @@ def _replace_atomic(path: Path, write: Any) -> None:
 class WeightsArchive(ClosesOnExit):
     """Versions of the actor's acting state on disk; see the module docstring for layout and retention."""
 
-    def __init__(self, root: str | Path, *, keep_last: int = DEFAULT_KEEP_LAST, background: bool = False) -> None:
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        keep_last: int = DEFAULT_KEEP_LAST,
+        background: bool = False,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        if keep_last < 1 or max_queued < 1:
+            raise ValueError(f"keep_last and max_queued must be >= 1, got {keep_last} and {max_queued}")
         self.root = Path(root)
         self.keep_last = keep_last
         self._lock = threading.Lock()
@@ -73,8 +84,9 @@ class WeightsArchive(ClosesOnExit):
         self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None] | None = None
         self._worker: threading.Thread | None = None
         self.failures = 0
+        self.dropped = 0  # versions dropped unwritten because the writer was max_queued versions behind
         if background:
-            self._queue = queue.Queue()
+            self._queue = queue.Queue(maxsize=max_queued)
             self._worker = threading.Thread(target=self._drain, name="weights-archive", daemon=True)
             self._worker.start()
 
@@ -87,17 +99,31 @@ class WeightsArchive(ClosesOnExit):
             self._worker = None
 
     # -- writing -------------------------------------------------------------------------------------------------------
-    def save(self, version: int, tensors: Mapping[str, torch.Tensor], *, phase: str = "") -> None:
+    def save(self, version: int, tensors: Mapping[str, torch.Tensor], *, phase: str = "", copy: bool = True) -> None:
         """Archive `tensors` as `version` (skipped when that version is already there), then prune.
 
-        With a background thread the tensors are copied to CPU now and written later; the caller may reuse them.
+        With a background thread the tensors are written later: `copy=True` copies them to CPU now, so the caller may
+        reuse them; `copy=False` keeps references (for CPU tensors nobody writes to again, such as a decoded
+        broadcast: no 77 MB copy at the actor's swap point).
         """
         if version < 0:
             raise ValueError(f"weights version must be >= 0, got {version}")
-        cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+        cpu = {
+            name: t.detach().to("cpu", copy=copy or t.device.type != "cpu").contiguous() for name, t in tensors.items()
+        }
         meta = {"phase": phase, "saved_at": time.time()}
         if self._queue is not None and self._worker is not None:
-            self._queue.put((version, cpu, meta))
+            while True:
+                try:
+                    self._queue.put_nowait((version, cpu, meta))
+                    break
+                except queue.Full:
+                    with contextlib.suppress(queue.Empty):
+                        dropped = self._queue.get_nowait()
+                        if dropped is not None:
+                            self.dropped += 1
+                            log.warning("weights archive: %s behind the disk, version %s not kept", self.root,
+                                        dropped[0])  # fmt: skip
         else:
             self._write(version, cpu, meta)
 

@@ -6,11 +6,15 @@ step. The loader takes each newest broadcast from the learner link, decodes it a
 networks with `Q2RLAgent.prepare_acting`, without touching the networks the control loop is gating with. The control
 loop swaps them in at its one swap point (`take`, then `Q2RLAgent.use_acting`: a reference swap). A broadcast that
 arrives while another is being prepared waits; one that is overtaken before its turn is skipped for the newer.
+With `min_interval_s` the loader starts at most one preparation per interval (the newest broadcast when it is time;
+one of a new phase at once), which bounds the CPU it takes from the control loop whatever the learner's rate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +27,8 @@ from robot_rl.agent import PreparedActing, Q2RLAgent
 from robot_rl.wire import Weights, unpack_tensors
 
 log = logging.getLogger(__name__)
+
+LOADER_NICE = 10  # the loader thread's nice value (the process's is 0 unless started otherwise)
 
 
 class WeightsLoadError(RuntimeError):
@@ -56,9 +62,17 @@ def prepare_weights(agent: Q2RLAgent, weights: Weights) -> ReadyWeights:
 class WeightsLoader(threading.Thread):
     """Prepares the newest weights from `take_weights(timeout)` (LearnerLink.take_weights) until stopped."""
 
-    def __init__(self, take_weights: Callable[[float], Weights | None], agent: Q2RLAgent, *, poll_s: float = 0.05):
+    def __init__(
+        self,
+        take_weights: Callable[[float], Weights | None],
+        agent: Q2RLAgent,
+        *,
+        poll_s: float = 0.05,
+        min_interval_s: float = 0.0,
+    ) -> None:
         super().__init__(name="weights-loader", daemon=True)
         self._take_weights, self._agent, self._poll_s = take_weights, agent, poll_s
+        self._min_interval_s = min_interval_s
         self._ready: ReadyWeights | None = None
         self._error: WeightsLoadError | None = None
         self._lock = threading.Lock()
@@ -78,10 +92,19 @@ class WeightsLoader(threading.Thread):
         return ready
 
     def run(self) -> None:
+        if hasattr(os, "setpriority"):  # Linux: a thread's own nice value; the control loop goes first on a busy core
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+        pending: Weights | None = None  # the newest broadcast, waiting for its turn
+        phase, next_start = None, -float("inf")
         while not self.stop_event.is_set():
-            weights = self._take_weights(self._poll_s)
-            if weights is None:
+            wait = self._poll_s if pending is None else min(self._poll_s, max(next_start - time.monotonic(), 0.0))
+            newer = self._take_weights(wait)
+            pending = newer or pending
+            if pending is None or (pending.phase == phase and time.monotonic() < next_start):
                 continue
+            weights, pending = pending, None
+            phase, next_start = weights.phase, time.monotonic() + self._min_interval_s
             start = time.perf_counter()
             try:
                 ready = prepare_weights(self._agent, weights)

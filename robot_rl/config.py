@@ -499,6 +499,14 @@ class ActorConfig(Strict):
         description="2: the BC branch of each gating decision (BC encoder, sample, V_BC) runs on a second thread "
         "beside the RL branch; same decisions.",
     )
+    weights_min_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Prepare at most one weights broadcast per this many seconds (always the newest; a broadcast of "
+        "a new phase at once). Caps the actor's CPU spent on weights: an image-config broadcast takes ~0.2 s of one "
+        "core to prepare at int8, and a fast learner may broadcast several times a second. 0: every broadcast.",
+    )
     log_episodes: bool = Field(True, description="Write every episode to DIR/episodes/ (HDF5, robomimic layout).")
 
 

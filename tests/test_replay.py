@@ -8,6 +8,7 @@ version 4 from step 20 on), so the actor's weights archive holds exactly what it
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import h5py
@@ -235,3 +236,29 @@ def test_the_archive_keeps_the_newest_and_the_pinned_versions_and_never_rewrites
     with WeightsArchive(tmp_path / "bg", background=True) as background:
         background.save(7, {"x": torch.ones(3)})
     assert WeightsArchive(tmp_path / "bg").versions() == [7]
+
+
+def test_a_background_archive_behind_the_disk_drops_the_oldest_waiting_versions(tmp_path: Path, monkeypatch):
+    archive = WeightsArchive(tmp_path / "w", background=True, max_queued=2)
+    release, writing = threading.Event(), threading.Event()
+    write = archive._write
+
+    def slow_write(*args):  # a disk that stalls on the first write
+        writing.set()
+        release.wait(10)
+        write(*args)
+
+    monkeypatch.setattr(archive, "_write", slow_write)
+    with archive:
+        reused = torch.full((2,), 1.0)
+        archive.save(1, {"x": reused})  # copied now: the caller may reuse its tensor
+        assert writing.wait(10)  # the writer holds version 1; the queue is empty again
+        reused += 100.0
+        for version in range(2, 6):
+            archive.save(version, {"x": torch.full((2,), float(version))}, copy=False)
+        assert archive.dropped == 2  # 2 and 3 dropped for 4 and 5; the control loop never waited
+        release.set()
+    assert archive.versions() == [1, 4, 5]
+    assert torch.equal(archive.load(1)["x"], torch.full((2,), 1.0)) and torch.equal(
+        archive.load(5)["x"], torch.full((2,), 5.0)
+    )

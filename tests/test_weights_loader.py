@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from robot_rl.actor.link import NewestWeights
 from robot_rl.actor.weights_loader import WeightsLoader, WeightsLoadError
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
@@ -29,32 +29,11 @@ def make_agent(seed: int) -> Q2RLAgent:
     return Q2RLAgent(cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6, bc_policy=bc, seed=seed)
 
 
-class Source:
-    """A link's take_weights: hands out what the test puts in, newest first, waiting up to the timeout."""
-
-    def __init__(self) -> None:
-        self.weights: Weights | None = None
-        self.arrived = threading.Event()
-        self.lock = threading.Lock()
-
-    def put(self, weights: Weights) -> None:
-        with self.lock:
-            self.weights = weights
-            self.arrived.set()
-
-    def take_weights(self, timeout: float) -> Weights | None:
-        self.arrived.wait(timeout)
-        with self.lock:
-            weights, self.weights = self.weights, None
-            self.arrived.clear()
-        return weights
-
-
 @contextlib.contextmanager
-def _loading(agent: Q2RLAgent) -> Iterator[tuple[Source, WeightsLoader]]:
+def _loading(agent: Q2RLAgent, min_interval_s: float = 0.0) -> Iterator[tuple[NewestWeights, WeightsLoader]]:
     """A loader preparing for `agent` what the test puts into the source; stopped and joined on exit."""
-    source = Source()
-    loader = WeightsLoader(source.take_weights, agent, poll_s=0.01)
+    source = NewestWeights()  # as the link hands broadcasts over
+    loader = WeightsLoader(source.take, agent, poll_s=0.01, min_interval_s=min_interval_s)
     loader.start()
     try:
         yield source, loader
@@ -121,3 +100,23 @@ def test_a_broadcast_with_nan_is_skipped_and_the_next_one_is_used():
         assert loader.take() is None and loader.is_alive()
         source.put(Weights(version=4, phase="online", tensors=pack_tensors(state)))
         assert _wait_take(loader).weights.version == 4
+
+
+def test_with_a_min_interval_the_newest_broadcast_is_prepared_once_per_interval_and_a_new_phase_at_once():
+    agent = make_agent(seed=0)
+    tensors = pack_tensors(make_agent(seed=1).acting_state())
+    interval = 3.0
+    with _loading(agent, min_interval_s=interval) as (source, loader):
+        source.put(Weights(version=1, phase="online", tensors=tensors))
+        first = time.monotonic()
+        assert _wait_take(loader).weights.version == 1
+        source.put(Weights(version=2, phase="online", tensors=tensors))
+        time.sleep(0.05)
+        source.put(Weights(version=3, phase="online", tensors=tensors))  # overtakes 2 before its turn
+        time.sleep(0.5)
+        assert loader.take() is None and loader.prepared == 1  # within the interval: nothing prepared
+        ready = _wait_take(loader)
+        assert ready.weights.version == 3 and time.monotonic() - first >= interval and loader.prepared == 2
+        source.put(Weights(version=4, phase="eval", tensors=tensors))  # a new phase does not wait
+        put = time.monotonic()
+        assert _wait_take(loader).weights.version == 4 and time.monotonic() - put < interval - 1.0
