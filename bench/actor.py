@@ -9,6 +9,11 @@ observation (BC distribution once for its sample, log-prob and entropy; V_BC and
 RL actor; the critic ensemble), with networks of the config's sizes, at the config's `actor.gating_precision` and
 `actor.gating_threads` unless --precision / --gating-threads say otherwise. The last line is the headline.
 
+`--weights-every S` also feeds the actor a weights broadcast every S seconds (its own networks' state under a new
+version, as a learner's link would deliver it): the loader thread decodes and prepares each one while the loop runs,
+and the loop swaps them in at its swap point, so the figures include what weights cost the control loop
+(`actor.weights_min_interval_s` applies; `--weights-min-interval` overrides it).
+
 Runs the actor's own episode loop (`ActorService.run_episode`, gated: BC proposal + RL proposal + V_BC + the critic
 ensemble every step, episode logs written) for the given wall time at the given period, with networks of the config's
 sizes (weights as initialised: timing does not depend on their values). Compute is the time from the start of a
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,15 +33,33 @@ import numpy as np
 import torch
 
 from robot_rl import obs as obs_lib
+from robot_rl.actor.link import NewestWeights
 from robot_rl.actor.service import ActorService
+from robot_rl.actor.weights_loader import WeightsLoader
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.config import CameraConfig, RunConfig, load_config
 from robot_rl.envs import make_env
 from robot_rl.hardware.camera import preprocess
-from robot_rl.wire import transition_spec
+from robot_rl.wire import Weights, pack_tensors, transition_spec
 
 CONFIGS = {"state": "configs/sim_peg_state.yaml", "image": "configs/sim_peg_image.yaml"}
+
+
+class BroadcastFeeder(threading.Thread):
+    """Stands in for the learner link: a new version of `state` every `every_s` seconds into `box` (newest only)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], every_s: float) -> None:
+        super().__init__(name="broadcasts", daemon=True)
+        self.arrays, self.every_s = pack_tensors(state), every_s
+        self.stop = threading.Event()
+        self.box = NewestWeights()
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.sent += 1
+            self.box.put(Weights(version=self.sent, phase="online", tensors=self.arrays))
 
 
 def percentiles(name: str, values_ms: np.ndarray) -> str:
@@ -91,6 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--precision", choices=["float32", "int8"], help="actor.gating_precision (default: config's)")
     parser.add_argument("--gating-threads", type=int, choices=[1, 2], help="actor.gating_threads (default: config's)")
+    parser.add_argument("--weights-every", type=float, default=0.0, help="feed a weights broadcast every S seconds")
+    parser.add_argument("--weights-min-interval", type=float, help="actor.weights_min_interval_s (default: config's)")
     args = parser.parse_args()
     path = CONFIGS.get(args.config, args.config)
     overrides = [f"actor.period_s={args.period}", f"train.torch_threads={args.threads}"]
@@ -98,6 +124,8 @@ def main() -> None:
         overrides.append(f"actor.gating_precision={args.precision}")
     if args.gating_threads:
         overrides.append(f"actor.gating_threads={args.gating_threads}")
+    if args.weights_min_interval is not None:
+        overrides.append(f"actor.weights_min_interval_s={args.weights_min_interval}")
     cfg = load_config(path, overrides)
     torch.set_num_threads(args.threads)
     if args.gating:
@@ -113,11 +141,26 @@ def main() -> None:
         service = ActorService(cfg, Path(tmp) / "actor", bc_dir=Path(tmp) / "bc", learner=None, quiet=True)
         service.weights_version = 0  # gate with the initial networks
         service.agent.acting_networks()  # as a weights swap delivers them: built before the loop (int8: compacted)
+        feeder = None
+        if args.weights_every > 0:
+            feeder = BroadcastFeeder(service.agent.acting_state(), args.weights_every)
+            service.weights_source = WeightsLoader(
+                feeder.box.take, service.agent, min_interval_s=cfg.actor.weights_min_interval_s
+            )
+            service.weights_source.start()
+            feeder.start()
         end = time.monotonic() + args.minutes * 60
         episodes = 0
-        while time.monotonic() < end:
-            service.run_episode(kind="online", gated=True, send=False, seed=episodes)
-            episodes += 1
+        try:
+            while time.monotonic() < end:
+                service.run_episode(kind="online", gated=True, send=False, seed=episodes)
+                episodes += 1
+        finally:
+            if feeder is not None:
+                feeder.stop.set()
+                service.weights_source.stop()
+                service.weights_source.join(timeout=10)
+            service.weights_archive.close()
         stats = service.rate.stats
         service.env.close()
     compute = np.asarray(stats.compute_s) * 1e3
@@ -130,6 +173,11 @@ def main() -> None:
     print(f"{'|period - target|':<22}{np.percentile(jitter, 50):>10.2f}{np.percentile(jitter, 99):>10.2f}"
           f"{jitter.max():>10.2f}")  # fmt: skip
     print(f"steps {stats.ticks}, episodes {episodes}, overruns (missed deadlines) {stats.overruns}")
+    if feeder is not None:
+        loader = service.weights_source
+        print(f"weights: {feeder.sent} broadcasts fed (every {args.weights_every} s), {loader.prepared} prepared "
+              f"(min interval {cfg.actor.weights_min_interval_s} s, prepare p99 {loader.prepare_p99_s():.3f} s), "
+              f"swapped in up to version {service.weights_version}")  # fmt: skip
     print(f"headline: compute p99 {np.percentile(compute, 99):.2f} ms, period jitter p99 "
           f"{np.percentile(jitter, 99):.2f} ms, {stats.overruns} missed ticks in {stats.ticks}")  # fmt: skip
 
