@@ -6,8 +6,10 @@ sockets, and drives the phases
     eval (eval_id 0: the BC policy alone)  ->  qest_rollouts  ->  qest_fit  ->  online  <->  eval  ->  done
 
 (methods without Q-Estimation go from the first evaluation straight to online; without a BC policy there is no first
-evaluation). One thread does everything: between learner steps it serves the sockets without waiting, otherwise it
-waits at most `transport.poll_ms` for a request, and it checks the stop event every time round.
+evaluation). One thread serves the sockets and drives the phases: between learner steps it serves them without
+waiting, otherwise it waits at most `transport.poll_ms` for a request, and it checks the stop event every time round.
+Each online learner update runs on a thread of its own (learner/updater.py) while this thread goes on receiving,
+storing, acknowledging and reporting status; weights broadcasts, phase changes and checkpoints wait for the update.
 
 Sockets: a ROUTER at `transport.learner` answers the actors' DEALERs (hello -> welcome or refuse, transitions -> ack
 or refuse, eval_report -> nothing or refuse); a PUB at `transport.weights_endpoint` broadcasts `Status` every
@@ -48,7 +50,7 @@ import zmq
 from gymnasium import spaces
 
 from robot_rl import obs as obs_lib
-from robot_rl.agent import Q2RLAgent
+from robot_rl.agent import Q2RLAgent, UpdateStats
 from robot_rl.bc import load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
@@ -80,6 +82,7 @@ from robot_rl.wire import (
 
 from .broadcast import WeightsFrames
 from .store import HeldReplies, StoredChunk, StoreError, TransitionStore
+from .updater import Updater
 
 EVAL_ID_JUMP_ON_RESUME = 1000
 log = logging.getLogger("robot_rl.learner")
@@ -267,6 +270,7 @@ class LearnerService:
         self.store = TransitionStore(self.out / "buffer")
         self.held: HeldReplies[tuple[bytes, Message]] = HeldReplies(self.store)
         self._weights_frames = WeightsFrames()
+        self.updater = Updater()
         self._weights_due = False  # a periodic broadcast is waiting for the previous one to leave
         self.weights_folded = 0  # periodic broadcasts folded into a later one while they waited
         self._poller = zmq.Poller()
@@ -332,8 +336,10 @@ class LearnerService:
                 raise LearnerError(f"cannot bind {endpoint}: {exc}") from exc
         self._poller.register(self.router, zmq.POLLIN)
         self._poller.register(self.store.wake_fd, zmq.POLLIN)
+        self._poller.register(self.updater.wake_fd, zmq.POLLIN)
 
     def _close(self) -> None:
+        self.updater.close()
         self.sampler.close()
         for sock in (self.router, self.pub):
             if sock is not None:
@@ -804,15 +810,24 @@ class LearnerService:
         return self.counters.learner_steps < owed
 
     def _learner_step(self) -> None:
-        t0 = time.perf_counter()
-        stats = self.agent.update(self.sampler.next())
-        self.learner_time += time.perf_counter() - t0
+        self.updater.submit(self._timed_update, self.sampler.next())
+        while self.updater.busy:  # meanwhile: receive, store and acknowledge transitions, broadcast the status
+            self._serve(self._poll_ms())  # the poll also wakes when the update is done
+            self._periodic(weights=False)
+        stats = self.updater.result()  # raises what the update raised (TrainingDiverged, ...)
         self.counters.learner_steps += 1
         if self.counters.learner_steps % TRAIN_SCALARS_EVERY == 0:
             self.evallog.scalars("train", stats.as_dict(), self.counters.env_steps)
         if self.counters.learner_steps % WEIGHTS_EVERY == 0:
             self._weights_tick()
         self._publish_due_weights()
+
+    def _timed_update(self, batches: list) -> UpdateStats:
+        """On the updater's thread: one learner step (critic updates + actor update) of the agent."""
+        t0 = time.perf_counter()
+        stats = self.agent.update(batches)
+        self.learner_time += time.perf_counter() - t0
+        return stats
 
     # -- broadcasting and reporting -----------------------------------------------------------------------------------
     def _weights_tick(self) -> None:
@@ -853,8 +868,11 @@ class LearnerService:
         self.pub.send(to_wire(status), zmq.NOBLOCK)
         self._last_status = time.monotonic()
 
-    def _periodic(self, *, stage: str | None = None) -> None:
-        self._publish_due_weights()
+    def _periodic(self, *, stage: str | None = None, weights: bool = True) -> None:
+        """Status broadcast, stats.json and the status line when due; a due weights broadcast too unless `weights` is
+        False (while an update is changing the weights)."""
+        if weights:
+            self._publish_due_weights()
         now = time.monotonic()
         if now - self._last_status >= self.cfg.transport.status_every_s:
             self._publish_status()

@@ -832,3 +832,38 @@ def test_periodic_weights_wait_for_the_previous_broadcast_and_fold_into_one(tmp_
         if sub is not None:
             sub.close(linger=0)
         service._close()
+
+
+def test_the_learner_stores_acknowledges_and_reports_while_an_update_runs(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    """A learner step may take seconds (the image config on a CPU) or minutes (the first, compiling step): the actors
+    are served meanwhile, and the weights change only between updates."""
+    cfg = tiny_config("agent.method=ibrl", "train.env_steps=400")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True, eval_timeout_s=0.3)
+    update, entered, release = service.agent.update, threading.Event(), threading.Event()
+    threads: set[int] = set()
+
+    def slow_update(batches):
+        threads.add(threading.get_ident())
+        entered.set()
+        assert release.wait(WAIT_S)
+        return update(batches)
+
+    service.agent.update = slow_update
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        actor.wait_status(lambda s: s.phase == "online")
+        version = actor.weights[-1].version
+        assert acked(actor.transitions(0, 40)) == 39  # past learning_starts: a learner step falls due
+        assert entered.wait(WAIT_S)
+        # The update is held: transitions are still stored and acknowledged, the status still broadcast.
+        start = time.monotonic()
+        assert acked(actor.transitions(40, 30, version=version)) == 69
+        assert time.monotonic() - start < 5.0
+        status = actor.wait_status(lambda s: s.online_env_steps == 70)
+        assert status.learner_steps == 0 and service.counters.learner_steps == 0
+        assert service.stats()["actors"]["a0"]["stored"] == 70
+        release.set()
+        actor.wait_status(lambda s: s.learner_steps >= 30)  # a broadcast follows the 30th step
+        assert actor.weights[-1].version > version
+    assert len(threads) == 1 and threading.get_ident() not in threads  # one thread of its own, the same every time
