@@ -98,6 +98,9 @@ DONE_QUIET_S = 2.0
 DONE_MAX_S = 30.0
 BATCH_MESSAGES = 64  # requests handled per poll before the held replies are looked at again
 DEFAULT_EVAL_TIMEOUT_S = 600.0
+# After a stop, an update still running (a first step compiling) is waited for this long; then the learner leaves
+# without a checkpoint of the networks (--resume continues from the last one; every acknowledged transition is on disk).
+UPDATE_STOP_WAIT_S = 10.0
 TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -109,6 +112,10 @@ class LearnerError(ConfigError):
 
 class _Stopped(Exception):
     """The stop event was set while a long computation (Q-Estimation) was running."""
+
+
+class _UpdateLeftRunning(Exception):
+    """The stop event was set and the running update did not finish within UPDATE_STOP_WAIT_S."""
 
 
 def learner_observation_space(cfg: RunConfig) -> spaces.Dict:
@@ -339,7 +346,7 @@ class LearnerService:
         self._poller.register(self.updater.wake_fd, zmq.POLLIN)
 
     def _close(self) -> None:
-        self.updater.close()
+        self.updater.close(timeout=0 if self.updater.busy else None)  # an update left running is not waited for
         self.sampler.close()
         for sock in (self.router, self.pub):
             if sock is not None:
@@ -379,6 +386,14 @@ class LearnerService:
             return self._interrupted()
         except _Stopped:
             return self._interrupted()
+        except _UpdateLeftRunning:
+            log.warning(
+                "learner stopped while an update was still running after %.0f s: no checkpoint written now; "
+                "run directory %s (--resume continues from the last checkpoint, with every stored transition)",
+                UPDATE_STOP_WAIT_S,
+                self.out,
+            )
+            return {"finished": False, **self._progress()}
         finally:
             self._send_held_replies()
             self._write_stats()
@@ -811,9 +826,14 @@ class LearnerService:
 
     def _learner_step(self) -> None:
         self.updater.submit(self._timed_update, self.sampler.next())
+        stopped_at = None
         while self.updater.busy:  # meanwhile: receive, store and acknowledge transitions, broadcast the status
             self._serve(self._poll_ms())  # the poll also wakes when the update is done
             self._periodic(weights=False)
+            if self._stop.is_set():
+                stopped_at = stopped_at or time.monotonic()
+                if self.updater.busy and time.monotonic() - stopped_at > UPDATE_STOP_WAIT_S:
+                    raise _UpdateLeftRunning
         stats = self.updater.result()  # raises what the update raised (TrainingDiverged, ...)
         self.counters.learner_steps += 1
         if self.counters.learner_steps % TRAIN_SCALARS_EVERY == 0:

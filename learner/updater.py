@@ -7,14 +7,19 @@ time on one persistent thread (the same thread every time: CUDA graphs and compi
 `wake_fd` readable when it is done, so the service thread can wait for requests and for the update in one poll.
 The hand-over costs ~83 us per step (p50, 133 us p99, submit to result of an empty call with a zmq poll on `wake_fd`
 on the development machine): about 1% of a GPU learner step at 120 steps/s.
+
+The thread is a daemon: a learner told to stop while an update is still compiling can leave without waiting for it
+(`close(timeout)`), and the process is not held up at exit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 
@@ -22,7 +27,8 @@ class Updater:
     """Runs submitted calls one at a time on a single worker thread; see the module docstring."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-update")
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple, Future] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -37,13 +43,20 @@ class Updater:
         """Start `fn(*args)` on the worker thread; the previous call's result must have been taken."""
         if self._future is not None:
             raise RuntimeError("an update is still running or its result has not been taken")
-        self._future = self._pool.submit(self._run, fn, args)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="learner-update", daemon=True)
+            self._thread.start()
+        self._future = Future()
+        self._jobs.put((fn, args, self._future))
 
-    def _run(self, fn: Callable[..., Any], args: tuple) -> Any:
-        try:
-            return fn(*args)
-        finally:
-            with contextlib.suppress(BlockingIOError):
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, future = job
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # raised again where the result is taken
+                future.set_exception(err)
+            with contextlib.suppress(OSError):  # BlockingIOError: a byte is there already; EBADF: closed
                 os.write(self._wake_w, b"\0")
 
     @property
@@ -63,11 +76,19 @@ class Updater:
                 while os.read(self._wake_r, 4096):
                     pass
 
-    def close(self) -> None:
-        """Wait for a running call to finish, stop the thread and close the pipe (safe to call twice)."""
-        self._pool.shutdown(wait=True)
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake_r = self._wake_w = -1
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the worker once the running call (if any) has finished, waiting at most `timeout` s (None: as long as
+        it takes). True when the worker has stopped; False when it is still running a call, left behind (a daemon)."""
+        thread, self._thread = self._thread, None
+        stopped = True
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join(timeout)
+            stopped = not thread.is_alive()
+        if stopped:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._wake_r = self._wake_w = -1
+        return stopped

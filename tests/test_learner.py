@@ -28,6 +28,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import make_env
+from robot_rl.learner import service as learner_service
 from robot_rl.learner.broadcast import WeightsFrames
 from robot_rl.learner.service import (
     EVAL_ID_JUMP_ON_RESUME,
@@ -867,3 +868,31 @@ def test_the_learner_stores_acknowledges_and_reports_while_an_update_runs(tmp_pa
         actor.wait_status(lambda s: s.learner_steps >= 30)  # a broadcast follows the 30th step
         assert actor.weights[-1].version > version
     assert len(threads) == 1 and threading.get_ident() not in threads  # one thread of its own, the same every time
+
+
+def test_a_stop_does_not_wait_for_an_update_that_keeps_running(tmp_path: Path, bc_dir: Path, ctx, monkeypatch) -> None:
+    """Ctrl-C during a minutes-long first (compiling) update: the learner leaves after UPDATE_STOP_WAIT_S."""
+    monkeypatch.setattr(learner_service, "UPDATE_STOP_WAIT_S", 0.5)
+    cfg = tiny_config("agent.method=ibrl", "train.env_steps=400")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True, eval_timeout_s=0.3)
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_update(batches):
+        entered.set()
+        release.wait(60)
+        raise RuntimeError("left behind")
+
+    service.agent.update = stuck_update
+    try:
+        with running(service) as result:
+            actor = FakeActor(ctx, cfg)
+            assert isinstance(actor.hello(), Welcome)
+            actor.wait_status(lambda s: s.phase == "online")
+            assert acked(actor.transitions(0, 40)) == 39
+            assert entered.wait(WAIT_S)
+            stopped = time.monotonic()
+        assert time.monotonic() - stopped < 5.0  # `running` set the stop event and joined the learner's thread
+        assert result["summary"]["finished"] is False and result["summary"]["learner_steps"] == 0
+        assert json.loads((tmp_path / "run" / "stats.json").read_text())["actors"]["a0"]["stored"] == 40
+    finally:
+        release.set()
