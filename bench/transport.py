@@ -55,7 +55,7 @@ from robot_rl.wire import (
 )
 
 MAX_BYTES = 512 << 20
-WINDOW = 8  # chunks in flight: actor.link.LearnerLink's default
+WINDOW = 8  # chunks in flight by default: actor.link.LearnerLink's default
 STATE_CONFIG = "configs/sim_peg_state.yaml"
 
 
@@ -99,19 +99,21 @@ def bare_unpack(data: bytes | memoryview) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------------------------
 # Transitions
 # --------------------------------------------------------------------------------------------------------------------
-def sender(endpoint: str, spec: TransitionSpec, count: int, checked: bool, consecutive: bool, stop: Any) -> None:
-    """The actor side: send chunks until `stop` is set (checked: keep at most WINDOW chunks unacknowledged)."""
+def sender(
+    endpoint: str, spec: TransitionSpec, count: int, checked: bool, consecutive: bool, stop: Any, window: int
+) -> None:
+    """The actor side: send chunks until `stop` is set (checked: keep at most `window` chunks unacknowledged)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, WINDOW * 2)
+    sock.setsockopt(zmq.SNDHWM, window * 2)
     sock.setsockopt(zmq.SNDTIMEO, 100)
     sock.connect(endpoint)
     chunks = [make_chunk(spec, count, seed, consecutive=consecutive) for seed in range(4)]
     seq, acked = 0, -1
     while not stop.is_set():
         if checked:
-            while seq - (acked + 1) >= WINDOW * count and not stop.is_set():
+            while seq - (acked + 1) >= window * count and not stop.is_set():
                 if sock.poll(100, zmq.POLLIN):
                     ack = from_wire(sock.recv(), max_bytes=MAX_BYTES)
                     assert isinstance(ack, Ack)
@@ -136,23 +138,29 @@ class Throughput:
 
 
 def measure_transitions(
-    spec: TransitionSpec, count: int, mode: str, seconds: float, *, consecutive: bool = True
+    spec: TransitionSpec, count: int, mode: str, seconds: float, *, consecutive: bool = True, window: int = WINDOW
 ) -> Throughput:
     """Receive chunks for `seconds` on a ROUTER. mode bare: unpack only; checked: decode, validate and ack each one;
     stored: also append each received frame to the learner's transition log and hold its ack until the store's
     writer has fsync'd it, as the learner does."""
     with tempfile.TemporaryDirectory() as store_dir, TransitionStore(Path(store_dir)) as store:
-        return _receive(spec, count, mode, seconds, consecutive, store if mode == "stored" else None)
+        return _receive(spec, count, mode, seconds, consecutive, store if mode == "stored" else None, window)
 
 
 def _receive(
-    spec: TransitionSpec, count: int, mode: str, seconds: float, consecutive: bool, store: TransitionStore | None
+    spec: TransitionSpec,
+    count: int,
+    mode: str,
+    seconds: float,
+    consecutive: bool,
+    store: TransitionStore | None,
+    window: int,
 ) -> Throughput:
     checked = mode != "bare"
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, WINDOW * 2)
+    sock.setsockopt(zmq.RCVHWM, window * 2)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_BYTES)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     poller = zmq.Poller()
@@ -164,7 +172,7 @@ def _receive(
     mp_ctx = mp.get_context("spawn")
     stop = mp_ctx.Event()
     endpoint = f"tcp://127.0.0.1:{port}"
-    proc = mp_ctx.Process(target=sender, args=(endpoint, spec, count, checked, consecutive, stop), daemon=True)
+    proc = mp_ctx.Process(target=sender, args=(endpoint, spec, count, checked, consecutive, stop, window), daemon=True)
     proc.start()
     transitions = nbytes = received = 0
     t0: float | None = None
@@ -392,6 +400,9 @@ def main() -> None:
         "--weights-seconds", type=float, default=20.0, help="At most this long per weights row (p99 needs samples)."
     )
     parser.add_argument("--chunk", type=int, default=30, help="Transitions per chunk.")
+    parser.add_argument("--window", type=int, default=WINDOW, help="Chunks in flight (actor.link_window).")
+    parser.add_argument("--rows", help="Only these transitions rows, e.g. '2cam 84x84 stored,state stored'.")
+    parser.add_argument("--no-weights", action="store_true", help="Skip the weights rows.")
     parser.add_argument("--weights-samples", type=int, default=100, help="Weights messages per latency row (at most).")
     parser.add_argument(
         "--unrelated-next-obs",
@@ -412,7 +423,11 @@ def main() -> None:
     headline = {}
     for name, spec in specs.items():
         for path in ("bare", "checked", "stored"):
-            result = measure_transitions(spec, args.chunk, path, args.seconds, consecutive=not args.unrelated_next_obs)
+            if args.rows and f"{name} {path}" not in args.rows.split(","):
+                continue
+            result = measure_transitions(
+                spec, args.chunk, path, args.seconds, consecutive=not args.unrelated_next_obs, window=args.window
+            )
             headline[(name, path)] = result.transitions_per_s
             rate = result.transitions_per_s
             print(
@@ -420,28 +435,27 @@ def main() -> None:
                 f" {rate * result.bytes_per_transition / 1e6:>8.1f}"
                 f" {result.bytes_per_transition:>13,.0f} {spec.transition_bytes():>7,}"
             )
-    print(
-        f"weights: PUB -> SUB on tcp://127.0.0.1, pack_tensors -> usable tensors on the actor (load: not in p50/p99), "
-        f"up to {args.weights_samples} samples"
-    )
-    print(
-        f"{'network':<11} {'params':>11} {'MB':>7} {'encode':>7} {'transfer':>9} {'decode':>7} {'load':>7}"
-        f" {'p50 ms':>8} {'p99 ms':>8} {'samples':>8}"
-    )
     latencies = {}
-    for name, build in (("state", state_config_weights), ("image-size", image_config_weights)):
-        lat = measure_weights(build(), args.weights_samples, args.weights_seconds)
-        latencies[name] = lat
+    if not args.no_weights:
         print(
-            f"{name:<11} {lat.params:>11,} {lat.message_bytes / 1e6:>7.1f} {lat.encode_ms:>7.2f}"
-            f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.load_ms:>7.2f}"
-            f" {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
+            f"weights: PUB -> SUB on tcp://127.0.0.1, pack_tensors -> usable tensors on the actor (load: not in "
+            f"p50/p99), up to {args.weights_samples} samples"
         )
-    print(
-        f"headline: stored state transitions {headline[('state', 'stored')]:,.0f}/s, "
-        f"stored 2-camera transitions {headline[('2cam 84x84', 'stored')]:,.0f}/s (a 10 Hz actor makes 10/s); "
-        f"weights p99 {latencies['state'].p99_ms:.1f} ms (state), {latencies['image-size'].p99_ms:.0f} ms (image-size)"
-    )
+        print(
+            f"{'network':<11} {'params':>11} {'MB':>7} {'encode':>7} {'transfer':>9} {'decode':>7} {'load':>7}"
+            f" {'p50 ms':>8} {'p99 ms':>8} {'samples':>8}"
+        )
+        for name, build in (("state", state_config_weights), ("image-size", image_config_weights)):
+            lat = measure_weights(build(), args.weights_samples, args.weights_seconds)
+            latencies[name] = lat
+            print(
+                f"{name:<11} {lat.params:>11,} {lat.message_bytes / 1e6:>7.1f} {lat.encode_ms:>7.2f}"
+                f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.load_ms:>7.2f}"
+                f" {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
+            )
+    parts = [f"stored {name} transitions {rate:,.0f}/s" for (name, path), rate in headline.items() if path == "stored"]
+    parts += [f"weights p99 {lat.p99_ms:.1f} ms ({name})" for name, lat in latencies.items()]
+    print(f"headline: window {args.window} chunks; " + "; ".join(parts) + " (a 10 Hz actor makes 10 transitions/s)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Disk ceiling for the learner's transition log: chunks of image transitions written and fsync'd in groups.
+
+    python bench/disk.py [--dir DIR] [--seconds 4] [--groups 1,4,16]
+
+Writes chunks of 30 two-camera transitions (30 x 43,859 bytes, the wire size of a chunk of consecutive steps) to a
+file in DIR (default: the current directory, where a run directory would be), and syncs after every `group` chunks:
+appended and fsync'd, as the learner's store does, and into a preallocated file with fdatasync for comparison. The
+file is deleted afterwards. The last line is the headline: what the disk allows the store at best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+CHUNK_TRANSITIONS = 30
+TRANSITION_BYTES = 43_859  # two 84x84x3 uint8 cameras + the pose, next observation shared (bench/transport.py)
+
+
+def measure(directory: str, seconds: float, group: int, *, preallocate: bool) -> float:
+    """Transitions per second written and synced."""
+    chunk = os.urandom(CHUNK_TRANSITIONS * TRANSITION_BYTES)
+    sync: Callable[[int], None] = os.fdatasync if preallocate else os.fsync
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".disk-bench-") as f:
+        fd = f.fileno()
+        if preallocate:
+            os.posix_fallocate(fd, 0, 16 << 30)
+        chunks, offset = 0, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(group):
+                if preallocate:
+                    os.pwrite(fd, chunk, offset)
+                else:
+                    os.write(fd, chunk)
+                offset += len(chunk)
+                chunks += 1
+            sync(fd)
+        elapsed = time.perf_counter() - start
+    return chunks * CHUNK_TRANSITIONS / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=".", help="Directory on the disk to measure.")
+    parser.add_argument("--seconds", type=float, default=4.0, help="Seconds per row.")
+    parser.add_argument("--groups", default="1,4,16", help="Chunks per sync, comma-separated.")
+    args = parser.parse_args()
+    where = os.path.abspath(args.dir)
+    print(f"chunks of {CHUNK_TRANSITIONS} x {TRANSITION_BYTES:,} B in {where}, {args.seconds:g} s per row")
+    print(f"{'chunks per sync':>15} {'how':<22} {'transitions/s':>14} {'MB/s':>8}")
+    best = 0.0
+    for group in (int(g) for g in args.groups.split(",")):
+        for preallocate, how in ((False, "append + fsync"), (True, "prealloc + fdatasync")):
+            rate = measure(args.dir, args.seconds, group, preallocate=preallocate)
+            if not preallocate:  # what the store does
+                best = max(best, rate)
+            print(f"{group:>15} {how:<22} {rate:>14,.0f} {rate * TRANSITION_BYTES / 1e6:>8.0f}")
+    print(f"headline: the disk takes {best:,.0f} two-camera transitions/s appended and fsync'd (best group size)")
+
+
+if __name__ == "__main__":
+    main()
