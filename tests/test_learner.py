@@ -896,3 +896,24 @@ def test_a_stop_does_not_wait_for_an_update_that_keeps_running(tmp_path: Path, b
         assert json.loads((tmp_path / "run" / "stats.json").read_text())["actors"]["a0"]["stored"] == 40
     finally:
         release.set()
+
+
+def test_an_update_that_diverges_stops_the_learner_with_its_error(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    from robot_rl.agent import TrainingDiverged
+
+    cfg = tiny_config("agent.method=ibrl", "train.env_steps=400")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True, eval_timeout_s=0.3)
+
+    def diverged(batches):
+        raise TrainingDiverged("non-finite critic loss at learner step 1")
+
+    service.agent.update = diverged
+    with pytest.raises(TrainingDiverged, match="non-finite critic loss"), running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        actor.wait_status(lambda s: s.phase == "online")
+        assert acked(actor.transitions(0, 40)) == 39
+        deadline = time.monotonic() + WAIT_S
+        while service.updater.wake_fd >= 0 and time.monotonic() < deadline:  # closed once the learner has stopped
+            time.sleep(0.05)
+    assert json.loads((tmp_path / "run" / "stats.json").read_text())["actors"]["a0"]["stored"] == 40
