@@ -448,6 +448,7 @@ class Replayer:
         a_bc = agent.tensor(ext["bc_action"][t][None])
         gating = self.cfg.agent.gating
         features, bc_encoded = agent.acting_encodings(nets, obs_t)  # as the actor computed them
+        bc_dist = None
         if gating != "none":
             bc_encoded = nets.bc_policy.encoder(obs_t) if bc_encoded is None else bc_encoded
             bc_dist = nets.bc_policy.head(bc_encoded)
@@ -458,16 +459,9 @@ class Replayer:
             check(t, "rl_action", ext["rl_action"][t], a_rl[0].numpy())
         else:
             a_rl = agent.tensor(ext["rl_action"][t][None])
-        q_rl = nets.critics(features, a_rl).min(dim=0).values
-        if gating == "none":
-            q_bc = torch.full_like(q_rl, float("nan"))
-            use_bc = torch.zeros_like(q_rl, dtype=torch.bool)
-        else:
-            if gating == "q2rl":
-                q_bc = agent.q_bc_from(nets.value(bc_encoded), bc_dist, a_bc)
-            else:
-                q_bc = nets.critics(features, a_bc).min(dim=0).values
-            use_bc = q_bc > q_rl
+        q_rl = agent.score_rl(nets, features, a_rl)
+        q_bc = agent.score_bc(nets, gating, features, bc_encoded, bc_dist, a_bc)
+        use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
         check(t, "q_bc", ext["q_bc"][t], np.float32(q_bc[0]))
         check(t, "q_rl", ext["q_rl"][t], np.float32(q_rl[0]))
         check(t, "use_bc", ext["use_bc"][t], use_bc[0].numpy())

@@ -327,11 +327,10 @@ class Q2RLAgent(nn.Module):
             bc_branch = self._bc_branch_pool.submit(self._bc_branch, nets, obs_t, bc_mode, bc_encoded=bc_encoded)
         a_rl = nets.actor(features)
         a_rl = a_rl.mode() if rl_mode == "mode" else a_rl.sample(generator=self.generator)
-        q_rl = nets.critics(features, a_rl).min(dim=0).values
-        batch = features.shape[0]
+        q_rl = self.score_rl(nets, features, a_rl)
         if gating == "none":
             a_bc = torch.full_like(a_rl, float("nan"))
-            q_bc = torch.full((batch,), float("nan"), device=self.device)
+            q_bc = self.score_bc(nets, gating, features, None, None, a_bc)
         elif gating == "q2rl":
             if bc_branch is not None:
                 a_bc, q_bc = bc_branch.result()
@@ -339,7 +338,7 @@ class Q2RLAgent(nn.Module):
                 a_bc, q_bc = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded)
         else:  # one Q-function scores both proposals
             a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded, score=False)
-            q_bc = nets.critics(features, a_bc).min(dim=0).values
+            q_bc = self.score_bc(nets, gating, features, None, None, a_bc)
         use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
         action = torch.where(use_bc[:, None], a_bc, a_rl)
         return GateDecision(
@@ -367,7 +366,30 @@ class Q2RLAgent(nn.Module):
         bc_dist = nets.bc_policy.head(bc_encoded)
         raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.bc_generator)
         a_bc = raw.clamp(-1.0, 1.0)  # score exactly what would be executed: the env clips every action to [-1, 1]
-        return a_bc, self.q_bc_from(nets.value(bc_encoded), bc_dist, a_bc) if score else None
+        return a_bc, self.score_bc(nets, "q2rl", None, bc_encoded, bc_dist, a_bc) if score else None
+
+    @staticmethod
+    def score_rl(nets: ActingNetworks, features: torch.Tensor, a_rl: torch.Tensor) -> torch.Tensor:
+        """Q_RL(s, a_RL) as gating rates the RL proposal: the minimum over the whole critic ensemble [B]."""
+        return nets.critics(features, a_rl).min(dim=0).values
+
+    def score_bc(
+        self,
+        nets: ActingNetworks,
+        gating: str,
+        features: torch.Tensor | None,
+        bc_encoded: torch.Tensor | None,
+        bc_dist: object | None,
+        a_bc: torch.Tensor,
+    ) -> torch.Tensor:
+        """The value gating compares with Q_RL(s, a_RL) for the BC proposal a_bc [B]: 'q2rl' the frozen
+        Q^_BC(s, a_bc) (needs the BC encoding and distribution), 'none' NaN (never chosen), otherwise the critics'
+        minimum at a_bc (needs the critics' features). `act` and `robot-rl replay` both score with this."""
+        if gating == "q2rl":
+            return self.q_bc_from(nets.value(bc_encoded), bc_dist, a_bc)
+        if gating == "none":
+            return torch.full((a_bc.shape[0],), float("nan"), device=a_bc.device)
+        return self.score_rl(nets, features, a_bc)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Learning

@@ -103,12 +103,17 @@ def run(tmp_path_factory) -> dict[str, Path]:
     # A third gates with compact networks (int8 linears, layers wide enough to be quantised) on two threads.
     compact = ["agent.hidden=[256,256]", "actor.gating_precision=int8", "actor.gating_threads=2"]
     _one_gated_episode(root / "compact", bc_dir, compact, version=1, seed=4)
+    # Methods that gate otherwise: IBRL's critics score both proposals; SAC executes the RL proposal (no gate).
+    _one_gated_episode(root / "ibrl", bc_dir, ["agent.method=ibrl"], version=1, seed=5)
+    _one_gated_episode(root / "sac", bc_dir, ["agent.method=sac"], version=1, seed=6)
     episodes = sorted((root / "actor" / "episodes").glob("episode_*.hdf5"))
     return {
         "bc_log": episodes[0],
         "gated_log": episodes[1],
         "sampled_log": next((root / "sampled" / "episodes").glob("episode_*.hdf5")),
         "compact_log": next((root / "compact" / "episodes").glob("episode_*.hdf5")),
+        "ibrl_log": next((root / "ibrl" / "episodes").glob("episode_*.hdf5")),
+        "sac_log": next((root / "sac" / "episodes").glob("episode_*.hdf5")),
         "archive": root / "actor" / "weights",
         "root": root,
     }
@@ -134,7 +139,7 @@ def test_the_actor_logs_measured_poses_and_archives_the_versions_it_acted_with(r
     np.testing.assert_array_equal(ep.actions[~use_bc], ep.extras["rl_action"][~use_bc])
 
 
-@pytest.mark.parametrize("log", ["bc_log", "gated_log", "sampled_log", "compact_log"])
+@pytest.mark.parametrize("log", ["bc_log", "gated_log", "sampled_log", "compact_log", "ibrl_log", "sac_log"])
 def test_a_clean_replay_reproduces_every_step_and_exits_0(run, log, capsys):
     assert main(["replay", str(run[log])]) == 0
     out = capsys.readouterr().out
@@ -262,3 +267,13 @@ def test_a_background_archive_behind_the_disk_drops_the_oldest_waiting_versions(
     assert torch.equal(archive.load(1)["x"], torch.full((2,), 1.0)) and torch.equal(
         archive.load(5)["x"], torch.full((2,), 5.0)
     )
+
+
+def test_the_other_methods_logs_show_their_own_gate(run):
+    """IBRL's critics score the BC proposal (a finite q_bc); SAC has no gate (q_bc NaN, every action the RL one)."""
+    ibrl, sac = read_episodes(run["ibrl_log"])[0], read_episodes(run["sac_log"])[0]
+    assert np.all(np.isfinite(ibrl.extras["q_bc"])) and np.all(
+        ibrl.extras["use_bc"] == (ibrl.extras["q_bc"] > ibrl.extras["q_rl"])
+    )
+    assert np.all(np.isnan(sac.extras["q_bc"])) and not sac.extras["use_bc"].any()
+    np.testing.assert_array_equal(sac.actions, sac.extras["rl_action"])
