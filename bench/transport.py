@@ -14,6 +14,8 @@ is obs[i + 1], which the wire sends once); --unrelated-next-obs draws every next
   stored:   checked, plus the learner's transition log as the learner uses it: each received frame appended as is,
             written and fsync'd in groups by the store's writer thread, and its Ack held until that fsync is done
             (learner.store.HeldReplies). Transitions count when their Ack is sent.
+  ingested: stored, plus what the learner does next with each chunk: add it to a replay buffer (capacity 20k,
+            each observation kept once), as LearnerService._ingest does.
 Weights go PUB (this process) -> SUB (a subscriber process); latency runs from the learner's torch state dict
 (learner.broadcast.WeightsFrames: pack_tensors into the previous snapshot's memory once ZeroMQ has sent it, to_frames,
 send_multipart without copying) to torch tensors the actor can load (recv_multipart without copying, from_frames,
@@ -38,6 +40,7 @@ import numpy as np
 import zmq
 
 from robot_rl.actor.link import keep_receive_buffers
+from robot_rl.buffer import ReplayBuffer
 from robot_rl.config import load_config
 from robot_rl.learner.broadcast import WeightsFrames
 from robot_rl.learner.store import HeldReplies, StoredChunk, TransitionStore
@@ -55,6 +58,7 @@ from robot_rl.wire import (
 )
 
 MAX_BYTES = 512 << 20
+BUFFER_CAPACITY = 20_000  # the "ingested" rows' replay buffer (two cameras: ~1 GB)
 WINDOW = 8  # chunks in flight by default: actor.link.LearnerLink's default
 STATE_CONFIG = "configs/sim_peg_state.yaml"
 
@@ -131,6 +135,21 @@ def sender(
     ctx.term()
 
 
+def ingest(buffer: ReplayBuffer | None, spec: TransitionSpec, a: dict[str, np.ndarray]) -> None:
+    """Add a chunk's arrays to the replay buffer (if any) as the learner does (LearnerService._ingest, online)."""
+    if buffer is None:
+        return
+    buffer.add_many(
+        obs={k: a[f"obs/{k}"] for k in spec.obs},
+        actions=a["actions"],
+        rewards=a["rewards"],
+        next_obs={k: a[f"next_obs/{k}"] for k in spec.obs},
+        terminated=a["terminated"],
+        truncated=a["truncated"],
+        bc_actions=a["bc_actions"],
+    )
+
+
 @dataclass(frozen=True)
 class Throughput:
     transitions_per_s: float
@@ -143,8 +162,14 @@ def measure_transitions(
     """Receive chunks for `seconds` on a ROUTER. mode bare: unpack only; checked: decode, validate and ack each one;
     stored: also append each received frame to the learner's transition log and hold its ack until the store's
     writer has fsync'd it, as the learner does."""
+    buffer = None
+    if mode == "ingested":  # full before the clock starts: a long run's steady state, its memory faulted in
+        buffer = ReplayBuffer(BUFFER_CAPACITY, spec.obs, spec.action_dim)
+        while buffer.total_added < 2 * BUFFER_CAPACITY:
+            ingest(buffer, spec, make_chunk(spec, count, buffer.total_added, consecutive=consecutive))
     with tempfile.TemporaryDirectory() as store_dir, TransitionStore(Path(store_dir)) as store:
-        return _receive(spec, count, mode, seconds, consecutive, store if mode == "stored" else None, window)
+        logged = store if mode in ("stored", "ingested") else None
+        return _receive(spec, count, mode, seconds, consecutive, logged, window, buffer)
 
 
 def _receive(
@@ -155,6 +180,7 @@ def _receive(
     consecutive: bool,
     store: TransitionStore | None,
     window: int,
+    buffer: ReplayBuffer | None = None,
 ) -> Throughput:
     checked = mode != "bare"
     ctx = zmq.Context()
@@ -208,6 +234,7 @@ def _receive(
                     continue
                 store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True), data)
                 held.hold((identity.bytes, ack, msg.count))
+                ingest(buffer, spec, msg.arrays)
             if held is not None:
                 for identity_bytes, ack, n in held.release():
                     sock.send_multipart([identity_bytes, to_wire(ack)])
@@ -422,7 +449,7 @@ def main() -> None:
     )
     headline = {}
     for name, spec in specs.items():
-        for path in ("bare", "checked", "stored"):
+        for path in ("bare", "checked", "stored", "ingested"):
             if args.rows and f"{name} {path}" not in args.rows.split(","):
                 continue
             result = measure_transitions(
@@ -453,7 +480,8 @@ def main() -> None:
                 f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.load_ms:>7.2f}"
                 f" {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
             )
-    parts = [f"stored {name} transitions {rate:,.0f}/s" for (name, path), rate in headline.items() if path == "stored"]
+    parts = [f"{path} {name} transitions {rate:,.0f}/s" for (name, path), rate in headline.items() if path != "bare"]
+    parts = [p for p in parts if not p.startswith("checked")]
     parts += [f"weights p99 {lat.p99_ms:.1f} ms ({name})" for name, lat in latencies.items()]
     print(f"headline: window {args.window} chunks; " + "; ".join(parts) + " (a 10 Hz actor makes 10 transitions/s)")
 
