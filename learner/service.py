@@ -52,7 +52,7 @@ from gymnasium import spaces
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent, UpdateStats
 from robot_rl.bc import load_bc, save_bc
-from robot_rl.buffer import ReplayBuffer
+from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
 from robot_rl.prefetch import learner_sampler
@@ -246,6 +246,10 @@ class LearnerService:
             amp=cfg.train.bf16,
             compile=cfg.train.compile,
         )
+        try:
+            check_buffer_memory(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
+        except ConfigError as exc:
+            raise LearnerError(str(exc)) from None
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer(demos)
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)

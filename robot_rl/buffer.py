@@ -32,11 +32,72 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from robot_rl.config import AgentConfig
+from robot_rl.config import AgentConfig, ConfigError
 from robot_rl.obs import ObsSpec, check_spec
 
 FRAME_SLACK = 64
 """Frames the frame ring holds beyond capacity * 1.25 by default (the window's edges, small buffers)."""
+
+# A replay buffer may take at most this fraction of the memory available when it is made: the rest is for the
+# networks, the transition log's page cache and the other processes.
+MEMORY_FRACTION = 0.8
+
+
+def buffer_bytes(capacity: int, obs_spec: ObsSpec, action_dim: int, *, frame_slack: int = FRAME_SLACK) -> int:
+    """Bytes a ReplayBuffer of these sizes holds once full: its observation frames and its per-transition arrays."""
+    frames = capacity + capacity // 4 + frame_slack
+    frame_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in obs_spec.values())
+    per_transition = 8 + 2 * 4 * action_dim + 4 + 1 + 1  # next-frame id, actions, BC actions, reward, two flags
+    return frames * frame_bytes + capacity * per_transition
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still use: MemAvailable (Linux), lowered to the room left under a cgroup v2 limit (a
+    container's); None where neither can be read."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read().strip())
+        if limit != "max":
+            room = max(int(limit) - current, 0)
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_buffer_memory(
+    capacity: int,
+    obs_spec: ObsSpec,
+    action_dim: int,
+    *,
+    available: int | None = None,
+    setting: str = "train.buffer_capacity",
+) -> None:
+    """ConfigError when a buffer of `capacity` transitions would need more than MEMORY_FRACTION of the memory
+    available (measured unless given): found at start, not hours later when the filling buffer is killed for memory.
+    The message says how much it needs and a capacity that fits."""
+    available = available_memory_bytes() if available is None else available
+    needed = buffer_bytes(capacity, obs_spec, action_dim)
+    if available is None or needed <= MEMORY_FRACTION * available:
+        return
+    fits = int(capacity * MEMORY_FRACTION * available / needed)
+    fits = fits // 1000 * 1000 if fits >= 2000 else fits
+    raise ConfigError(
+        f"{setting}={capacity} needs {needed / 2**30:.1f} GiB for the replay buffer, more than "
+        f"{MEMORY_FRACTION:.0%} of the {available / 2**30:.1f} GiB this machine has available: lower it, e.g. "
+        f"--set {setting}={max(fits, 1)}, or run where there is more memory"
+    )
 
 
 @dataclass(frozen=True)

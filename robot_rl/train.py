@@ -16,7 +16,7 @@ import torch
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
-from robot_rl.buffer import ReplayBuffer
+from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
@@ -190,6 +190,7 @@ class Trainer:
             amp=cfg.train.bf16,
             compile=cfg.train.compile,
         )
+        check_buffer_memory(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
         self.offline = self._offline_buffer()
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)

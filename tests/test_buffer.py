@@ -14,8 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robot_rl.buffer import ReplayBuffer, TransitionBatch, concat_batches, sample_utd_batches
-from robot_rl.config import AgentConfig
+from robot_rl.buffer import (
+    MEMORY_FRACTION,
+    ReplayBuffer,
+    TransitionBatch,
+    available_memory_bytes,
+    buffer_bytes,
+    check_buffer_memory,
+    concat_batches,
+    sample_utd_batches,
+)
+from robot_rl.config import AgentConfig, ConfigError
 
 ACT = 3
 SPEC = {"ee_pose": ((6,), "float32"), "front": ((8, 8, 3), "uint8"), "wrist": ((8, 8, 3), "uint8")}
@@ -449,3 +458,24 @@ def test_untouched_pages_cost_no_memory():
                                  "wrist": ((84, 84, 3), "uint8")}, 6)  # fmt: skip
     assert buf._frames["front"].nbytes > 2e9
     assert rss_bytes() - before < 50e6
+
+
+def test_buffer_bytes_is_what_a_buffer_allocates():
+    for capacity in (1000, 4321):
+        buf = ReplayBuffer(capacity, SPEC, 6)
+        arrays = [v for v in vars(buf).values() if isinstance(v, np.ndarray)] + list(buf._frames.values())
+        assert sum(a.nbytes for a in arrays) == buffer_bytes(capacity, SPEC, 6)
+
+
+def test_a_buffer_too_big_for_the_memory_is_refused_with_a_capacity_that_fits():
+    image = {"ee_pose": ((6,), "float32"), "front": ((84, 84, 3), "uint8"), "wrist": ((84, 84, 3), "uint8")}
+    available = 8 * 2**30  # a machine with 8 GiB free: 200k two-camera transitions (~9.9 GiB) do not fit
+    with pytest.raises(ConfigError, match=r"train.buffer_capacity=200000 needs 9\.\d GiB .* 8\.0 GiB") as err:
+        check_buffer_memory(200_000, image, 6, available=available)
+    suggested = int(str(err.value).split("train.buffer_capacity=")[-1].split(",")[0])
+    assert 100_000 < suggested < 200_000
+    check_buffer_memory(suggested, image, 6, available=available)  # what it suggests fits
+    assert buffer_bytes(suggested, image, 6) <= MEMORY_FRACTION * available
+    check_buffer_memory(2_000_000, SPEC, 6, available=available)  # small observations: millions fit
+    measured = available_memory_bytes()
+    assert measured is None or measured > 0

@@ -917,3 +917,10 @@ def test_an_update_that_diverges_stops_the_learner_with_its_error(tmp_path: Path
         while service.updater.wake_fd >= 0 and time.monotonic() < deadline:  # closed once the learner has stopped
             time.sleep(0.05)
     assert json.loads((tmp_path / "run" / "stats.json").read_text())["actors"]["a0"]["stored"] == 40
+
+
+def test_a_replay_buffer_larger_than_the_memory_stops_the_learner_at_start(tmp_path: Path, bc_dir: Path, monkeypatch):
+    monkeypatch.setattr("robot_rl.buffer.available_memory_bytes", lambda: 50 << 20)  # 50 MiB free
+    cfg = tiny_config("train.buffer_capacity=2000000")
+    with pytest.raises(LearnerError, match=r"buffer_capacity=2000000 needs .* GiB .* --set train.buffer_capacity="):
+        LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
