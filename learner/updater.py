@@ -5,8 +5,8 @@ compiled learner (`train.compile`) compiles for tens of seconds to minutes. Run 
 receive, store nor acknowledge transitions, nor broadcast its status, for that long. `Updater` runs one update at a
 time on one persistent thread (the same thread every time: CUDA graphs and compiled code stay with it) and makes
 `wake_fd` readable when it is done, so the service thread can wait for requests and for the update in one poll.
-The hand-over costs ~83 us per step (p50, 133 us p99, submit to result of an empty call with a zmq poll on `wake_fd`
-on the development machine): about 1% of a GPU learner step at 120 steps/s.
+The hand-over costs ~88 us per step (p50, 146 us p99: `python bench/updater.py`, docs/benchmarks.md): about 1% of a
+GPU learner step at 120 steps/s.
 
 The thread is a daemon: a learner told to stop while an update is still compiling can leave without waiting for it
 (`close(timeout)`), and the process is not held up at exit.
