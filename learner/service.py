@@ -848,6 +848,8 @@ class LearnerService:
 
     def _timed_update(self, batches: list) -> UpdateStats:
         """On the updater's thread: one learner step (critic updates + actor update) of the agent."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # the current CUDA device is per thread: this one's, as the service's
         t0 = time.perf_counter()
         stats = self.agent.update(batches)
         self.learner_time += time.perf_counter() - t0
