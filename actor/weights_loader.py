@@ -100,7 +100,7 @@ class WeightsLoader(threading.Thread):
         while not self.stop_event.is_set():
             wait = self._poll_s if pending is None else min(self._poll_s, max(next_start - time.monotonic(), 0.0))
             newer = self._take_weights(wait)
-            pending = newer or pending
+            pending = newer if newer is not None else pending
             if pending is None or (pending.phase == phase and time.monotonic() < next_start):
                 continue
             weights, pending = pending, None
