@@ -58,6 +58,7 @@ from robot_rl.wire import (
 )
 
 MAX_BYTES = 512 << 20
+STORED = ("stored", "ingested")  # the rows the headline reports
 BUFFER_CAPACITY = 20_000  # the "ingested" rows' replay buffer (two cameras: ~1 GB)
 WINDOW = 8  # chunks in flight by default: actor.link.LearnerLink's default
 STATE_CONFIG = "configs/sim_peg_state.yaml"
@@ -480,8 +481,7 @@ def main() -> None:
                 f" {lat.transfer_ms:>9.2f} {lat.decode_ms:>7.2f} {lat.load_ms:>7.2f}"
                 f" {lat.p50_ms:>8.2f} {lat.p99_ms:>8.2f} {lat.samples:>8}"
             )
-    parts = [f"{path} {name} transitions {rate:,.0f}/s" for (name, path), rate in headline.items() if path != "bare"]
-    parts = [p for p in parts if not p.startswith("checked")]
+    parts = [f"{path} {name} transitions {rate:,.0f}/s" for (name, path), rate in headline.items() if path in STORED]
     parts += [f"weights p99 {lat.p99_ms:.1f} ms ({name})" for name, lat in latencies.items()]
     print(f"headline: window {args.window} chunks; " + "; ".join(parts) + " (a 10 Hz actor makes 10 transitions/s)")
 

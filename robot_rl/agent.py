@@ -328,16 +328,16 @@ class Q2RLAgent(nn.Module):
         a_rl = nets.actor(features)
         a_rl = a_rl.mode() if rl_mode == "mode" else a_rl.sample(generator=self.generator)
         q_rl = self.score_rl(nets, features, a_rl)
-        if gating == "none":
-            a_bc = torch.full_like(a_rl, float("nan"))
-            q_bc = self.score_bc(nets, gating, features, None, None, a_bc)
-        elif gating == "q2rl":
+        if gating == "q2rl":  # the BC branch scores its own proposal with Q^_BC
             if bc_branch is not None:
                 a_bc, q_bc = bc_branch.result()
             else:
                 a_bc, q_bc = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded)
-        else:  # one Q-function scores both proposals
-            a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded, score=False)
+        else:  # no gate (NaN proposal), or one Q-function scores both proposals
+            if gating == "none":
+                a_bc = torch.full_like(a_rl, float("nan"))
+            else:
+                a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded, score=False)
             q_bc = self.score_bc(nets, gating, features, None, None, a_bc)
         use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
         action = torch.where(use_bc[:, None], a_bc, a_rl)

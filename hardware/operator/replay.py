@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from types import TracebackType
-from typing import Self
 
+from robot_rl.hardware.interfaces import ClosesOnExit
 from robot_rl.hardware.operator.events import OperatorEvent, OperatorInput
 
 Schedule = Mapping[int, OperatorEvent] | Iterable[tuple[int, OperatorEvent]]
@@ -56,7 +55,7 @@ def track_pause(paused: bool, event: OperatorEvent) -> bool:
     return paused
 
 
-class ReplayedOperator:
+class ReplayedOperator(ClosesOnExit):
     """Replays logged operator events; `advance(step)` to the actor's step, then `poll()`.
 
     The step starts at 0, so events logged at step 0 come with the first poll.
@@ -68,16 +67,8 @@ class ReplayedOperator:
         self._step = 0
         self._paused = False
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+    def close(self) -> None:
+        """Nothing to release (`with` works through ClosesOnExit)."""
 
     @property
     def step(self) -> int:

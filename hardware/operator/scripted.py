@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from robot_rl.hardware.interfaces import ClosesOnExit
 from robot_rl.hardware.operator.events import OperatorEvent, OperatorInput
 from robot_rl.hardware.operator.replay import Schedule, StepSchedule, track_pause
 
 
-class ScriptedOperator:
+class ScriptedOperator(ClosesOnExit):
     """SUCCESS when `info[success_key]` becomes true; scripted `events` at step numbers (the number of `observe`
     calls so far, 0 before the first); never pauses unless scripted to.
     """
@@ -36,16 +36,8 @@ class ScriptedOperator:
         self._queue: list[OperatorInput] = []
         self._paused = False
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+    def close(self) -> None:
+        """Nothing to release (`with` works through ClosesOnExit)."""
 
     @property
     def step(self) -> int:
