@@ -17,12 +17,15 @@ under protocol 1 read back unchanged (a protocol-2 Transitions message differs o
 leave out, which parsing rebuilds); an intact record of an unknown protocol version stops the read with StoreError
 rather than being cut as damage.
 
-Writing happens on a writer thread so that the learner's receive loop never waits on the disk: `append` queues a
-record and returns its ticket (1, 2, ...); the writer writes everything queued with one `os.writev` per record, then
-fsyncs every file it wrote (and the directory, for new files) once for the whole group, and only then raises
-`durable()` to the last ticket of the group and makes `wake_fd` readable. The learner acknowledges a chunk only when
+Writing happens on two threads so that the learner's receive loop never waits on the disk: `append` queues a
+record and returns its ticket (1, 2, ...); the writer thread writes everything queued with one `os.writev` per record
+and raises the written ticket; the sync thread, whenever records are written that no fsync covers yet, notes the last
+written ticket, fsyncs every file written since its previous fsync (and the directory, for new files), and only then
+raises `durable()` to that ticket and makes `wake_fd` readable. An fsync covers every byte written before it began, so
+the writer copies the next records into the page cache while the disk takes the previous ones, and records that
+arrive during an fsync are covered by the next one, together. The learner acknowledges a chunk only when
 `durable()` has reached the chunk's ticket (`HeldReplies`), so an acknowledgement never covers a byte that is not
-fsync'd. `sync` waits until everything appended is durable. A write or fsync error stops the writer; every later
+fsync'd. `sync` waits until everything appended is durable. A write or fsync error stops both threads; every later
 call raises StoreError with it, and nothing more is acknowledged.
 
 `read_back` returns every stream's records in order. A torn or corrupt tail (a partial header, a length past the end
@@ -177,7 +180,10 @@ class TransitionStore:
         self._fsync = fsync  # replaceable to hold a group at its fsync in tests
         self.directory.mkdir(parents=True, exist_ok=True)
         self.appended = 0  # tickets handed out
+        self._written = 0  # the last ticket written (in the page cache; durable once an fsync covers it)
         self._durable = 0
+        self._dirty: dict[tuple[str, str], int] = {}  # stream -> fd of the files written since the last fsync began
+        self._new_files = False  # a file was created since the last fsync began: its directory needs one too
         self._queue: list[_Record] = []
         self._queued_bytes = 0
         self._cond = threading.Condition()
@@ -186,6 +192,8 @@ class TransitionStore:
         self._fds: dict[tuple[str, str], int] = {}
         self._wake_r = self._wake_w = -1  # a pipe, made with the writer (a store that only reads holds no fds)
         self._writer: threading.Thread | None = None
+        self._syncer: threading.Thread | None = None
+        self._writer_finished = False  # the writer has written its last record (closing) or failed
 
     def __enter__(self) -> TransitionStore:
         return self
@@ -249,7 +257,9 @@ class TransitionStore:
             if self._writer is None:
                 self._open_pipe()
                 self._writer = threading.Thread(target=self._write_loop, name="transition-store", daemon=True)
+                self._syncer = threading.Thread(target=self._sync_loop, name="transition-sync", daemon=True)
                 self._writer.start()
+                self._syncer.start()
             while self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES and self._error is None:
                 self._cond.wait()  # the disk is behind: the receive loop waits rather than queueing without bound
             self._raise_error()
@@ -293,14 +303,15 @@ class TransitionStore:
             self._raise_error()
 
     def close(self) -> None:
-        """Write and fsync what is queued, stop the writer and close every file (idempotent)."""
+        """Write and fsync what is queued, stop both threads and close every file (idempotent)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            writer = self._writer
-        if writer is not None:
-            writer.join()
-            self._writer = None
+            threads = (self._writer, self._syncer)
+        for thread in threads:
+            if thread is not None:
+                thread.join()
+        self._writer = self._syncer = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -315,33 +326,42 @@ class TransitionStore:
         if self._error is not None:
             raise StoreError(f"writing the transition log failed: {self._error}") from self._error
 
-    # -- the writer thread --------------------------------------------------------------------------------------------
+    # -- the writer and sync threads ---------------------------------------------------------------------------------
+    def _fail(self, err: BaseException) -> None:
+        """Record the first error of either thread (surfaced by the next append/durable/sync/close) and stop both."""
+        log.error("transition log write failed: %s", err)
+        with self._cond:
+            if self._error is None:
+                self._error = err
+            self._cond.notify_all()
+        self._wake()
+
     def _write_loop(self) -> None:
+        """Write what is queued, group by group; the sync thread makes it durable."""
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and self._error is None:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue or self._error is not None:
+                    self._writer_finished = True  # closing with nothing left to write, or failed
+                    self._cond.notify_all()
                     return
                 group, self._queue = self._queue, []
             try:
-                self._write_group(group)
-            except BaseException as err:  # surfaced to the learner's thread by the next append/durable/sync
-                log.error("transition log write failed: %s", err)
-                with self._cond:
-                    self._error = err
-                    self._cond.notify_all()
-                self._wake()
+                written, new_files = self._write_group(group)
+            except BaseException as err:
+                self._fail(err)
                 return
             with self._cond:
-                self._durable = group[-1].ticket
+                self._written = group[-1].ticket
+                self._dirty.update(written)
+                self._new_files = self._new_files or new_files
                 self._queued_bytes -= sum(memoryview(r.payload).nbytes for r in group)
                 self._cond.notify_all()
-            self._wake()
 
-    def _write_group(self, group: list[_Record]) -> None:
-        """Write every record of the group, then fsync each file written once (and the directory for new files)."""
-        written: set[tuple[str, str]] = set()
+    def _write_group(self, group: list[_Record]) -> tuple[dict[tuple[str, str], int], bool]:
+        """Write every record of the group; returns the files written (stream -> fd) and whether one was created."""
+        written: dict[tuple[str, str], int] = {}
         new_files = False
         for record in group:
             fd = self._fds.get(record.key)
@@ -350,11 +370,31 @@ class TransitionStore:
                 new_files = new_files or not path.exists()
                 fd = self._fds[record.key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             _write_all(fd, [record_header(record.flags, record.payload), memoryview(record.payload)])
-            written.add(record.key)
-        for key in written:
-            self._fsync(self._fds[key])
-        if new_files:
-            _fsync_directory(self.directory)
+            written[record.key] = fd
+        return written, new_files
+
+    def _sync_loop(self) -> None:
+        """fsync what is written and not yet covered, then raise `durable()` to the last ticket written before."""
+        while True:
+            with self._cond:
+                while self._written == self._durable and self._error is None and not self._writer_finished:
+                    self._cond.wait()
+                if self._error is not None or self._written == self._durable:
+                    return  # failed, or closing with everything written made durable
+                target, fds, new_files = self._written, list(self._dirty.values()), self._new_files
+                self._dirty, self._new_files = {}, False
+            try:
+                for fd in fds:
+                    self._fsync(fd)
+                if new_files:
+                    _fsync_directory(self.directory)
+            except BaseException as err:
+                self._fail(err)
+                return
+            with self._cond:
+                self._durable = target
+                self._cond.notify_all()
+            self._wake()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):  # a full pipe is awake already

@@ -673,6 +673,30 @@ def test_store_releases_replies_only_after_the_fsync_that_covers_their_chunks(tm
     assert [c.first_seq for c in TransitionStore(tmp_path).read_back()] == [0, 4, 8]
 
 
+def test_the_store_writes_the_next_chunks_while_an_fsync_is_under_way(tmp_path: Path) -> None:
+    """The writer does not wait for the disk: chunks appended during an fsync reach the file before it returns, and
+    the next fsync covers them together."""
+    cfg = load_config(TINY)
+    gate = FsyncGate()
+    chunks = [StoredChunk("a", "r", first, chunk_arrays(cfg, first, 4), online=False) for first in (0, 4, 8)]
+    sizes = np.cumsum([len(encode_record(c)) for c in chunks])
+    path = tmp_path / "a@r.log"
+    with TransitionStore(tmp_path, fsync=gate) as store:
+        store.append(chunks[0])
+        assert gate.entered.wait(WAIT_S)
+        store.append(chunks[1])
+        store.append(chunks[2])
+        deadline = time.monotonic() + WAIT_S
+        while path.stat().st_size < sizes[2] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert path.stat().st_size == sizes[2], "the chunks appended during the fsync were not written meanwhile"
+        assert store.durable() == 0
+        gate.opened.set()
+        store.sync()
+        assert store.durable() == 3
+    assert [c.first_seq for c in TransitionStore(tmp_path).read_back()] == [0, 4, 8]
+
+
 def test_a_failed_fsync_stops_the_acks_and_surfaces_as_store_error(tmp_path: Path) -> None:
     cfg = load_config(TINY)
 
