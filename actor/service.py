@@ -51,6 +51,7 @@ from robot_rl.episodes import EpisodeWriter
 from robot_rl.hardware.camera import CameraError
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
+from robot_rl.malloc import reuse_freed_memory
 from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.signals import stop_signals
@@ -588,6 +589,7 @@ def run_actor(
     cfg: RunConfig, out: Path, *, bc_dir: Path, learner: str | None, episodes: int | None, quiet: bool = False
 ) -> int:
     """`robot-rl actor`: run until done, N episodes, or SIGINT/SIGTERM (then flush and wait for the last acks)."""
+    reuse_freed_memory()  # camera frames and chunks of about a megabyte are reused, not faulted in every step
     service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
 
     def on_signal(signum, frame) -> None:

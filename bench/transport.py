@@ -1,7 +1,7 @@
 """Loopback transport benchmark: transitions actor -> learner and weights learner -> actor over real ZeroMQ on TCP.
 
     python bench/transport.py [--seconds 4] [--chunk 30] [--weights-samples 100] [--weights-seconds 20]
-                              [--unrelated-next-obs]
+                              [--unrelated-next-obs] [--glibc-malloc-defaults]
 
 Transitions go DEALER (a sender process, the actor) -> ROUTER (this process, the learner) on tcp://127.0.0.1 in
 chunks, for the state config (configs/sim_peg_state.yaml) and a two-camera 84x84 image config (two (3, 84, 84) uint8
@@ -22,7 +22,8 @@ send_multipart without copying) to torch tensors the actor can load (recv_multip
 unpack_tensors(copy=False)), one message in flight; the "load" column is the copy into the actor's networks that
 follows (copy_ into preallocated tensors, as load_state_dict does, torch on one thread), not part of the latency. The
 subscriber calls actor.link.keep_receive_buffers as the actor does. Both processes stamp with CLOCK_MONOTONIC, which
-Linux shares between processes. The last line is the headline.
+Linux shares between processes. Every process sets the services' allocator thresholds (robot_rl.malloc), as
+`robot-rl learner` and `robot-rl actor` do; --glibc-malloc-defaults leaves glibc's. The last line is the headline.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from robot_rl.buffer import ReplayBuffer
 from robot_rl.config import load_config
 from robot_rl.learner.broadcast import WeightsFrames
 from robot_rl.learner.store import HeldReplies, StoredChunk, TransitionStore
+from robot_rl.malloc import reuse_freed_memory
 from robot_rl.wire import (
     Ack,
     Transitions,
@@ -105,9 +107,18 @@ def bare_unpack(data: bytes | memoryview) -> dict[str, np.ndarray]:
 # Transitions
 # --------------------------------------------------------------------------------------------------------------------
 def sender(
-    endpoint: str, spec: TransitionSpec, count: int, checked: bool, consecutive: bool, stop: Any, window: int
+    endpoint: str,
+    spec: TransitionSpec,
+    count: int,
+    checked: bool,
+    consecutive: bool,
+    stop: Any,
+    window: int,
+    malloc: bool = True,
 ) -> None:
     """The actor side: send chunks until `stop` is set (checked: keep at most `window` chunks unacknowledged)."""
+    if malloc:
+        reuse_freed_memory()  # as `robot-rl actor` does
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -158,7 +169,14 @@ class Throughput:
 
 
 def measure_transitions(
-    spec: TransitionSpec, count: int, mode: str, seconds: float, *, consecutive: bool = True, window: int = WINDOW
+    spec: TransitionSpec,
+    count: int,
+    mode: str,
+    seconds: float,
+    *,
+    consecutive: bool = True,
+    window: int = WINDOW,
+    malloc: bool = True,
 ) -> Throughput:
     """Receive chunks for `seconds` on a ROUTER. mode bare: unpack only; checked: decode, validate and ack each one;
     stored: also append each received frame to the learner's transition log and hold its ack until the store's
@@ -170,7 +188,7 @@ def measure_transitions(
             ingest(buffer, spec, make_chunk(spec, count, buffer.total_added, consecutive=consecutive))
     with tempfile.TemporaryDirectory() as store_dir, TransitionStore(Path(store_dir)) as store:
         logged = store if mode in ("stored", "ingested") else None
-        return _receive(spec, count, mode, seconds, consecutive, logged, window, buffer)
+        return _receive(spec, count, mode, seconds, consecutive, logged, window, buffer, malloc)
 
 
 def _receive(
@@ -182,6 +200,7 @@ def _receive(
     store: TransitionStore | None,
     window: int,
     buffer: ReplayBuffer | None = None,
+    malloc: bool = True,
 ) -> Throughput:
     checked = mode != "bare"
     ctx = zmq.Context()
@@ -199,7 +218,9 @@ def _receive(
     mp_ctx = mp.get_context("spawn")
     stop = mp_ctx.Event()
     endpoint = f"tcp://127.0.0.1:{port}"
-    proc = mp_ctx.Process(target=sender, args=(endpoint, spec, count, checked, consecutive, stop, window), daemon=True)
+    proc = mp_ctx.Process(
+        target=sender, args=(endpoint, spec, count, checked, consecutive, stop, window, malloc), daemon=True
+    )
     proc.start()
     transitions = nbytes = received = 0
     t0: float | None = None
@@ -309,10 +330,12 @@ def image_config_weights() -> dict[str, Any]:
     return {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
 
 
-def subscriber(endpoint: str, back: str) -> None:
+def subscriber(endpoint: str, back: str, malloc: bool = True) -> None:
     """The actor side: decode each weights message, load it into tensors of its own, and report the latency."""
     import torch
 
+    if malloc:
+        reuse_freed_memory()
     keep_receive_buffers()  # as the actor service does
     torch.set_num_threads(1)  # an actor on a small machine runs torch on one thread (train.torch_threads)
 
@@ -362,7 +385,7 @@ class Latency:
     samples: int
 
 
-def measure_weights(state: dict[str, Any], samples: int, seconds: float) -> Latency:
+def measure_weights(state: dict[str, Any], samples: int, seconds: float, malloc: bool = True) -> Latency:
     """Publish `state` one message at a time; latency from pack_tensors to the subscriber's loaded tensors."""
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
@@ -374,7 +397,7 @@ def measure_weights(state: dict[str, Any], samples: int, seconds: float) -> Late
     pull_port = pull.bind_to_random_port("tcp://127.0.0.1")
     mp_ctx = mp.get_context("spawn")
     proc = mp_ctx.Process(
-        target=subscriber, args=(f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{pull_port}"), daemon=True
+        target=subscriber, args=(f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{pull_port}", malloc), daemon=True
     )
     proc.start()
     latencies: list[tuple[float, ...]] = []
@@ -437,7 +460,15 @@ def main() -> None:
         action="store_true",
         help="Draw every next observation on its own instead of taking the next step's (nothing is shared).",
     )
+    parser.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="Leave glibc's malloc thresholds as they are (the services set them: robot_rl.malloc).",
+    )
     args = parser.parse_args()
+    malloc = not args.glibc_malloc_defaults
+    if malloc:
+        reuse_freed_memory()  # as `robot-rl learner` does
 
     specs = {"state": transition_spec(load_config(STATE_CONFIG)), "2cam 84x84": image_spec()}
     steps = "unrelated next observations" if args.unrelated_next_obs else "consecutive steps"
@@ -454,7 +485,13 @@ def main() -> None:
             if args.rows and f"{name} {path}" not in args.rows.split(","):
                 continue
             result = measure_transitions(
-                spec, args.chunk, path, args.seconds, consecutive=not args.unrelated_next_obs, window=args.window
+                spec,
+                args.chunk,
+                path,
+                args.seconds,
+                consecutive=not args.unrelated_next_obs,
+                window=args.window,
+                malloc=malloc,
             )
             headline[(name, path)] = result.transitions_per_s
             rate = result.transitions_per_s
@@ -474,7 +511,7 @@ def main() -> None:
             f" {'p50 ms':>8} {'p99 ms':>8} {'samples':>8}"
         )
         for name, build in (("state", state_config_weights), ("image-size", image_config_weights)):
-            lat = measure_weights(build(), args.weights_samples, args.weights_seconds)
+            lat = measure_weights(build(), args.weights_samples, args.weights_seconds, malloc)
             latencies[name] = lat
             print(
                 f"{name:<11} {lat.params:>11,} {lat.message_bytes / 1e6:>7.1f} {lat.encode_ms:>7.2f}"

@@ -55,6 +55,7 @@ from robot_rl.bc import load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import load_checkpoint, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
+from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
@@ -1054,6 +1055,7 @@ def run_learner(
     quiet: bool = False,
 ) -> int:
     """The `robot-rl learner` command: run the service until done (0) or SIGINT/SIGTERM (130, resumable)."""
+    reuse_freed_memory()  # each chunk's megabyte-sized buffers are reused, not faulted in again
     service = LearnerService(
         cfg, Path(out), bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id, quiet=quiet
     )
