@@ -18,7 +18,8 @@ Runs the actor's own episode loop (`ActorService.run_episode`, gated: BC proposa
 ensemble every step, episode logs written) for the given wall time at the given period, with networks of the config's
 sizes (weights as initialised: timing does not depend on their values). Compute is the time from the start of a
 step to the end of its work (env step included); the period is measured between consecutive deadline wake-ups.
-The last line is the headline.
+The process sets the actor's allocator thresholds (robot_rl.malloc) as `robot-rl actor` does, unless
+--glibc-malloc-defaults. The last line is the headline.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.config import CameraConfig, RunConfig, load_config
 from robot_rl.envs import make_env
 from robot_rl.hardware.camera import preprocess
+from robot_rl.malloc import reuse_freed_memory
 from robot_rl.wire import Weights, pack_tensors, transition_spec
 
 CONFIGS = {"state": "configs/sim_peg_state.yaml", "image": "configs/sim_peg_image.yaml"}
@@ -117,7 +119,12 @@ def main() -> None:
     parser.add_argument("--gating-threads", type=int, choices=[1, 2], help="actor.gating_threads (default: config's)")
     parser.add_argument("--weights-every", type=float, default=0.0, help="feed a weights broadcast every S seconds")
     parser.add_argument("--weights-min-interval", type=float, help="actor.weights_min_interval_s (default: config's)")
+    parser.add_argument(
+        "--glibc-malloc-defaults", action="store_true", help="Leave glibc's malloc thresholds (robot_rl.malloc)."
+    )
     args = parser.parse_args()
+    if not args.glibc_malloc_defaults:
+        reuse_freed_memory()  # as `robot-rl actor` does
     path = CONFIGS.get(args.config, args.config)
     overrides = [f"actor.period_s={args.period}", f"train.torch_threads={args.threads}"]
     if args.precision:
