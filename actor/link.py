@@ -8,7 +8,6 @@ there, and the learner drops what it already has. The newest weights wait in a o
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -38,27 +37,7 @@ from robot_rl.wire import (
 
 log = logging.getLogger(__name__)
 
-# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_BUFFERS_UP_TO = 256 << 20
 REPORT_RESEND_S = 2.0  # an evaluation report is sent again this often while the learner still waits for it
-
-
-def keep_receive_buffers() -> bool:
-    """Let this process's malloc reuse the memory of large received frames (glibc only; False elsewhere).
-
-    ZeroMQ allocates each received frame with malloc. glibc serves a block above 128 KiB-32 MiB with fresh mmap'd
-    pages and unmaps it on free, so every weights broadcast (tens of MB for image agents) is faulted in again page by
-    page, which costs about as much as the transfer itself. Raising the mmap threshold (and the trim threshold above
-    it) keeps such blocks in the heap, where the next message's frames reuse them. Process-wide: the actor, the
-    composition root, calls it once.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BUFFERS_UP_TO) and mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_BUFFERS_UP_TO))
 
 
 class NewestWeights:

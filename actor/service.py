@@ -38,7 +38,7 @@ import torch
 
 from robot_rl import obs as obs_lib
 from robot_rl.actor.cameras import close_cameras, open_cameras, read_cameras
-from robot_rl.actor.link import LearnerLink, keep_receive_buffers
+from robot_rl.actor.link import LearnerLink
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
@@ -180,7 +180,6 @@ class ActorService:
             self.weights_source = WeightsLoader(
                 self.link.take_weights, self.agent, min_interval_s=cfg.actor.weights_min_interval_s
             )
-            keep_receive_buffers()  # weights frames reuse heap memory instead of fresh pages each broadcast
         self.episode_dir = out / "episodes"
         self.episode_dir.mkdir(exist_ok=True)
         self._episode_index = len(list(self.episode_dir.glob("episode_*.hdf5")))
@@ -589,7 +588,7 @@ def run_actor(
     cfg: RunConfig, out: Path, *, bc_dir: Path, learner: str | None, episodes: int | None, quiet: bool = False
 ) -> int:
     """`robot-rl actor`: run until done, N episodes, or SIGINT/SIGTERM (then flush and wait for the last acks)."""
-    reuse_freed_memory()  # camera frames and chunks of about a megabyte are reused, not faulted in every step
+    reuse_freed_memory()  # weights frames, camera frames and chunks reuse heap memory instead of fresh pages
     service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
 
     def on_signal(signum, frame) -> None:

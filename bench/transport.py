@@ -21,7 +21,7 @@ Weights go PUB (this process) -> SUB (a subscriber process); latency runs from t
 send_multipart without copying) to torch tensors the actor can load (recv_multipart without copying, from_frames,
 unpack_tensors(copy=False)), one message in flight; the "load" column is the copy into the actor's networks that
 follows (copy_ into preallocated tensors, as load_state_dict does, torch on one thread), not part of the latency. The
-subscriber calls actor.link.keep_receive_buffers as the actor does. Both processes stamp with CLOCK_MONOTONIC, which
+subscriber reuses freed memory as the actor does (below). Both processes stamp with CLOCK_MONOTONIC, which
 Linux shares between processes. Every process sets the services' allocator thresholds (robot_rl.malloc), as
 `robot-rl learner` and `robot-rl actor` do; --glibc-malloc-defaults leaves glibc's. The last line is the headline.
 """
@@ -40,7 +40,6 @@ import msgpack
 import numpy as np
 import zmq
 
-from robot_rl.actor.link import keep_receive_buffers
 from robot_rl.buffer import ReplayBuffer
 from robot_rl.config import load_config
 from robot_rl.learner.broadcast import WeightsFrames
@@ -335,8 +334,7 @@ def subscriber(endpoint: str, back: str, malloc: bool = True) -> None:
     import torch
 
     if malloc:
-        reuse_freed_memory()
-    keep_receive_buffers()  # as the actor service does
+        reuse_freed_memory()  # as `robot-rl actor` does
     torch.set_num_threads(1)  # an actor on a small machine runs torch on one thread (train.torch_threads)
 
     ctx = zmq.Context()
