@@ -69,6 +69,7 @@ class LinkState:
     """What the control loop and the status line read (replaced, never mutated in place, by the link thread)."""
 
     welcomed: bool = False
+    synced: bool = False  # a welcome has said, at least once, up to where the learner holds this run
     acked_seq: int = -1
     sent_seq: int = -1
     refused: str | None = None
@@ -221,7 +222,7 @@ class LearnerLink(threading.Thread):
             now = time.monotonic()
             if isinstance(msg, Welcome):
                 self.spill.release(msg.acked_seq)
-                self._replace(welcomed=True, acked_seq=msg.acked_seq, last_heard=now)
+                self._replace(welcomed=True, synced=True, acked_seq=msg.acked_seq, last_heard=now)
                 cursor = msg.acked_seq + 1
             elif isinstance(msg, Ack):
                 acked = max(self.state.acked_seq, msg.acked_seq)

@@ -229,7 +229,7 @@ class ActorService:
         st = self.link.state
         if st.refused is not None:
             return "refused", -1
-        if st.status is None:
+        if st.status is None or not st.synced:  # no chunk is numbered before the learner said what it holds
             return "waiting", -1
         if st.status.done:
             return "done", -1
@@ -378,6 +378,19 @@ class ActorService:
 
     def _spill_chunk(self) -> None:
         assert self.spill is not None
+        if self.link is not None and self.link.state.acked_seq >= self.spill.next_seq:
+            # The learner holds more of this run than the spill recorded: the spill lost acknowledged chunks (cut,
+            # damaged or deleted). Numbering from the spill would make the learner drop the new chunks as duplicates.
+            acked = self.link.state.acked_seq
+            log.warning(
+                "the learner holds transitions 0..%d of run %s but the spill ends at %d (spill damaged or removed): "
+                "numbering continues at %d",
+                acked,
+                self.run_id,
+                self.spill.next_seq - 1,
+                acked + 1,
+            )
+            self.spill.skip_to(acked + 1)
         chunk = self.chunks.take(self.spill.next_seq)
         if chunk is None:
             return

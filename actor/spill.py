@@ -94,6 +94,14 @@ class Spill:
             self._chunks.append(SpilledChunk(first_seq, count, self._segment, offset + _HEADER.size + 16, len(payload)))
             self.next_seq = first_seq + count
 
+    def skip_to(self, seq: int) -> None:
+        """Continue the sequence at `seq` (never backwards): the learner already holds everything before it. The next
+        chunk starts a new segment."""
+        with self._lock:
+            if seq > self.next_seq:
+                self.next_seq = seq
+                self._segment = None
+
     # -- reading ------------------------------------------------------------------------------------------------------
     def chunks_from(self, seq: int) -> Iterator[tuple[SpilledChunk, bytes]]:
         """Chunks whose last sequence is >= seq, oldest first, with their payloads."""

@@ -60,7 +60,9 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=env)  # fmt: skip
 
 
-def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
+def _learner_and_actor(tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Popen, list[str]]:
+    """A learner (600 env steps) and an actor as processes on loopback, once the actor has 150 transitions acked;
+    also the actor's arguments, to restart it with the same --out."""
     cfg = load_config(TINY)
     bc_dir = tmp_path / "bc"
     save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
@@ -71,12 +73,19 @@ def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
     learner = _spawn(["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint], tmp_path / "l.log")
     actor_args = ["actor", *common, "--out", str(tmp_path / "actor"), "--learner", endpoint]
     actor = _spawn(actor_args, tmp_path / "a.log")
+    deadline = time.monotonic() + 120
+    while _stats(tmp_path / "actor" / "stats.json").get("acked", 0) < 150:
+        if time.monotonic() > deadline or actor.poll() is not None or learner.poll() is not None:
+            for proc in (actor, learner):
+                proc.kill()
+            raise AssertionError((tmp_path / "a.log").read_text()[-2000:])
+        time.sleep(0.2)
+    return learner, actor, actor_args
+
+
+def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
+    learner, actor, actor_args = _learner_and_actor(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while _stats(tmp_path / "actor" / "stats.json").get("acked", 0) < 150:
-            assert time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-2000:]
-            assert actor.poll() is None and learner.poll() is None
-            time.sleep(0.2)
         actor.send_signal(signal.SIGKILL)
         actor.wait()
         produced_before = len(list((tmp_path / "actor" / "spill").glob("seg_*.log")))
@@ -92,6 +101,31 @@ def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
     stored = lstats["actors"]["actor0"]["stored"]
     assert a["produced"] == a["acked"] == stored, (a, lstats)
     assert lstats["env_steps"] == stored  # every stored transition counted once
+
+
+def test_an_actor_whose_spill_lost_acknowledged_chunks_numbers_new_ones_after_what_the_learner_holds(tmp_path: Path):
+    """The spill's records carry the run's sequence across restarts. With them cut away (a damaged or emptied spill),
+    the learner's welcome says how far the run got: new chunks continue after it instead of repeating numbers the
+    learner would drop as duplicates."""
+    learner, actor, actor_args = _learner_and_actor(tmp_path)
+    try:
+        actor.send_signal(signal.SIGTERM)  # a clean stop: everything produced is acknowledged
+        assert actor.wait(timeout=60) == 0
+        acked_before = _stats(tmp_path / "actor" / "stats.json")["acked"]
+        for segment in (tmp_path / "actor" / "spill").glob("seg_*.log"):
+            os.truncate(segment, 100)  # the records are gone, a torn piece of the first one stays
+        actor = _spawn(actor_args, tmp_path / "a.log")
+        assert learner.wait(timeout=180) == 0, (tmp_path / "l.log").read_text()[-3000:]
+        assert actor.wait(timeout=60) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        for proc in (actor, learner):
+            if proc.poll() is None:
+                proc.kill()
+    a, lstats = _stats(tmp_path / "actor" / "stats.json"), _stats(tmp_path / "learner" / "stats.json")
+    stored = lstats["actors"]["actor0"]["stored"]
+    assert a["produced"] == a["acked"] == stored > acked_before, (a, lstats)
+    assert lstats["actors"]["actor0"]["duplicates"] == 0 and lstats["env_steps"] == stored
+    assert "spill damaged or removed" in (tmp_path / "a.log").read_text()
 
 
 @pytest.mark.parametrize("bad", ["tcp://127.0.0.1", "ftp://x:1"])
