@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,21 +84,29 @@ def _learner_and_actor(tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Pop
     return learner, actor, actor_args
 
 
-def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
+def _stop_restart_and_finish(tmp_path: Path, stop: Callable[[subprocess.Popen], None]) -> tuple[dict, dict]:
+    """Learner and actor as in `_learner_and_actor`; `stop(actor)`, then the actor restarted with the same --out (the
+    same run continues) until the learner's run is done. The actor's and the learner's final stats."""
     learner, actor, actor_args = _learner_and_actor(tmp_path)
     try:
-        actor.send_signal(signal.SIGKILL)
-        actor.wait()
-        produced_before = len(list((tmp_path / "actor" / "spill").glob("seg_*.log")))
-        assert produced_before >= 1
-        actor = _spawn(actor_args, tmp_path / "a.log")  # same --out: the same run continues
+        stop(actor)
+        actor = _spawn(actor_args, tmp_path / "a.log")
         assert learner.wait(timeout=180) == 0, (tmp_path / "l.log").read_text()[-3000:]
         assert actor.wait(timeout=60) == 0, (tmp_path / "a.log").read_text()[-3000:]
     finally:
         for proc in (actor, learner):
             if proc.poll() is None:
                 proc.kill()
-    a, lstats = _stats(tmp_path / "actor" / "stats.json"), _stats(tmp_path / "learner" / "stats.json")
+    return _stats(tmp_path / "actor" / "stats.json"), _stats(tmp_path / "learner" / "stats.json")
+
+
+def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
+    def kill(actor: subprocess.Popen) -> None:
+        actor.send_signal(signal.SIGKILL)
+        actor.wait()
+        assert len(list((tmp_path / "actor" / "spill").glob("seg_*.log"))) >= 1
+
+    a, lstats = _stop_restart_and_finish(tmp_path, kill)
     stored = lstats["actors"]["actor0"]["stored"]
     assert a["produced"] == a["acked"] == stored, (a, lstats)
     assert lstats["env_steps"] == stored  # every stored transition counted once
@@ -107,23 +116,18 @@ def test_an_actor_whose_spill_lost_acknowledged_chunks_numbers_new_ones_after_wh
     """The spill's records carry the run's sequence across restarts. With them cut away (a damaged or emptied spill),
     the learner's welcome says how far the run got: new chunks continue after it instead of repeating numbers the
     learner would drop as duplicates."""
-    learner, actor, actor_args = _learner_and_actor(tmp_path)
-    try:
+    acked_before = []
+
+    def stop_and_damage_the_spill(actor: subprocess.Popen) -> None:
         actor.send_signal(signal.SIGTERM)  # a clean stop: everything produced is acknowledged
         assert actor.wait(timeout=60) == 0
-        acked_before = _stats(tmp_path / "actor" / "stats.json")["acked"]
+        acked_before.append(_stats(tmp_path / "actor" / "stats.json")["acked"])
         for segment in (tmp_path / "actor" / "spill").glob("seg_*.log"):
             os.truncate(segment, 100)  # the records are gone, a torn piece of the first one stays
-        actor = _spawn(actor_args, tmp_path / "a.log")
-        assert learner.wait(timeout=180) == 0, (tmp_path / "l.log").read_text()[-3000:]
-        assert actor.wait(timeout=60) == 0, (tmp_path / "a.log").read_text()[-3000:]
-    finally:
-        for proc in (actor, learner):
-            if proc.poll() is None:
-                proc.kill()
-    a, lstats = _stats(tmp_path / "actor" / "stats.json"), _stats(tmp_path / "learner" / "stats.json")
+
+    a, lstats = _stop_restart_and_finish(tmp_path, stop_and_damage_the_spill)
     stored = lstats["actors"]["actor0"]["stored"]
-    assert a["produced"] == a["acked"] == stored > acked_before, (a, lstats)
+    assert a["produced"] == a["acked"] == stored > acked_before[0], (a, lstats)
     assert lstats["actors"]["actor0"]["duplicates"] == 0 and lstats["env_steps"] == stored
     assert "spill damaged or removed" in (tmp_path / "a.log").read_text()
 
