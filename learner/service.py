@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent, UpdateStats
 from robot_rl.bc import load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
-from robot_rl.checkpoint import load_checkpoint, save_checkpoint
+from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
@@ -63,6 +64,7 @@ from robot_rl.signals import stop_signals
 from robot_rl.train import demo_buffer, resolve_device
 from robot_rl.wire import (
     ID_PATTERN,
+    PHASES,
     Ack,
     EvalReport,
     Hello,
@@ -196,6 +198,39 @@ def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> N
             raise LearnerError(
                 f"cannot resume {out}: the config differs from the run's {saved} in {', '.join(fields[:20])}"
             )
+
+
+def _resume_state(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The learner state a checkpoint's manifest holds, each field checked; CheckpointError naming the first bad one."""
+    learner = manifest.get("learner")
+    counters = manifest.get("counters")
+    if not isinstance(learner, dict) or not isinstance(counters, dict):
+        raise CheckpointError(f"checkpoint {path}: the manifest has no learner state (not a learner checkpoint?)")
+    fields: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+        "learner_steps": (counters.get("learner_steps"), lambda v: type(v) is int and v >= 0),
+        "phase": (learner.get("phase"), lambda v: v in PHASES),
+        "eval_kind": (learner.get("eval_kind"), lambda v: isinstance(v, str)),
+        "eval_id": (learner.get("eval_id"), lambda v: type(v) is int),
+        "weights_version": (learner.get("weights_version"), lambda v: type(v) is int),
+        "qest_done": (learner.get("qest_done"), lambda v: type(v) is bool),
+        "online_started": (learner.get("online_started"), lambda v: type(v) is bool),
+        "next_eval_at": (learner.get("next_eval_at"), lambda v: type(v) is int),
+        "next_ckpt_at": (learner.get("next_ckpt_at"), lambda v: type(v) is int),
+        "bc_success_rate": (learner.get("bc_success_rate"), lambda v: v is None or isinstance(v, int | float)),
+        "wall_s": (learner.get("wall_s"), lambda v: isinstance(v, int | float)),
+        "learner_time_s": (learner.get("learner_time_s"), lambda v: isinstance(v, int | float)),
+        "q_estimation": (learner.get("q_estimation"), lambda v: isinstance(v, dict)),
+        "next_seq": (
+            learner.get("next_seq", {}),
+            lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),
+        ),
+    }
+    for name, (value, valid) in fields.items():
+        if not valid(value):
+            raise CheckpointError(f"checkpoint {path / MANIFEST_FILE}: {name} is missing or invalid ({value!r})")
+    state = {name: value for name, (value, _) in fields.items()}
+    state["wall_s"], state["learner_time_s"] = float(state["wall_s"]), float(state["learner_time_s"])
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -994,29 +1029,19 @@ class LearnerService:
         return path
 
     def _restore(self) -> None:
-        """Networks, optimisers and phase from checkpoints/latest; buffer and sequence counters from the store."""
-        latest = self.out / CHECKPOINTS / LATEST
-        if latest.is_dir():
-            tensors, manifest, optimizers = load_checkpoint(latest)
-            self.agent.load_network_state(tensors)
-            self.agent.load_optimizer_states(optimizers)
-            state = manifest["learner"]
-            self.counters.learner_steps = int(manifest["counters"]["learner_steps"])
-            self.phase, self.eval_kind = state["phase"], state["eval_kind"]
-            # Evaluation ids jump on every resume: the killed learner may have asked for (and an actor answered)
-            # evaluations after its last checkpoint; reusing their ids would leave the actors thinking them done.
-            self.eval_id = int(state["eval_id"]) + EVAL_ID_JUMP_ON_RESUME
-            self.weights_version = int(state["weights_version"])
-            self.qest_done, self.online_started = bool(state["qest_done"]), bool(state["online_started"])
-            self.next_eval_at, self.next_ckpt_at = int(state["next_eval_at"]), int(state["next_ckpt_at"])
-            self.bc_success_rate = state["bc_success_rate"]
-            self.wall_offset, self.learner_time = float(state["wall_s"]), float(state["learner_time_s"])
-            self.qest_stats = state["q_estimation"]
+        """Networks, optimisers and phase from the newest readable checkpoint (latest, else final, else the newest
+        step_*; a warning says which and why); buffer and sequence counters from the store."""
+        restored = self._restore_checkpoint()
+        if restored is None and self.eval_id >= 0:
+            # No checkpoint: the networks start over, but actors may have answered evaluations of the earlier run.
+            self.eval_id += EVAL_ID_JUMP_ON_RESUME
         self._restore_stats()
         for chunk in self.store.read_back():
             stream = self.streams.setdefault((chunk.actor_id, chunk.run_id), Stream())
             self._ingest(chunk, stream)
             self.actors.setdefault(chunk.actor_id, ActorStats()).stored += chunk.count
+        if restored is not None:
+            self._check_log_against(restored)
         if self.phase == "paused":  # stopped while finishing: evaluate once more and finish (under the new id)
             self.phase, self.eval_kind = "eval", "online"
         log.info(
@@ -1028,6 +1053,73 @@ class LearnerService:
             self.counters.learner_steps,
             self.weights_version,
         )
+
+    def _restore_checkpoint(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint that reads and restores; its manifest's learner state, or None when the run
+        has no checkpoint yet. CheckpointError, naming each one's problem, when none of several can be restored."""
+        root = self.out / CHECKPOINTS
+        steps = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+        candidates = [path for path in (root / LATEST, root / "final", *steps) if path.is_dir()]
+        problems: list[str] = []
+        for path in candidates:
+            try:
+                tensors, manifest, optimizers = load_checkpoint(path)
+                state = _resume_state(manifest, path)
+                self.agent.load_network_state(tensors)
+                self.agent.load_optimizer_states(optimizers)
+            except (CheckpointError, KeyError, ValueError, RuntimeError) as err:  # load_state_dict: RuntimeError
+                problems.append(f"{path.name}: {err}")
+                log.warning("cannot resume from checkpoint %s: %s", path, err)
+                continue
+            if path.name != LATEST:
+                log.warning(
+                    "resuming from checkpoint %s (learner step %d), not %s: %s",
+                    path,
+                    state["learner_steps"],
+                    LATEST,
+                    problems[0] if problems else "it is missing",
+                )
+            self.counters.learner_steps = state["learner_steps"]
+            self.phase, self.eval_kind = state["phase"], state["eval_kind"]
+            # Evaluation ids jump on every resume: the killed learner may have asked for (and an actor answered)
+            # evaluations after its last checkpoint; reusing their ids would leave the actors thinking them done.
+            self.eval_id = state["eval_id"] + EVAL_ID_JUMP_ON_RESUME
+            self.weights_version = state["weights_version"]
+            self.qest_done, self.online_started = state["qest_done"], state["online_started"]
+            self.next_eval_at, self.next_ckpt_at = state["next_eval_at"], state["next_ckpt_at"]
+            self.bc_success_rate = state["bc_success_rate"]
+            self.wall_offset, self.learner_time = state["wall_s"], state["learner_time_s"]
+            self.qest_stats = state["q_estimation"]
+            return state
+        if problems:
+            raise CheckpointError(
+                f"cannot resume {self.out}: no checkpoint can be restored ({'; '.join(problems)}); move "
+                f"{root} aside to resume with new networks from the stored transitions"
+            )
+        return None
+
+    def _check_log_against(self, state: dict[str, Any]) -> None:
+        """When the transition log holds less of a stream than the checkpoint counted, transitions the learner had
+        acknowledged were lost from the log, and their actor no longer keeps them: say so (error), and continue the
+        stream where the checkpoint saw it, so that the actor's next chunks are stored rather than held at the gap."""
+        for name, next_seq in state["next_seq"].items():
+            actor_id, _, run_id = name.partition("@")
+            stream = self.streams.setdefault((actor_id, run_id), Stream())
+            if stream.next_seq < next_seq:
+                log.error(
+                    "the transition log of actor %s run %s ends at %d, but the checkpoint counted %d: %d acknowledged "
+                    "transitions were lost from %s; the stream continues at %d",
+                    actor_id,
+                    run_id,
+                    stream.next_seq,
+                    next_seq,
+                    next_seq - stream.next_seq,
+                    self.out / "buffer",
+                    next_seq,
+                )
+                stream.next_seq = next_seq
+                stream.pending = []  # an episode cut by the loss is no Q-Estimation rollout
+                self.actors.setdefault(actor_id, ActorStats())
 
     def _restore_stats(self) -> None:
         """Counters kept only in stats.json: the newest weights version broadcast, duplicates and refusals."""

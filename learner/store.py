@@ -29,8 +29,9 @@ fsync'd. `sync` waits until everything appended is durable. A write or fsync err
 call raises StoreError with it, and nothing more is acknowledged.
 
 `read_back` returns every stream's records in order. A torn or corrupt tail (a partial header, a length past the end
-of the file, a checksum or decoding failure, or a sequence number that does not continue the stream) is cut off the
-file, with a warning, so the next append continues a well-formed log.
+of the file, a checksum or decoding failure, or a sequence number that goes back in the stream) is cut off the file,
+with a warning, so the next append continues a well-formed log. A stream may skip forward: after acknowledged
+transitions were lost from the log, the learner continues the stream where its checkpoint saw it.
 """
 
 from __future__ import annotations
@@ -224,8 +225,10 @@ class TransitionStore:
         while offset < len(data):
             try:
                 chunk, end = _read_record(data, offset, actor_id, run_id)
-                if chunk.first_seq != next_seq:
-                    raise _TornRecord(f"sequence {chunk.first_seq} does not continue the stream at {next_seq}")
+                if chunk.first_seq < next_seq:
+                    raise _TornRecord(f"sequence {chunk.first_seq} goes back in the stream (at {next_seq})")
+                if chunk.first_seq > next_seq:  # the learner continued the stream past transitions lost earlier
+                    log.warning("%s: transitions %d..%d are not in the log", path, next_seq, chunk.first_seq - 1)
             except _TornRecord as err:
                 log.warning(
                     "%s: cutting a torn or corrupt tail at byte %d of %d (%s); %d chunks kept",

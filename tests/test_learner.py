@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket as pysocket
 import subprocess
@@ -26,6 +27,7 @@ import zmq
 
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc
+from robot_rl.checkpoint import CheckpointError
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import make_env
 from robot_rl.learner import service as learner_service
@@ -559,6 +561,68 @@ def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: 
         ("online", 30, 0.5),
         ("online", 50, 1.0),
     ]
+
+
+def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_log_lost_acked_chunks(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config()
+    run = tmp_path / "run"
+    with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
+        actor = FakeActor(ctx, cfg)
+        to_online(actor)
+        assert acked(actor.transitions(10, 20, version=1)) == 29
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000020"]
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(run, tmp_path / name))
+
+    # latest missing, or its manifest damaged: the newest step_* checkpoint restores the run, and a warning says so.
+    missing = copy("missing")
+    shutil.rmtree(missing / "checkpoints" / "latest")
+    damaged = copy("damaged")
+    manifest = json.loads((damaged / "checkpoints" / "latest" / "manifest.json").read_text())
+    del manifest["learner"]["phase"]
+    (damaged / "checkpoints" / "latest" / "manifest.json").write_text(json.dumps(manifest))
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    step = json.loads((checkpoints / "step_00000020" / "manifest.json").read_text())  # saved before latest's
+    expected = (step["learner"]["phase"], step["counters"]["learner_steps"], 30)
+    latest = json.loads((checkpoints / "latest" / "manifest.json").read_text())
+    assert expected != (latest["learner"]["phase"], latest["counters"]["learner_steps"], 30)  # told apart
+    for out, why in ((missing, "it is missing"), (damaged, "phase is missing or invalid")):
+        caplog.clear()
+        service = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+        assert (service.phase, service.counters.learner_steps, service.counters.env_steps) == expected
+        assert service.eval_id == step["learner"]["eval_id"] + EVAL_ID_JUMP_ON_RESUME
+        assert "resuming from checkpoint" in caplog.text and "step_00000020" in caplog.text and why in caplog.text
+        service.store.close()
+
+    # No checkpoint restores: refused, naming each one's problem.
+    broken = copy("broken")
+    for path in (broken / "checkpoints").iterdir():
+        (path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match=r"no checkpoint can be restored.*latest.*step_00000020.*aside"):
+        LearnerService(cfg, broken, bc_dir=bc_dir, resume=True, quiet=True)
+
+    # The log lost acknowledged chunks 10..29: said as an error, and the stream goes on at 30, where the checkpoint
+    # saw it, so the actor's next chunk is stored (not held at a gap) and survives the next resume.
+    lost = copy("lost")
+    log_file = lost / "buffer" / "a0@r0.log"
+    first_record = len(encode_record(StoredChunk("a0", "r0", 0, chunk_arrays(cfg, 0, 10, ends=(4, 9)), False)))
+    os.truncate(log_file, first_record)
+    caplog.clear()
+    service = LearnerService(cfg, lost, bc_dir=bc_dir, resume=True, quiet=True)
+    assert "20 acknowledged transitions were lost" in caplog.text and service.counters.env_steps == 10
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        welcome = actor.hello()
+        assert isinstance(welcome, Welcome) and welcome.acked_seq == 29
+        assert acked(actor.transitions(30, 5, version=1)) == 34
+    again = LearnerService(cfg, lost, bc_dir=bc_dir, resume=True, quiet=True)
+    assert again.streams[("a0", "r0")].next_seq == 35 and again.counters.env_steps == 15
+    again.store.close()
 
 
 def test_missing_eval_report_times_out_and_a_method_without_q_estimation_goes_online(
