@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,17 @@ class LinkState:
 class LearnerLink(threading.Thread):
     """Runs the actor's side of the wire contract until `stop` is set."""
 
-    def __init__(self, cfg: RunConfig, spill: Spill, *, run_id: str, endpoint: str, window: int = 8) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        spill: Spill,
+        *,
+        run_id: str,
+        endpoint: str,
+        window: int = 8,
+        fingerprint: Mapping[str, str] | None = None,
+    ) -> None:
+        """`fingerprint` adds entries to the config's in the hello (the BC policy's: bc.bc_fingerprint)."""
         super().__init__(name="learner-link", daemon=True)
         self.cfg, self.spill, self.run_id = cfg, spill, run_id
         self.endpoint = endpoint
@@ -94,7 +105,7 @@ class LearnerLink(threading.Thread):
         self._last_report: EvalReport | None = None
         self._last_report_sent = 0.0
         self._wake = threading.Event()
-        self.fingerprint = config_fingerprint(cfg)
+        self.fingerprint = {**config_fingerprint(cfg), **(fingerprint or {})}
         self.error: BaseException | None = None
 
     # -- API for the control thread -------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.actor.weights_loader import WeightsLoader
 from robot_rl.agent import Q2RLAgent
-from robot_rl.bc import load_bc
+from robot_rl.bc import bc_fingerprint, load_bc
 from robot_rl.config import ConfigError, RunConfig, dump_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeWriter
@@ -176,7 +176,9 @@ class ActorService:
         if learner is not None:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq
-            self.link = LearnerLink(cfg, self.spill, run_id=self.run_id, endpoint=learner)
+            self.link = LearnerLink(
+                cfg, self.spill, run_id=self.run_id, endpoint=learner, fingerprint=bc_fingerprint(self.bc)
+            )
             self.weights_source = WeightsLoader(
                 self.link.take_weights, self.agent, min_interval_s=cfg.actor.weights_min_interval_s
             )

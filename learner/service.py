@@ -52,7 +52,7 @@ from gymnasium import spaces
 
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent, UpdateStats
-from robot_rl.bc import load_bc, save_bc
+from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
@@ -269,6 +269,8 @@ class LearnerService:
         low, high = obs_lib.state_bounds(space)
         self.action_dim = self.spec.action_dim
         self.bc = self._load_bc(bc_dir)
+        if self.bc is not None:  # an actor must act with the same BC policy (refused at the handshake if not)
+            self.fingerprint = {**self.fingerprint, **bc_fingerprint(self.bc)}
         self.agent = Q2RLAgent(
             cfg.agent,
             obs_spec=self.obs_spec,
@@ -561,7 +563,8 @@ class LearnerService:
         self._refusal_log[who] = (now, 0)
 
     def _on_hello(self, identity: bytes, hello: Hello) -> Message:
-        refusal = check_hello(hello, self.fingerprint)
+        unchecked = () if self.bc is not None else (BC_FINGERPRINT_KEY,)
+        refusal = check_hello(hello, self.fingerprint, unchecked=unchecked)
         if refusal is not None:
             reply = self._refuse(identity, f"actor {hello.actor_id}: {refusal.reason}", refusal.fields)
             self.sessions.pop(identity, None)

@@ -11,6 +11,7 @@ pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -359,6 +360,21 @@ def _manifest_config(path: Path, manifest: dict[str, Any]) -> BCConfig:
     if manifest.get("kind") != cfg.policy:
         raise BCCheckpointError(f"{path}: kind {manifest.get('kind')!r} disagrees with config.policy {cfg.policy!r}")
     return cfg
+
+
+BC_FINGERPRINT_KEY = "bc.weights"
+
+
+def bc_fingerprint(policy: nn.Module) -> dict[str, str]:
+    """{BC_FINGERPRINT_KEY: a hash of the policy's tensors (names, dtypes, shapes, values)}: an entry of the wire's
+    config fingerprint, so that an actor whose --bc policy is not the learner's is refused at the handshake (its
+    rollouts would estimate Q of another policy). The same policy saved and loaded again hashes the same."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(policy.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {BC_FINGERPRINT_KEY: digest.hexdigest()[:16]}
 
 
 def load_bc(directory: str | Path, device: str | torch.device = "cpu") -> BCPolicy:

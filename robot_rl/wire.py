@@ -754,15 +754,22 @@ def diff_fingerprints(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
-def check_hello(hello: Hello, fingerprint: Mapping[str, str]) -> Refuse | None:
-    """The Refuse for a hello whose config disagrees with this side's fingerprint, or None when it agrees."""
+def check_hello(hello: Hello, fingerprint: Mapping[str, str], *, unchecked: Collection[str] = ()) -> Refuse | None:
+    """The Refuse for a hello whose config disagrees with this side's fingerprint, or None when it agrees.
+
+    Keys in `unchecked` are left out of the hello's fingerprint before comparing (what this side has no value for:
+    a learner without a BC policy does not check the actor's)."""
     if config_hash(hello.config_fingerprint) != hello.config_hash:
         return Refuse(reason="config_hash does not match the config_fingerprint sent with it", fields=[])
-    if hello.config_hash == config_hash(fingerprint):
+    theirs = {k: v for k, v in hello.config_fingerprint.items() if k not in unchecked}
+    if config_hash(theirs) == config_hash(fingerprint):
         return None
-    fields = diff_fingerprints(fingerprint, hello.config_fingerprint)
+    fields = diff_fingerprints(fingerprint, theirs)
     shown = ", ".join(fields[:20]) + (f" and {len(fields) - 20} more" if len(fields) > 20 else "")
-    return Refuse(reason=f"config differs from the learner's in: {shown}", fields=fields)
+    reason = f"config differs from the learner's in: {shown}"
+    if any(field.startswith("bc.weights") for field in fields):
+        reason += " (bc.weights: the actor's --bc policy is not the learner's)"
+    return Refuse(reason=reason, fields=fields)
 
 
 # --------------------------------------------------------------------------------------------------------------------

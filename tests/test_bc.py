@@ -14,6 +14,7 @@ from robot_rl.bc import (
     BCCheckpointError,
     GaussianBCPolicy,
     GMMBCPolicy,
+    bc_fingerprint,
     load_bc,
     make_bc_policy,
     save_bc,
@@ -301,3 +302,13 @@ def test_malformed_manifest_names_the_file(tmp_path: Path, edit: object, match: 
     manifest_path.write_text(edit(json.loads(manifest_path.read_text())))  # type: ignore[operator]
     with pytest.raises(BCCheckpointError, match=match):
         load_bc(directory)
+
+
+def test_the_fingerprint_survives_save_and_load_and_tells_policies_apart(tmp_path: Path) -> None:
+    policy = _policy(_cfg("gmm"))
+    loaded = load_bc(save_bc(policy, tmp_path / "bc"))
+    assert bc_fingerprint(loaded) == bc_fingerprint(policy)
+    assert bc_fingerprint(_policy(_cfg("gmm"), seed=1)) != bc_fingerprint(policy)
+    with torch.no_grad():
+        next(loaded.parameters()).view(-1)[0] += 1e-6  # one value, barely changed
+    assert bc_fingerprint(loaded) != bc_fingerprint(policy)

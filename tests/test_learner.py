@@ -26,7 +26,7 @@ import torch
 import zmq
 
 from robot_rl.agent import Q2RLAgent
-from robot_rl.bc import load_bc, make_bc_policy, save_bc
+from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, make_bc_policy, save_bc
 from robot_rl.checkpoint import CheckpointError
 from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.envs import make_env
@@ -108,6 +108,10 @@ def tiny_config(*extra: str) -> RunConfig:
     )
 
 
+# The hello's entry for the BC policy of `bc_dir`, which every learner of this module loads (FakeActor sends it).
+BC_FINGERPRINT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def bc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(TINY)
@@ -115,6 +119,7 @@ def bc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     low, high = state_bounds(space)
     torch.manual_seed(0)
     policy = make_bc_policy(cfg.bc, spec_from_space(space), transition_spec(cfg).action_dim, low, high)
+    BC_FINGERPRINT.update(bc_fingerprint(policy))
     return save_bc(policy, tmp_path_factory.mktemp("bc") / "bc")
 
 
@@ -196,8 +201,8 @@ class FakeActor:
         self.send(message)
         return self.recv(timeout)
 
-    def hello(self, cfg: RunConfig | None = None, timeout: float = WAIT_S) -> Message:
-        fingerprint = config_fingerprint(cfg or self.cfg)
+    def hello(self, cfg: RunConfig | None = None, timeout: float = WAIT_S, bc: dict | None = None) -> Message:
+        fingerprint = config_fingerprint(cfg or self.cfg) | (BC_FINGERPRINT if bc is None else bc)
         hello = Hello(
             actor_id=self.actor_id,
             run_id=self.run_id,
@@ -279,8 +284,14 @@ def test_hello_welcomed_or_refused_naming_the_differing_field(tmp_path: Path, bc
         refuse = FakeActor(ctx, cfg, "a1").hello(cfg=other)
         assert isinstance(refuse, Refuse)
         assert "agent.hidden" in refuse.fields and "agent.hidden" in refuse.reason
+        # Another BC policy: its rollouts would estimate Q of a policy the learner does not have.
+        space = learner_observation_space(cfg)
+        other_bc = make_bc_policy(cfg.bc, spec_from_space(space), 6, *state_bounds(space))  # other random weights
+        refuse = FakeActor(ctx, cfg, "a2").hello(bc=bc_fingerprint(other_bc))
+        assert isinstance(refuse, Refuse) and refuse.fields == [BC_FINGERPRINT_KEY]
+        assert "the actor's --bc policy is not the learner's" in refuse.reason
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
-    assert stats["refused_unidentified"] == 1
+    assert stats["refused_unidentified"] == 2
     assert list(stats["actors"]) == ["a0"]
 
 
