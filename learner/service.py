@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -191,6 +192,11 @@ def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> N
                 "or choose another --out"
             )
         return
+    if not out.is_dir() or not any((out / name).exists() for name in ("config.yaml", "buffer", CHECKPOINTS)):
+        raise LearnerError(
+            f"nothing to resume in {out}: no learner run there (no config.yaml, buffer/ or {CHECKPOINTS}/); "
+            "start a new run without --resume"
+        )
     saved = out / "config.yaml"
     if saved.is_file():
         fields = diff_fingerprints(config_fingerprint(load_config(saved)), fingerprint)
@@ -1139,6 +1145,20 @@ class LearnerService:
             stats.gaps = int(entry.get("gaps", 0))
 
 
+def _discard_new_run(out: Path, existed: bool) -> None:
+    """Remove what a new run wrote into `out` (which was empty or absent before), so the same command can run again."""
+    if not out.is_dir():
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def run_learner(
     cfg: RunConfig,
     out: Path,
@@ -1151,9 +1171,9 @@ def run_learner(
 ) -> int:
     """The `robot-rl learner` command: run the service until done (0) or SIGINT/SIGTERM (130, resumable)."""
     reuse_freed_memory()  # each chunk's megabyte-sized buffers are reused, not faulted in again
-    service = LearnerService(
-        cfg, Path(out), bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id, quiet=quiet
-    )
+    out = Path(out)
+    existed = out.exists()
+    service = LearnerService(cfg, out, bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id, quiet=quiet)
     stop = threading.Event()
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -1161,6 +1181,10 @@ def run_learner(
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         summary = service.run(stop)
+    except LearnerError:
+        if not resume and service.store.is_empty():  # a new run that never started (its port taken): leave no trace
+            _discard_new_run(out, existed)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

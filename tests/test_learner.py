@@ -1023,3 +1023,24 @@ def test_a_replay_buffer_larger_than_the_memory_stops_the_learner_at_start(tmp_p
     cfg = tiny_config("train.buffer_capacity=2000000")
     with pytest.raises(LearnerError, match=r"buffer_capacity=2000000 needs .* GiB .* --set train.buffer_capacity="):
         LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+
+
+def test_resume_of_no_run_is_refused_and_a_run_that_cannot_bind_leaves_no_directory(
+    tmp_path: Path, bc_dir: Path, ctx
+) -> None:
+    cfg = tiny_config()
+    for out in (tmp_path / "absent", bc_dir):  # nothing there, or a directory of something else
+        with pytest.raises(LearnerError, match="nothing to resume in .* start a new run without --resume"):
+            LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    assert not (tmp_path / "absent").exists() and not (bc_dir / "buffer").exists()
+
+    taken = ctx.socket(zmq.ROUTER)  # another learner holds the port
+    taken.bind(cfg.transport.learner)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(LearnerError, match="cannot bind"):
+            run_learner(cfg, out, bc_dir=bc_dir, quiet=True)
+    finally:
+        taken.close(linger=0)
+    assert not out.exists(), "the run that never started left a directory behind"
+    LearnerService(cfg, out, bc_dir=bc_dir, quiet=True).store.close()  # the same --out is free for the retry
