@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,10 @@ class ChunkBuilder:
         self.rows = []
         msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first_seq, count=count, arrays=arrays)
         return to_wire(msg), count
+
+
+class ActorError(ConfigError):
+    """The actor cannot go on as asked (refused by the learner); the message says why."""
 
 
 class ActorService:
@@ -189,6 +194,7 @@ class ActorService:
         self._last_stats = 0.0
         self.start_time = time.monotonic()
         self.message = ""
+        self._stale = False  # acting with BC alone because the learner fell silent
 
     def _run_id(self) -> str:
         state_path = self.out / "actor_state.json"
@@ -461,13 +467,12 @@ class ActorService:
                     raise RuntimeError(f"learner link failed: {self.link.error}")
                 self._swap_weights()
                 phase, eval_id = self._phase()
-                self.message = phase
+                self._announce(phase)
                 if phase == "done":
                     break
                 if phase == "refused":
                     st = self.link.state if self.link else None
-                    raise RuntimeError(f"the learner refused this actor: {st.refused if st else ''} "
-                                       f"{list(st.refused_fields) if st else ''}")  # fmt: skip
+                    raise ActorError(f"the learner refused this actor: {st.refused if st else ''}")
                 if phase == "eval" and eval_id >= 0:
                     if eval_id not in self._done_eval_ids:
                         self._evaluate(eval_id)
@@ -502,6 +507,24 @@ class ActorService:
         finally:
             self._shutdown()
         return self.stats()
+
+    def _announce(self, phase: str) -> None:
+        """Show the phase; say (warning) when the learner falls silent and the actor acts with BC alone, and when it
+        is back."""
+        stale = phase == "stale"
+        self.message = "learner silent: BC only" if stale else phase
+        if stale == self._stale or self.link is None:
+            return
+        self._stale = stale
+        if stale:
+            log.warning(
+                "no word from the learner at %s for %.0f s: acting with the BC policy alone (episodes still logged "
+                "and spilled) until it is back",
+                self.learner_endpoint,
+                self.link.seconds_since_heard(),
+            )
+        else:
+            log.warning("the learner is back (phase %s): gating resumes with its weights", phase)
 
     def _recover_robot(self, err: RobotFault) -> None:
         """After a fault: report it, then recover (reflex, control error) or rebuild the client (connection lost).
@@ -621,4 +644,12 @@ def run_actor(
         f"acked {stats['acked']}; run directory {out}",
         flush=True,
     )
+    unacked = stats["produced"] - stats["acked"]
+    if learner is not None and unacked > 0:
+        print(
+            f"robot-rl actor: {unacked} transitions are not acknowledged by the learner yet; they stay in "
+            f"{out / 'spill'} and are sent when the actor runs again with --out {out}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

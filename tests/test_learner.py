@@ -1030,7 +1030,7 @@ def test_resume_of_no_run_is_refused_and_a_run_that_cannot_bind_leaves_no_direct
 ) -> None:
     cfg = tiny_config()
     for out in (tmp_path / "absent", bc_dir):  # nothing there, or a directory of something else
-        with pytest.raises(LearnerError, match="nothing to resume in .* start a new run without --resume"):
+        with pytest.raises(LearnerError, match=r"nothing to resume in .* start a new run without --resume"):
             LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
     assert not (tmp_path / "absent").exists() and not (bc_dir / "buffer").exists()
 

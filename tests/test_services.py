@@ -55,6 +55,14 @@ def test_demo_runs_learner_and_actor_as_processes_and_reports(tmp_path: Path, ca
     assert (np.diff(np.concatenate([ep.extras["weights_version"] for ep in online])) >= 0).all()
 
 
+def _bc_and_endpoint(tmp_path: Path) -> tuple[Path, str]:
+    """A BC policy of the tiny config's shapes in tmp_path/bc, and a free learner endpoint on loopback."""
+    cfg = load_config(TINY)
+    bc_dir = tmp_path / "bc"
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    return bc_dir, f"tcp://127.0.0.1:{free_port_pair()}"
+
+
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "robot_rl.cli", *args], stdout=log.open("a"),
@@ -64,11 +72,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
 def _learner_and_actor(tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Popen, list[str]]:
     """A learner (600 env steps) and an actor as processes on loopback, once the actor has 150 transitions acked;
     also the actor's arguments, to restart it with the same --out."""
-    cfg = load_config(TINY)
-    bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
-    port = free_port_pair()
-    endpoint = f"tcp://127.0.0.1:{port}"
+    bc_dir, endpoint = _bc_and_endpoint(tmp_path)
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=600",
               "--set", "actor.period_s=0.002", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
     learner = _spawn(["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint], tmp_path / "l.log")
@@ -143,10 +147,7 @@ def test_learner_refuses_a_malformed_bind(tmp_path: Path, bad: str, capsys):
 
 
 def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(tmp_path: Path):
-    cfg = load_config(TINY)
-    bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
-    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    bc_dir, endpoint = _bc_and_endpoint(tmp_path)
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=900",
               "--set", "actor.period_s=0.002", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
     learner_args = ["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint]
@@ -185,10 +186,7 @@ def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(
 
 
 def test_sigterm_on_the_actor_flushes_and_waits_for_the_last_acks(tmp_path: Path):
-    cfg = load_config(TINY)
-    bc_dir = tmp_path / "bc"
-    save_bc(make_bc_policy(cfg.bc, state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
-    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    bc_dir, endpoint = _bc_and_endpoint(tmp_path)
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=5000",
               "--set", "actor.period_s=0.005", "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
     learner = _spawn(["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint], tmp_path / "l.log")
@@ -268,3 +266,43 @@ def test_demo_with_cameras_learns_from_images_across_the_two_processes(tmp_path:
     first, last = load_file(str(versions[0])), load_file(str(versions[-1]))
     key = next(k for k in last if k.startswith("encoder.cameras.0.convs."))
     assert not np.array_equal(first[key], last[key])
+
+
+def test_an_actor_says_when_it_is_refused_or_its_learner_falls_silent_and_what_stays_unacknowledged(tmp_path: Path):
+    bc_dir, endpoint = _bc_and_endpoint(tmp_path)
+    common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "actor.period_s=0.002",
+              "--set", "actor.weights_staleness_s=1", "--set", "actor.stop_wait_s=1"]  # fmt: skip
+    learner_args = ["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint]
+    learner = _spawn([*learner_args, "--set", "train.env_steps=100000"], tmp_path / "l.log")  # not done meanwhile
+    actor = None
+    try:
+        # Another config: refused at the handshake, one line naming the field, exit 2.
+        refused = _spawn(["actor", *common, "--out", str(tmp_path / "a1"), "--learner", endpoint,
+                          "--set", "agent.num_critics=5"], tmp_path / "a1.log")  # fmt: skip
+        assert refused.wait(timeout=60) == 2
+        text = (tmp_path / "a1.log").read_text()
+        assert "robot-rl actor: the learner refused this actor" in text and "agent.num_critics" in text
+        assert "Traceback" not in text
+        # The learner killed: the actor says it acts with BC alone, and on its stop what is left unacknowledged.
+        actor = _spawn(["actor", *common, "--out", str(tmp_path / "a2"), "--learner", endpoint], tmp_path / "a2.log")
+        deadline = time.monotonic() + 120
+        while _stats(tmp_path / "a2" / "stats.json").get("acked", 0) < 60:
+            assert time.monotonic() < deadline and actor.poll() is None, (tmp_path / "a2.log").read_text()[-2000:]
+            time.sleep(0.2)
+        learner.kill()
+        learner.wait()
+        while "acting with the BC policy alone" not in (tmp_path / "a2.log").read_text():
+            assert time.monotonic() < deadline and actor.poll() is None, (tmp_path / "a2.log").read_text()[-2000:]
+            time.sleep(0.2)
+        while (
+            _stats(tmp_path / "a2" / "stats.json").get("produced", 0) <= _stats(tmp_path / "a2" / "stats.json")["acked"]
+        ):
+            assert time.monotonic() < deadline, (tmp_path / "a2.log").read_text()[-2000:]
+            time.sleep(0.2)
+        actor.send_signal(signal.SIGTERM)
+        assert actor.wait(timeout=60) == 1
+        assert "transitions are not acknowledged by the learner yet" in (tmp_path / "a2.log").read_text()
+    finally:
+        for proc in (actor, learner):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
