@@ -4,7 +4,10 @@ The inputs are the episode log the actor wrote (`DIR/episodes/episode_*.hdf5`), 
 (`DIR/weights/`, see `weights_archive.py`), the BC policy it acted with (the episode's `bc_dir` attribute, else
 `DIR/actor_state.json`) and its resolved config (`DIR/config.yaml`). `--checkpoint` replaces the archive: another
 archive directory, or a learner checkpoint (`manifest.json` + `model.safetensors`) whose acting tensors then serve
-every gated step whatever version it logged.
+every gated step whatever version it logged. A log that never acted with weights (every step `weights_version` -1:
+BC-only episodes, an actor run with `--learner none`) needs neither: its actor may never have written an archive.
+The config must build the networks the weights were saved from (same sizes, same BC policy): weights that do not
+fit, or a BC policy that observes or acts otherwise than the config, are refused before they are used.
 
 Per logged step t, in the order the actor did it:
 
@@ -35,7 +38,8 @@ Per logged step t, in the order the actor did it:
 Floats compare within `atol` (absolute; NaN equals NaN); decisions and `done` compare exactly. The report has one
 line per diverging step and field (logged, replayed), then a summary: steps, divergent steps per field, the first
 divergence. `run_replay` returns 0 when nothing diverged, 1 when something did, 2 when the input is unusable (an
-unreadable log, a weights version missing from the archive, no BC policy or config): the message names the file.
+unreadable log, a weights version missing from the archive, no BC policy or config, weights or a BC policy that do
+not fit the config's networks): the message names the file.
 """
 
 from __future__ import annotations
@@ -167,6 +171,12 @@ class ActingWeights:
     def describe(self) -> str:
         return f"checkpoint {self.directory}" if self.fixed is not None else f"weights archive {self.directory}"
 
+    def describe_version(self, version: int) -> str:
+        """Where the tensors serving logged `version` come from, for messages."""
+        if self.fixed is not None:
+            return f"the weights of checkpoint {self.directory} (serving logged version {version})"
+        return f"weights version {version} of weights archive {self.directory}"
+
     def check(self, versions: list[int]) -> None:
         """Refuse now, before any step is replayed, when one of `versions` cannot be loaded."""
         if self.archive is not None:
@@ -276,7 +286,9 @@ class ReplayInputs:
 
     cfg: RunConfig
     bc: BCPolicy
-    weights: ActingWeights
+    weights: ActingWeights | None  # None: the log never acted with weights (BC only) and no --checkpoint was given
+    config_path: Path | None = None  # where cfg and bc came from, for messages
+    bc_path: Path | None = None
 
 
 def load_inputs(
@@ -301,10 +313,18 @@ def load_inputs(
         bc = load_bc(bc_path)
     except BCCheckpointError as exc:
         raise ReplayInputError(f"BC policy {bc_path}: {exc}") from exc
+    if checkpoint is None and not gated_versions(episodes):
+        # BC only: no step acted with weights, so there are none to load (an actor without a learner writes none).
+        return ReplayInputs(cfg=cfg, bc=bc, weights=None, config_path=config_path, bc_path=bc_path)
     archive = checkpoint or Path(str(episodes[0].attrs.get("weights_archive", actor_dir / "weights")))
     if checkpoint is None and not archive.is_dir():
         archive = actor_dir / "weights"  # the actor directory was moved: the archive next to the log
-    return ReplayInputs(cfg=cfg, bc=bc, weights=ActingWeights(archive))
+    return ReplayInputs(cfg=cfg, bc=bc, weights=ActingWeights(archive), config_path=config_path, bc_path=bc_path)
+
+
+def gated_versions(episodes: list[Episode]) -> list[int]:
+    """The weights versions the logged steps acted with, ascending (empty for a BC-only log: every version -1)."""
+    return sorted({int(v) for ep in episodes for v in ep.extras["weights_version"] if int(v) >= 0})
 
 
 def _recorded_bc_dir(actor_dir: Path, episodes: list[Episode]) -> Path:
@@ -353,6 +373,9 @@ class Replayer:
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         self.cfg, self.bc, self.weights, self.atol = cfg, inputs.bc, inputs.weights, atol
+        config_name = f"config {inputs.config_path}" if inputs.config_path is not None else "the config"
+        bc_name = f"BC policy {inputs.bc_path}" if inputs.bc_path is not None else "the BC policy"
+        self._networks = f"the networks of {config_name} (with {bc_name})"
         # Both the sim twin and the franky env place the cell by this reference: commands are world poses around it.
         reference = build_scene(cfg.env.task).reference
         self.robot = ReplayRobot(reference)
@@ -362,9 +385,15 @@ class Replayer:
         self.env_keys = list(self.env.observation_space.spaces)
         # The policies observe what the config's env observes (cameras included); the replay env rebuilds the state.
         self.obs_spec = transition_spec(cfg).obs
+        action_dim = int(self.env.action_space.shape[0])
+        if (self.bc.obs_spec, self.bc.action_dim) != (obs_lib.check_spec(self.obs_spec), action_dim):
+            raise ReplayInputError(
+                f"{bc_name} takes observations {self.bc.obs_spec} and {self.bc.action_dim}-dim actions; {config_name} "
+                f"has {self.obs_spec} and {action_dim} (replay with the config and BC policy the actor ran with)"
+            )
         low, high = obs_lib.state_bounds(self.env.observation_space)
         self.agent = Q2RLAgent(cfg.agent, obs_spec=self.obs_spec, state_low=low, state_high=high,
-                               action_dim=int(self.env.action_space.shape[0]),
+                               action_dim=action_dim,
                                bc_policy=self.bc, qest_alpha=cfg.qest.alpha, seed=cfg.seed)  # fmt: skip
         self.agent.eval()
         self.agent.set_acting_precision(cfg.actor.gating_precision)  # score with what the actor gated with
@@ -372,8 +401,37 @@ class Replayer:
 
     def _use_version(self, version: int) -> None:
         if self._loaded != version:
-            self.agent.load_acting_state(self.weights.load(version))
+            if self.weights is None:  # load_inputs leaves the weights out only for a log without gated steps
+                raise ReplayInputError(f"weights version {version} is logged but no weights were given (--checkpoint)")
+            tensors = self.weights.load(version)
+            source = self.weights.describe_version(version)
+            self._check_fits(tensors, source)
+            try:
+                self.agent.load_acting_state(tensors)
+            except (KeyError, RuntimeError) as exc:  # what _check_fits did not foresee, still an input problem
+                raise ReplayInputError(f"{source} do not fit {self._networks}: {exc}") from exc
             self._loaded = version
+
+    def _check_fits(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """ReplayInputError naming the tensors when `tensors` are not the acting state of this config's networks
+        (other sizes or critic count: a replay with another config than the actor's)."""
+        expected = {
+            f"{name}.{key}": tuple(value.shape)
+            for name in Q2RLAgent.ACTING_MODULES
+            for key, value in getattr(self.agent, name).state_dict().items()
+        }
+        problems = [f"{key}: missing from the weights" for key in sorted(expected.keys() - tensors.keys())]
+        problems += [f"{key}: not in the config's networks" for key in sorted(tensors.keys() - expected.keys())]
+        for key in sorted(expected.keys() & tensors.keys()):
+            shape = tuple(tensors[key].shape)
+            if shape != expected[key]:
+                problems.append(f"{key}: weights {list(shape)}, config {list(expected[key])}")
+        if problems:
+            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            raise ReplayInputError(
+                f"{source} do not fit {self._networks}: {len(problems)} tensors differ: {shown} "
+                "(replay with the config the actor ran with, its directory's config.yaml)"
+            )
 
     def replay_episode(self, ep: Episode, index: int, report: ReplayReport) -> None:
         """Replay one episode, appending its divergences to `report`."""
@@ -502,10 +560,11 @@ def replay_log(
         raise ReplayInputError(f"--atol must be a finite number >= 0, got {atol}")
     episodes = read_log(log)
     inputs = load_inputs(log, episodes, checkpoint=checkpoint, config=config, bc_dir=bc_dir)
-    versions = sorted({int(v) for ep in episodes for v in ep.extras["weights_version"] if int(v) >= 0})
-    inputs.weights.check(versions)
+    versions = gated_versions(episodes)
+    if inputs.weights is not None:
+        inputs.weights.check(versions)
     report = ReplayReport(log=log, episodes=len(episodes), versions=versions)
-    if inputs.weights.fixed is not None and versions:
+    if inputs.weights is not None and inputs.weights.fixed is not None and versions:
         report.notes.append(f"every gated step replayed with {inputs.weights.describe()} (logged versions {versions})")
     replayer = Replayer(inputs, atol=atol)
     for i, ep in enumerate(episodes):

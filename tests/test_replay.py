@@ -2,7 +2,8 @@
 
 The logs come from the actor itself (ActorService on the sim twin, no learner): one BC-only episode, and one gated
 episode whose weights arrive as wire.Weights through the same swap point the learner link feeds (version 3, then
-version 4 from step 20 on), so the actor's weights archive holds exactly what it acted with.
+version 4 from step 20 on), so the actor's weights archive holds exactly what it acted with. Another actor only ran
+BC (as `robot-rl actor --learner none` does): it never received weights, so it has no weights archive at all.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from robot_rl.actor.replay import replay_log
+from robot_rl.actor.replay import ReplayInputError, replay_log
 from robot_rl.actor.service import ActorService
 from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.actor.weights_loader import ReadyWeights, prepare_weights
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy, save_bc
+from robot_rl.checkpoint import save_checkpoint
 from robot_rl.cli import main
 from robot_rl.config import dump_config, load_config
 from robot_rl.episodes import read_episodes
@@ -106,6 +108,12 @@ def run(tmp_path_factory) -> dict[str, Path]:
     # Methods that gate otherwise: IBRL's critics score both proposals; SAC executes the RL proposal (no gate).
     _one_gated_episode(root / "ibrl", bc_dir, ["agent.method=ibrl"], version=1, seed=5)
     _one_gated_episode(root / "sac", bc_dir, ["agent.method=sac"], version=1, seed=6)
+    # An actor without a learner: BC-only episodes, no weights ever swapped in, so no weights archive written.
+    service = ActorService(cfg, root / "act_none", bc_dir=bc_dir, learner=None, quiet=True)
+    try:
+        service.run_episode(kind="bc_only", gated=False, send=False, seed=13)
+    finally:
+        service._shutdown()
     episodes = sorted((root / "actor" / "episodes").glob("episode_*.hdf5"))
     return {
         "bc_log": episodes[0],
@@ -114,6 +122,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
         "compact_log": next((root / "compact" / "episodes").glob("episode_*.hdf5")),
         "ibrl_log": next((root / "ibrl" / "episodes").glob("episode_*.hdf5")),
         "sac_log": next((root / "sac" / "episodes").glob("episode_*.hdf5")),
+        "act_none_log": next((root / "act_none" / "episodes").glob("episode_*.hdf5")),
         "archive": root / "actor" / "weights",
         "root": root,
     }
@@ -277,3 +286,68 @@ def test_the_other_methods_logs_show_their_own_gate(run):
     )
     assert np.all(np.isnan(sac.extras["q_bc"])) and not sac.extras["use_bc"].any()
     np.testing.assert_array_equal(sac.actions, sac.extras["rl_action"])
+
+
+def test_a_bc_only_log_of_an_actor_without_weights_replays_without_a_checkpoint(run, capsys):
+    """`robot-rl actor --learner none` writes no weights archive: its BC-only episodes need none to replay."""
+    log = run["act_none_log"]
+    assert not (run["root"] / "act_none" / "weights").exists()
+    assert np.all(read_episodes(log)[0].extras["weights_version"] == -1)
+    assert main(["replay", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "(0 gated, BC only)" in out and ": 0 divergent steps" in out
+    report = replay_log(log)
+    assert report.ok and report.versions == [] and report.steps == len(read_episodes(log)[0])
+
+
+def test_a_gated_log_without_its_weights_archive_still_asks_for_a_checkpoint(run, tmp_path: Path, capsys):
+    log = tmp_path / "actor" / "episodes" / "episode_000001.hdf5"
+    log.parent.mkdir(parents=True)
+    shutil.copy(run["gated_log"], log)
+    shutil.copy(run["root"] / "actor" / "config.yaml", tmp_path / "actor" / "config.yaml")
+    with h5py.File(log, "r+") as f:
+        f["data/demo_0"].attrs["weights_archive"] = str(tmp_path / "gone")
+    assert main(["replay", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist (pass --checkpoint DIR)" in err
+    assert main(["replay", str(log), "--checkpoint", str(run["archive"])]) == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["agent.hidden=[16,16]"], "actor.net.0.weight: weights [32, 6], config [16, 6]"),
+        (["agent.num_critics=2"], "critics.linears.0.weight: weights [4, 12, 32], config [2, 12, 32]"),
+        (["agent.hidden=[32,32,32]"], "missing from the weights"),
+    ],
+)
+def test_weights_that_do_not_fit_the_configs_networks_exit_2_naming_config_and_tensors(
+    run, tmp_path: Path, capsys, overrides: list[str], named: str
+):
+    """A replay with another config than the actor's is an input error (exit 2), not a divergence (exit 1)."""
+    other = tmp_path / "other.yaml"
+    other.write_text(dump_config(load_config(run["root"] / "actor" / "config.yaml", overrides)))
+    assert main(["replay", str(run["gated_log"]), "--config", str(other)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"robot-rl replay: weights version 3 of weights archive {run['archive']} ")
+    assert f"do not fit the networks of config {other}" in captured.err and named in captured.err
+    with pytest.raises(ReplayInputError, match="do not fit"):
+        replay_log(run["gated_log"], config=other)
+    # A learner checkpoint in place of the archive is refused the same way.
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tensors=WeightsArchive(run["archive"]).load(3), manifest={})
+    assert main(["replay", str(run["gated_log"]), "--config", str(other), "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights of checkpoint {checkpoint}" in err and named in err
+    # With the actor's config the checkpoint fits: it reproduces the steps that acted with version 3.
+    report = replay_log(run["gated_log"], checkpoint=checkpoint)
+    assert report.divergences and min(d.step for d in report.divergences) >= SECOND_VERSION_AT
+
+
+def test_a_bc_policy_that_does_not_fit_the_config_exits_2(run, tmp_path: Path, capsys):
+    cfg = load_config(TINY)
+    other_bc = tmp_path / "bc5"
+    save_bc(make_bc_policy(cfg.bc, state_spec(6), 5, -np.ones(6, np.float32), np.ones(6, np.float32)), other_bc)
+    assert main(["replay", str(run["bc_log"]), "--bc", str(other_bc)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"BC policy {other_bc} takes observations" in err and "5-dim actions" in err
