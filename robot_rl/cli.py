@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from robot_rl.config import ConfigError, load_config
+from robot_rl.config import ConfigError, RunConfig, TransportConfig, load_config
 from robot_rl.signals import SUPERVISED_ENV
 
 
@@ -119,15 +121,56 @@ def _overrides_with_seed(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _check_parents(out: Path) -> None:
+    """ConfigError when the nearest existing folder above `out` is a file (nothing can be created under it)."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            return
+
+
+def _refuse_file_out(out: Path, what: str) -> None:
+    """ConfigError when --out, a directory to create or reuse, exists as a file (or lies under one)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} exists and is a file, not a directory; choose a new --out")
+    _check_parents(out)
+
+
+def _refuse_used_out(out: Path, what: str) -> None:
+    """ConfigError unless --out is a new or an empty directory."""
+    _refuse_file_out(out, what)
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{what} {out} exists and is not empty; choose a new --out")
+
+
+def _check_count(value: int | None, flag: str, *, minimum: int = 1) -> None:
+    """ConfigError when a count argument (--episodes, ...) given on the command line is below `minimum`."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _with_learner_endpoint(cfg: RunConfig, endpoint: str, flag: str, hint: str = "") -> RunConfig:
+    """`cfg` with transport.learner = `endpoint`, validated as the config would; ConfigError naming `flag`."""
+    from pydantic import ValidationError
+
+    try:
+        transport = TransportConfig.model_validate({**cfg.transport.model_dump(), "learner": endpoint})
+    except ValidationError as err:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        raise ConfigError(f"{flag} {endpoint!r} (transport.learner): {problems}{hint}") from None
+    return cfg.model_copy(update={"transport": transport})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from robot_rl.train import run_training
 
+    _check_count(args.env_steps, "--env-steps")
     overrides = _overrides_with_seed(args)
     if args.env_steps is not None:
         overrides.append(f"train.env_steps={args.env_steps}")
     cfg = load_config(args.config, overrides)
-    if args.out.exists() and any(args.out.iterdir()):
-        raise ConfigError(f"run directory {args.out} exists and is not empty; choose a new --out")
+    _refuse_used_out(args.out, "run directory")
     for path, what in ((args.bc, "--bc directory"), (args.demos, "--demos file")):
         if path is not None and not path.exists():
             raise ConfigError(f"{what} {path} does not exist")
@@ -153,19 +196,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run directory {out} exists and is not empty; choose a new --out")
+    out = args.out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")  # messages name it too
+    _refuse_used_out(out, "run directory")
     return run_demo(out=out, minutes=args.minutes, config=args.config, overrides=args.overrides, quiet=args.quiet)
 
 
 def cmd_learner(args: argparse.Namespace) -> int:
     from robot_rl.learner.service import run_learner
 
-    overrides = list(args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.bind is not None:
-        overrides.append(f"transport.learner={args.bind}")
-    cfg = load_config(args.config, overrides)
+        cfg = _with_learner_endpoint(cfg, args.bind, "--bind")
+    _refuse_file_out(args.out, "run directory")
     if not (args.bc / "bc.json").is_file():
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
     if args.demos is not None and not args.demos.is_file():
@@ -188,12 +230,11 @@ def cmd_actor(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if not (args.bc / "bc.json").is_file():
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
-    if args.episodes is not None and args.episodes < 1:
-        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    _check_count(args.episodes, "--episodes")
+    _refuse_file_out(args.out, "actor directory")
     learner = None if args.learner == "none" else args.learner
     if learner is not None:
-        cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"learner": learner})})
-        load_config(None, [f"transport.learner={learner}"])  # refuses a malformed endpoint with the field's path
+        cfg = _with_learner_endpoint(cfg, learner, "--learner", "; or none for the BC policy alone")
     return run_actor(cfg, args.out, bc_dir=args.bc, learner=learner, episodes=args.episodes, quiet=args.quiet)
 
 
@@ -201,8 +242,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from robot_rl.train import collect_demos
 
     cfg = load_config(args.config, _overrides_with_seed(args))
-    if args.episodes < 1:
-        raise ConfigError("--episodes must be at least 1")
+    _check_count(args.episodes, "--episodes")
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; give the path of a new HDF5 file, e.g. demos.hdf5")
+    if args.out.exists():
+        raise ConfigError(
+            f"demonstrations file {args.out} exists; choose a new --out (collect neither overwrites nor appends)"
+        )
+    _check_parents(args.out)
     kept, attempted = collect_demos(cfg, args.out, episodes=args.episodes, seed=cfg.seed)
     print(f"wrote {kept} demonstrations to {args.out} ({kept}/{attempted} expert episodes kept)")
     return 0
@@ -216,8 +263,10 @@ def cmd_bc(args: argparse.Namespace) -> int:
     from robot_rl.train import EVAL_SEED, train_bc_from_demos
 
     cfg = load_config(args.config, _overrides_with_seed(args))
+    _check_count(args.eval_episodes, "--eval-episodes", minimum=0)
     if not args.demos.is_file():
         raise ConfigError(f"demonstrations file {args.demos} does not exist")
+    _refuse_used_out(args.out, "BC policy directory")
     policy = train_bc_from_demos(cfg, args.demos, args.out, seed=cfg.seed)
     print(f"BC policy ({cfg.bc.policy}) written to {args.out}")
     if args.eval_episodes > 0:
@@ -242,6 +291,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robot_rl.train import EVAL_SEED, evaluate_checkpoint
 
     seed = EVAL_SEED if args.seed is None else args.seed
+    _check_count(args.episodes, "--episodes")
+    if args.checkpoint.exists() and not args.checkpoint.is_dir():
+        raise ConfigError(
+            f"--checkpoint {args.checkpoint} is a file, not a checkpoint directory; pass a run's "
+            "checkpoints/<name> directory or a BC policy directory from `robot-rl bc`"
+        )
     if not args.checkpoint.is_dir():
         raise ConfigError(f"checkpoint directory {args.checkpoint} does not exist")
     if (args.checkpoint / "bc.json").is_file():
@@ -277,17 +332,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
 
 
+def _report_path(out: Path) -> Path:
+    """The picture file `report --out` names: OUT/report.png for a directory, OUT.png without a suffix; ConfigError
+    for a format matplotlib cannot write or a missing folder."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out.is_dir():
+        return out / "report.png"
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"--out {out}: cannot write a {out.suffix} picture; use one of .{', .'.join(formats)}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: directory {out.parent} does not exist; create it or choose another --out")
+    return out
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from robot_rl.runlog import plot_curves, read_eval_csv
 
+    out = _report_path(args.out)
     runs = {}
     for run in args.runs:
         csv_path = run / "eval.csv"
         if not csv_path.is_file():
             raise ConfigError(f"{run} has no eval.csv")
-        runs[str(run)] = read_eval_csv(csv_path)
-    plot_curves(runs, args.out)
-    print(f"wrote {args.out}")
+        runs[str(run)] = read_eval_csv(csv_path, lambda line: print(f"robot-rl report: {line}", file=sys.stderr))
+    try:
+        written = plot_curves(runs, out)
+    except OSError as exc:
+        if _disk_full(exc) is not None:
+            raise
+        raise ConfigError(f"--out {out}: cannot write the picture: {exc.strerror or exc}") from exc
+    print(f"wrote {written}")
     return 0
 
 
@@ -314,6 +392,80 @@ COMMANDS = {
 }
 
 
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How disk-full errors read when the OSError itself is gone: safetensors' Rust errors ("os error 28"), HDF5's
+# ("errno = 28"), and messages that quote the C library's text.
+_DISK_FULL_TEXT = re.compile(
+    "|".join(
+        [re.escape(os.strerror(e)) for e in _DISK_FULL_ERRNOS]
+        + [rf"(os error|errno =|Os \{{ code:) {e}\b" for e in _DISK_FULL_ERRNOS]
+        + ["StorageFull", "QuotaExceeded"]
+    )
+)
+# What to do after freeing space, per command (--out is substituted).
+_DISK_FULL_ADVICE = {
+    "learner": "rerun with --resume to continue the run in {out}",
+    "actor": "rerun the same command (the actor continues in {out})",
+    "train": "rerun with a new --out (train cannot resume; {out} holds the partial run)",
+    "demo": "rerun with a new --out ({out} holds the partial run)",
+    "bc": "remove {out} or choose a new --out, then rerun",
+    "collect": "remove the partial {out} or choose a new --out, then rerun",
+}
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, then its __cause__ and __context__ exceptions, recursively, each once."""
+    chain: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if any(e is seen for seen in chain):
+            continue
+        chain.append(e)
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return chain
+
+
+def _disk_full(exc: BaseException) -> tuple[str | None, str] | None:
+    """(path or None, error text) when `exc` or an exception in its chain says the disk or the quota is full."""
+    chain = _exception_chain(exc)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return (None if e.filename is None else os.fsdecode(e.filename)), e.strerror or str(e)
+    for e in chain:
+        if _DISK_FULL_TEXT.search(str(e)):
+            return None, " ".join(f"{type(e).__name__}: {e}".split())
+    return None
+
+
+def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
+    """Print a one-line message for an expected failure and return the exit code; None for an unexpected one."""
+    from robot_rl.agent import TrainingDiverged
+    from robot_rl.bc import BCCheckpointError
+    from robot_rl.checkpoint import CheckpointError
+    from robot_rl.episodes import EpisodeFileError
+    from robot_rl.security import SecurityError
+
+    full = _disk_full(exc)
+    if full is not None:
+        path, error = full
+        out = getattr(args, "out", None)
+        where = f" {path}" if path else (f" to {out}" if out else "")
+        advice = _DISK_FULL_ADVICE.get(args.command, "rerun").format(out=out)
+        print(
+            f"robot-rl {args.command}: disk full while writing{where}: {error}; free space and {advice}",
+            file=sys.stderr,
+        )
+        return 2
+    if isinstance(exc, (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError)):
+        print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, TrainingDiverged):  # a failed run, not a usage error: the last checkpoint is kept
+        print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
+        return 3
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -324,20 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
             signal.signal(signal.SIGINT, signal.default_int_handler)
-    from robot_rl.agent import TrainingDiverged
-    from robot_rl.bc import BCCheckpointError
-    from robot_rl.checkpoint import CheckpointError
-    from robot_rl.episodes import EpisodeFileError
-    from robot_rl.security import SecurityError
-
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError) as exc:
-        print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:  # a failed run, not a usage error: the last checkpoint is kept
-        print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         print(
@@ -345,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as exc:
+        code = _failure(args, exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # RobotEnv's state observation: the end-effector pose relative to the reference; camera images sit beside it under
 # the cameras' names.
@@ -510,17 +511,34 @@ class ActorConfig(Strict):
     log_episodes: bool = Field(True, description="Write every episode to DIR/episodes/ (HDF5, robomimic layout).")
 
 
+ENDPOINT_FORMS = "tcp://HOST:PORT (PORT 1-65535), ipc://PATH or inproc://NAME"
+_TCP_ENDPOINT = re.compile(r"tcp://([^\s:]+):([0-9]+)")
+_OTHER_ENDPOINT = re.compile(r"(ipc|inproc)://\S+")
+
+
+def check_endpoint(value: str) -> str:
+    """Return a ZeroMQ endpoint unchanged if it is tcp://HOST:PORT with 1 <= PORT <= 65535, ipc://PATH or
+    inproc://NAME; ValueError saying which forms are allowed otherwise."""
+    tcp = _TCP_ENDPOINT.fullmatch(value)
+    if tcp is not None:
+        port = int(tcp.group(2))
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range; ports are 1-65535")
+        return value
+    if _OTHER_ENDPOINT.fullmatch(value) is None:
+        raise ValueError(f"not a ZeroMQ endpoint; expected {ENDPOINT_FORMS}")
+    return value
+
+
 class TransportConfig(Strict):
     """ZeroMQ endpoints and limits shared by actor and learner (DESIGN §6)."""
 
     learner: str = Field(
         "tcp://127.0.0.1:5555",
-        pattern=r"^(tcp://[^\s:]+:[0-9]{1,5}|ipc://\S+|inproc://\S+)$",
         description="The learner's request (ROUTER) endpoint: bound by the learner, connected by actors.",
     )
     weights: str | None = Field(
         None,
-        pattern=r"^(tcp://[^\s:]+:[0-9]{1,5}|ipc://\S+|inproc://\S+)$",
         description="The learner's PUB endpoint for weights and status; None: the request port + 1.",
     )
     max_message_bytes: int = Field(
@@ -529,6 +547,20 @@ class TransportConfig(Strict):
     poll_ms: int = Field(50, ge=1, le=10_000, description="Receive timeout of every poll (the stop event is checked).")
     status_every_s: float = Field(0.5, gt=0, description="Learner status broadcast period.")
     keys_dir: str | None = Field(None, description="CURVE keys from `robot-rl keys`; None: no encryption (loopback).")
+
+    @field_validator("learner", "weights")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint(value)
+
+    @model_validator(mode="after")
+    def _weights_port(self) -> TransportConfig:
+        if self.weights is None and self.learner.startswith("tcp://") and int(self.learner.rsplit(":", 1)[1]) == 65535:
+            raise ValueError(
+                "transport.learner uses port 65535, which leaves no port + 1 for the weights endpoint; "
+                "choose a lower port or set transport.weights"
+            )
+        return self
 
     @property
     def weights_endpoint(self) -> str:
@@ -564,7 +596,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {path}: {e['msg']}{shown}")
+        message = e["msg"].removeprefix("Value error, ")  # pydantic's prefix of a validator's own message
+        lines.append(f"  {path}: {message}{shown}")
     return "\n".join(lines)
 
 
@@ -608,24 +641,39 @@ def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
         node = child
 
 
+def _read_config_file(p: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; ConfigError naming the file when it cannot be one."""
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory, not a YAML file; pass a .yaml file to --config")
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {p} is not a text file (byte {exc.start} is not UTF-8); is it a data file? "
+            "pass a YAML config (e.g. configs/sim_peg_state.yaml) to --config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or the embedded defaults when path is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
     source = "embedded defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
-        tree = loaded
+        source = str(path)
+        tree = _read_config_file(Path(path))
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(tree, keys, value)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from robot_rl.config import dump_config, load_config
+from robot_rl.config import ConfigError, dump_config, load_config
 from robot_rl.runlog import EvalRow, StatusLine, read_eval_csv
 from robot_rl.signals import SUPERVISED_ENV
 
@@ -205,7 +205,12 @@ def gating_timeline(episode_dir: Path, *, count: int = 12) -> tuple[np.ndarray, 
 def report(out: Path) -> int:
     """The demo's table and report.png from the learner's eval.csv and the actor's episode logs."""
     eval_csv = out / "learner" / "eval.csv"
-    rows: list[EvalRow] = read_eval_csv(eval_csv) if eval_csv.is_file() else []
+    rows: list[EvalRow] = []
+    if eval_csv.is_file():
+        try:
+            rows = read_eval_csv(eval_csv, lambda line: print(f"demo: {line}", flush=True))
+        except ConfigError as exc:
+            print(f"demo: {exc}; the report shows no evaluations", flush=True)
     bc = [r for r in rows if r.phase == "bc"]
     online = [r for r in rows if r.phase != "bc"]
     bc_rate = bc[-1].success_rate if bc else float("nan")

@@ -124,7 +124,10 @@ class EvalResult:
 
 
 def evaluate(env: gym.Env, policy: Policy, *, episodes: int, seed: int) -> EvalResult:
-    """Success rate over `episodes` episodes with seeds seed, seed+1, ... (the same states for every method)."""
+    """Success rate over `episodes` (at least 1) episodes with seeds seed, seed+1, ... (the same states for every
+    method); ValueError when `episodes` is below 1."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1 to compute a success rate, got {episodes}")
     results = [run_episode(env, policy, seed=seed + i) for i in range(episodes)]
     steps = sum(r.length for r in results)
     return EvalResult(

@@ -4,13 +4,20 @@ status line on the terminal."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from robot_rl.config import ConfigError
+
+log = logging.getLogger("robot_rl")
 
 EVAL_COLUMNS = (
     "env_steps",
@@ -50,9 +57,17 @@ class RunLog:
         self._csv_path = out / "eval.csv"
         keep = resume and self._csv_path.is_file()
         self.rows: list[EvalRow] = read_eval_csv(self._csv_path) if keep else []
-        if not keep:
+        if keep and not self._csv_path.read_bytes().endswith(b"\n"):  # a row cut off by a kill: rewrite without it
+            write_rows = self.rows
+        elif keep:
+            write_rows = None
+        else:
+            write_rows = []
+        if write_rows is not None:
             with self._csv_path.open("w", newline="") as f:
-                csv.writer(f).writerow(EVAL_COLUMNS)
+                writer = csv.writer(f)
+                writer.writerow(EVAL_COLUMNS)
+                writer.writerows([getattr(row, c) for c in EVAL_COLUMNS] for row in write_rows)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -79,21 +94,50 @@ class RunLog:
             self._tb = None
 
 
-def read_eval_csv(path: Path) -> list[EvalRow]:
-    with path.open() as f:
-        reader = csv.DictReader(f)
-        return [
-            EvalRow(
-                env_steps=int(r["env_steps"]),
-                learner_steps=int(r["learner_steps"]),
-                wall_s=float(r["wall_s"]),
-                success_rate=float(r["success_rate"]),
-                bc_action_fraction=float(r["bc_action_fraction"]),
-                episodes=int(r["episodes"]),
-                phase=r["phase"],
-            )
-            for r in reader
-        ]
+def _eval_row(record: dict[str, str]) -> EvalRow:
+    """One eval.csv record as an EvalRow; KeyError or ValueError when a field is missing or not a number."""
+    return EvalRow(
+        env_steps=int(record["env_steps"]),
+        learner_steps=int(record["learner_steps"]),
+        wall_s=float(record["wall_s"]),
+        success_rate=float(record["success_rate"]),
+        bc_action_fraction=float(record["bc_action_fraction"]),
+        episodes=int(record["episodes"]),
+        phase=record["phase"],
+    )
+
+
+def read_eval_csv(path: Path, warn: Callable[[str], None] | None = None) -> list[EvalRow]:
+    """The rows of a run's eval.csv, checked: ConfigError naming the file and line when it is not an eval.csv or a
+    row is damaged; a cut-off last row (a run stopped while writing it) is skipped with a call to `warn` (default: a
+    logged warning)."""
+    warn = warn or log.warning
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; is it a run's eval.csv?") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if not rows:
+        raise ConfigError(f"{path} is empty (no header row); the run wrote no evaluation")
+    header, body = rows[0], rows[1:]
+    missing = [c for c in EVAL_COLUMNS if c not in header]
+    if missing:
+        raise ConfigError(f"{path} lacks the columns {missing} (its header is {header}); is it a run's eval.csv?")
+    cut_off = bool(body) and not text.endswith(("\n", "\r"))  # every row the run writes ends with a line break
+    out: list[EvalRow] = []
+    for i, values in enumerate(body):
+        last = i == len(body) - 1
+        try:
+            if last and cut_off:
+                raise ValueError("no line break at its end")
+            if values:
+                out.append(_eval_row(dict(zip(header, values, strict=False))))
+        except (KeyError, ValueError) as exc:
+            problem = f"field {exc} missing" if isinstance(exc, KeyError) else str(exc)
+            if not last:
+                raise ConfigError(f"{path} line {i + 2} is damaged ({problem}); fix or remove that line") from None
+            warn(f"{path} line {i + 2}: the last row is cut off ({problem}); skipping it")
+    return out
 
 
 def plot_curves(

@@ -17,10 +17,10 @@ from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
-from robot_rl.checkpoint import load_checkpoint, save_checkpoint
-from robot_rl.config import RunConfig, dump_config, load_config
+from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
-from robot_rl.episodes import EpisodeWriter, episodes_to_transitions, read_episodes
+from robot_rl.episodes import EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
@@ -88,20 +88,30 @@ def transitions_obs(
 ) -> dict[str, np.ndarray]:
     """The `prefix/<key>` arrays of episodes_to_transitions' output as a dict observation matching `spec`.
 
-    ValueError naming the file when a key is missing or its shape or dtype differs from the env's (demonstrations
-    recorded with another camera set-up, say).
+    EpisodeFileError (a ValueError) naming the file when a key is missing or its shape or dtype differs from the
+    env's: demonstrations recorded with another config (another camera set-up, say).
     """
     found = sorted(k.split("/", 1)[1] for k in data if k.startswith(prefix + "/"))
     missing = sorted(set(spec) - set(found))
     if missing:
-        raise ValueError(f"{source}: {prefix} lacks {missing} (it has {found}); the env observes {sorted(spec)}")
+        raise EpisodeFileError(
+            f"{source}: the demonstrations lack the observation keys {missing} that the config needs (their "
+            f"{prefix} has {found}, the config's env observes {sorted(spec)}); they were probably recorded with "
+            f"another config: use that config, or record demonstrations with this one (`robot-rl collect`)"
+        )
     out = {}
     for key, (shape, dtype) in spec.items():
         array = data[f"{prefix}/{key}"]
         if array.shape[1:] != tuple(shape):
-            raise ValueError(f"{source}: {prefix}/{key} has rows of shape {array.shape[1:]}, the env's are {shape}")
+            raise EpisodeFileError(
+                f"{source}: the demonstrations' {prefix}/{key} has rows of shape {array.shape[1:]}, the config's env "
+                f"observes {tuple(shape)}; they were probably recorded with another config"
+            )
         if np.dtype(dtype) == np.uint8 and array.dtype != np.uint8:
-            raise ValueError(f"{source}: {prefix}/{key} is {array.dtype}, the env's images are uint8")
+            raise EpisodeFileError(
+                f"{source}: the demonstrations' {prefix}/{key} is {array.dtype}, the config's env observes uint8 "
+                "images; they were probably recorded with another config"
+            )
         out[key] = array if array.dtype == np.dtype(dtype) else array.astype(dtype)
     return out
 
@@ -214,7 +224,10 @@ class Trainer:
         if bc_dir is not None:
             bc = load_bc(bc_dir, device=self.device)
             if bc.obs_spec != self.obs_spec:
-                raise ValueError(f"{bc_dir}: the BC policy observes {bc.obs_spec}, the env {self.obs_spec}")
+                raise ConfigError(
+                    f"--bc {bc_dir}: the BC policy observes {bc.obs_spec}, the config's env {self.obs_spec}; it was "
+                    "probably trained with another config"
+                )
             return bc
         demos = self._ensure_demos()
         self._status("bc_train", force=True)
@@ -482,11 +495,11 @@ def run_training(
 def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, RunConfig, dict]:
     tensors, manifest, optimizers = load_checkpoint(checkpoint)
     if manifest.get("kind") != "q2rl_agent":
-        raise ValueError(f"{checkpoint} is not an agent checkpoint (kind {manifest.get('kind')!r})")
+        raise CheckpointError(f"{checkpoint} is not an agent checkpoint (kind {manifest.get('kind')!r})")
     cfg = RunConfig.model_validate(manifest["config"])
     bc = load_bc(checkpoint / "bc", device=device) if manifest.get("has_bc") else None
     if "obs_spec" not in manifest:
-        raise ValueError(f"{checkpoint}: the manifest has no obs_spec (written by an older robot_rl; retrain)")
+        raise CheckpointError(f"{checkpoint}: the manifest has no obs_spec (written by an older robot_rl; retrain)")
     spec = obs_lib.check_spec(manifest["obs_spec"])
     dim = obs_lib.state_dim(spec)
     # Placeholder bounds: the saved normaliser buffers overwrite them.
@@ -501,8 +514,12 @@ def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, Run
         seed=cfg.seed,
         device=device,
     )
-    agent.load_network_state(tensors)
-    agent.load_optimizer_states(optimizers)
+    try:
+        agent.load_network_state(tensors)
+        agent.load_optimizer_states(optimizers)
+    except (KeyError, ValueError, RuntimeError) as exc:  # load_state_dict: missing, unexpected or misshapen tensors
+        detail = " ".join(str(exc).split())  # torch's message spans lines
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit its own config's networks: {detail}") from exc
     return agent, cfg, manifest
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,19 @@ def test_checkpoint_scores_through_eval_command(run_dir, capsys):
     assert report["episodes"] == 2
     assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "final"), "--episodes", "1"]) == 0
     assert '"success_rate"' in capsys.readouterr().out
+
+
+def test_eval_of_a_checkpoint_missing_a_tensor_is_one_line(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    damaged = Path(shutil.copytree(run_dir / "checkpoints" / "final", tmp_path / "final"))
+    tensors = load_file(str(damaged / "model.safetensors"))
+    removed = next(k for k in sorted(tensors) if not k.startswith("optim."))
+    save_file({k: v for k, v in tensors.items() if k != removed}, str(damaged / "model.safetensors"))
+    assert main(["eval", "--checkpoint", str(damaged), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"robot-rl eval: checkpoint {damaged} does not fit") and err.count("\n") == 1
+    assert removed.split(".", 1)[1] in err  # the tensor, named within its module
 
 
 def test_existing_run_directory_is_refused(run_dir, capsys):

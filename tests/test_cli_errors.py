@@ -1,0 +1,380 @@
+"""Command-line refusals: every bad argument or damaged input ends in one line `robot-rl <cmd>: ...` and exit code 2,
+and nothing the user already had is overwritten. No test here trains anything."""
+
+from __future__ import annotations
+
+import csv
+import errno
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robot_rl import cli
+from robot_rl.cli import main
+from robot_rl.config import ConfigError, load_config
+from robot_rl.episodes import Episode, EpisodeWriter
+from robot_rl.rollout import evaluate
+from robot_rl.runlog import EVAL_COLUMNS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STATE = CONFIGS / "sim_peg_state.yaml"
+IMAGE = CONFIGS / "sim_peg_image.yaml"
+KEEP = b"precious bytes"
+
+
+def error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    """The one line the command printed on stderr, checked to start with `robot-rl <command>: `."""
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"robot-rl {command}: "), err
+    return err
+
+
+def precious(path: Path) -> Path:
+    """A file the user wants kept."""
+    path.write_bytes(KEEP)
+    return path
+
+
+def fake_bc_dir(path: Path) -> Path:
+    """A directory that passes the commands' `bc.json` check (nothing loads it in these tests)."""
+    path.mkdir()
+    (path / "bc.json").write_text("{}")
+    return path
+
+
+def state_demos(path: Path, steps: int = 4) -> Path:
+    """A tiny demonstrations file recorded with the state config's observations (ee_pose only)."""
+    rng = np.random.default_rng(0)
+    pose = rng.uniform(-0.01, 0.01, size=(steps + 1, 6)).astype(np.float32)
+    episode = Episode(
+        obs={"ee_pose": pose[:-1]},
+        next_obs={"ee_pose": pose[1:]},
+        actions=rng.uniform(-1, 1, size=(steps, 6)).astype(np.float32),
+        rewards=np.zeros(steps, np.float32),
+        terminated=np.zeros(steps, bool),
+        truncated=np.eye(1, steps, steps - 1, dtype=bool)[0],
+        attrs={"seed": 0, "success": False},
+    )
+    with EpisodeWriter(path, env_args={"env": "robot_rl/PegInsertionSim-v0"}) as writer:
+        writer.add_episode(episode)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1, 2: --out
+# --------------------------------------------------------------------------------------------------------------------
+def out_file_args(command: str, tmp_path: Path, out: Path) -> list[str]:
+    if command == "train":
+        return ["train", "--config", str(STATE), "--out", str(out), "--quiet"]
+    if command == "demo":
+        return ["demo", "--out", str(out), "--quiet"]
+    if command == "bc":
+        return ["bc", "--config", str(STATE), "--demos", str(precious(tmp_path / "d.hdf5")), "--out", str(out)]
+    bc = ["--bc", str(fake_bc_dir(tmp_path / "bc"))]
+    if command == "actor":
+        return ["actor", "--config", str(STATE), "--out", str(out), "--learner", "none", *bc, "--quiet"]
+    return ["learner", "--config", str(STATE), "--out", str(out), *bc, "--quiet"]
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "bc", "actor", "learner"])
+def test_out_that_is_a_file_is_refused_and_kept(tmp_path: Path, command: str, capsys) -> None:
+    out = precious(tmp_path / "out")
+    assert main(out_file_args(command, tmp_path, out)) == 2
+    err = error_line(capsys, command)
+    assert f"{out} exists and is a file, not a directory" in err and "--out" in err
+    assert out.read_bytes() == KEEP
+
+
+def test_out_under_a_file_is_refused(tmp_path: Path, capsys) -> None:
+    parent = precious(tmp_path / "f")
+    assert main(out_file_args("train", tmp_path, parent / "run")) == 2
+    assert f"{parent} is a file, not a directory" in error_line(capsys, "train")
+
+
+def test_collect_refuses_an_existing_file_and_a_directory(tmp_path: Path, capsys) -> None:
+    demos = precious(tmp_path / "demos.hdf5")
+    args = ["collect", "--config", str(STATE), "--episodes", "1", "--out"]
+    assert main([*args, str(demos)]) == 2
+    err = error_line(capsys, "collect")
+    assert f"demonstrations file {demos} exists; choose a new --out" in err
+    assert demos.read_bytes() == KEEP
+    assert main([*args, str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory" in error_line(capsys, "collect")
+
+
+def test_bc_refuses_a_non_empty_out_directory(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bc"
+    out.mkdir()
+    kept = precious(out / "bc.json")
+    demos = state_demos(tmp_path / "demos.hdf5")
+    assert main(["bc", "--config", str(STATE), "--demos", str(demos), "--out", str(out)]) == 2
+    err = error_line(capsys, "bc")
+    assert f"BC policy directory {out} exists and is not empty; choose a new --out" in err
+    assert kept.read_bytes() == KEEP and sorted(p.name for p in out.iterdir()) == ["bc.json"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3: counts
+# --------------------------------------------------------------------------------------------------------------------
+def count_args(case: str, tmp_path: Path) -> tuple[list[str], str]:
+    out = str(tmp_path / "out")
+    if case == "eval":
+        checkpoint = tmp_path / "ckpt"
+        checkpoint.mkdir()
+        return ["eval", "--checkpoint", str(checkpoint), "--episodes", "0"], "--episodes must be at least 1, got 0"
+    if case == "collect":
+        return ["collect", "--episodes", "0", "--out", out], "--episodes must be at least 1, got 0"
+    if case == "actor":
+        bc = str(fake_bc_dir(tmp_path / "bc"))
+        args = ["actor", "--out", out, "--learner", "none", "--bc", bc, "--episodes", "0"]
+        return args, "--episodes must be at least 1, got 0"
+    if case == "bc":
+        demos = str(precious(tmp_path / "d.hdf5"))
+        args = ["bc", "--demos", demos, "--out", out, "--eval-episodes", "-1"]
+        return args, "--eval-episodes must be at least 0, got -1"
+    return ["train", "--out", out, "--env-steps", "0"], "--env-steps must be at least 1, got 0"
+
+
+@pytest.mark.parametrize("case", ["eval", "collect", "actor", "bc", "train"])
+def test_counts_below_their_minimum_are_refused(tmp_path: Path, case: str, capsys) -> None:
+    args, message = count_args(case, tmp_path)
+    assert main(args) == 2
+    assert message in error_line(capsys, args[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_zero_episodes() -> None:
+    with pytest.raises(ValueError, match="episodes must be at least 1"):
+        evaluate(None, lambda obs: None, episodes=0, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4: demonstrations recorded with another config
+# --------------------------------------------------------------------------------------------------------------------
+def test_bc_on_demos_of_another_config_names_the_missing_keys(tmp_path: Path, capsys) -> None:
+    demos = state_demos(tmp_path / "demos.hdf5")
+    out = tmp_path / "bc"
+    assert main(["bc", "--config", str(IMAGE), "--demos", str(demos), "--out", str(out)]) == 2
+    err = error_line(capsys, "bc")
+    assert "lack the observation keys ['front', 'wrist']" in err
+    assert "recorded with another config" in err and str(demos) in err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5, 6: --config and --checkpoint that are the wrong kind of path
+# --------------------------------------------------------------------------------------------------------------------
+def test_binary_config_file_is_refused(tmp_path: Path, capsys) -> None:
+    demos = state_demos(tmp_path / "demos.hdf5")
+    assert main(["collect", "--config", str(demos), "--episodes", "1", "--out", str(tmp_path / "d2.hdf5")]) == 2
+    err = error_line(capsys, "collect")
+    assert f"config file {demos} is not a text file" in err and "YAML config" in err
+
+
+def test_config_that_is_a_directory_is_refused(tmp_path: Path, capsys) -> None:
+    assert main(["collect", "--config", str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "d.hdf5")]) == 2
+    err = error_line(capsys, "collect")
+    assert f"config file {tmp_path} is a directory, not a YAML file" in err and "does not exist" not in err
+
+
+def test_eval_checkpoint_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
+    checkpoint = precious(tmp_path / "demos.hdf5")
+    assert main(["eval", "--checkpoint", str(checkpoint)]) == 2
+    err = error_line(capsys, "eval")
+    assert f"--checkpoint {checkpoint} is a file, not a checkpoint directory" in err
+    assert "does not exist" not in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7, 8: endpoints
+# --------------------------------------------------------------------------------------------------------------------
+def test_actor_learner_endpoint_error_names_the_flag(tmp_path: Path, capsys) -> None:
+    bc = str(fake_bc_dir(tmp_path / "bc"))
+    args = ["actor", "--config", str(STATE), "--out", str(tmp_path / "a"), "--bc", bc, "--learner", "127.0.0.1:17555"]
+    assert main(args) == 2
+    err = error_line(capsys, "actor")
+    assert "--learner '127.0.0.1:17555'" in err and "tcp://HOST:PORT" in err
+    assert "embedded defaults" not in err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(("command", "flag"), [("learner", "--bind"), ("actor", "--learner")])
+def test_out_of_range_port_on_the_command_line_is_refused(tmp_path: Path, command: str, flag: str, capsys) -> None:
+    bc = str(fake_bc_dir(tmp_path / "bc"))
+    args = [command, "--config", str(STATE), "--out", str(tmp_path / "o"), "--bc", bc, flag, "tcp://127.0.0.1:99999"]
+    assert main(args) == 2
+    err = error_line(capsys, command)
+    assert flag in err and "port 99999 is out of range; ports are 1-65535" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field", ["transport.learner", "transport.weights"])
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_config_endpoints_refuse_out_of_range_ports(field: str, port: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: port {port} is out of range"):
+        load_config(None, [f"{field}=tcp://127.0.0.1:{port}"])
+
+
+def test_config_endpoints_accept_the_valid_forms() -> None:
+    cfg = load_config(None, ["transport.learner=tcp://*:1", "transport.weights=tcp://10.0.0.2:65535"])
+    assert (cfg.transport.learner, cfg.transport.weights_endpoint) == ("tcp://*:1", "tcp://10.0.0.2:65535")
+    assert load_config(None, ["transport.learner=ipc:///tmp/l"]).transport.weights_endpoint == "ipc:///tmp/l.weights"
+    with pytest.raises(ConfigError, match=r"transport\.learner: not a ZeroMQ endpoint; expected tcp://HOST:PORT"):
+        load_config(None, ["transport.learner=127.0.0.1:5555"])
+
+
+def test_request_port_65535_needs_an_explicit_weights_endpoint() -> None:
+    with pytest.raises(ConfigError, match="port 65535, which leaves no port \\+ 1 for the weights endpoint"):
+        load_config(None, ["transport.learner=tcp://127.0.0.1:65535"])
+    load_config(None, ["transport.learner=tcp://127.0.0.1:65535", "transport.weights=tcp://127.0.0.1:6000"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9: report
+# --------------------------------------------------------------------------------------------------------------------
+ROWS = [
+    [0, 0, 1.0, 0.5, 1.0, 20, "bc"],
+    [100, 50, 2.0, 0.6, 0.5, 20, "online"],
+    [200, 100, 3.0, 0.7, 0.4, 20, "online"],
+]
+
+
+def run_dir(path: Path, *, header: tuple[str, ...] = EVAL_COLUMNS, tail: str = "") -> Path:
+    """A run directory whose eval.csv holds ROWS under `header`, then `tail` verbatim."""
+    path.mkdir()
+    with (path / "eval.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(ROWS)
+        f.write(tail)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [("nodir/r.png", "directory {tmp}/nodir does not exist"), ("r.txt", "cannot write a .txt picture; use one of")],
+)
+def test_report_refuses_an_out_it_cannot_write(tmp_path: Path, out: str, message: str, capsys) -> None:
+    run = run_dir(tmp_path / "run")
+    assert main(["report", str(run), "--out", str(tmp_path / out)]) == 2
+    assert message.format(tmp=tmp_path) in error_line(capsys, "report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_report_prints_the_file_it_wrote(tmp_path: Path, capsys) -> None:
+    run = run_dir(tmp_path / "run")
+    assert main(["report", str(run), "--out", str(tmp_path / "adir")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'adir.png'}"
+    assert (tmp_path / "adir.png").is_file()
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert main(["report", str(run), "--out", str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {folder / 'report.png'}"
+    assert (folder / "report.png").is_file()
+
+
+def test_report_refuses_an_eval_csv_without_the_columns(tmp_path: Path, capsys) -> None:
+    run = run_dir(tmp_path / "run", header=("steps", *EVAL_COLUMNS[1:]))
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 2
+    assert f"{run / 'eval.csv'} lacks the columns ['env_steps']" in error_line(capsys, "report")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_report_skips_a_cut_off_last_row_with_a_warning(tmp_path: Path, capsys) -> None:
+    run = run_dir(tmp_path / "run", tail="300,150,4.0")
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote {tmp_path / 'r.png'}"
+    assert f"{run / 'eval.csv'} line 5: the last row is cut off" in captured.err and "skipping it" in captured.err
+    assert (tmp_path / "r.png").is_file()
+
+
+def test_report_refuses_a_damaged_row_before_the_last(tmp_path: Path, capsys) -> None:
+    run = run_dir(tmp_path / "run", tail="300,150\r\n400,200,5.0,0.8,0.3,20,online\r\n")
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 2
+    assert f"{run / 'eval.csv'} line 5 is damaged (field 'wall_s' missing)" in error_line(capsys, "report")
+
+
+def test_demo_report_skips_a_cut_off_row_of_the_learner(tmp_path: Path, capsys) -> None:
+    from robot_rl.demo import report
+
+    run_dir(tmp_path / "learner", tail="300,150,4.0")
+    assert report(tmp_path) == 0
+    captured = capsys.readouterr().out
+    assert "line 5: the last row is cut off" in captured and "Q2RL (final)     0.70" in captured
+    assert (tmp_path / "report.png").is_file()
+
+
+def test_a_resumed_run_log_drops_a_cut_off_row_before_it_appends(tmp_path: Path, caplog) -> None:
+    from robot_rl.runlog import EvalRow, RunLog, read_eval_csv
+
+    run = run_dir(tmp_path / "run", tail="300,150,4.0")
+    kept = len(read_eval_csv(run / "eval.csv", lambda line: None))
+    log = RunLog(run, tensorboard=False, resume=True)
+    assert len(log.rows) == kept and "the last row is cut off" in caplog.text
+    log.eval_row(EvalRow(500, 250, 6.0, 0.9, 0.2, 20, "online"))
+    rows = read_eval_csv(run / "eval.csv", lambda line: pytest.fail(f"warned: {line}"))
+    assert len(rows) == kept + 1 and rows[-1].env_steps == 500  # the new row is whole, not glued to the cut one
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10: disk full
+# --------------------------------------------------------------------------------------------------------------------
+class FakeSafetensorError(Exception):
+    """Reads as safetensors' error does when a write hits a full disk."""
+
+
+def raising(exc: BaseException):
+    def command(args) -> int:
+        raise exc
+
+    return command
+
+
+def chained(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "exc", "expected"),
+    [
+        (
+            "train",
+            ["--out", "RUN"],
+            OSError(errno.ENOSPC, "No space left on device", "RUN/rollouts.hdf5"),
+            "disk full while writing RUN/rollouts.hdf5: No space left on device; free space and rerun with a new --out",
+        ),
+        (
+            "learner",
+            ["--out", "RUN", "--bc", "BC"],
+            chained(RuntimeError("writing the transition log failed"), OSError(errno.EDQUOT, "Disk quota exceeded")),
+            "disk full while writing to RUN: Disk quota exceeded; free space and rerun with --resume",
+        ),
+        (
+            "bc",
+            ["--demos", "D", "--out", "RUN"],
+            FakeSafetensorError("Error while serializing: No space left on device (os error 28)"),
+            "disk full while writing to RUN: FakeSafetensorError: Error while serializing: No space left on device",
+        ),
+    ],
+)
+def test_disk_full_is_one_line_with_what_to_do(monkeypatch, capsys, command, args, exc, expected) -> None:
+    monkeypatch.setitem(cli.COMMANDS, command, raising(exc))
+    assert main([command, *args]) == 2
+    assert expected in error_line(capsys, command)
+
+
+def test_disk_full_inside_a_config_error_is_reported_as_disk_full(monkeypatch, capsys) -> None:
+    exc = chained(ConfigError("cannot open"), OSError(errno.ENOSPC, "No space left on device", "X.hdf5"))
+    monkeypatch.setitem(cli.COMMANDS, "collect", raising(exc))
+    assert main(["collect", "--episodes", "1", "--out", "X.hdf5"]) == 2
+    assert "disk full while writing X.hdf5" in error_line(capsys, "collect")
+
+
+def test_other_errors_still_raise(monkeypatch) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "train", raising(OSError(errno.EACCES, "Permission denied", "x")))
+    with pytest.raises(PermissionError):
+        main(["train", "--out", "RUN"])
