@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -108,6 +109,12 @@ class ChunkBuilder:
         self.rows = []
         msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first_seq, count=count, arrays=arrays)
         return to_wire(msg), count
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem of `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 class ActorError(ConfigError):
@@ -292,6 +299,20 @@ class ActorService:
                 stream.end(interrupted=not done)
         return success, steps, bc_steps
 
+    def _check_disk(self) -> None:
+        """ActorError (the episode ends as interrupted, the actor stops) when the --out disk has less free space than
+        actor.min_free_disk_mb: a write that fails midway (an HDF5 log, the spill) would stop the actor uncleanly."""
+        minimum = self.cfg.actor.min_free_disk_mb * 1e6
+        if minimum <= 0:
+            return
+        free = free_disk_bytes(self.out)
+        if free < minimum:
+            raise ActorError(
+                f"disk nearly full: {free / 1e6:.0f} MB free where the actor writes ({self.out}), below "
+                f"actor.min_free_disk_mb={self.cfg.actor.min_free_disk_mb:g}; the episode was ended and the actor "
+                f"stopped; free space and run the same command again (it continues in {self.out})"
+            )
+
     def _close_cut_episode(self) -> None:
         """An episode cut by a stop or a robot fault ends truncated (its last state was not terminal: bootstrap);
         its pending transitions are spilled so the learner sees the episode end."""
@@ -304,6 +325,7 @@ class ActorService:
         nan_action = np.full(self.action_dim, np.nan, np.float32)
         success, steps, bc_steps, done = False, 0, 0, False
         while not done and not self.stop_event.is_set():
+            self._check_disk()
             self._swap_weights()  # the one point of the loop where weights change
             version = self.weights_version if gated else -1
             if kind == "eval" and version >= 0:

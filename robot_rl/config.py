@@ -489,6 +489,12 @@ class ActorConfig(Strict):
         "(sim: keeps a fast actor from racing a slow learner; None: no cap, as on a robot).",
     )
     stop_wait_s: float = Field(10.0, ge=0, description="On stop: seconds to wait for the last acknowledgements.")
+    min_free_disk_mb: float = Field(
+        256.0,
+        ge=0,
+        description="Free space the actor's --out disk must keep: below it the actor ends the episode (logged as "
+        "interrupted) and stops before a write fails; 0 turns the check off.",
+    )
     gating_precision: Literal["float32", "int8"] = Field(
         "float32",
         description="Networks the actor gates with: float32 as trained, or int8 (compact copies: int8 weight-only "

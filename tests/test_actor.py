@@ -235,3 +235,31 @@ def test_actor_drives_the_real_franky_client_against_the_franky_sim_twin(tmp_pat
     assert abs(stats["loop"]["period_p50_ms"] - 100.0) < 5.0
     commands = ep.extras["command"]
     assert np.all(np.isfinite(commands)) and np.allclose(np.linalg.norm(commands[:, 3:], axis=1), 1.0, atol=1e-6)
+
+
+def test_a_nearly_full_disk_ends_the_episode_cleanly_and_stops_the_actor(
+    tmp_path: Path, bc_dir: Path, capsys, monkeypatch
+):
+    import robot_rl.actor.service as actor_service
+
+    calls = []
+
+    def free_disk_bytes(path: Path) -> int:  # plenty for 70 steps, then 100 MB
+        calls.append(path)
+        return 10**12 if len(calls) <= 70 else 100 * 10**6
+
+    monkeypatch.setattr(actor_service, "free_disk_bytes", free_disk_bytes)
+    out = tmp_path / "actor"
+    args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--bc", str(bc_dir), "--quiet"]
+    assert main([*args, "--episodes", "3", "--set", "actor.period_s=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robot-rl actor: disk nearly full: 100 MB free") and "actor.min_free_disk_mb=256" in err
+    files = sorted((out / "episodes").glob("episode_*.hdf5"))
+    assert len(files) == 2  # no third episode started
+    second = read_episodes(files[1])[0]  # readable, cut where the disk ran low
+    assert second.attrs["interrupted"] and len(second) == 70 - len(read_episodes(files[0])[0])
+    assert all(path == out for path in calls)
+    # The check can be turned off.
+    calls.clear()
+    assert main([*args, "--episodes", "1", "--set", "actor.period_s=0", "--set", "actor.min_free_disk_mb=0"]) == 0
+    assert not calls
