@@ -1045,7 +1045,11 @@ class LearnerService:
             # No checkpoint: the networks start over, but actors may have answered evaluations of the earlier run.
             self.eval_id += EVAL_ID_JUMP_ON_RESUME
         self._restore_stats()
-        for chunk in self.store.read_back():
+        try:
+            chunks = self.store.read_back()
+        except StoreError as err:
+            raise LearnerError(f"cannot resume {self.out}: {err}") from err
+        for chunk in chunks:
             stream = self.streams.setdefault((chunk.actor_id, chunk.run_id), Stream())
             self._ingest(chunk, stream)
             self.actors.setdefault(chunk.actor_id, ActorStats()).stored += chunk.count

@@ -219,7 +219,10 @@ class TransitionStore:
             log.warning("ignoring %s: not a stream log name (<actor_id>@<run_id>%s)", path, SUFFIX)
             return []
         actor_id, run_id = name.split("@")
-        data = memoryview(path.read_bytes())
+        try:
+            data = memoryview(path.read_bytes())
+        except OSError as err:
+            raise StoreError(f"cannot read the transition log {path}: {err.strerror or err}") from err
         chunks: list[StoredChunk] = []
         offset, next_seq = 0, 0
         while offset < len(data):

@@ -1044,3 +1044,12 @@ def test_resume_of_no_run_is_refused_and_a_run_that_cannot_bind_leaves_no_direct
         taken.close(linger=0)
     assert not out.exists(), "the run that never started left a directory behind"
     LearnerService(cfg, out, bc_dir=bc_dir, quiet=True).store.close()  # the same --out is free for the retry
+
+
+def test_an_unreadable_transition_log_stops_the_resume_naming_it(tmp_path: Path, bc_dir: Path) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    LearnerService(cfg, out, bc_dir=bc_dir, quiet=True).store.close()
+    (out / "buffer" / "a0@r0.log").mkdir()  # where a stream's log should be, something that cannot be read as one
+    with pytest.raises(LearnerError, match=r"cannot resume .*: cannot read the transition log .*a0@r0\.log"):
+        LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
