@@ -174,6 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for path, what in ((args.bc, "--bc directory"), (args.demos, "--demos file")):
         if path is not None and not path.exists():
             raise ConfigError(f"{what} {path} does not exist")
+    if args.bc is not None and not (args.bc / "bc.json").is_file():  # before the run directory is made
+        raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
     summary = run_training(cfg, args.out, bc_dir=args.bc, demos=args.demos, quiet=args.quiet)
     bc = summary["bc_success_rate"]
     print(

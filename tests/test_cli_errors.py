@@ -378,3 +378,12 @@ def test_other_errors_still_raise(monkeypatch) -> None:
     monkeypatch.setitem(cli.COMMANDS, "train", raising(OSError(errno.EACCES, "Permission denied", "x")))
     with pytest.raises(PermissionError):
         main(["train", "--out", "RUN"])
+
+
+def test_train_refuses_a_bc_directory_without_a_policy_before_making_the_run_directory(tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(STATE), "--bc", str(junk), "--out", str(out), "--quiet"]) == 2
+    assert "no BC policy there (bc.json missing)" in error_line(capsys, "train")
+    assert not out.exists()  # the corrected command can use the same --out
