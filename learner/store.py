@@ -91,6 +91,12 @@ class StoredChunk:
         """Sequence number of the last transition."""
         return self.first_seq + self.count - 1
 
+    def message(self) -> Transitions:
+        """The chunk as the Transitions message it was received as (pydantic checks its fields)."""
+        return Transitions(
+            actor_id=self.actor_id, run_id=self.run_id, first_seq=self.first_seq, count=self.count, arrays=self.arrays
+        )
+
 
 def stream_file_name(actor_id: str, run_id: str) -> str:
     """File name of a stream's log (ids are checked by the wire layer: no separators, no '@')."""
@@ -101,14 +107,7 @@ def stream_file_name(actor_id: str, run_id: str) -> str:
 
 def encode_payload(chunk: StoredChunk) -> bytes:
     """The wire encoding of a chunk (a Transitions message), a record's payload."""
-    message = Transitions(
-        actor_id=chunk.actor_id,
-        run_id=chunk.run_id,
-        first_seq=chunk.first_seq,
-        count=chunk.count,
-        arrays=chunk.arrays,
-    )
-    return to_wire(message)
+    return to_wire(chunk.message())
 
 
 def record_header(flags: int, payload: bytes | memoryview) -> bytes:

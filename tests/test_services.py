@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,3 +307,25 @@ def test_an_actor_says_when_it_is_refused_or_its_learner_falls_silent_and_what_s
         for proc in (actor, learner):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "args", "headline"),
+    [
+        (
+            "reliability.py",
+            ["--kills", "3"],
+            r"headline: 3 \+ 3 SIGKILLs: 0 lost, 0 stored twice, 0 skipped, 0 invalid",
+        ),
+        ("fuzz.py", ["--messages", "5000"], r"headline: 5,000 hostile messages: learner crashes 0, bad rows stored 0"),
+    ],
+)
+def test_the_kill_and_fuzz_benches_lose_and_store_nothing_wrong(script: str, args: list[str], headline: str):
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    out = subprocess.run([sys.executable, str(bench / script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.match(headline, last), out.stdout[-3000:]
+    if script == "fuzz.py":  # the real actor's transitions kept arriving during the fuzz
+        assert int(last.rsplit(": ", 1)[1].split()[0]) > 0, last
