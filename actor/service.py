@@ -202,6 +202,7 @@ class ActorService:
         self.start_time = time.monotonic()
         self.message = ""
         self._stale = False  # acting with BC alone because the learner fell silent
+        self._faults_in_a_row = 0  # episodes in a row that failed on a robot or camera fault
 
     def _run_id(self) -> str:
         state_path = self.out / "actor_state.json"
@@ -511,14 +512,17 @@ class ActorService:
                     success, steps, bc_steps = self.run_episode(
                         kind=kind, gated=gated, send=send, seed=seed_base + self.counters.episodes
                     )
+                    self._faults_in_a_row = 0
                 except RobotFault as err:
                     self._recover_robot(err)
                     success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
+                    self._after_fault(err)
                 except CameraError as err:  # a stale or lost camera: the episode failed, the camera reconnects itself
                     self.counters.faults += 1
                     self.message = f"camera fault: {err}"
                     log.warning("episode failed on a camera fault: %s", err)
                     success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
+                    self._after_fault(err)
                 c = self.counters
                 c.episodes += 1
                 c.successes += int(success)
@@ -529,6 +533,19 @@ class ActorService:
         finally:
             self._shutdown()
         return self.stats()
+
+    def _after_fault(self, err: Exception) -> None:
+        """After an episode that failed on a fault: wait before the next reset (0.5 s, doubling), and stop with
+        ActorError once actor.max_faults_in_a_row episodes in a row have failed, so that a camera or robot that stays
+        broken does not make the arm reset again and again."""
+        self._faults_in_a_row += 1
+        limit = self.cfg.actor.max_faults_in_a_row
+        if self._faults_in_a_row >= limit:
+            raise ActorError(
+                f"{self._faults_in_a_row} episodes in a row failed on faults, the last: {err}; stopped (the robot "
+                f"holds its last target); check the cameras and the robot, then run the same command again"
+            )
+        self.stop_event.wait(min(0.5 * 2 ** (self._faults_in_a_row - 1), 10.0))
 
     def _announce(self, phase: str) -> None:
         """Show the phase; say (warning) when the learner falls silent and the actor acts with BC alone, and when it

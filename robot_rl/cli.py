@@ -446,6 +446,7 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
     from robot_rl.bc import BCCheckpointError
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError
+    from robot_rl.hardware.camera import CameraError
     from robot_rl.security import SecurityError
 
     full = _disk_full(exc)
@@ -459,7 +460,7 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
             file=sys.stderr,
         )
         return 2
-    if isinstance(exc, (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError)):
+    if isinstance(exc, (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError, CameraError)):
         print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
         return 2
     if isinstance(exc, TrainingDiverged):  # a failed run, not a usage error: the last checkpoint is kept

@@ -489,6 +489,12 @@ class ActorConfig(Strict):
         "(sim: keeps a fast actor from racing a slow learner; None: no cap, as on a robot).",
     )
     stop_wait_s: float = Field(10.0, ge=0, description="On stop: seconds to wait for the last acknowledgements.")
+    max_faults_in_a_row: int = Field(
+        5,
+        ge=1,
+        description="Episodes in a row that may fail on a robot or camera fault before the actor stops (it waits "
+        "0.5 s, doubling, between them).",
+    )
     min_free_disk_mb: float = Field(
         256.0,
         ge=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,26 @@ def test_a_nearly_full_disk_ends_the_episode_cleanly_and_stops_the_actor(
     calls.clear()
     assert main([*args, "--episodes", "1", "--set", "actor.period_s=0", "--set", "actor.min_free_disk_mb=0"]) == 0
     assert not calls
+
+
+def test_episodes_that_keep_failing_on_a_fault_stop_the_actor_instead_of_resetting_the_arm_again_and_again(
+    tmp_path: Path, bc_dir: Path, capsys, monkeypatch
+):
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.camera import CameraError
+
+    started = []
+
+    def broken_camera(self, **kwargs):  # every episode: reset, then the camera has no frame
+        started.append(time.monotonic())
+        raise CameraError("camera front: no frame within 0.5 s")
+
+    monkeypatch.setattr(ActorService, "run_episode", broken_camera)
+    out = tmp_path / "actor"
+    args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--bc", str(bc_dir), "--quiet"]
+    assert main([*args, "--episodes", "100", "--set", "actor.max_faults_in_a_row=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robot-rl actor: 3 episodes in a row failed on faults, the last: camera front: no frame")
+    assert len(started) == 3
+    gaps = np.diff(started)
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0  # waits, doubling, before the next reset
