@@ -576,7 +576,7 @@ class ActorService:
         if isinstance(err, RobotConnectionLost) and hasattr(robot, "reconnect"):
             robot.reconnect()  # raises RobotConnectionLost when every attempt fails
         elif not robot.recover():
-            raise RuntimeError(f"the robot did not recover after: {err}") from err
+            raise RobotFault(f"the robot did not recover after: {err}") from err
         self.message = f"recovered from {type(err).__name__}"
 
     def _idle(self) -> None:

@@ -447,6 +447,7 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError
     from robot_rl.hardware.camera import CameraError
+    from robot_rl.hardware.interfaces import RobotFault
     from robot_rl.security import SecurityError
 
     full = _disk_full(exc)
@@ -460,7 +461,11 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
             file=sys.stderr,
         )
         return 2
-    if isinstance(exc, (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError, CameraError)):
+    known = (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError, CameraError)
+    if isinstance(exc, RobotFault):  # unreachable, or lost and not reconnected: the actor has stopped it
+        print(f"robot-rl {args.command}: robot: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if isinstance(exc, known):
         print(f"robot-rl {args.command}: {exc}", file=sys.stderr)
         return 2
     if isinstance(exc, TrainingDiverged):  # a failed run, not a usage error: the last checkpoint is kept

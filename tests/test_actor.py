@@ -287,3 +287,19 @@ def test_episodes_that_keep_failing_on_a_fault_stop_the_actor_instead_of_resetti
     assert len(started) == 3
     gaps = np.diff(started)
     assert gaps[0] >= 0.5 and gaps[1] >= 1.0  # waits, doubling, before the next reset
+
+
+def test_a_robot_that_does_not_recover_stops_the_actor_in_one_line(tmp_path: Path, bc_dir: Path, capsys, monkeypatch):
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.interfaces import RobotFault
+    from robot_rl.hardware.sim.robot import MujocoRobot
+
+    def faulting(self, **kwargs):
+        raise RobotFault("cartesian reflex")
+
+    monkeypatch.setattr(ActorService, "run_episode", faulting)
+    monkeypatch.setattr(MujocoRobot, "recover", lambda self: False)
+    args = ["actor", "--config", str(TINY), "--out", str(tmp_path / "a"), "--learner", "none", "--bc", str(bc_dir)]
+    assert main([*args, "--quiet", "--episodes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "robot-rl actor: robot: the robot did not recover after: cartesian reflex\n"

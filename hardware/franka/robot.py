@@ -200,7 +200,7 @@ class FrankyRobot:
                 self._sleep(min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S))
             try:
                 self.connect()
-                log.info("reconnected to %s after %d attempt(s)", self.cfg.host, attempt + 1)
+                log.warning("reconnected to %s after %d attempt(s)", self.cfg.host, attempt + 1)
                 return
             except RobotFault as exc:
                 last = exc if isinstance(exc, RobotConnectionLost) else RobotConnectionLost(str(exc))
