@@ -62,8 +62,9 @@ from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
 from robot_rl.checkpoint import CheckpointError, load_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, load_config
 from robot_rl.episodes import Episode, EpisodeFileError, read_episodes
+from robot_rl.hardware.camera import CameraError, Frame
 from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
-from robot_rl.hardware.interfaces import Pose, RobotState
+from robot_rl.hardware.interfaces import ClosesOnExit, Pose, RobotState
 from robot_rl.hardware.operator import OperatorEvent, ReplayedOperator
 from robot_rl.hardware.safety import relative_to_world
 from robot_rl.rollout import clip_action
@@ -91,6 +92,35 @@ class ReplayInputError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Mock hardware fed from the log
 # ----------------------------------------------------------------------------------------------------------------
+class ReplayCamera(ClosesOnExit):
+    """The camera twin of a log: `read()` returns the image set with `feed`, the one the actor observed (already
+    cropped and resized, as the log keeps it)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._frame: Frame | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def feed(self, image: np.ndarray) -> None:
+        """The next `read()` returns this image."""
+        number = 0 if self._frame is None else self._frame.frame_number + 1
+        image = np.ascontiguousarray(image, np.uint8)
+        self._frame = Frame(image=image, timestamp_s=0.1 * number, frame_number=number, received_s=time.monotonic())
+
+    def read(self) -> Frame:
+        if self._frame is None:
+            raise CameraError(f"camera {self._name}: the replay fed no image")
+        return self._frame
+
+    read_raw = read
+
+    def close(self) -> None:
+        self._frame = None
+
+
 class ReplayRobot:
     """The `Robot` twin of a log: `state()` reports the pose set with `feed`; `command` returns what it was given
     (unit quaternion), as an arm that clips nothing; `move_to` only records (the log says where the arm was)."""
@@ -379,8 +409,13 @@ class Replayer:
         # Both the sim twin and the franky env place the cell by this reference: commands are world poses around it.
         reference = build_scene(cfg.env.task).reference
         self.robot = ReplayRobot(reference)
+        self.cameras = [ReplayCamera(camera.name) for camera in cfg.env.cameras]  # fed the logged images
         self.env = RobotEnv(
-            robot=self.robot, task=OperatorJudgedTask(reference), config=cfg.env, wait=lambda seconds: None
+            robot=self.robot,
+            task=OperatorJudgedTask(reference),
+            config=cfg.env,
+            wait=lambda seconds: None,
+            cameras=self.cameras,
         )
         self.env_keys = list(self.env.observation_space.spaces)
         # The policies observe what the config's env observes (cameras included); the replay env rebuilds the state.
@@ -433,6 +468,13 @@ class Replayer:
                 "(replay with the config the actor ran with, its directory's config.yaml)"
             )
 
+    def _feed_cameras(self, images: dict[str, np.ndarray], t: int) -> None:
+        """Give each replay camera its logged image of step t (ReplayInputError when the log has none)."""
+        for camera in self.cameras:
+            if camera.name not in images:
+                raise ReplayInputError(f"the log has no images of camera {camera.name}, which the config observes")
+            camera.feed(images[camera.name][t])
+
     def replay_episode(self, ep: Episode, index: int, report: ReplayReport) -> None:
         """Replay one episode, appending its divergences to `report`."""
         n = len(ep)
@@ -452,6 +494,7 @@ class Replayer:
                 report.divergences.append(Divergence(index, t, name, np.asarray(logged), np.asarray(replayed)))
 
         self.robot.feed(measured[0])
+        self._feed_cameras(ep.obs, 0)
         env_obs, _ = self.env.reset(options={"offset": np.clip(measured[0], self.env.mapper.low, self.env.mapper.high)})
         for t in range(n):
             obs = {k: ep.obs[k][t : t + 1] for k in keys}
@@ -466,6 +509,7 @@ class Replayer:
                 action = self._bc_step(t, obs, ext, check)
             check(t, "action", ep.actions[t], action)
             self.robot.feed(measured[t + 1] if t + 1 < n else measured[t])
+            self._feed_cameras(ep.next_obs, t)  # what the actor saw after the step: next_obs[t] (= obs[t + 1])
             env_obs, reward, terminated, truncated, info = self.env.step(action)
             check(t, "target", ext["target"][t], info["target"])
             check(t, "command", ext["command"][t], info["command"])

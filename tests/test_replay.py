@@ -29,7 +29,7 @@ from robot_rl.cli import main
 from robot_rl.config import dump_config, load_config
 from robot_rl.episodes import read_episodes
 from robot_rl.obs import state_bounds, state_spec
-from robot_rl.wire import Weights, pack_tensors
+from robot_rl.wire import Weights, pack_tensors, transition_spec
 
 TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
 SECOND_VERSION_AT = 20
@@ -351,3 +351,29 @@ def test_a_bc_policy_that_does_not_fit_the_config_exits_2(run, tmp_path: Path, c
     assert main(["replay", str(run["bc_log"]), "--bc", str(other_bc)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"BC policy {other_bc} takes observations" in err and "5-dim actions" in err
+
+
+def test_a_log_of_an_actor_that_observes_cameras_replays_with_the_logged_images(tmp_path: Path, capsys):
+    cam = "width: 64, height: 48, crop: {x: 8, y: 0, width: 48, height: 48}, out_size: 24"
+    small = "{channels: [8, 8], feature_dim: 8}"
+    overrides = [f"env.cameras=[{{name: front, {cam}}}, {{name: wrist, {cam}}}]", "env.task.max_episode_steps=12",
+                 f"agent.encoder={small}", f"bc.encoder={small}"]  # fmt: skip
+    cfg = load_config(TINY, overrides)
+    bc_dir = tmp_path / "bc"
+    spec = transition_spec(cfg).obs
+    save_bc(make_bc_policy(cfg.bc, spec, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), bc_dir)
+    _one_gated_episode(tmp_path / "actor", bc_dir, overrides, version=1, seed=7)
+    log = next((tmp_path / "actor" / "episodes").glob("episode_*.hdf5"))
+    ep = read_episodes(log)[0]
+    assert ep.obs["front"].shape == (len(ep), 24, 24, 3) and np.all(ep.extras["weights_version"] == 1)
+    assert main(["replay", str(log)]) == 0
+    assert ": 0 divergent steps" in capsys.readouterr().out
+    # The images are inputs, not checked outputs: another image changes what the policies propose.
+    frames = ep.obs["front"].copy()
+    frames[3] = 255 - frames[3]
+    tampered = tmp_path / "tampered.hdf5"
+    shutil.copy(log, tampered)
+    with h5py.File(tampered, "r+") as f:
+        f["data/demo_0/obs/front"][...] = frames
+    report = replay_log(tampered, bc_dir=bc_dir, config=tmp_path / "actor" / "config.yaml")
+    assert not report.ok and min(d.step for d in report.divergences) == 3
