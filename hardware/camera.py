@@ -126,7 +126,8 @@ def preprocess(image: np.ndarray, crop: CropConfig, out_size: int) -> np.ndarray
 def open_cameras(
     configs: Sequence[CameraConfig], *, twin: Callable[[CameraConfig], Camera] | None = None, what: str = "this robot"
 ) -> list[Camera]:
-    """Open one camera per config, in order: a RealSense by `serial` or an SDK `recording`, else `twin(cfg)` (a
+    """Open one camera per config, in order: a RealSense by `serial` or an SDK `recording` (played at its recorded
+    rate), else `twin(cfg)` (a
     simulated twin's renderer). A camera with neither source and no twin is refused (CameraError), and so is anything
     that cannot be opened; the cameras opened before the failure are closed again.
 
@@ -138,7 +139,9 @@ def open_cameras(
             if cfg.serial is not None or cfg.recording is not None:
                 from robot_rl.hardware.realsense.camera import RealSenseCamera
 
-                cameras.append(RealSenseCamera(cfg))
+                # A recording plays at its recorded rate, as the camera delivered it: read as fast as possible, a
+                # 10 s recording would be used up in about a second, while the robot is still starting.
+                cameras.append(RealSenseCamera(cfg, pace_recording=True))
             elif twin is not None:
                 cameras.append(twin(cfg))
             else:

@@ -350,3 +350,26 @@ def test_write_recording_refuses_bad_input(tmp_path: Path) -> None:
 def test_list_serials_gives_strings() -> None:
     serials = list_serials()  # empty on a machine without a camera
     assert isinstance(serials, list) and all(isinstance(s, str) for s in serials)
+
+
+def test_a_robot_s_recorded_camera_plays_at_the_recorded_rate(tmp_path: Path) -> None:
+    """What an actor opens (hardware.camera.open_cameras) for a recording: 20 frames at 10 fps last 2 s of reading,
+    not the fraction of a second the file takes to decode."""
+    from robot_rl.hardware.camera import open_cameras
+
+    path, _ = make_recording(tmp_path, "robot.db3", 20, fps=10, first=1)
+    (camera,) = open_cameras([camera_cfg(path, fps=10, freshness_s=5.0)])
+    with camera:
+        wait_until(lambda: _readable(camera))
+        first = camera.read_raw().frame_number
+        time.sleep(0.5)
+        later = camera.read_raw().frame_number
+    assert 2 <= later - first <= 8, (first, later)  # ~5 frames in 0.5 s at 10 fps
+
+
+def _readable(camera: Camera) -> bool:
+    try:
+        camera.read_raw()
+    except CameraError:
+        return False
+    return True
