@@ -129,6 +129,9 @@ def run_cameras(
 
     if frames < 1:
         raise ConfigError("--frames must be at least 1")
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # before any frame is read
+        raise ConfigError(f"--out {out}: {blocking} is a file, not a directory; choose another --out")
     try:
         serials = list_serials()
     except CameraError as exc:
@@ -141,6 +144,13 @@ def run_cameras(
             configs = [recording_camera_config(recording)]
         else:
             cfg = load_config(config_path, overrides)
+            absent = [
+                c for c in cfg.env.cameras if c.recording is None and c.serial is not None and c.serial not in serials
+            ]
+            if absent:
+                names = ", ".join(f"{c.name} (serial {c.serial})" for c in absent)
+                connected = ", ".join(serials) or "none"
+                raise ConfigError(f"camera {names} not connected; connected RealSense serials: {connected}")
             configs = [c for c in cfg.env.cameras if c.recording is not None or c.serial in serials]
         results = [measure_camera(c, out, frames) for c in configs]
     except CameraError as exc:

@@ -287,6 +287,7 @@ def cmd_bc(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from robot_rl import obs as obs_lib
     from robot_rl.bc import load_bc
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
@@ -303,8 +304,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"checkpoint directory {args.checkpoint} does not exist")
     if (args.checkpoint / "bc.json").is_file():
         cfg = load_config(args.config, args.overrides)
+        bc = load_bc(args.checkpoint)
         env = make_env(cfg.env)
-        policy = bc_policy_fn(load_bc(args.checkpoint), mode=cfg.agent.bc_action, generator=torch.Generator())
+        observed = obs_lib.spec_from_space(env.observation_space)
+        if bc.obs_spec != observed:
+            env.close()
+            source = f"--config {args.config}" if args.config else "the embedded default config (no --config)"
+            raise ConfigError(
+                f"BC policy {args.checkpoint} observes {sorted(bc.obs_spec)}, the env of {source} observes "
+                f"{sorted(observed)}; pass --config with the config the policy was trained with"
+            )
+        policy = bc_policy_fn(bc, mode=cfg.agent.bc_action, generator=torch.Generator())
         result = evaluate(env, policy, episodes=args.episodes, seed=seed)
         env.close()
         report = {"checkpoint": str(args.checkpoint), "method": "bc", **result.__dict__}

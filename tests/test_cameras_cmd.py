@@ -90,3 +90,19 @@ def test_no_arguments_and_no_cameras_lists_none(capsys, tmp_path: Path, monkeypa
     assert main(["cameras"]) == 0
     assert "no RealSense camera connected" in capsys.readouterr().out
     assert not (tmp_path / "cameras").exists()  # nothing read, nothing written
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_frame_is_read(tmp_path: Path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep")
+    for out in (blocker, blocker / "sub"):
+        assert main(["cameras", "--recording", str(tmp_path / "whatever.db3"), "--out", str(out)]) == 2
+        assert f"{blocker} is a file, not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "keep"
+
+
+def test_a_configured_serial_that_is_not_connected_is_named(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["cameras", "--set", 'env.cameras=[{name: front, serial: "123456"}]']
+    assert main(args) == 2
+    assert "camera front (serial 123456) not connected; connected RealSense serials: none" in capsys.readouterr().err

@@ -387,3 +387,15 @@ def test_train_refuses_a_bc_directory_without_a_policy_before_making_the_run_dir
     assert main(["train", "--config", str(STATE), "--bc", str(junk), "--out", str(out), "--quiet"]) == 2
     assert "no BC policy there (bc.json missing)" in error_line(capsys, "train")
     assert not out.exists()  # the corrected command can use the same --out
+
+
+def test_eval_of_a_bc_policy_that_observes_cameras_the_config_lacks_is_refused(tmp_path: Path, capsys) -> None:
+    from robot_rl.bc import make_bc_policy, save_bc
+    from robot_rl.wire import transition_spec
+
+    cfg = load_config(IMAGE, ["bc.encoder={channels: [8, 8], feature_dim: 8}"])
+    policy = make_bc_policy(cfg.bc, transition_spec(cfg).obs, 6, -np.ones(6, np.float32), np.ones(6, np.float32))
+    bc_dir = save_bc(policy, tmp_path / "bc")
+    assert main(["eval", "--checkpoint", str(bc_dir), "--episodes", "1"]) == 2
+    line = error_line(capsys, "eval")
+    assert "observes ['ee_pose', 'front', 'wrist']" in line and "pass --config with the config" in line
