@@ -171,6 +171,7 @@ class _Piece:
     obs: dict[str, np.ndarray]
     actions: np.ndarray
     rewards: np.ndarray
+    last_next_obs: dict[str, np.ndarray]  # where the piece left off: the next piece of its episode starts there
 
 
 @dataclass
@@ -690,7 +691,20 @@ class LearnerService:
                 {k: np.array(v[start : end + 1]) for k, v in obs.items()},
                 np.asarray(a["actions"][start : end + 1], np.float32),
                 np.asarray(a["rewards"][start : end + 1], np.float32),
+                {k: np.array(v[end]) for k, v in next_obs.items()},
             )
+            if stream.pending and not all(
+                np.array_equal(stream.pending[-1].last_next_obs[k], piece.obs[k][0]) for k in piece.obs
+            ):
+                # The open episode did not go on here: its actor stopped mid-episode (killed) and started a new one.
+                # Joined, the two would make one rollout with the wrong returns.
+                log.warning(
+                    "Q-Estimation: an episode of stream %s was cut after %d steps (its actor restarted mid-episode); "
+                    "it is not used as a rollout",
+                    "@".join(key for key in self._stream_key(stream)),
+                    sum(len(p.actions) for p in stream.pending),
+                )
+                stream.pending = []
             stream.pending.append(piece)
             if bool(a["terminated"][end]) or bool(a["truncated"][end]):
                 pieces, stream.pending = stream.pending, []
@@ -704,6 +718,9 @@ class LearnerService:
                     )
                 )
             start = end + 1
+
+    def _stream_key(self, stream: Stream) -> tuple[str, str]:
+        return next((key for key, s in self.streams.items() if s is stream), ("?", "?"))
 
     # -- phases -------------------------------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:

@@ -1053,3 +1053,25 @@ def test_an_unreadable_transition_log_stops_the_resume_naming_it(tmp_path: Path,
     (out / "buffer" / "a0@r0.log").mkdir()  # where a stream's log should be, something that cannot be read as one
     with pytest.raises(LearnerError, match=r"cannot resume .*: cannot read the transition log .*a0@r0\.log"):
         LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+
+
+def test_a_q_estimation_episode_cut_by_an_actor_restart_is_not_joined_to_the_next(tmp_path: Path, bc_dir: Path) -> None:
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    service.store.close()
+    spec = transition_spec(cfg)
+
+    def steps(first: int, count: int, *, end: bool) -> tuple[dict, dict, dict]:
+        """Consecutive steps of one episode from state `first`: each next observation is the following one."""
+        a = chunk_arrays(cfg, first, count, ends=(count - 1,) if end else ())
+        following = chunk_arrays(cfg, first + 1, count)
+        obs = {k: a[f"obs/{k}"] for k in spec.obs}
+        return obs, {k: following[f"obs/{k}"] for k in spec.obs}, a
+
+    stream = learner_service.Stream()
+    service._assemble(stream, *steps(0, 7, end=False))
+    service._assemble(stream, *steps(7, 5, end=True))  # the same episode goes on: one rollout of 12 steps
+    service._assemble(stream, *steps(100, 7, end=False))  # an episode cut after 7 steps (its actor was killed)
+    service._assemble(stream, *steps(500, 6, end=True))  # the restarted actor's new episode
+    assert [len(r.actions) for r in service.rollouts] == [12, 6]
+    np.testing.assert_array_equal(service.rollouts[1].obs["ee_pose"], steps(500, 6, end=True)[0]["ee_pose"])
