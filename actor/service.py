@@ -572,9 +572,11 @@ class ActorService:
         self.message = f"robot fault ({type(err).__name__}): {err}; recovering"
         log.warning("episode failed on a robot fault: %s", err)
         self._write_stats(force=True)
-        robot = self.env.unwrapped.robot
-        if isinstance(err, RobotConnectionLost) and hasattr(robot, "reconnect"):
-            robot.reconnect()  # raises RobotConnectionLost when every attempt fails
+        env = self.env.unwrapped
+        robot = env.robot
+        reconnect = getattr(env, "reconnect", None) or getattr(robot, "reconnect", None)  # the env's restarts a server
+        if isinstance(err, RobotConnectionLost) and reconnect is not None:
+            reconnect()  # raises RobotConnectionLost when every attempt fails
         elif not robot.recover():
             raise RobotFault(f"the robot did not recover after: {err}") from err
         self.message = f"recovered from {type(err).__name__}"

@@ -472,6 +472,13 @@ def test_make_franky_env_inserts_the_peg(sim: SimServerHolder) -> None:
         assert terminated and reward == 1.0
         assert info["insertion_depth_m"] >= cfg.task.success_depth_m
         assert info["overruns"] <= 2
+        # Its server dies: reconnecting starts the env's own server again, and the next episode runs on it.
+        assert env.server is not None
+        env.server.kill()
+        env.reconnect()
+        assert env.server.running and env.franky_robot.connected
+        obs, _ = env.reset(options={"offset": np.zeros(6)})
+        assert np.abs(obs["ee_pose"]).max() < START_POSE_TOL_M
     finally:
         server = env.server
         env.close()

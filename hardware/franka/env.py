@@ -14,6 +14,7 @@ Success detector:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +28,8 @@ from robot_rl.hardware.franka.robot import FrankyRobot, ee_offset_along_z
 from robot_rl.hardware.franka.sim_server import FrankySimServer, peg_tip_offset
 from robot_rl.hardware.sim.peg import PegInsertionTask
 from robot_rl.hardware.sim.scene import build_scene
+
+log = logging.getLogger(__name__)
 
 
 class DeadlinePacer:
@@ -94,6 +97,16 @@ class FrankyEnv(RobotEnv):
         obs, reward, terminated, truncated, info = super().step(action)
         info["overruns"] = self.pacer.overruns
         return obs, reward, terminated, truncated, info
+
+    def reconnect(self) -> None:
+        """After a RobotConnectionLost: start the franky-sim server this env owns again if it has ended (its client
+        could never reconnect otherwise), then rebuild the client (`FrankyRobot.reconnect`)."""
+        if self.server is not None and not self.server.running:
+            log.warning("the franky-sim server on %s has ended; starting it again", self.server.hostname)
+            self.franky_robot.release()
+            self.server.stop()  # reap the dead process and its work directory
+            self.server.start()
+        self.franky_robot.reconnect()
 
     def close(self) -> None:
         try:
