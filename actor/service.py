@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -56,6 +57,7 @@ from robot_rl.hardware.operator import OperatorEvent, make_operator
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
+from robot_rl.security import check_client_keys
 from robot_rl.signals import stop_signals
 from robot_rl.wire import EvalReport, Transitions, to_wire
 
@@ -115,6 +117,9 @@ def free_disk_bytes(path: Path) -> int:
     """Bytes an unprivileged process may still write on the filesystem of `path`."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+NEVER_HEARD_WARN_S = 10.0  # a learner that never answered is reported after this long, then once a minute
 
 
 class ActorError(ConfigError):
@@ -203,6 +208,7 @@ class ActorService:
         self.message = ""
         self._stale = False  # acting with BC alone because the learner fell silent
         self._faults_in_a_row = 0  # episodes in a row that failed on a robot or camera fault
+        self._never_heard_warned = -math.inf  # when (s after the start) the never-answered warning was last given
 
     def _run_id(self) -> str:
         state_path = self.out / "actor_state.json"
@@ -547,11 +553,30 @@ class ActorService:
             )
         self.stop_event.wait(min(0.5 * 2 ** (self._faults_in_a_row - 1), 10.0))
 
+    def _warn_if_never_heard(self, phase: str) -> None:
+        """While the learner has never answered: a warning after NEVER_HEARD_WARN_S, then once a minute (a wrong
+        address, a learner not started yet, or CURVE keys it does not accept: all look the same from here)."""
+        if phase != "waiting" or self.link is None or self.link.state.status is not None:
+            return
+        waited = time.monotonic() - self.start_time
+        if waited >= NEVER_HEARD_WARN_S and waited - self._never_heard_warned >= 60.0:
+            self._never_heard_warned = waited
+            keys = self.cfg.transport.keys_dir
+            log.warning(
+                "no answer from the learner at %s for %.0f s: is it running, is the address right%s? Waiting.",
+                self.learner_endpoint,
+                waited,
+                ""
+                if keys is None
+                else f", and does its authorized/ hold this actor's key and {keys}/learner.key the learner's",
+            )
+
     def _announce(self, phase: str) -> None:
         """Show the phase; say (warning) when the learner falls silent and the actor acts with BC alone, and when it
         is back."""
         stale = phase == "stale"
         self.message = "learner silent: BC only" if stale else phase
+        self._warn_if_never_heard(phase)
         if stale == self._stale or self.link is None:
             return
         self._stale = stale
@@ -668,6 +693,8 @@ def run_actor(
 ) -> int:
     """`robot-rl actor`: run until done, N episodes, or SIGINT/SIGTERM (then flush and wait for the last acks)."""
     reuse_freed_memory()  # weights frames, camera frames and chunks reuse heap memory instead of fresh pages
+    if learner is not None and cfg.transport.keys_dir is not None:  # before anything is written or started
+        check_client_keys(Path(cfg.transport.keys_dir), cfg.actor.actor_id)
     service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
 
     def on_signal(signum, frame) -> None:

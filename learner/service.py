@@ -61,6 +61,7 @@ from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
+from robot_rl.security import key_owners
 from robot_rl.signals import stop_signals
 from robot_rl.train import demo_buffer, resolve_device
 from robot_rl.wire import (
@@ -303,6 +304,10 @@ class LearnerService:
         self.streams: dict[tuple[str, str], Stream] = {}
         self.actors: dict[str, ActorStats] = {}
         self.sessions: dict[bytes, tuple[str, str]] = {}
+        # With CURVE: the actor each authorised public key belongs to, and the key of the message being handled.
+        keys_dir = cfg.transport.keys_dir
+        self._key_owners: dict[str, str] = key_owners(Path(keys_dir)) if keys_dir is not None else {}
+        self._sender_key: str | None = None
         self.refused_unidentified = 0
         self._refusal_log: dict[str, tuple[float, int]] = {}
         self.rollouts: list[Rollout] = []
@@ -506,6 +511,8 @@ class LearnerService:
                 if len(frames) != 2:
                     reply = self._refuse(identity, f"expected one message frame, got {len(frames) - 1}")
                 else:
+                    # With CURVE, the public key the connection authenticated with (Z85); else None.
+                    self._sender_key = frames[1].get("User-Id") if self._key_owners else None
                     reply = self._handle(identity, frames[1].buffer)
                 if reply is not None:
                     self.held.hold((identity, reply))
@@ -570,6 +577,26 @@ class LearnerService:
         self._refusal_log[who] = (now, 0)
 
     def _on_hello(self, identity: bytes, hello: Hello) -> Message:
+        if self._key_owners:  # CURVE: an actor says hello only under the id its key was made for
+            owner = self._key_owners.get(self._sender_key or "")
+            if owner != hello.actor_id:
+                self.sessions.pop(identity, None)
+                whose = f"the key of actor {owner}" if owner else "a key not in authorized/"
+                return self._refuse(
+                    identity,
+                    f"actor {hello.actor_id}: this connection authenticated with {whose}; an actor may say "
+                    "hello only under the id its key pair was made for (robot-rl keys --actors ...)",
+                )
+        for other, (actor_id, run_id) in self.sessions.items():
+            if other != identity and actor_id == hello.actor_id and run_id != hello.run_id:
+                seen = time.monotonic() - self.actors[actor_id].last_seen
+                if seen < 60:
+                    log.warning(
+                        "actor id %s is in use by run %s (heard %.0f s ago) and now says hello from run %s: two actors "
+                        "with one id? their counts merge in stats.json; give each actor its own --actor-id",
+                        actor_id, run_id, seen, hello.run_id,
+                    )  # fmt: skip
+                break
         unchecked = () if self.bc is not None else (BC_FINGERPRINT_KEY,)
         refusal = check_hello(hello, self.fingerprint, unchecked=unchecked)
         if refusal is not None:

@@ -221,6 +221,24 @@ def load_authorized(directory: Path) -> list[bytes]:
     return [_read_key_file(f, need_secret=False)[0] for f in files]
 
 
+def key_owners(keys_dir: Path) -> dict[str, str]:
+    """Public key (Z85 text, as a message's `User-Id` carries it) -> actor id, from `keys_dir/authorized/<actor>.key`:
+    whose key an admitted connection uses."""
+    directory = Path(keys_dir) / AUTHORIZED
+    load_authorized(directory)  # SecurityError when there is nothing to admit
+    return {
+        _read_key_file(f, need_secret=False)[0].decode(): f.name[: -len(PUBLIC_SUFFIX)]
+        for f in sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
+    }
+
+
+def check_client_keys(keys_dir: Path, actor: str) -> None:
+    """SecurityError naming the file when `keys_dir` lacks what `secure_client` reads for `actor` (check at start)."""
+    _check_names([actor])
+    _read_key_file(Path(keys_dir) / f"{actor}{SECRET_SUFFIX}", need_secret=True)
+    _read_key_file(Path(keys_dir) / f"{LEARNER}{PUBLIC_SUFFIX}", need_secret=False)
+
+
 def _check_unbound(socket: zmq.Socket, role: str) -> None:
     if socket.closed:
         raise SecurityError(f"{role}: the socket is closed")

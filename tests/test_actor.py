@@ -303,3 +303,44 @@ def test_a_robot_that_does_not_recover_stops_the_actor_in_one_line(tmp_path: Pat
     assert main([*args, "--quiet", "--episodes", "3"]) == 2
     err = capsys.readouterr().err
     assert err == "robot-rl actor: robot: the robot did not recover after: cartesian reflex\n"
+
+
+def test_missing_curve_keys_are_refused_before_the_actor_starts(tmp_path: Path, bc_dir: Path, capsys):
+    from robot_rl.security import make_keys
+
+    keys = tmp_path / "keys"
+    make_keys(keys, actors=["a1"])
+    out = tmp_path / "a3"
+    args = ["actor", "--config", str(TINY), "--out", str(out), "--bc", str(bc_dir), "--quiet", "--actor-id", "a3",
+            "--learner", "tcp://127.0.0.1:5999", "--set", f"transport.keys_dir={keys}"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"robot-rl actor: key file {keys / 'a3.key_secret'} does not exist or is not a file\n"
+    assert not out.exists()
+
+
+def test_an_actor_whose_learner_never_answers_says_so_and_keeps_waiting(
+    tmp_path: Path, bc_dir: Path, monkeypatch, caplog
+):
+    import threading
+
+    import robot_rl.actor.service as actor_service
+    from robot_rl.demo import free_port_pair
+
+    monkeypatch.setattr(actor_service, "NEVER_HEARD_WARN_S", 0.3)
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"  # nothing listens there
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=endpoint, quiet=True)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "no answer from the learner" not in caplog.text:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        assert endpoint in caplog.text and "Waiting." in caplog.text
+        assert service.counters.episodes == 0  # nothing started without the learner
+    finally:
+        service.stop_event.set()
+        thread.join(10)
+    assert not thread.is_alive()

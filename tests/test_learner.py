@@ -297,18 +297,25 @@ def test_hello_welcomed_or_refused_naming_the_differing_field(tmp_path: Path, bc
 
 def test_curve_admits_an_authorised_actor_only(tmp_path: Path, bc_dir: Path, ctx) -> None:
     keys = tmp_path / "keys"
-    make_keys(keys, actors=["a0"])
+    make_keys(keys, actors=["a0", "a1"])
     cfg = tiny_config(f"transport.keys_dir={keys}")
     service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
     with running(service):
         actor = FakeActor(ctx, cfg, "a0", keys=keys)
         assert isinstance(actor.hello(), Welcome)
         assert actor.wait_status(lambda s: s.phase == "eval").learner_id == "learner"
-        plain = FakeActor(ctx, cfg, "a1")
+        plain = FakeActor(ctx, cfg, "a2")
         plain.send(b"anything")
         assert not plain.dealer.poll(500, zmq.POLLIN) and not plain.sub.poll(100, zmq.POLLIN)
+        # An admitted key used under another actor's id: refused, so nothing it sends counts as a0's.
+        impostor = FakeActor(ctx, cfg, "a1", keys=keys)
+        impostor.actor_id = "a0"
+        refusal = impostor.hello()
+        assert isinstance(refusal, Refuse) and "authenticated with the key of actor a1" in refusal.reason
+        assert isinstance(impostor.transitions(0, 5), Refuse)
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
-    assert stats["refused_unidentified"] == 0 and list(stats["actors"]) == ["a0"]
+    assert stats["refused_unidentified"] == 2 and list(stats["actors"]) == ["a0"]
+    assert stats["actors"]["a0"]["stored"] == 0
 
 
 def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Path, bc_dir: Path, ctx) -> None:
