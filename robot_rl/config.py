@@ -203,13 +203,6 @@ class FrankaConfig(Strict):
     realtime: bool = Field(False, description="Require a real-time kernel (franky RealtimeConfig.Enforce).")
     gripper: bool = Field(False, description="Use franky's Gripper (disabled for peg insertion).")
     reconnect_attempts: int = Field(3, ge=0, le=100, description="Client rebuilds tried after a lost connection.")
-    connect_timeout_s: float = Field(
-        3.0,
-        gt=0,
-        le=120,
-        description="Seconds to wait for the robot's command port (1337) to answer before connecting; an unreachable "
-        "host then fails in this time instead of franky's own (about a minute, not interruptible).",
-    )
     reset_speed: float = Field(0.2, gt=0, le=1.0, description="Relative speed of move_to resets.")
     sim_server: bool = Field(
         False, description="Start a franky-sim server with the peg scene in its own process (franky-sim twin)."

@@ -164,16 +164,6 @@ def test_non_finite_target_refused_before_franky() -> None:
         r.command(reference.pos, reference.quat)
 
 
-def test_a_robot_host_where_nothing_answers_fails_fast_in_one_clear_error() -> None:
-    # Nothing listens on this loopback address: franky itself would take seconds (a minute for an unroutable host).
-    cfg = FrankaConfig(host="127.0.1.249", connect_timeout_s=1.0, reconnect_attempts=0)
-    robot = FrankyRobot(cfg, impedance=ImpedanceConfig())
-    start = time.monotonic()
-    with pytest.raises(RobotConnectionLost, match=r"no robot answers at 127\.0\.1\.249:1337 within 1 s"):
-        robot.connect()
-    assert time.monotonic() - start < 1.5 and not robot.connected
-
-
 def test_franky_robot_satisfies_the_robot_protocol() -> None:
     assert isinstance(make_robot(SimTaskConfig()), Robot)
 
@@ -234,7 +224,7 @@ def test_reconnect_gives_up_after_the_configured_attempts_with_backoff() -> None
         r.reconnect()
     assert sleeps == [0.5, 1.0]
     assert isinstance(info.value.__cause__, RobotConnectionLost)
-    assert "no robot answers at 127.0.1.250:1337" in str(info.value.__cause__)  # asked before franky waits
+    assert isinstance(info.value.__cause__.__cause__, franky.NetworkException)
 
 
 def test_server_refuses_an_address_already_in_use() -> None:

@@ -40,7 +40,6 @@ import franky
 import numpy as np
 
 from robot_rl.config import FrankaConfig, ImpedanceConfig
-from robot_rl.hardware.franka.sim_server import ROBOT_PORT, accepts_connections
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault, RobotState
 from robot_rl.hardware.pose import quat_canonical
 
@@ -170,12 +169,6 @@ class FrankyRobot:
         """
         if self._robot is not None:
             return
-        # franky's constructor cannot be interrupted and waits about a minute on an unreachable host: ask first.
-        if not accepts_connections(self.cfg.host, ROBOT_PORT, self.cfg.connect_timeout_s):
-            raise RobotConnectionLost(
-                f"no robot answers at {self.cfg.host}:{ROBOT_PORT} within {self.cfg.connect_timeout_s:g} s; check "
-                "env.franka.host, the network, and that the arm's FCI is active in Desk (or that franky-sim runs)"
-            )
         realtime = franky.RealtimeConfig.Enforce if self.cfg.realtime else franky.RealtimeConfig.Ignore
         robot: franky.Robot | None = None
         try:
