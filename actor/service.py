@@ -119,6 +119,7 @@ def free_disk_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+FIRST_WEIGHTS_WAIT_S = 10.0  # an online actor waits this long at most for the first weights the learner published
 NEVER_HEARD_WARN_S = 10.0  # a learner that never answered is reported after this long, then once a minute
 
 
@@ -208,6 +209,7 @@ class ActorService:
         self.message = ""
         self._stale = False  # acting with BC alone because the learner fell silent
         self._faults_in_a_row = 0  # episodes in a row that failed on a robot or camera fault
+        self._weights_wait_since: float | None = None  # when an online phase first waited for published weights
         self._never_heard_warned = -math.inf  # when (s after the start) the never-answered warning was last given
 
     def _run_id(self) -> str:
@@ -243,6 +245,17 @@ class ActorService:
         self.weights_archive.save(weights.version, ready.tensors, phase=weights.phase, copy=False)
         self.weights_version = weights.version
         self.weights_time = time.monotonic()
+
+    def _first_weights_due(self) -> bool:
+        """The learner has published weights this actor has not swapped in yet (the loader is still preparing them):
+        wait for them, at most FIRST_WEIGHTS_WAIT_S, rather than run an online episode with the BC policy alone."""
+        status = self.link.state.status if self.link is not None else None
+        if self._gated() or status is None or status.weights_version < 0:
+            return False
+        now = time.monotonic()
+        if self._weights_wait_since is None:
+            self._weights_wait_since = now
+        return now - self._weights_wait_since < FIRST_WEIGHTS_WAIT_S
 
     def _phase(self) -> tuple[str, int]:
         """(phase, eval_id) the actor should act in now."""
@@ -509,6 +522,9 @@ class ActorService:
                         self._idle()
                     continue
                 if phase in ("waiting", "qest_fit", "paused") or (phase == "online" and self._too_far_ahead()):
+                    self._idle()
+                    continue
+                if phase == "online" and self._first_weights_due():
                     self._idle()
                     continue
                 gated = phase == "online" and self._gated()

@@ -344,3 +344,28 @@ def test_an_actor_whose_learner_never_answers_says_so_and_keeps_waiting(
         service.stop_event.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_an_online_actor_waits_a_bounded_time_for_weights_the_learner_has_published(
+    tmp_path: Path, bc_dir: Path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    import robot_rl.actor.service as actor_service
+
+    monkeypatch.setattr(actor_service, "FIRST_WEIGHTS_WAIT_S", 0.2)
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
+    try:
+        status = SimpleNamespace(weights_version=-1)
+        service.link = SimpleNamespace(state=SimpleNamespace(status=status))
+        assert not service._first_weights_due()  # nothing published yet: nothing to wait for
+        status.weights_version = 1
+        assert service._first_weights_due()  # published, not swapped in yet: wait
+        time.sleep(0.25)
+        assert not service._first_weights_due()  # but not for ever
+        service.weights_version = 1
+        assert not service._first_weights_due()
+    finally:
+        service.link = None
+        service._shutdown()
