@@ -304,10 +304,9 @@ class LearnerService:
         self.streams: dict[tuple[str, str], Stream] = {}
         self.actors: dict[str, ActorStats] = {}
         self.sessions: dict[bytes, tuple[str, str]] = {}
-        # With CURVE: the actor each authorised public key belongs to, and the key of the message being handled.
+        # With CURVE: the actor each authorised public key belongs to.
         keys_dir = cfg.transport.keys_dir
         self._key_owners: dict[str, str] = key_owners(Path(keys_dir)) if keys_dir is not None else {}
-        self._sender_key: str | None = None
         self.refused_unidentified = 0
         self._refusal_log: dict[str, tuple[float, int]] = {}
         self.rollouts: list[Rollout] = []
@@ -512,8 +511,8 @@ class LearnerService:
                     reply = self._refuse(identity, f"expected one message frame, got {len(frames) - 1}")
                 else:
                     # With CURVE, the public key the connection authenticated with (Z85); else None.
-                    self._sender_key = frames[1].get("User-Id") if self._key_owners else None
-                    reply = self._handle(identity, frames[1].buffer)
+                    key = frames[1].get("User-Id") if self._key_owners else None
+                    reply = self._handle(identity, frames[1].buffer, key)
                 if reply is not None:
                     self.held.hold((identity, reply))
         self._send_released()
@@ -537,7 +536,7 @@ class LearnerService:
         except StoreError as err:  # already logged by the writer; the exception on the way out stays the original
             log.error("acknowledgements held at exit not sent: %s", err)
 
-    def _handle(self, identity: bytes, payload: memoryview) -> Message | None:
+    def _handle(self, identity: bytes, payload: memoryview, key: str | None = None) -> Message | None:
         try:
             msg = from_wire(payload, max_bytes=self.cfg.transport.max_message_bytes)
         except WireError as err:
@@ -546,7 +545,7 @@ class LearnerService:
         if session is not None:
             self.actors[session[0]].last_seen = time.monotonic()
         if isinstance(msg, Hello):
-            return self._on_hello(identity, msg)
+            return self._on_hello(identity, msg, key)
         if isinstance(msg, Transitions):
             return self._on_transitions(identity, msg, payload)
         if isinstance(msg, EvalReport):
@@ -576,9 +575,9 @@ class LearnerService:
         log.warning("refused a message from %s: %s%s", who, reason, more)
         self._refusal_log[who] = (now, 0)
 
-    def _on_hello(self, identity: bytes, hello: Hello) -> Message:
+    def _on_hello(self, identity: bytes, hello: Hello, key: str | None) -> Message:
         if self._key_owners:  # CURVE: an actor says hello only under the id its key was made for
-            owner = self._key_owners.get(self._sender_key or "")
+            owner = self._key_owners.get(key or "")
             if owner != hello.actor_id:
                 self.sessions.pop(identity, None)
                 whose = f"the key of actor {owner}" if owner else "a key not in authorized/"
@@ -705,9 +704,11 @@ class LearnerService:
         if chunk.online:
             self.counters.online_env_steps += n
         elif not self.qest_done:
-            self._assemble(stream, obs, next_obs, a)
+            self._assemble(stream, obs, next_obs, a, name=f"{chunk.actor_id}@{chunk.run_id}")
 
-    def _assemble(self, stream: Stream, obs: dict, next_obs: dict, a: dict[str, np.ndarray]) -> None:
+    def _assemble(
+        self, stream: Stream, obs: dict, next_obs: dict, a: dict[str, np.ndarray], *, name: str = "?"
+    ) -> None:
         """Complete episodes (ending at terminated or truncated) of a stream become Q-Estimation rollouts."""
         ends = np.flatnonzero(np.asarray(a["terminated"]) | np.asarray(a["truncated"]))
         start = 0
@@ -728,7 +729,7 @@ class LearnerService:
                 log.warning(
                     "Q-Estimation: an episode of stream %s was cut after %d steps (its actor restarted mid-episode); "
                     "it is not used as a rollout",
-                    "@".join(key for key in self._stream_key(stream)),
+                    name,
                     sum(len(p.actions) for p in stream.pending),
                 )
                 stream.pending = []
@@ -745,9 +746,6 @@ class LearnerService:
                     )
                 )
             start = end + 1
-
-    def _stream_key(self, stream: Stream) -> tuple[str, str]:
-        return next((key for key, s in self.streams.items() if s is stream), ("?", "?"))
 
     # -- phases -------------------------------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
