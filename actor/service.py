@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -115,8 +115,7 @@ class ChunkBuilder:
 
 def free_disk_bytes(path: Path) -> int:
     """Bytes an unprivileged process may still write on the filesystem of `path`."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return shutil.disk_usage(path).free
 
 
 FIRST_WEIGHTS_WAIT_S = 10.0  # an online actor waits this long at most for the first weights the learner published
