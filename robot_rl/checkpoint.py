@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+WRITE_ID = "write_id"  # in the manifest and the tensors' metadata: the two files of one save carry the same one
 
 
 class CheckpointError(ValueError):
@@ -51,6 +54,14 @@ def _merge(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -58,18 +69,27 @@ def save_checkpoint(
     manifest: dict[str, Any],
     optimizers: dict[str, dict] | None = None,
 ) -> Path:
-    """Write tensors + manifest atomically (temporary files renamed into place)."""
+    """Write tensors + manifest durably: each to a temporary file, fsync'd, renamed into place, then the directory
+    fsync'd. Both files carry one write id, so a pair torn by a crash between the two renames (new tensors, old
+    manifest) is refused by load_checkpoint instead of restoring tensors and counters of different steps."""
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     all_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     skeletons = {name: _split(f"optim.{name}", state, all_tensors) for name, state in (optimizers or {}).items()}
-    body = {"format_version": FORMAT_VERSION, **manifest, "optimizers": skeletons}
+    write_id = uuid.uuid4().hex
+    body = {"format_version": FORMAT_VERSION, **manifest, WRITE_ID: write_id, "optimizers": skeletons}
     tmp_tensors = directory / (TENSORS_FILE + ".tmp")
     tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
-    save_file(all_tensors, str(tmp_tensors))
+    save_file(all_tensors, str(tmp_tensors), metadata={WRITE_ID: write_id})
     tmp_manifest.write_text(json.dumps(body, indent=2, sort_keys=False))
+    for path in (tmp_tensors, tmp_manifest):
+        _fsync(path)
     os.replace(tmp_tensors, directory / TENSORS_FILE)
     os.replace(tmp_manifest, directory / MANIFEST_FILE)
+    _fsync(directory)
+    if created:  # the new directory's entry in its parent
+        _fsync(directory.parent)
     return directory
 
 
@@ -90,9 +110,17 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
             f"expected {FORMAT_VERSION}"
         )
     try:
+        with safe_open(str(tensors_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
         tensors = load_file(str(tensors_path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"checkpoint tensors {tensors_path} cannot be read: {exc}") from exc
+    write_id = manifest.pop(WRITE_ID, None)
+    if write_id is not None and metadata.get(WRITE_ID) != write_id:
+        raise CheckpointError(
+            f"checkpoint {directory} is torn: {TENSORS_FILE} and {MANIFEST_FILE} come from different saves "
+            "(a crash while it was written)"
+        )
     skeletons = manifest.pop("optimizers", {})
     try:
         optimizers = {name: _merge(skel, tensors) for name, skel in skeletons.items()}

@@ -604,12 +604,15 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
     manifest = json.loads((damaged / "checkpoints" / "latest" / "manifest.json").read_text())
     del manifest["learner"]["phase"]
     (damaged / "checkpoints" / "latest" / "manifest.json").write_text(json.dumps(manifest))
+    # Torn by a crash between the two renames of a save: latest's manifest with the tensors of an earlier save.
+    torn = copy("torn")
+    shutil.copy(torn / "checkpoints" / "step_00000020" / "model.safetensors", torn / "checkpoints" / "latest")
     caplog.set_level(logging.WARNING, logger="robot_rl.learner")
     step = json.loads((checkpoints / "step_00000020" / "manifest.json").read_text())  # saved before latest's
     expected = (step["learner"]["phase"], step["counters"]["learner_steps"], 30)
     latest = json.loads((checkpoints / "latest" / "manifest.json").read_text())
     assert expected != (latest["learner"]["phase"], latest["counters"]["learner_steps"], 30)  # told apart
-    for out, why in ((missing, "it is missing"), (damaged, "phase is missing or invalid")):
+    for out, why in ((missing, "it is missing"), (damaged, "phase is missing or invalid"), (torn, "is torn")):
         caplog.clear()
         service = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
         assert (service.phase, service.counters.learner_steps, service.counters.env_steps) == expected

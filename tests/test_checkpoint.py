@@ -1,0 +1,49 @@
+"""Checkpoint files: a save is durable and whole, and a pair of files from two saves is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def _save(path: Path, value: float, step: int) -> Path:
+    weight = torch.full((4, 3), value)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(weight.clone())])
+    return save_checkpoint(
+        path, tensors={"w": weight}, manifest={"step": step}, optimizers={"adam": optimizer.state_dict()}
+    )
+
+
+def test_a_checkpoint_reads_back_what_was_saved_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    path = _save(tmp_path / "ckpt", 2.0, 7)
+    tensors, manifest, optimizers = load_checkpoint(path)
+    assert torch.equal(tensors["w"], torch.full((4, 3), 2.0)) and manifest["step"] == 7
+    assert optimizers["adam"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors"]
+    _save(path, 3.0, 8)  # overwritten in place by the next save
+    tensors, manifest, _ = load_checkpoint(path)
+    assert torch.equal(tensors["w"], torch.full((4, 3), 3.0)) and manifest["step"] == 8
+
+
+@pytest.mark.parametrize("kept", ["model.safetensors", "manifest.json"])
+def test_files_of_two_saves_are_refused_as_torn(tmp_path: Path, kept: str) -> None:
+    """A crash between the two renames of a save leaves one file new and the other old: refused, not restored."""
+    old, new = _save(tmp_path / "old", 1.0, 1), _save(tmp_path / "new", 2.0, 2)
+    shutil.copy(old / kept, new / kept)
+    with pytest.raises(CheckpointError, match="torn"):
+        load_checkpoint(new)
+
+
+def test_a_checkpoint_of_an_earlier_format_without_a_write_id_still_loads(tmp_path: Path) -> None:
+    path = _save(tmp_path / "ckpt", 1.5, 3)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["write_id"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    tensors, manifest, _ = load_checkpoint(path)
+    assert manifest["step"] == 3 and torch.equal(tensors["w"], torch.full((4, 3), 1.5))
