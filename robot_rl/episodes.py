@@ -17,6 +17,15 @@ do not depend on robomimic itself (it drags in a CUDA torch and an old numpy):
 `dones` alone cannot tell a success from a time-out, and swapping the two breaks the TD target (DESIGN §5), so
 the two flags are stored next to it. A demo without `num_samples` is one whose writer died mid-episode (crash,
 SIGKILL, Ctrl-C): readers take it up to the shortest length of its datasets, i.e. up to the last flushed step.
+
+An episode ended by a robot or camera fault (`EpisodeStream.end(fault=...)`) is `interrupted` and carries attr
+`fault`, a JSON object (as `env_args` is): where it struck (`during` reset or step, `step`), the error's type and
+message, and what the arm was sent in the step it cut short: the `action` and the `command` (world pose x, y, z,
+qw, qx, qy, qz; null when unknown). That step is in no dataset: it has no next observation, so it can never
+become a transition. An episode that faulted before its first step (at reset) has no demo (readers would trip over
+an empty one); its attrs are kept in a group outside `data`, which robomimic and `read_episodes` never look at:
+
+    episodes_without_steps/demo_<i>   attrs: the episode's own, `interrupted`, `fault` (read_episodes_without_steps)
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ AttrValue = str | int | float | bool
 _Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 DEMO_PREFIX = "demo_"
+# Root group (outside `data`) holding the attrs of episodes that faulted before their first step.
+WITHOUT_STEPS = "episodes_without_steps"
+# The episode attr holding its fault record (JSON), see EpisodeFault.
+FAULT_ATTR = "fault"
 _DEMO_NAME = re.compile(r"^demo_(\d+)$")
 # Attributes the writer owns; an episode may not set them itself.
 _RESERVED_ATTRS = frozenset({"num_samples"})
@@ -58,6 +71,85 @@ class EpisodeFileError(ValueError):
 # ------------------------------------------------------------------------------------------------------------
 # The in-memory episode
 # ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpisodeFault:
+    """A robot or camera fault that ended an episode, and what the arm had been sent in the step it cut short.
+
+    `during` is "reset" or "step"; `step` the index of the step it struck in (0 at reset): the steps before it are
+    in the log, that one is not (no next observation). `action` is the action of that step (None at reset);
+    `command` the world pose commanded to the arm in that step or reset (x, y, z, qw, qx, qy, qz), None when the
+    fault struck before anything was commanded or when it is not known.
+    """
+
+    during: Literal["reset", "step"]
+    step: int
+    error: str
+    message: str
+    action: tuple[float, ...] | None = None
+    command: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.during not in ("reset", "step"):
+            raise ValueError(f"fault: during must be 'reset' or 'step', got {self.during!r}")
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"fault: step must be an int >= 0, got {self.step!r}")
+        for name in ("error", "message"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"fault: {name} must be a string, got {type(getattr(self, name)).__name__}")
+        for name in ("action", "command"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _fault_vector(name, value))
+
+    @classmethod
+    def from_error(
+        cls,
+        error: BaseException,
+        *,
+        during: Literal["reset", "step"],
+        step: int,
+        action: Any = None,
+        command: Any = None,
+    ) -> EpisodeFault:
+        """The record of `error`, named by its type."""
+        return cls(
+            during=during, step=step, error=type(error).__name__, message=str(error), action=action, command=command
+        )
+
+    def to_attr(self) -> str:
+        """The JSON text stored in attr `fault`."""
+        fields = ("during", "step", "error", "message", "action", "command")
+        return json.dumps({name: getattr(self, name) for name in fields})
+
+    @classmethod
+    def from_attr(cls, text: Any) -> EpisodeFault:
+        """Parses attr `fault`; ValueError saying what is wrong with it."""
+        try:
+            value = json.loads(text)
+            fields = {k: value[k] for k in ("during", "step", "error", "message")}
+            return cls(**fields, action=value.get("action"), command=value.get("command"))
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"attr {FAULT_ATTR!r} is not a fault record ({type(err).__name__}: {err})") from None
+
+    def describe(self) -> str:
+        """One line: where it struck and the error."""
+        where = "at reset" if self.during == "reset" else f"in step {self.step}"
+        return f"faulted {where}: {self.error}: {self.message}"
+
+
+def fault_of(attrs: Mapping[str, Any]) -> EpisodeFault | None:
+    """The fault record of an episode's attrs (an Episode's, or one of `read_episodes_without_steps`), if any."""
+    text = attrs.get(FAULT_ATTR)
+    return None if text is None else EpisodeFault.from_attr(text)
+
+
+def _fault_vector(name: str, value: Any) -> tuple[float, ...]:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 1 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"fault: {name} must be a vector of finite numbers, got {value!r}")
+    return tuple(float(v) for v in arr)
 
 
 @dataclass(eq=False, repr=False)
@@ -114,6 +206,11 @@ class Episode:
     def success(self) -> bool:
         """The episode ended on a terminal step with a positive raw reward (sparse success reward)."""
         return bool(self.terminated[-1] and self.rewards[-1] > 0)
+
+    @property
+    def fault(self) -> EpisodeFault | None:
+        """The robot or camera fault that ended the episode (attr `fault`), None when none did."""
+        return fault_of(self.attrs)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """Every array under its path inside a demo group."""
@@ -349,7 +446,12 @@ class EpisodeWriter:
         self._file.flush()
 
     def _stream_ended(self, group: h5py.Group, steps: int) -> None:
-        if steps == 0:
+        if steps == 0 and FAULT_ATTR in group.attrs:
+            # Faulted before its first step: no empty demo for readers to trip over, but its record is kept.
+            self._file.require_group(WITHOUT_STEPS)
+            self._file.move(group.name, f"{WITHOUT_STEPS}/{group.name.rsplit('/', 1)[-1]}")
+            self._file.flush()
+        elif steps == 0:
             # Nothing was recorded: no empty demo for readers to trip over.
             del self._data[group.name.rsplit("/", 1)[-1]]
             self._file.flush()
@@ -430,13 +532,18 @@ class EpisodeStream:
         self._written = stop
         self._writer._flush()
 
-    def end(self, *, interrupted: bool = False) -> int:
-        """Flushes, sets `num_samples` and returns the step count; an episode with no steps is removed."""
+    def end(self, *, interrupted: bool = False, fault: EpisodeFault | None = None) -> int:
+        """Flushes, sets `num_samples` and returns the step count; an episode with no steps is removed.
+
+        `fault`: a robot or camera fault ended the episode; it is recorded (attr `fault`, the episode `interrupted`),
+        and an episode without steps is then kept under `episodes_without_steps/` instead of being removed."""
         if not self._open:
             return self._written
         self._open = False
         self.flush()
-        if interrupted and self._written:
+        if fault is not None:
+            self._group.attrs[FAULT_ATTR] = fault.to_attr()
+        if fault is not None or (interrupted and self._written):
             self._group.attrs["interrupted"] = True
         self._writer._stream_ended(self._group, self._written)
         return self._written
@@ -559,7 +666,10 @@ def _total_samples(data: h5py.Group) -> int:
 
 
 def _next_demo_index(data: h5py.Group) -> int:
-    indices = [int(m.group(1)) for m in map(_DEMO_NAME.match, data) if m]
+    # Episodes kept without steps hold their index too: numbers stay unique within the file.
+    without_steps = data.file.get(WITHOUT_STEPS)
+    names = [*data, *(without_steps if isinstance(without_steps, h5py.Group) else ())]
+    indices = [int(m.group(1)) for m in map(_DEMO_NAME.match, names) if m]
     return max(indices, default=-1) + 1
 
 
@@ -603,6 +713,24 @@ def iter_episodes(path: str | Path, *, limit: int | None = None) -> Iterator[Epi
 def read_episodes(path: str | Path, *, limit: int | None = None) -> list[Episode]:
     """All episodes of a file (the first `limit` when given), see `iter_episodes`."""
     return list(iter_episodes(path, limit=limit))
+
+
+def read_episodes_without_steps(path: str | Path) -> list[dict[str, AttrValue]]:
+    """The attrs of the episodes of a file that faulted before their first step (a reset that faulted), in index
+    order; `fault_of(attrs)` is the fault. Empty for a file that has none (every file `read_episodes` reads)."""
+    path = Path(path)
+    with _open_for_read(path) as f:
+        _data_group(f, path)
+        group = f.get(WITHOUT_STEPS)
+        if group is None:
+            return []
+        if not isinstance(group, h5py.Group):
+            raise EpisodeFileError(f"{path}: {WITHOUT_STEPS} is not a group")
+        names = [n for n in group if _DEMO_NAME.match(n) and isinstance(group[n], h5py.Group)]
+        try:
+            return [_clean_attrs(group[n].attrs) for n in sorted(names, key=lambda n: int(n[len(DEMO_PREFIX) :]))]
+        except ValueError as err:
+            raise EpisodeFileError(f"{path}: {WITHOUT_STEPS}: {err}") from err
 
 
 def read_env_args(path: str | Path) -> dict[str, Any]:

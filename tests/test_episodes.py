@@ -19,12 +19,15 @@ import pytest
 
 from robot_rl.episodes import (
     Episode,
+    EpisodeFault,
     EpisodeFileError,
     EpisodeWriter,
     episodes_to_transitions,
+    fault_of,
     iter_episodes,
     read_env_args,
     read_episodes,
+    read_episodes_without_steps,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,6 +403,71 @@ def test_stream_left_open_or_failing_is_sealed_as_interrupted(tmp_path: Path) ->
 # ----------------------------------------------------------------------------------------------------------
 # Episode validation
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_fault_is_recorded_with_the_command_of_the_step_it_cut_short_and_no_row_for_that_step(tmp_path: Path):
+    path = tmp_path / "s.hdf5"
+    fault = EpisodeFault.from_error(
+        RuntimeError("camera front: no frame within 0.5 s"),
+        during="step",
+        step=3,
+        action=np.full(1, 0.25, np.float32),
+        command=[0.4, 0.0, 0.3, 1.0, 0.0, 0.0, 0.0],
+    )
+    with EpisodeWriter(path, ENV_ARGS, flush_every=2) as w, w.begin_episode({"kind": "online"}) as h:
+        for k in range(3):
+            h.append(**step(k))
+        assert h.end(fault=fault) == 3
+    (ep,) = read_episodes(path)
+    assert len(ep) == 3 and ep.attrs["interrupted"] is True and ep.attrs["kind"] == "online"
+    assert ep.fault == fault and fault.action == (0.25,) and fault.command[3] == 1.0
+    assert fault.describe() == "faulted in step 3: RuntimeError: camera front: no frame within 0.5 s"
+    # The cut step is in no dataset: every transition has its next observation, none is the faulted step's.
+    flat = episodes_to_transitions([ep])
+    assert len(flat["actions"]) == 3 and not np.any(flat["actions"] == 0.25)
+    assert read_episodes_without_steps(path) == []
+    with h5py.File(path, "r") as f:
+        assert f["data/demo_0"].attrs["num_samples"] == 3 and "episodes_without_steps" not in f
+
+
+def test_an_episode_that_faults_before_its_first_step_keeps_its_record_outside_the_demos(tmp_path: Path) -> None:
+    path = tmp_path / "s.hdf5"
+    fault = EpisodeFault.from_error(
+        RuntimeError("cartesian reflex"), during="reset", step=0, command=[0.4, 0.0, 0.3, 1.0, 0.0, 0.0, 0.0]
+    )
+    with EpisodeWriter(path, ENV_ARGS) as w:
+        assert w.begin_episode({"kind": "online", "seed": 7}).end(fault=fault) == 0
+    assert read_episodes(path) == []  # no empty demo for any reader to trip over
+    (attrs,) = read_episodes_without_steps(path)
+    assert attrs["kind"] == "online" and attrs["seed"] == 7 and attrs["interrupted"] is True
+    assert fault_of(attrs) == fault and fault.action is None
+    assert fault.describe() == "faulted at reset: RuntimeError: cartesian reflex"
+    with h5py.File(path, "r") as f:
+        assert list(f["data"]) == [] and f["data"].attrs["total"] == 0
+        assert list(f["episodes_without_steps"]) == ["demo_0"]
+    # Appending numbers after it, and a plain empty episode still leaves nothing.
+    with EpisodeWriter(path, ENV_ARGS, mode="a") as w:
+        assert w.begin_episode().end(interrupted=True) == 0
+        assert w.add_episode(make_episode(2)) == 2
+    assert [len(e) for e in read_episodes(path)] == [2]
+    assert len(read_episodes_without_steps(path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"during": "move"}, "during must be 'reset' or 'step'"),
+        ({"step": -1}, "step must be an int >= 0"),
+        ({"command": [0.0, np.nan]}, "command must be a vector of finite numbers"),
+        ({"action": [[0.0]]}, "action must be a vector of finite numbers"),
+    ],
+)
+def test_a_fault_record_refuses(fields: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"during": "step", "step": 0, "error": "CameraError", "message": "m"}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EpisodeFault(**{**base, **fields})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attr 'fault' is not a fault record"):
+        fault_of({"fault": json.dumps({"during": "step"})})
 
 
 def with_fields(**changes: object) -> Callable[[], Episode]:
