@@ -263,6 +263,11 @@ class LearnerService:
             raise LearnerError(f"learner id {learner_id!r} must match {ID_PATTERN}")
         self.cfg, self.out = cfg, Path(out)
         self.learner_id, self.quiet, self.eval_timeout_s = learner_id, quiet, eval_timeout_s
+        if demos is not None and cfg.agent.effective_offline_ratio <= 0:
+            raise LearnerError(
+                f"method {cfg.agent.method} samples no demonstrations (offline ratio 0), so --demos {demos} would "
+                "be ignored: drop --demos, or set agent.offline_ratio above 0 to sample them"
+            )
         self.spec = transition_spec(cfg)
         self.fingerprint = config_fingerprint(cfg)
         _check_out_dir(self.out, resume=resume, fingerprint=self.fingerprint)

@@ -187,6 +187,27 @@ def test_eval_checkpoint_that_is_a_file_is_refused(tmp_path: Path, capsys) -> No
     assert "does not exist" not in err
 
 
+def test_learner_demos_for_a_method_that_samples_none_are_refused(tmp_path: Path, capsys) -> None:
+    from robot_rl.bc import make_bc_policy, save_bc
+    from robot_rl.learner.service import learner_observation_space
+    from robot_rl.obs import spec_from_space
+
+    cfg = load_config(STATE)
+    ones = np.ones(6, np.float32)
+    policy = make_bc_policy(cfg.bc, spec_from_space(learner_observation_space(cfg)), 6, -ones, ones)
+    demos, bc = state_demos(tmp_path / "demos.hdf5"), str(save_bc(policy, tmp_path / "bc"))
+    out = tmp_path / "run"
+    assert main(["learner", "--config", str(STATE), "--out", str(out), "--bc", bc, "--demos", str(demos)]) == 2
+    err = error_line(capsys, "learner")
+    assert f"--demos {demos} would be ignored" in err and "agent.offline_ratio" in err
+    assert not out.exists()
+    # A method that samples them takes them: it gets as far as the port (here, taken), not refused for --demos.
+    args = ["learner", "--config", str(STATE), "--out", str(out), "--bc", bc, "--demos", str(demos)]
+    assert main([*args, "--bind", "tcp://999.0.0.1:1", "--set", "agent.method=rlpd"]) == 2
+    err = error_line(capsys, "learner")
+    assert "999.0.0.1" in err and "--demos" not in err
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 7, 8: endpoints
 # --------------------------------------------------------------------------------------------------------------------
