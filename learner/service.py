@@ -177,9 +177,11 @@ class _Piece:
 
 @dataclass
 class Stream:
-    """One (actor_id, run_id): the next sequence number to store and the open Q-Estimation episode."""
+    """One (actor_id, run_id): the next sequence number to store, the transitions stored, and the open Q-Estimation
+    episode."""
 
     next_seq: int = 0
+    stored: int = 0
     pending: list[_Piece] = field(default_factory=list)
 
 
@@ -597,7 +599,8 @@ class LearnerService:
                 if seen < 60:
                     log.warning(
                         "actor id %s is in use by run %s (heard %.0f s ago) and now says hello from run %s: two actors "
-                        "with one id? their counts merge in stats.json; give each actor its own --actor-id",
+                        "with one id? their counts merge in stats.json (its runs keep them apart); give each actor "
+                        "its own --actor-id",
                         actor_id, run_id, seen, hello.run_id,
                     )  # fmt: skip
                 break
@@ -705,6 +708,7 @@ class LearnerService:
                 bc_actions=bc_actions,
             )
         stream.next_seq = chunk.last_seq + 1
+        stream.stored += chunk.count
         self.counters.env_steps += n
         if chunk.online:
             self.counters.online_env_steps += n
@@ -1019,6 +1023,12 @@ class LearnerService:
                     "refused": s.refused,
                     "gaps": s.gaps,
                     "last_seen_s": None if s.last_seen is None else round(now - s.last_seen, 2),
+                    # Each run of this actor id apart (an actor restarted with a new --out starts a new run).
+                    "runs": {
+                        run: {"stored": stream.stored, "acked_seq": stream.next_seq - 1}
+                        for (actor, run), stream in self.streams.items()
+                        if actor == name
+                    },
                 }
                 for name, s in self.actors.items()
             },

@@ -330,18 +330,23 @@ def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Pat
         assert acked(actor.transitions(5, 10)) == 14  # overlapping: only 10..14 are new
         assert acked(actor.transitions(20, 5)) == 14  # past a gap: not stored, resume from 15
         assert acked(actor.transitions(15, 5)) == 19
-    assert len(service.buffer) == 20
+        # A second run under the same actor id (an actor restarted with a new --out): its own stream.
+        again = FakeActor(ctx, cfg, run_id="r1")
+        assert isinstance(again.hello(), Welcome)
+        assert acked(again.transitions(0, 7)) == 6
+    assert len(service.buffer) == 27
     stats = json.loads((out / "stats.json").read_text())
     assert stats["actors"]["a0"] | {"last_seen_s": None} == {
-        "stored": 20,
+        "stored": 27,
         "duplicates": 15,
         "refused": 0,
         "gaps": 1,
         "last_seen_s": None,
+        "runs": {"r0": {"stored": 20, "acked_seq": 19}, "r1": {"stored": 7, "acked_seq": 6}},
     }
-    assert stats["env_steps"] == 20 and stats["online_env_steps"] == 0
+    assert stats["env_steps"] == 27 and stats["online_env_steps"] == 0
     # The durable log holds sequences 0..19 once each, exactly as sent.
-    chunks = TransitionStore(out / "buffer").read_back()
+    chunks = [c for c in TransitionStore(out / "buffer").read_back() if c.run_id == "r0"]
     assert [(c.first_seq, c.count) for c in chunks] == [(0, 10), (10, 5), (15, 5)]
     stored_obs = np.concatenate([c.arrays["obs/ee_pose"] for c in chunks])
     np.testing.assert_array_equal(stored_obs, chunk_arrays(cfg, 0, 20)["obs/ee_pose"])
