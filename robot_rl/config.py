@@ -202,7 +202,13 @@ class FrankaConfig(Strict):
     host: str = Field("172.16.0.2", min_length=1, description="Robot (or franky-sim server) address.")
     realtime: bool = Field(False, description="Require a real-time kernel (franky RealtimeConfig.Enforce).")
     gripper: bool = Field(False, description="Use franky's Gripper (disabled for peg insertion).")
-    reconnect_attempts: int = Field(3, ge=0, le=100, description="Client rebuilds tried after a lost connection.")
+    reconnect_attempts: int = Field(
+        8,
+        ge=0,
+        le=100,
+        description="Client rebuilds tried after a lost connection, waiting 0.5, 1, 2, 4, then 5 s between them "
+        "(8: about 22 s, for a network blip or a controller that comes back).",
+    )
     reset_speed: float = Field(0.2, gt=0, le=1.0, description="Relative speed of move_to resets.")
     sim_server: bool = Field(
         False, description="Start a franky-sim server with the peg scene in its own process (franky-sim twin)."
