@@ -39,7 +39,9 @@ Floats compare within `atol` (absolute; NaN equals NaN); decisions and `done` co
 line per diverging step and field (logged, replayed), then a summary: steps, divergent steps per field, the first
 divergence. `run_replay` returns 0 when nothing diverged, 1 when something did, 2 when the input is unusable (an
 unreadable log, a weights version missing from the archive, no BC policy or config, weights or a BC policy that do
-not fit the config's networks): the message names the file.
+not fit the config's networks): the message names the file. An episode that ended on a robot or camera fault is
+replayed up to its last logged step (the step the fault cut short has no next observation and is not a logged step;
+a note names the fault); a log whose episode faulted at reset has no step to replay (exit 2, naming the fault).
 """
 
 from __future__ import annotations
@@ -61,7 +63,14 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
 from robot_rl.checkpoint import CheckpointError, load_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, load_config
-from robot_rl.episodes import Episode, EpisodeFileError, read_episodes
+from robot_rl.episodes import (
+    FAULT_ATTR,
+    Episode,
+    EpisodeFileError,
+    fault_of,
+    read_episodes,
+    read_episodes_without_steps,
+)
 from robot_rl.hardware.camera import CameraError, Frame
 from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
 from robot_rl.hardware.interfaces import ClosesOnExit, Pose, RobotState
@@ -375,6 +384,20 @@ def _recorded_bc_dir(actor_dir: Path, episodes: list[Episode]) -> Path:
     )
 
 
+def _fault_line(attrs: dict) -> str:
+    """How the episode with these attrs ended on a fault ("faulted in step 9: CameraError: ..."), or a placeholder."""
+    try:
+        fault = fault_of(attrs)
+    except ValueError as exc:
+        return f"holds an unreadable fault record ({exc})"
+    return fault.describe() if fault is not None else "ended before its first step"
+
+
+def fault_notes(episodes: list[Episode]) -> list[str]:
+    """One note per episode that ended on a fault: the step it cut short is not replayed (it is not a logged step)."""
+    return [f"demo_{i} {_fault_line(ep.attrs)}" for i, ep in enumerate(episodes) if FAULT_ATTR in ep.attrs]
+
+
 def read_log(log: Path) -> list[Episode]:
     """The episodes of an actor log; ReplayInputError when the file is unreadable or not an actor log."""
     try:
@@ -382,7 +405,10 @@ def read_log(log: Path) -> list[Episode]:
     except EpisodeFileError as exc:
         raise ReplayInputError(f"episode log {exc}") from exc
     if not episodes:
-        raise ReplayInputError(f"episode log {log}: no episode with a recorded step")
+        faults = [_fault_line(attrs) for attrs in read_episodes_without_steps(log)]
+        raise ReplayInputError(
+            f"episode log {log}: no episode with a recorded step" + "".join(f" (it {line})" for line in faults)
+        )
     for i, ep in enumerate(episodes):
         missing = [name for name in REQUIRED_EXTRAS if name not in ep.extras]
         if missing:
@@ -610,6 +636,7 @@ def replay_log(
     report = ReplayReport(log=log, episodes=len(episodes), versions=versions)
     if inputs.weights is not None and inputs.weights.fixed is not None and versions:
         report.notes.append(f"every gated step replayed with {inputs.weights.describe()} (logged versions {versions})")
+    report.notes.extend(fault_notes(episodes))
     replayer = Replayer(inputs, atol=atol)
     for i, ep in enumerate(episodes):
         replayer.replay_episode(ep, i, report)

@@ -50,7 +50,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import bc_fingerprint, load_bc
 from robot_rl.config import ConfigError, RunConfig, dump_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
-from robot_rl.episodes import EpisodeWriter
+from robot_rl.episodes import EpisodeFault, EpisodeWriter
 from robot_rl.hardware.camera import CameraError
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
 from robot_rl.hardware.operator import OperatorEvent, make_operator
@@ -62,6 +62,8 @@ from robot_rl.signals import stop_signals
 from robot_rl.wire import EvalReport, Transitions, to_wire
 
 log = logging.getLogger(__name__)
+# What fails an episode, is recorded in its log, and lets the actor go on after recovering.
+FAULTS = (RobotFault, CameraError)
 EVAL_SEED_BASE = 1_000_000
 # Operator events as stored per step in the episode logs (extras/operator_event).
 EVENT_CODES = {None: 0, OperatorEvent.SUCCESS: 1, OperatorEvent.FAILURE: 2, OperatorEvent.PAUSE: 3,
@@ -281,9 +283,12 @@ class ActorService:
         return self._gated_policies[rl_action](obs)  # the agent's weights are swapped in place: built once
 
     def run_episode(self, *, kind: str, gated: bool, send: bool, seed: int | None) -> tuple[bool, int, int]:
-        """One episode; returns (success, steps, BC steps). `kind` is recorded: bc_only, qest_rollouts, online, eval."""
+        """One episode; returns (success, steps, BC steps). `kind` is recorded: bc_only, qest_rollouts, online, eval.
+
+        Every episode started has its log file, one that faults at reset too. A robot or camera fault at reset or in
+        a step is recorded in the log (`EpisodeFault`: the action and command of the step it cut short, which is
+        neither a logged step nor a transition: it has no next observation) and raised for `run` to handle."""
         rl_action = "mode" if kind == "eval" else None
-        obs_dict, _ = self.env.reset(seed=seed)
         path = self.episode_dir / f"episode_{self._episode_index:06d}.hdf5"
         self._episode_index += 1
         env_args = {
@@ -307,6 +312,11 @@ class ActorService:
                 }
             ) as stream,
         ):
+            try:
+                obs_dict, _ = self.env.reset(seed=seed)
+            except FAULTS as err:  # recorded (the file keeps the episode's attrs without steps), then handled by run()
+                self._record_fault(stream, err, during="reset", step=0, command=self._unfinished_command())
+                raise
             self.rate.start()
             try:
                 done, success, steps, bc_steps = self._episode_steps(
@@ -332,6 +342,18 @@ class ActorService:
                 f"stopped; free space and run the same command again (it continues in {self.out})"
             )
 
+    def _unfinished_command(self) -> np.ndarray | None:
+        """What the env had commanded the arm in the reset or step that just raised (None: nothing, or unknown)."""
+        return getattr(self.env.unwrapped, "unfinished_command", None)
+
+    def _record_fault(self, stream, err: Exception, **where) -> None:
+        """End the episode's log with the record of the fault (`EpisodeFault` fields in `where`); a failure to write it
+        is logged, never raised in place of the fault."""
+        try:
+            stream.end(fault=EpisodeFault.from_error(err, **where))
+        except Exception:
+            log.exception("the fault (%s) could not be recorded in the episode log", err)
+
     def _close_cut_episode(self) -> None:
         """An episode cut by a stop or a robot fault ends truncated (its last state was not terminal: bootstrap);
         its pending transitions are spilled so the learner sees the episode end."""
@@ -351,9 +373,19 @@ class ActorService:
                 self.weights_archive.pin(version)  # evaluated versions outlive the archive's retention
             t0 = time.monotonic()
             choice = self._choose(obs_dict, gated=gated, rl_action=rl_action)
-            next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
-            # The episode log has the images under obs/<camera> when the policies observe them.
-            camera_extras = read_cameras(self.cameras, images=not obs_lib.image_keys(self.obs_spec))
+            try:
+                next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
+            except FAULTS as err:  # the arm may have had this step's command: it is recorded with the fault
+                self._record_fault(stream, err, during="step", step=steps, action=choice.action,
+                                   command=self._unfinished_command())  # fmt: skip
+                raise
+            try:
+                # The episode log has the images under obs/<camera> when the policies observe them.
+                camera_extras = read_cameras(self.cameras, images=not obs_lib.image_keys(self.obs_spec))
+            except CameraError as err:  # the arm had this step's command
+                self._record_fault(stream, err, during="step", step=steps, action=choice.action,
+                                   command=info.get("command"))  # fmt: skip
+                raise
             reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
             done = bool(terminated or truncated)
             e = choice.extras
@@ -536,13 +568,13 @@ class ActorService:
                     self._faults_in_a_row = 0
                 except RobotFault as err:
                     self._recover_robot(err)
-                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
+                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log records the fault
                     self._after_fault(err)
                 except CameraError as err:  # a stale or lost camera: the episode failed, the camera reconnects itself
                     self.counters.faults += 1
                     self.message = f"camera fault: {err}"
                     log.warning("episode failed on a camera fault: %s", err)
-                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log is marked interrupted
+                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log records the fault
                     self._after_fault(err)
                 c = self.counters
                 c.episodes += 1

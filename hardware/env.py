@@ -8,7 +8,8 @@ in metres along the base axes, additive roll/pitch/yaw in radians, see `safety.p
 With cameras (`config.cameras` non-empty) the observation also holds one image per camera under the camera's name:
 the `Camera.read()` of that step, (out_size, out_size, 3) uint8 RGB, read after the wait and after the reset move (the
 layout `robot_rl.wire.transition_spec` expects). The env owns its cameras and closes them in `close()`. A camera that
-cannot deliver (stale frame, lost device) raises `CameraError` from `reset`/`step`; no image is ever made up.
+cannot deliver (stale frame, lost device) raises `CameraError` from `reset`/`step`; no image is ever made up. A
+reset or step that raises leaves what it had commanded the arm in `unfinished_command`.
 
 Reward is the raw sparse success signal (1.0 or 0.0; the learner transforms it). Success terminates; the step limit
 truncates. Never the other way round: a truncated episode must be bootstrapped, a successful one must not.
@@ -127,6 +128,10 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self.action_space = spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
         self._steps = 0
         self._measured = np.zeros(ACTION_DIM)
+        # The command (world pose x, y, z, qw, qx, qy, qz) of the latest reset or step that raised after commanding
+        # the arm, for the record of a step cut short (a camera that failed after the command was sent); None when
+        # it raised before the arm was commanded. Set only when one raises: nothing is added to a step that does not.
+        self.unfinished_command: np.ndarray | None = None
 
     @property
     def reference(self) -> Pose:
@@ -147,35 +152,46 @@ class RobotEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         super().reset(seed=seed)
         offset = self._reset_offset(options)
         pose = relative_to_world(offset, self.reference)
-        self.robot.move_to(pose.pos, pose.quat)
-        state = self.robot.state()
-        self._measured = self._relative(state)
-        # The first target is the measured pose, never a remembered one: no jump at the first step.
-        target = self.mapper.reset(self._measured)
-        self._steps = 0
-        status = self.task.evaluate(state)
-        info = self._info(status, target, np.concatenate([pose.pos, pose.quat]))
-        return self._observation(self._measured), info
+        command = np.concatenate([pose.pos, pose.quat])
+        try:
+            self.robot.move_to(pose.pos, pose.quat)
+            state = self.robot.state()
+            self._measured = self._relative(state)
+            # The first target is the measured pose, never a remembered one: no jump at the first step.
+            target = self.mapper.reset(self._measured)
+            self._steps = 0
+            status = self.task.evaluate(state)
+            info = self._info(status, target, command)
+            return self._observation(self._measured), info
+        except BaseException:
+            self.unfinished_command = command  # the move was commanded (the arm may have gone part of the way)
+            raise
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         measured = self._measured.copy()
         target = self.mapper.step(action, measured)
         pose = relative_to_world(target, self.reference)
-        sent_pos, sent_quat = self.robot.command(pose.pos, pose.quat)
-        self._wait(self.config.task.control_period_s)
-        state = self.robot.state()
-        self._measured = self._relative(state)
-        self._steps += 1
-        status = self.task.evaluate(state)
-        terminated = status.is_success
-        truncated = not terminated and self._steps >= self.config.task.max_episode_steps
-        reward = 1.0 if status.is_success else 0.0
-        info = self._info(status, target, np.concatenate([sent_pos, sent_quat]))
-        # The measured relative pose the target was computed from (before this step): what a replay feeds back.
-        info["measured"] = measured
-        # The arm's joints after this step (rad, rad/s), for diagnosis: limits, singularities, contact stalls.
-        info["joint_pos"], info["joint_vel"] = state.joint_pos, state.joint_vel
-        return self._observation(self._measured), reward, terminated, truncated, info
+        command = None
+        try:
+            sent_pos, sent_quat = self.robot.command(pose.pos, pose.quat)
+            command = np.concatenate([sent_pos, sent_quat])
+            self._wait(self.config.task.control_period_s)
+            state = self.robot.state()
+            self._measured = self._relative(state)
+            self._steps += 1
+            status = self.task.evaluate(state)
+            terminated = status.is_success
+            truncated = not terminated and self._steps >= self.config.task.max_episode_steps
+            reward = 1.0 if status.is_success else 0.0
+            info = self._info(status, target, command)
+            # The measured relative pose the target was computed from (before this step): what a replay feeds back.
+            info["measured"] = measured
+            # The arm's joints after this step (rad, rad/s), for diagnosis: limits, singularities, contact stalls.
+            info["joint_pos"], info["joint_vel"] = state.joint_pos, state.joint_vel
+            return self._observation(self._measured), reward, terminated, truncated, info
+        except BaseException:
+            self.unfinished_command = command  # None: the command itself failed, what reached the arm is unknown
+            raise
 
     def _reset_offset(self, options: dict[str, Any] | None) -> np.ndarray:
         low, high = box_limits(self.config.safety)

@@ -146,9 +146,13 @@ def fault_of(attrs: Mapping[str, Any]) -> EpisodeFault | None:
 
 
 def _fault_vector(name: str, value: Any) -> tuple[float, ...]:
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim != 1 or not np.all(np.isfinite(arr)):
-        raise ValueError(f"fault: {name} must be a vector of finite numbers, got {value!r}")
+    # NaN is kept (as extras keep it): the record says what the arm was sent, even a policy's NaN action.
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.zeros((0, 0))
+    if arr.ndim != 1:
+        raise ValueError(f"fault: {name} must be a vector of numbers, got {value!r}")
     return tuple(float(v) for v in arr)
 
 

@@ -188,8 +188,116 @@ def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path
     files = sorted((tmp_path / "a" / "episodes").glob("episode_*.hdf5"))
     first = read_episodes(files[0])[0]
     assert len(first) == 8 and first.attrs.get("interrupted") is True and not first.terminated.any()
+    # Recorded with its fault: the 9th step's action, no command (the fault struck before the env commanded one).
+    assert (first.fault.during, first.fault.step, first.fault.message) == ("step", 8, "cartesian reflex")
+    assert len(first.fault.action) == 6 and first.fault.command is None
     assert len(files) == 3  # the faulted episode counts as one (a failure); two more follow
     assert stats["episodes"] == 3 and stats["successes"] <= 2
+
+
+def test_a_reset_that_faults_leaves_its_episode_file_with_the_fault_and_the_reset_command(
+    tmp_path: Path, bc_dir: Path, capsys
+):
+    from robot_rl.actor.service import ActorService
+    from robot_rl.demo import gating_timeline
+    from robot_rl.episodes import fault_of, read_episodes_without_steps
+    from robot_rl.hardware.interfaces import RobotFault
+
+    cfg = load_config(TINY, ["actor.period_s=0", "env.task.max_episode_steps=12"])
+    out = tmp_path / "a"
+    service = ActorService(cfg, out, bc_dir=bc_dir, learner=None, episodes=3, quiet=True)
+    robot = service.env.unwrapped.robot
+    real_move_to, moves = robot.move_to, []
+
+    def faulty_move_to(pos, quat):
+        moves.append(np.concatenate([pos, quat]))
+        if len(moves) == 2:  # the second episode's reset move: a reflex on the way
+            raise RobotFault("cartesian reflex during the reset move")
+        return real_move_to(pos, quat)
+
+    robot.move_to = faulty_move_to
+    robot.recover = lambda: True
+    stats = service.run()
+    assert stats["episodes"] == 3 and stats["faults"] == 1  # the faulted episode counts as one started
+    files = sorted((out / "episodes").glob("episode_*.hdf5"))
+    assert [f.name for f in files] == [f"episode_{i:06d}.hdf5" for i in range(3)]
+    assert read_episodes(files[1]) == []  # no step: nothing any reader would take as one
+    (attrs,) = read_episodes_without_steps(files[1])
+    assert attrs["kind"] == "bc_only" and attrs["run_id"] == stats["run_id"] and attrs["interrupted"] is True
+    fault = fault_of(attrs)
+    assert fault.during == "reset" and fault.step == 0 and fault.action is None
+    assert fault.error == "RobotFault" and fault.message == "cartesian reflex during the reset move"
+    np.testing.assert_allclose(fault.command, moves[1])  # the move the arm was commanded
+    assert all(read_episodes_without_steps(f) == [] for f in (files[0], files[2]))
+    # The tools that read the run directory skip it: the gating picture, and replay (one line, exit 2).
+    gating_timeline(out / "episodes")
+    capsys.readouterr()
+    assert main(["replay", str(files[1])]) == 2
+    err = capsys.readouterr().err
+    assert "no episode with a recorded step" in err and "faulted at reset: RobotFault: cartesian reflex" in err
+    assert main(["replay", str(files[2])]) == 0
+
+
+class CameraAfterTheCommand:
+    """An env's camera read that fails in its `fail_at`-th observation (the reset's is the first)."""
+
+    def __init__(self, env, fail_at: int) -> None:
+        self.env, self.fail_at, self.calls = env, fail_at, 0
+        self.real = env._observation
+
+    def __call__(self, measured):
+        from robot_rl.hardware.camera import CameraError
+
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise CameraError("camera front: no frame within 0.5 s")
+        return self.real(measured)
+
+
+def test_a_step_whose_camera_read_fails_keeps_its_command_in_the_log_and_sends_no_half_transition(
+    tmp_path: Path, bc_dir: Path, capsys
+):
+    from robot_rl.actor.service import ActorService
+    from robot_rl.actor.spill import Spill
+    from robot_rl.hardware.camera import CameraError
+    from robot_rl.wire import from_wire
+
+    cfg = load_config(TINY, ["actor.period_s=0", "actor.chunk_steps=4"])
+    out = tmp_path / "a"
+    service = ActorService(cfg, out, bc_dir=bc_dir, learner=None, quiet=True)
+    service.spill = Spill(out / "spill")  # transitions spilled as for a learner, to see what it would get
+    env = service.env.unwrapped
+    env._observation = CameraAfterTheCommand(env, fail_at=11)  # the 10th step's cameras, after its command
+    real_command, sent = env.robot.command, []
+    env.robot.command = lambda pos, quat: sent.append(real_command(pos, quat)) or sent[-1]
+    real_choose, chosen = service._choose, []
+    service._choose = lambda obs, **kw: chosen.append(real_choose(obs, **kw)) or chosen[-1]
+    try:
+        with pytest.raises(CameraError):
+            service.run_episode(kind="qest_rollouts", gated=False, send=True, seed=0)
+    finally:
+        service._shutdown()
+    path = out / "episodes" / "episode_000000.hdf5"
+    (ep,) = read_episodes(path)
+    steps_sent = [np.concatenate(c) for c in sent[-10:]]  # the reset's move may command the arm too: before them
+    assert len(ep) == 9 and ep.attrs["interrupted"] is True
+    fault = ep.fault
+    assert fault.during == "step" and fault.step == 9 and fault.error == "CameraError"
+    assert fault.message == "camera front: no frame within 0.5 s"
+    np.testing.assert_allclose(fault.command, steps_sent[-1])  # what the arm received in step 9
+    assert len(chosen) == 10 and fault.action == tuple(chosen[-1].action.astype(float))  # the action of step 9
+    np.testing.assert_allclose(ep.extras["command"], steps_sent[:9], rtol=0, atol=1e-12)
+    # The learner gets the 9 whole steps, the last one cut (truncated: bootstrap), and nothing of step 9.
+    chunks = [from_wire(data, max_bytes=1 << 30) for _, data in Spill(out / "spill").chunks_from(0)]
+    actions = np.concatenate([c.arrays["actions"] for c in chunks])
+    truncated = np.concatenate([c.arrays["truncated"] for c in chunks])
+    np.testing.assert_array_equal(actions, ep.actions)
+    assert truncated.tolist() == [False] * 8 + [True]
+    assert not np.concatenate([c.arrays["terminated"] for c in chunks]).any()
+    # Replay reproduces the recorded steps and says where the episode ended.
+    capsys.readouterr()
+    assert main(["replay", str(path)]) == 0
+    assert "demo_0 faulted in step 9: CameraError: camera front: no frame within 0.5 s" in capsys.readouterr().out
 
 
 def test_actor_observes_and_logs_every_camera_frame_with_its_number_and_timestamp(tmp_path: Path):
