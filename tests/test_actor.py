@@ -199,12 +199,12 @@ def test_a_reset_that_faults_leaves_its_episode_file_with_the_fault_and_the_rese
     tmp_path: Path, bc_dir: Path, capsys
 ):
     from robot_rl.actor.service import ActorService
-    from robot_rl.demo import gating_timeline
+    from robot_rl.demo import report
     from robot_rl.episodes import fault_of, read_episodes_without_steps
     from robot_rl.hardware.interfaces import RobotFault
 
     cfg = load_config(TINY, ["actor.period_s=0", "env.task.max_episode_steps=12"])
-    out = tmp_path / "a"
+    out = tmp_path / "actor"  # a demo's run directory: tmp_path
     service = ActorService(cfg, out, bc_dir=bc_dir, learner=None, episodes=3, quiet=True)
     robot = service.env.unwrapped.robot
     real_move_to, moves = robot.move_to, []
@@ -229,8 +229,8 @@ def test_a_reset_that_faults_leaves_its_episode_file_with_the_fault_and_the_rese
     assert fault.error == "RobotFault" and fault.message == "cartesian reflex during the reset move"
     np.testing.assert_allclose(fault.command, moves[1])  # the move the arm was commanded
     assert all(read_episodes_without_steps(f) == [] for f in (files[0], files[2]))
-    # The tools that read the run directory skip it: the gating picture, and replay (one line, exit 2).
-    gating_timeline(out / "episodes")
+    # The tools that read the run directory skip it: the report with its gating picture, and replay (exit 2).
+    assert report(tmp_path) == 0 and (tmp_path / "report.png").is_file()
     capsys.readouterr()
     assert main(["replay", str(files[1])]) == 2
     err = capsys.readouterr().err
