@@ -254,8 +254,30 @@ class CameraAfterTheCommand:
         return self.real(measured)
 
 
+class ActorReadCamera:
+    """A camera the actor reads after each env step (the env reads none); its `fail_at`-th read fails."""
+
+    name = "front"
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def read(self):
+        from robot_rl.hardware.camera import CameraError, Frame
+
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise CameraError("camera front: no frame within 0.5 s")
+        return Frame(np.zeros((8, 8, 3), np.uint8), timestamp_s=self.calls, frame_number=self.calls,
+                     received_s=time.monotonic())  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("reader", ["env", "actor"])
 def test_a_step_whose_camera_read_fails_keeps_its_command_in_the_log_and_sends_no_half_transition(
-    tmp_path: Path, bc_dir: Path, capsys
+    tmp_path: Path, bc_dir: Path, capsys, reader: str
 ):
     from robot_rl.actor.service import ActorService
     from robot_rl.actor.spill import Spill
@@ -267,7 +289,12 @@ def test_a_step_whose_camera_read_fails_keeps_its_command_in_the_log_and_sends_n
     service = ActorService(cfg, out, bc_dir=bc_dir, learner=None, quiet=True)
     service.spill = Spill(out / "spill")  # transitions spilled as for a learner, to see what it would get
     env = service.env.unwrapped
-    env._observation = CameraAfterTheCommand(env, fail_at=11)  # the 10th step's cameras, after its command
+    # The 10th step's camera read fails, after its command: the env's own read (its first is the reset's), or the
+    # actor's read after the env step.
+    if reader == "env":
+        env._observation = CameraAfterTheCommand(env, fail_at=11)
+    else:
+        service.cameras = [ActorReadCamera(fail_at=10)]
     real_command, sent = env.robot.command, []
     env.robot.command = lambda pos, quat: sent.append(real_command(pos, quat)) or sent[-1]
     real_choose, chosen = service._choose, []
@@ -281,6 +308,7 @@ def test_a_step_whose_camera_read_fails_keeps_its_command_in_the_log_and_sends_n
     (ep,) = read_episodes(path)
     steps_sent = [np.concatenate(c) for c in sent[-10:]]  # the reset's move may command the arm too: before them
     assert len(ep) == 9 and ep.attrs["interrupted"] is True
+    assert ("cam_front_frame_number" in ep.extras) == (reader == "actor")
     fault = ep.fault
     assert fault.during == "step" and fault.step == 9 and fault.error == "CameraError"
     assert fault.message == "camera front: no frame within 0.5 s"
