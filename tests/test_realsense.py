@@ -6,8 +6,12 @@ and in the blue channel; the red and green channels are gradients of x and y, so
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
+import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -20,8 +24,19 @@ rs = pytest.importorskip("pyrealsense2", reason="pyrealsense2 cannot be imported
 
 from robot_rl.config import CameraConfig, CropConfig  # noqa: E402
 from robot_rl.hardware.camera import Camera, CameraError, Frame, StaleFrameError, preprocess  # noqa: E402
-from robot_rl.hardware.realsense.camera import RealSenseCamera, _start_pipeline, _Stream, list_serials  # noqa: E402
-from robot_rl.hardware.realsense.recording import write_recording  # noqa: E402
+from robot_rl.hardware.realsense import camera as rs_camera  # noqa: E402
+from robot_rl.hardware.realsense.camera import (  # noqa: E402
+    RealSenseCamera,
+    RecordingDamagedError,
+    _start_pipeline,
+    _Stream,
+    list_serials,
+)
+from robot_rl.hardware.realsense.recording import (  # noqa: E402
+    COLOUR_IMAGE_TOPIC,
+    count_colour_frames,
+    write_recording,
+)
 
 W, H = 848, 480
 BITS = 16
@@ -71,17 +86,23 @@ def camera_cfg(path: Path, **overrides: object) -> CameraConfig:
     return CameraConfig(name="front", recording=str(path), width=W, height=H, **overrides)
 
 
-def read_until_end(camera: RealSenseCamera, *, raw: bool = True, timeout_s: float = 10.0) -> list[Frame]:
+def read_to_the_end(camera: RealSenseCamera, *, raw: bool = True, timeout_s: float = 10.0) -> tuple[list, CameraError]:
+    """Every read until the first CameraError: the frames and that error."""
     frames: list[Frame] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             frames.append(camera.read_raw() if raw else camera.read())
         except CameraError as exc:
-            assert "recording ended" in str(exc), exc
-            return frames
+            return frames, exc
         time.sleep(0.001)
     raise AssertionError("the recording never ended")
+
+
+def read_until_end(camera: RealSenseCamera, *, raw: bool = True, timeout_s: float = 10.0) -> list[Frame]:
+    frames, exc = read_to_the_end(camera, raw=raw, timeout_s=timeout_s)
+    assert "recording ended" in str(exc), exc
+    return frames
 
 
 def wait_until(predicate, timeout_s: float = 5.0) -> None:
@@ -143,6 +164,115 @@ def test_end_of_recording_is_reported_and_stays_reported(recording: tuple[Path, 
         for _ in range(2):
             with pytest.raises(CameraError, match="recording ended"):
                 camera.read()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Damaged recordings are reported as damaged, not as their end
+# --------------------------------------------------------------------------------------------------------------------
+def colour_frame_data(path: Path) -> list[bytes]:
+    """The stored data of every colour frame, in recording order, read from the file's sqlite tables."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        topics = [tid for tid, name in db.execute("SELECT id, name FROM topics") if COLOUR_IMAGE_TOPIC.fullmatch(name)]
+        (topic,) = topics
+        rows = db.execute("SELECT data FROM messages WHERE topic_id = ? ORDER BY timestamp, id", (topic,))
+        return [bytes(data) for (data,) in rows]
+
+
+def damage_frame(path: Path, index: int, *, size: int = 16) -> None:
+    """Invert `size` bytes in the middle of colour frame `index`'s stored data (0-based), in place."""
+    before = colour_frame_data(path)
+    data, raw = before[index], path.read_bytes()
+    for start in range(len(data) // 2, len(data) - size):
+        chunk = data[start : start + size]
+        at = raw.find(chunk)
+        if at >= 0 and raw.find(chunk, at + 1) < 0:  # found once in the whole file: these are the frame's bytes
+            break
+    else:
+        raise AssertionError(f"no unique stretch of frame {index}'s data found in {path}")
+    with path.open("r+b") as f:
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    after = colour_frame_data(path)
+    assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [index]
+
+
+def copy_of(recording: tuple[Path, list], folder: Path) -> Path:
+    path, _ = recording
+    return Path(shutil.copy(path, folder / path.name))
+
+
+def test_recording_read_to_its_end_ends_normally(recording: tuple[Path, list]) -> None:
+    path, sources = recording
+    assert count_colour_frames(path) == len(sources)
+    with RealSenseCamera(camera_cfg(path), clock=FakeClock()) as camera:
+        frames, exc = read_to_the_end(camera)
+        assert camera.ended and camera.frames_received == len(sources)
+    assert not isinstance(exc, RecordingDamagedError)
+    assert f"recording ended ({len(sources)} frames read from {path})" in str(exc)
+    assert frames[-1].frame_number == len(sources)
+
+
+def test_frame_that_no_longer_decodes_is_reported_as_damage(recording: tuple[Path, list], tmp_path: Path) -> None:
+    # The SDK stores colour frames as PNG; bytes overwritten in the middle of frame 7's make it undecodable, and the
+    # SDK's playback stops there exactly as at the end of the file.
+    path = copy_of(recording, tmp_path)
+    damage_frame(path, 6)
+    with RealSenseCamera(camera_cfg(path), clock=FakeClock(), frame_timeout_s=0.3) as camera:
+        frames, exc = read_to_the_end(camera)
+        assert camera.frames_received == 6
+        assert not camera.ended  # not the end of the recording
+        with pytest.raises(RecordingDamagedError):  # and it stays reported
+            camera.read()
+    assert isinstance(exc, RecordingDamagedError)
+    assert frames[-1].frame_number == 6  # every frame before the damaged one is delivered
+    message = str(exc)
+    assert f"camera front: recording {path} is damaged" in message
+    assert "stopped after frame #6 (device time 1.167 s)" in message
+    assert "delivered 6 of the 12 colour frames the file holds" in message
+    assert "recording ended" not in message
+
+
+def test_recording_cut_short_is_reported_as_damage(recording: tuple[Path, list], tmp_path: Path) -> None:
+    # A copy that lost its last byte: sqlite reads it one page short, and that page held part of a frame.
+    path = copy_of(recording, tmp_path)
+    os.truncate(path, path.stat().st_size - 1)
+    with RealSenseCamera(camera_cfg(path), clock=FakeClock(), frame_timeout_s=0.3) as camera:
+        frames, exc = read_to_the_end(camera)
+        delivered = camera.frames_received
+        assert not camera.ended
+    assert isinstance(exc, RecordingDamagedError), exc
+    assert 0 < delivered < 12 and frames[-1].frame_number == delivered
+    assert f"recording {path} is damaged" in str(exc)
+    assert f"after frame #{delivered} " in str(exc) and f"{delivered} of the 12 colour frames" in str(exc)
+
+
+def test_recording_cut_in_the_middle_is_refused_when_opened(recording: tuple[Path, list], tmp_path: Path) -> None:
+    path = copy_of(recording, tmp_path)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(CameraError, match=re.escape(f"cannot open recording {path}")):
+        RealSenseCamera(camera_cfg(path))
+
+
+def test_recording_whose_index_cannot_be_read_is_refused(
+    recording: tuple[Path, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = recording
+
+    def unreadable(_path: object) -> int:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(rs_camera, "count_colour_frames", unreadable)
+    with pytest.raises(CameraError, match=re.escape(f"recording {path} is damaged: its frame index cannot be read")):
+        RealSenseCamera(camera_cfg(path))
+
+
+def test_count_colour_frames_reads_the_index_only(tmp_path: Path) -> None:
+    path, _ = make_recording(tmp_path, "five.db3", 5)
+    assert count_colour_frames(path) == 5
+    garbage = tmp_path / "garbage.db3"
+    garbage.write_bytes(b"this is not a recording")
+    with pytest.raises(sqlite3.DatabaseError):
+        count_colour_frames(garbage)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,12 +11,23 @@ to non-real-time *before* `pipeline.start` (hardware-facts.md: set after start, 
 runs). Non-real-time playback waits for the reader, so no frame is dropped; by default the file is read as fast as the
 thread can take it, `pace_recording=True` releases frames at the pace of their recorded timestamps instead. When the
 playback stops and the last frame has been read, `read()` raises CameraError('... recording ended ...').
+
+A damaged recording is not taken for its end. The SDK's playback stops on a frame it cannot read (a file cut short, a
+compressed frame that no longer decodes) exactly as at the end of the file: it logs the error and offers no way to
+tell the two apart (`playback.get_position()` is reset to 0 when it stops; `get_duration()` is the time of the file's
+last message of any stream). So the frames delivered are counted against the colour frames the file's index lists
+(recording.count_colour_frames): when playback stops short of them, `read()` raises RecordingDamagedError naming the
+file, how many frames were delivered (the last one's number and device timestamp) and how many the file holds. A
+recording whose index cannot be read at all is refused when it is opened. Not detected: pixel data changed in place
+without breaking its encoding (the format has no checksums; an uncompressed recording never notices, a PNG frame
+only when the change breaks its decoding), and a recording whose index lists no single colour stream (not checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -30,6 +41,7 @@ import pyrealsense2 as rs
 from robot_rl.config import CameraConfig
 from robot_rl.hardware.camera import CameraError, Frame, StaleFrameError, check_crop, preprocess
 from robot_rl.hardware.interfaces import ClosesOnExit
+from robot_rl.hardware.realsense.recording import count_colour_frames
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +60,14 @@ def list_serials() -> list[str]:
 
 @dataclass(frozen=True)
 class _Stream:
-    """A started pipeline; `playback` is set when it reads a recording (its status tells the end of the file)."""
+    """A started pipeline; `playback` is set when it reads a recording (its status tells the end of the file).
+
+    `frames_in_file`: the colour frames the recording's index lists (None for a live camera, or when it cannot tell).
+    """
 
     pipeline: rs.pipeline
     playback: rs.playback | None
+    frames_in_file: int | None = None
 
 
 def _start_pipeline(cfg: CameraConfig, *, recording: Path | None, record_to: Path | None) -> _Stream:
@@ -71,12 +87,21 @@ def _start_pipeline(cfg: CameraConfig, *, recording: Path | None, record_to: Pat
         device = config.resolve(rs.pipeline_wrapper(pipeline)).get_device()
         if device.is_playback():
             device.as_playback().set_real_time(False)  # before start, or frames get lost (hardware-facts.md)
+    except RuntimeError as exc:
+        raise CameraError(f"camera {cfg.name}: cannot open {source} as {wanted}: {exc}") from exc
+    frames_in_file = None
+    if recording is not None:
+        try:
+            frames_in_file = count_colour_frames(recording)
+        except sqlite3.DatabaseError as exc:
+            raise CameraError(f"camera {cfg.name}: {source} is damaged: its frame index cannot be read: {exc}") from exc
+    try:
         active = pipeline.start(config)
     except RuntimeError as exc:
         raise CameraError(f"camera {cfg.name}: cannot open {source} as {wanted}: {exc}") from exc
     active_device = active.get_device()
     playback = active_device.as_playback() if active_device.is_playback() else None
-    return _Stream(pipeline=pipeline, playback=playback)
+    return _Stream(pipeline=pipeline, playback=playback, frames_in_file=frames_in_file)
 
 
 def _stop_pipeline(stream: _Stream | None) -> None:
@@ -90,6 +115,10 @@ def _stop_pipeline(stream: _Stream | None) -> None:
 
 class _StreamStalled(CameraError):
     """No frame for longer than the frame timeout (the reader thread reconnects)."""
+
+
+class RecordingDamagedError(CameraError):
+    """The SDK's playback of a recording stopped before delivering every colour frame the file's index lists."""
 
 
 class RealSenseCamera(ClosesOnExit):
@@ -288,6 +317,8 @@ class RealSenseCamera(ClosesOnExit):
             return CameraError(
                 f"camera {self.name}: recording ended ({self._latest_seq} frames read from {self._recording})"
             )
+        if isinstance(self._error, RecordingDamagedError):
+            return RecordingDamagedError(f"camera {self.name}: {self._error}")
         if self._error is not None:
             return CameraError(f"camera {self.name}: reader stopped: {self._error}")
         return CameraError(
@@ -369,6 +400,8 @@ class RealSenseCamera(ClosesOnExit):
         last_frame = time.monotonic()
         timeout_s = self._startup_timeout_s
         pace_origin: tuple[float, float] | None = None  # (wall time, device timestamp) of the first paced frame
+        delivered = 0  # colour frames published from this stream
+        stopped_at: float | None = None  # when a recording's playback was first seen stopped
         while not self._stop.is_set():
             ok, frames = stream.pipeline.try_wait_for_frames(self._poll_ms)
             if ok:
@@ -383,19 +416,41 @@ class RealSenseCamera(ClosesOnExit):
                     if self._stop.wait(max(0.0, due - time.monotonic())):
                         return
                 self._publish(Frame(image=image, timestamp_s=timestamp_s, frame_number=number, received_s=0.0))
+                delivered += 1
                 last_frame = time.monotonic()
                 timeout_s = self._frame_timeout_s
                 continue
             if stream.playback is not None and stream.playback.current_status() == rs.playback_status.stopped:
-                # The file is read to its end and a whole poll passed with nothing queued: it is over.
-                with self._cond:
-                    self._ended = True
-                    self._connected = False
-                    self._cond.notify_all()
-                return
+                # The playback stopped and a whole poll passed with nothing queued: the end, or a damaged file.
+                stopped_at = stopped_at or time.monotonic()
+                if self._playback_over(stream, delivered, stopped_at=stopped_at):
+                    return
+                continue
             silent = time.monotonic() - last_frame
             if silent > timeout_s:
                 raise _StreamStalled(f"no frame for {silent:.1f} s")
+
+    def _playback_over(self, stream: _Stream, delivered: int, *, stopped_at: float) -> bool:
+        """After a recording's playback stopped: True at the end of the file (marked ended), False while frames the
+        file lists may still be on their way (for up to frame_timeout_s); raises RecordingDamagedError after that."""
+        expected = stream.frames_in_file
+        if expected is None or delivered >= expected:
+            with self._cond:
+                self._ended = True
+                self._connected = False
+                self._cond.notify_all()
+            return True
+        if time.monotonic() - stopped_at <= self._frame_timeout_s:
+            return False
+        with self._cond:
+            last = self._latest
+        where = "before its first frame"
+        if last is not None:
+            where = f"after frame #{last.frame_number} (device time {last.timestamp_s:.3f} s)"
+        raise RecordingDamagedError(
+            f"recording {self._recording} is damaged: the SDK's playback stopped {where}, having delivered "
+            f"{delivered} of the {expected} colour frames the file holds"
+        )
 
     def _copy_out(self, colour: rs.video_frame) -> tuple[np.ndarray, float, int]:
         data = np.asanyarray(colour.get_data())

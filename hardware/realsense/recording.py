@@ -1,15 +1,22 @@
-"""Make SDK recordings (.db3) from numpy frames, for tests and lab tooling.
+"""SDK recordings (.db3): make them from numpy frames (tests, lab tooling), and count the colour frames one holds.
 
 The SDK's own recorder writes the file, so a recording made here replays through exactly the pipeline code that reads
 a real camera's recording (`rs.config.enable_device_from_file`). The route, measured on pyrealsense2 2.59.1
 (shared/research/hardware-facts.md): a `software_device` with one colour stream, wrapped in an `rs.recorder`, frames
 injected with `on_video_frame`. The recorder only writes ROS2 sqlite (.db3); a `.bag` name is refused up front rather
 than producing a file under the wrong name.
+
+`count_colour_frames` reads the file's own index (the ROS2 sqlite tables `topics` and `messages`) with the standard
+library: how many colour frames the recording holds, without decoding one. The SDK's playback says nothing of the kind,
+and it stops on a frame it cannot read as if the file had ended (camera.py compares the two).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import re
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +24,8 @@ import numpy as np
 import pyrealsense2 as rs
 
 RECORDING_SUFFIX = ".db3"
+# The topic of a colour stream's images, as the SDK names it (`/compressed` when it wrote them as PNG, its default).
+COLOUR_IMAGE_TOPIC = re.compile(r"/device_\d+/sensor_\d+/Color_\d+/image/data(/compressed)?")
 
 
 def _colour_stream(*, width: int, height: int, fps: int) -> rs.video_stream:
@@ -111,3 +120,18 @@ def write_recording(
         del recording_sensor, recorder, sensor, device
         gc.collect()
     return path
+
+
+def count_colour_frames(path: str | Path) -> int | None:
+    """How many colour frames the recording at `path` holds, by its index; None unless it has one colour stream.
+
+    Opens the file read-only and reads row headers only (no frame is decoded, overflow pages are not touched), so it
+    takes milliseconds even for long recordings. Raises sqlite3.DatabaseError when those tables cannot be read.
+    """
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        topics = [tid for tid, name in db.execute("SELECT id, name FROM topics") if COLOUR_IMAGE_TOPIC.fullmatch(name)]
+        if len(topics) != 1:
+            return None
+        (count,) = db.execute("SELECT COUNT(*) FROM messages WHERE topic_id = ?", topics).fetchone()
+    return int(count)
