@@ -246,6 +246,16 @@ def test_recording_cut_short_is_reported_as_damage(recording: tuple[Path, list],
     assert f"after frame #{delivered} " in str(exc) and f"{delivered} of the 12 colour frames" in str(exc)
 
 
+def test_cameras_command_does_not_take_damage_for_the_end(recording: tuple[Path, list], tmp_path: Path) -> None:
+    """`robot-rl cameras --recording` stops at a recording's end and reports what it measured; not at damage."""
+    from robot_rl.cameras_cmd import measure_camera
+
+    path = copy_of(recording, tmp_path)
+    damage_frame(path, 6)
+    with pytest.raises(RecordingDamagedError, match=re.escape(f"recording {path} is damaged")):
+        measure_camera(camera_cfg(path), tmp_path / "out", 30)
+
+
 def test_recording_cut_in_the_middle_is_refused_when_opened(recording: tuple[Path, list], tmp_path: Path) -> None:
     path = copy_of(recording, tmp_path)
     os.truncate(path, path.stat().st_size // 2)
