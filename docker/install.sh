@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one install step of robot_rl: README, CI and the Dockerfiles all run this script.
-# It creates .venv/ in the checkout with torch==2.13.0 (CPU wheels where the index provides them) and the project,
-# and puts libusb (needed before pyrealsense2 imports) in place where it can, saying so where it cannot.
+# It creates .venv/ in the checkout with torch==2.13.0 (CPU wheels where the index provides them; TORCH_SPEC overrides
+# the pin) and the project, and puts libusb (needed before pyrealsense2 imports) in place where it can, saying so
+# where it cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -26,6 +27,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: left to the resolver, an unpinned torch pulls gigabytes of CUDA packages.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# TORCH_SPEC chooses another build of the same version (e.g. torch==2.13.0+cu128, with PIP_EXTRA_INDEX_URL set).
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[dev]"
 echo "install: ready (.venv/bin/robot-rl)"
