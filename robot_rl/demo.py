@@ -111,7 +111,9 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     base = [sys.executable, "-m", "robot_rl.cli"]
     common = ["--config", str(out / "config.yaml"), "--bc", str(bc_dir), "--quiet"]
     logs = {name: (out / f"{name}.log").open("a") for name in ("learner", "actor")}
-    learner_cmd = [*base, "learner", *common, "--out", str(out / "learner"), "--demos", str(demos)]
+    learner_cmd = [*base, "learner", *common, "--out", str(out / "learner")]
+    if cfg.agent.effective_offline_ratio > 0:  # a method that samples demonstrations (RLPD)
+        learner_cmd += ["--demos", str(demos)]
     actor_cmd = [*base, "actor", *common, "--out", str(out / "actor"), "--learner", cfg.transport.learner]
     # The services ignore the terminal's Ctrl-C; the demo stops them in order (_stop).
     env = {**os.environ, SUPERVISED_ENV: "1"}
@@ -120,31 +122,12 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
         "actor": subprocess.Popen(actor_cmd, stdout=logs["actor"], stderr=subprocess.STDOUT, env=env),
     }
     status = StatusLine(enabled=not quiet)
-    deadline = start + minutes * 60
     # SIGTERM stops the demo as Ctrl-C does (the CLI makes SIGINT raise KeyboardInterrupt in every command).
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
     interrupted = False
-    last_plain = time.monotonic()
+    failed: str | None = None  # the service that failed on its own, if one did
     try:
-        while procs["learner"].poll() is None:
-            if procs["actor"].poll() is not None:
-                code = procs["actor"].returncode
-                if code != 0:
-                    print(f"\ndemo: the actor exited ({code}); see {out / 'actor.log'}", flush=True)
-                    break
-                try:  # the actor stops when the learner says the run is done; the learner then writes its results
-                    procs["learner"].wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    print(f"\ndemo: the learner did not finish; see {out / 'learner.log'}", flush=True)
-                break
-            if time.monotonic() > deadline:
-                print(f"\ndemo: {minutes} minutes reached; stopping", flush=True)
-                break
-            learner, actor = _read_json(out / "learner" / "stats.json"), _read_json(out / "actor" / "stats.json")
-            plain_due = not status.interactive and time.monotonic() - last_plain > 30  # a line every 30 s in logs
-            last_plain = time.monotonic() if plain_due else last_plain
-            status.update(_status_fields(learner, actor, time.monotonic() - start), force=plain_due)
-            time.sleep(0.5)
+        failed = _supervise(procs, out, status, start=start, minutes=minutes)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -157,7 +140,53 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     if interrupted:
         print(f"\ndemo: interrupted; both processes stopped. Run directory: {out}", flush=True)
         return 130
+    if failed is not None:
+        log_path = out / f"{failed}.log"
+        print(
+            f"\ndemo: the {failed} exited ({procs[failed].returncode}): {_last_line(log_path)}\n"
+            f"demo: see {log_path}; run directory {out}",
+            flush=True,
+        )
+        if failed == "learner":  # nothing to report
+            return 1
+        report(out)
+        return 1
     return report(out)
+
+
+def _supervise(
+    procs: dict[str, subprocess.Popen], out: Path, status: StatusLine, *, start: float, minutes: float
+) -> str | None:
+    """Show the status line until the learner finishes (or the actor fails, or `minutes` pass); the name of the
+    service that exited with an error, if one did."""
+    deadline, last_plain = start + minutes * 60, time.monotonic()
+    while procs["learner"].poll() is None:
+        if procs["actor"].poll() is not None:
+            if procs["actor"].returncode != 0:
+                return "actor"
+            try:  # the actor stops when the learner says the run is done; the learner then writes its results
+                procs["learner"].wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                print(f"\ndemo: the learner did not finish; see {out / 'learner.log'}", flush=True)
+            break
+        if time.monotonic() > deadline:
+            print(f"\ndemo: {minutes} minutes reached; stopping", flush=True)
+            return None
+        learner, actor = _read_json(out / "learner" / "stats.json"), _read_json(out / "actor" / "stats.json")
+        plain_due = not status.interactive and time.monotonic() - last_plain > 30  # a line every 30 s in logs
+        last_plain = time.monotonic() if plain_due else last_plain
+        status.update(_status_fields(learner, actor, time.monotonic() - start), force=plain_due)
+        time.sleep(0.5)
+    return "learner" if procs["learner"].poll() not in (None, 0) else None
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a service's log (its one-line error, when it failed with one)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(the log is empty)"
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -105,6 +105,15 @@ def _stop_restart_and_finish(tmp_path: Path, stop: Callable[[subprocess.Popen], 
     return _stats(tmp_path / "actor" / "stats.json"), _stats(tmp_path / "learner" / "stats.json")
 
 
+def test_a_demo_whose_learner_fails_says_why_and_exits_1(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--config", str(TINY), "--set", "actor.period_s=0", "--out", str(out), "--quiet"]
+    assert main([*args, "--set", "train.buffer_capacity=4000000000"]) == 1  # more memory than any CI machine has
+    printed = capsys.readouterr().out
+    assert "demo: the learner exited (2): robot-rl learner: train.buffer_capacity=4000000000 needs" in printed
+    assert str(out / "learner.log") in printed and "Q2RL" not in printed  # no table of a run that never ran
+
+
 def test_actor_killed_and_restarted_loses_and_doubles_nothing(tmp_path: Path):
     def kill(actor: subprocess.Popen) -> None:
         actor.send_signal(signal.SIGKILL)
