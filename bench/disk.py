@@ -7,7 +7,9 @@ file in DIR (default: the current directory, where a run directory would be), an
 appended and fsync'd on one thread, and into a preallocated file with fdatasync for comparison. The last row drives
 the learner's own store (learner.store.TransitionStore: a writer thread appends, a sync thread fsyncs what is
 written meanwhile, checksums included) with at most --window chunks not yet durable, as an actor's window allows.
-Files are deleted afterwards. The last line is the headline: what the disk allows the store.
+Files are deleted afterwards. Before the disk rows, the CPU cost of checksumming one chunk: XXH3 (what the store
+writes since the log's "RRLX" records) against zlib's crc32 (the earlier "RRLT" records). The last line is the
+headline: what the disk allows the store.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import os
 import select
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+import xxhash
 
 from robot_rl.learner.store import StoredChunk, TransitionStore
 
@@ -49,6 +54,19 @@ def measure(directory: str, seconds: float, group: int, *, preallocate: bool) ->
     return chunks * CHUNK_TRANSITIONS / elapsed
 
 
+def checksum_ms(name: str, repeats: int = 200) -> float:
+    """Milliseconds to checksum one chunk's bytes, best of three rounds (`name`: "xxh3" or "crc32")."""
+    chunk = os.urandom(CHUNK_TRANSITIONS * TRANSITION_BYTES)
+    fn = {"xxh3": lambda b: xxhash.xxh3_64_intdigest(b, seed=1), "crc32": lambda b: zlib.crc32(b, 1)}[name]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(chunk)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best * 1e3
+
+
 def measure_store(directory: str, seconds: float, window: int) -> float:
     """Transitions per second made durable by the learner's TransitionStore, at most `window` chunks pending."""
     payload = os.urandom(CHUNK_TRANSITIONS * TRANSITION_BYTES)
@@ -77,6 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     where = os.path.abspath(args.dir)
     print(f"chunks of {CHUNK_TRANSITIONS} x {TRANSITION_BYTES:,} B in {where}, {args.seconds:g} s per row")
+    for name in ("xxh3", "crc32"):
+        ms = checksum_ms(name)
+        print(f"checksum {name:<6} {ms:.3f} ms per chunk ({CHUNK_TRANSITIONS * TRANSITION_BYTES / ms / 1e6:.1f} GB/s)")
     print(f"{'chunks per sync':>15} {'how':<22} {'transitions/s':>14} {'MB/s':>8}")
     best = 0.0
     for group in (int(g) for g in args.groups.split(",")):
