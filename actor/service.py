@@ -504,7 +504,8 @@ class ActorService:
         for i in range(n):
             if self.stop_event.is_set():
                 return
-            s, k, b = self.run_episode(kind="eval", gated=gated, send=False, seed=EVAL_SEED_BASE + i)
+            # A faulted evaluation episode (a reflex, a lost camera) is recovered from and counts as a failure.
+            s, k, b = self._guarded_episode(kind="eval", gated=gated, send=False, seed=EVAL_SEED_BASE + i)
             wins, steps, bc = wins + int(s), steps + k, bc + b
             self._write_stats(force=True)
         self._done_eval_ids.add(eval_id)
@@ -561,21 +562,9 @@ class ActorService:
                 gated = phase == "online" and self._gated()
                 send = self.link is not None and phase in ("qest_rollouts", "online", "stale")
                 kind = phase if phase in ("qest_rollouts", "online") else "bc_only"
-                try:
-                    success, steps, bc_steps = self.run_episode(
-                        kind=kind, gated=gated, send=send, seed=seed_base + self.counters.episodes
-                    )
-                    self._faults_in_a_row = 0
-                except RobotFault as err:
-                    self._recover_robot(err)
-                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log records the fault
-                    self._after_fault(err)
-                except CameraError as err:  # a stale or lost camera: the episode failed, the camera reconnects itself
-                    self.counters.faults += 1
-                    self.message = f"camera fault: {err}"
-                    log.warning("episode failed on a camera fault: %s", err)
-                    success, steps, bc_steps = False, 0, 0  # a faulted episode failed; its log records the fault
-                    self._after_fault(err)
+                success, steps, bc_steps = self._guarded_episode(
+                    kind=kind, gated=gated, send=send, seed=seed_base + self.counters.episodes
+                )
                 c = self.counters
                 c.episodes += 1
                 c.successes += int(success)
@@ -586,6 +575,24 @@ class ActorService:
         finally:
             self._shutdown()
         return self.stats()
+
+    def _guarded_episode(self, *, kind: str, gated: bool, send: bool, seed: int) -> tuple[bool, int, int]:
+        """run_episode, with a robot or camera fault recovered from: such an episode failed (success False, no steps
+        counted; its log records the fault). ActorError when faults come too often (_after_fault)."""
+        try:
+            result = self.run_episode(kind=kind, gated=gated, send=send, seed=seed)
+        except RobotFault as err:
+            self._recover_robot(err)
+            self._after_fault(err)
+            return False, 0, 0
+        except CameraError as err:  # a stale or lost camera: the episode failed, the camera reconnects itself
+            self.counters.faults += 1
+            self.message = f"camera fault: {err}"
+            log.warning("episode failed on a camera fault: %s", err)
+            self._after_fault(err)
+            return False, 0, 0
+        self._faults_in_a_row = 0
+        return result
 
     def _after_fault(self, err: Exception) -> None:
         """After an episode that failed on a fault: wait before the next reset (0.5 s, doubling), and stop with

@@ -195,6 +195,38 @@ def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path
     assert stats["episodes"] == 3 and stats["successes"] <= 2
 
 
+def test_a_robot_fault_in_an_evaluation_episode_counts_as_a_failure_and_the_evaluation_goes_on(
+    tmp_path: Path, bc_dir: Path
+):
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.interfaces import RobotFault
+
+    cfg = load_config(TINY, ["actor.period_s=0", "train.eval_episodes=3"])
+    service = ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, episodes=1, quiet=True)
+    env, robot = service.env.unwrapped, service.env.unwrapped.robot
+    real_step, calls, recovered = env.step, {"n": 0}, []
+
+    def faulty_step(action):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a reflex in the 3rd step of the first evaluation episode
+            raise RobotFault("cartesian reflex")
+        return real_step(action)
+
+    service.env.step = faulty_step
+    robot.recover = lambda: recovered.append(True) or True
+    try:
+        service._evaluate(eval_id=4)
+    finally:
+        service._shutdown()
+    report = service.last_eval
+    assert report is not None and report.eval_id == 4 and report.episodes == 3 and recovered == [True]
+    files = sorted((tmp_path / "a" / "episodes").glob("episode_*.hdf5"))
+    assert len(files) == 3 and read_episodes(files[0])[0].fault.message == "cartesian reflex"
+    later = [read_episodes(f)[0] for f in files[1:]]
+    assert report.success_rate == sum(bool(ep.terminated[-1]) for ep in later) / 3  # the faulted one failed
+    assert service.stats()["faults"] == 1 and 4 in service._done_eval_ids
+
+
 def test_a_reset_that_faults_leaves_its_episode_file_with_the_fault_and_the_reset_command(
     tmp_path: Path, bc_dir: Path, capsys
 ):
