@@ -209,6 +209,12 @@ class FrankaConfig(Strict):
         description="Client rebuilds tried after a lost connection, waiting 0.5, 1, 2, 4, then 5 s between them "
         "(8: about 22 s, for a network blip or a controller that comes back).",
     )
+    connect_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="A robot (not a loopback franky-sim server) must answer a connection within this long; 0: wait "
+        "as long as franky does (no timeout).",
+    )
     reset_speed: float = Field(0.2, gt=0, le=1.0, description="Relative speed of move_to resets.")
     sim_server: bool = Field(
         False, description="Start a franky-sim server with the peg scene in its own process (franky-sim twin)."

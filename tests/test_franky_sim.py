@@ -227,6 +227,32 @@ def test_reconnect_gives_up_after_the_configured_attempts_with_backoff() -> None
     assert isinstance(info.value.__cause__.__cause__, franky.NetworkException)
 
 
+def _non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (the robot case of FrankyRobot.connect), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_a_robot_that_accepts_but_never_answers_is_reported_within_the_connect_timeout() -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    robot = FrankyRobot(FrankaConfig(host=address, connect_timeout_s=2.0), impedance=ImpedanceConfig())
+    with socket.create_server((address, 1337)):  # accepts (the kernel does), never answers: a hung controller
+        start = time.monotonic()
+        with pytest.raises(RobotConnectionLost, match=rf"no answer from the robot at {address} within 2 s"):
+            robot.connect()
+        assert time.monotonic() - start < 6.0 and not robot.connected
+    # Nothing listens there now: franky's own reason, at once.
+    with pytest.raises(RobotConnectionLost, match=rf"cannot connect to the robot at {address}: .*refused"):
+        robot.connect()
+
+
 def test_server_refuses_an_address_already_in_use() -> None:
     with socket.create_server(("127.0.1.8", 1337)):
         server = FrankySimServer(SimTaskConfig(), hostname="127.0.1.8")

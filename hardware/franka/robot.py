@@ -27,8 +27,11 @@ Facts this relies on (shared/research/hardware-facts.md, re-measured with franky
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -57,6 +60,8 @@ SETTLE_TIMEOUT_S = 2.0  # after a reset move, wait at most this long for the joi
 AT_REST_JOINT_LAG_RAD = 0.004  # |q - q_d| at rest; franky-sim's joint PD chatters within ~2 mrad
 EE_FRAME_SETTLE_S = 0.3  # robot time; see _set_end_effector
 EE_FRAME_TIMEOUT_S = 3.0
+# Run in a child process before franky connects in this one (see _probe_connect).
+_PROBE = "import sys, franky; franky.Robot(sys.argv[1], realtime_config=franky.RealtimeConfig.Ignore)"
 BACKOFF_FIRST_S = 0.5  # reconnect waits 0.5, 1, 2, 4, 5, 5 ... seconds between attempts
 BACKOFF_MAX_S = 5.0
 # A weak joint spring towards the posture at the start of tracking, projected into the nullspace: keeps the redundant
@@ -169,6 +174,7 @@ class FrankyRobot:
         """
         if self._robot is not None:
             return
+        _probe_connect(self.cfg.host, self.cfg.connect_timeout_s)
         realtime = franky.RealtimeConfig.Enforce if self.cfg.realtime else franky.RealtimeConfig.Ignore
         robot: franky.Robot | None = None
         try:
@@ -522,3 +528,36 @@ def describe(exc: BaseException) -> str:
     """A one-line account of a fault and its franky cause, for the operator's screen."""
     cause: Any = exc.__cause__
     return f"{type(exc).__name__}: {exc}" + (f" (cause: {type(cause).__name__}: {cause})" if cause else "")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
+def _probe_connect(host: str, timeout_s: float) -> None:
+    """Connect once from a child process that is killed after `timeout_s`, before this process connects.
+
+    franky's constructor waits for the robot's answer without a timeout and holds the GIL meanwhile, so a host that
+    accepts the connection but never answers (an arm whose controller hangs) would freeze this process, Ctrl-C
+    included. Only for robots: a loopback host is a franky-sim server, which serves one client at a time and is
+    watched by its own process. RobotConnectionLost naming the host when the child does not connect in time or fails.
+    """
+    if timeout_s <= 0 or _is_loopback(host):
+        return
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _PROBE, host], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise RobotConnectionLost(
+            f"no answer from the robot at {host} within {timeout_s:g} s (env.franka.connect_timeout_s): is the arm "
+            "on, FCI enabled in Desk, and the address right?"
+        ) from None
+    if child.returncode != 0:
+        lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+        raise RobotConnectionLost(
+            f"cannot connect to the robot at {host}: {lines[-1] if lines else f'exit status {child.returncode}'}"
+        )
