@@ -733,11 +733,12 @@ class LearnerService:
             if stream.pending and not all(
                 np.array_equal(stream.pending[-1].last_next_obs[k], piece.obs[k][0]) for k in piece.obs
             ):
-                # The open episode did not go on here: its actor stopped mid-episode (killed) and started a new one.
-                # Joined, the two would make one rollout with the wrong returns.
+                # The open episode did not go on here: it ended without an end mark (its actor was killed, or a fault
+                # struck just after a chunk was sent) and a new one began. Joined, the two would make one rollout
+                # with the wrong returns.
                 log.warning(
-                    "Q-Estimation: an episode of stream %s was cut after %d steps (its actor restarted mid-episode); "
-                    "it is not used as a rollout",
+                    "Q-Estimation: an episode of stream %s ended after %d steps without its end mark (the actor was "
+                    "stopped, or a fault struck right after a chunk); it is not used as a rollout",
                     name,
                     sum(len(p.actions) for p in stream.pending),
                 )
