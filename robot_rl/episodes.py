@@ -15,7 +15,8 @@ do not depend on robomimic itself (it drags in a CUDA torch and an old numpy):
     data/demo_<i>/extras/<name>    (T, ...)  ours: gating record, robot state, timestamps, weights version
 
 `dones` alone cannot tell a success from a time-out, and swapping the two breaks the TD target (DESIGN §5), so
-the two flags are stored next to it. A demo without `num_samples` is one whose writer died mid-episode (crash,
+the two flags are stored next to it; a file from another tool, without them, is read as robomimic reads it (see
+`iter_episodes`). A demo without `num_samples` is one whose writer died mid-episode (crash,
 SIGKILL, Ctrl-C): readers take it up to the shortest length of its datasets, i.e. up to the last flushed step.
 
 An episode ended by a robot or camera fault (`EpisodeStream.end(fault=...)`) is `interrupted` and carries attr
@@ -31,9 +32,10 @@ an empty one); its attrs are kept in a group outside `data`, which robomimic and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +56,10 @@ FAULT_ATTR = "fault"
 _DEMO_NAME = re.compile(r"^demo_(\d+)$")
 # Attributes the writer owns; an episode may not set them itself.
 _RESERVED_ATTRS = frozenset({"num_samples"})
+# The members of a robomimic demo that hold observations.
+_OBS_PREFIXES = ("obs/", "next_obs/")
+# Tells a read of one demo what it skipped, ignored (with the datasets' names) or derived: see _NOTE_TEXT.
+_Note = Callable[..., None]
 # Dtype kinds (numpy `dtype.kind`) accepted per field: b bool, i int, u unsigned, f float.
 _NUMERIC_KINDS = "biuf"
 # Target bytes per chunk of a streamed dataset: a few images per chunk, hundreds of scalars.
@@ -62,6 +68,8 @@ _MAX_CHUNK_ROWS = 1024
 # Superblock v0: a file whose writer was killed opens again without `h5clear` (the v3 superblock that
 # libver="latest" writes keeps a "file open for write" flag that a crash leaves set).
 _LIBVER = "earliest"
+
+log = logging.getLogger(__name__)
 
 
 class EpisodeFileError(ValueError):
@@ -694,29 +702,73 @@ def _datasets(group: h5py.Group) -> dict[str, h5py.Dataset]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def iter_episodes(path: str | Path, *, limit: int | None = None) -> Iterator[Episode]:
+def iter_episodes(
+    path: str | Path, *, limit: int | None = None, warn: Callable[[str], None] | None = None
+) -> Iterator[Episode]:
     """Yields the episodes of a file in index order; the file stays open while the iterator lives.
 
     A demo without `num_samples` (its writer died) is read up to the shortest length of its datasets and gets
-    attr `interrupted=True`; one with nothing flushed is skipped. Raises EpisodeFileError naming file and
-    demo.
+    attr `interrupted=True`; one with nothing flushed is skipped, as is a demo with no steps. A demo from another
+    tool (robomimic's fields alone, no `terminated`) is read as robomimic reads it: members other than `obs`,
+    `next_obs`, `actions`, `rewards` and `dones` (robomimic's `states`, `action_dict`, ...) are ignored, a missing
+    `next_obs` is taken from the following step's `obs` (the last step's from its own), and the episode ends at
+    its last step, terminal when `dones` is set there (robomimic also sets `dones` on every step after a success).
+    Whatever was skipped, ignored or derived is told to `warn` (default: a logged warning) once per file, after
+    the last episode. Raises EpisodeFileError naming file and demo.
     """
     path = Path(path)
+    notes = _ReadNotes()
     with _open_for_read(path) as f:
         data = _data_group(f, path)
         count = 0
         for name in _demo_names(data, path):
             if limit is not None and count >= limit:
-                return
-            episode = _read_demo(data[name], f"{path}: {name}")
+                break
+            episode = _read_demo(data[name], f"{path}: {name}", notes.of(name))
             if episode is not None:
                 count += 1
                 yield episode
+    notes.tell(path, warn or log.warning)
 
 
-def read_episodes(path: str | Path, *, limit: int | None = None) -> list[Episode]:
+def read_episodes(
+    path: str | Path, *, limit: int | None = None, warn: Callable[[str], None] | None = None
+) -> list[Episode]:
     """All episodes of a file (the first `limit` when given), see `iter_episodes`."""
-    return list(iter_episodes(path, limit=limit))
+    return list(iter_episodes(path, limit=limit, warn=warn))
+
+
+class _ReadNotes:
+    """What a read skipped, ignored or derived, per kind, with the demos it concerns (told once per file)."""
+
+    def __init__(self) -> None:
+        self.demos: dict[str, list[str]] = {}
+        self.ignored: set[str] = set()
+
+    def of(self, demo: str) -> _Note:
+        def note(kind: str, names: Iterable[str] = ()) -> None:
+            self.demos.setdefault(kind, []).append(demo)
+            self.ignored.update(names)
+
+        return note
+
+    def tell(self, path: Path, warn: Callable[[str], None]) -> None:
+        for kind, demos in self.demos.items():
+            warn(f"{path}: {_NOTE_TEXT[kind].format(ignored=sorted(self.ignored))} ({_demo_list(demos)})")
+
+
+_NOTE_TEXT = {
+    "empty": "skipped demos with no steps",
+    "ignored": "ignored datasets robot_rl does not use: {ignored}",
+    "no_next_obs": "no next_obs: each step's next_obs taken from the following step's obs, the last step's from "
+    "its own obs",
+    "early_dones": "dones set before the last step (robomimic marks every step after a success): each such demo "
+    "is read whole, ending at its last step",
+}
+
+
+def _demo_list(demos: list[str]) -> str:
+    return ", ".join(demos) if len(demos) <= 5 else f"{', '.join(demos[:3])}, ... {len(demos)} demos in all"
 
 
 def read_episodes_without_steps(path: str | Path) -> list[dict[str, AttrValue]]:
@@ -787,20 +839,29 @@ def _demo_names(data: h5py.Group, path: Path) -> list[str]:
     return sorted(names, key=lambda n: int(n[len(DEMO_PREFIX) :]))
 
 
-def _read_demo(group: h5py.Group, where: str) -> Episode | None:
+def _read_demo(group: h5py.Group, where: str, note: _Note = lambda kind, names=(): None) -> Episode | None:
     sealed = "num_samples" in group.attrs
     if not sealed and not _has_required_members(group):
         # Its writer died before the first flush completed: nothing to read.
         return None
+    foreign = not isinstance(group.get("terminated"), h5py.Dataset)
     datasets = _demo_datasets(group, where)
+    ignored = _robomimic_extra_members(datasets) if foreign else set()
+    datasets = {name: ds for name, ds in datasets.items() if name not in ignored}
     steps = _demo_length(group, datasets, where)
     if steps == 0:
+        if sealed:  # an unsealed one is a writer that died before its first step: nothing to say
+            note("empty")
         return None
+    if ignored:
+        note("ignored", ignored)
     arrays = {name: ds[:steps] for name, ds in datasets.items()}
     attrs = {k: v for k, v in group.attrs.items() if k not in _RESERVED_ATTRS}
     if not sealed:
         attrs["interrupted"] = True
     try:
+        if foreign:
+            arrays = _robomimic_arrays(arrays, note)
         return _episode_from_arrays(arrays, attrs)
     except ValueError as err:
         raise EpisodeFileError(f"{where}: {err}") from err
@@ -815,15 +876,39 @@ def _has_required_members(group: h5py.Group) -> bool:
 
 
 def _demo_datasets(group: h5py.Group, where: str) -> dict[str, h5py.Dataset]:
-    for member in ("obs", "next_obs"):
+    foreign = not isinstance(group.get("terminated"), h5py.Dataset)
+    for member in ("obs",) if foreign else ("obs", "next_obs"):  # robomimic's own files may lack next_obs
         if not isinstance(group.get(member), h5py.Group):
             raise EpisodeFileError(f"{where}: missing the '{member}' group")
     for member in ("actions", "rewards"):
         if not isinstance(group.get(member), h5py.Dataset):
             raise EpisodeFileError(f"{where}: missing the '{member}' dataset")
-    if not any(isinstance(group.get(m), h5py.Dataset) for m in ("terminated", "dones")):
+    if foreign and not isinstance(group.get("dones"), h5py.Dataset):
         raise EpisodeFileError(f"{where}: missing both 'terminated' and 'dones'")
     return _datasets(group)
+
+
+def _robomimic_extra_members(datasets: dict[str, h5py.Dataset]) -> set[str]:
+    """The datasets of a robomimic demo that robot_rl does not read (`states`, `action_dict/...`)."""
+    return {n for n in datasets if n not in ("actions", "rewards", "dones") and not n.startswith(_OBS_PREFIXES)}
+
+
+def _robomimic_arrays(arrays: dict[str, np.ndarray], note: _Note) -> dict[str, np.ndarray]:
+    """A robomimic demo's arrays as ours: next_obs from the following obs when it has none, and the flags of an
+    episode that ends at its last step (terminal there when `dones` is set)."""
+    dones = arrays.pop("dones")
+    if dones.dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"dones must be numeric, got dtype {dones.dtype}")
+    if not any(name.startswith("next_obs/") for name in arrays):
+        note("no_next_obs")
+        for name in [n for n in arrays if n.startswith("obs/")]:
+            obs = arrays[name]
+            arrays["next_obs/" + name[len("obs/") :]] = np.concatenate([obs[1:], obs[-1:]])
+    if np.any(dones[:-1] != 0):
+        note("early_dones")
+    arrays["terminated"] = np.zeros(len(dones), dtype=bool)
+    arrays["terminated"][-1] = dones[-1] != 0
+    return arrays
 
 
 def _demo_length(group: h5py.Group, datasets: dict[str, h5py.Dataset], where: str) -> int:
@@ -842,9 +927,6 @@ def _episode_from_arrays(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -
     dones = arrays.pop("dones", None)
     if dones is not None and dones.dtype.kind not in _NUMERIC_KINDS:
         raise ValueError(f"dones must be numeric, got dtype {dones.dtype}")
-    if "terminated" not in arrays:
-        # A robomimic file from elsewhere: its dones cannot tell success from time-out; read them as terminal.
-        arrays["terminated"] = np.asarray(dones) != 0
     arrays.setdefault("truncated", np.zeros_like(arrays["terminated"], dtype=bool))
     episode = Episode(
         obs=_subgroup(arrays, "obs"),

@@ -680,3 +680,58 @@ def test_foreign_robomimic_file_without_our_flags_reads_dones_as_terminal(tmp_pa
             del f["data/demo_0"][name]
     (ep,) = read_episodes(path)
     assert bool(ep.terminated[-1]) and not ep.truncated.any()
+
+
+def robomimic_file(path: Path, lengths: tuple[int, ...], *, next_obs: bool = True) -> None:
+    """Demos as robomimic's own tools write them: float64 arrays, `states` and `action_dict/...` next to the
+    observations, dones set on every step from the success on, no terminated/truncated of ours."""
+    rng = np.random.default_rng(3)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {}})
+        data.attrs["total"] = sum(lengths)
+        for i, steps in enumerate(lengths):
+            demo = data.create_group(f"demo_{i}")
+            demo.attrs["num_samples"] = steps
+            demo.attrs["model_file"] = "<mujoco/>"
+            pose = rng.normal(size=(steps + 1, 6))
+            demo["obs/ee_pose"] = pose[:-1]
+            if next_obs:
+                demo["next_obs/ee_pose"] = pose[1:]
+            demo["actions"] = rng.uniform(-1, 1, size=(steps, 6))
+            demo["action_dict/abs_pos"] = rng.normal(size=(steps, 3))
+            demo["states"] = rng.normal(size=(steps, 32))
+            success = np.arange(steps) >= steps - 3 if steps else np.zeros(0, bool)
+            demo["rewards"] = success.astype(np.float64)
+            demo["dones"] = success.astype(np.int64)
+        f.create_group("mask").create_dataset("train", data=np.array([b"demo_0"]))
+
+
+def test_a_robomimic_file_with_its_own_members_reads_with_one_note_per_kind(tmp_path: Path) -> None:
+    path = tmp_path / "robomimic.hdf5"
+    robomimic_file(path, (7, 0, 5))
+    notes: list[str] = []
+    got = read_episodes(path, warn=notes.append)
+    assert [len(ep) for ep in got] == [7, 5]
+    for ep in got:
+        assert ep.actions.dtype == np.float32 and set(ep.obs) == set(ep.next_obs) == {"ee_pose"}
+        assert ep.terminated.tolist() == [False] * (len(ep) - 1) + [True] and not ep.truncated.any()
+        assert ep.success and ep.extras == {}
+    assert len(notes) == 3 and all(n.startswith(f"{path}: ") for n in notes)
+    text = "\n".join(notes)
+    assert "ignored datasets robot_rl does not use: ['action_dict/abs_pos', 'states'] (demo_0, demo_2)" in text
+    assert "dones set before the last step" in text and "skipped demos with no steps (demo_1)" in text
+
+
+def test_a_robomimic_file_without_next_obs_takes_it_from_the_following_step(tmp_path: Path) -> None:
+    path = tmp_path / "robomimic.hdf5"
+    robomimic_file(path, (4,), next_obs=False)
+    notes: list[str] = []
+    (ep,) = read_episodes(path, warn=notes.append)
+    np.testing.assert_array_equal(ep.next_obs["ee_pose"][:-1], ep.obs["ee_pose"][1:])
+    np.testing.assert_array_equal(ep.next_obs["ee_pose"][-1], ep.obs["ee_pose"][-1])
+    assert any("no next_obs: each step's next_obs taken from the following step's obs" in n for n in notes)
+    with h5py.File(path, "a") as f:  # a writer that died before sealing: still read, still without next_obs
+        del f["data/demo_0"].attrs["num_samples"]
+    (cut,) = read_episodes(path, warn=notes.append)
+    assert len(cut) == 4 and cut.attrs["interrupted"] is True
