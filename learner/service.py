@@ -106,6 +106,7 @@ DEFAULT_EVAL_TIMEOUT_S = 600.0
 # After a stop, an update still running (a first step compiling) is waited for this long; then the learner leaves
 # without a checkpoint of the networks (--resume continues from the last one; every acknowledged transition is on disk).
 UPDATE_STOP_WAIT_S = 10.0
+DIFFERENCES_SHOWN = 5  # a refused hello names every differing field, and the values of this many
 TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -559,14 +560,17 @@ class LearnerService:
             return self._on_eval_report(identity, msg)
         return self._refuse(identity, f"kind: the learner does not accept {msg.kind} messages")
 
-    def _refuse(self, identity: bytes, reason: str, fields: list[str] | None = None) -> Refuse:
+    def _refuse(
+        self, identity: bytes, reason: str, fields: list[str] | None = None, *, who: str | None = None
+    ) -> Refuse:
+        """Count and log a refusal; `who` names the sender in the log when its session does not (a refused hello)."""
         session = self.sessions.get(identity)
         if session is not None:
             self.actors[session[0]].refused += 1
             who = f"actor {session[0]} (run {session[1]})"
         else:
             self.refused_unidentified += 1
-            who = "an unidentified peer"
+            who = who or "an unidentified peer"
         self._log_refusal(who, reason)
         return Refuse(reason=reason[:4096], fields=fields or [])
 
@@ -607,9 +611,11 @@ class LearnerService:
         unchecked = () if self.bc is not None else (BC_FINGERPRINT_KEY,)
         refusal = check_hello(hello, self.fingerprint, unchecked=unchecked)
         if refusal is not None:
-            reply = self._refuse(identity, f"actor {hello.actor_id}: {refusal.reason}", refusal.fields)
             self.sessions.pop(identity, None)
-            return reply
+            reason = f"actor {hello.actor_id}: {refusal.reason}{self._differences(hello, refusal.fields)}"
+            return self._refuse(
+                identity, reason, refusal.fields, who=f"actor {hello.actor_id} (run {hello.run_id}, hello)"
+            )
         key = (hello.actor_id, hello.run_id)
         self.sessions[identity] = key
         self.actors.setdefault(hello.actor_id, ActorStats()).last_seen = time.monotonic()
@@ -621,6 +627,15 @@ class LearnerService:
             weights_version=self.weights_version,
             acked_seq=stream.next_seq - 1,
         )
+
+    def _differences(self, hello: Hello, fields: list[str]) -> str:
+        """Each differing field's value on both sides (the first few), for the refusal both sides log."""
+        shown = [f for f in fields if f != BC_FINGERPRINT_KEY][:DIFFERENCES_SHOWN]
+        if not shown:
+            return ""
+        theirs, ours = hello.config_fingerprint, self.fingerprint
+        values = "; ".join(f"{f}: learner {ours.get(f, '(none)')}, actor {theirs.get(f, '(none)')}" for f in shown)
+        return f" ({values})"
 
     def _session_refusal(self, identity: bytes, actor_id: str, run_id: str, kind: str) -> Refuse | None:
         """The Refuse for a message from a peer without an accepted hello or with other ids than its hello."""

@@ -296,6 +296,23 @@ def test_hello_welcomed_or_refused_naming_the_differing_field(tmp_path: Path, bc
     assert list(stats["actors"]) == ["a0"]
 
 
+def test_a_refused_hello_gives_each_differing_value_on_both_sides_and_the_learner_names_the_actor(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config()
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        other = load_config(TINY, ["agent.num_critics=5"])
+        refuse = FakeActor(ctx, cfg, "arm_b").hello(cfg=other)
+        assert isinstance(refuse, Refuse) and refuse.fields == ["agent.num_critics"]
+        assert "(agent.num_critics: learner 4, actor 5)" in refuse.reason
+        # A field that may differ (the actor's own control period) is accepted.
+        assert isinstance(FakeActor(ctx, cfg, "arm_c").hello(cfg=load_config(TINY, ["actor.period_s=0.02"])), Welcome)
+    assert "refused a message from actor arm_b (run r0, hello): " in caplog.text
+    assert "learner 4, actor 5" in caplog.text
+
+
 def test_curve_admits_an_authorised_actor_only(tmp_path: Path, bc_dir: Path, ctx) -> None:
     keys = tmp_path / "keys"
     make_keys(keys, actors=["a0", "a1"])
