@@ -102,7 +102,13 @@ STATS_EVERY_S = 0.5  # stats.json is rewritten at least this often
 DONE_QUIET_S = 2.0
 DONE_MAX_S = 30.0
 BATCH_MESSAGES = 64  # requests handled per poll before the held replies are looked at again
+# An evaluation's report is waited for at least DEFAULT_EVAL_TIMEOUT_S, and EVAL_TIMEOUT_FACTOR times what its
+# episodes take at the config's rate (20 episodes of 200 steps at 10 Hz: 400 s of steps, resets not counted); a wait
+# longer than EVAL_WAIT_FACTOR times that (at least EVAL_WAIT_MIN_S) is reported, and again as often, until it ends.
 DEFAULT_EVAL_TIMEOUT_S = 600.0
+EVAL_TIMEOUT_FACTOR = 3.0
+EVAL_WAIT_FACTOR = 1.5
+EVAL_WAIT_MIN_S = 30.0
 # After a stop, an update still running (a first step compiling) is waited for this long; then the learner leaves
 # without a checkpoint of the networks (--resume continues from the last one; every acknowledged transition is on disk).
 UPDATE_STOP_WAIT_S = 10.0
@@ -122,6 +128,13 @@ class _Stopped(Exception):
 
 class _UpdateLeftRunning(Exception):
     """The stop event was set and the running update did not finish within UPDATE_STOP_WAIT_S."""
+
+
+def eval_wait_s(cfg: RunConfig) -> tuple[float, float]:
+    """(what an evaluation's episodes take at the config's rate, how long the learner waits for its report)."""
+    steps = cfg.train.eval_episodes * cfg.env.task.max_episode_steps
+    expected = steps * max(cfg.actor.period_s, cfg.env.task.control_period_s)
+    return expected, max(DEFAULT_EVAL_TIMEOUT_S, EVAL_TIMEOUT_FACTOR * expected)
 
 
 def learner_observation_space(cfg: RunConfig) -> spaces.Dict:
@@ -260,12 +273,19 @@ class LearnerService:
         resume: bool = False,
         learner_id: str = "learner",
         quiet: bool = False,
-        eval_timeout_s: float = DEFAULT_EVAL_TIMEOUT_S,
+        eval_timeout_s: float | None = None,
     ) -> None:
+        """`eval_timeout_s`: how long an evaluation's report is waited for (None: from the config, `eval_wait_s`)."""
         if not re.match(ID_PATTERN, learner_id):
             raise LearnerError(f"learner id {learner_id!r} must match {ID_PATTERN}")
         self.cfg, self.out = cfg, Path(out)
-        self.learner_id, self.quiet, self.eval_timeout_s = learner_id, quiet, eval_timeout_s
+        self.learner_id, self.quiet = learner_id, quiet
+        self.eval_expected_s, self.eval_timeout_s = eval_wait_s(cfg)
+        if eval_timeout_s is not None:
+            self.eval_timeout_s = eval_timeout_s
+        self.eval_warn_every_s = min(
+            max(EVAL_WAIT_FACTOR * self.eval_expected_s, EVAL_WAIT_MIN_S), self.eval_timeout_s / 2
+        )
         if demos is not None and cfg.agent.effective_offline_ratio <= 0:
             raise LearnerError(
                 f"method {cfg.agent.method} samples no demonstrations (offline ratio 0), so --demos {demos} would "
@@ -323,7 +343,7 @@ class LearnerService:
         self.phase = "eval" if self.bc is not None else "online"
         self.eval_id = 0 if self.bc is not None else -1
         self.eval_kind = "bc"
-        self.eval_started = 0.0
+        self.eval_started = self.eval_warned = 0.0
         self.eval_report: EvalReport | None = None
         self.weights_version = -1
         self.qest_done = not cfg.agent.uses_q_estimation
@@ -790,11 +810,13 @@ class LearnerService:
                 self._eval_done(self.eval_report)
             elif time.monotonic() - self.eval_started > self.eval_timeout_s:
                 log.warning(
-                    "no report for evaluation %d within %.0f s; continuing without it",
+                    "no report for evaluation %d within %.0f s; continuing without it (no row in eval.csv)",
                     self.eval_id,
                     self.eval_timeout_s,
                 )
                 self._eval_done(None)
+            else:
+                self._warn_eval_wait()
         elif (
             self.phase == "qest_rollouts" and len(self.rollouts) >= self.cfg.qest.rollouts
         ) or self.phase == "qest_fit":
@@ -807,6 +829,30 @@ class LearnerService:
                 self._checkpoint(LATEST)
                 while self.next_ckpt_at <= self.counters.online_env_steps:
                     self.next_ckpt_at += self.cfg.train.checkpoint_every
+
+    def _warn_eval_wait(self) -> None:
+        """Say, every eval_warn_every_s, that an evaluation's report is late, for how long it is still waited for, and
+        when each actor was last heard (an actor stopped during an evaluation never reports; any running one does)."""
+        now = time.monotonic()
+        waited = now - self.eval_started
+        if waited < self.eval_warn_every_s or now - self.eval_warned < self.eval_warn_every_s:
+            return
+        self.eval_warned = now
+        heard = ", ".join(
+            f"{name} {now - s.last_seen:.0f} s ago" for name, s in self.actors.items() if s.last_seen is not None
+        )
+        log.warning(
+            "evaluation %d: no report after %.0f s (its %d episodes take about %.0f s at %g s a step); waiting "
+            "%.0f s more, then going on without it. Actors last heard: %s. An actor stopped during the evaluation "
+            "does not report: start one (any actor id) to evaluate",
+            self.eval_id,
+            waited,
+            self.cfg.train.eval_episodes,
+            self.eval_expected_s,
+            max(self.cfg.actor.period_s, self.cfg.env.task.control_period_s),
+            self.eval_timeout_s - waited,
+            heard or "none",
+        )
 
     def _eval_target(self) -> int:
         return min(self.next_eval_at, self.cfg.train.env_steps)

@@ -685,6 +685,25 @@ def test_missing_eval_report_times_out_and_a_method_without_q_estimation_goes_on
     assert read_eval_csv(tmp_path / "run" / "eval.csv") == []
 
 
+def test_a_late_evaluation_report_is_reported_while_waited_for_and_the_wait_fits_the_configs_evaluation(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    # 20 episodes of 200 steps at 10 Hz take 400 s of steps alone: a fixed 600 s wait would drop such evaluations.
+    robot = LearnerService(load_config(TINY, ["train.eval_episodes=20", "env.task.max_episode_steps=200"]),
+                           tmp_path / "robot", bc_dir=bc_dir, quiet=True)  # fmt: skip
+    assert robot.eval_timeout_s == 1200.0
+    robot.store.close()
+    cfg = tiny_config()
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True, eval_timeout_s=1.0)
+    with running(service):
+        actor = FakeActor(ctx, cfg, "arm_a")
+        assert isinstance(actor.hello(), Welcome)  # then it leaves without reporting
+        actor.wait_status(lambda s: s.phase == "qest_rollouts")
+    assert "evaluation 0: no report after" in caplog.text and "Actors last heard: arm_a " in caplog.text
+    assert "no report for evaluation 0 within 1 s; continuing without it" in caplog.text
+
+
 def test_store_cuts_a_corrupt_record_and_continues_the_log(tmp_path: Path, caplog) -> None:
     cfg = load_config(TINY)
     store = TransitionStore(tmp_path)
