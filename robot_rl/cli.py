@@ -266,10 +266,14 @@ def cmd_bc(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides_with_seed(args))
     _check_count(args.eval_episodes, "--eval-episodes", minimum=0)
+    if args.demos.is_dir():
+        raise ConfigError(f"--demos {args.demos} is a directory; give a demonstrations file (robomimic's HDF5 layout)")
     if not args.demos.is_file():
         raise ConfigError(f"demonstrations file {args.demos} does not exist")
     _refuse_used_out(args.out, "BC policy directory")
-    policy = train_bc_from_demos(cfg, args.demos, args.out, seed=cfg.seed)
+    policy = train_bc_from_demos(
+        cfg, args.demos, args.out, seed=cfg.seed, warn=lambda line: print(f"robot-rl bc: {line}", file=sys.stderr)
+    )
     print(f"BC policy ({cfg.bc.policy}) written to {args.out}")
     if args.eval_episodes > 0:
         env = make_env(cfg.env)

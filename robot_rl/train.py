@@ -6,7 +6,9 @@ and passes each the slice of config it needs.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
-from robot_rl.episodes import EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
+from robot_rl.episodes import Episode, EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
@@ -116,10 +118,23 @@ def transitions_obs(
     return out
 
 
-def demo_buffer(demos: Path, spec: obs_lib.ObsSpec, action_dim: int) -> ReplayBuffer:
+def read_demos(demos: Path, warn: Callable[[str], None] | None = None) -> list[Episode]:
+    """The episodes of a demonstrations file; EpisodeFileError when it holds none with a step (an empty file, or
+    one whose writer died before its first step). What the read skipped or derived goes to `warn`."""
+    episodes = read_episodes(demos, warn=warn)
+    if not episodes:
+        raise EpisodeFileError(
+            f"{demos}: no demonstration with a step in it; record some with `robot-rl collect` or pass another file"
+        )
+    return episodes
+
+
+def demo_buffer(
+    demos: Path, spec: obs_lib.ObsSpec, action_dim: int, warn: Callable[[str], None] | None = None
+) -> ReplayBuffer:
     """A replay buffer holding every transition of a demonstrations file (RLPD's offline share); ValueError naming
     the file when its observations are not the env's."""
-    data = episodes_to_transitions(read_episodes(demos))
+    data = episodes_to_transitions(read_demos(demos, warn))
     buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim)
     buf.add_many(
         obs=transitions_obs(data, "obs", spec, demos),
@@ -132,8 +147,10 @@ def demo_buffer(demos: Path, spec: obs_lib.ObsSpec, action_dim: int) -> ReplayBu
     return buf
 
 
-def train_bc_from_demos(cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int) -> torch.nn.Module:
-    episodes = read_episodes(demos_path)
+def train_bc_from_demos(
+    cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int, warn: Callable[[str], None] | None = None
+) -> torch.nn.Module:
+    episodes = read_demos(demos_path, warn)
     data = episodes_to_transitions(episodes)
     env = make_env(cfg.env)
     spec = obs_lib.spec_from_space(env.observation_space)
@@ -186,6 +203,7 @@ class Trainer:
         self.state_low, self.state_high = obs_lib.state_bounds(self.env.observation_space)
         self.action_dim = int(self.env.action_space.shape[0])
         self.demos_path = demos
+        self._told: set[str] = set()
         self.bc = self._bc_policy(bc_dir)
         self.agent = Q2RLAgent(
             cfg.agent,
@@ -231,12 +249,19 @@ class Trainer:
             return bc
         demos = self._ensure_demos()
         self._status("bc_train", force=True)
-        return train_bc_from_demos(self.cfg, demos, self.out / "bc", seed=self.cfg.seed).to(self.device)
+        policy = train_bc_from_demos(self.cfg, demos, self.out / "bc", seed=self.cfg.seed, warn=self._warn_once)
+        return policy.to(self.device)
 
     def _offline_buffer(self) -> ReplayBuffer | None:
         if self.cfg.agent.effective_offline_ratio <= 0:
             return None
-        return demo_buffer(self._ensure_demos(), self.obs_spec, self.action_dim)
+        return demo_buffer(self._ensure_demos(), self.obs_spec, self.action_dim, warn=self._warn_once)
+
+    def _warn_once(self, line: str) -> None:
+        """A note on the demonstrations, printed once although BC and the offline buffer both read them."""
+        if line not in self._told:
+            self._told.add(line)
+            print(f"robot-rl train: {line}", file=sys.stderr, flush=True)
 
     # -- helpers ------------------------------------------------------------------------------------------------------
     def _status(self, phase: str, *, force: bool = False, **extra) -> None:

@@ -163,6 +163,21 @@ def test_bc_on_demos_of_another_config_names_the_missing_keys(tmp_path: Path, ca
     assert not out.exists()
 
 
+def test_demos_without_a_step_are_one_line_for_bc_and_train(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.hdf5"
+    EpisodeWriter(empty, env_args={"env": "robot_rl/PegInsertionSim-v0"}).close()  # an actor's file, no step yet
+    assert main(["bc", "--config", str(STATE), "--demos", str(empty), "--out", str(tmp_path / "bc")]) == 2
+    assert f"{empty}: no demonstration with a step in it" in error_line(capsys, "bc")
+    args = ["train", "--config", str(STATE), "--demos", str(empty), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*args, "--set", "agent.method=rlpd"]) == 2
+    assert f"{empty}: no demonstration with a step in it" in error_line(capsys, "train")
+
+
+def test_bc_demos_that_are_a_directory_are_named_as_such(tmp_path: Path, capsys) -> None:
+    assert main(["bc", "--config", str(STATE), "--demos", str(tmp_path), "--out", str(tmp_path / "bc")]) == 2
+    assert f"--demos {tmp_path} is a directory; give a demonstrations file" in error_line(capsys, "bc")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 5, 6: --config and --checkpoint that are the wrong kind of path
 # --------------------------------------------------------------------------------------------------------------------

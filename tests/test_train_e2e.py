@@ -184,3 +184,31 @@ def test_bc_command_is_reproducible_under_its_seed(tmp_path: Path):
     a, b, c = policies
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bc_and_rlpd_take_demonstrations_written_by_robomimic_and_say_what_they_left_out(run_dir, tmp_path, capsys):
+    """The run's demonstrations rewritten as robomimic's own tools write them (float64, `states`, no next_obs,
+    no terminated/truncated, an empty demo): BC and RLPD train on them and print each note once."""
+    import h5py
+
+    foreign = tmp_path / "robomimic.hdf5"
+    with h5py.File(run_dir / "demos.hdf5", "r") as src, h5py.File(foreign, "w") as f:
+        data = f.create_group("data")
+        for name, demo in src["data"].items():
+            out = data.create_group(name)
+            out.attrs["num_samples"] = demo.attrs["num_samples"]
+            out["obs/ee_pose"] = demo["obs/ee_pose"][()].astype(np.float64)
+            for key in ("actions", "rewards", "dones"):
+                out[key] = demo[key][()].astype(np.float64 if key != "dones" else np.int64)
+            out["states"] = np.zeros((demo.attrs["num_samples"], 9))
+        empty = data.create_group(f"demo_{len(src['data'])}")
+        empty.attrs["num_samples"] = 0
+        for key, shape in (("obs/ee_pose", (0, 6)), ("actions", (0, 6)), ("rewards", (0,)), ("dones", (0,))):
+            empty.create_dataset(key, shape=shape, dtype="f8")
+    assert main(["bc", "--config", str(TINY), "--demos", str(foreign), "--out", str(tmp_path / "bc")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith(f"robot-rl bc: {foreign}: ") for line in err), err
+    args = ["train", "--config", str(TINY), "--out", str(tmp_path / "rlpd"), "--quiet", "--demos", str(foreign)]
+    assert main([*args, "--set", "agent.method=rlpd"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith(f"robot-rl train: {foreign}: ") for line in err), err
