@@ -504,6 +504,12 @@ class ActorService:
         for i in range(n):
             if self.stop_event.is_set():
                 return
+            if not self._eval_asked(eval_id):
+                # Another actor reported it first (or the learner restarted under a new id): the robot's time goes
+                # to what the learner asks for now rather than to episodes whose report would be ignored.
+                log.info("evaluation %d is over at the learner: stopped after %d of %d episodes", eval_id, i, n)
+                self._done_eval_ids.add(eval_id)
+                return
             # A faulted evaluation episode (a reflex, a lost camera) is recovered from and counts as a failure.
             s, k, b = self._guarded_episode(kind="eval", gated=gated, send=False, seed=EVAL_SEED_BASE + i)
             wins, steps, bc = wins + int(s), steps + k, bc + b
@@ -522,6 +528,11 @@ class ActorService:
         self.last_eval = report
         if self.link is not None:
             self.link.send_report(report)
+
+    def _eval_asked(self, eval_id: int) -> bool:
+        """The learner's newest status still asks for this evaluation (or says nothing newer)."""
+        status = self.link.state.status if self.link is not None else None
+        return status is None or (status.phase == "eval" and status.eval_id == eval_id)
 
     # -- main loop -----------------------------------------------------------------------------------------------------
     def _start_threads(self) -> None:

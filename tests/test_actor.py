@@ -537,3 +537,36 @@ def test_an_online_actor_waits_a_bounded_time_for_weights_the_learner_has_publis
     finally:
         service.link = None
         service._shutdown()
+
+
+def test_an_evaluation_another_actor_reported_first_is_abandoned_between_episodes(tmp_path: Path, bc_dir: Path):
+    """Every actor evaluates; the learner takes the first report and goes on. A slower actor stops its evaluation
+    at the next episode instead of running the rest (minutes on a robot) for a report the learner ignores."""
+    from types import SimpleNamespace
+
+    import robot_rl.actor.service as actor_service
+    from robot_rl.actor.link import LinkState
+
+    cfg = load_config(TINY, ["actor.period_s=0", "train.eval_episodes=4"])
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
+    reports: list = []
+    state = LinkState(status=SimpleNamespace(phase="eval", eval_id=3))
+    service.link = SimpleNamespace(state=state, send_report=reports.append)
+    episodes: list[str] = []
+
+    def episode(**kwargs):
+        episodes.append(kwargs["kind"])
+        if len(episodes) == 2:  # meanwhile another actor's report ended evaluation 3 at the learner
+            state.status = SimpleNamespace(phase="online", eval_id=-1)
+        return False, 60, 60
+
+    service.run_episode = episode
+    try:
+        service._evaluate(3)
+        assert episodes == ["eval", "eval"] and reports == [] and 3 in service._done_eval_ids
+        state.status = SimpleNamespace(phase="eval", eval_id=4)  # one still asked for runs to its end
+        service._evaluate(4)
+        assert len(episodes) == 6 and [r.eval_id for r in reports] == [4]
+    finally:
+        service.link = None
+        service._shutdown()
