@@ -374,7 +374,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         csv_path = run / "eval.csv"
         if not csv_path.is_file():
             raise ConfigError(f"{run} has no eval.csv")
-        runs[str(run)] = read_eval_csv(csv_path, lambda line: print(f"robot-rl report: {line}", file=sys.stderr))
+        rows = read_eval_csv(csv_path, lambda line: print(f"robot-rl report: {line}", file=sys.stderr))
+        if any(row.phase != "bc" for row in rows):  # the curves start at the first evaluation after BC's
+            runs[str(run)] = rows
+        else:
+            print(f"robot-rl report: {csv_path} has no evaluation after BC's yet; {run} is left out", file=sys.stderr)
+    if not runs:
+        raise ConfigError("no run has an evaluation to plot (every eval.csv holds at most the BC policy's row)")
     try:
         written = plot_curves(runs, out)
     except OSError as exc:

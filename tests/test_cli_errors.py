@@ -435,3 +435,23 @@ def test_eval_of_a_bc_policy_that_observes_cameras_the_config_lacks_is_refused(t
     assert main(["eval", "--checkpoint", str(bc_dir), "--episodes", "1"]) == 2
     line = error_line(capsys, "eval")
     assert "observes ['ee_pose', 'front', 'wrist']" in line and "pass --config with the config" in line
+
+
+def test_report_names_runs_with_nothing_to_plot_and_refuses_when_no_run_has_anything(tmp_path: Path, capsys) -> None:
+    run = run_dir(tmp_path / "run")
+    fresh = tmp_path / "fresh"  # a run stopped right after evaluating the BC policy
+    fresh.mkdir()
+    (fresh / "eval.csv").write_text(",".join(EVAL_COLUMNS) + "\n0,0,1.0,0.4,1.0,20,bc\n")
+    assert main(["report", str(run), str(fresh), "--out", str(tmp_path / "r.png")]) == 0
+    captured = capsys.readouterr()
+    assert (
+        captured.err.strip()
+        == f"robot-rl report: {fresh / 'eval.csv'} has no evaluation after BC's yet; {fresh} is left out"
+    )
+    assert (tmp_path / "r.png").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "eval.csv").write_text(",".join(EVAL_COLUMNS) + "\n")
+    assert main(["report", str(fresh), str(empty), "--out", str(tmp_path / "none.png")]) == 2
+    assert "no run has an evaluation to plot" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
