@@ -122,6 +122,9 @@ def free_disk_bytes(path: Path) -> int:
 
 FIRST_WEIGHTS_WAIT_S = 10.0  # an online actor waits this long at most for the first weights the learner published
 NEVER_HEARD_WARN_S = 10.0  # a learner that never answered is reported after this long, then once a minute
+# A learner heard before and silent this long (it broadcasts its status twice a second) is reported, well before
+# actor.weights_staleness_s makes the actor act with BC alone: stopped, killed, restarting, or the network is down.
+LEARNER_SILENT_WARN_S = 10.0
 
 
 class ActorError(ConfigError):
@@ -209,6 +212,7 @@ class ActorService:
         self.start_time = time.monotonic()
         self.message = ""
         self._stale = False  # acting with BC alone because the learner fell silent
+        self._silent = False  # the learner, heard before, has been silent for LEARNER_SILENT_WARN_S (said once)
         self._faults_in_a_row = 0  # episodes in a row that failed on a robot or camera fault
         self._weights_wait_since: float | None = None  # when an online phase first waited for published weights
         self._never_heard_warned = -math.inf  # when (s after the start) the never-answered warning was last given
@@ -637,23 +641,46 @@ class ActorService:
             )
 
     def _announce(self, phase: str) -> None:
-        """Show the phase; say (warning) when the learner falls silent and the actor acts with BC alone, and when it
-        is back."""
+        """Show the phase; say (warning) when the learner falls silent, when the actor then acts with BC alone, and
+        when the learner is back."""
         stale = phase == "stale"
         self.message = "learner silent: BC only" if stale else phase
         self._warn_if_never_heard(phase)
-        if stale == self._stale or self.link is None:
+        if self.link is None:
             return
-        self._stale = stale
-        if stale:
+        quiet_s = self.link.seconds_since_heard()
+        limit = min(LEARNER_SILENT_WARN_S, self.cfg.actor.weights_staleness_s)
+        silent = stale or (self.link.state.last_heard > 0 and quiet_s > limit)
+        if silent and not stale:
+            self.message = f"{phase} (learner silent {quiet_s:.0f} s)"
+        unacked = self.spill.unacked(self.link.state.acked_seq) if self.spill is not None else 0
+        if stale and not self._stale:
             log.warning(
                 "no word from the learner at %s for %.0f s: acting with the BC policy alone (episodes still logged "
                 "and spilled) until it is back",
                 self.learner_endpoint,
-                self.link.seconds_since_heard(),
+                quiet_s,
             )
-        else:
-            log.warning("the learner is back (phase %s): gating resumes with its weights", phase)
+        elif silent and not self._silent:
+            log.warning(
+                "no word from the learner at %s for %.0f s (stopped, restarting, or the network is down): going on "
+                "with weights version %d, with the BC policy alone after %.0f s of silence "
+                "(actor.weights_staleness_s); %d transitions wait unacknowledged in %s and are sent when it is back",
+                self.learner_endpoint,
+                quiet_s,
+                self.weights_version,
+                self.cfg.actor.weights_staleness_s,
+                unacked,
+                self.out / "spill",
+            )
+        elif self._silent and not silent:
+            log.warning(
+                "the learner is back (phase %s)%s; %d transitions still to be acknowledged",
+                phase,
+                ": gating resumes with its weights" if self._stale else "",
+                unacked,
+            )
+        self._silent, self._stale = silent, stale
 
     def _recover_robot(self, err: RobotFault) -> None:
         """After a fault: report it, then recover (reflex, control error) or rebuild the client (connection lost).

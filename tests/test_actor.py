@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -569,4 +570,40 @@ def test_an_evaluation_another_actor_reported_first_is_abandoned_between_episode
         assert len(episodes) == 6 and [r.eval_id for r in reports] == [4]
     finally:
         service.link = None
+        service._shutdown()
+
+
+def test_an_actor_says_soon_when_its_learner_falls_silent_what_waits_unacknowledged_and_when_it_is_back(
+    tmp_path: Path, bc_dir: Path, caplog
+):
+    """A learner stopped or killed stops broadcasting its status (twice a second): the actor says so after
+    LEARNER_SILENT_WARN_S, not only once it falls back to BC alone after actor.weights_staleness_s (60 s)."""
+    from types import SimpleNamespace
+
+    import robot_rl.actor.service as actor_service
+    from robot_rl.actor.link import LinkState
+
+    caplog.set_level(logging.WARNING)
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
+    heard = SimpleNamespace(ago=1.0)
+    service.link = SimpleNamespace(
+        state=LinkState(last_heard=time.monotonic(), acked_seq=99), seconds_since_heard=lambda: heard.ago
+    )
+    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1))
+    try:
+        service._announce("online")
+        assert caplog.text == ""
+        heard.ago = actor_service.LEARNER_SILENT_WARN_S + 1
+        service._announce("online")
+        service._announce("online")  # said once
+        assert caplog.text.count("no word from the learner") == 1
+        assert "30 transitions wait unacknowledged" in caplog.text and str(tmp_path / "a" / "spill") in caplog.text
+        assert service.stats()["phase"] == "online (learner silent 11 s)"
+        heard.ago = 0.2
+        service._announce("online")
+        assert "the learner is back (phase online); 30 transitions still to be acknowledged" in caplog.text
+        assert "acting with the BC policy alone" not in caplog.text
+    finally:
+        service.link = service.spill = None
         service._shutdown()
