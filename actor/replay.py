@@ -41,7 +41,8 @@ divergence. `run_replay` returns 0 when nothing diverged, 1 when something did, 
 unreadable log, a weights version missing from the archive, no BC policy or config, weights or a BC policy that do
 not fit the config's networks): the message names the file. An episode that ended on a robot or camera fault is
 replayed up to its last logged step (the step the fault cut short has no next observation and is not a logged step;
-a note names the fault); a log whose episode faulted at reset has no step to replay (exit 2, naming the fault).
+a note names the fault), as is one cut short by an actor stopped or killed in it (a note says so); a log whose
+episode faulted at reset has no step to replay (exit 2, naming the fault).
 """
 
 from __future__ import annotations
@@ -394,8 +395,18 @@ def _fault_line(attrs: dict) -> str:
 
 
 def fault_notes(episodes: list[Episode]) -> list[str]:
-    """One note per episode that ended on a fault: the step it cut short is not replayed (it is not a logged step)."""
-    return [f"demo_{i} {_fault_line(ep.attrs)}" for i, ep in enumerate(episodes) if FAULT_ATTR in ep.attrs]
+    """One note per episode that ended on a fault (the step it cut short is not replayed: it is not a logged step)
+    and per episode cut short otherwise (the actor stopped or killed in it): its logged steps are all there is."""
+    notes = []
+    for i, ep in enumerate(episodes):
+        if FAULT_ATTR in ep.attrs:
+            notes.append(f"demo_{i} {_fault_line(ep.attrs)}")
+        elif ep.attrs.get("interrupted"):
+            notes.append(
+                f"demo_{i} was cut short after {len(ep)} logged steps (its actor stopped or was killed in it): "
+                "those steps are replayed, the episode's end is not in the log"
+            )
+    return notes
 
 
 def read_log(log: Path) -> list[Episode]:

@@ -300,6 +300,21 @@ def test_a_bc_only_log_of_an_actor_without_weights_replays_without_a_checkpoint(
     assert report.ok and report.versions == [] and report.steps == len(read_episodes(log)[0])
 
 
+def test_an_episode_cut_short_by_a_killed_actor_replays_its_logged_steps_and_says_so(run, tmp_path: Path, capsys):
+    """SIGKILL mid-episode leaves the demo unsealed (no num_samples): the replay covers its flushed steps and a note
+    says the end of the episode is not in the log."""
+    log = tmp_path / "actor" / "episodes" / "episode_000000.hdf5"
+    log.parent.mkdir(parents=True)
+    shutil.copy(run["act_none_log"], log)
+    shutil.copy(run["root"] / "act_none" / "config.yaml", tmp_path / "actor" / "config.yaml")
+    with h5py.File(log, "r+") as f:
+        steps = int(f["data/demo_0"].attrs.pop("num_samples"))
+    assert main(["replay", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: demo_0 was cut short after {steps} logged steps (its actor stopped or was killed in it)" in out
+    assert f"replayed {steps} steps" in out and ": 0 divergent steps" in out
+
+
 def test_a_gated_log_without_its_weights_archive_still_asks_for_a_checkpoint(run, tmp_path: Path, capsys):
     log = tmp_path / "actor" / "episodes" / "episode_000001.hdf5"
     log.parent.mkdir(parents=True)
