@@ -820,6 +820,11 @@ def _open_for_read(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
+        if "unable to lock file" in str(err):  # HDF5's lock: a writer (an actor recording it, say) has it open
+            raise EpisodeFileError(
+                f"{path}: another process has it open for writing (an actor still recording this episode?); read "
+                "it when that process is done, or read a copy of it"
+            ) from err
         raise EpisodeFileError(f"{path}: cannot be opened as HDF5 ({err})") from err
 
 

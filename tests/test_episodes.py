@@ -735,3 +735,27 @@ def test_a_robomimic_file_without_next_obs_takes_it_from_the_following_step(tmp_
         del f["data/demo_0"].attrs["num_samples"]
     (cut,) = read_episodes(path, warn=notes.append)
     assert len(cut) == 4 and cut.attrs["interrupted"] is True
+
+
+def test_a_file_another_process_is_writing_is_refused_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "recording.hdf5"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, h5py
+            f = h5py.File({str(path)!r}, "w")
+            f.create_group("data")
+            f.flush()
+            print("open", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(EpisodeFileError, match="another process has it open for writing"):
+            read_episodes(path)
+    finally:
+        writer.communicate("", timeout=30)
+    assert read_episodes(path) == []
