@@ -144,6 +144,25 @@ def _refuse_used_out(out: Path, what: str) -> None:
         raise ConfigError(f"{what} {out} exists and is not empty; choose a new --out")
 
 
+# The commands whose --out ends up as text in what they write (TensorBoard, safetensors, episode attrs).
+_OUT_NAMED_INSIDE = ("train", "learner", "actor", "bc", "demo")
+
+
+def _refuse_undecodable_paths(args: argparse.Namespace) -> None:
+    """ConfigError for an --out or --bc whose absolute path is not valid UTF-8: TensorBoard and safetensors take
+    paths as UTF-8 text, and the actor records them in its episodes, so a run would fail midway (or write a BC
+    policy nothing can load). Other outputs (a demonstrations file, pictures, keys) go through."""
+    for name in ("out", "bc") if args.command in _OUT_NAMED_INSIDE else ("bc",):
+        path = getattr(args, name, None)
+        if not isinstance(path, Path):
+            continue
+        try:
+            str(path.absolute()).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = str(path.absolute()).encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ConfigError(f"--{name} {shown}: the path is not valid UTF-8; rename it or choose another") from None
+
+
 def _check_count(value: int | None, flag: str, *, minimum: int = 1) -> None:
     """ConfigError when a count argument (--episodes, ...) given on the command line is below `minimum`."""
     if value is not None and value < minimum:
@@ -505,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
             signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        _refuse_undecodable_paths(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)

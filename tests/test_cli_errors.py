@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -455,3 +456,24 @@ def test_report_names_runs_with_nothing_to_plot_and_refuses_when_no_run_has_anyt
     assert main(["report", str(fresh), str(empty), "--out", str(tmp_path / "none.png")]) == 2
     assert "no run has an evaluation to plot" in capsys.readouterr().err
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "bc", "actor"])
+def test_an_out_or_bc_path_that_is_not_utf8_is_refused_before_anything_is_written(
+    tmp_path: Path, command: str, capsys
+) -> None:
+    """TensorBoard and safetensors cannot take such a path: train died in a traceback after making the run
+    directory, bc wrote a policy nothing could load."""
+    bad = tmp_path / os.fsdecode(b"caf\xe9")  # a Latin-1 name on a UTF-8 system
+    demos = state_demos(tmp_path / "demos.hdf5")
+    args = {
+        "train": ["train", "--config", str(STATE), "--out", str(bad / "run"), "--quiet"],
+        "bc": ["bc", "--config", str(STATE), "--demos", str(demos), "--out", str(bad / "bc")],
+        "actor": ["actor", "--config", str(STATE), "--out", str(tmp_path / "a"), "--learner", "none",
+                  "--bc", str(bad / "bc"), "--quiet"],
+    }[command]  # fmt: skip
+    assert main(args) == 2
+    flag = "--bc" if command == "actor" else "--out"
+    line = error_line(capsys, command)
+    assert f"{flag} {tmp_path}/caf\\udce9/" in line and "the path is not valid UTF-8" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demos.hdf5"]
