@@ -307,6 +307,20 @@ def cmd_bc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_run_directory(directory: Path) -> None:
+    """ConfigError naming the checkpoints to choose from when `directory` is a run directory or its checkpoints/
+    folder rather than one checkpoint (neither manifest.json nor bc.json in it)."""
+    if (directory / "manifest.json").exists() or (directory / "bc.json").exists():
+        return
+    folder = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+    names = sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file())
+    if names:
+        raise ConfigError(
+            f"--checkpoint {directory} holds checkpoints, it is not one; pass one of them: "
+            + ", ".join(str(folder / n) for n in names)
+        )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -325,6 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if not args.checkpoint.is_dir():
         raise ConfigError(f"checkpoint directory {args.checkpoint} does not exist")
+    _refuse_run_directory(args.checkpoint)
     if (args.checkpoint / "bc.json").is_file():
         cfg = load_config(args.config, args.overrides)
         bc = load_bc(args.checkpoint)

@@ -118,6 +118,17 @@ def test_eval_of_a_checkpoint_missing_a_tensor_is_one_line(run_dir, tmp_path, ca
     assert removed.split(".", 1)[1] in err  # the tensor, named within its module
 
 
+def test_eval_of_a_run_directory_names_its_checkpoints(run_dir, capsys):
+    for given in (run_dir, run_dir / "checkpoints"):
+        assert main(["eval", "--checkpoint", str(given), "--episodes", "1"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"robot-rl eval: --checkpoint {given} holds checkpoints, it is not one")
+            and err.count("\n") == 1
+        )
+        assert str(run_dir / "checkpoints" / "final") in err
+
+
 def test_existing_run_directory_is_refused(run_dir, capsys):
     assert main(["train", "--config", str(TINY), "--out", str(run_dir), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
