@@ -197,6 +197,18 @@ class Stream:
     next_seq: int = 0
     stored: int = 0
     pending: list[_Piece] = field(default_factory=list)
+    # When its newest chunk was stored, whether that chunk left an episode open (more of it is on the way), and the
+    # time between its latest two chunks of one episode (the actor's own pace: its actor.period_s may differ).
+    last_chunk_at: float | None = None
+    episode_open: bool = False
+    chunk_interval_s: float = 0.0
+
+    def chunk_stored(self, arrays: dict[str, np.ndarray]) -> None:
+        now = time.monotonic()
+        if self.episode_open and self.last_chunk_at is not None:
+            self.chunk_interval_s = now - self.last_chunk_at
+        self.last_chunk_at = now
+        self.episode_open = not (bool(arrays["terminated"][-1]) or bool(arrays["truncated"][-1]))
 
 
 def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> None:
@@ -703,6 +715,7 @@ class LearnerService:
             )
             self.store.append(chunk, payload if skip == 0 else None)  # a whole chunk: the frame as received
             self._ingest(chunk, stream)
+            stream.chunk_stored(chunk.arrays)
             stats.stored += chunk.count
         return Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=stream.next_seq - 1)
 
@@ -944,7 +957,10 @@ class LearnerService:
         while not self._stop.is_set():
             # Actors see `done` between episodes: the steps of the episode they are in still arrive and are acked.
             now = time.monotonic()
-            if now - start >= max_s or now - max(self._last_transitions, start) >= quiet_s:
+            quiet = now - max(self._last_transitions, start) >= quiet_s
+            if now - start >= max_s or (
+                quiet and not self._episodes_arriving(now, since=start - max_s, quiet_s=quiet_s)
+            ):
                 break
             self._publish_status(done=True)
             self._serve(min(self.cfg.transport.poll_ms, 100))
@@ -973,6 +989,16 @@ class LearnerService:
         )
         self._show(force=True)
         return summary
+
+    def _episodes_arriving(self, now: float, *, since: float, quiet_s: float) -> bool:
+        """Whether an actor heard from after `since` is still sending an episode: its newest chunk left one open, or
+        came less than twice its own chunk interval ago (a slower actor than this config's actor.period_s says)."""
+        for stream in self.streams.values():
+            if stream.last_chunk_at is None or stream.last_chunk_at < since:
+                continue
+            if stream.episode_open or now - stream.last_chunk_at < max(quiet_s, 2 * stream.chunk_interval_s):
+                return True
+        return False
 
     # -- learning -----------------------------------------------------------------------------------------------------
     def _enough_data(self) -> bool:

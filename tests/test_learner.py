@@ -557,6 +557,26 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
     assert any((out / "tb").iterdir())
 
 
+def test_a_done_learner_waits_for_the_episode_a_slower_actor_is_still_sending(
+    tmp_path: Path, bc_dir: Path, ctx
+) -> None:
+    """The learner's config may give actor.period_s 0 while an actor on a robot runs at 10 Hz (a chunk every 3 s):
+    once done, the learner waits for the end of the episode that actor's last chunk left open."""
+    cfg = tiny_config("actor.period_s=0")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service) as result:
+        actor = FakeActor(ctx, cfg)
+        to_online(actor)
+        assert acked(actor.transitions(10, 45, version=1)) == 54  # the episode goes on after this chunk
+        for eval_id in (1, 2):
+            actor.wait_status(lambda s, i=eval_id: s.phase == "eval" and s.eval_id == i)
+            actor.report(eval_id, 0.5)
+        actor.wait_status(lambda s: s.done)
+        time.sleep(3.0)  # the robot's next chunk, 30 steps at 10 Hz later
+        assert acked(actor.transitions(55, 5, version=2, ends=(4,))) == 59
+    assert result["summary"]["finished"] is True and result["summary"]["env_steps"] == 60
+
+
 def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: Path, bc_dir: Path, ctx) -> None:
     cfg = tiny_config()
     out = tmp_path / "run"
