@@ -963,6 +963,8 @@ class LearnerService:
             ):
                 break
             self._publish_status(done=True)
+            if now - self._last_stats >= STATS_EVERY_S:
+                self._write_stats()  # phase paused: what the learner does now, not the evaluation it came from
             self._serve(min(self.cfg.transport.poll_ms, 100))
         self._checkpoint(LATEST)
         self._checkpoint("final")
