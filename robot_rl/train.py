@@ -17,12 +17,12 @@ import torch
 
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
-from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
+from robot_rl.bc import ACTION_TOLERANCE, load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
-from robot_rl.episodes import Episode, EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
+from robot_rl.episodes import EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
@@ -118,15 +118,39 @@ def transitions_obs(
     return out
 
 
-def read_demos(demos: Path, warn: Callable[[str], None] | None = None) -> list[Episode]:
-    """The episodes of a demonstrations file; EpisodeFileError when it holds none with a step (an empty file, or
-    one whose writer died before its first step). What the read skipped or derived goes to `warn`."""
+def demo_transitions(demos: Path, warn: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """The transitions of a demonstrations file (episodes_to_transitions); EpisodeFileError when it holds no
+    demonstration with a step (an empty file, or one whose writer died before its first step) or its
+    demonstrations differ in their fields. What the read skipped or derived goes to `warn`."""
     episodes = read_episodes(demos, warn=warn)
     if not episodes:
         raise EpisodeFileError(
             f"{demos}: no demonstration with a step in it; record some with `robot-rl collect` or pass another file"
         )
-    return episodes
+    try:
+        return episodes_to_transitions(episodes)
+    except ValueError as err:  # demonstrations of two recordings appended into one file, say
+        raise EpisodeFileError(f"{demos}: {err}") from err
+
+
+def demo_actions(data: dict[str, np.ndarray], action_dim: int, source: Path | str) -> np.ndarray:
+    """The `actions` of episodes_to_transitions' output as float32 in [-1, 1]; EpisodeFileError naming the file
+    when they have another width than the env's actions or leave [-1, 1] (actions of another robot or controller,
+    or not normalised)."""
+    actions = data["actions"]
+    if actions.shape[1] != action_dim:
+        raise EpisodeFileError(
+            f"{source}: the demonstrations' actions have {actions.shape[1]} dimensions, the config's env takes "
+            f"{action_dim}; they were recorded for another robot or controller"
+        )
+    worst = float(np.abs(actions).max())
+    if worst > 1.0 + ACTION_TOLERANCE:
+        step = int(np.flatnonzero(np.abs(actions).max(axis=1) == worst)[0])
+        raise EpisodeFileError(
+            f"{source}: the demonstrations' actions must lie in [-1, 1] (the env's normalised actions), the largest "
+            f"magnitude is {worst:g} (episode {int(data['episode_index'][step])}, step {int(data['step_index'][step])})"
+        )
+    return np.clip(actions, -1.0, 1.0).astype(np.float32)
 
 
 def demo_buffer(
@@ -134,11 +158,11 @@ def demo_buffer(
 ) -> ReplayBuffer:
     """A replay buffer holding every transition of a demonstrations file (RLPD's offline share); ValueError naming
     the file when its observations are not the env's."""
-    data = episodes_to_transitions(read_demos(demos, warn))
+    data = demo_transitions(demos, warn)
     buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim)
     buf.add_many(
         obs=transitions_obs(data, "obs", spec, demos),
-        actions=data["actions"],
+        actions=demo_actions(data, action_dim, demos),
         rewards=data["rewards"],
         next_obs=transitions_obs(data, "next_obs", spec, demos),
         terminated=data["terminated"],
@@ -150,14 +174,13 @@ def demo_buffer(
 def train_bc_from_demos(
     cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int, warn: Callable[[str], None] | None = None
 ) -> torch.nn.Module:
-    episodes = read_demos(demos_path, warn)
-    data = episodes_to_transitions(episodes)
+    data = demo_transitions(demos_path, warn)
     env = make_env(cfg.env)
     spec = obs_lib.spec_from_space(env.observation_space)
     low, high = obs_lib.state_bounds(env.observation_space)
     env.close()
     obs = transitions_obs(data, "obs", spec, demos_path)
-    actions = data["actions"].astype(np.float32)
+    actions = demo_actions(data, int(env.action_space.shape[0]), demos_path)
     with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too (torch's global RNG untouched)
         torch.manual_seed(seed)
         policy = make_bc_policy(cfg.bc, spec, actions.shape[1], low, high)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import csv
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from robot_rl import cli
 from robot_rl.cli import main
 from robot_rl.config import ConfigError, load_config
-from robot_rl.episodes import Episode, EpisodeWriter
+from robot_rl.episodes import Episode, EpisodeWriter, read_episodes
 from robot_rl.rollout import evaluate
 from robot_rl.runlog import EVAL_COLUMNS
 
@@ -172,6 +174,51 @@ def test_demos_without_a_step_are_one_line_for_bc_and_train(tmp_path: Path, caps
     args = ["train", "--config", str(STATE), "--demos", str(empty), "--out", str(tmp_path / "run"), "--quiet"]
     assert main([*args, "--set", "agent.method=rlpd"]) == 2
     assert f"{empty}: no demonstration with a step in it" in error_line(capsys, "train")
+
+
+def widen_actions(demo: h5py.Group) -> None:
+    """Every demo's actions one wider (the gripper of a 7-dim controller, say)."""
+    for each in demo.parent.values():
+        each["wide"] = np.concatenate([each["actions"][()], np.zeros((len(each["actions"]), 1), np.float32)], 1)
+        del each["actions"]
+        each.move("wide", "actions")
+
+
+def scale_actions(demo: h5py.Group) -> None:
+    demo["actions"][...] = demo["actions"][()] * 3
+
+
+def add_obs_key(demo: h5py.Group) -> None:
+    for group in ("obs", "next_obs"):
+        demo[f"{group}/extra"] = np.zeros((len(demo["actions"]), 2), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (widen_actions, "the demonstrations' actions have 7 dimensions, the config's env takes 6"),
+        (scale_actions, "the demonstrations' actions must lie in [-1, 1] (the env's normalised actions)"),
+        (add_obs_key, "episode 1 has fields"),
+    ],
+)
+@pytest.mark.parametrize("command", ["bc", "train"])
+def test_demos_whose_actions_or_fields_do_not_fit_are_one_line(
+    tmp_path: Path, command: str, change: Callable[[h5py.Group], None], message: str, capsys
+) -> None:
+    """Actions of another width used to train a BC policy of that width without a word; out of range or mixed
+    fields were a ValueError traceback."""
+    demos = state_demos(tmp_path / "demos.hdf5")
+    with EpisodeWriter(demos, env_args={"env": "robot_rl/PegInsertionSim-v0"}, mode="a") as writer:
+        writer.add_episode(read_episodes(demos)[0])
+    with h5py.File(demos, "a") as f:
+        change(f["data/demo_1"])
+    out = tmp_path / "out"
+    args = ["--config", str(STATE), "--demos", str(demos), "--out", str(out)]
+    args = ["bc", *args] if command == "bc" else ["train", *args, "--quiet", "--set", "agent.method=rlpd"]
+    assert main(args) == 2
+    line = error_line(capsys, command)
+    assert line.startswith(f"robot-rl {command}: {demos}: ") and message in line
+    assert not (out / "bc" if command == "train" else out).exists()
 
 
 def test_bc_demos_that_are_a_directory_are_named_as_such(tmp_path: Path, capsys) -> None:
