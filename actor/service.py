@@ -125,6 +125,7 @@ NEVER_HEARD_WARN_S = 10.0  # a learner that never answered is reported after thi
 # A learner heard before and silent this long (it broadcasts its status twice a second) is reported, well before
 # actor.weights_staleness_s makes the actor act with BC alone: stopped, killed, restarting, or the network is down.
 LEARNER_SILENT_WARN_S = 10.0
+THROTTLED = "online: waiting for the learner's updates (actor.max_env_steps_ahead {})"
 
 
 class ActorError(ConfigError):
@@ -568,7 +569,12 @@ class ActorService:
                     else:
                         self._idle()
                     continue
-                if phase in ("waiting", "qest_fit", "paused") or (phase == "online" and self._too_far_ahead()):
+                if phase in ("waiting", "qest_fit", "paused"):
+                    self._idle()
+                    continue
+                if phase == "online" and self._too_far_ahead():
+                    if self.message == phase:  # a silent learner is said instead
+                        self.message = THROTTLED.format(self.cfg.actor.max_env_steps_ahead)
                     self._idle()
                     continue
                 if phase == "online" and self._first_weights_due():

@@ -607,3 +607,34 @@ def test_an_actor_says_soon_when_its_learner_falls_silent_what_waits_unacknowled
     finally:
         service.link = service.spill = None
         service._shutdown()
+
+
+def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp_path: Path, bc_dir: Path):
+    import threading
+    from types import SimpleNamespace
+
+    import robot_rl.actor.service as actor_service
+    from robot_rl.actor.link import LinkState
+
+    cfg = load_config(TINY, ["actor.period_s=0", "actor.max_env_steps_ahead=10"])
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
+    status = SimpleNamespace(phase="online", eval_id=-1, done=False, online_env_steps=100, learner_steps=0)
+    service.link = SimpleNamespace(
+        state=LinkState(synced=True, status=status, last_heard=time.monotonic()),
+        error=None,
+        start=lambda: None,
+        seconds_since_heard=lambda: 0.1,
+    )
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while service.message != actor_service.THROTTLED.format(10):
+            assert time.monotonic() < deadline and thread.is_alive(), service.message
+            time.sleep(0.02)
+        assert service.counters.episodes == 0
+    finally:
+        service.stop_event.set()
+        thread.join(10)
+        service.link = None
+    assert not thread.is_alive()
