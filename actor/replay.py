@@ -411,6 +411,11 @@ def fault_notes(episodes: list[Episode]) -> list[str]:
 
 def read_log(log: Path) -> list[Episode]:
     """The episodes of an actor log; ReplayInputError when the file is unreadable or not an actor log."""
+    if log.is_dir():
+        folder = log / "episodes" if (log / "episodes").is_dir() else log
+        files = sorted(folder.glob("episode_*.hdf5"))
+        which = f"one of its {len(files)} episode files, e.g. {files[-1]}" if files else "an episode file"
+        raise ReplayInputError(f"episode log {log} is a directory; replay takes {which}")
     try:
         episodes = read_episodes(log)
     except EpisodeFileError as exc:

@@ -300,6 +300,14 @@ def test_a_bc_only_log_of_an_actor_without_weights_replays_without_a_checkpoint(
     assert report.ok and report.versions == [] and report.steps == len(read_episodes(log)[0])
 
 
+def test_an_actor_directory_given_as_the_log_names_its_episode_files(run, capsys):
+    for given in (run["root"] / "actor", run["root"] / "actor" / "episodes"):
+        assert main(["replay", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"robot-rl replay: episode log {given} is a directory; replay takes one of its 2 ")
+        assert err.endswith(f"episode files, e.g. {run['gated_log']}\n")
+
+
 def test_an_episode_cut_short_by_a_killed_actor_replays_its_logged_steps_and_says_so(run, tmp_path: Path, capsys):
     """SIGKILL mid-episode leaves the demo unsealed (no num_samples): the replay covers its flushed steps and a note
     says the end of the episode is not in the log."""
