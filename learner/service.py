@@ -672,8 +672,13 @@ class LearnerService:
     def _session_refusal(self, identity: bytes, actor_id: str, run_id: str, kind: str) -> Refuse | None:
         """The Refuse for a message from a peer without an accepted hello or with other ids than its hello."""
         session = self.sessions.get(identity)
-        if session is None:
-            return self._refuse(identity, f"{kind} before an accepted hello: say hello first")
+        if session is None:  # a new connection, or one an actor opened to this learner before it restarted
+            return self._refuse(
+                identity,
+                f"{kind} before an accepted hello on this connection (a learner restarted since the hello, or a new "
+                "connection): say hello first",
+                who=f"a peer sending as actor {actor_id} (run {run_id})",
+            )
         if session != (actor_id, run_id):
             return self._refuse(
                 identity,

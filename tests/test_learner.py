@@ -313,6 +313,22 @@ def test_a_refused_hello_gives_each_differing_value_on_both_sides_and_the_learne
     assert "learner 4, actor 5" in caplog.text
 
 
+def test_a_message_before_the_hello_is_refused_naming_the_actor_it_claims_and_the_likely_cause(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    """After a learner restart every actor's next message comes on a connection the new learner never welcomed:
+    the refusal (the actor says hello again) names the actor and says why, instead of an unidentified peer."""
+    cfg = tiny_config()
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        refuse = FakeActor(ctx, cfg, "arm_a", "r7").transitions(0, 5)
+        assert isinstance(refuse, Refuse) and "a learner restarted since the hello" in refuse.reason
+    assert (
+        "refused a message from a peer sending as actor arm_a (run r7): transitions before an accepted" in caplog.text
+    )
+
+
 def test_curve_admits_an_authorised_actor_only(tmp_path: Path, bc_dir: Path, ctx) -> None:
     keys = tmp_path / "keys"
     make_keys(keys, actors=["a0", "a1"])
