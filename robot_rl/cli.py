@@ -315,9 +315,13 @@ def _refuse_run_directory(directory: Path) -> None:
     folder = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
     names = sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file())
     if names:
+        steps = [n for n in names if n.startswith("step_")]
+        shown = [n for n in names if n not in steps] + steps[-1:]  # final, latest, the newest step_*
+        more = f" ({len(steps)} step_* checkpoints in all)" if len(steps) > 1 else ""
         raise ConfigError(
             f"--checkpoint {directory} holds checkpoints, it is not one; pass one of them: "
-            + ", ".join(str(folder / n) for n in names)
+            + ", ".join(str(folder / n) for n in shown)
+            + more
         )
 
 
@@ -406,6 +410,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = {}
     for run in args.runs:
         csv_path = run / "eval.csv"
+        if not csv_path.is_file() and (run / "learner" / "eval.csv").is_file():
+            csv_path = run / "learner" / "eval.csv"  # a demo's (or a learner beside its actor's) run directory
         if not csv_path.is_file():
             raise ConfigError(f"{run} has no eval.csv")
         rows = read_eval_csv(csv_path, lambda line: print(f"robot-rl report: {line}", file=sys.stderr))

@@ -524,3 +524,11 @@ def test_an_out_or_bc_path_that_is_not_utf8_is_refused_before_anything_is_writte
     line = error_line(capsys, command)
     assert f"{flag} {tmp_path}/caf\\udce9/" in line and "the path is not valid UTF-8" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demos.hdf5"]
+
+
+def test_report_of_a_demo_directory_plots_its_learners_eval_csv(tmp_path: Path, capsys) -> None:
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    run_dir(demo / "learner")
+    assert main(["report", str(demo), "--out", str(tmp_path / "r.png")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'r.png'}"
