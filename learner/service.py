@@ -112,6 +112,7 @@ EVAL_WAIT_MIN_S = 30.0
 # After a stop, an update still running (a first step compiling) is waited for this long; then the learner leaves
 # without a checkpoint of the networks (--resume continues from the last one; every acknowledged transition is on disk).
 UPDATE_STOP_WAIT_S = 10.0
+STARVED_WARN_S = 60.0  # a phase that waits for transitions says so after this long without any, and as often
 DIFFERENCES_SHOWN = 5  # a refused hello names every differing field, and the values of this many
 TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
 CHECKPOINTS = "checkpoints"
@@ -382,6 +383,7 @@ class LearnerService:
         self._stop = threading.Event()
         self._last_status = self._last_stats = -math.inf
         self._last_transitions = -math.inf  # when an actor last sent transitions
+        self._starved_warned = -math.inf
         self._ctx: zmq.Context | None = None
         self._auth: Any = None
         self.router: zmq.Socket | None = None
@@ -856,9 +858,6 @@ class LearnerService:
         if waited < self.eval_warn_every_s or now - self.eval_warned < self.eval_warn_every_s:
             return
         self.eval_warned = now
-        heard = ", ".join(
-            f"{name} {now - s.last_seen:.0f} s ago" for name, s in self.actors.items() if s.last_seen is not None
-        )
         log.warning(
             "evaluation %d: no report after %.0f s (its %d episodes take about %.0f s at %g s a step); waiting "
             "%.0f s more, then going on without it. Actors last heard: %s. An actor stopped during the evaluation "
@@ -869,7 +868,7 @@ class LearnerService:
             self.eval_expected_s,
             max(self.cfg.actor.period_s, self.cfg.env.task.control_period_s),
             self.eval_timeout_s - waited,
-            heard or "none",
+            self._last_heard(now),
         )
 
     def _eval_target(self) -> int:
@@ -1095,7 +1094,29 @@ class LearnerService:
             self._publish_status()
         if now - self._last_stats >= STATS_EVERY_S:
             self._write_stats()
+        self._warn_if_starved(now)
         self._show(stage=stage)
+
+    def _last_heard(self, now: float) -> str:
+        """Each actor id and how long ago it was last heard from, for a warning."""
+        heard = [f"{name} {now - s.last_seen:.0f} s ago" for name, s in self.actors.items() if s.last_seen is not None]
+        return ", ".join(heard) or "none"
+
+    def _warn_if_starved(self, now: float) -> None:
+        """Say, every STARVED_WARN_S, when the phase waits for transitions and none came for that long (every actor
+        stopped, or none started), with each actor's last word."""
+        if self.phase not in ("qest_rollouts", "online") or self._learner_step_due():
+            return
+        quiet_s = now - max(self._last_transitions, self.start)
+        if quiet_s < STARVED_WARN_S or now - self._starved_warned < STARVED_WARN_S:
+            return
+        self._starved_warned = now
+        log.warning(
+            "phase %s: no transitions from any actor for %.0f s; waiting for them. Actors last heard: %s",
+            self.phase,
+            quiet_s,
+            self._last_heard(now),
+        )
 
     def stats(self) -> dict[str, Any]:
         """What stats.json holds: phase, weights version, counters, and per actor what it sent."""

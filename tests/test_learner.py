@@ -741,6 +741,27 @@ def test_a_late_evaluation_report_is_reported_while_waited_for_and_the_wait_fits
     assert "no report for evaluation 0 within 1 s; continuing without it" in caplog.text
 
 
+def test_a_learner_left_without_transitions_says_so_naming_the_actors_last_heard(
+    tmp_path: Path, bc_dir: Path, ctx, caplog, monkeypatch
+) -> None:
+    monkeypatch.setattr(learner_service, "STARVED_WARN_S", 0.5)
+    cfg = tiny_config()
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        actor = FakeActor(ctx, cfg, "arm_a")
+        assert isinstance(actor.hello(), Welcome)
+        actor.wait_status(lambda s: s.phase == "eval")
+        actor.report(0, 0.5)
+        actor.wait_status(lambda s: s.phase == "qest_rollouts")  # then the only actor leaves
+        deadline = time.monotonic() + WAIT_S
+        while "no transitions from any actor" not in caplog.text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert "phase qest_rollouts: no transitions from any actor for " in caplog.text
+    assert "Actors last heard: arm_a " in caplog.text
+
+
 def test_store_cuts_a_corrupt_record_and_continues_the_log(tmp_path: Path, caplog) -> None:
     cfg = load_config(TINY)
     store = TransitionStore(tmp_path)
