@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ from robot_rl.episodes import (
     Episode,
     EpisodeFileError,
     fault_of,
+    read_env_args,
     read_episodes,
     read_episodes_without_steps,
 )
@@ -87,6 +88,8 @@ DEFAULT_ATOL = 1e-5
 # Operator events as the actor logs them (actor.service.EVENT_CODES; kept here to avoid importing the service).
 EVENTS_BY_CODE = {1: OperatorEvent.SUCCESS, 2: OperatorEvent.FAILURE, 3: OperatorEvent.PAUSE,
                   4: OperatorEvent.RESUME, 5: OperatorEvent.QUIT}  # fmt: skip
+# Env fields of how the actor reached its robot and operator: the replay has its own, so they may differ.
+_LINK_FIELDS = frozenset({"robot", "franka", "operator"})
 REQUIRED_EXTRAS = ("bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "weights_version", "command", "target",
                    "operator_event")  # fmt: skip
 
@@ -394,6 +397,37 @@ def _fault_line(attrs: dict) -> str:
     return fault.describe() if fault is not None else "ended before its first step"
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def env_notes(log: Path, inputs: ReplayInputs) -> list[str]:
+    """A note naming the env fields in which the replay's config differs from the one the log was recorded with
+    (its env_args): divergences that follow from them are the config's, not the actor's. The robot's connection
+    and the operator are left out (the replay has its own)."""
+    try:
+        recorded = read_env_args(log).get("config")
+    except EpisodeFileError:
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    ours = _flat(inputs.cfg.env.model_dump(mode="json"))
+    theirs = _flat(recorded)
+    fields = sorted(
+        k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k.split(".")[0] not in _LINK_FIELDS
+    )
+    if not fields:
+        return []
+    shown = "; ".join(f"env.{k}: config {ours.get(k, '-')}, log {theirs.get(k, '-')}" for k in fields[:6])
+    more = f" and {len(fields) - 6} more" if len(fields) > 6 else ""
+    return [
+        f"config {inputs.config_path} differs from the env the log was recorded with (divergences may follow from "
+        f"it): {shown}{more}"
+    ]
+
+
 def fault_notes(episodes: list[Episode]) -> list[str]:
     """One note per episode that ended on a fault (the step it cut short is not replayed: it is not a logged step)
     and per episode cut short otherwise (the actor stopped or killed in it): its logged steps are all there is."""
@@ -652,6 +686,7 @@ def replay_log(
     report = ReplayReport(log=log, episodes=len(episodes), versions=versions)
     if inputs.weights is not None and inputs.weights.fixed is not None and versions:
         report.notes.append(f"every gated step replayed with {inputs.weights.describe()} (logged versions {versions})")
+    report.notes.extend(env_notes(log, inputs))
     report.notes.extend(fault_notes(episodes))
     replayer = Replayer(inputs, atol=atol)
     for i, ep in enumerate(episodes):

@@ -300,6 +300,22 @@ def test_a_bc_only_log_of_an_actor_without_weights_replays_without_a_checkpoint(
     assert report.ok and report.versions == [] and report.steps == len(read_episodes(log)[0])
 
 
+def test_a_config_whose_env_differs_from_the_logs_is_named_with_the_divergence_it_explains(run, tmp_path, capsys):
+    """The same log under a config with a longer step limit: the step the actor truncated at diverges in `done`,
+    and a note names the field, so the divergence is not taken for the actor's."""
+    log = run["act_none_log"]
+    cfg = load_config(log.parents[1] / "config.yaml", ["env.task.max_episode_steps=500"])
+    other = tmp_path / "other.yaml"
+    other.write_text(dump_config(cfg))
+    assert main(["replay", str(log), "--config", str(other)]) == 1
+    out = capsys.readouterr().out
+    steps = len(read_episodes(log)[0])
+    assert f"note: config {other} differs from the env the log was recorded with" in out
+    assert f"env.task.max_episode_steps: config 500, log {steps}" in out and "field done" in out
+    assert main(["replay", str(log)]) == 0
+    assert "note: config" not in capsys.readouterr().out
+
+
 def test_an_actor_directory_given_as_the_log_names_its_episode_files(run, capsys):
     for given in (run["root"] / "actor", run["root"] / "actor" / "episodes"):
         assert main(["replay", str(given)]) == 2
