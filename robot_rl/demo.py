@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,19 +207,26 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
                 proc.wait()
 
 
-def gating_timeline(episode_dir: Path, *, count: int = 12) -> tuple[np.ndarray, list[str]]:
+def gating_timeline(
+    episode_dir: Path, *, count: int = 12, warn: Callable[[str], None] = print
+) -> tuple[np.ndarray, list[str]]:
     """[episodes, max_steps] with 1 = BC action executed, 0 = RL action, NaN = no step, for `count` online episodes
-    spread evenly over the run (the first and the last included), so the picture shows the gate's choices changing."""
-    from robot_rl.episodes import read_episodes
+    spread evenly over the run (the first and the last included), so the picture shows the gate's choices changing.
+    Episode files that cannot be read (being written, damaged) are left out, with one line to `warn`."""
+    from robot_rl.episodes import EpisodeFileError, read_episodes
 
     online: list[tuple[Path, object]] = []
+    unreadable: list[str] = []
     for path in sorted(episode_dir.glob("episode_*.hdf5")):
         try:
             episodes = read_episodes(path)
-        except Exception:  # an episode being written or cut by a stop: skip it in the picture
+        except (EpisodeFileError, OSError) as exc:  # OSError: a damaged chunk, met while reading the data
+            unreadable.append(str(exc))
             continue
         if episodes and episodes[0].attrs.get("kind") == "online":
             online.append((path, episodes[0]))
+    if unreadable:
+        warn(f"{len(unreadable)} episode file(s) left out of the gating timeline, unreadable (first: {unreadable[0]})")
     if len(online) > count:
         picks = np.unique(np.linspace(0, len(online) - 1, count).round().astype(int))
         online = [online[i] for i in picks]
@@ -275,7 +283,7 @@ def plot_report(rows: list[EvalRow], episode_dir: Path, path: Path, *, bc_rate: 
     for ax in (ax_s, ax_b):
         ax.grid(alpha=0.3)
     ax_s.legend(fontsize=8)
-    grid, labels = gating_timeline(episode_dir)
+    grid, labels = gating_timeline(episode_dir, warn=lambda line: print(f"demo: {line}", flush=True))
     if grid.size:
         ax_g.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["tab:blue", "tab:orange"]),
                     vmin=0, vmax=1)  # fmt: skip

@@ -532,3 +532,17 @@ def test_report_of_a_demo_directory_plots_its_learners_eval_csv(tmp_path: Path, 
     run_dir(demo / "learner")
     assert main(["report", str(demo), "--out", str(tmp_path / "r.png")]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'r.png'}"
+
+
+def test_demo_report_names_episode_files_it_could_not_read(tmp_path: Path, capsys) -> None:
+    from robot_rl.demo import report
+
+    run_dir(tmp_path / "learner")
+    episodes = tmp_path / "actor" / "episodes"
+    episodes.mkdir(parents=True)
+    (episodes / "episode_000000.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 40)  # cut right after its header
+    state_demos(episodes / "episode_000001.hdf5")
+    assert report(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "demo: 1 episode file(s) left out of the gating timeline, unreadable (first: " in out
+    assert str(episodes / "episode_000000.hdf5") in out and (tmp_path / "report.png").is_file()
