@@ -577,6 +577,13 @@ def evaluate_checkpoint(
     agent, cfg, manifest = load_agent(checkpoint)
     env_cfg = load_config(config_path, overrides).env if config_path or overrides else cfg.env
     env = make_env(env_cfg)
+    observed = obs_lib.spec_from_space(env.observation_space)
+    if observed != agent.obs_spec:
+        env.close()
+        raise ConfigError(
+            f"checkpoint {checkpoint} observes {sorted(agent.obs_spec)}, the env of --config {config_path} observes "
+            f"{sorted(observed)}; pass --config with the config the checkpoint was trained with (or none: its own)"
+        )
     try:
         result = evaluate(env, gated_policy_fn(agent, rl_action="mode"), episodes=episodes, seed=seed)
     finally:

@@ -129,6 +129,16 @@ def test_eval_of_a_run_directory_names_its_checkpoints(run_dir, capsys):
         assert str(run_dir / "checkpoints" / "final") in err
 
 
+def test_eval_of_a_checkpoint_under_a_config_that_observes_otherwise_is_refused(run_dir, capsys):
+    """A state checkpoint scored in the image config's env used to run, blind to the cameras, as if it fitted."""
+    image = TINY.parent / "sim_peg_image.yaml"
+    final = run_dir / "checkpoints" / "final"
+    assert main(["eval", "--checkpoint", str(final), "--config", str(image), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"robot-rl eval: checkpoint {final} observes ['ee_pose'], the env of --config {image}")
+    assert "observes ['ee_pose', 'front', 'wrist']" in err and err.count("\n") == 1
+
+
 def test_existing_run_directory_is_refused(run_dir, capsys):
     assert main(["train", "--config", str(TINY), "--out", str(run_dir), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
