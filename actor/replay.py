@@ -206,6 +206,13 @@ class ActingWeights:
                 raise ReplayInputError(str(exc)) from exc
             prefixes = tuple(f"{name}." for name in Q2RLAgent.ACTING_MODULES)
             self.fixed = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+        elif (directory / "checkpoints").is_dir():  # a learner's (or train's) run directory, not one checkpoint
+            names = sorted(p.name for p in (directory / "checkpoints").iterdir() if (p / "manifest.json").is_file())
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ReplayInputError(
+                f"--checkpoint {directory} is a run directory; pass one of its checkpoints, "
+                f"{directory / 'checkpoints'}/<name> ({shown})"
+            )
         elif directory.is_dir():
             self.archive = WeightsArchive(directory)
         else:

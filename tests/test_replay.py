@@ -339,6 +339,19 @@ def test_an_episode_cut_short_by_a_killed_actor_replays_its_logged_steps_and_say
     assert f"replayed {steps} steps" in out and ": 0 divergent steps" in out
 
 
+def test_a_run_directory_given_as_checkpoint_names_its_checkpoints(run, tmp_path: Path, capsys):
+    """It used to be read as an empty weights archive: 'weights version 3 is not in the archive'."""
+    learner = tmp_path / "learner"
+    shutil.copytree(run["archive"], learner / "checkpoints" / "final")  # stands in for a checkpoint directory
+    (learner / "checkpoints" / "final" / "manifest.json").write_text("{}")
+    assert main(["replay", str(run["gated_log"]), "--checkpoint", str(learner)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"robot-rl replay: --checkpoint {learner} is a run directory; pass one of its checkpoints, "
+        f"{learner / 'checkpoints'}/<name> (final)\n"
+    )
+
+
 def test_a_gated_log_without_its_weights_archive_still_asks_for_a_checkpoint(run, tmp_path: Path, capsys):
     log = tmp_path / "actor" / "episodes" / "episode_000001.hdf5"
     log.parent.mkdir(parents=True)
