@@ -113,7 +113,7 @@ def read_eval_csv(path: Path, warn: Callable[[str], None] | None = None) -> list
     logged warning)."""
     warn = warn or log.warning
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM, as a spreadsheet saving CSV writes one
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file; is it a run's eval.csv?") from None
     rows = list(csv.reader(io.StringIO(text, newline="")))

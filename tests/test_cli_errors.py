@@ -546,3 +546,12 @@ def test_demo_report_names_episode_files_it_could_not_read(tmp_path: Path, capsy
     out = capsys.readouterr().out
     assert "demo: 1 episode file(s) left out of the gating timeline, unreadable (first: " in out
     assert str(episodes / "episode_000000.hdf5") in out and (tmp_path / "report.png").is_file()
+
+
+def test_report_reads_an_eval_csv_saved_by_a_spreadsheet(tmp_path: Path, capsys) -> None:
+    """A byte-order mark and CRLF line ends: the header used to lack 'env_steps' (it read '\\ufeffenv_steps')."""
+    run = run_dir(tmp_path / "run")
+    text = (run / "eval.csv").read_text()
+    (run / "eval.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\r\n", "\n").replace("\n", "\r\n").encode())
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
+    assert capsys.readouterr().err == ""
