@@ -458,7 +458,7 @@ def read_log(log: Path) -> list[Episode]:
         which = f"one of its {len(files)} episode files, e.g. {files[-1]}" if files else "an episode file"
         raise ReplayInputError(f"episode log {log} is a directory; replay takes {which}")
     try:
-        episodes = read_episodes(log)
+        episodes = read_episodes(log, warn=lambda line: None)  # a cut episode gets the report's own note
     except EpisodeFileError as exc:
         raise ReplayInputError(f"episode log {exc}") from exc
     if not episodes:

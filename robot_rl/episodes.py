@@ -759,6 +759,8 @@ class _ReadNotes:
 
 _NOTE_TEXT = {
     "empty": "skipped demos with no steps",
+    "cut": "demos whose writer died before it sealed them (no num_samples) read up to their last whole step, as "
+    "interrupted",
     "ignored": "ignored datasets robot_rl does not use: {ignored}",
     "no_next_obs": "no next_obs: each step's next_obs taken from the following step's obs, the last step's from "
     "its own obs",
@@ -864,6 +866,7 @@ def _read_demo(group: h5py.Group, where: str, note: _Note = lambda kind, names=(
     attrs = {k: v for k, v in group.attrs.items() if k not in _RESERVED_ATTRS}
     if not sealed:
         attrs["interrupted"] = True
+        note("cut")
     try:
         if foreign:
             arrays = _robomimic_arrays(arrays, note)

@@ -325,8 +325,14 @@ def test_unfinished_demo_is_read_to_its_shortest_dataset(tmp_path: Path) -> None
         demo["rewards"] = rewards
         empty = f["data"].create_group("demo_2")
         empty.create_group("obs")
-    got = read_episodes(path)
+    notes: list[str] = []
+    got = read_episodes(path, warn=notes.append)
     assert [len(e) for e in got] == [4, 2]
+    # The demo cut short is named (it is used, but not whole); demo_2, whose writer died before a step, is not.
+    assert notes == [
+        f"{path}: demos whose writer died before it sealed them (no num_samples) read up to their last whole step, "
+        "as interrupted (demo_0)"
+    ]
     assert got[0].attrs["interrupted"] is True
 
 
