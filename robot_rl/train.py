@@ -6,6 +6,7 @@ and passes each the slice of config it needs.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from robot_rl.rollout import (
     run_episode,
 )
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 # Evaluation episodes use their own seeds, the same for every method and run seed, so curves compare like with like.
 EVAL_SEED = 1_000_000
@@ -86,14 +89,22 @@ def _expert_policy(expert, space):
 
 
 def transitions_obs(
-    data: dict[str, np.ndarray], prefix: str, spec: obs_lib.ObsSpec, source: Path | str
+    data: dict[str, np.ndarray],
+    prefix: str,
+    spec: obs_lib.ObsSpec,
+    source: Path | str,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The `prefix/<key>` arrays of episodes_to_transitions' output as a dict observation matching `spec`.
+    """The `prefix/<key>` arrays of episodes_to_transitions' output as a dict observation matching `spec`; keys of
+    `obs` that `spec` lacks are told to `warn` (default: a logged warning).
 
     EpisodeFileError (a ValueError) naming the file when a key is missing or its shape or dtype differs from the
     env's: demonstrations recorded with another config (another camera set-up, say).
     """
     found = sorted(k.split("/", 1)[1] for k in data if k.startswith(prefix + "/"))
+    unused = sorted(set(found) - set(spec))
+    if unused and prefix == "obs":
+        (warn or log.warning)(f"{source}: observation keys {unused} are not observed by the config's env and go unused")
     missing = sorted(set(spec) - set(found))
     if missing:
         raise EpisodeFileError(
@@ -161,7 +172,7 @@ def demo_buffer(
     data = demo_transitions(demos, warn)
     buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim)
     buf.add_many(
-        obs=transitions_obs(data, "obs", spec, demos),
+        obs=transitions_obs(data, "obs", spec, demos, warn),
         actions=demo_actions(data, action_dim, demos),
         rewards=data["rewards"],
         next_obs=transitions_obs(data, "next_obs", spec, demos),
@@ -179,7 +190,7 @@ def train_bc_from_demos(
     spec = obs_lib.spec_from_space(env.observation_space)
     low, high = obs_lib.state_bounds(env.observation_space)
     env.close()
-    obs = transitions_obs(data, "obs", spec, demos_path)
+    obs = transitions_obs(data, "obs", spec, demos_path, warn)
     actions = demo_actions(data, int(env.action_space.shape[0]), demos_path)
     with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed too (torch's global RNG untouched)
         torch.manual_seed(seed)

@@ -233,3 +233,17 @@ def test_bc_and_rlpd_take_demonstrations_written_by_robomimic_and_say_what_they_
     assert main([*args, "--set", "agent.method=rlpd"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith(f"robot-rl train: {foreign}: ") for line in err), err
+
+
+def test_demonstration_observation_keys_the_env_does_not_observe_are_named():
+    from robot_rl.obs import state_spec
+    from robot_rl.train import transitions_obs
+
+    data = {"obs/ee_pose": np.zeros((3, 6)), "obs/object": np.zeros((3, 2)), "next_obs/ee_pose": np.zeros((3, 6))}
+    data["next_obs/object"] = data["obs/object"]
+    notes: list[str] = []
+    obs = transitions_obs(data, "obs", state_spec(6), "demos.hdf5", notes.append)
+    assert set(obs) == {"ee_pose"} and obs["ee_pose"].dtype == np.float32
+    assert notes == ["demos.hdf5: observation keys ['object'] are not observed by the config's env and go unused"]
+    transitions_obs(data, "next_obs", state_spec(6), "demos.hdf5", notes.append)
+    assert len(notes) == 1  # told once, for obs
