@@ -195,6 +195,55 @@ def test_learner_killed_and_resumed_with_two_actors_keeps_every_transition_once(
     assert lstats["env_steps"] == total
 
 
+@pytest.mark.slow
+def test_a_learner_stopped_under_a_fast_and_a_slow_actor_is_reported_by_both_and_resumed_without_loss(tmp_path: Path):
+    """Two actors at different rates, the slow one joining once the learner is online; SIGTERM to the learner: each
+    actor says the learner is silent and what waits unacknowledged, keeps it, and hands it over after --resume."""
+    bc_dir, endpoint = _bc_and_endpoint(tmp_path)
+    common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=300",
+              "--set", "actor.max_env_steps_ahead=60"]  # fmt: skip
+    learner_args = ["learner", *common, "--out", str(tmp_path / "learner"), "--bind", endpoint]
+    learner = _spawn(learner_args, tmp_path / "l.log")
+    rates = {"fast": "0.002", "slow": "0.01"}
+    actors: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        args = ["actor", *common, "--out", str(tmp_path / name), "--learner", endpoint, "--actor-id", name]
+        actors[name] = _spawn([*args, "--set", f"actor.period_s={rates[name]}"], tmp_path / f"{name}.log")
+
+    def until(done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not done():
+            assert time.monotonic() < deadline, (what, (tmp_path / "l.log").read_text()[-2000:])
+            time.sleep(0.2)
+
+    try:
+        start("fast")
+        until(lambda: _stats(tmp_path / "learner" / "stats.json").get("phase") == "online", "online")
+        start("slow")
+        until(lambda: _stats(tmp_path / "slow" / "stats.json").get("acked", 0) >= 30, "the slow actor's first acks")
+        learner.send_signal(signal.SIGTERM)
+        assert learner.wait(timeout=60) == 130
+        for name in actors:
+            until(lambda n=name: "no word from the learner" in (tmp_path / f"{n}.log").read_text(), f"{name} says")
+            assert "transitions wait unacknowledged" in (tmp_path / f"{name}.log").read_text()
+        learner = _spawn([*learner_args, "--resume"], tmp_path / "l.log")
+        assert learner.wait(timeout=240) == 0, (tmp_path / "l.log").read_text()[-3000:]
+        for name, proc in actors.items():
+            assert proc.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+            assert "the learner is back" in (tmp_path / f"{name}.log").read_text()
+    finally:
+        for proc in (learner, *actors.values()):
+            if proc.poll() is None:
+                proc.kill()
+    lstats = _stats(tmp_path / "learner" / "stats.json")
+    for name in actors:
+        a = _stats(tmp_path / name / "stats.json")
+        assert a["produced"] == a["acked"] == lstats["actors"][name]["stored"] > 0, (name, a, lstats)
+        assert lstats["actors"][name]["runs"][a["run_id"]]["stored"] == a["produced"]
+    assert lstats["env_steps"] == sum(_stats(tmp_path / n / "stats.json")["produced"] for n in actors)
+
+
 def test_sigterm_on_the_actor_flushes_and_waits_for_the_last_acks(tmp_path: Path):
     bc_dir, endpoint = _bc_and_endpoint(tmp_path)
     common = ["--config", str(TINY), "--bc", str(bc_dir), "--quiet", "--set", "train.env_steps=5000",
