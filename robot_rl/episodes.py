@@ -862,7 +862,12 @@ def _read_demo(group: h5py.Group, where: str, note: _Note = lambda kind, names=(
         return None
     if ignored:
         note("ignored", ignored)
-    arrays = {name: ds[:steps] for name, ds in datasets.items()}
+    arrays = {}
+    for name, ds in datasets.items():
+        try:
+            arrays[name] = ds[:steps]
+        except OSError as err:  # a damaged chunk (a torn copy, a bad disk): HDF5 meets it only when reading it
+            raise EpisodeFileError(f"{where}: {name} cannot be read, the file is damaged ({err})") from err
     attrs = {k: v for k, v in group.attrs.items() if k not in _RESERVED_ATTRS}
     if not sealed:
         attrs["interrupted"] = True

@@ -765,3 +765,21 @@ def test_a_file_another_process_is_writing_is_refused_saying_so(tmp_path: Path) 
     finally:
         writer.communicate("", timeout=30)
     assert read_episodes(path) == []
+
+
+def test_a_damaged_chunk_is_an_episode_file_error_naming_the_dataset(tmp_path: Path) -> None:
+    """HDF5 meets a damaged compressed chunk only when reading it: that OSError used to escape as a traceback."""
+    path = tmp_path / "damaged.hdf5"
+    good_file(path)
+    with h5py.File(path, "a") as f:
+        demo = f["data/demo_0"]
+        rewards = demo["rewards"][()]
+        del demo["rewards"]
+        demo.create_dataset("rewards", data=rewards, compression="gzip", chunks=(len(rewards),))
+        offset = demo["rewards"].id.get_chunk_info(0).byte_offset
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 16)
+    message = f"{path}: demo_0: rewards cannot be read, the file is damaged"
+    with pytest.raises(EpisodeFileError, match=re.escape(message)):
+        read_episodes(path)
