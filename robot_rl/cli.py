@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -181,6 +182,25 @@ def _with_learner_endpoint(cfg: RunConfig, endpoint: str, flag: str, hint: str =
     return cfg.model_copy(update={"transport": transport})
 
 
+def _remove_unstarted_run(out: Path, *, keep_dir: bool) -> None:
+    """Empty (and remove, unless `keep_dir`: it was there, empty, before) the run directory of a `train` that refused
+    its inputs, so that the same command runs once they are fixed; kept when it holds anything of a run (a
+    checkpoint, an evaluation row)."""
+    from robot_rl.runlog import read_eval_csv
+
+    if (out / "checkpoints").exists():
+        return
+    try:
+        rows = read_eval_csv(out / "eval.csv") if (out / "eval.csv").is_file() else []
+    except ConfigError:
+        return
+    if rows:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    if keep_dir:
+        out.mkdir(exist_ok=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from robot_rl.train import run_training
 
@@ -195,7 +215,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} {path} does not exist")
     if args.bc is not None and not (args.bc / "bc.json").is_file():  # before the run directory is made
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
-    summary = run_training(cfg, args.out, bc_dir=args.bc, demos=args.demos, quiet=args.quiet)
+    from robot_rl.bc import BCCheckpointError
+    from robot_rl.episodes import EpisodeFileError
+
+    existed = args.out.exists()  # then empty: _refuse_used_out refused anything else
+    try:
+        summary = run_training(cfg, args.out, bc_dir=args.bc, demos=args.demos, quiet=args.quiet)
+    except (ConfigError, EpisodeFileError, BCCheckpointError):  # inputs refused while the run was being set up
+        _remove_unstarted_run(args.out, keep_dir=existed)
+        raise
     bc = summary["bc_success_rate"]
     print(
         f"{summary['method']} seed {summary['seed']}: BC success {'-' if bc is None else f'{bc:.2f}'}, "

@@ -174,6 +174,10 @@ def test_demos_without_a_step_are_one_line_for_bc_and_train(tmp_path: Path, caps
     args = ["train", "--config", str(STATE), "--demos", str(empty), "--out", str(tmp_path / "run"), "--quiet"]
     assert main([*args, "--set", "agent.method=rlpd"]) == 2
     assert f"{empty}: no demonstration with a step in it" in error_line(capsys, "train")
+    assert not (tmp_path / "run").exists()  # the same command runs once the demonstrations are fixed
+    (tmp_path / "run").mkdir()  # made by the user, empty: kept, and left empty
+    assert main([*args, "--set", "agent.method=rlpd"]) == 2
+    assert list((tmp_path / "run").iterdir()) == [] and error_line(capsys, "train")
 
 
 def widen_actions(demo: h5py.Group) -> None:
@@ -218,7 +222,7 @@ def test_demos_whose_actions_or_fields_do_not_fit_are_one_line(
     assert main(args) == 2
     line = error_line(capsys, command)
     assert line.startswith(f"robot-rl {command}: {demos}: ") and message in line
-    assert not (out / "bc" if command == "train" else out).exists()
+    assert not out.exists()
 
 
 def test_bc_demos_that_are_a_directory_are_named_as_such(tmp_path: Path, capsys) -> None:
