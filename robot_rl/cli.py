@@ -164,6 +164,14 @@ def _refuse_undecodable_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} {shown}: the path is not valid UTF-8; rename it or choose another") from None
 
 
+def _check_demos_file(demos: Path | None) -> None:
+    """ConfigError unless `demos` (when given) is a file: a directory or a missing path is named as such."""
+    if demos is not None and demos.is_dir():
+        raise ConfigError(f"--demos {demos} is a directory; give a demonstrations file (robomimic's HDF5 layout)")
+    if demos is not None and not demos.is_file():
+        raise ConfigError(f"demonstrations file {demos} does not exist")
+
+
 def _check_count(value: int | None, flag: str, *, minimum: int = 1) -> None:
     """ConfigError when a count argument (--episodes, ...) given on the command line is below `minimum`."""
     if value is not None and value < minimum:
@@ -210,9 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.env_steps={args.env_steps}")
     cfg = load_config(args.config, overrides)
     _refuse_used_out(args.out, "run directory")
-    for path, what in ((args.bc, "--bc directory"), (args.demos, "--demos file")):
-        if path is not None and not path.exists():
-            raise ConfigError(f"{what} {path} does not exist")
+    if args.bc is not None and not args.bc.exists():
+        raise ConfigError(f"--bc directory {args.bc} does not exist")
+    _check_demos_file(args.demos)
     if args.bc is not None and not (args.bc / "bc.json").is_file():  # before the run directory is made
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
     from robot_rl.bc import BCCheckpointError
@@ -259,8 +267,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
     _refuse_file_out(args.out, "run directory")
     if not (args.bc / "bc.json").is_file():
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
-    if args.demos is not None and not args.demos.is_file():
-        raise ConfigError(f"--demos file {args.demos} does not exist")
+    _check_demos_file(args.demos)
     return run_learner(cfg, args.out, bc_dir=args.bc, demos=args.demos, resume=args.resume, quiet=args.quiet)
 
 
@@ -313,10 +320,7 @@ def cmd_bc(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides_with_seed(args))
     _check_count(args.eval_episodes, "--eval-episodes", minimum=0)
-    if args.demos.is_dir():
-        raise ConfigError(f"--demos {args.demos} is a directory; give a demonstrations file (robomimic's HDF5 layout)")
-    if not args.demos.is_file():
-        raise ConfigError(f"demonstrations file {args.demos} does not exist")
+    _check_demos_file(args.demos)
     _refuse_used_out(args.out, "BC policy directory")
     policy = train_bc_from_demos(
         cfg, args.demos, args.out, seed=cfg.seed, warn=lambda line: print(f"robot-rl bc: {line}", file=sys.stderr)

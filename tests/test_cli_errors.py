@@ -225,9 +225,15 @@ def test_demos_whose_actions_or_fields_do_not_fit_are_one_line(
     assert not out.exists()
 
 
-def test_bc_demos_that_are_a_directory_are_named_as_such(tmp_path: Path, capsys) -> None:
-    assert main(["bc", "--config", str(STATE), "--demos", str(tmp_path), "--out", str(tmp_path / "bc")]) == 2
-    assert f"--demos {tmp_path} is a directory; give a demonstrations file" in error_line(capsys, "bc")
+@pytest.mark.parametrize("command", ["bc", "train", "learner"])
+def test_demos_that_are_a_directory_are_named_as_such(tmp_path: Path, command: str, capsys) -> None:
+    out = tmp_path / "out"
+    args = [command, "--config", str(STATE), "--demos", str(tmp_path), "--out", str(out)]
+    if command == "learner":
+        args += ["--bc", str(fake_bc_dir(tmp_path / "bc"))]
+    assert main(args) == 2
+    assert f"--demos {tmp_path} is a directory; give a demonstrations file" in error_line(capsys, command)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------------------------
