@@ -564,7 +564,9 @@ class ActorService:
                     st = self.link.state if self.link else None
                     raise ActorError(f"the learner refused this actor: {st.refused if st else ''}")
                 if phase == "eval" and eval_id >= 0:
-                    if eval_id not in self._done_eval_ids:
+                    # An evaluation of the learner's weights waits for them as an online episode does (a restarted
+                    # actor has none until they reach it), rather than evaluate the BC policy under their name.
+                    if eval_id not in self._done_eval_ids and not self._first_weights_due():
                         self._evaluate(eval_id)
                     else:
                         self._idle()

@@ -655,6 +655,8 @@ class LearnerService:
         self.actors.setdefault(hello.actor_id, ActorStats()).last_seen = time.monotonic()
         stream = self.streams.setdefault(key, Stream())
         log.info("welcomed actor %s (run %s), acked up to %d", hello.actor_id, hello.run_id, stream.next_seq - 1)
+        if self.weights_version >= 0:  # a (re)started actor has no weights: broadcast them again soon
+            self._weights_due = True
         return Welcome(
             learner_id=self.learner_id,
             phase=self.phase,
@@ -731,6 +733,18 @@ class LearnerService:
         if refusal is not None:
             return refusal
         if self.phase == "eval" and report.eval_id == self.eval_id and self.eval_report is None:
+            if self.eval_kind != "bc" and report.weights_version < 0:
+                # Acted with the BC policy alone (the actor had no weights yet): not an evaluation of the weights.
+                log.warning(
+                    "evaluation %d: actor %s had no weights yet and evaluated the BC policy alone; its report is not "
+                    "used, and the evaluation is asked for again (as %d) with the weights broadcast anew",
+                    report.eval_id,
+                    report.actor_id,
+                    report.eval_id + 1,
+                )
+                self._start_eval(self.eval_kind)
+                self._weights_due = True
+                return None
             self.eval_report = report
         else:
             log.info(

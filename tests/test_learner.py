@@ -706,6 +706,31 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
     again.store.close()
 
 
+def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_gets_the_weights(
+    tmp_path: Path, bc_dir: Path, ctx
+) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    with running(LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)):
+        actor = FakeActor(ctx, cfg)
+        to_online(actor)
+        assert acked(actor.transitions(10, 45, version=1)) == 54
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+        # A restarted actor (no weights yet) says hello during the evaluation: the weights are broadcast again.
+        late = FakeActor(ctx, cfg, actor_id="a1")
+        assert isinstance(late.hello(), Welcome)
+        late.wait_status(lambda s: bool(late.weights))  # no learner step runs in an evaluation: only the hello's
+        # A report of the BC policy alone (no weights) does not score the weights: the evaluation is asked for again.
+        late.weights.clear()
+        late.report(1, 1.0)
+        late.wait_status(lambda s: s.phase == "eval" and s.eval_id == 2)
+        actor.wait_status(lambda s: s.eval_id == 2)
+        actor.report(2, 0.25)
+        actor.wait_status(lambda s: s.phase != "eval")
+    rows = [(r.phase, r.success_rate) for r in read_eval_csv(out / "eval.csv")]
+    assert rows == [("bc", 0.5), ("online", 0.25)]
+
+
 def test_missing_eval_report_times_out_and_a_method_without_q_estimation_goes_online(
     tmp_path: Path, bc_dir: Path, ctx, caplog
 ) -> None:
