@@ -510,6 +510,13 @@ def to_online(actor: FakeActor) -> None:
     actor.wait_status(lambda s: s.phase == "online")
 
 
+def to_online_eval(actor: FakeActor, steps: int) -> None:
+    """to_online, then `steps` online transitions: the learner evaluates its weights (evaluation 1)."""
+    to_online(actor)
+    assert acked(actor.transitions(10, steps, version=1)) == 9 + steps
+    actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+
+
 def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir: Path, ctx) -> None:
     cfg = tiny_config()
     out = tmp_path / "run"
@@ -647,10 +654,7 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
     cfg = tiny_config()
     run = tmp_path / "run"
     with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
-        actor = FakeActor(ctx, cfg)
-        to_online(actor)
-        assert acked(actor.transitions(10, 20, version=1)) == 29
-        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+        to_online_eval(FakeActor(ctx, cfg), 20)
     checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000020"]
 
@@ -713,9 +717,7 @@ def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_
     out = tmp_path / "run"
     with running(LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)):
         actor = FakeActor(ctx, cfg)
-        to_online(actor)
-        assert acked(actor.transitions(10, 45, version=1)) == 54
-        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+        to_online_eval(actor, 45)
         # A restarted actor (no weights yet) says hello during the evaluation: the weights are broadcast again.
         late = FakeActor(ctx, cfg, actor_id="a1")
         assert isinstance(late.hello(), Welcome)
