@@ -207,31 +207,50 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
                 proc.wait()
 
 
+def _episode_kind(path: Path) -> str | None:
+    """The `kind` attr of an episode file's first demo, read without its datasets (None: no demo, or none set)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        data = f.get("data")
+        names = sorted(data.keys()) if isinstance(data, h5py.Group) else []
+        kind = data[names[0]].attrs.get("kind") if names else None
+    return kind.decode() if isinstance(kind, bytes) else kind
+
+
 def gating_timeline(
     episode_dir: Path, *, count: int = 12, warn: Callable[[str], None] = print
 ) -> tuple[np.ndarray, list[str]]:
     """[episodes, max_steps] with 1 = BC action executed, 0 = RL action, NaN = no step, for `count` online episodes
     spread evenly over the run (the first and the last included), so the picture shows the gate's choices changing.
-    Episode files that cannot be read (being written, damaged) are left out, with one line to `warn`."""
+    Only the drawn episodes are read whole (a long image run holds gigabytes of frames). Episode files that cannot be
+    read (being written, damaged) are left out, with one line to `warn`."""
     from robot_rl.episodes import EpisodeFileError, read_episodes
 
-    online: list[tuple[Path, object]] = []
     unreadable: list[str] = []
+    online: list[Path] = []
     for path in sorted(episode_dir.glob("episode_*.hdf5")):
+        try:
+            if _episode_kind(path) == "online":
+                online.append(path)
+        except (OSError, KeyError) as exc:  # being written (HDF5's lock), damaged
+            unreadable.append(f"{path}: {exc}")
+    if len(online) > count:
+        picks = np.unique(np.linspace(0, len(online) - 1, count).round().astype(int))
+        online = [online[i] for i in picks]
+    drawn: list[tuple[Path, Any]] = []
+    for path in online:
         try:
             episodes = read_episodes(path, warn=lambda line: None)  # one cut by a kill is drawn as far as it got
         except (EpisodeFileError, OSError) as exc:  # OSError: a damaged chunk, met while reading the data
             unreadable.append(str(exc))
             continue
-        if episodes and episodes[0].attrs.get("kind") == "online":
-            online.append((path, episodes[0]))
+        if episodes:
+            drawn.append((path, episodes[0]))
     if unreadable:
         warn(f"{len(unreadable)} episode file(s) left out of the gating timeline, unreadable (first: {unreadable[0]})")
-    if len(online) > count:
-        picks = np.unique(np.linspace(0, len(online) - 1, count).round().astype(int))
-        online = [online[i] for i in picks]
-    rows = [np.asarray(ep.extras["use_bc"], float) for _, ep in online]
-    labels = [f"#{int(p.stem[-6:])} {'success' if ep.terminated[-1] else 'fail'}" for p, ep in online]
+    rows = [np.asarray(ep.extras["use_bc"], float) for _, ep in drawn]
+    labels = [f"#{int(p.stem[-6:])} {'success' if ep.terminated[-1] else 'fail'}" for p, ep in drawn]
     width = max((len(r) for r in rows), default=0)
     grid = np.full((len(rows), width), np.nan)
     for i, r in enumerate(rows):

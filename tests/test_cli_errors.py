@@ -558,6 +558,35 @@ def test_demo_report_names_episode_files_it_could_not_read(tmp_path: Path, capsy
     assert str(episodes / "episode_000000.hdf5") in out and (tmp_path / "report.png").is_file()
 
 
+def test_the_gating_timeline_reads_only_the_episodes_it_draws(tmp_path: Path, monkeypatch) -> None:
+    import robot_rl.episodes as episodes_module
+    from robot_rl.demo import gating_timeline
+
+    episodes = tmp_path / "episodes"
+    episodes.mkdir()
+    for i in range(30):
+        episode = Episode(
+            obs={"ee_pose": np.zeros((i + 1, 6), np.float32)},
+            next_obs={"ee_pose": np.zeros((i + 1, 6), np.float32)},
+            actions=np.zeros((i + 1, 6), np.float32),
+            rewards=np.zeros(i + 1, np.float32),
+            terminated=np.arange(i + 1) == i,
+            truncated=np.zeros(i + 1, bool),
+            extras={"use_bc": np.arange(i + 1) % 2 == 0},
+            attrs={"kind": "online" if i % 3 else "qest_rollouts"},
+        )
+        with EpisodeWriter(episodes / f"episode_{i:06d}.hdf5", env_args={"env": "x"}) as writer:
+            writer.add_episode(episode)
+    read = []
+    real = episodes_module.read_episodes
+    monkeypatch.setattr(episodes_module, "read_episodes", lambda path, **kw: read.append(path) or real(path, **kw))
+    grid, labels = gating_timeline(episodes, count=5)
+    online = [i for i in range(30) if i % 3]  # 20 online episodes: the first, the last and three between are drawn
+    drawn = [online[j] for j in np.unique(np.linspace(0, 19, 5).round().astype(int))]
+    assert [int(p.stem[-6:]) for p in read] == drawn and labels == [f"#{i} success" for i in drawn]
+    assert grid.shape == (5, drawn[-1] + 1) and grid[0, 0] == 1.0 and np.isnan(grid[0, drawn[0] + 1 :]).all()
+
+
 def test_report_reads_an_eval_csv_saved_by_a_spreadsheet(tmp_path: Path, capsys) -> None:
     """A byte-order mark and CRLF line ends: the header used to lack 'env_steps' (it read '\\ufeffenv_steps')."""
     run = run_dir(tmp_path / "run")
