@@ -127,9 +127,14 @@ class EpisodeFault:
         )
 
     def to_attr(self) -> str:
-        """The JSON text stored in attr `fault`."""
+        """The JSON text stored in attr `fault`: strict JSON, a non-finite number as the string "NaN", "Infinity"
+        or "-Infinity" (which strict JSON tools read, where a bare NaN is refused)."""
         fields = ("during", "step", "error", "message", "action", "command")
-        return json.dumps({name: getattr(self, name) for name in fields})
+        record = {name: getattr(self, name) for name in fields}
+        for name in ("action", "command"):
+            if record[name] is not None:
+                record[name] = [x if math.isfinite(x) else json.dumps(x) for x in record[name]]
+        return json.dumps(record, allow_nan=False)
 
     @classmethod
     def from_attr(cls, text: Any) -> EpisodeFault:
@@ -137,7 +142,8 @@ class EpisodeFault:
         try:
             value = json.loads(text)
             fields = {k: value[k] for k in ("during", "step", "error", "message")}
-            return cls(**fields, action=value.get("action"), command=value.get("command"))
+            vectors = {name: _numbers(value.get(name)) for name in ("action", "command")}
+            return cls(**fields, **vectors)
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             raise ValueError(f"attr {FAULT_ATTR!r} is not a fault record ({type(err).__name__}: {err})") from None
 
@@ -151,6 +157,13 @@ def fault_of(attrs: Mapping[str, Any]) -> EpisodeFault | None:
     """The fault record of an episode's attrs (an Episode's, or one of `read_episodes_without_steps`), if any."""
     text = attrs.get(FAULT_ATTR)
     return None if text is None else EpisodeFault.from_attr(text)
+
+
+def _numbers(value: Any) -> Any:
+    """A vector of a fault record as written by to_attr: the strings "NaN", "Infinity", "-Infinity" as floats."""
+    if not isinstance(value, list):
+        return value
+    return [float(x) if x in ("NaN", "Infinity", "-Infinity") else x for x in value]
 
 
 def _fault_vector(name: str, value: Any) -> tuple[float, ...]:

@@ -459,6 +459,21 @@ def test_an_episode_that_faults_before_its_first_step_keeps_its_record_outside_t
     assert len(read_episodes_without_steps(path)) == 1
 
 
+def test_a_fault_record_is_strict_json_and_keeps_non_finite_numbers() -> None:
+    fault = EpisodeFault(
+        during="step", step=3, error="CameraError", message="m", action=(float("nan"), float("inf"), -float("inf"), 0.5)
+    )
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    text = fault.to_attr()
+    assert json.loads(text, parse_constant=refuse)["action"] == ["NaN", "Infinity", "-Infinity", 0.5]
+    back = fault_of({"fault": text})
+    assert back is not None and back.command is None and back.action is not None
+    assert np.isnan(back.action[0]) and back.action[1:] == (float("inf"), -float("inf"), 0.5)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
