@@ -209,8 +209,8 @@ def _read_key_file(path: Path, *, need_secret: bool) -> tuple[bytes, bytes | Non
     return public, secret
 
 
-def load_authorized(directory: Path) -> list[bytes]:
-    """Public keys (Z85) of the clients allowed in: every `*.key` in `directory`; SecurityError if there are none."""
+def _authorized_files(directory: Path) -> list[Path]:
+    """Every `*.key` in `directory`, sorted; SecurityError if there are none."""
     if not directory.is_dir():
         raise SecurityError(f"authorised-keys directory {directory} does not exist")
     files = sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
@@ -218,17 +218,20 @@ def load_authorized(directory: Path) -> list[bytes]:
         raise SecurityError(
             f"authorised-keys directory {directory} holds no *{PUBLIC_SUFFIX} file; no actor could connect"
         )
-    return [_read_key_file(f, need_secret=False)[0] for f in files]
+    return files
+
+
+def load_authorized(directory: Path) -> list[bytes]:
+    """Public keys (Z85) of the clients allowed in: every `*.key` in `directory`; SecurityError if there are none."""
+    return [_read_key_file(f, need_secret=False)[0] for f in _authorized_files(directory)]
 
 
 def key_owners(keys_dir: Path) -> dict[str, str]:
     """Public key (Z85 text, as a message's `User-Id` carries it) -> actor id, from `keys_dir/authorized/<actor>.key`:
     whose key an admitted connection uses."""
-    directory = Path(keys_dir) / AUTHORIZED
-    load_authorized(directory)  # SecurityError when there is nothing to admit
     return {
         _read_key_file(f, need_secret=False)[0].decode(): f.name[: -len(PUBLIC_SUFFIX)]
-        for f in sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
+        for f in _authorized_files(Path(keys_dir) / AUTHORIZED)
     }
 
 
