@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
@@ -112,7 +112,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
     try:
         with safe_open(str(tensors_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(tensors_path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"checkpoint tensors {tensors_path} cannot be read: {exc}") from exc
     write_id = manifest.pop(WRITE_ID, None)
