@@ -378,18 +378,15 @@ class ActorService:
                 self.weights_archive.pin(version)  # evaluated versions outlive the archive's retention
             t0 = time.monotonic()
             choice = self._choose(obs_dict, gated=gated, rl_action=rl_action)
+            info = None
             try:
                 next_dict, reward, terminated, truncated, info = self.env.step(choice.action)
-            except FAULTS as err:  # the arm may have had this step's command: it is recorded with the fault
-                self._record_fault(stream, err, during="step", step=steps, action=choice.action,
-                                   command=self._unfinished_command())  # fmt: skip
-                raise
-            try:
                 # The episode log has the images under obs/<camera> when the policies observe them.
                 camera_extras = read_cameras(self.cameras, images=not obs_lib.image_keys(self.obs_spec))
-            except CameraError as err:  # the arm had this step's command
-                self._record_fault(stream, err, during="step", step=steps, action=choice.action,
-                                   command=info.get("command"))  # fmt: skip
+            except FAULTS as err:  # the arm may have had this step's command: it is recorded with the fault
+                # A step that raised left its command in the env; a camera read after it, in the step's info.
+                command = self._unfinished_command() if info is None else info.get("command")
+                self._record_fault(stream, err, during="step", step=steps, action=choice.action, command=command)
                 raise
             reward, terminated, truncated, event = self._operator_step(info, reward, terminated, truncated)
             done = bool(terminated or truncated)
