@@ -127,8 +127,8 @@ def record_header(flags: int, payload: bytes | memoryview) -> bytes:
     return HEADER.pack(MAGIC, flags, view.nbytes, _checksum(flags, view))
 
 
-def _header_at(data: memoryview, offset: int) -> tuple[int, int, int]:
-    """(flags, payload length, header size) of the record at `offset`, whose checksum is checked by `_intact`."""
+def _header_at(data: memoryview, offset: int) -> tuple[struct.Struct, int, int, int]:
+    """The layout of the record at `offset` (HEADER or CRC32_HEADER), its flags, payload length and checksum."""
     magic = bytes(data[offset : offset + 4])
     header = {MAGIC: HEADER, CRC32_MAGIC: CRC32_HEADER}.get(magic)
     if header is None:
@@ -137,15 +137,15 @@ def _header_at(data: memoryview, offset: int) -> tuple[int, int, int]:
         )
     if len(data) - offset < header.size:
         raise _TornRecord(f"partial header ({len(data) - offset} bytes)")
-    _, flags, length, _ = header.unpack_from(data, offset)
-    return flags, length, header.size
+    _, flags, length, checksum = header.unpack_from(data, offset)
+    return header, flags, length, checksum
 
 
-def _intact(data: memoryview, offset: int, flags: int, payload: memoryview) -> bool:
-    """Whether the checksum in the header at `offset` matches `payload` (either record layout)."""
-    if bytes(data[offset : offset + 4]) == CRC32_MAGIC:
-        return zlib.crc32(payload, zlib.crc32(bytes([flags]))) == CRC32_HEADER.unpack_from(data, offset)[3]
-    return _checksum(flags, payload) == HEADER.unpack_from(data, offset)[3]
+def _intact(header: struct.Struct, flags: int, payload: memoryview, checksum: int) -> bool:
+    """Whether `checksum`, read from a header of that layout, matches `payload`."""
+    if header is CRC32_HEADER:
+        return zlib.crc32(payload, zlib.crc32(bytes([flags]))) == checksum
+    return _checksum(flags, payload) == checksum
 
 
 def encode_record(chunk: StoredChunk) -> bytes:
@@ -160,12 +160,12 @@ class _TornRecord(Exception):
 
 def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> tuple[StoredChunk, int]:
     """The record at `offset` of a stream file's bytes and the offset after it; _TornRecord when it is not whole."""
-    flags, length, header_size = _header_at(data, offset)
-    start = offset + header_size
+    header, flags, length, checksum = _header_at(data, offset)
+    start = offset + header.size
     if length > MAX_RECORD_BYTES or start + length > len(data):
         raise _TornRecord(f"record of {length} bytes runs past the end of the file")
     payload = data[start : start + length]
-    if not _intact(data, offset, flags, payload):
+    if not _intact(header, flags, payload, checksum):
         raise _TornRecord("checksum mismatch")
     try:
         message = from_wire(payload, max_bytes=MAX_RECORD_BYTES, versions=READABLE_VERSIONS)
