@@ -864,7 +864,7 @@ def _read_demo(group: h5py.Group, where: str, note: _Note = lambda kind, names=(
     if not sealed and not _has_required_members(group):
         # Its writer died before the first flush completed: nothing to read.
         return None
-    foreign = not isinstance(group.get("terminated"), h5py.Dataset)
+    foreign = _from_another_tool(group)
     datasets = _demo_datasets(group, where)
     ignored = _robomimic_extra_members(datasets) if foreign else set()
     datasets = {name: ds for name, ds in datasets.items() if name not in ignored}
@@ -901,8 +901,13 @@ def _has_required_members(group: h5py.Group) -> bool:
     return True
 
 
+def _from_another_tool(group: h5py.Group) -> bool:
+    """A demo without our `terminated` flags: written by robomimic or another tool, read as robomimic reads it."""
+    return not isinstance(group.get("terminated"), h5py.Dataset)
+
+
 def _demo_datasets(group: h5py.Group, where: str) -> dict[str, h5py.Dataset]:
-    foreign = not isinstance(group.get("terminated"), h5py.Dataset)
+    foreign = _from_another_tool(group)
     for member in ("obs",) if foreign else ("obs", "next_obs"):  # robomimic's own files may lack next_obs
         if not isinstance(group.get(member), h5py.Group):
             raise EpisodeFileError(f"{where}: missing the '{member}' group")
