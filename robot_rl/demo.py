@@ -148,9 +148,8 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
             f"demo: see {log_path}; run directory {out}",
             flush=True,
         )
-        if failed == "learner":  # nothing to report
-            return 1
-        report(out)
+        if failed == "actor":  # the learner's results so far (a failed learner leaves nothing to report)
+            report(out)
         return 1
     return report(out)
 
