@@ -127,9 +127,8 @@ def open_cameras(
     configs: Sequence[CameraConfig], *, twin: Callable[[CameraConfig], Camera] | None = None, what: str = "this robot"
 ) -> list[Camera]:
     """Open one camera per config, in order: a RealSense by `serial` or an SDK `recording` (played at its recorded
-    rate), else `twin(cfg)` (a
-    simulated twin's renderer). A camera with neither source and no twin is refused (CameraError), and so is anything
-    that cannot be opened; the cameras opened before the failure are closed again.
+    rate), else `twin(cfg)` (a simulated twin's renderer). A camera with neither source and no twin is refused
+    (CameraError), and so is anything that cannot be opened; the cameras opened before the failure are closed again.
 
     what: names the robot in the refusal, e.g. "env.robot=franky".
     """
