@@ -102,7 +102,7 @@ def audit_log(learner_dir: Path, cfg: RunConfig) -> LogAudit:
         except (WireError, ValueError):
             invalid += chunk.count
     for seqs in streams.values():
-        array = np.asarray(seqs)
-        repeated += len(array) - len(np.unique(array))
-        missing += int(array.max()) + 1 - len(np.unique(array)) if len(array) else 0
+        distinct = len(np.unique(seqs))
+        repeated += len(seqs) - distinct
+        missing += max(seqs) + 1 - distinct if seqs else 0
     return LogAudit(stored=stored, repeated=repeated, missing=missing, invalid=invalid)
