@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from robot_rl.malloc import reuse_freed_memory
 SHIPPED = {"checksum": store._checksum, "write": store._write_all}
 VARIANTS: dict[str, dict[str, Callable[..., Any]]] = {
     "xxh3": {},
-    "crc32": {"checksum": lambda flags, payload: zlib.crc32(payload, zlib.crc32(bytes([flags])))},
+    "crc32": {"checksum": store._crc32_checksum},
     "no-checksum": {"checksum": lambda flags, payload: 0},
     "no-write": {"checksum": lambda flags, payload: 0, "write": lambda fd, buffers: None},
 }

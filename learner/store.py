@@ -121,6 +121,11 @@ def _checksum(flags: int, payload: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(payload, seed=flags)
 
 
+def _crc32_checksum(flags: int, payload: bytes | memoryview) -> int:
+    """The checksum of a CRC32_HEADER record: crc32 of the flags byte and the payload."""
+    return zlib.crc32(payload, zlib.crc32(bytes([flags])))
+
+
 def record_header(flags: int, payload: bytes | memoryview) -> bytes:
     """The header of the record of `payload` (its checksum covers the payload, read in place, and the flags)."""
     view = memoryview(payload)
@@ -144,7 +149,7 @@ def _header_at(data: memoryview, offset: int) -> tuple[struct.Struct, int, int, 
 def _intact(header: struct.Struct, flags: int, payload: memoryview, checksum: int) -> bool:
     """Whether `checksum`, read from a header of that layout, matches `payload`."""
     if header is CRC32_HEADER:
-        return zlib.crc32(payload, zlib.crc32(bytes([flags]))) == checksum
+        return _crc32_checksum(flags, payload) == checksum
     return _checksum(flags, payload) == checksum
 
 
