@@ -360,11 +360,10 @@ def _refuse_run_directory(directory: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from robot_rl import obs as obs_lib
     from robot_rl.bc import load_bc
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
-    from robot_rl.train import EVAL_SEED, evaluate_checkpoint
+    from robot_rl.train import EVAL_SEED, evaluate_checkpoint, refuse_other_obs
 
     seed = EVAL_SEED if args.seed is None else args.seed
     _check_count(args.episodes, "--episodes")
@@ -380,14 +379,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         bc = load_bc(args.checkpoint)
         env = make_env(cfg.env)
-        observed = obs_lib.spec_from_space(env.observation_space)
-        if bc.obs_spec != observed:
-            env.close()
-            source = f"--config {args.config}" if args.config else "the embedded default config (no --config)"
-            raise ConfigError(
-                f"BC policy {args.checkpoint} observes {sorted(bc.obs_spec)}, the env of {source} observes "
-                f"{sorted(observed)}; pass --config with the config the policy was trained with"
-            )
+        source = f"--config {args.config}" if args.config else "the embedded default config (no --config)"
+        refuse_other_obs(env, bc.obs_spec, f"BC policy {args.checkpoint}", source, "the policy was trained with")
         policy = bc_policy_fn(bc, mode=cfg.agent.bc_action, generator=torch.Generator())
         result = evaluate(env, policy, episodes=args.episodes, seed=seed)
         env.close()

@@ -582,19 +582,31 @@ def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, Run
     return agent, cfg, manifest
 
 
+def refuse_other_obs(env, spec: obs_lib.ObsSpec, what: str, source: str, trained_with: str) -> None:
+    """ConfigError (closing `env`) when `env` observes other than `spec`, what the policy `what` was trained on:
+    the env of `source` is not the one it was trained in."""
+    observed = obs_lib.spec_from_space(env.observation_space)
+    if observed != spec:
+        env.close()
+        raise ConfigError(
+            f"{what} observes {sorted(spec)}, the env of {source} observes {sorted(observed)}; pass --config with "
+            f"the config {trained_with}"
+        )
+
+
 def evaluate_checkpoint(
     checkpoint: Path, *, episodes: int, seed: int = EVAL_SEED, config_path: Path | None = None, overrides=None
 ) -> dict:
     agent, cfg, manifest = load_agent(checkpoint)
     env_cfg = load_config(config_path, overrides).env if config_path or overrides else cfg.env
     env = make_env(env_cfg)
-    observed = obs_lib.spec_from_space(env.observation_space)
-    if observed != agent.obs_spec:
-        env.close()
-        raise ConfigError(
-            f"checkpoint {checkpoint} observes {sorted(agent.obs_spec)}, the env of --config {config_path} observes "
-            f"{sorted(observed)}; pass --config with the config the checkpoint was trained with (or none: its own)"
-        )
+    refuse_other_obs(
+        env,
+        agent.obs_spec,
+        f"checkpoint {checkpoint}",
+        f"--config {config_path}",
+        "the checkpoint was trained with (or none: its own)",
+    )
     try:
         result = evaluate(env, gated_policy_fn(agent, rl_action="mode"), episodes=episodes, seed=seed)
     finally:
