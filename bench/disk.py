@@ -19,13 +19,10 @@ import os
 import select
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
-
-from robot_rl.learner.store import StoredChunk, TransitionStore
+from robot_rl.learner.store import FLAG_ONLINE, StoredChunk, TransitionStore, _checksum, _crc32_checksum
 
 CHUNK_TRANSITIONS = 30
 TRANSITION_BYTES = 43_859  # two 84x84x3 uint8 cameras + the pose, next observation shared (bench/transport.py)
@@ -57,12 +54,12 @@ def measure(directory: str, seconds: float, group: int, *, preallocate: bool) ->
 def checksum_ms(name: str, repeats: int = 200) -> float:
     """Milliseconds to checksum one chunk's bytes, best of three rounds (`name`: "xxh3" or "crc32")."""
     chunk = os.urandom(CHUNK_TRANSITIONS * TRANSITION_BYTES)
-    fn = {"xxh3": lambda b: xxhash.xxh3_64_intdigest(b, seed=1), "crc32": lambda b: zlib.crc32(b, 1)}[name]
+    fn = {"xxh3": _checksum, "crc32": _crc32_checksum}[name]
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(repeats):
-            fn(chunk)
+            fn(FLAG_ONLINE, chunk)
         best = min(best, (time.perf_counter() - start) / repeats)
     return best * 1e3
 
