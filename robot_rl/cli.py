@@ -157,10 +157,11 @@ def _refuse_undecodable_paths(args: argparse.Namespace) -> None:
         path = getattr(args, name, None)
         if not isinstance(path, Path):
             continue
+        text = str(path.absolute())
         try:
-            str(path.absolute()).encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError:
-            shown = str(path.absolute()).encode("utf-8", "backslashreplace").decode("utf-8")
+            shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
             raise ConfigError(f"--{name} {shown}: the path is not valid UTF-8; rename it or choose another") from None
 
 
