@@ -167,9 +167,11 @@ def _refuse_undecodable_paths(args: argparse.Namespace) -> None:
 
 def _check_demos_file(demos: Path | None) -> None:
     """ConfigError unless `demos` (when given) is a file: a directory or a missing path is named as such."""
-    if demos is not None and demos.is_dir():
+    if demos is None:
+        return
+    if demos.is_dir():
         raise ConfigError(f"--demos {demos} is a directory; give a demonstrations file (robomimic's HDF5 layout)")
-    if demos is not None and not demos.is_file():
+    if not demos.is_file():
         raise ConfigError(f"demonstrations file {demos} does not exist")
 
 
