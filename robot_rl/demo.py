@@ -206,17 +206,6 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
                 proc.wait()
 
 
-def _episode_kind(path: Path) -> str | None:
-    """The `kind` attr of an episode file's first demo, read without its datasets (None: no demo, or none set)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        data = f.get("data")
-        names = sorted(data.keys()) if isinstance(data, h5py.Group) else []
-        kind = data[names[0]].attrs.get("kind") if names else None
-    return kind.decode() if isinstance(kind, bytes) else kind
-
-
 def gating_timeline(
     episode_dir: Path, *, count: int = 12, warn: Callable[[str], None] = print
 ) -> tuple[np.ndarray, list[str]]:
@@ -224,16 +213,16 @@ def gating_timeline(
     spread evenly over the run (the first and the last included), so the picture shows the gate's choices changing.
     Only the drawn episodes are read whole (a long image run holds gigabytes of frames). Episode files that cannot be
     read (being written, damaged) are left out, with one line to `warn`."""
-    from robot_rl.episodes import EpisodeFileError, read_episodes
+    from robot_rl.episodes import EpisodeFileError, first_episode_kind, read_episodes
 
     unreadable: list[str] = []
     online: list[Path] = []
     for path in sorted(episode_dir.glob("episode_*.hdf5")):
         try:
-            if _episode_kind(path) == "online":
+            if first_episode_kind(path) == "online":
                 online.append(path)
-        except (OSError, KeyError) as exc:  # being written (HDF5's lock), damaged
-            unreadable.append(f"{path}: {exc}")
+        except (EpisodeFileError, OSError) as exc:  # being written (HDF5's lock), damaged
+            unreadable.append(str(exc))
     if len(online) > count:
         picks = np.unique(np.linspace(0, len(online) - 1, count).round().astype(int))
         online = [online[i] for i in picks]

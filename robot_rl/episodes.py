@@ -786,6 +786,16 @@ def _demo_list(demos: list[str]) -> str:
     return ", ".join(demos) if len(demos) <= 5 else f"{', '.join(demos[:3])}, ... {len(demos)} demos in all"
 
 
+def first_episode_kind(path: str | Path) -> str | None:
+    """The `kind` attr of a file's first episode, read without its datasets (None: no episode, or none set)."""
+    path = Path(path)
+    with _open_for_read(path) as f:
+        data = _data_group(f, path)
+        names = _demo_names(data, path)
+        kind = data[names[0]].attrs.get("kind") if names else None
+    return kind.decode() if isinstance(kind, bytes) else kind
+
+
 def read_episodes_without_steps(path: str | Path) -> list[dict[str, AttrValue]]:
     """The attrs of the episodes of a file that faulted before their first step (a reset that faulted), in index
     order; `fault_of(attrs)` is the fault. Empty for a file that has none (every file `read_episodes` reads)."""
