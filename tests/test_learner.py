@@ -630,6 +630,7 @@ def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: 
         assert isinstance(welcome, Welcome) and (welcome.phase, welcome.acked_seq) == ("eval", 29)
         assert welcome.weights_version > first.weights_version
         actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == resumed_id)
+        actor.wait_status(lambda s: bool(actor.weights))  # broadcast again for the new actor: it evaluates them
         actor.report(1, 0.0)  # the interrupted evaluation's id is stale now: ignored
         actor.report(2, 0.0)  # an id the killed learner might have issued after its checkpoint: ignored
         actor.report(resumed_id, 0.5)
