@@ -32,7 +32,11 @@ from robot_rl.wire import (
     config_fingerprint,
     config_hash,
     from_frames,
+    from_joined,
     from_wire,
+    is_joined_frames,
+    split_frames,
+    to_frames,
     to_wire,
 )
 
@@ -89,7 +93,7 @@ class LearnerLink(threading.Thread):
         *,
         run_id: str,
         endpoint: str,
-        window: int = 8,
+        window: int = 16,
         fingerprint: Mapping[str, str] | None = None,
     ) -> None:
         """`fingerprint` adds entries to the config's in the hello (the BC policy's: bc.bc_fingerprint)."""
@@ -277,11 +281,29 @@ class LearnerLink(threading.Thread):
         for chunk, payload in self.spill.chunks_from(cursor):
             if cursor - (self.state.acked_seq + 1) >= budget:
                 break
-            if not _send(dealer, payload):  # a chunk straddling the cursor is sent whole; the learner trims it
-                break
+            if not _send_chunk(dealer, payload, self.cfg.transport.max_message_bytes):
+                break  # (a chunk straddling the cursor is sent whole; the learner trims it)
             cursor = chunk.last_seq + 1
             self._replace(sent_seq=max(self.state.sent_seq, chunk.last_seq))
         return cursor
+
+
+# Spills written before protocol 3 hold each chunk as one frame of these protocols; they are sent as frames.
+SPILLED_ONE_FRAME_VERSIONS = (1, 2, 3)
+
+
+def _send_chunk(sock: zmq.Socket, payload: bytes, max_bytes: int) -> bool:
+    """Send one spilled chunk without blocking: its frames joined (as the actor spills them) go out as those frames,
+    without copying; a chunk spilled as one frame by an earlier version is encoded as frames first."""
+    if is_joined_frames(payload):
+        frames: list[bytes | memoryview] = list(split_frames(payload))
+    else:
+        frames = to_frames(from_joined(payload, max_bytes=max_bytes, versions=SPILLED_ONE_FRAME_VERSIONS))
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)  # whole or not at all (ZeroMQ's multipart atomicity)
+    except zmq.Again:
+        return False
+    return True
 
 
 def _send(sock: zmq.Socket, data: bytes) -> bool:

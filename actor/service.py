@@ -59,7 +59,7 @@ from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.security import check_client_keys
 from robot_rl.signals import stop_signals
-from robot_rl.wire import EvalReport, Transitions, to_wire
+from robot_rl.wire import EvalReport, Transitions, join_frames, to_frames
 
 log = logging.getLogger(__name__)
 # What fails an episode, is recorded in its log, and lets the actor go on after recovering.
@@ -105,14 +105,14 @@ class ChunkBuilder:
         )
 
     def take(self, first_seq: int) -> tuple[bytes, int] | None:
-        """The wire bytes of the pending rows as one chunk starting at first_seq (None if empty)."""
+        """The pending rows as one chunk starting at first_seq, its wire frames joined (None if empty)."""
         if not self.rows:
             return None
         arrays = {name: np.stack([r[name] for r in self.rows]) for name in self.rows[0]}
         count = len(self.rows)
         self.rows = []
         msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first_seq, count=count, arrays=arrays)
-        return to_wire(msg), count
+        return join_frames(to_frames(msg)), count
 
 
 def free_disk_bytes(path: Path) -> int:

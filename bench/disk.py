@@ -1,12 +1,13 @@
 """Disk ceiling for the learner's transition log: chunks of image transitions written and fsync'd in groups.
 
-    python bench/disk.py [--dir DIR] [--seconds 4] [--groups 1,4,16] [--window 8]
+    python bench/disk.py [--dir DIR] [--seconds 4] [--groups 1,4,16] [--window 16]
 
 Writes chunks of 30 two-camera transitions (30 x 43,859 bytes, the wire size of a chunk of consecutive steps) to a
 file in DIR (default: the current directory, where a run directory would be), and syncs after every `group` chunks:
-appended and fsync'd on one thread, and into a preallocated file with fdatasync for comparison. The last row drives
-the learner's own store (learner.store.TransitionStore: a writer thread appends, a sync thread fsyncs what is
-written meanwhile, checksums included) with at most --window chunks not yet durable, as an actor's window allows.
+appended and fsync'd on one thread, and into a preallocated file with fdatasync for comparison. The last two rows
+drive the learner's own store (learner.store.TransitionStore: a writer thread appends, a sync thread fsyncs what is
+written meanwhile, checksums included) with at most --window chunks not yet durable, as an actor's window allows:
+through the page cache ("cached"), then as the learner runs it (O_DIRECT where the file system takes it).
 Files are deleted afterwards. Before the disk rows, the CPU cost of checksumming one chunk: XXH3 (what the store
 writes since the log's "RRLX" records) against zlib's crc32 (the earlier "RRLT" records). The last line is the
 headline: what the disk allows the store.
@@ -64,13 +65,14 @@ def checksum_ms(name: str, repeats: int = 200) -> float:
     return best * 1e3
 
 
-def measure_store(directory: str, seconds: float, window: int) -> float:
-    """Transitions per second made durable by the learner's TransitionStore, at most `window` chunks pending."""
+def measure_store(directory: str, seconds: float, window: int, *, direct: bool | None = None) -> float:
+    """Transitions per second made durable by the learner's TransitionStore, at most `window` chunks pending
+    (`direct`: the store's O_DIRECT choice; None lets it probe the file system, as the learner does)."""
     payload = os.urandom(CHUNK_TRANSITIONS * TRANSITION_BYTES)
     chunk = StoredChunk("bench", "disk", 0, {}, online=True)  # the record's stream and flags; the payload is given
     with (
         tempfile.TemporaryDirectory(dir=directory, prefix=".disk-bench-") as where,
-        TransitionStore(Path(where)) as store,
+        TransitionStore(Path(where), direct=direct) as store,
     ):
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -83,12 +85,23 @@ def measure_store(directory: str, seconds: float, window: int) -> float:
         return store.durable() * CHUNK_TRANSITIONS / elapsed
 
 
+def _store_writes_direct(directory: str) -> bool:
+    """Whether the learner's store writes with O_DIRECT in `directory` (what its probe finds)."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".disk-bench-") as where:
+        store = TransitionStore(Path(where))
+        try:
+            store.append(StoredChunk("bench", "probe", 0, {}, online=True), b"x")
+            return store.direct
+        finally:
+            store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=".", help="Directory on the disk to measure.")
     parser.add_argument("--seconds", type=float, default=4.0, help="Seconds per row.")
     parser.add_argument("--groups", default="1,4,16", help="Chunks per sync, comma-separated.")
-    parser.add_argument("--window", type=int, default=8, help="Chunks pending at most in the store row.")
+    parser.add_argument("--window", type=int, default=16, help="Chunks pending at most in the store row.")
     args = parser.parse_args()
     where = os.path.abspath(args.dir)
     print(f"chunks of {CHUNK_TRANSITIONS} x {TRANSITION_BYTES:,} B in {where}, {args.seconds:g} s per row")
@@ -103,8 +116,12 @@ def main() -> None:
             if not preallocate:  # what the store does
                 best = max(best, rate)
             print(f"{group:>15} {how:<22} {rate:>14,.0f} {rate * TRANSITION_BYTES / 1e6:>8.0f}")
+    buffered = measure_store(args.dir, args.seconds, args.window, direct=False)
+    mb = buffered * TRANSITION_BYTES / 1e6
+    print(f"{args.window:>15} {'TransitionStore cached':<22} {buffered:>14,.0f} {mb:>8.0f}")
     rate = measure_store(args.dir, args.seconds, args.window)
-    print(f"{args.window:>15} {'TransitionStore':<22} {rate:>14,.0f} {rate * TRANSITION_BYTES / 1e6:>8.0f}")
+    how = "TransitionStore" + (" direct" if _store_writes_direct(args.dir) else "")
+    print(f"{args.window:>15} {how:<22} {rate:>14,.0f} {rate * TRANSITION_BYTES / 1e6:>8.0f}")
     print(
         f"headline: the learner's store makes {rate:,.0f} two-camera transitions/s durable "
         f"(one thread writing and syncing in turn: {best:,.0f}/s at best)"

@@ -12,7 +12,9 @@ limited to 4 MB so that oversized ones are cheap to send). Once the actor's tran
   and, from connections with an accepted hello (the right config and BC policy: an authorised but hostile actor),
   transitions with a wrong dtype, shape or count, truncated array bytes, huge declared shapes, NaN or infinite
   values, half-NaN BC actions, bool bytes other than 0/1, versions below -1, missing or extra arrays, tampered
-  shared next observations, another actor's ids, a negative or far-off first sequence number.
+  shared next observations, another actor's ids, a negative or far-off first sequence number; each either in one
+  frame or as a header and one frame per array (how actors send chunks), where the header entry and the frame carry
+  the lie, now and then with a frame too many or too few.
 
 None of them is a valid chunk at the right sequence number, so none may be stored. Afterwards both processes stop
 cleanly and every record of the learner's log is read back. Printed: messages per kind, the learner's crashes (it
@@ -108,10 +110,28 @@ class Fuzzer:
 
     # -- hostile transitions from an accepted actor: each spoils a valid chunk one way ------------------------------
     def spoilt_chunk(self, actor_id: str) -> tuple[str, list[bytes]]:
+        """A spoilt chunk, half the time in one frame (arrays inline), half as a header and one frame per array (as
+        actors send chunks), where the spoilt array's header entry and frame carry the lie."""
         name, spoil = self.rng.choice(SPOILERS)
         body = self.chunk(actor_id, 0)
         spoil(self, body)
-        return f"transitions: {name}", [msgpack.packb(body, use_bin_type=True)]
+        if self.rng.random() < 0.5:
+            return f"transitions: {name}", [msgpack.packb(body, use_bin_type=True)]
+        return f"transitions in frames: {name}", self.framed(body)
+
+    def framed(self, body: dict[str, Any]) -> list[bytes]:
+        """A transitions map as a header and one frame per array; now and then a frame too many or too few."""
+        arrays = body["arrays"]
+        if not isinstance(arrays, dict) or not all(isinstance(a, dict) and "data" in a for a in arrays.values()):
+            return [msgpack.packb(body, use_bin_type=True)]
+        entries = [{"name": n, "dtype": a.get("dtype"), "shape": a.get("shape")} for n, a in arrays.items()]
+        frames = [a["data"] for a in arrays.values()]
+        roll = self.rng.random()
+        if roll < 0.05:
+            frames.pop(self.rng.randrange(len(frames)))
+        elif roll < 0.1:
+            frames.append(self.np.bytes(self.rng.randrange(64)))
+        return [msgpack.packb({**body, "arrays": entries}, use_bin_type=True), *frames]
 
     def _some_array(self, body: dict[str, Any], kind: str = "any") -> dict[str, Any]:
         arrays = body["arrays"]

@@ -7,12 +7,16 @@ Transitions go DEALER (a sender process, the actor) -> ROUTER (this process, the
 chunks, for the state config (configs/sim_peg_state.yaml) and a two-camera 84x84 image config (two (3, 84, 84) uint8
 images plus the state vector). A chunk holds consecutive steps of one episode, as an actor sends them (next_obs[i]
 is obs[i + 1], which the wire sends once); --unrelated-next-obs draws every next observation on its own instead.
-  bare:     arrays msgpack-packed as raw bytes (every array whole), sent, received, unpacked; no validation, no acks;
-  checked:  wire.to_wire(Transitions) on the sender; from_wire + validate_transitions + an Ack per chunk on the
-            receiver, with at most 8 unacknowledged chunks in flight (the actor link's default window; the actor keeps
-            what is unacknowledged);
-  stored:   checked, plus the learner's transition log as the learner uses it: each received frame appended as is,
-            written and fsync'd in groups by the store's writer thread, and its Ack held until that fsync is done
+  bare:     a msgpack header of names, dtypes and shapes and one frame per array (every array whole), sent and
+            received without copying, arrays made over the frames; no validation, no acks;
+  checked:  wire.to_frames(Transitions) on the sender (a header and one frame per array, as the actor link sends a
+            chunk, without copying; each chunk's frames are made once, as the actor makes them once when it spills
+            the chunk, and only the header anew per send); from_frames + validate_transitions + an Ack per chunk on
+            the receiver, with at most 16 unacknowledged chunks in flight (the actor link's default window; the actor
+            keeps what is unacknowledged);
+  stored:   checked, plus the learner's transition log as the learner uses it: each chunk's received frames appended
+            as they are, written and fsync'd in groups by the store's writer thread (O_DIRECT where the file system
+            takes it, as the learner's store decides), and its Ack held until that fsync is done
             (learner.store.HeldReplies). Transitions count when their Ack is sent.
   ingested: stored, plus what the learner does next with each chunk: add it to a replay buffer (capacity 20k,
             each observation kept once), as LearnerService._ingest does.
@@ -52,6 +56,7 @@ from robot_rl.wire import (
     Weights,
     from_frames,
     from_wire,
+    to_frames,
     to_wire,
     transition_spec,
     unpack_tensors,
@@ -61,7 +66,7 @@ from robot_rl.wire import (
 MAX_BYTES = 512 << 20
 STORED = ("stored", "ingested")  # the rows the headline reports
 BUFFER_CAPACITY = 20_000  # the "ingested" rows' replay buffer (two cameras: ~1 GB)
-WINDOW = 8  # chunks in flight by default: actor.link.LearnerLink's default
+WINDOW = 16  # chunks in flight by default: actor.link.LearnerLink's default
 STATE_CONFIG = "configs/sim_peg_state.yaml"
 
 
@@ -93,13 +98,15 @@ def make_chunk(spec: TransitionSpec, count: int, seed: int, *, consecutive: bool
     return arrays
 
 
-def bare_pack(arrays: dict[str, np.ndarray]) -> bytes:
-    return msgpack.packb({k: [a.dtype.str, list(a.shape), a.tobytes()] for k, a in arrays.items()})
+def bare_pack(arrays: dict[str, np.ndarray]) -> list[bytes | memoryview]:
+    """A msgpack header of names, dtypes and shapes, then each array's memory as a frame of its own."""
+    header = msgpack.packb([[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()])
+    return [header, *(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) for a in arrays.values())]
 
 
-def bare_unpack(data: bytes | memoryview) -> dict[str, np.ndarray]:
-    tree = msgpack.unpackb(data, raw=False)
-    return {k: np.frombuffer(b, dtype=d).reshape(s) for k, (d, s, b) in tree.items()}
+def bare_unpack(frames: list[memoryview]) -> dict[str, np.ndarray]:
+    header = msgpack.unpackb(frames[0], raw=False)
+    return {k: np.frombuffer(f, dtype=d).reshape(s) for (k, d, s), f in zip(header, frames[1:], strict=True)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -125,6 +132,12 @@ def sender(
     sock.setsockopt(zmq.SNDTIMEO, 100)
     sock.connect(endpoint)
     chunks = [make_chunk(spec, count, seed, consecutive=consecutive) for seed in range(4)]
+    # The actor encodes a chunk once, when it spills it; sending reads the frames back. So does this sender: each
+    # chunk's frames are made once, and only the header is made anew per send (its first_seq).
+    encoded = []
+    for arrays in chunks:
+        frames = to_frames(Transitions(actor_id="actor-0", run_id="bench", first_seq=0, count=count, arrays=arrays))
+        encoded.append((msgpack.unpackb(frames[0], raw=False), frames[1:]))  # the header as msgpack gives it back
     seq, acked = 0, -1
     while not stop.is_set():
         if checked:
@@ -133,12 +146,12 @@ def sender(
                     ack = from_wire(sock.recv(), max_bytes=MAX_BYTES)
                     assert isinstance(ack, Ack)
                     acked = ack.acked_seq
-            msg = Transitions(actor_id="actor-0", run_id="bench", first_seq=seq, count=count, arrays=chunks[seq % 4])
-            data = to_wire(msg)
+            header, arrays_frames = encoded[seq % 4]
+            frames = [msgpack.packb({**header, "first_seq": seq}, use_bin_type=True), *arrays_frames]
         else:
-            data = bare_pack(chunks[seq % 4])
+            frames = bare_pack(chunks[seq % 4])
         try:
-            sock.send(data, copy=False)
+            sock.send_multipart(frames, copy=False)
         except zmq.Again:
             continue
         seq += count
@@ -237,23 +250,24 @@ def _receive(
             if not events:
                 raise RuntimeError("no chunk from the sender within 30 s")
             if sock in events:
-                identity, frame = sock.recv_multipart(copy=False)
-                data = frame.buffer  # zero-copy view of the received frame; decoding copies what it keeps
+                identity, *parts = sock.recv_multipart(copy=False)
+                frames = [part.buffer for part in parts]  # zero-copy views of the received frames
+                size = sum(f.nbytes for f in frames)
                 if not checked:
-                    n = len(bare_unpack(data)["rewards"])
-                    nbytes, received = nbytes + data.nbytes, received + n
+                    n = len(bare_unpack(frames)["rewards"])
+                    nbytes, received = nbytes + size, received + n
                     counted(n)
                     continue
-                msg = from_wire(data, max_bytes=MAX_BYTES)
+                msg = from_frames(frames, max_bytes=MAX_BYTES)
                 assert isinstance(msg, Transitions)
                 validate_transitions(msg, spec)
-                nbytes, received = nbytes + data.nbytes, received + msg.count
+                nbytes, received = nbytes + size, received + msg.count
                 ack = Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=msg.last_seq)
                 if store is None or held is None:
                     sock.send_multipart([identity.bytes, to_wire(ack)])
                     counted(msg.count)
                     continue
-                store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True), data)
+                store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True), frames)
                 held.hold((identity.bytes, ack, msg.count))
                 ingest(buffer, spec, msg.arrays)
             if held is not None:

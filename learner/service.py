@@ -79,7 +79,7 @@ from robot_rl.wire import (
     check_hello,
     config_fingerprint,
     diff_fingerprints,
-    from_wire,
+    from_frames,
     to_wire,
     transition_spec,
     validate_transitions,
@@ -549,12 +549,12 @@ class LearnerService:
                 except zmq.Again:
                     break
                 identity = frames[0].bytes
-                if len(frames) != 2:
-                    reply = self._refuse(identity, f"expected one message frame, got {len(frames) - 1}")
+                if len(frames) < 2:
+                    reply = self._refuse(identity, "expected a message after the identity frame, got none")
                 else:
                     # With CURVE, the public key the connection authenticated with (Z85); else None.
                     key = frames[1].get("User-Id") if self._key_owners else None
-                    reply = self._handle(identity, frames[1].buffer, key)
+                    reply = self._handle(identity, [frame.buffer for frame in frames[1:]], key)
                 if reply is not None:
                     self.held.hold((identity, reply))
         self._send_released()
@@ -578,9 +578,10 @@ class LearnerService:
         except StoreError as err:  # already logged by the writer; the exception on the way out stays the original
             log.error("acknowledgements held at exit not sent: %s", err)
 
-    def _handle(self, identity: bytes, payload: memoryview, key: str | None = None) -> Message | None:
+    def _handle(self, identity: bytes, frames: list[memoryview], key: str | None = None) -> Message | None:
+        """The reply to one message (its frames, without the identity); None when there is none to send."""
         try:
-            msg = from_wire(payload, max_bytes=self.cfg.transport.max_message_bytes)
+            msg = from_frames(frames, max_bytes=self.cfg.transport.max_message_bytes)
         except WireError as err:
             return self._refuse(identity, str(err))
         session = self.sessions.get(identity)
@@ -589,7 +590,7 @@ class LearnerService:
         if isinstance(msg, Hello):
             return self._on_hello(identity, msg, key)
         if isinstance(msg, Transitions):
-            return self._on_transitions(identity, msg, payload)
+            return self._on_transitions(identity, msg, frames)
         if isinstance(msg, EvalReport):
             return self._on_eval_report(identity, msg)
         return self._refuse(identity, f"kind: the learner does not accept {msg.kind} messages")
@@ -691,7 +692,7 @@ class LearnerService:
             )
         return None
 
-    def _on_transitions(self, identity: bytes, msg: Transitions, payload: memoryview) -> Message:
+    def _on_transitions(self, identity: bytes, msg: Transitions, frames: list[memoryview]) -> Message:
         refusal = self._session_refusal(identity, msg.actor_id, msg.run_id, "transitions")
         if refusal is not None:
             return refusal
@@ -722,7 +723,8 @@ class LearnerService:
                 arrays={name: array[skip:] for name, array in msg.arrays.items()},
                 online=self.online_started,
             )
-            self.store.append(chunk, payload if skip == 0 else None)  # a whole chunk: the frame as received
+            # A whole chunk is logged as received (its frames, or its one frame), a trimmed one encoded anew.
+            self.store.append(chunk, (frames if len(frames) > 1 else frames[0]) if skip == 0 else None)
             self._ingest(chunk, stream)
             stream.chunk_stored(chunk.arrays)
             stats.stored += chunk.count

@@ -10,16 +10,17 @@ sequence of records:
 payload) | payload`; they read back as before, and new records are appended after them in the new layout. XXH3 checks
 a 1.3 MB image chunk about ten times faster than zlib's crc32, a cost the writer pays for every stored byte.)
 
-The payload is a `wire.Transitions` message in its wire encoding (msgpack, arrays as raw bytes, no pickle), holding
-exactly the transitions the learner stored from one chunk, numbered from `first_seq`. `flags` bit 0 marks
-transitions stored after the learner first went online (they count as online environment steps); without it they
-were collected for Q-Estimation.
+The payload is a `wire.Transitions` message in its wire encoding, holding exactly the transitions the learner stored
+from one chunk, numbered from `first_seq`: since protocol 3 its frames joined (`wire.join_frames`: a msgpack header
+and the arrays' raw bytes, no pickle), before that one msgpack frame with the arrays inline; both read back.
+`flags` bit 0 marks transitions stored after the learner first went online (they count as online environment steps);
+without it they were collected for Q-Estimation.
 
 The payload of a record is the message exactly as the actor sent it when the learner stores the whole chunk (the
-received frame is written as is, never re-encoded); a chunk trimmed of duplicates is encoded anew. Records written
-under protocol 1 read back unchanged (a protocol-2 Transitions message differs only by the next observations it may
-leave out, which parsing rebuilds); an intact record of an unknown protocol version stops the read with StoreError
-rather than being cut as damage.
+received frames are written as they are, never re-encoded); a chunk trimmed of duplicates is encoded anew. Records
+written under protocols 1 and 2 read back unchanged (a protocol-2 Transitions message differs only by the next
+observations it may leave out, which parsing rebuilds); an intact record of an unknown protocol version stops the read
+with StoreError rather than being cut as damage.
 
 Writing happens on two threads so that the learner's receive loop never waits on the disk: `append` queues a
 record and returns its ticket (1, 2, ...); the writer thread writes everything queued with one `os.writev` per record
@@ -32,6 +33,15 @@ arrive during an fsync are covered by the next one, together. The learner acknow
 fsync'd. `sync` waits until everything appended is durable. A write or fsync error stops both threads; every later
 call raises StoreError with it, and nothing more is acknowledged.
 
+Where the file system takes it (probed when the store first writes; `direct=` forces either way), the writer
+writes with O_DIRECT: the records of a group are copied into one page-aligned staging buffer and written from it
+in whole 4 KiB blocks (the last block padded with zeros, then the file cut back to its true length), so the
+payloads never pass through the page cache. On a 2-core machine that copy costs far less than the kernel's copy
+into the page cache and its writeback (`bench/disk.py`). The partial last block of a stream is kept and written again
+with the next group, byte for byte the same where it was written before. A crash between a write and the cut leaves
+zeros after the last record, which `read_back` cuts as a torn tail. Elsewhere (tmpfs, some network file systems)
+records are appended through the page cache as before; both write the same bytes.
+
 `read_back` returns every stream's records in order. A torn or corrupt tail (a partial header, a length past the end
 of the file, a checksum or decoding failure, or a sequence number that goes back in the stream) is cut off the file,
 with a warning, so the next append continues a well-formed log. A stream may skip forward: after acknowledged
@@ -41,7 +51,9 @@ transitions were lost from the log, the learner continues the stream where its c
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -55,7 +67,15 @@ from typing import Generic, TypeVar
 import numpy as np
 import xxhash
 
-from robot_rl.wire import Transitions, VersionError, WireError, from_wire, to_wire
+from robot_rl.wire import (
+    Transitions,
+    VersionError,
+    WireError,
+    frames_prefix,
+    from_joined,
+    join_frames,
+    to_frames,
+)
 
 log = logging.getLogger("robot_rl.learner")
 
@@ -68,9 +88,14 @@ SUFFIX = ".log"
 # Upper bound on one record's payload when reading back (a chunk of the largest image spec stays far below it).
 MAX_RECORD_BYTES = 1 << 31
 # Protocol versions whose Transitions payloads this store reads (both parse to the same Transitions).
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 # Bytes queued for the writer before `append` waits for it (the actors' windows bound it well below this).
 MAX_QUEUED_BYTES = 512 << 20
+# O_DIRECT: offsets, lengths and memory aligned to this (a multiple of every logical block size in use, 512 or 4096).
+BLOCK = 4096
+# The direct writer's staging buffer (one per store, shared by its streams): a group larger than this goes out in
+# several writes.
+STAGING_BYTES = 16 << 20
 T = TypeVar("T")
 
 
@@ -113,8 +138,19 @@ def stream_file_name(actor_id: str, run_id: str) -> str:
 
 
 def encode_payload(chunk: StoredChunk) -> bytes:
-    """The wire encoding of a chunk (a Transitions message), a record's payload."""
-    return to_wire(chunk.message())
+    """The wire encoding of a chunk (a Transitions message, its frames joined), a record's payload."""
+    return join_frames(to_frames(chunk.message()))
+
+
+Payload = bytes | memoryview | list[bytes | memoryview]
+"""A record's payload: its bytes, or the received frames of a message whose joined frames are the payload."""
+
+
+def _payload_buffers(payload: Payload) -> list[memoryview]:
+    """The buffers whose concatenation is the payload's bytes."""
+    if isinstance(payload, list):
+        return [memoryview(frames_prefix(payload)), *(memoryview(f).cast("B") for f in payload)]
+    return [memoryview(payload).cast("B")]
 
 
 def _checksum(flags: int, payload: bytes | memoryview) -> int:
@@ -126,10 +162,14 @@ def _crc32_checksum(flags: int, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(bytes([flags])))
 
 
-def record_header(flags: int, payload: bytes | memoryview) -> bytes:
-    """The header of the record of `payload` (its checksum covers the payload, read in place, and the flags)."""
-    view = memoryview(payload)
-    return HEADER.pack(MAGIC, flags, view.nbytes, _checksum(flags, view))
+def record_header(flags: int, payload: bytes | memoryview | list[memoryview]) -> bytes:
+    """The header of the record of `payload`, its bytes or the buffers that make them (the checksum covers the
+    payload, read in place, and the flags)."""
+    buffers = payload if isinstance(payload, list) else [memoryview(payload)]
+    digest = xxhash.xxh3_64(seed=flags)
+    for buffer in buffers:
+        digest.update(buffer)
+    return HEADER.pack(MAGIC, flags, sum(memoryview(b).nbytes for b in buffers), digest.intdigest())
 
 
 def _header_at(data: memoryview, offset: int) -> tuple[struct.Struct, int, int, int]:
@@ -173,7 +213,7 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
     if not _intact(header, flags, payload, checksum):
         raise _TornRecord("checksum mismatch")
     try:
-        message = from_wire(payload, max_bytes=MAX_RECORD_BYTES, versions=READABLE_VERSIONS)
+        message = from_joined(payload, max_bytes=MAX_RECORD_BYTES, versions=READABLE_VERSIONS)
     except VersionError as err:  # intact (the checksum holds) but written by another version: do not cut it
         raise StoreError(
             f"a record at byte {offset} of the {actor_id}@{run_id} log was written under another protocol "
@@ -197,7 +237,8 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
 class _Record:
     key: tuple[str, str]
     flags: int
-    payload: bytes | memoryview
+    payload: list[memoryview]  # the buffers whose concatenation is the payload
+    size: int
     ticket: int
 
 
@@ -208,9 +249,12 @@ class TransitionStore:
     context manager or call `close`.
     """
 
-    def __init__(self, directory: Path, *, fsync: Callable[[int], None] = os.fsync) -> None:
+    def __init__(self, directory: Path, *, fsync: Callable[[int], None] = os.fsync, direct: bool | None = None) -> None:
         self.directory = Path(directory)
         self._fsync = fsync  # replaceable to hold a group at its fsync in tests
+        # O_DIRECT writing: None probes the file system when the writer starts; True refuses to write without it.
+        self._direct_wanted = direct
+        self._direct: _DirectWriter | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.appended = 0  # tickets handed out
         self._written = 0  # the last ticket written (in the page cache; durable once an fsync covers it)
@@ -279,20 +323,21 @@ class TransitionStore:
             offset, next_seq = end, chunk.last_seq + 1
         return chunks
 
-    def append(self, chunk: StoredChunk, payload: bytes | memoryview | None = None) -> int:
+    def append(self, chunk: StoredChunk, payload: Payload | None = None) -> int:
         """Queue one record and return its ticket; it is durable once `durable()` reaches the ticket.
 
-        `payload`, when given, must be the wire encoding of exactly this chunk (the received frame of a chunk stored
-        whole); it is written as is and must not change until written. Without it the chunk is encoded here.
+        `payload`, when given, must be the wire encoding of exactly this chunk: the received frames of a chunk stored
+        whole (a list, written joined) or one frame; it is written as is and must not change until written. Without
+        it the chunk is encoded here.
         """
-        if payload is None:
-            payload = encode_payload(chunk)
-        size = memoryview(payload).nbytes
+        buffers = _payload_buffers(encode_payload(chunk) if payload is None else payload)
+        size = sum(b.nbytes for b in buffers)
         with self._cond:
             self._raise_error()
             if self._closing:
                 raise StoreError("the transition store is closed")
             if self._writer is None:
+                self._start_direct()
                 self._open_pipe()
                 self._writer = threading.Thread(target=self._write_loop, name="transition-store", daemon=True)
                 self._syncer = threading.Thread(target=self._sync_loop, name="transition-sync", daemon=True)
@@ -303,10 +348,26 @@ class TransitionStore:
             self._raise_error()
             self.appended += 1
             flags = FLAG_ONLINE if chunk.online else 0
-            self._queue.append(_Record((chunk.actor_id, chunk.run_id), flags, payload, self.appended))
+            self._queue.append(_Record((chunk.actor_id, chunk.run_id), flags, buffers, size, self.appended))
             self._queued_bytes += size
             self._cond.notify_all()
             return self.appended
+
+    @property
+    def direct(self) -> bool:
+        """Whether records are written with O_DIRECT (known once the first append started the writer)."""
+        return self._direct is not None
+
+    def _start_direct(self) -> None:
+        if self._direct_wanted is False:
+            return
+        reason = _direct_io_refused(self.directory)
+        if reason is None:
+            self._direct = _DirectWriter()
+        elif self._direct_wanted:
+            raise StoreError(f"cannot write {self.directory} with O_DIRECT: {reason}")
+        else:
+            log.info("transition log in %s written through the page cache (O_DIRECT: %s)", self.directory, reason)
 
     def durable(self) -> int:
         """The highest ticket whose record, and every one before it, is written and fsync'd; StoreError when the
@@ -353,6 +414,8 @@ class TransitionStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._direct is not None:
+            self._direct.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -394,21 +457,34 @@ class TransitionStore:
                 self._written = group[-1].ticket
                 self._dirty.update(written)
                 self._new_files = self._new_files or new_files
-                self._queued_bytes -= sum(memoryview(r.payload).nbytes for r in group)
+                self._queued_bytes -= sum(r.size for r in group)
                 self._cond.notify_all()
 
     def _write_group(self, group: list[_Record]) -> tuple[dict[tuple[str, str], int], bool]:
         """Write every record of the group; returns the files written (stream -> fd) and whether one was created."""
         written: dict[tuple[str, str], int] = {}
         new_files = False
+        by_stream: dict[tuple[str, str], list[_Record]] = {}
         for record in group:
-            fd = self._fds.get(record.key)
+            by_stream.setdefault(record.key, []).append(record)
+        for key, records in by_stream.items():
+            fd = self._fds.get(key)
             if fd is None:
-                path = self.directory / stream_file_name(*record.key)
+                path = self.directory / stream_file_name(*key)
                 new_files = new_files or not path.exists()
-                fd = self._fds[record.key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            _write_all(fd, [record_header(record.flags, record.payload), memoryview(record.payload)])
-            written[record.key] = fd
+                if self._direct is not None:
+                    fd = self._direct.open(path)
+                else:
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._fds[key] = fd
+            buffers: list[bytes | memoryview] = []
+            for record in records:
+                buffers += [record_header(record.flags, record.payload), *record.payload]
+            if self._direct is not None:
+                self._direct.write(fd, buffers)
+            else:
+                _write_all(fd, buffers)
+            written[key] = fd
         return written, new_files
 
     def _sync_loop(self) -> None:
@@ -475,6 +551,95 @@ def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
             views.pop(0)
         if views and done:
             views[0] = views[0][done:]
+
+
+class _DirectWriter:
+    """Writes with O_DIRECT through one page-aligned staging buffer, knowing each file's partial last block.
+
+    `open(path)` opens a stream file for it (O_DIRECT, not O_APPEND) and reads the file's partial last block.
+    `write(fd, buffers)` appends the buffers: that block and the buffers are copied into the staging buffer, written
+    in whole blocks from the block the file ends in (the last one padded with zeros), and the file is cut back to its
+    true length. Only the writer thread calls it.
+    """
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, STAGING_BYTES)  # anonymous, so page-aligned as O_DIRECT needs
+        self._view = memoryview(self._map)
+        self._ends: dict[int, tuple[int, bytes]] = {}  # fd -> (offset of its last, partial block; that block's bytes)
+
+    def open(self, path: Path) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            start = size - size % BLOCK
+            with open(path, "rb") as f:
+                f.seek(start)
+                tail = f.read(size - start)
+            if len(tail) != size - start:
+                raise OSError(errno.EIO, f"{path} shrank while opened")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._ends[fd] = (start, tail)
+        return fd
+
+    def write(self, fd: int, buffers: list[bytes | memoryview]) -> None:
+        start, tail = self._ends[fd]
+        view = self._view
+        used = len(tail)
+        view[:used] = tail
+        for buffer in buffers:
+            data = memoryview(buffer).cast("B")
+            pos = 0
+            while pos < data.nbytes:
+                n = min(data.nbytes - pos, STAGING_BYTES - used)
+                view[used : used + n] = data[pos : pos + n]
+                used, pos = used + n, pos + n
+                if used == STAGING_BYTES:  # a multiple of BLOCK: written whole, nothing of it kept
+                    _pwrite_all(fd, view[:used], start)
+                    start, used = start + used, 0
+        whole = used - used % BLOCK
+        padded = whole + BLOCK if used % BLOCK else whole
+        view[used:padded] = bytes(padded - used)
+        if padded:
+            _pwrite_all(fd, view[:padded], start)
+        os.ftruncate(fd, start + used)
+        self._ends[fd] = (start + whole, bytes(view[whole:used]))
+
+    def close(self) -> None:
+        self._ends.clear()
+        self._view.release()
+        self._map.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written; O_DIRECT needs every partial write to end on a block boundary."""
+    while data.nbytes:
+        done = os.pwrite(fd, data, offset)
+        if done <= 0 or (done < data.nbytes and done % BLOCK):
+            raise OSError(errno.EIO, f"short O_DIRECT write ({done} of {data.nbytes} bytes)")
+        data, offset = data[done:], offset + done
+
+
+def _direct_io_refused(directory: Path) -> str | None:
+    """Why files in `directory` cannot be written with O_DIRECT (a block written and removed), or None if they can."""
+    if not hasattr(os, "O_DIRECT"):
+        return "not available on this platform"
+    probe = directory / f".direct-probe-{os.getpid()}-{threading.get_ident()}"
+    block = mmap.mmap(-1, BLOCK)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+        try:
+            _pwrite_all(fd, memoryview(block), 0)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        block.close()
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -14,12 +14,16 @@ refused and why. Decoded arrays are read-only views over the private bytes objec
 (never over the socket's buffer); copy them to keep or modify them (`ReplayBuffer.add_many` copies).
 `validate_transitions` then checks a chunk against the `TransitionSpec` both sides derived from the config.
 
-Weights are tens of megabytes for image agents, so the learner broadcasts them as a multipart message
-(`to_frames` / `from_frames`, protocol 2): a msgpack header frame of kind `weights` whose `tensors` is a list of
-{"name", "dtype", "shape"}, then one frame of raw little-endian bytes per tensor, in the header's order. Sent with
-`copy=False` and received with `copy=False`, no tensor byte is copied by msgpack or Python; every frame's length is
-checked against its header entry (dtype, shape, byte count) before an array is made over it. Every other message
-travels as one frame, and `from_frames` of one frame is `from_wire`.
+Weights are tens of megabytes for image agents and an image chunk of transitions over a megabyte, so both travel as
+multipart messages (`to_frames` / `from_frames`; weights since protocol 2, transitions since protocol 3): a msgpack
+header frame whose `tensors` (weights) or `arrays` (transitions) is a list of {"name", "dtype", "shape"}, then one
+frame of raw little-endian bytes per array, in the header's order. Sent with `copy=False` and received with
+`copy=False`, no array byte is copied by msgpack or Python; every frame's length is checked against its header entry
+(dtype, shape, byte count) before an array is made over it. Every other message travels as one frame, and
+`from_frames` of one frame is `from_wire` (a transitions message with its arrays inline in one frame still reads).
+
+`join_frames` / `split_frames` keep the frames of one message as one byte string (the actor's spill and the learner's
+log hold messages so), to be split into the same frames again without decoding them.
 
 The config fingerprint (`config_fingerprint`, `config_hash`, `diff_fingerprints`) names the parts of the config both
 sides must agree on, so that a mismatched actor is refused with the differing field paths.
@@ -32,6 +36,7 @@ import hashlib
 import json
 import math
 import re
+import struct
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +56,8 @@ if TYPE_CHECKING:
 
 # 2: Weights travel as a header frame plus one frame per tensor (to_frames); Transitions may leave out next
 # observations that repeat the following observation (next_obs_shared). A version-1 message parses the same way.
-PROTOCOL_VERSION: int = 2
+# 3: Transitions travel as a header frame plus one frame per array, as weights do.
+PROTOCOL_VERSION: int = 3
 
 # Wire dtype string -> numpy dtype: float32, float64, int32, int64, uint8, bool, uint16, as numpy writes them
 # little-endian (`|` where byte order does not apply). A peer's dtype string is only looked up here, never parsed.
@@ -479,26 +485,42 @@ _TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
 MAX_TENSOR_NAME = 256
 
 
+# The header key listing the arrays sent in frames, per kind that travels in several frames.
+_FRAMED_KEY = {"weights": "tensors", "transitions": "arrays"}
+
+
+def _array_frames(kind: str, arrays: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[memoryview]]:
+    """Header entries {"name", "dtype", "shape"} and one frame (a view of the array's own memory) per array."""
+    specs: list[dict[str, Any]] = []
+    frames: list[memoryview] = []
+    for name, array in arrays.items():
+        if not isinstance(array, np.ndarray):
+            raise WireError(f"{kind}.{_FRAMED_KEY[kind]}.{_name(name)}: expected an array, got {type(array).__name__}")
+        wire = _wire_dtype(array.dtype)
+        data = np.ascontiguousarray(array, dtype=DTYPES[wire])  # a copy only for big-endian or strided arrays
+        specs.append({"name": name, "dtype": wire, "shape": list(data.shape)})
+        frames.append(memoryview(data.reshape(-1).view(np.uint8)))
+    return specs, frames
+
+
 def to_frames(message: Message) -> list[bytes | memoryview]:
     """The frames of a message to send with `send_multipart(frames, copy=False)`.
 
     Weights: a msgpack header (version, phase, and per tensor its name, dtype and shape) and one frame per tensor,
     a view of the array's own memory (no copy; `pack_tensors` returns arrays that share nothing with live tensors).
+    Transitions: a header (the fields, `next_obs_shared` when rows are left out, and per array its name, dtype and
+    shape) and one frame per array, views where the array is contiguous. The arrays must not change until sent.
     Every other kind: the single frame `to_wire` makes.
     """
-    if not isinstance(message, Weights):
-        return [to_wire(message)]
-    specs: list[dict[str, Any]] = []
-    frames: list[bytes | memoryview] = []
-    for name, array in message.tensors.items():
-        if not isinstance(array, np.ndarray):
-            raise WireError(f"weights.tensors.{_name(name)}: expected an array, got {type(array).__name__}")
-        wire = _wire_dtype(array.dtype)
-        data = np.ascontiguousarray(array, dtype=DTYPES[wire])  # a copy only for big-endian or strided arrays
-        specs.append({"name": name, "dtype": wire, "shape": list(data.shape)})
-        frames.append(memoryview(data.reshape(-1).view(np.uint8)))
-    header = encode({"kind": Weights.kind, "version": message.version, "phase": message.phase, "tensors": specs})
-    return [header, *frames]
+    if isinstance(message, Weights):
+        specs, frames = _array_frames(Weights.kind, message.tensors)
+        header = encode({"kind": Weights.kind, "version": message.version, "phase": message.phase, "tensors": specs})
+        return [header, *frames]
+    if isinstance(message, Transitions):
+        body = message.to_message()
+        specs, frames = _array_frames(Transitions.kind, body["arrays"])
+        return [encode({**body, "arrays": specs}), *frames]
+    return [to_wire(message)]
 
 
 def _frame_buffer(frame: Any) -> memoryview:
@@ -513,40 +535,91 @@ def _frame_buffer(frame: Any) -> memoryview:
     return view.toreadonly()
 
 
-def from_frames(frames: Sequence[Any], *, max_bytes: int) -> Message:
+def from_frames(frames: Sequence[Any], *, max_bytes: int, versions: Collection[int] | None = None) -> Message:
     """The message in the frames of one multipart message (from `recv_multipart`, `copy=False` or not), or WireError.
 
-    One frame: `from_wire`. Several: a weights header frame, then exactly one frame per tensor it lists, each of
-    exactly the bytes its dtype and shape need; the frames together at most `max_bytes`. The arrays are read-only
-    views over the received frames (no copy: each frame is memory of its own, not the socket's buffer).
+    One frame: `from_wire`. Several: a weights or transitions header frame, then exactly one frame per array it
+    lists, each of exactly the bytes its dtype and shape need; the frames together at most `max_bytes`. The arrays are
+    read-only views over the received frames (no copy: each frame is memory of its own, not the socket's buffer).
+    `versions`: as for `from_wire`.
     """
     buffers = [_frame_buffer(frame) for frame in frames]
     if not buffers:
         raise WireError("empty multipart message")
     if len(buffers) == 1:
-        return from_wire(buffers[0], max_bytes=max_bytes)
+        return from_wire(buffers[0], max_bytes=max_bytes, versions=versions)
     total = sum(b.nbytes for b in buffers)
     if total > max_bytes:
         raise WireError(f"message of {total} bytes in {len(buffers)} frames exceeds the limit of {max_bytes} bytes")
-    header = decode(buffers[0], max_bytes=max_bytes)
-    if header["kind"] != Weights.kind:
-        raise WireError(f"kind: only weights travel in several frames, got {header['kind']} in {len(buffers)}")
-    specs = header.get("tensors")
+    header = decode(buffers[0], max_bytes=max_bytes, versions=versions)
+    kind = header["kind"]
+    key = _FRAMED_KEY.get(kind)
+    if key is None:
+        raise WireError(f"kind: only weights and transitions travel in several frames, got {kind} in {len(buffers)}")
+    specs = header.get(key)
     if not isinstance(specs, list) or len(specs) != len(buffers) - 1:
         listed = len(specs) if isinstance(specs, list) else _short(specs)
-        raise WireError(f"weights.tensors: the header lists {listed} tensors for {len(buffers) - 1} tensor frames")
-    tensors: dict[str, np.ndarray] = {}
+        raise WireError(f"{kind}.{key}: the header lists {listed} arrays for {len(buffers) - 1} array frames")
+    arrays: dict[str, np.ndarray] = {}
     for i, (spec, buffer) in enumerate(zip(specs, buffers[1:], strict=True)):
         if not isinstance(spec, dict) or set(spec) != _TENSOR_KEYS:
-            raise WireError(f"weights.tensors[{i}]: must hold exactly {sorted(_TENSOR_KEYS)}, got {_short(spec)}")
+            raise WireError(f"{kind}.{key}[{i}]: must hold exactly {sorted(_TENSOR_KEYS)}, got {_short(spec)}")
         name = spec["name"]
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_TENSOR_NAME or name in tensors:
-            raise WireError(f"weights.tensors[{i}].name: {_short(name)} is not a new name of 1-{MAX_TENSOR_NAME} chars")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_TENSOR_NAME or name in arrays:
+            raise WireError(f"{kind}.{key}[{i}].name: {_short(name)} is not a new name of 1-{MAX_TENSOR_NAME} chars")
         try:
-            tensors[name] = _checked_array(spec["dtype"], spec["shape"], buffer)
+            arrays[name] = _checked_array(spec["dtype"], spec["shape"], buffer)
         except WireError as err:
-            raise WireError(f"weights.tensors.{_name(name)} (frame {i + 1}): {err}") from None
-    return parse({**header, "tensors": tensors})
+            raise WireError(f"{kind}.{key}.{_name(name)} (frame {i + 1}): {err}") from None
+    return parse({**header, key: arrays}, versions=versions)
+
+
+# Frames kept as one byte string: FRAMES_MAGIC | frame count u32 LE | each frame's length u64 LE | the frames.
+FRAMES_MAGIC = b"RRLF"  # never the first bytes of a one-frame message (a msgpack map starts 0x80-0x8f, 0xde or 0xdf)
+_FRAME_COUNT = struct.Struct("<4sI")
+MAX_FRAMES = 1 << 16
+
+
+def frames_prefix(frames: Sequence[Any]) -> bytes:
+    """The bytes that come before the frames themselves in `join_frames(frames)`."""
+    sizes = [memoryview(f).nbytes for f in frames]
+    return _FRAME_COUNT.pack(FRAMES_MAGIC, len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
+
+
+def join_frames(frames: Sequence[Any]) -> bytes:
+    """The frames of one message as one byte string (`split_frames` gives them back)."""
+    return b"".join([frames_prefix(frames), *(memoryview(f).cast("B") for f in frames)])
+
+
+def is_joined_frames(data: bytes | memoryview) -> bool:
+    """Whether `data` is a `join_frames` string rather than a one-frame message."""
+    return bytes(memoryview(data)[:4]) == FRAMES_MAGIC
+
+
+def from_joined(data: bytes | memoryview, *, max_bytes: int, versions: Collection[int] | None = None) -> Message:
+    """The message a spill or log holds: its frames joined (`join_frames`), or one frame as earlier versions kept it."""
+    if is_joined_frames(data):
+        return from_frames(split_frames(data), max_bytes=max_bytes, versions=versions)
+    return from_wire(data, max_bytes=max_bytes, versions=versions)
+
+
+def split_frames(data: bytes | memoryview) -> list[memoryview]:
+    """The frames of a `join_frames` string, as views of `data`; WireError when its layout does not hold."""
+    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+    if view.nbytes < _FRAME_COUNT.size or not is_joined_frames(view):
+        raise WireError("joined frames: missing the RRLF prefix")
+    _, count = _FRAME_COUNT.unpack_from(view)
+    if not 1 <= count <= MAX_FRAMES or view.nbytes < _FRAME_COUNT.size + 8 * count:
+        raise WireError(f"joined frames: {count} frames declared in {view.nbytes} bytes")
+    sizes = struct.unpack_from(f"<{count}Q", view, _FRAME_COUNT.size)
+    offset = _FRAME_COUNT.size + 8 * count
+    if offset + sum(sizes) != view.nbytes:
+        raise WireError(f"joined frames: {sum(sizes)} frame bytes declared, {view.nbytes - offset} present")
+    out: list[memoryview] = []
+    for size in sizes:
+        out.append(view[offset : offset + size])
+        offset += size
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_a_step_whose_camera_read_fails_keeps_its_command_in_the_log_and_sends_n
     from robot_rl.actor.service import ActorService
     from robot_rl.actor.spill import Spill
     from robot_rl.hardware.camera import CameraError
-    from robot_rl.wire import from_wire
+    from robot_rl.wire import from_joined
 
     cfg = load_config(TINY, ["actor.period_s=0", "actor.chunk_steps=4"])
     out = tmp_path / "a"
@@ -349,7 +349,7 @@ def test_a_step_whose_camera_read_fails_keeps_its_command_in_the_log_and_sends_n
     assert len(chosen) == 10 and fault.action == tuple(chosen[-1].action.astype(float))  # the action of step 9
     np.testing.assert_allclose(ep.extras["command"], steps_sent[:9], rtol=0, atol=1e-12)
     # The learner gets the 9 whole steps, the last one cut (truncated: bootstrap), and nothing of step 9.
-    chunks = [from_wire(data, max_bytes=1 << 30) for _, data in Spill(out / "spill").chunks_from(0)]
+    chunks = [from_joined(data, max_bytes=1 << 30) for _, data in Spill(out / "spill").chunks_from(0)]
     actions = np.concatenate([c.arrays["actions"] for c in chunks])
     truncated = np.concatenate([c.arrays["truncated"] for c in chunks])
     np.testing.assert_array_equal(actions, ep.actions)

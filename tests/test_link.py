@@ -74,3 +74,54 @@ def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluat
     first_refused = kinds.index("eval_report")
     assert "hello" in kinds[first_refused + 1 :]
     assert kinds[first_refused + 1 :].index("hello") < kinds[first_refused + 1 :].index("eval_report")
+
+
+def test_chunks_spilled_as_one_frame_by_an_earlier_version_are_sent_as_frames(tmp_path: Path):
+    """An actor restarted on a spill written before transitions travelled as frames resends what is unacknowledged
+    there: a learner speaking this protocol receives each chunk as a header and one frame per array."""
+    import msgpack
+    import numpy as np
+
+    from robot_rl import wire
+
+    cfg = load_config(TINY)
+    spec = wire.transition_spec(cfg)
+    chunks = []
+    for first in (0, 3):
+        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
+        chunks.append(wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3,
+                                       arrays=arrays))  # fmt: skip
+    old = {**chunks[0].to_message(), "v": 2}  # the one frame protocol 2 spilled
+    spill = Spill(tmp_path / "spill")
+    spill.append(msgpack.packb(old, default=wire._pack_default, use_bin_type=True), first_seq=0, count=3)
+    spill.append(wire.join_frames(wire.to_frames(chunks[1])), first_seq=3, count=3)
+    port = free_port_pair()
+    ctx = zmq.Context.instance()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    pub.bind(f"tcp://127.0.0.1:{port + 1}")
+    link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
+    link.start()
+    got: list[tuple[int, wire.Transitions]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(got) < 2 and time.monotonic() < deadline:
+            pub.send(_status("online", -1))
+            if not router.poll(50):
+                continue
+            identity, *frames = router.recv_multipart()
+            msg = wire.from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
+            if isinstance(msg, Hello):
+                welcome = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=-1)
+                router.send_multipart([identity, to_wire(welcome)])
+            elif isinstance(msg, wire.Transitions):
+                got.append((len(frames), msg))
+    finally:
+        link.stop_event.set()
+        link.join(timeout=5)
+        router.close(0)
+        pub.close(0)
+    assert [(n, m.first_seq) for n, m in got] == [(1 + len(spec.arrays(3)), 0), (1 + len(spec.arrays(3)), 3)]
+    for (_, msg), sent in zip(got, chunks, strict=True):
+        for name, array in sent.arrays.items():
+            np.testing.assert_array_equal(msg.arrays[name], array, err_msg=name)

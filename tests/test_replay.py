@@ -166,7 +166,9 @@ def test_compact_gating_replays_with_its_own_networks_not_the_float_ones(run, tm
     archive = run["root"] / "compact" / "weights"
     report = replay_log(run["compact_log"], checkpoint=archive, config=float_config)
     assert not report.ok
-    assert report.per_field()["q_rl"] == report.steps  # every step's value moved by more than atol
+    # Nearly every step's value moves by more than atol (a step whose int8 and float32 values happen to agree within
+    # it can occur: the weights come from a learner whose pace against the actor is not deterministic).
+    assert report.per_field()["q_rl"] >= 0.9 * report.steps
     assert replay_log(run["compact_log"]).ok
 
 

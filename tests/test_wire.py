@@ -37,8 +37,11 @@ from robot_rl.wire import (
     encode,
     from_frames,
     from_wire,
+    is_joined_frames,
+    join_frames,
     pack_tensors,
     parse,
+    split_frames,
     to_frames,
     to_wire,
     transition_spec,
@@ -332,7 +335,7 @@ def test_nesting_bombs_are_refused():
         ({"kind": 3, "v": V}, "unknown kind"),
         (
             {"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": 1},
-            "v: protocol version 1, this side speaks 2",
+            f"v: protocol version 1, this side speaks {V}",
         ),
         ({"kind": "ack", "actor_id": "a", "run_id": "r", "acked_seq": 1}, "v: protocol version None"),
         ({"kind": "ack", "v": True, "actor_id": "a", "run_id": "r", "acked_seq": 1}, "v: protocol version True"),
@@ -599,8 +602,8 @@ F4x2 = {"name": "w", "dtype": "<f4", "shape": [2]}
         ([header([F4x2]), b"\x00" * 4], r"needs 8 bytes, got 4"),  # a truncated tensor frame
         ([header([F4x2]), b"\x00" * 12], r"needs 8 bytes, got 12"),  # more bytes than the header says
         ([header([{**F4x2, "shape": [2**31 - 1, 2**31 - 1]}]), b"\x00" * 8], r"needs \d+ bytes, got 8"),
-        ([header([F4x2, {**F4x2, "name": "v"}]), b"\x00" * 8], "lists 2 tensors for 1 tensor frames"),
-        ([header([F4x2]), b"\x00" * 8, b"\x00" * 8], "lists 1 tensors for 2 tensor frames"),
+        ([header([F4x2, {**F4x2, "name": "v"}]), b"\x00" * 8], "lists 2 arrays for 1 array frames"),
+        ([header([F4x2]), b"\x00" * 8, b"\x00" * 8], "lists 1 arrays for 2 array frames"),
         ([header([F4x2, F4x2]), b"\x00" * 8, b"\x00" * 8], "is not a new name"),
         ([header([{**F4x2, "dtype": "|O"}]), b"\x00" * 8], "dtype '|O' is not allowed"),
         ([header([{**F4x2, "dtype": "<f4 "}]), b"\x00" * 8], "is not allowed"),
@@ -611,7 +614,10 @@ F4x2 = {"name": "w", "dtype": "<f4", "shape": [2]}
         ([header([{**F4x2, "name": ""}]), b"\x00" * 8], "is not a new name"),
         ([header({"w": F4x2}), b"\x00" * 8], "lists"),
         ([header([F4x2], version=-1), b"\x00" * 8], "weights.version"),
-        ([raw({"kind": "ack", "v": V, "actor_id": "a", "run_id": "r", "acked_seq": 1}), b"x"], "only weights"),
+        (
+            [raw({"kind": "ack", "v": V, "actor_id": "a", "run_id": "r", "acked_seq": 1}), b"x"],
+            "only weights and transitions",
+        ),
         ([header([F4x2])[:-3], b"\x00" * 8], "not a msgpack message"),
         ([raw({"kind": "weights", "v": 1, "version": 1, "phase": "online", "tensors": [F4x2]}), b"\x00" * 8], "v: "),
         ([header([F4x2])], "weights.tensors"),  # a header alone is not a weights message
@@ -667,7 +673,7 @@ def test_unpack_without_copy_shares_the_frames_memory_and_loads_silently():
 
 def test_other_protocol_versions_are_refused_unless_accepted():
     v1 = raw({"kind": "ack", "v": 1, "actor_id": "a", "run_id": "r", "acked_seq": 1})
-    with pytest.raises(VersionError, match="protocol version 1, this side speaks 2"):
+    with pytest.raises(VersionError, match=f"protocol version 1, this side speaks {V}"):
         from_wire(v1, max_bytes=LIMIT)
     assert from_wire(v1, max_bytes=LIMIT, versions=(1, 2)) == Ack(actor_id="a", run_id="r", acked_seq=1)
 
@@ -781,3 +787,96 @@ def test_corrupted_messages_with_shared_rows_raise_only_wire_error(data):
     base = to_wire(Transitions(actor_id="a", run_id="r", first_seq=0, count=5, arrays=trajectory(spec, 5, breaks=(2,))))
     with contextlib.suppress(WireError):
         validate_transitions(from_wire(mutated(base, data), max_bytes=LIMIT), spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transitions in frames (protocol 3), and frames joined into one byte string (spill and log)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_transitions_travel_as_a_header_and_one_frame_per_array_and_come_back_whole(image_spec):
+    arrays = trajectory(image_spec, 30, breaks=(9,))
+    msg = Transitions(actor_id="a", run_id="r", first_seq=5, count=30, arrays=arrays)
+    frames = to_frames(msg)
+    header = msgpack.unpackb(frames[0], raw=False)
+    assert header["kind"] == "transitions" and header["v"] == V
+    names = [spec["name"] for spec in header["arrays"]]
+    assert len(frames) == 1 + len(names) == 1 + len(arrays)
+    front = names.index("obs/front")
+    assert bytes(frames[1 + front]) == arrays["obs/front"].tobytes()  # the array's bytes as they are
+    assert memoryview(frames[1 + names.index("next_obs/front")]).nbytes == 2 * 84 * 84 * 3  # rows 9 and 29 only
+    assert sum(memoryview(f).nbytes for f in frames) < 0.55 * sum(a.nbytes for a in arrays.values())
+    back = from_frames([bytes(f) for f in frames], max_bytes=LIMIT)
+    assert isinstance(back, Transitions) and (back.first_seq, back.count) == (5, 30)
+    validate_transitions(back, image_spec)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(back.arrays[name], array, err_msg=name)
+        assert not back.arrays[name].flags.writeable
+    # The same message with its arrays inline in one frame (how protocol 2 sent it) reads the same.
+    inline = from_frames([to_wire(msg)], max_bytes=LIMIT)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(inline.arrays[name], array, err_msg=name)
+
+
+def transitions_frames(spec: TransitionSpec, **change) -> list[bytes]:
+    """The frames of a 4-transition chunk, with header fields changed as a peer might."""
+    frames = [
+        bytes(f) for f in to_frames(Transitions(actor_id="a", run_id="r", first_seq=0, count=4, arrays=chunk(spec, 4)))
+    ]
+    header = msgpack.unpackb(frames[0], raw=False)
+    header.update(change)
+    return [raw(header), *frames[1:]]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda f: f[:-1], "lists 8 arrays for 7 array frames"),
+        (lambda f: [*f, b"\x00"], "lists 8 arrays for 9 array frames"),
+        (lambda f: [f[0], f[1][:-4], *f[2:]], r"obs/ee_pose \(frame 1\): .* needs 96 bytes, got 92"),
+        (lambda f: [f[0], f[1] + b"\x00" * 4, *f[2:]], "needs 96 bytes, got 100"),
+        (lambda f: [f[0][:-2], *f[1:]], "not a msgpack message"),
+    ],
+)
+def test_transitions_frames_that_disagree_with_their_header_are_refused(cfg, edit, match):
+    with pytest.raises(WireError, match=match):
+        from_frames(edit(transitions_frames(transition_spec(cfg))), max_bytes=LIMIT)
+
+
+def test_transitions_headers_that_lie_are_refused(cfg):
+    spec = transition_spec(cfg)
+    good = msgpack.unpackb(transitions_frames(spec)[0], raw=False)["arrays"]
+    for change, match in [
+        ({"arrays": [{**good[0], "shape": [4, 6000]}, *good[1:]]}, "needs 96000 bytes"),
+        ({"arrays": [{**good[0], "dtype": "|O"}, *good[1:]]}, "not allowed"),
+        ({"arrays": [good[1], *good[1:]]}, "is not a new name"),
+        ({"arrays": {"x": good[0]}}, "arrays: the header lists"),
+        ({"count": 5}, "shape \\[4, 6\\], expected \\[5, 6\\]"),
+        ({"v": 2}, "protocol version 2"),
+    ]:
+        frames = transitions_frames(spec, **change)
+        with pytest.raises(WireError, match=match):
+            msg = from_frames(frames, max_bytes=LIMIT)
+            validate_transitions(msg, spec)
+    frames = transitions_frames(spec)
+    with pytest.raises(WireError, match="exceeds the limit"):
+        from_frames(frames, max_bytes=sum(len(f) for f in frames) - 1)
+
+
+def test_joined_frames_split_back_into_the_same_frames_and_damage_is_refused(image_spec):
+    msg = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=trajectory(image_spec, 30))
+    frames = to_frames(msg)
+    joined = join_frames(frames)
+    assert is_joined_frames(joined) and not is_joined_frames(to_wire(msg))
+    assert [bytes(f) for f in split_frames(joined)] == [bytes(f) for f in frames]
+    back = from_frames(split_frames(joined), max_bytes=LIMIT)
+    np.testing.assert_array_equal(back.arrays["next_obs/wrist"], msg.arrays["next_obs/wrist"])
+    for damaged, match in [
+        (joined[:-1], "frame bytes declared"),
+        (joined + b"\x00", "frame bytes declared"),
+        (b"RRLF" + (0).to_bytes(4, "little"), "0 frames declared"),
+        (b"RRLF" + (1 << 30).to_bytes(4, "little") + b"\x00" * 64, "frames declared"),
+        (b"RRLF\x01\x00\x00\x00" + (1 << 62).to_bytes(8, "little"), "frame bytes declared"),
+        (b"RRL", "missing the RRLF prefix"),
+        (to_wire(msg), "missing the RRLF prefix"),
+    ]:
+        with pytest.raises(WireError, match=match):
+            split_frames(damaged)
