@@ -54,6 +54,7 @@ from robot_rl.obs import spec_from_space, state_bounds
 from robot_rl.runlog import read_eval_csv
 from robot_rl.security import make_keys, secure_client
 from robot_rl.wire import (
+    PROTOCOL_VERSION,
     Ack,
     EvalReport,
     Hello,
@@ -67,6 +68,8 @@ from robot_rl.wire import (
     config_hash,
     from_frames,
     from_wire,
+    join_frames,
+    to_frames,
     to_wire,
     transition_spec,
     unpack_tensors,
@@ -385,6 +388,50 @@ def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Pat
     stored_obs = np.concatenate([c.arrays["obs/ee_pose"] for c in chunks])
     np.testing.assert_array_equal(stored_obs, chunk_arrays(cfg, 0, 20)["obs/ee_pose"])
     np.testing.assert_array_equal(service.buffer.take(np.arange(20)).obs["ee_pose"], stored_obs)
+
+
+def test_chunks_in_frames_are_logged_as_received_and_a_hello_of_another_protocol_is_refused(
+    tmp_path: Path, bc_dir: Path, ctx
+) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    with running(service):
+        old = FakeActor(ctx, cfg, "old")
+        fingerprint = config_fingerprint(cfg) | BC_FINGERPRINT
+        hello = Hello(actor_id="old", run_id="r0", config_hash=config_hash(fingerprint), config_fingerprint=fingerprint)
+        reply = old.request(msgpack.packb({**hello.to_message(), "v": 2}, use_bin_type=True))
+        assert isinstance(reply, Refuse) and f"protocol version 2, this side speaks {PROTOCOL_VERSION}" in reply.reason
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        sent = []
+        for first, count in ((0, 6), (6, 4)):
+            msg = Transitions(actor_id="a0", run_id="r0", first_seq=first, count=count,
+                              arrays=chunk_arrays(cfg, first, count))  # fmt: skip
+            frames = to_frames(msg)
+            assert len(frames) > 2
+            actor.dealer.send_multipart(frames)
+            assert acked(actor.recv()) == first + count - 1
+            sent.append(frames)
+        # A frame short of what its header lists: refused, nothing stored.
+        actor.dealer.send_multipart(to_frames(Transitions(actor_id="a0", run_id="r0", first_seq=10, count=2,
+                                                          arrays=chunk_arrays(cfg, 10, 2)))[:-1])  # fmt: skip
+        assert isinstance(actor.recv(), Refuse)
+    log = (out / "buffer" / "a0@r0.log").read_bytes()
+    records = []
+    offset = 0
+    while offset < len(log):
+        _, _, length, _ = HEADER.unpack_from(log, offset)
+        records.append(log[offset + HEADER.size : offset + HEADER.size + length])
+        offset += HEADER.size + length
+    assert records == [join_frames(frames) for frames in sent]  # the frames as received, not re-encoded
+    chunks = TransitionStore(out / "buffer").read_back()
+    assert [(c.first_seq, c.count) for c in chunks] == [(0, 6), (6, 4)]
+    np.testing.assert_array_equal(
+        np.concatenate([c.arrays["actions"] for c in chunks]), chunk_arrays(cfg, 0, 10)["actions"]
+    )
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["actors"]["a0"]["stored"] == 10 and stats["actors"]["a0"]["refused"] == 1
 
 
 def test_malformed_and_unidentified_refused_while_a_good_actor_is_served(tmp_path: Path, bc_dir: Path, ctx) -> None:
