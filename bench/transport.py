@@ -159,8 +159,14 @@ def sender(
     ctx.term()
 
 
-def ingest(buffer: ReplayBuffer | None, spec: TransitionSpec, a: dict[str, np.ndarray]) -> None:
-    """Add a chunk's arrays to the replay buffer (if any) as the learner does (LearnerService._ingest, online)."""
+def ingest(
+    buffer: ReplayBuffer | None,
+    spec: TransitionSpec,
+    a: dict[str, np.ndarray],
+    continues: np.ndarray | None = None,
+) -> None:
+    """Add a chunk's arrays to the replay buffer (if any) as the learner does (LearnerService._ingest, online);
+    `continues`: what the wire knows of next_obs[i] being obs[i + 1] (Transitions.rows_continue)."""
     if buffer is None:
         return
     buffer.add_many(
@@ -171,6 +177,7 @@ def ingest(buffer: ReplayBuffer | None, spec: TransitionSpec, a: dict[str, np.nd
         terminated=a["terminated"],
         truncated=a["truncated"],
         bc_actions=a["bc_actions"],
+        continues=continues,
     )
 
 
@@ -269,7 +276,7 @@ def _receive(
                     continue
                 store.append(StoredChunk(msg.actor_id, msg.run_id, msg.first_seq, dict(msg.arrays), True), frames)
                 held.hold((identity.bytes, ack, msg.count))
-                ingest(buffer, spec, msg.arrays)
+                ingest(buffer, spec, msg.arrays, msg.rows_continue)
             if held is not None:
                 for identity_bytes, ack, n in held.release():
                     sock.send_multipart([identity_bytes, to_wire(ack)])

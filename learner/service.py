@@ -722,6 +722,7 @@ class LearnerService:
                 first_seq=stream.next_seq,
                 arrays={name: array[skip:] for name, array in msg.arrays.items()},
                 online=self.online_started,
+                continues=None if msg.rows_continue is None else msg.rows_continue[skip:],
             )
             # A whole chunk is logged as received (its frames, or its one frame), a trimmed one encoded anew.
             self.store.append(chunk, (frames if len(frames) > 1 else frames[0]) if skip == 0 else None)
@@ -777,6 +778,7 @@ class LearnerService:
                 terminated=a["terminated"],
                 truncated=a["truncated"],
                 bc_actions=bc_actions,
+                continues=chunk.continues,  # what the wire knows: the buffer need not compare the images
             )
         stream.next_seq = chunk.last_seq + 1
         stream.stored += chunk.count

@@ -112,6 +112,8 @@ class StoredChunk:
     first_seq: int
     arrays: dict[str, np.ndarray]
     online: bool
+    # [count - 1] bool, True where next_obs[i] is obs[i + 1] bit for bit, when the wire said so (None: unknown).
+    continues: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -229,6 +231,7 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
         first_seq=message.first_seq,
         arrays=dict(message.arrays),
         online=bool(flags & FLAG_ONLINE),
+        continues=message.rows_continue,
     )
     return chunk, start + length
 

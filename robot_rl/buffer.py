@@ -222,22 +222,38 @@ class ReplayBuffer:
         terminated: np.ndarray,
         truncated: np.ndarray,
         bc_actions: np.ndarray | None = None,
+        continues: np.ndarray | None = None,
     ) -> None:
-        """n transitions in time order (arrays [n, ...]); the arrays are copied, so the caller may reuse them."""
+        """n transitions in time order (arrays [n, ...]); the arrays are copied, so the caller may reuse them.
+
+        `continues`, when the caller knows it: [n - 1] bool, True where next_obs[i] is bit for bit obs[i + 1] (every
+        key), as the wire knows it for a chunk whose next observations it sent once. It spares comparing the rows; a
+        wrong hint costs memory (a frame kept twice) or, worse, a wrong next observation, so pass only what is known.
+        """
         raw = _Rows(obs, actions, rewards, next_obs, terminated, truncated, bc_actions)
         rows = self._validated(raw)
         n = len(rows)
+        if continues is not None:
+            continues = np.asarray(continues)
+            if continues.dtype != np.bool_ or continues.shape != (max(n - 1, 0),):
+                raise ValueError(
+                    f"continues must be a bool array of shape [{max(n - 1, 0)}], got {continues.dtype} "
+                    f"{list(continues.shape)}"
+                )
         self.total_added += n
         # Rows beyond the last `capacity` would be overwritten within this call; a piece of at most `piece` rows
         # writes fewer frames than the frame ring holds, so it never overwrites its own frames.
         piece = (self.frame_capacity - 1) // 2
         for lo in range(max(0, n - self.capacity), n, piece):
-            self._append(rows.slice(lo, min(n, lo + piece)))
+            hi = min(n, lo + piece)
+            self._append(rows.slice(lo, hi), None if continues is None else continues[lo : hi - 1])
 
-    def _append(self, rows: _Rows) -> None:
+    def _append(self, rows: _Rows, continues: np.ndarray | None = None) -> None:
         n = len(rows)
         shares_last = self._last_frame >= 0 and self._equals_frame(rows.obs, self._last_frame)
-        continues = _rows_equal({k: v[1:] for k, v in rows.obs.items()}, {k: v[:-1] for k, v in rows.next_obs.items()})
+        if continues is None:
+            obs, nxt = rows.obs, rows.next_obs
+            continues = _rows_equal({k: v[1:] for k, v in obs.items()}, {k: v[:-1] for k, v in nxt.items()})
         new_obs = np.concatenate([[not shares_last], ~continues])
         # Frames in order: for each row its obs frame where it is new, then its next_obs frame.
         frames_per_row = new_obs.astype(np.int64) + 1

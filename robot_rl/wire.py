@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from robot_rl.config import STATE_OBS_KEY
 
@@ -326,6 +326,15 @@ class Transitions(Message):
     first_seq: int = Field(ge=0, description="Sequence number of the first transition of the chunk.")
     count: int = Field(ge=1, description="Number of transitions in the chunk.")
     arrays: dict[str, np.ndarray] = Field(description="Array name -> [count, ...] array (see the class docstring).")
+    # Set by `parse` for a chunk received with next_obs_shared: [count - 1] bool, True where next_obs[i] was rebuilt
+    # from obs[i + 1] (so equals it bit for bit). Not a field: it says how the message travelled, not what it holds.
+    _rows_continue: np.ndarray | None = PrivateAttr(default=None)
+
+    @property
+    def rows_continue(self) -> np.ndarray | None:
+        """[count - 1] bool where next_obs[i] is obs[i + 1] bit for bit, when the wire said so; else None (unknown:
+        compare the rows). The replay buffer takes it to keep each observation once without comparing images."""
+        return self._rows_continue
 
     @property
     def last_seq(self) -> int:
@@ -456,13 +465,18 @@ def parse(message: Mapping[str, Any], *, versions: Collection[int] | None = None
         raise WireError(f"kind: missing or unknown kind {_short(kind)} (known: {', '.join(sorted(KINDS))})")
     _check_version(message.get("v"), versions)
     fields = {k: v for k, v in message.items() if k not in ("kind", "v")}
+    shared = None
     if kind == Transitions.kind and NEXT_OBS_SHARED in fields:
-        _expand_next_obs(fields)
+        shared = fields[NEXT_OBS_SHARED]
+        _expand_next_obs(fields)  # checks `shared` first: a bool array [count], False at the end
     try:
-        return MESSAGE_TYPES[kind].model_validate(fields)
+        parsed = MESSAGE_TYPES[kind].model_validate(fields)
     except ValidationError as err:
         problems = [f"{kind}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:8]]
         raise WireError("; ".join(problems)) from None
+    if isinstance(parsed, Transitions) and shared is not None:
+        parsed._rows_continue = np.array(shared[:-1], dtype=bool)
+    return parsed
 
 
 def to_wire(message: Message) -> bytes:

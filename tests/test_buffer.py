@@ -479,3 +479,39 @@ def test_a_buffer_too_big_for_the_memory_is_refused_with_a_capacity_that_fits():
     check_buffer_memory(2_000_000, SPEC, 6, available=available)  # small observations: millions fit
     measured = available_memory_bytes()
     assert measured is None or measured > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the wire knows of shared next observations spares the comparison and stores the same
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capacity", [100, 7])  # 7: a chunk longer than the buffer goes in by pieces
+def test_a_continues_hint_stores_exactly_what_comparing_the_rows_stores(capacity):
+    rng = np.random.default_rng(5)
+    a, b = episode_chunk(rng, 9), episode_chunk(rng, 6, terminal=False)
+    chunk = join_chunks(a, b)  # two episodes: row 8's next observation is not row 9's observation
+    truth = np.ones(14, bool)
+    truth[8] = False
+    compared, hinted = ReplayBuffer(capacity, SPEC, ACT), ReplayBuffer(capacity, SPEC, ACT)
+    compared.add_many(**chunk)
+    hinted.add_many(**chunk, continues=truth)
+    assert hinted.frames_stored() == compared.frames_stored()
+    assert len(hinted) == len(compared) == min(15, capacity)
+    tail = {k: ({j: w[-len(hinted) :] for j, w in v.items()} if isinstance(v, dict) else v[-len(hinted) :])
+            for k, v in chunk.items()}  # fmt: skip
+    assert_batch_equals_chunk(hinted.take(np.arange(len(hinted))), tail)
+    # The hint is what the buffer goes by: "no row continues" keeps every next observation as a frame of its own
+    # (memory, not correctness: the rows still read back as added).
+    wasteful = ReplayBuffer(capacity, SPEC, ACT)
+    wasteful.add_many(**chunk, continues=np.zeros(14, bool))
+    assert wasteful.frames_stored() > compared.frames_stored()
+    assert_batch_equals_chunk(wasteful.take(np.arange(len(wasteful))), tail)
+
+
+def test_a_continues_hint_of_the_wrong_shape_or_dtype_is_refused_and_nothing_is_stored():
+    rng = np.random.default_rng(6)
+    chunk = episode_chunk(rng, 5)
+    buf = ReplayBuffer(100, SPEC, ACT)
+    for hint in (np.ones(5, bool), np.ones(3, bool), np.ones(4, np.uint8)):
+        with pytest.raises(ValueError, match="continues must be a bool array of shape \\[4\\]"):
+            buf.add_many(**chunk, continues=hint)
+    assert len(buf) == 0 and buf.total_added == 0

@@ -434,6 +434,44 @@ def test_chunks_in_frames_are_logged_as_received_and_a_hello_of_another_protocol
     assert stats["actors"]["a0"]["stored"] == 10 and stats["actors"]["a0"]["refused"] == 1
 
 
+def test_the_buffer_is_told_which_rows_continue_when_the_wire_sent_next_observations_once(
+    tmp_path: Path, bc_dir: Path, ctx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import robot_rl.wire
+
+    monkeypatch.setattr(robot_rl.wire, "MIN_SHARED_BYTES", 0)  # share the tiny config's small observations too
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    hints: list[np.ndarray | None] = []
+    add_many = service.buffer.add_many
+
+    def spy(**kw):
+        hints.append(kw.get("continues"))
+        add_many(**kw)
+
+    monkeypatch.setattr(service.buffer, "add_many", spy)
+    arrays = chunk_arrays(cfg, 0, 8, ends=(7,))
+    for key in transition_spec(cfg).obs:
+        arrays[f"next_obs/{key}"][:4] = arrays[f"obs/{key}"][1:5]  # rows 0-3 continue, 4-7 do not
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        actor.dealer.send_multipart(
+            to_frames(Transitions(actor_id="a0", run_id="r0", first_seq=0, count=8, arrays=arrays))
+        )
+        assert acked(actor.recv()) == 7
+    assert len(hints) == 1 and hints[0] is not None
+    np.testing.assert_array_equal(hints[0], [True] * 4 + [False] * 3)
+    batch = service.buffer.take(np.arange(8))
+    for key in transition_spec(cfg).obs:
+        np.testing.assert_array_equal(batch.next_obs[key], arrays[f"next_obs/{key}"])
+        np.testing.assert_array_equal(batch.obs[key], arrays[f"obs/{key}"])
+    assert service.buffer.frames_stored() == 8 + 4  # each observation once: 8 obs frames and 4 next-only frames
+    (chunk,) = TransitionStore(out / "buffer").read_back()
+    np.testing.assert_array_equal(chunk.continues, hints[0])  # the log reads back what the wire said
+
+
 def test_malformed_and_unidentified_refused_while_a_good_actor_is_served(tmp_path: Path, bc_dir: Path, ctx) -> None:
     cfg = tiny_config()
     service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)

@@ -880,3 +880,20 @@ def test_joined_frames_split_back_into_the_same_frames_and_damage_is_refused(ima
     ]:
         with pytest.raises(WireError, match=match):
             split_frames(damaged)
+
+
+def test_a_parsed_chunk_says_which_next_observations_were_rebuilt_from_the_following_observation(cfg, image_spec):
+    arrays = trajectory(image_spec, 30, breaks=(9, 17))
+    msg = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=arrays)
+    assert msg.rows_continue is None  # made here: nothing travelled
+    expected = np.ones(29, bool)
+    expected[[9, 17]] = False
+    for back in (
+        from_frames([bytes(f) for f in to_frames(msg)], max_bytes=LIMIT),
+        from_wire(to_wire(msg), max_bytes=LIMIT),
+    ):
+        np.testing.assert_array_equal(back.rows_continue, expected)
+        for i in np.flatnonzero(back.rows_continue):
+            np.testing.assert_array_equal(back.arrays["next_obs/front"][i], back.arrays["obs/front"][i + 1])
+    small = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=trajectory(transition_spec(cfg), 30))
+    assert from_frames(to_frames(small), max_bytes=LIMIT).rows_continue is None  # sent whole: unknown
