@@ -629,6 +629,8 @@ def _direct_io_refused(directory: Path) -> str | None:
     if not hasattr(os, "O_DIRECT"):
         return "not available on this platform"
     probe = directory / f".direct-probe-{os.getpid()}-{threading.get_ident()}"
+    with contextlib.suppress(OSError):
+        probe.unlink()  # one left by a process killed mid-probe whose pid this one got (a container's pid 1)
     block = mmap.mmap(-1, BLOCK)
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,14 @@ def test_the_probe_leaves_nothing_behind(tmp_path: Path) -> None:
     reason = store_module._direct_io_refused(tmp_path)
     assert reason is None or (isinstance(reason, str) and reason)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_probe_file_left_by_a_killed_process_does_not_turn_o_direct_off(tmp_path: Path) -> None:
+    if not _direct_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    import threading
+
+    stale = tmp_path / f".direct-probe-{os.getpid()}-{threading.get_ident()}"
+    stale.write_bytes(b"left behind")
+    assert store_module._direct_io_refused(tmp_path) is None
+    assert not stale.exists()
