@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,18 +53,47 @@ DEMO_OVERRIDES = [
 ]
 
 
+# Where free_port_pair looks first: below the kernel's ephemeral range, whose ports any outgoing connection may take
+# as its source port between the check and the learner's bind (the range Linux uses unless configured otherwise).
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 20_000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port_pair() -> int:
-    """A port p on 127.0.0.1 with p and p + 1 free (request and weights endpoints)."""
+    """A port p on 127.0.0.1 with p and p + 1 free (request and weights endpoints).
+
+    Taken below the ephemeral range where there is room: a port the kernel hands out itself (bind to port 0) can be
+    taken as the source port of some outgoing connection before the learner binds it ("Address already in use")."""
+    rng = random.SystemRandom()
+    low = _ephemeral_low()
+    if low - 2 > LOWEST_PORT:
+        for _ in range(50):
+            port = rng.randrange(LOWEST_PORT, low - 2)
+            if _bindable(port) and _bindable(port + 1):
+                return port
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
+        if _bindable(port + 1):
             return port
-        except OSError:
-            continue
     raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 

@@ -125,3 +125,25 @@ def test_chunks_spilled_as_one_frame_by_an_earlier_version_are_sent_as_frames(tm
     for (_, msg), sent in zip(got, chunks, strict=True):
         for name, array in sent.arrays.items():
             np.testing.assert_array_equal(msg.arrays[name], array, err_msg=name)
+
+
+def test_free_port_pairs_come_from_below_the_ephemeral_range_and_are_bindable(tmp_path: Path, monkeypatch):
+    """Ports the kernel hands out as source ports of outgoing connections could be taken before the learner binds
+    them; the pair is looked for below that range, and only where there is no room there from the kernel."""
+    import socket
+
+    from robot_rl import demo
+
+    low = demo._ephemeral_low()
+    for _ in range(20):
+        port = demo.free_port_pair()
+        assert port >= demo.LOWEST_PORT and port + 1 < low
+        for p in (port, port + 1):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", p))
+    wide = tmp_path / "range"
+    wide.write_text("1024\t65535\n")
+    monkeypatch.setattr(demo, "EPHEMERAL_RANGE_FILE", wide)
+    assert demo._ephemeral_low() == 1024
+    port = demo.free_port_pair()  # no room below the range: a pair the kernel hands out
+    assert port >= low  # the kernel hands it out from its real range
