@@ -655,8 +655,12 @@ class ActorService:
             return
         quiet_s = self.link.seconds_since_heard()
         limit = min(LEARNER_SILENT_WARN_S, self.cfg.actor.weights_staleness_s)
-        silent = stale or (self.link.state.last_heard > 0 and quiet_s > limit)
-        if silent and not stale:
+        # The learner's last word was that it is stopping (a signal): said at once, not after its silence.
+        stopping = not stale and getattr(self.link.state.status, "stopping", False)
+        silent = stale or stopping or (self.link.state.last_heard > 0 and quiet_s > limit)
+        if stopping:
+            self.message = f"{phase} (learner stopping)"
+        elif silent and not stale:
             self.message = f"{phase} (learner silent {quiet_s:.0f} s)"
         unacked = self.spill.unacked(self.link.state.acked_seq) if self.spill is not None else 0
         if stale and not self._stale:
@@ -665,6 +669,17 @@ class ActorService:
                 "and spilled) until it is back",
                 self.learner_endpoint,
                 quiet_s,
+            )
+        elif stopping and not self._silent:
+            log.warning(
+                "the learner at %s says it is stopping: going on with weights version %d, with the BC policy alone "
+                "after %.0f s without it (actor.weights_staleness_s); %d transitions wait unacknowledged in %s and are "
+                "sent when it is back (robot-rl learner --resume)",
+                self.learner_endpoint,
+                self.weights_version,
+                self.cfg.actor.weights_staleness_s,
+                unacked,
+                self.out / "spill",
             )
         elif silent and not self._silent:
             log.warning(

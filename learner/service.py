@@ -482,6 +482,7 @@ class LearnerService:
         except _Stopped:
             return self._interrupted()
         except _UpdateLeftRunning:
+            self._say_stopping()
             log.warning(
                 "learner stopped while an update was still running after %.0f s: no checkpoint written now; "
                 "run directory %s (--resume continues from the last checkpoint, with every stored transition)",
@@ -514,7 +515,17 @@ class LearnerService:
         self._publish_status()
         self._show(force=True)
 
+    def _say_stopping(self) -> None:
+        """Tell the actors now that this learner is stopping (else they learn it from its silence, seconds later)."""
+        if self.pub is None:
+            return
+        try:
+            self._publish_status(stopping=True)
+        except zmq.ZMQError as exc:
+            log.info("could not tell the actors that the learner is stopping: %s", exc)
+
     def _interrupted(self) -> dict[str, Any]:
+        self._say_stopping()
         self._checkpoint(LATEST)
         log.warning("learner stopped in phase %s; run directory %s (continue with --resume)", self.phase, self.out)
         return {"finished": False, **self._progress()}
@@ -1087,7 +1098,7 @@ class LearnerService:
         self.pub.send_multipart(frames, zmq.NOBLOCK, copy=False)
         self._write_stats()  # the newest version is on disk before anything else happens (resume continues above it)
 
-    def _publish_status(self, *, done: bool = False) -> None:
+    def _publish_status(self, *, done: bool = False, stopping: bool = False) -> None:
         assert self.pub is not None
         c = self.counters
         status = Status(
@@ -1098,6 +1109,7 @@ class LearnerService:
             online_env_steps=c.online_env_steps,
             eval_id=self.eval_id if self.phase == "eval" else -1,
             done=done,
+            stopping=stopping,
         )
         self.pub.send(to_wire(status), zmq.NOBLOCK)
         self._last_status = time.monotonic()

@@ -437,6 +437,10 @@ class Status(Message):
     online_env_steps: int = Field(ge=0, description="Online transitions stored, all actors together.")
     eval_id: int = Field(ge=-1, description="While phase is eval: the evaluation asked for; -1 otherwise.")
     done: bool = Field(description="The learner has finished its run; actors should stop.")
+    stopping: bool = Field(
+        default=False,
+        description="The learner is stopping before its run is done (a signal); `--resume` brings it back.",
+    )
 
 
 class EvalReport(Message):

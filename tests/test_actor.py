@@ -609,6 +609,38 @@ def test_an_actor_says_soon_when_its_learner_falls_silent_what_waits_unacknowled
         service._shutdown()
 
 
+def test_an_actor_says_at_once_when_its_learner_says_it_is_stopping_and_when_it_is_back(
+    tmp_path: Path, bc_dir: Path, caplog
+):
+    from types import SimpleNamespace
+
+    import robot_rl.actor.service as actor_service
+    from robot_rl.actor.link import LinkState
+
+    caplog.set_level(logging.WARNING)
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
+    state = LinkState(last_heard=time.monotonic(), acked_seq=99, status=SimpleNamespace(stopping=False))
+    service.link = SimpleNamespace(state=state, seconds_since_heard=lambda: 0.3)
+    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1))
+    try:
+        service._announce("online")
+        assert caplog.text == ""
+        state.status = SimpleNamespace(stopping=True)
+        service._announce("online")
+        service._announce("online")  # said once
+        assert caplog.text.count("says it is stopping") == 1 and "no word from the learner" not in caplog.text
+        assert "30 transitions wait unacknowledged" in caplog.text and str(tmp_path / "a" / "spill") in caplog.text
+        assert service.stats()["phase"] == "online (learner stopping)"
+        state.status = SimpleNamespace(stopping=False)  # the learner is back (--resume)
+        service._announce("online")
+        assert "the learner is back (phase online); 30 transitions still to be acknowledged" in caplog.text
+        assert service.stats()["phase"] == "online"
+    finally:
+        service.link = service.spill = None
+        service._shutdown()
+
+
 def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp_path: Path, bc_dir: Path):
     import threading
     from types import SimpleNamespace

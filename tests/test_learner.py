@@ -472,6 +472,17 @@ def test_the_buffer_is_told_which_rows_continue_when_the_wire_sent_next_observat
     np.testing.assert_array_equal(chunk.continues, hints[0])  # the log reads back what the wire said
 
 
+def test_a_stopped_learner_tells_the_actors_it_is_stopping(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        assert not actor.wait_status(lambda s: True).stopping  # running: not stopping
+    last = actor.wait_status(lambda s: s.stopping)  # sent as the stop began, before the checkpoint
+    assert not last.done  # stopping is not finishing: --resume continues the run
+
+
 def test_malformed_and_unidentified_refused_while_a_good_actor_is_served(tmp_path: Path, bc_dir: Path, ctx) -> None:
     cfg = tiny_config()
     service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
