@@ -57,6 +57,7 @@ class RunLog:
         self._csv_path = out / "eval.csv"
         keep = resume and self._csv_path.is_file()
         self.rows: list[EvalRow] = read_eval_csv(self._csv_path) if keep else []
+        self._rows_before_resume = len(self.rows) if keep else -1  # rows written before this process (resume)
         if keep and not self._csv_path.read_bytes().endswith(b"\n"):  # a row cut off by a kill: rewrite without it
             write_rows = self.rows
         elif keep:
@@ -75,9 +76,38 @@ class RunLog:
             self._tb = SummaryWriter(log_dir=str(out / "tb"))
 
     def eval_row(self, row: EvalRow) -> None:
-        self.rows.append(row)
-        with self._csv_path.open("a", newline="") as f:
-            csv.writer(f).writerow([getattr(row, c) for c in EVAL_COLUMNS])
+        """Append a row. The first row after a resume replaces the last one written before it when it is the same
+        evaluation done again: same kind, same env steps, no more learner steps (a learner killed after writing that
+        row and before its next checkpoint redoes the evaluation, with the weights the run goes on with; a curve
+        should hold one point per evaluation). Two evaluations at the same env steps within a run both stay."""
+        last = self.rows[-1] if self.rows and len(self.rows) == self._rows_before_resume else None
+        if (
+            last is not None
+            and (last.env_steps, last.phase) == (row.env_steps, row.phase)
+            and row.learner_steps <= last.learner_steps
+        ):
+            log.warning(
+                "evaluation at %d env steps (%s) done again after a restart: its row in %s replaces the earlier one "
+                "(success %.2f -> %.2f)",
+                row.env_steps,
+                row.phase,
+                self._csv_path,
+                last.success_rate,
+                row.success_rate,
+            )
+            self.rows[-1] = row
+            tmp = self._csv_path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(EVAL_COLUMNS)
+                writer.writerows([getattr(r, c) for c in EVAL_COLUMNS] for r in self.rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._csv_path)
+        else:
+            self.rows.append(row)
+            with self._csv_path.open("a", newline="") as f:
+                csv.writer(f).writerow([getattr(row, c) for c in EVAL_COLUMNS])
         self.scalars("eval", {"success_rate": row.success_rate, "bc_action_fraction": row.bc_action_fraction}, row)
 
     def scalars(self, prefix: str, values: dict[str, float], row_or_step: EvalRow | int) -> None:

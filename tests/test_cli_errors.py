@@ -413,6 +413,32 @@ def test_a_resumed_run_log_drops_a_cut_off_row_before_it_appends(tmp_path: Path,
     assert len(rows) == kept + 1 and rows[-1].env_steps == 500  # the new row is whole, not glued to the cut one
 
 
+def test_an_evaluation_redone_after_a_restart_replaces_its_row_instead_of_repeating_it(tmp_path: Path, caplog) -> None:
+    """A learner killed after writing an evaluation's row and before its next checkpoint redoes that evaluation when
+    resumed: eval.csv keeps one row per evaluation, the newer one."""
+    from robot_rl.runlog import EvalRow, RunLog, read_eval_csv
+
+    first = RunLog(tmp_path / "run", tensorboard=False)
+    first.eval_row(EvalRow(0, 0, 1.0, 0.4, 1.0, 20, "bc"))
+    first.eval_row(EvalRow(500, 250, 6.0, 0.6, 0.3, 20, "online"))
+    resumed = RunLog(tmp_path / "run", tensorboard=False, resume=True)
+    resumed.eval_row(EvalRow(500, 200, 9.0, 0.7, 0.25, 20, "online"))  # the same evaluation, done again
+    resumed.eval_row(EvalRow(1000, 450, 12.0, 0.9, 0.1, 20, "online"))
+    # Within a run, evaluations at the same env steps (a fast actor overshot both targets) are distinct: both stay.
+    resumed.eval_row(EvalRow(1000, 450, 13.0, 0.8, 0.1, 20, "online"))
+    rows = read_eval_csv(tmp_path / "run" / "eval.csv", lambda line: pytest.fail(f"warned: {line}"))
+    assert [(r.env_steps, r.phase, r.success_rate) for r in rows] == [
+        (0, "bc", 0.4), (500, "online", 0.7), (1000, "online", 0.9), (1000, "online", 0.8)
+    ]  # fmt: skip
+    assert [r.success_rate for r in resumed.rows] == [r.success_rate for r in rows]
+    assert "done again after a restart" in caplog.text and "(success 0.60 -> 0.70)" in caplog.text
+    assert not (tmp_path / "run" / "eval.csv.tmp").exists()
+    # After another restart, an evaluation at the last row's env steps with more learner steps is a new one.
+    again = RunLog(tmp_path / "run", tensorboard=False, resume=True)
+    again.eval_row(EvalRow(1000, 600, 20.0, 1.0, 0.0, 20, "online"))
+    assert [r.success_rate for r in read_eval_csv(tmp_path / "run" / "eval.csv")] == [0.4, 0.7, 0.9, 0.8, 1.0]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 10: disk full
 # --------------------------------------------------------------------------------------------------------------------
