@@ -383,6 +383,7 @@ class LearnerService:
         self._stop = threading.Event()
         self._last_status = self._last_stats = -math.inf
         self._last_transitions = -math.inf  # when an actor last sent transitions
+        self._phase_since = -math.inf  # when the current phase began (a starved phase is timed from then)
         self._starved_warned = -math.inf
         self._ctx: zmq.Context | None = None
         self._auth: Any = None
@@ -845,6 +846,7 @@ class LearnerService:
     def _set_phase(self, phase: str) -> None:
         """Enter a phase: broadcast it (weights too, once they exist), checkpoint, show it."""
         self.phase = phase
+        self._phase_since = time.monotonic()
         if self.weights_version >= 0 or (self.qest_done and self.online_started):
             self._publish_weights()
         self._publish_status()
@@ -1137,7 +1139,8 @@ class LearnerService:
         stopped, or none started), with each actor's last word."""
         if self.phase not in ("qest_rollouts", "online") or self._learner_step_due():
             return
-        quiet_s = now - max(self._last_transitions, self.start)
+        # Timed from the phase's start too: an evaluation or the fit before it sends no transitions, by design.
+        quiet_s = now - max(self._last_transitions, self.start, self._phase_since)
         if quiet_s < STARVED_WARN_S or now - self._starved_warned < STARVED_WARN_S:
             return
         self._starved_warned = now

@@ -886,6 +886,33 @@ def test_a_learner_left_without_transitions_says_so_naming_the_actors_last_heard
     assert "Actors last heard: arm_a " in caplog.text
 
 
+def test_a_phase_that_needs_transitions_is_timed_from_its_start_not_from_the_evaluation_before_it(
+    tmp_path: Path, bc_dir: Path, ctx, caplog, monkeypatch
+) -> None:
+    """The BC evaluation sends no transitions (minutes at 10 Hz): entering Q-Estimation rollouts after it is not a
+    learner left without transitions for that long."""
+    import re
+
+    monkeypatch.setattr(learner_service, "STARVED_WARN_S", 1.5)
+    cfg = tiny_config()
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with running(service):
+        actor = FakeActor(ctx, cfg, "arm_a")
+        assert isinstance(actor.hello(), Welcome)
+        actor.wait_status(lambda s: s.phase == "eval")
+        time.sleep(3.0)  # the evaluation takes twice STARVED_WARN_S
+        actor.report(0, 0.5)
+        actor.wait_status(lambda s: s.phase == "qest_rollouts")
+        assert "no transitions from any actor" not in caplog.text  # not at once
+        deadline = time.monotonic() + WAIT_S
+        while "no transitions from any actor" not in caplog.text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    quiet = float(re.search(r"no transitions from any actor for (\d+) s", caplog.text).group(1))
+    assert quiet <= 2.0  # timed from the rollouts' start, not the learner's (>= 3 s ago)
+
+
 def test_store_cuts_a_corrupt_record_and_continues_the_log(tmp_path: Path, caplog) -> None:
     cfg = load_config(TINY)
     store = TransitionStore(tmp_path)
