@@ -865,32 +865,11 @@ def test_a_late_evaluation_report_is_reported_while_waited_for_and_the_wait_fits
     assert "no report for evaluation 0 within 1 s; continuing without it" in caplog.text
 
 
-def test_a_learner_left_without_transitions_says_so_naming_the_actors_last_heard(
+def test_a_learner_left_without_transitions_says_so_timed_from_the_phase_start_naming_the_actors_last_heard(
     tmp_path: Path, bc_dir: Path, ctx, caplog, monkeypatch
 ) -> None:
-    monkeypatch.setattr(learner_service, "STARVED_WARN_S", 0.5)
-    cfg = tiny_config()
-    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
-    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
-    with running(service):
-        actor = FakeActor(ctx, cfg, "arm_a")
-        assert isinstance(actor.hello(), Welcome)
-        actor.wait_status(lambda s: s.phase == "eval")
-        actor.report(0, 0.5)
-        actor.wait_status(lambda s: s.phase == "qest_rollouts")  # then the only actor leaves
-        deadline = time.monotonic() + WAIT_S
-        while "no transitions from any actor" not in caplog.text:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    assert "phase qest_rollouts: no transitions from any actor for " in caplog.text
-    assert "Actors last heard: arm_a " in caplog.text
-
-
-def test_a_phase_that_needs_transitions_is_timed_from_its_start_not_from_the_evaluation_before_it(
-    tmp_path: Path, bc_dir: Path, ctx, caplog, monkeypatch
-) -> None:
-    """The BC evaluation sends no transitions (minutes at 10 Hz): entering Q-Estimation rollouts after it is not a
-    learner left without transitions for that long."""
+    """The only actor leaves once Q-Estimation rollouts begin: the learner says it waits for transitions. The BC
+    evaluation before (no transitions, minutes at 10 Hz) does not count: the wait is timed from the rollouts' start."""
     import re
 
     monkeypatch.setattr(learner_service, "STARVED_WARN_S", 1.5)
@@ -903,12 +882,14 @@ def test_a_phase_that_needs_transitions_is_timed_from_its_start_not_from_the_eva
         actor.wait_status(lambda s: s.phase == "eval")
         time.sleep(3.0)  # the evaluation takes twice STARVED_WARN_S
         actor.report(0, 0.5)
-        actor.wait_status(lambda s: s.phase == "qest_rollouts")
+        actor.wait_status(lambda s: s.phase == "qest_rollouts")  # then the only actor leaves
         assert "no transitions from any actor" not in caplog.text  # not at once
         deadline = time.monotonic() + WAIT_S
         while "no transitions from any actor" not in caplog.text:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+    assert "phase qest_rollouts: no transitions from any actor for " in caplog.text
+    assert "Actors last heard: arm_a " in caplog.text
     quiet = float(re.search(r"no transitions from any actor for (\d+) s", caplog.text).group(1))
     assert quiet <= 2.0  # timed from the rollouts' start, not the learner's (>= 3 s ago)
 
