@@ -21,6 +21,7 @@ import zmq
 from robot_rl.actor.spill import Spill
 from robot_rl.config import RunConfig
 from robot_rl.wire import (
+    STORED_VERSIONS,
     Ack,
     EvalReport,
     Hello,
@@ -32,7 +33,6 @@ from robot_rl.wire import (
     config_fingerprint,
     config_hash,
     from_frames,
-    from_joined,
     from_wire,
     is_joined_frames,
     split_frames,
@@ -288,17 +288,13 @@ class LearnerLink(threading.Thread):
         return cursor
 
 
-# Spills written before protocol 3 hold each chunk as one frame of these protocols; they are sent as frames.
-SPILLED_ONE_FRAME_VERSIONS = (1, 2, 3)
-
-
 def _send_chunk(sock: zmq.Socket, payload: bytes, max_bytes: int) -> bool:
     """Send one spilled chunk without blocking: its frames joined (as the actor spills them) go out as those frames,
     without copying; a chunk spilled as one frame by an earlier version is encoded as frames first."""
     if is_joined_frames(payload):
         frames: list[bytes | memoryview] = list(split_frames(payload))
     else:
-        frames = to_frames(from_joined(payload, max_bytes=max_bytes, versions=SPILLED_ONE_FRAME_VERSIONS))
+        frames = to_frames(from_wire(payload, max_bytes=max_bytes, versions=STORED_VERSIONS))
     try:
         sock.send_multipart(frames, zmq.NOBLOCK, copy=False)  # whole or not at all (ZeroMQ's multipart atomicity)
     except zmq.Again:

@@ -68,12 +68,13 @@ import numpy as np
 import xxhash
 
 from robot_rl.wire import (
+    STORED_VERSIONS,
     Transitions,
     VersionError,
     WireError,
-    frames_prefix,
     from_joined,
     join_frames,
+    joined_buffers,
     to_frames,
 )
 
@@ -87,8 +88,6 @@ FLAG_ONLINE = 0x01
 SUFFIX = ".log"
 # Upper bound on one record's payload when reading back (a chunk of the largest image spec stays far below it).
 MAX_RECORD_BYTES = 1 << 31
-# Protocol versions whose Transitions payloads this store reads (both parse to the same Transitions).
-READABLE_VERSIONS = (1, 2, 3)
 # Bytes queued for the writer before `append` waits for it (the actors' windows bound it well below this).
 MAX_QUEUED_BYTES = 512 << 20
 # O_DIRECT: offsets, lengths and memory aligned to this (a multiple of every logical block size in use, 512 or 4096).
@@ -151,7 +150,7 @@ Payload = bytes | memoryview | list[bytes | memoryview]
 def _payload_buffers(payload: Payload) -> list[memoryview]:
     """The buffers whose concatenation is the payload's bytes."""
     if isinstance(payload, list):
-        return [memoryview(frames_prefix(payload)), *(memoryview(f).cast("B") for f in payload)]
+        return joined_buffers(payload)
     return [memoryview(payload).cast("B")]
 
 
@@ -215,7 +214,7 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
     if not _intact(header, flags, payload, checksum):
         raise _TornRecord("checksum mismatch")
     try:
-        message = from_joined(payload, max_bytes=MAX_RECORD_BYTES, versions=READABLE_VERSIONS)
+        message = from_joined(payload, max_bytes=MAX_RECORD_BYTES, versions=STORED_VERSIONS)
     except VersionError as err:  # intact (the checksum holds) but written by another version: do not cut it
         raise StoreError(
             f"a record at byte {offset} of the {actor_id}@{run_id} log was written under another protocol "

@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 # observations that repeat the following observation (next_obs_shared). A version-1 message parses the same way.
 # 3: Transitions travel as a header frame plus one frame per array, as weights do.
 PROTOCOL_VERSION: int = 3
+# What this side reads back from its own disk (the actor's spill, the learner's log): chunks written under earlier
+# protocols parse to the same Transitions.
+STORED_VERSIONS: tuple[int, ...] = (1, 2, PROTOCOL_VERSION)
 
 # Wire dtype string -> numpy dtype: float32, float64, int32, int64, uint8, bool, uint16, as numpy writes them
 # little-endian (`|` where byte order does not apply). A peer's dtype string is only looked up here, never parsed.
@@ -598,15 +601,17 @@ _FRAME_COUNT = struct.Struct("<4sI")
 MAX_FRAMES = 1 << 16
 
 
-def frames_prefix(frames: Sequence[Any]) -> bytes:
-    """The bytes that come before the frames themselves in `join_frames(frames)`."""
-    sizes = [memoryview(f).nbytes for f in frames]
-    return _FRAME_COUNT.pack(FRAMES_MAGIC, len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
+def joined_buffers(frames: Sequence[Any]) -> list[memoryview]:
+    """The buffers whose concatenation is `join_frames(frames)`: the prefix, then the frames themselves (not copied)."""
+    views = [memoryview(f).cast("B") for f in frames]
+    sizes = [v.nbytes for v in views]
+    prefix = _FRAME_COUNT.pack(FRAMES_MAGIC, len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
+    return [memoryview(prefix), *views]
 
 
 def join_frames(frames: Sequence[Any]) -> bytes:
     """The frames of one message as one byte string (`split_frames` gives them back)."""
-    return b"".join([frames_prefix(frames), *(memoryview(f).cast("B") for f in frames)])
+    return b"".join(joined_buffers(frames))
 
 
 def is_joined_frames(data: bytes | memoryview) -> bool:
@@ -623,7 +628,7 @@ def from_joined(data: bytes | memoryview, *, max_bytes: int, versions: Collectio
 
 def split_frames(data: bytes | memoryview) -> list[memoryview]:
     """The frames of a `join_frames` string, as views of `data`; WireError when its layout does not hold."""
-    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+    view = _frame_buffer(data)
     if view.nbytes < _FRAME_COUNT.size or not is_joined_frames(view):
         raise WireError("joined frames: missing the RRLF prefix")
     _, count = _FRAME_COUNT.unpack_from(view)
