@@ -65,10 +65,7 @@ class RunLog:
         else:
             write_rows = []
         if write_rows is not None:
-            with self._csv_path.open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(EVAL_COLUMNS)
-                writer.writerows([getattr(row, c) for c in EVAL_COLUMNS] for row in write_rows)
+            self._rewrite(write_rows)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -96,19 +93,23 @@ class RunLog:
                 row.success_rate,
             )
             self.rows[-1] = row
-            tmp = self._csv_path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(EVAL_COLUMNS)
-                writer.writerows([getattr(r, c) for c in EVAL_COLUMNS] for r in self.rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._csv_path)
+            self._rewrite(self.rows)
         else:
             self.rows.append(row)
             with self._csv_path.open("a", newline="") as f:
                 csv.writer(f).writerow([getattr(row, c) for c in EVAL_COLUMNS])
         self.scalars("eval", {"success_rate": row.success_rate, "bc_action_fraction": row.bc_action_fraction}, row)
+
+    def _rewrite(self, rows: list[EvalRow]) -> None:
+        """eval.csv holding the header and `rows`, replaced whole (a kill leaves the old file or the new one)."""
+        tmp = self._csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(EVAL_COLUMNS)
+            writer.writerows([getattr(r, c) for c in EVAL_COLUMNS] for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._csv_path)
 
     def scalars(self, prefix: str, values: dict[str, float], row_or_step: EvalRow | int) -> None:
         if self._tb is None:
