@@ -670,24 +670,18 @@ class ActorService:
                 self.learner_endpoint,
                 quiet_s,
             )
-        elif stopping and not self._silent:
-            log.warning(
-                "the learner at %s says it is stopping: going on with weights version %d, with the BC policy alone "
-                "after %.0f s without it (actor.weights_staleness_s); %d transitions wait unacknowledged in %s and are "
-                "sent when it is back (robot-rl learner --resume)",
-                self.learner_endpoint,
-                self.weights_version,
-                self.cfg.actor.weights_staleness_s,
-                unacked,
-                self.out / "spill",
-            )
         elif silent and not self._silent:
+            if stopping:
+                why = f"the learner at {self.learner_endpoint} says it is stopping (learner --resume brings it back)"
+            else:
+                why = (
+                    f"no word from the learner at {self.learner_endpoint} for {quiet_s:.0f} s (stopped, restarting, "
+                    "or the network is down)"
+                )
             log.warning(
-                "no word from the learner at %s for %.0f s (stopped, restarting, or the network is down): going on "
-                "with weights version %d, with the BC policy alone after %.0f s of silence "
+                "%s: going on with weights version %d, with the BC policy alone after %.0f s without it "
                 "(actor.weights_staleness_s); %d transitions wait unacknowledged in %s and are sent when it is back",
-                self.learner_endpoint,
-                quiet_s,
+                why,
                 self.weights_version,
                 self.cfg.actor.weights_staleness_s,
                 unacked,
