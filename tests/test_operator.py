@@ -19,6 +19,7 @@ import termios
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -295,8 +296,9 @@ def read_line(proc: subprocess.Popen[str]) -> str:
 
 
 @pytest.fixture
-def child(pty_pair: tuple[int, int]) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+def child(pty_pair: tuple[int, int]) -> Iterator[tuple[subprocess.Popen[str], int, int, list[Any]]]:
     master, slave = pty_pair
+    before = termios.tcgetattr(slave)  # read before the child starts: it may switch the terminal at once
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD],
         stdin=slave,
@@ -305,7 +307,7 @@ def child(pty_pair: tuple[int, int]) -> Iterator[tuple[subprocess.Popen[str], in
         start_new_session=True,  # no controlling terminal of ours: no SIGTTOU, no stray signals
     )
     try:
-        yield proc, master, slave
+        yield proc, master, slave, before
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -314,9 +316,8 @@ def child(pty_pair: tuple[int, int]) -> Iterator[tuple[subprocess.Popen[str], in
         proc.stdout.close()
 
 
-def test_child_reads_its_real_stdin_and_restores_it(child: tuple[subprocess.Popen[str], int, int]) -> None:
-    proc, master, slave = child
-    before = termios.tcgetattr(slave)
+def test_child_reads_its_real_stdin_and_restores_it(child: tuple[subprocess.Popen[str], int, int, list[Any]]) -> None:
+    proc, master, slave, before = child
     assert read_line(proc) == "ready"
     assert not lflag(slave) & termios.ICANON  # the child switched its stdin, the same terminal
     os.write(master, b"zs")
@@ -329,9 +330,8 @@ def test_child_reads_its_real_stdin_and_restores_it(child: tuple[subprocess.Pope
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_signal_restores_the_terminal(child: tuple[subprocess.Popen[str], int, int], signum: int) -> None:
-    proc, _, slave = child
-    before = termios.tcgetattr(slave)
+def test_signal_restores_the_terminal(child: tuple[subprocess.Popen[str], int, int, list[Any]], signum: int) -> None:
+    proc, _, slave, before = child
     assert read_line(proc) == "ready"
     assert termios.tcgetattr(slave) != before
     proc.send_signal(signum)
