@@ -109,6 +109,12 @@ DEFAULT_EVAL_TIMEOUT_S = 600.0
 EVAL_TIMEOUT_FACTOR = 3.0
 EVAL_WAIT_FACTOR = 1.5
 EVAL_WAIT_MIN_S = 30.0
+# With several actors an evaluation is scored over every actor's episodes. Once the first report is in, the reports of
+# the other actors it counts on (those heard within EVAL_ACTIVE_S of its start, and those that said hello since) are
+# waited for EVAL_GATHER_FACTOR times what its episodes take (at least EVAL_GATHER_MIN_S, at most until its timeout).
+EVAL_ACTIVE_S = 60.0
+EVAL_GATHER_FACTOR = 0.5
+EVAL_GATHER_MIN_S = 10.0
 # After a stop, an update still running (a first step compiling) is waited for this long; then the learner leaves
 # without a checkpoint of the networks (--resume continues from the last one; every acknowledged transition is on disk).
 UPDATE_STOP_WAIT_S = 10.0
@@ -178,6 +184,31 @@ class ActorStats:
     refused: int = 0
     gaps: int = 0
     last_seen: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation over the episodes of every actor that reported it: rates weighted by episodes."""
+
+    success_rate: float
+    bc_action_fraction: float
+    episodes: int
+    per_actor: tuple[tuple[str, float, int], ...]  # (actor id, success rate, episodes) per report
+
+    @classmethod
+    def of(cls, reports: list[EvalReport]) -> EvalResult:
+        episodes = sum(r.episodes for r in reports)
+        return cls(
+            success_rate=sum(r.success_rate * r.episodes for r in reports) / episodes,
+            bc_action_fraction=sum(r.bc_action_fraction * r.episodes for r in reports) / episodes,
+            episodes=episodes,
+            per_actor=tuple((r.actor_id, r.success_rate, r.episodes) for r in reports),
+        )
+
+    def describe(self) -> str:
+        """Success rate overall and per actor, for the log."""
+        each = ", ".join(f"{name} {rate:.2f} over {n}" for name, rate, n in self.per_actor)
+        return f"success {self.success_rate:.2f} over {self.episodes} episodes ({each})"
 
 
 @dataclass
@@ -357,7 +388,10 @@ class LearnerService:
         self.eval_id = 0 if self.bc is not None else -1
         self.eval_kind = "bc"
         self.eval_started = self.eval_warned = 0.0
-        self.eval_report: EvalReport | None = None
+        self.eval_reports: dict[str, EvalReport] = {}  # actor id -> its report of the running evaluation
+        self.eval_awaited: set[str] = set()  # actors whose report the running evaluation counts on
+        self.eval_first_report = 0.0
+        self.eval_gather_s = min(max(EVAL_GATHER_FACTOR * self.eval_expected_s, EVAL_GATHER_MIN_S), self.eval_timeout_s)
         self.weights_version = -1
         self.qest_done = not cfg.agent.uses_q_estimation
         self.online_started = False
@@ -666,6 +700,8 @@ class LearnerService:
         key = (hello.actor_id, hello.run_id)
         self.sessions[identity] = key
         self.actors.setdefault(hello.actor_id, ActorStats()).last_seen = time.monotonic()
+        if self.phase == "eval" and hello.actor_id not in self.eval_reports:
+            self.eval_awaited.add(hello.actor_id)  # it evaluates too: its report is waited for
         stream = self.streams.setdefault(key, Stream())
         log.info("welcomed actor %s (run %s), acked up to %d", hello.actor_id, hello.run_id, stream.next_seq - 1)
         if self.weights_version >= 0:  # a (re)started actor has no weights: broadcast them again soon
@@ -747,9 +783,19 @@ class LearnerService:
         refusal = self._session_refusal(identity, report.actor_id, report.run_id, "eval_report")
         if refusal is not None:
             return refusal
-        if self.phase == "eval" and report.eval_id == self.eval_id and self.eval_report is None:
+        if self.phase == "eval" and report.eval_id == self.eval_id and report.actor_id not in self.eval_reports:
             if self.eval_kind != "bc" and report.weights_version < 0:
                 # Acted with the BC policy alone (the actor had no weights yet): not an evaluation of the weights.
+                self.eval_awaited.discard(report.actor_id)
+                self._weights_due = True
+                if self.eval_reports or self.eval_awaited:
+                    log.warning(
+                        "evaluation %d: actor %s had no weights yet and evaluated the BC policy alone; its report is "
+                        "not used (the evaluation is scored on the other actors' reports)",
+                        report.eval_id,
+                        report.actor_id,
+                    )
+                    return None
                 log.warning(
                     "evaluation %d: actor %s had no weights yet and evaluated the BC policy alone; its report is not "
                     "used, and the evaluation is asked for again (as %d) with the weights broadcast anew",
@@ -758,9 +804,10 @@ class LearnerService:
                     report.eval_id + 1,
                 )
                 self._start_eval(self.eval_kind)
-                self._weights_due = True
                 return None
-            self.eval_report = report
+            if not self.eval_reports:
+                self.eval_first_report = time.monotonic()
+            self.eval_reports[report.actor_id] = report
         else:
             log.info(
                 "ignoring evaluation report %d from actor %s (asked for %d)",
@@ -857,8 +904,9 @@ class LearnerService:
     def _advance(self) -> None:
         """Move on when the current phase is complete."""
         if self.phase == "eval":
-            if self.eval_report is not None:
-                self._eval_done(self.eval_report)
+            result = self._eval_result()
+            if result is not None:
+                self._eval_done(result)
             elif time.monotonic() - self.eval_started > self.eval_timeout_s:
                 log.warning(
                     "no report for evaluation %d within %.0f s; continuing without it (no row in eval.csv)",
@@ -902,6 +950,33 @@ class LearnerService:
             self._last_heard(now),
         )
 
+    def _eval_result(self) -> EvalResult | None:
+        """The running evaluation's result once every awaited actor reported, or the first report is eval_gather_s
+        old (scored then on the reports in, saying whose is missing); None while it waits."""
+        if not self.eval_reports:
+            return None
+        missing = sorted(self.eval_awaited - set(self.eval_reports))
+        now = time.monotonic()
+        if (
+            missing
+            and now - self.eval_first_report < self.eval_gather_s
+            and now - self.eval_started < self.eval_timeout_s
+        ):
+            return None
+        result = EvalResult.of(list(self.eval_reports.values()))
+        if missing:
+            log.warning(
+                "evaluation %d: no report from %s within %.0f s of the first; scored on %s alone (%s)",
+                self.eval_id,
+                ", ".join(missing),
+                self.eval_gather_s,
+                ", ".join(sorted(self.eval_reports)),
+                result.describe(),
+            )
+        elif len(self.eval_reports) > 1:
+            log.info("evaluation %d over %d actors: %s", self.eval_id, len(self.eval_reports), result.describe())
+        return result
+
     def _eval_target(self) -> int:
         return min(self.next_eval_at, self.cfg.train.env_steps)
 
@@ -916,11 +991,14 @@ class LearnerService:
     def _start_eval(self, kind: str) -> None:
         self.eval_id += 1
         self.eval_kind = kind
-        self.eval_started = time.monotonic()
-        self.eval_report = None
+        self.eval_started = now = time.monotonic()
+        self.eval_reports = {}
+        self.eval_awaited = {
+            name for name, s in self.actors.items() if s.last_seen is not None and now - s.last_seen <= EVAL_ACTIVE_S
+        }
         self._set_phase("eval")
 
-    def _eval_done(self, report: EvalReport | None) -> None:
+    def _eval_done(self, report: EvalResult | None) -> None:
         if report is not None:
             row = EvalRow(
                 env_steps=self.counters.env_steps,
@@ -932,7 +1010,7 @@ class LearnerService:
                 phase=self.eval_kind,
             )
             self.evallog.eval_row(row)
-        self.eval_report = None
+        self.eval_reports, self.eval_awaited = {}, set()
         if self.eval_kind == "bc":
             self.bc_success_rate = None if report is None else report.success_rate
             if self.qest_done:

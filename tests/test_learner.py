@@ -220,13 +220,13 @@ class FakeActor:
         msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first, count=count, arrays=arrays)
         return self.request(msg)
 
-    def report(self, eval_id: int, success_rate: float) -> None:
+    def report(self, eval_id: int, success_rate: float, episodes: int = 2) -> None:
         self.send(
             EvalReport(
                 actor_id=self.actor_id,
                 run_id=self.run_id,
                 eval_id=eval_id,
-                episodes=2,
+                episodes=episodes,
                 success_rate=success_rate,
                 bc_action_fraction=0.5,
                 weights_version=self.weights[-1].version if self.weights else -1,
@@ -810,7 +810,7 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
 def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_gets_the_weights(
     tmp_path: Path, bc_dir: Path, ctx
 ) -> None:
-    cfg = tiny_config()
+    cfg = tiny_config("train.env_steps=200")  # evaluations every 20 online steps, none of them the last
     out = tmp_path / "run"
     with running(LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)):
         actor = FakeActor(ctx, cfg)
@@ -819,15 +819,61 @@ def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_
         late = FakeActor(ctx, cfg, actor_id="a1")
         assert isinstance(late.hello(), Welcome)
         late.wait_status(lambda s: bool(late.weights))  # no learner step runs in an evaluation: only the hello's
-        # A report of the BC policy alone (no weights) does not score the weights: the evaluation is asked for again.
+        # A report of the BC policy alone (no weights) does not score the weights; a0's evaluation still does.
         late.weights.clear()
         late.report(1, 1.0)
-        late.wait_status(lambda s: s.phase == "eval" and s.eval_id == 2)
-        actor.wait_status(lambda s: s.eval_id == 2)
-        actor.report(2, 0.25)
+        actor.report(1, 0.25)
         actor.wait_status(lambda s: s.phase != "eval")
     rows = [(r.phase, r.success_rate) for r in read_eval_csv(out / "eval.csv")]
     assert rows == [("bc", 0.5), ("online", 0.25)]
+
+    # The only actor reports an evaluation without weights: the evaluation is asked for again, the weights sent again.
+    cfg = tiny_config("train.env_steps=200")
+    out = tmp_path / "alone"
+    with running(LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)):
+        actor = FakeActor(ctx, cfg)
+        to_online_eval(actor, 25)
+        actor.weights.clear()
+        actor.report(1, 1.0)
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 2 and bool(actor.weights))
+        actor.report(2, 0.75)
+        actor.wait_status(lambda s: s.phase != "eval")
+    rows = [(r.phase, r.success_rate) for r in read_eval_csv(out / "eval.csv")]
+    assert rows == [("bc", 0.5), ("online", 0.75)]
+
+
+def test_an_evaluation_is_scored_over_every_actors_episodes_and_waits_a_bounded_time_for_a_silent_one(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config("train.env_steps=200")  # evaluations every 20 online steps, none of them the last
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="robot_rl.learner")
+    service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
+    service.eval_gather_s = 1.5
+    with running(service):
+        a, b = FakeActor(ctx, cfg, "arm_a"), FakeActor(ctx, cfg, "arm_b", run_id="r1")
+        assert isinstance(a.hello(), Welcome) and isinstance(b.hello(), Welcome)
+        a.report(0, 0.5, episodes=4)
+        time.sleep(0.5)  # arm_b's report is still due: the BC evaluation waits for it
+        assert service.phase == "eval"
+        b.report(0, 1.0, episodes=6)
+        a.wait_status(lambda s: s.phase == "qest_rollouts")
+        assert "evaluation 0 over 2 actors: success 0.80 over 10 episodes (arm_a 0.50 over 4, arm_b 1.00 over 6)" in (
+            caplog.text
+        )
+        # Both feed the rollouts; arm_b then stops. The online evaluation waits for it, then goes on without it.
+        for actor, first in ((a, 0), (b, 0)):
+            assert acked(actor.transitions(first, 5, ends=(4,))) == first + 4
+        a.wait_status(lambda s: s.phase == "online")
+        assert acked(a.transitions(5, 45, version=1)) == 49
+        a.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
+        started = time.monotonic()
+        a.report(1, 0.25, episodes=4)
+        a.wait_status(lambda s: s.phase == "online")
+        assert time.monotonic() - started >= 1.0  # arm_b was waited for, not forever
+    assert "evaluation 1: no report from arm_b within 2 s of the first; scored on arm_a alone" in caplog.text
+    rows = [(r.phase, r.success_rate, r.episodes) for r in read_eval_csv(out / "eval.csv")]
+    assert rows == [("bc", 0.8, 10), ("online", 0.25, 4)]
 
 
 def test_missing_eval_report_times_out_and_a_method_without_q_estimation_goes_online(
