@@ -165,11 +165,17 @@ def demo_actions(data: dict[str, np.ndarray], action_dim: int, source: Path | st
 
 
 def demo_buffer(
-    demos: Path, spec: obs_lib.ObsSpec, action_dim: int, warn: Callable[[str], None] | None = None
+    demos: Path,
+    spec: obs_lib.ObsSpec,
+    action_dim: int,
+    warn: Callable[[str], None] | None = None,
+    *,
+    data: dict[str, np.ndarray] | None = None,
 ) -> ReplayBuffer:
     """A replay buffer holding every transition of a demonstrations file (RLPD's offline share); ValueError naming
-    the file when its observations are not the env's."""
-    data = demo_transitions(demos, warn)
+    the file when its observations are not the env's. `data`: the file's demo_transitions, when already read."""
+    if data is None:
+        data = demo_transitions(demos, warn)
     buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim)
     buf.add_many(
         obs=transitions_obs(data, "obs", spec, demos, warn),
@@ -183,9 +189,18 @@ def demo_buffer(
 
 
 def train_bc_from_demos(
-    cfg: RunConfig, demos_path: Path, out_dir: Path, *, seed: int, warn: Callable[[str], None] | None = None
+    cfg: RunConfig,
+    demos_path: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    warn: Callable[[str], None] | None = None,
+    data: dict[str, np.ndarray] | None = None,
 ) -> torch.nn.Module:
-    data = demo_transitions(demos_path, warn)
+    """A BC policy trained on a demonstrations file and saved to `out_dir`. `data`: the file's demo_transitions,
+    when already read."""
+    if data is None:
+        data = demo_transitions(demos_path, warn)
     env = make_env(cfg.env)
     spec = obs_lib.spec_from_space(env.observation_space)
     low, high = obs_lib.state_bounds(env.observation_space)
@@ -237,6 +252,7 @@ class Trainer:
         self.state_low, self.state_high = obs_lib.state_bounds(self.env.observation_space)
         self.action_dim = int(self.env.action_space.shape[0])
         self.demos_path = demos
+        self._demos_read: dict[str, np.ndarray] | None = None
         self._told: set[str] = set()
         self.bc = self._bc_policy(bc_dir)
         self.agent = Q2RLAgent(
@@ -283,13 +299,25 @@ class Trainer:
             return bc
         demos = self._ensure_demos()
         self._status("bc_train", force=True)
-        policy = train_bc_from_demos(self.cfg, demos, self.out / "bc", seed=self.cfg.seed, warn=self._warn_once)
+        policy = train_bc_from_demos(
+            self.cfg, demos, self.out / "bc", seed=self.cfg.seed, warn=self._warn_once, data=self._demo_data()
+        )
         return policy.to(self.device)
 
+    def _demo_data(self) -> dict[str, np.ndarray]:
+        """The demonstrations' transitions, read once for BC training and the offline buffer together."""
+        if self._demos_read is None:
+            self._demos_read = demo_transitions(self._ensure_demos(), self._warn_once)
+        return self._demos_read
+
     def _offline_buffer(self) -> ReplayBuffer | None:
-        if self.cfg.agent.effective_offline_ratio <= 0:
-            return None
-        return demo_buffer(self._ensure_demos(), self.obs_spec, self.action_dim, warn=self._warn_once)
+        try:
+            if self.cfg.agent.effective_offline_ratio <= 0:
+                return None
+            demos = self._ensure_demos()
+            return demo_buffer(demos, self.obs_spec, self.action_dim, warn=self._warn_once, data=self._demo_data())
+        finally:
+            self._demos_read = None  # both readers are done: the buffer holds its own copy
 
     def _warn_once(self, line: str) -> None:
         """A note on the demonstrations, printed once although BC and the offline buffer both read them."""

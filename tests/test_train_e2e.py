@@ -207,10 +207,19 @@ def test_bc_command_is_reproducible_under_its_seed(tmp_path: Path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_bc_and_rlpd_take_demonstrations_written_by_robomimic_and_say_what_they_left_out(run_dir, tmp_path, capsys):
+def test_bc_and_rlpd_take_demonstrations_written_by_robomimic_and_say_what_they_left_out(
+    run_dir, tmp_path, capsys, monkeypatch
+):
     """The run's demonstrations rewritten as robomimic's own tools write them (float64, `states`, no next_obs,
-    no terminated/truncated, an empty demo): BC and RLPD train on them and print each note once."""
+    no terminated/truncated, an empty demo): BC and RLPD train on them and print each note once. A train run that
+    trains its BC policy and fills RLPD's offline buffer reads the file once."""
     import h5py
+
+    import robot_rl.train as train_lib
+
+    reads: list[Path] = []
+    read_episodes = train_lib.read_episodes
+    monkeypatch.setattr(train_lib, "read_episodes", lambda path, **kw: reads.append(path) or read_episodes(path, **kw))
 
     foreign = tmp_path / "robomimic.hdf5"
     with h5py.File(run_dir / "demos.hdf5", "r") as src, h5py.File(foreign, "w") as f:
@@ -230,9 +239,11 @@ def test_bc_and_rlpd_take_demonstrations_written_by_robomimic_and_say_what_they_
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith(f"robot-rl bc: {foreign}: ") for line in err), err
     args = ["train", "--config", str(TINY), "--out", str(tmp_path / "rlpd"), "--quiet", "--demos", str(foreign)]
+    reads.clear()
     assert main([*args, "--set", "agent.method=rlpd"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith(f"robot-rl train: {foreign}: ") for line in err), err
+    assert reads == [foreign]
 
 
 def test_demonstration_observation_keys_the_env_does_not_observe_are_named():
