@@ -23,6 +23,7 @@ STATE_OBS_KEY = "ee_pose"
 
 Vec3 = tuple[float, float, float]
 Vec6 = tuple[float, float, float, float, float, float]
+AXES6 = ("x", "y", "z", "roll", "pitch", "yaw")
 
 
 class ConfigError(ValueError):
@@ -30,9 +31,19 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    """Base of every config and message model: unknown fields are refused, assignments validated."""
+    """Base of every config and message model: unknown fields, NaN and infinities are refused, assignments
+    validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+
+# Ceilings of what a config may send to a real arm: a typo (0.5 for 0.05 m) is refused, not executed. The box is the
+# commanded target's range around the reference pose; the gains are Cartesian impedance gains (franky passes them to
+# libfranka's torque controller: far stiffer than these turns contact into large, fast torques).
+MAX_BOX_M = 0.3
+MAX_BOX_DEG = 60.0
+MAX_STIFFNESS = (3000.0, 3000.0, 3000.0, 300.0, 300.0, 300.0)  # N/m, Nm/rad
+MAX_DAMPING = (250.0, 250.0, 250.0, 50.0, 50.0, 50.0)  # Ns/m, Nms/rad
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -41,16 +52,24 @@ class Strict(BaseModel):
 class SafetyBoxConfig(Strict):
     """Limits of the commanded end-effector target around the reference pose (paper Table V)."""
 
-    xyz_low: Vec3 = Field((-0.05, -0.05, -0.08), description="Lower xyz limit in metres, relative to the reference.")
-    xyz_high: Vec3 = Field((0.05, 0.05, 0.06), description="Upper xyz limit in metres, relative to the reference.")
-    rpy_low_deg: Vec3 = Field((-5.0, -5.0, -20.0), description="Lower roll/pitch/yaw limit in degrees.")
-    rpy_high_deg: Vec3 = Field((5.0, 5.0, 20.0), description="Upper roll/pitch/yaw limit in degrees.")
+    xyz_low: Vec3 = Field(
+        (-0.05, -0.05, -0.08), description=f"Lower xyz limit in metres, relative to the reference (>= -{MAX_BOX_M})."
+    )
+    xyz_high: Vec3 = Field(
+        (0.05, 0.05, 0.06), description=f"Upper xyz limit in metres, relative to the reference (<= {MAX_BOX_M})."
+    )
+    rpy_low_deg: Vec3 = Field(
+        (-5.0, -5.0, -20.0), description=f"Lower roll/pitch/yaw limit in degrees (>= -{MAX_BOX_DEG:g})."
+    )
+    rpy_high_deg: Vec3 = Field(
+        (5.0, 5.0, 20.0), description=f"Upper roll/pitch/yaw limit in degrees (<= {MAX_BOX_DEG:g})."
+    )
 
     @model_validator(mode="after")
     def _low_below_high(self) -> SafetyBoxConfig:
-        for name, low, high in (
-            ("xyz", self.xyz_low, self.xyz_high),
-            ("rpy_deg", self.rpy_low_deg, self.rpy_high_deg),
+        for name, low, high, most, unit in (
+            ("xyz", self.xyz_low, self.xyz_high, MAX_BOX_M, "m"),
+            ("rpy_deg", self.rpy_low_deg, self.rpy_high_deg, MAX_BOX_DEG, "degrees"),
         ):
             for axis, lo, hi in zip("xyz" if name == "xyz" else "rpy", low, high, strict=True):
                 if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -59,6 +78,11 @@ class SafetyBoxConfig(Strict):
                     raise ValueError(f"{name} low must be below high on axis {axis}: {lo} >= {hi}")
                 if not lo <= 0.0 <= hi:
                     raise ValueError(f"{name} limits must contain the reference (0) on axis {axis}: [{lo}, {hi}]")
+                if lo < -most or hi > most:
+                    raise ValueError(
+                        f"{name} limits reach beyond ±{most:g} {unit} of the reference on axis {axis}: [{lo}, {hi}]; "
+                        "the box bounds every target sent to the arm"
+                    )
         return self
 
 
@@ -84,14 +108,24 @@ class ActionConfig(Strict):
 class ImpedanceConfig(Strict):
     """Cartesian impedance gains (paper Table V), in the order x, y, z, roll, pitch, yaw."""
 
-    stiffness: Vec6 = Field((1024.0, 1024.0, 1024.0, 100.0, 100.0, 100.0), description="N/m and Nm/rad.")
-    damping: Vec6 = Field((64.0, 64.0, 64.0, 10.0, 10.0, 10.0), description="Ns/m and Nms/rad.")
+    stiffness: Vec6 = Field(
+        (1024.0, 1024.0, 1024.0, 100.0, 100.0, 100.0), description=f"N/m and Nm/rad, at most {list(MAX_STIFFNESS)}."
+    )
+    damping: Vec6 = Field(
+        (64.0, 64.0, 64.0, 10.0, 10.0, 10.0), description=f"Ns/m and Nms/rad, at most {list(MAX_DAMPING)}."
+    )
 
     @model_validator(mode="after")
     def _positive(self) -> ImpedanceConfig:
-        for name, values in (("stiffness", self.stiffness), ("damping", self.damping)):
+        for name, values, most in (
+            ("stiffness", self.stiffness, MAX_STIFFNESS),
+            ("damping", self.damping, MAX_DAMPING),
+        ):
             if any(not math.isfinite(v) or v <= 0 for v in values):
                 raise ValueError(f"{name} must be finite and positive, got {values}")
+            over = [f"{axis} {v:g} > {m:g}" for axis, v, m in zip(AXES6, values, most, strict=True) if v > m]
+            if over:
+                raise ValueError(f"{name} above what is sent to an arm ({', '.join(over)}): got {values}")
         return self
 
 
@@ -625,6 +659,23 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a mapping that names one key twice (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value` into (['a','b','c'], value parsed as YAML)."""
     if "=" not in text:
@@ -634,7 +685,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys or any(not k for k in keys):
         raise ConfigError(f"override {text!r} has an empty field name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return keys, value
@@ -681,7 +732,7 @@ def _read_config_file(p: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if loaded is None:

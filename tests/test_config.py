@@ -49,6 +49,16 @@ def test_override_beats_file(tmp_path):
         ("train.eval_every=0", "train.eval_every"),
         ("novalue", "path.to.field=value"),
         ("agent.hidden.x=1", "agent.hidden.x"),
+        # What reaches a real arm has a ceiling: a 5 m box (0.5 for 0.05 is a typo away) or a rigid arm is refused.
+        ("env.safety.xyz_high=[0.05, 0.05, 5.0]", "xyz limits reach beyond ±0.3 m of the reference on axis z"),
+        ("env.safety.rpy_low_deg=[-5, -90, -20]", "rpy_deg limits reach beyond ±60 degrees"),
+        ("env.impedance.stiffness=[1e9, 1024, 1024, 100, 100, 100]", "stiffness above what is sent to an arm (x 1e+09"),
+        ("env.impedance.damping=[64, 64, 64, 10, 10, 500]", "damping above what is sent to an arm (yaw 500 > 50)"),
+        # NaN and infinities are refused in every field, bounded or not.
+        ("agent.reward_bias=.nan", "agent.reward_bias: Input should be a finite number"),
+        ("agent.critic_lr=.inf", "agent.critic_lr: Input should be a finite number"),
+        ("agent.target_entropy=-.inf", "agent.target_entropy: Input should be a finite number"),
+        ("seed={a: 1, a: 2}", "key 'a' appears twice"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_path(override, fragment):
@@ -70,6 +80,16 @@ def test_malformed_file_is_refused_with_its_name(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"bad\.yaml"):
         load_config(path)
+
+
+def test_a_key_given_twice_in_a_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("seed: 0\nagent:\n  utd: 2\n  utd: 20\n")  # YAML itself would keep the last silently
+    with pytest.raises(ConfigError, match=r"(?s)twice\.yaml.*key 'utd' appears twice.*line 4"):
+        load_config(path)
+    path.write_text("agent:\n  hidden: [64, 64]\nbc:\n  hidden: [32, 32]\n")
+    cfg = load_config(path)  # the same key in two sections is not a repeat
+    assert (cfg.agent.hidden, cfg.bc.hidden) == ([64, 64], [32, 32])
 
 
 def test_missing_file_is_named():
