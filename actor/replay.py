@@ -21,8 +21,8 @@ Per logged step t, in the order the actor did it:
    - a_RL is the RL actor's mode, recomputed and compared (`rl_action`), when the step acted in mode (evaluation
      episodes always do, others as `agent.rl_action` says); a sampled a_RL is taken from the log and only re-scored.
    - `q_bc` = Q^_BC(s, a_BC) with the archived V_BC and the BC policy (gating q2rl), or min_k Q_RL_k(s, a_BC)
-     (gating shared); `q_rl` = min_k Q_RL_k(s, a_RL); `use_bc` = q_bc > q_rl, recomputed from the replayed values;
-     `action` = the chosen proposal, clipped as the actor clips it.
+     (gating shared); `q_rl` = min_k Q_RL_k(s, a_RL); `use_bc` = Q2RLAgent.gate (q_bc > q_rl), recomputed from the
+     replayed values; `action` = the chosen proposal, clipped as the actor clips it.
    A BC-only step (`weights_version` -1) checks that the executed action is its clipped BC proposal and that use_bc
    was set (and recomputes the proposal when the config asks for the BC mode).
 3. Safety mapping. The replayed action goes through `RobotEnv.step` (TargetMapper, safety box, `relative_to_world`,
@@ -646,7 +646,7 @@ class Replayer:
             a_rl = agent.tensor(ext["rl_action"][t][None])
         q_rl = agent.score_rl(nets, features, a_rl)
         q_bc = agent.score_bc(nets, gating, features, bc_encoded, bc_dist, a_bc)
-        use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
+        use_bc = agent.gate(q_bc, q_rl, a_bc, a_rl)
         check(t, "q_bc", ext["q_bc"][t], np.float32(q_bc[0]))
         check(t, "q_rl", ext["q_rl"][t], np.float32(q_rl[0]))
         check(t, "use_bc", ext["use_bc"][t], use_bc[0].numpy())

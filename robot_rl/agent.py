@@ -339,7 +339,7 @@ class Q2RLAgent(nn.Module):
             else:
                 a_bc, _ = self._bc_branch(nets, obs_t, bc_mode, bc_encoded=bc_encoded, score=False)
             q_bc = self.score_bc(nets, gating, features, None, None, a_bc)
-        use_bc = q_bc > q_rl  # False where q_bc is NaN (no gating)
+        use_bc = self.gate(q_bc, q_rl, a_bc, a_rl)
         action = torch.where(use_bc[:, None], a_bc, a_rl)
         return GateDecision(
             bc_action=a_bc.cpu().numpy(),
@@ -367,6 +367,14 @@ class Q2RLAgent(nn.Module):
         raw = bc_dist.mode() if bc_mode == "mode" else bc_dist.sample(self.bc_generator)
         a_bc = raw.clamp(-1.0, 1.0)  # score exactly what would be executed: the env clips every action to [-1, 1]
         return a_bc, self.score_bc(nets, "q2rl", None, bc_encoded, bc_dist, a_bc) if score else None
+
+    @staticmethod
+    def gate(q_bc: torch.Tensor, q_rl: torch.Tensor, a_bc: torch.Tensor, a_rl: torch.Tensor) -> torch.Tensor:
+        """[B] bool, True where the BC proposal is executed: where Q rates it higher (paper Eq. 10), and wherever the
+        RL proposal or its value is not finite while the BC proposal is (networks gone bad are never obeyed). Without
+        a BC proposal (NaN, no gating) the RL action is executed."""
+        rl_unusable = ~(torch.isfinite(q_rl) & torch.isfinite(a_rl).all(dim=-1))
+        return (q_bc > q_rl) | (rl_unusable & torch.isfinite(a_bc).all(dim=-1))
 
     @staticmethod
     def score_rl(nets: ActingNetworks, features: torch.Tensor, a_rl: torch.Tensor) -> torch.Tensor:

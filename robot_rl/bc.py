@@ -400,6 +400,9 @@ def load_bc(directory: str | Path, device: str | torch.device = "cpu") -> BCPoli
         policy.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise BCCheckpointError(f"BC checkpoint weights {weights_path} do not match {manifest_path}: {exc}") from exc
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise BCCheckpointError(f"BC checkpoint weights {weights_path}: {bad} holds NaN or inf; train the policy again")
     normalizer = policy.encoder.normalizer
     bounds_ok = normalizer is None or bool((normalizer.half_range > 0).all() and normalizer.center.isfinite().all())
     if not bounds_ok:

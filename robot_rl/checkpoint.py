@@ -6,6 +6,7 @@ Optimizer state dicts are split: their tensors go to safetensors under `optim.<n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -20,6 +21,7 @@ FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 WRITE_ID = "write_id"  # in the manifest and the tensors' metadata: the two files of one save carry the same one
+DIGEST = "tensors_sha256"  # in the manifest: the tensors file's SHA-256 (checkpoints saved before it lack it)
 
 
 class CheckpointError(ValueError):
@@ -62,6 +64,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -82,6 +93,7 @@ def save_checkpoint(
     tmp_tensors = directory / (TENSORS_FILE + ".tmp")
     tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
     save_file(all_tensors, str(tmp_tensors), metadata={WRITE_ID: write_id})
+    body[DIGEST] = _file_digest(tmp_tensors)
     tmp_manifest.write_text(json.dumps(body, indent=2, sort_keys=False))
     for path in (tmp_tensors, tmp_manifest):
         _fsync(path)
@@ -121,6 +133,18 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
             f"checkpoint {directory} is torn: {TENSORS_FILE} and {MANIFEST_FILE} come from different saves "
             "(a crash while it was written)"
         )
+    digest = manifest.pop(DIGEST, None)
+    if digest is not None and _file_digest(tensors_path) != digest:
+        raise CheckpointError(
+            f"checkpoint tensors {tensors_path} are not the bytes that were saved (their SHA-256 differs from the "
+            f"one {MANIFEST_FILE} recorded): the file was damaged or changed since; use another checkpoint"
+        )
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"checkpoint {directory}: tensor {name} holds NaN or inf (saved from diverged networks?); use an "
+                "earlier checkpoint"
+            )
     skeletons = manifest.pop("optimizers", {})
     try:
         optimizers = {name: _merge(skel, tensors) for name, skel in skeletons.items()}

@@ -118,6 +118,23 @@ def test_gate_executes_the_higher_rated_action():
     np.testing.assert_allclose(d.action, d.rl_action)
 
 
+def test_gate_never_executes_a_non_finite_rl_proposal_when_bc_has_one():
+    agent = make_agent()
+    obs = obs_dict(np.random.default_rng(0).uniform(-1, 1, (8, OBS)).astype(np.float32))
+    _set_value_bias(agent, -1e4)  # Q^_BC far below the critics: the gate would pick RL everywhere
+    with torch.no_grad():
+        agent.critics.head.bias[0, 0, 0] = float("nan")  # one critic gone bad: q_rl (their minimum) NaN
+    d = agent.act(obs)
+    assert np.isnan(d.q_rl).all() and d.use_bc.all()
+    np.testing.assert_allclose(d.action, d.bc_action)
+    # The rule itself, row by row: a NaN action or value on the RL side, a NaN BC proposal (no gating) on the other.
+    nan = float("nan")
+    a_bc = torch.tensor([[0.1, 0.2], [0.1, 0.2], [nan, nan], [0.1, 0.2]])
+    a_rl = torch.tensor([[0.3, nan], [0.3, 0.4], [0.3, 0.4], [0.3, 0.4]])
+    q_bc, q_rl = torch.tensor([-5.0, -5.0, nan, -5.0]), torch.tensor([1.0, float("inf"), 1.0, 1.0])
+    assert Q2RLAgent.gate(q_bc, q_rl, a_bc, a_rl).tolist() == [True, True, False, False]
+
+
 def test_gate_scores_bc_proposal_clipped_to_action_range():
     agent = make_agent()
     obs = obs_dict(np.zeros((256, OBS), np.float32))

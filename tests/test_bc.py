@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,20 @@ def test_corrupted_weights_name_the_file(tmp_path: Path) -> None:
         load_bc(directory)
     weights.write_bytes(b"\x00" * 16)
     with pytest.raises(BCCheckpointError, match=r"bc\.safetensors cannot be read"):
+        load_bc(directory)
+
+
+def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    """A policy that learned NaN (or a damaged file) would sample NaN actions, or fail deep inside torch."""
+    from safetensors.torch import load_file, save_file
+
+    directory = _saved(tmp_path)
+    weights = directory / "bc.safetensors"
+    tensors = load_file(str(weights))
+    name = next(n for n, t in tensors.items() if t.is_floating_point() and t.numel() > 1 and "normalizer" not in n)
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(BCCheckpointError, match=rf"bc\.safetensors: {re.escape(name)} holds NaN or inf"):
         load_bc(directory)
 
 

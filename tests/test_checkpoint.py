@@ -47,3 +47,28 @@ def test_a_checkpoint_of_an_earlier_format_without_a_write_id_still_loads(tmp_pa
     (path / "manifest.json").write_text(json.dumps(manifest))
     tensors, manifest, _ = load_checkpoint(path)
     assert manifest["step"] == 3 and torch.equal(tensors["w"], torch.full((4, 3), 1.5))
+
+
+def test_a_checkpoint_saved_before_the_digest_still_loads(tmp_path: Path) -> None:
+    path = _save(tmp_path / "ckpt", 1.5, 3)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["write_id"], manifest["tensors_sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    tensors, manifest, _ = load_checkpoint(path)
+    assert manifest["step"] == 3 and torch.equal(tensors["w"], torch.full((4, 3), 1.5))
+
+
+def test_damaged_tensor_bytes_are_refused(tmp_path: Path) -> None:
+    """Bytes changed inside the tensor data still parse as safetensors (other numbers): the digest refuses them."""
+    path = _save(tmp_path / "ckpt", 1.5, 3)
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-20] ^= 0x01  # the low bit of a float32 in the last tensor's data
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors are not the bytes that were saved"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_of_diverged_networks_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    path = _save(tmp_path / "ckpt", float("nan"), 3)
+    with pytest.raises(CheckpointError, match=r"tensor w holds NaN or inf"):
+        load_checkpoint(path)
