@@ -360,16 +360,25 @@ def _refuse_run_directory(directory: Path) -> None:
         )
 
 
+def _bc_run_config(directory: Path) -> RunConfig | None:
+    """The run config a BC policy directory records it was trained with (`robot-rl bc` writes it), else None."""
+    from robot_rl.train import BC_RUN_CONFIG
+
+    path = directory / BC_RUN_CONFIG
+    return load_config(path) if path.is_file() else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from robot_rl.bc import load_bc
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
-    from robot_rl.train import EVAL_SEED, evaluate_checkpoint, refuse_other_obs
+    from robot_rl.train import EVAL_SEED, eval_config, evaluate_checkpoint, refuse_eval_overrides, refuse_other_obs
 
     seed = EVAL_SEED if args.seed is None else args.seed
     _check_count(args.episodes, "--episodes")
+    _check_count(args.seed, "--seed", minimum=0)
     if args.checkpoint.exists() and not args.checkpoint.is_dir():
         raise ConfigError(
             f"--checkpoint {args.checkpoint} is a file, not a checkpoint directory; pass a run's "
@@ -379,11 +388,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"checkpoint directory {args.checkpoint} does not exist")
     _refuse_run_directory(args.checkpoint)
     if (args.checkpoint / "bc.json").is_file():
-        cfg = load_config(args.config, args.overrides)
+        what = f"BC policy {args.checkpoint}"
+        refuse_eval_overrides(args.overrides, what)
+        own = None if args.config is not None else _bc_run_config(args.checkpoint)
+        cfg, source = eval_config(own, args.config, args.overrides, what)
         bc = load_bc(args.checkpoint)
         env = make_env(cfg.env)
-        source = f"--config {args.config}" if args.config else "the embedded default config (no --config)"
-        refuse_other_obs(env, bc.obs_spec, f"BC policy {args.checkpoint}", source, "the policy was trained with")
+        refuse_other_obs(env, bc.obs_spec, what, source, "the policy was trained with")
         policy = bc_policy_fn(bc, mode=cfg.agent.bc_action, generator=torch.Generator())
         result = evaluate(env, policy, episodes=args.episodes, seed=seed)
         env.close()

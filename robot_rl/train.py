@@ -15,13 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import ACTION_TOLERANCE, load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
+from robot_rl.config import (
+    ConfigError,
+    RunConfig,
+    _format_validation_error,
+    apply_override,
+    dump_config,
+    load_config,
+    parse_override,
+)
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
 from robot_rl.prefetch import learner_sampler
@@ -212,7 +221,13 @@ def train_bc_from_demos(
         policy = make_bc_policy(cfg.bc, spec, actions.shape[1], low, high)
     train_bc(policy, obs, actions, cfg.bc, seed=seed)
     save_bc(policy, out_dir)
+    # The run config it was trained with: `robot-rl eval` of the directory evaluates in this config's env.
+    (Path(out_dir) / BC_RUN_CONFIG).write_text(dump_config(cfg))
     return policy
+
+
+# Beside a BC policy trained from demonstrations (train_bc_from_demos): the whole run config it was trained with.
+BC_RUN_CONFIG = "config.yaml"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -509,6 +524,7 @@ class Trainer:
         )
         if self.bc is not None:
             save_bc(self.bc, path / "bc")
+            (path / "bc" / BC_RUN_CONFIG).write_text(dump_config(self.cfg))  # what `eval` of it alone runs in
         return path
 
     def run(self) -> dict:
@@ -580,14 +596,34 @@ def run_training(
 # Scoring a checkpoint
 # --------------------------------------------------------------------------------------------------------------------
 def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, RunConfig, dict]:
+    """The agent of a `train` checkpoint with its run config and manifest; CheckpointError naming the manifest when
+    it lacks a field or its config is not valid (a manifest edited by hand, or written by another version)."""
+    from robot_rl.checkpoint import MANIFEST_FILE
+
     tensors, manifest, optimizers = load_checkpoint(checkpoint)
+    where = checkpoint / MANIFEST_FILE
     if manifest.get("kind") != "q2rl_agent":
         raise CheckpointError(f"{checkpoint} is not an agent checkpoint (kind {manifest.get('kind')!r})")
-    cfg = RunConfig.model_validate(manifest["config"])
+    if not isinstance(manifest.get("config"), dict):
+        raise CheckpointError(f"{where} has no run config (its 'config' entry is missing); use another checkpoint")
+    try:
+        cfg = RunConfig.model_validate(manifest["config"])
+    except ValidationError as err:
+        problems = "; ".join(line.strip() for line in _format_validation_error(err, str(where)).splitlines()[1:])
+        raise CheckpointError(
+            f"{where}: its run config is not valid ({problems}); the manifest was edited, or written by another "
+            "version: use another checkpoint"
+        ) from None
+    action_dim = manifest.get("action_dim")
+    if not isinstance(action_dim, int) or isinstance(action_dim, bool) or action_dim < 1:
+        raise CheckpointError(f"{where}: action_dim must be a positive integer, got {action_dim!r}")
     bc = load_bc(checkpoint / "bc", device=device) if manifest.get("has_bc") else None
     if "obs_spec" not in manifest:
         raise CheckpointError(f"{checkpoint}: the manifest has no obs_spec (written by an older robot_rl; retrain)")
-    spec = obs_lib.check_spec(manifest["obs_spec"])
+    try:
+        spec = obs_lib.check_spec(manifest["obs_spec"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: obs_spec is not valid: {exc}") from None
     dim = obs_lib.state_dim(spec)
     # Placeholder bounds: the saved normaliser buffers overwrite them.
     agent = Q2RLAgent(
@@ -595,7 +631,7 @@ def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, Run
         obs_spec=spec,
         state_low=-np.ones(dim, np.float32),
         state_high=np.ones(dim, np.float32),
-        action_dim=int(manifest["action_dim"]),
+        action_dim=action_dim,
         bc_policy=bc,
         qest_alpha=cfg.qest.alpha,
         seed=cfg.seed,
@@ -622,21 +658,60 @@ def refuse_other_obs(env, spec: obs_lib.ObsSpec, what: str, source: str, trained
         )
 
 
+# What `eval --set` may change: the env the fixed policy acts in, and whether its BC proposal is the mode or a sample.
+EVAL_OVERRIDABLE = ("env", "agent.bc_action")
+
+
+def refuse_eval_overrides(overrides: list[str], what: str) -> None:
+    """ConfigError for an --set of anything but EVAL_OVERRIDABLE: the networks, the method and the training
+    settings of `what`, a checkpoint, are fixed, and the episodes' seeds come from --seed."""
+    for text in overrides:
+        keys, _ = parse_override(text)
+        path = ".".join(keys)
+        if not any(path == field or path.startswith(field + ".") for field in EVAL_OVERRIDABLE):
+            raise ConfigError(
+                f"--set {path}: cannot change the evaluation of {what}, whose networks and method are fixed; eval "
+                "takes overrides of env.* and agent.bc_action only (the episodes' seeds: --seed)"
+            )
+
+
+def eval_config(
+    own: RunConfig | None, config_path: Path | None, overrides: list[str] | None, what: str
+) -> tuple[RunConfig, str]:
+    """The config an evaluation of the checkpoint `what` runs under, and words for where it came from: --config's
+    (else `own`, the config the checkpoint was trained with, else the embedded defaults) with the --set overrides
+    on top; ConfigError for an override refuse_eval_overrides refuses."""
+    overrides = list(overrides or [])
+    refuse_eval_overrides(overrides, what)
+    shown = "".join(f" --set {text}" for text in overrides)
+    if config_path is not None or own is None:
+        source = f"--config {config_path}" if config_path is not None else "the embedded default config (no --config)"
+        return load_config(config_path, overrides), source + shown
+    tree = own.model_dump(mode="json")
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    source = f"the config {what} was trained with"
+    try:
+        return RunConfig.model_validate(tree), source + shown
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source + shown)) from None
+
+
 def evaluate_checkpoint(
     checkpoint: Path, *, episodes: int, seed: int = EVAL_SEED, config_path: Path | None = None, overrides=None
 ) -> dict:
-    agent, cfg, manifest = load_agent(checkpoint)
-    env_cfg = load_config(config_path, overrides).env if config_path or overrides else cfg.env
-    env = make_env(env_cfg)
-    refuse_other_obs(
-        env,
-        agent.obs_spec,
-        f"checkpoint {checkpoint}",
-        f"--config {config_path}",
-        "the checkpoint was trained with (or none: its own)",
-    )
+    """The success rate of a `train` checkpoint in its own config's env (else --config's), --set overrides of
+    EVAL_OVERRIDABLE applied (eval_config)."""
+    what = f"checkpoint {checkpoint}"
+    refuse_eval_overrides(list(overrides or []), what)  # before the checkpoint is read
+    agent, cfg, _ = load_agent(checkpoint)
+    run_cfg, source = eval_config(cfg, config_path, overrides, what)
+    if run_cfg.agent.bc_action != agent.cfg.bc_action:
+        agent.cfg = agent.cfg.model_copy(update={"bc_action": run_cfg.agent.bc_action})
+    env = make_env(run_cfg.env)
+    refuse_other_obs(env, agent.obs_spec, what, source, "the checkpoint was trained with (or none: its own)")
     try:
         result = evaluate(env, gated_policy_fn(agent, rl_action="mode"), episodes=episodes, seed=seed)
     finally:
         env.close()
-    return {"checkpoint": str(checkpoint), "method": manifest["method"], **asdict(result)}
+    return {"checkpoint": str(checkpoint), "method": cfg.agent.method, **asdict(result)}

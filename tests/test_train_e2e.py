@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from robot_rl.checkpoint import DIGEST
 from robot_rl.cli import main
 from robot_rl.config import RunConfig
 from robot_rl.episodes import read_episodes
@@ -112,6 +114,9 @@ def test_eval_of_a_checkpoint_missing_a_tensor_is_one_line(run_dir, tmp_path, ca
         metadata = handle.metadata()  # the save's write id, kept: the file is one tensor short, not torn
     removed = next(k for k in sorted(tensors) if not k.startswith("optim."))
     save_file({k: v for k, v in tensors.items() if k != removed}, str(damaged / "model.safetensors"), metadata)
+    manifest = json.loads((damaged / "manifest.json").read_text())  # the new file's digest: short, not damaged
+    manifest[DIGEST] = hashlib.sha256((damaged / "model.safetensors").read_bytes()).hexdigest()
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
     assert main(["eval", "--checkpoint", str(damaged), "--episodes", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"robot-rl eval: checkpoint {damaged} does not fit") and err.count("\n") == 1
@@ -137,6 +142,60 @@ def test_eval_of_a_checkpoint_under_a_config_that_observes_otherwise_is_refused(
     err = capsys.readouterr().err
     assert err.startswith(f"robot-rl eval: checkpoint {final} observes ['ee_pose'], the env of --config {image}")
     assert "observes ['ee_pose', 'front', 'wrist']" in err and err.count("\n") == 1
+
+
+def eval_report(capsys, *args: str) -> dict:
+    assert main(["eval", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_overrides_apply_on_top_of_the_checkpoints_own_config(run_dir, capsys):
+    """An --set without --config used to evaluate in the embedded defaults' env (200-step episodes, not 60)."""
+    final = str(run_dir / "checkpoints" / "final")
+    report = eval_report(capsys, "--checkpoint", final, "--episodes", "1", "--set", "agent.bc_action=mode")
+    assert report["mean_length"] <= 60
+    report = eval_report(capsys, "--checkpoint", final, "--episodes", "1", "--set", "env.task.max_episode_steps=7")
+    assert report["mean_length"] <= 7
+
+
+@pytest.mark.parametrize("field", ["agent.method=sac", "agent.hidden=[8]", "bc.hidden=[8]", "seed=3"])
+def test_eval_refuses_overrides_that_cannot_change_a_fixed_checkpoint(run_dir, tmp_path, capsys, field):
+    for checkpoint in (run_dir / "checkpoints" / "final", run_dir / "bc"):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--episodes", "1", "--set", field]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"robot-rl eval: --set {field.split('=')[0]}: cannot change the evaluation of ")
+        assert "env.*" in err and err.count("\n") == 1
+
+
+def test_eval_of_a_bc_policy_without_config_runs_in_the_config_it_was_trained_with(run_dir, capsys):
+    for bc in (run_dir / "bc", run_dir / "checkpoints" / "final" / "bc"):
+        assert eval_report(capsys, "--checkpoint", str(bc), "--episodes", "1")["mean_length"] <= 60  # not 200
+    report = eval_report(
+        capsys, "--checkpoint", str(run_dir / "bc"), "--episodes", "1", "--set", "env.task.max_episode_steps=5"
+    )
+    assert report["mean_length"] <= 5
+
+
+def test_eval_refuses_a_negative_seed(run_dir, capsys):
+    assert main(["eval", "--checkpoint", str(run_dir / "bc"), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "robot-rl eval: --seed must be at least 0, got -1\n"
+
+
+@pytest.mark.parametrize("edit", ["no config", "one critic", "no action_dim"])
+def test_eval_of_a_hand_edited_manifest_names_it(run_dir, tmp_path, capsys, edit):
+    copy = Path(shutil.copytree(run_dir / "checkpoints" / "final", tmp_path / "final"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if edit == "no config":
+        del manifest["config"]
+    elif edit == "one critic":
+        manifest["config"]["agent"]["num_critics"] = 1
+    else:
+        del manifest["action_dim"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", "--checkpoint", str(copy), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"robot-rl eval: {copy / 'manifest.json'}") and err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_existing_run_directory_is_refused(run_dir, capsys):
