@@ -1,24 +1,46 @@
 """The actor's durable outbox: every chunk of transitions is on disk (fsync'd) before it is sent.
 
 Chunks are wire-encoded `transitions` messages, numbered by sequence, appended to segment files under
-`DIR/spill/` as records of [length u32][crc32 u32][payload]. A segment is deleted once the learner has acknowledged
-everything in it, so the outbox is bounded by what is unacknowledged. Reopening the same directory (after a crash or
-a restart) recovers every complete record, cuts a torn tail, and continues the sequence numbers.
+`DIR/spill/` as records of [length u32][crc32 u32 of the body][body: first_seq i64, count i64, payload]. A segment
+is deleted once the learner has acknowledged everything in it, so the outbox is bounded by what is unacknowledged.
+
+Reopening the same directory (after a crash or a restart) recovers every intact record and continues the sequence
+numbers after the last one. A record is bad when it is incomplete, its checksum fails or its sequence goes back;
+after one the scan resynchronises on the next record that verifies (a length that fits, a plausible first_seq and
+count, the crc32). Where none follows, the bad bytes are a torn tail (a crash during a write) and are cut off, with a
+warning that says which sequence numbers the cut record held where its body still says so; a torn record was never
+sent, so its numbers are used again. Where intact records follow, the bad bytes are damage in the middle of the
+segment: nothing intact is cut; the original is kept beside it (`seg_*.log.damaged-<UTC time>`), the segment is
+rewritten without the bad bytes (a new file fsync'd and renamed over it), and an error names the segment, the byte
+offset, what was kept, the sequence numbers missing across the damage and the copy. Those numbers are a hole in the
+sequence (`gaps`); `damaged_records`, `lost_transitions`, `cut_transitions` and `damaged_copies` count what was found.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import struct
 import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
+_SEQS = struct.Struct("<qq")  # first_seq, count: the first bytes of a record's body
+# Resynchronising after a bad record: a record found by the scan holds at most this many transitions and starts less
+# than SEQ_SPAN after the sequence the segment had reached (cheap tests before the crc32), and the bytes are scanned
+# SCAN_WINDOW offsets at a time.
+MAX_COUNT = 1 << 20
+SEQ_SPAN = 1 << 40
+SCAN_WINDOW = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -48,31 +70,156 @@ class Spill:
         self.next_seq = 0
         self._segment: Path | None = None
         self._segment_count = 0
+        # What recovery found (0 and empty when every segment was whole): stretches of damage in the middle of a
+        # segment taken out (each followed by intact chunks), the transitions missing across them and their sequence
+        # numbers (first, last), the transitions of chunks cut as torn tails (where their bodies said), and the copies
+        # of the damaged segments.
+        self.damaged_records = 0
+        self.lost_transitions = 0
+        self.gaps: list[tuple[int, int]] = []
+        self.cut_transitions = 0
+        self.damaged_copies: list[Path] = []
         self._recover()
 
     # -- recovery -----------------------------------------------------------------------------------------------------
     def _recover(self) -> None:
-        for segment in sorted(self.root.glob("seg_*.log")):
-            data = segment.read_bytes()
-            offset, good = 0, 0
-            while offset + _HEADER.size <= len(data):
-                length, crc = _HEADER.unpack_from(data, offset)
-                body = data[offset + _HEADER.size : offset + _HEADER.size + length]
-                if len(body) < length or zlib.crc32(body) != crc or length < 16:
-                    break
-                first_seq, count = struct.unpack_from("<qq", body, 0)
-                self._chunks.append(SpilledChunk(first_seq, count, segment, offset + _HEADER.size + 16, length - 16))
-                offset += _HEADER.size + length
-                good = offset
-            if good < len(data):
-                log.warning("spill %s: cut a torn tail of %d bytes (a crash during a write)", segment, len(data) - good)
-                with segment.open("r+b") as f:
-                    f.truncate(good)
-                    f.flush()
-                    os.fsync(f.fileno())
+        segments = sorted(self.root.glob("seg_*.log"))
+        for segment in segments:
+            self._recover_segment(segment, newest=segment == segments[-1])
         self._chunks.sort(key=lambda c: c.first_seq)
         if self._chunks:
             self.next_seq = self._chunks[-1].last_seq + 1
+
+    def _recover_segment(self, segment: Path, *, newest: bool) -> None:
+        data = segment.read_bytes()
+        kept: list[tuple[int, int, int, int]] = []  # (offset, end, first_seq, count) of each intact record
+        damage: list[tuple[int, int, int, int]] = []  # (first bad byte, next intact record, first and last lost seq)
+        offset, next_seq, tail = 0, 0, None
+        while offset < len(data):
+            record = _record_at(data, offset, next_seq)
+            if record is None:
+                start = _resync(data, offset + 1, next_seq if kept else _segment_seq(segment))
+                if start is None:
+                    tail = offset
+                    break
+                record = _record_at(data, start, next_seq)
+                assert record is not None
+                damage.append((offset, start, next_seq if kept else _segment_seq(segment), record[0] - 1))
+                offset = start
+            first_seq, count, end = record
+            kept.append((offset, end, first_seq, count))
+            offset, next_seq = end, first_seq + count
+        if tail is not None:
+            self._report_tail(segment, data, tail, len(kept), newest=newest)
+        if damage:
+            copy = self._repair(segment, data, kept, damage)
+        elif tail is not None:
+            with segment.open("r+b") as f:
+                f.truncate(tail)
+                f.flush()
+                os.fsync(f.fileno())
+        at = 0  # the records' offsets in the segment as it now is
+        for start, end, first_seq, count in kept:
+            body = at + _HEADER.size + _SEQS.size
+            self._chunks.append(SpilledChunk(first_seq, count, segment, body, end - start - _HEADER.size - _SEQS.size))
+            at += end - start
+        if damage:
+            self._report_damage(segment, len(data), kept, damage, copy)
+
+    def _report_tail(self, segment: Path, data: bytes, tail: int, kept: int, *, newest: bool) -> None:
+        """Say what the torn tail cut at `tail` held. In the newest segment it is what a crash during a write leaves
+        (a warning: the chunk was never sent). In an older one it is damage: a crash tears only the segment being
+        written, and the next recovery cuts it; that chunk had been written whole (an error, counted as lost)."""
+        held = None
+        if tail + _HEADER.size + _SEQS.size <= len(data) and _HEADER.unpack_from(data, tail)[0] >= _SEQS.size:
+            first_seq, count = _SEQS.unpack_from(data, tail + _HEADER.size)
+            if first_seq >= 0 and 1 <= count <= MAX_COUNT:
+                held = (first_seq, count)
+        if held is None:
+            what = "the sequence numbers it held are not known"
+        else:
+            what = (
+                f"it dropped the chunk of sequence numbers {held[0]}..{held[0] + held[1] - 1} ({held[1]} transitions)"
+            )
+        if newest:
+            self.cut_transitions += 0 if held is None else held[1]
+            log.warning(
+                "spill %s: cut a torn tail of %d bytes (a crash during a write) at byte %d, after %d intact chunks; %s",
+                segment,
+                len(data) - tail,
+                tail,
+                kept,
+                what,
+            )
+            return
+        self.damaged_records += 1
+        if held is not None:
+            self.lost_transitions += held[1]
+            self.gaps.append((held[0], held[0] + held[1] - 1))
+        log.error(
+            "spill %s: cut %d damaged bytes at byte %d at the end of a segment that is not the newest (not a torn "
+            "write), after %d intact chunks; %s, lost unless the learner has acknowledged them",
+            segment,
+            len(data) - tail,
+            tail,
+            kept,
+            what,
+        )
+
+    def _repair(
+        self, segment: Path, data: bytes, kept: list[tuple[int, int, int, int]], damage: list[tuple[int, int, int, int]]
+    ) -> Path:
+        """Keep the original of a segment damaged in the middle beside it, then rewrite it of its intact records."""
+        copy = segment.with_name(f"{segment.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
+        try:
+            os.link(segment, copy)  # the segment is rewritten into a new file: the linked original is never changed
+        except OSError:
+            shutil.copyfile(segment, copy)
+            with copy.open("rb") as f:
+                os.fsync(f.fileno())
+        tmp = segment.with_name(f".{segment.name}.repair")
+        view = memoryview(data)
+        with tmp.open("wb") as f:
+            for start, end, _, _ in kept:
+                f.write(view[start:end])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, segment)
+        _fsync_directory(self.root)
+        self.damaged_copies.append(copy)
+        return copy
+
+    def _report_damage(
+        self,
+        segment: Path,
+        size: int,
+        kept: list[tuple[int, int, int, int]],
+        damage: list[tuple[int, int, int, int]],
+        copy: Path,
+    ) -> None:
+        for start, end, lost_first, lost_last in damage:
+            lost = max(0, lost_last - lost_first + 1)
+            self.damaged_records += 1
+            self.lost_transitions += lost
+            if lost:
+                self.gaps.append((lost_first, lost_last))
+            before = sum(1 for record in kept if record[1] <= start)
+            log.error(
+                "spill %s: damaged bytes %d..%d of %d in the middle of the segment, with intact chunks after them: "
+                "%d chunks before and %d after are kept, the bad bytes taken out; %s; the original segment is kept "
+                "as %s",
+                segment,
+                start,
+                end - 1,
+                size,
+                before,
+                len(kept) - before,
+                f"sequence numbers {lost_first}..{lost_last} ({lost} transitions) are lost unless the learner "
+                "has acknowledged them"
+                if lost
+                else "no sequence number is missing around them",
+                copy,
+            )
 
     # -- writing ------------------------------------------------------------------------------------------------------
     def append(self, payload: bytes, *, first_seq: int, count: int) -> None:
@@ -134,3 +281,65 @@ class Spill:
             for segment in {c.segment for c in self._chunks} - live:
                 segment.unlink(missing_ok=True)
             self._chunks = keep
+
+
+def _record_at(data: bytes, offset: int, next_seq: int) -> tuple[int, int, int] | None:
+    """(first_seq, count, end) of the record at `offset` when it is whole, verifies and does not go back before
+    `next_seq`; None otherwise."""
+    if offset + _HEADER.size + _SEQS.size > len(data):
+        return None
+    length, crc = _HEADER.unpack_from(data, offset)
+    end = offset + _HEADER.size + length
+    if length < _SEQS.size or end > len(data):
+        return None
+    first_seq, count = _SEQS.unpack_from(data, offset + _HEADER.size)
+    if first_seq < next_seq or count < 1:
+        return None
+    if zlib.crc32(memoryview(data)[offset + _HEADER.size : end]) != crc:
+        return None
+    return first_seq, count, end
+
+
+def _resync(data: bytes, start: int, min_seq: int) -> int | None:
+    """The offset of the first record from `start` on that verifies and starts at `min_seq` or later (within
+    SEQ_SPAN, at most MAX_COUNT transitions); None when there is none. Every offset's length, first_seq and count
+    are tested at once (numpy views at a stride of one byte), and the crc32 only where those are plausible."""
+    last = len(data) - _HEADER.size - _SEQS.size  # the last offset a header and the sequence fields fit after
+    pos = start
+    while pos <= last:
+        n = min(SCAN_WINDOW, last - pos + 1)
+        lengths = np.ndarray((n,), "<u4", data, pos, (1,))
+        firsts = np.ndarray((n,), "<i8", data, pos + _HEADER.size, (1,))
+        counts = np.ndarray((n,), "<i8", data, pos + _HEADER.size + 8, (1,))
+        room = len(data) - _HEADER.size - pos - np.arange(n, dtype=np.int64)  # bytes a body may take at each offset
+        plausible = (
+            (lengths >= _SEQS.size)
+            & (lengths <= room)
+            & (counts >= 1)
+            & (counts <= MAX_COUNT)
+            & (firsts >= min_seq)
+            & (firsts < min_seq + SEQ_SPAN)
+        )
+        for i in np.flatnonzero(plausible):
+            if _record_at(data, pos + int(i), min_seq) is not None:
+                return pos + int(i)
+        pos += n
+    return None
+
+
+def _segment_seq(segment: Path) -> int:
+    """The first sequence number of a segment, from its name (seg_<first_seq>.log); 0 when the name says none."""
+    try:
+        return max(0, int(segment.name[len("seg_") : -len(".log")]))
+    except ValueError:
+        return 0
+
+
+def _fsync_directory(directory: Path) -> None:
+    """fsync a directory so that a rename in it survives a crash (skipped where directories cannot be fsync'd)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -42,10 +42,23 @@ with the next group, byte for byte the same where it was written before. A crash
 zeros after the last record, which `read_back` cuts as a torn tail. Elsewhere (tmpfs, some network file systems)
 records are appended through the page cache as before; both write the same bytes.
 
-`read_back` returns every stream's records in order. A torn or corrupt tail (a partial header, a length past the end
-of the file, a checksum or decoding failure, or a sequence number that goes back in the stream) is cut off the file,
-with a warning, so the next append continues a well-formed log. A stream may skip forward: after acknowledged
-transitions were lost from the log, the learner continues the stream where its checkpoint saw it.
+`read_back` returns every stream's records in order. A record is bad when its header is partial, its length runs past
+the end of the file, its checksum or decoding fails, or its sequence number goes back in the stream. After a bad
+record the read resynchronises: it scans forward for the next record that parses and verifies (magic, a length that
+fits, checksum, decoding, a sequence number that does not go back).
+
+- None follows: the bad bytes are a torn tail (a crash during a write, the expected damage). They are cut off the
+  file, with a warning that says which transitions the cut record held when its header still says so, and the next
+  append continues a well-formed log.
+- Intact records follow: the bad bytes are damage in the middle of the log. Nothing intact is cut: the original file
+  is first kept beside the log (`<name>.damaged-<UTC time>`, a hard link where the file system takes one, else a
+  copy), then the log is rewritten without the bad bytes (a new file fsync'd and renamed over the old one), and an
+  error says where the damage was, what was kept, which sequence numbers are missing from the stream (as far as the
+  records around the damage tell) and where the copy is.
+
+`damaged_records`, `lost_transitions`, `cut_transitions` and `damaged_copies` say what the last `read_back` found.
+A stream may skip forward: after acknowledged transitions were lost from the log, the learner continues the stream
+where its checkpoint saw it.
 """
 
 from __future__ import annotations
@@ -55,12 +68,14 @@ import errno
 import logging
 import mmap
 import os
+import shutil
 import struct
 import threading
 import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -72,7 +87,9 @@ from robot_rl.wire import (
     Transitions,
     VersionError,
     WireError,
+    decode,
     from_joined,
+    is_joined_frames,
     join_frames,
     joined_buffers,
     to_frames,
@@ -235,6 +252,102 @@ def _read_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> t
     return chunk, start + length
 
 
+def _read_in_order(data: memoryview, offset: int, actor_id: str, run_id: str, next_seq: int) -> tuple[StoredChunk, int]:
+    """`_read_record`, and _TornRecord when the record's sequence goes back in the stream (before `next_seq`)."""
+    chunk, end = _read_record(data, offset, actor_id, run_id)
+    if chunk.first_seq < next_seq:
+        raise _TornRecord(f"sequence {chunk.first_seq} goes back in the stream (at {next_seq})")
+    return chunk, end
+
+
+def _resync(raw: bytes, start: int, actor_id: str, run_id: str, next_seq: int) -> tuple[int, StoredChunk, int] | None:
+    """The first record from `start` on that parses and verifies and continues the stream: (its offset, its chunk,
+    the offset after it); None when none does (the bytes from the bad record on are a torn tail)."""
+    data = memoryview(raw)
+    found = {magic: raw.find(magic, start) for magic in (MAGIC, CRC32_MAGIC)}
+    while True:
+        candidates = [pos for pos in found.values() if pos >= 0]
+        if not candidates:
+            return None
+        pos = min(candidates)
+        try:
+            chunk, end = _read_in_order(data, pos, actor_id, run_id, next_seq)
+        except _TornRecord:
+            for magic, at in found.items():
+                if at == pos:
+                    found[magic] = raw.find(magic, pos + 1)
+            continue
+        return pos, chunk, end
+
+
+def _seqs_in_torn_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> tuple[int, int] | None:
+    """(first_seq, count) of the chunk a torn record held, where its header and the payload's message header are
+    there to say (the checksum is not checked: the record is torn); None otherwise."""
+    try:
+        header, _, length, _ = _header_at(data, offset)
+    except _TornRecord:
+        return None
+    payload = data[offset + header.size : offset + header.size + min(length, MAX_RECORD_BYTES)]
+    try:
+        if is_joined_frames(payload) and len(payload) >= 8:
+            (frames,) = struct.unpack_from("<I", payload, 4)
+            table = 8 + 8 * frames
+            if not 1 <= frames <= 1 << 16 or len(payload) < table:
+                return None
+            (size,) = struct.unpack_from("<Q", payload, 8)
+            if len(payload) < table + size:
+                return None
+            fields = decode(payload[table : table + size], max_bytes=MAX_RECORD_BYTES, versions=STORED_VERSIONS)
+        elif len(payload) == length:  # one frame, as earlier versions logged it: only when whole
+            fields = decode(payload, max_bytes=MAX_RECORD_BYTES, versions=STORED_VERSIONS)
+        else:
+            return None
+        first, count = fields["first_seq"], fields["count"]
+        if (fields.get("actor_id"), fields.get("run_id")) != (actor_id, run_id):
+            return None
+    except (WireError, KeyError, TypeError, ValueError, struct.error):
+        return None
+    if not isinstance(first, int) or not isinstance(count, int) or first < 0 or count < 1:
+        return None
+    return first, count
+
+
+@dataclass(frozen=True)
+class _Damage:
+    """A stretch of bad bytes in the middle of a log, followed by an intact record."""
+
+    start: int  # its first byte
+    end: int  # the offset of the intact record after it
+    why: str  # what was wrong with the record at `start`
+    lost_first: int  # the sequence numbers missing across it (none when lost_last < lost_first)
+    lost_last: int
+    kept_before: int  # records kept before it
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    """Keep `path`'s bytes as `copy`: a hard link (the log is then rewritten into a new file, so the linked one is
+    never changed), else a copy fsync'd."""
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copyfile(path, copy)
+        with open(copy, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_directory(path.parent)
+
+
+def _rewrite(path: Path, records: list[memoryview]) -> None:
+    """Replace `path` atomically by the concatenation of `records` (a new file fsync'd, renamed over it)."""
+    tmp = path.with_name(f".{path.name}.repair")
+    with open(tmp, "wb") as f:
+        for record in records:
+            f.write(record)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
 @dataclass(frozen=True)
 class _Record:
     key: tuple[str, str]
@@ -273,6 +386,14 @@ class TransitionStore:
         self._writer: threading.Thread | None = None
         self._syncer: threading.Thread | None = None
         self._writer_finished = False  # the writer has written its last record (closing) or failed
+        # What the last read_back found (0 when every log was whole): stretches of damage in the middle of a log taken
+        # out (each followed by intact records), the transitions missing across them, the transitions of records
+        # cut as torn tails (where their headers said), and the copies of the damaged originals.
+        self.damaged_records = 0
+        self.lost_transitions = 0
+        self.gaps: list[tuple[str, str, int, int]] = []  # (actor_id, run_id, first, last lost sequence number)
+        self.cut_transitions = 0
+        self.damaged_copies: list[Path] = []
 
     def __enter__(self) -> TransitionStore:
         return self
@@ -285,7 +406,10 @@ class TransitionStore:
         return not any(p.stat().st_size for p in self.directory.glob(f"*{SUFFIX}"))
 
     def read_back(self) -> list[StoredChunk]:
-        """Every stored chunk, stream by stream in sequence order; torn or corrupt tails are cut off (warning)."""
+        """Every stored chunk, stream by stream in sequence order. A torn tail is cut off (warning); damage in the
+        middle of a log is taken out of it, the original kept beside it (error): see the module's docstring."""
+        self.damaged_records = self.lost_transitions = self.cut_transitions = 0
+        self.gaps, self.damaged_copies = [], []
         chunks: list[StoredChunk] = []
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             chunks.extend(self._read_stream(path))
@@ -298,32 +422,97 @@ class TransitionStore:
             return []
         actor_id, run_id = name.split("@")
         try:
-            data = memoryview(path.read_bytes())
+            raw = path.read_bytes()
         except OSError as err:
             raise StoreError(f"cannot read the transition log {path}: {err.strerror or err}") from err
+        data = memoryview(raw)
         chunks: list[StoredChunk] = []
+        kept: list[tuple[int, int]] = []  # the byte spans of the records read
+        damage: list[_Damage] = []
+        tail: tuple[int, str] | None = None  # where a torn tail begins, and what is wrong with it
         offset, next_seq = 0, 0
         while offset < len(data):
             try:
-                chunk, end = _read_record(data, offset, actor_id, run_id)
-                if chunk.first_seq < next_seq:
-                    raise _TornRecord(f"sequence {chunk.first_seq} goes back in the stream (at {next_seq})")
+                chunk, end = _read_in_order(data, offset, actor_id, run_id, next_seq)
+                start = offset
                 if chunk.first_seq > next_seq:  # the learner continued the stream past transitions lost earlier
                     log.warning("%s: transitions %d..%d are not in the log", path, next_seq, chunk.first_seq - 1)
             except _TornRecord as err:
-                log.warning(
-                    "%s: cutting a torn or corrupt tail at byte %d of %d (%s); %d chunks kept",
-                    path,
-                    offset,
-                    len(data),
-                    err,
-                    len(chunks),
-                )
-                os.truncate(path, offset)
-                return chunks
+                found = _resync(raw, offset + 1, actor_id, run_id, next_seq)
+                if found is None:
+                    tail = (offset, str(err))
+                    break
+                start, chunk, end = found
+                damage.append(_Damage(offset, start, str(err), next_seq, chunk.first_seq - 1, len(chunks)))
             chunks.append(chunk)
+            kept.append((start, end))
             offset, next_seq = end, chunk.last_seq + 1
+        if tail is not None:
+            self._report_tail(path, data, tail, len(chunks), actor_id, run_id)
+        if damage:
+            if (actor_id, run_id) in self._fds:
+                raise StoreError(f"{path} is damaged in the middle and open for writing: read_back before appending")
+            self._repair(path, data, kept, damage)
+            lost = [(bad.lost_first, bad.lost_last) for bad in damage if bad.lost_last >= bad.lost_first]
+            self.gaps += [(actor_id, run_id, first, last) for first, last in lost]
+        elif tail is not None:
+            os.truncate(path, tail[0])
         return chunks
+
+    def _report_tail(
+        self, path: Path, data: memoryview, tail: tuple[int, str], kept: int, actor_id: str, run_id: str
+    ) -> None:
+        """Warn of the torn tail at `tail[0]` that is cut, saying which transitions its record held where it says."""
+        offset, why = tail
+        held = _seqs_in_torn_record(data, offset, actor_id, run_id)
+        if held is None:
+            dropped = "the transitions it held are not known"
+        else:
+            first, count = held
+            self.cut_transitions += count
+            dropped = f"it dropped the record of transitions {first}..{first + count - 1} ({count} transitions)"
+        log.warning(
+            "%s: cutting a torn or corrupt tail at byte %d of %d (%s); %d chunks kept; %s",
+            path,
+            offset,
+            len(data),
+            why,
+            kept,
+            dropped,
+        )
+
+    def _repair(self, path: Path, data: memoryview, kept: list[tuple[int, int]], damage: list[_Damage]) -> None:
+        """Keep the original of a log damaged in the middle beside it, then rewrite it of its intact records alone."""
+        copy = path.with_name(f"{path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
+        try:
+            _keep_copy(path, copy)
+            _rewrite(path, [data[start:end] for start, end in kept])
+        except OSError as err:
+            raise StoreError(
+                f"{path} is damaged in the middle ({len(damage)} stretch(es) of bad bytes, the first at byte "
+                f"{damage[0].start}) and cannot be repaired: {err.strerror or err}"
+            ) from err
+        self.damaged_copies.append(copy)
+        for bad in damage:
+            lost = max(0, bad.lost_last - bad.lost_first + 1)
+            self.damaged_records += 1
+            self.lost_transitions += lost
+            log.error(
+                "%s: damaged bytes %d..%d of %d (%s) in the middle of the log, with intact records after them: "
+                "%d records before and %d after are kept, the bad bytes taken out; %s; the original file is kept "
+                "as %s",
+                path,
+                bad.start,
+                bad.end - 1,
+                len(data),
+                bad.why,
+                bad.kept_before,
+                len(kept) - bad.kept_before,
+                f"transitions {bad.lost_first}..{bad.lost_last} ({lost}) are lost from the stream"
+                if lost
+                else "no sequence number is missing around them",
+                copy,
+            )
 
     def append(self, chunk: StoredChunk, payload: Payload | None = None) -> int:
         """Queue one record and return its ticket; it is durable once `durable()` reaches the ticket.
