@@ -45,6 +45,10 @@ class BCCheckpointError(ValueError):
     """A BC checkpoint that is missing or cannot be read; the message names the file."""
 
 
+class BCDiverged(RuntimeError):
+    """BC training's loss became non-finite; the message names bc.lr, the usual cause, and what to do."""
+
+
 def _mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     last = in_dim
@@ -272,7 +276,12 @@ def train_bc(
         if step % progress_every == 0 or step == cfg.steps:
             window_loss = float(running) / count
             if not np.isfinite(window_loss):
-                raise RuntimeError(f"BC loss became non-finite ({window_loss}) by step {step}")
+                default = BCConfig.model_fields["lr"].default
+                raise BCDiverged(
+                    f"BC training diverged: the loss became non-finite ({window_loss}) by step {step} of {cfg.steps}; "
+                    f"lower the learning rate bc.lr (now {cfg.lr:g}, default {default:g}), e.g. --set "
+                    f"bc.lr={min(cfg.lr / 10, default):g}, and rerun"
+                )
             if progress is not None:
                 progress(step, window_loss)
             running, count = torch.zeros((), device=device), 0

@@ -138,6 +138,22 @@ def _refuse_file_out(out: Path, what: str) -> None:
     _check_parents(out)
 
 
+def _create_out_dir(out: Path, what: str) -> bool:
+    """Create the directory --out when missing (True: this call created it); ConfigError saying why when it cannot
+    be created (no permission, a read-only or special file system)."""
+    if out.is_dir():
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        if _disk_full(exc) is not None:
+            raise
+        raise ConfigError(
+            f"--out {out}: cannot create the {what} there ({exc.strerror or exc}); choose another --out"
+        ) from None
+    return True
+
+
 def _refuse_used_out(out: Path, what: str) -> None:
     """ConfigError unless --out is a new or an empty directory."""
     _refuse_file_out(out, what)
@@ -226,13 +242,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_demos_file(args.demos)
     if args.bc is not None and not (args.bc / "bc.json").is_file():  # before the run directory is made
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
-    from robot_rl.bc import BCCheckpointError
+    from robot_rl.bc import BCCheckpointError, BCDiverged
     from robot_rl.episodes import EpisodeFileError
+    from robot_rl.train import refuse_unreachable_sim_server
 
-    existed = args.out.exists()  # then empty: _refuse_used_out refused anything else
+    refuse_unreachable_sim_server(cfg)
+    existed = not _create_out_dir(args.out, "run directory")  # then empty: _refuse_used_out refused anything else
     try:
         summary = run_training(cfg, args.out, bc_dir=args.bc, demos=args.demos, quiet=args.quiet)
-    except (ConfigError, EpisodeFileError, BCCheckpointError):  # inputs refused while the run was being set up
+    except (ConfigError, EpisodeFileError, BCCheckpointError, BCDiverged):  # the run's set-up failed
         _remove_unstarted_run(args.out, keep_dir=existed)
         raise
     bc = summary["bc_success_rate"]
@@ -276,6 +294,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
 
 def cmd_actor(args: argparse.Namespace) -> int:
     from robot_rl.actor.service import run_actor
+    from robot_rl.train import refuse_unreachable_sim_server
 
     overrides = list(args.overrides)
     if args.robot == "franky-sim":
@@ -287,6 +306,7 @@ def cmd_actor(args: argparse.Namespace) -> int:
     if args.actor_id is not None:
         overrides.append(f"actor.actor_id={args.actor_id}")
     cfg = load_config(args.config, overrides)
+    refuse_unreachable_sim_server(cfg)
     if not (args.bc / "bc.json").is_file():
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
     _check_count(args.episodes, "--episodes")
@@ -298,7 +318,7 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from robot_rl.train import collect_demos
+    from robot_rl.train import ExpertFailed, collect_demos
 
     cfg = load_config(args.config, _overrides_with_seed(args))
     _check_count(args.episodes, "--episodes")
@@ -309,7 +329,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
             f"demonstrations file {args.out} exists; choose a new --out (collect neither overwrites nor appends)"
         )
     _check_parents(args.out)
-    kept, attempted = collect_demos(cfg, args.out, episodes=args.episodes, seed=cfg.seed)
+    try:
+        kept, attempted = collect_demos(cfg, args.out, episodes=args.episodes, seed=cfg.seed)
+    except ExpertFailed:
+        args.out.unlink(missing_ok=True)  # it did not exist before: so that the same command runs once fixed
+        raise
     print(f"wrote {kept} demonstrations to {args.out} ({kept}/{attempted} expert episodes kept)")
     return 0
 
@@ -319,15 +343,23 @@ def cmd_bc(args: argparse.Namespace) -> int:
 
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
-    from robot_rl.train import EVAL_SEED, train_bc_from_demos
+    from robot_rl.train import EVAL_SEED, refuse_unreachable_sim_server, train_bc_from_demos
 
     cfg = load_config(args.config, _overrides_with_seed(args))
     _check_count(args.eval_episodes, "--eval-episodes", minimum=0)
+    if args.eval_episodes > 0:
+        refuse_unreachable_sim_server(cfg)
     _check_demos_file(args.demos)
     _refuse_used_out(args.out, "BC policy directory")
-    policy = train_bc_from_demos(
-        cfg, args.demos, args.out, seed=cfg.seed, warn=lambda line: print(f"robot-rl bc: {line}", file=sys.stderr)
-    )
+    created = _create_out_dir(args.out, "BC policy directory")
+    try:
+        policy = train_bc_from_demos(
+            cfg, args.demos, args.out, seed=cfg.seed, warn=lambda line: print(f"robot-rl bc: {line}", file=sys.stderr)
+        )
+    except BaseException:
+        if created and not any(args.out.iterdir()):  # nothing written: leave no trace of the failed command
+            args.out.rmdir()
+        raise
     print(f"BC policy ({cfg.bc.policy}) written to {args.out}")
     if args.eval_episodes > 0:
         env = make_env(cfg.env)
@@ -542,7 +574,7 @@ def _disk_full(exc: BaseException) -> tuple[str | None, str] | None:
 def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
     """Print a one-line message for an expected failure and return the exit code; None for an unexpected one."""
     from robot_rl.agent import TrainingDiverged
-    from robot_rl.bc import BCCheckpointError
+    from robot_rl.bc import BCCheckpointError, BCDiverged
     from robot_rl.checkpoint import CheckpointError
     from robot_rl.episodes import EpisodeFileError
     from robot_rl.hardware.camera import CameraError
@@ -560,7 +592,7 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
             file=sys.stderr,
         )
         return 2
-    known = (ConfigError, EpisodeFileError, BCCheckpointError, CheckpointError, SecurityError, CameraError)
+    known = (ConfigError, EpisodeFileError, BCCheckpointError, BCDiverged, CheckpointError, SecurityError, CameraError)
     if isinstance(exc, RobotFault):  # unreachable, or lost and not reconnected: the actor has stopped it
         print(f"robot-rl {args.command}: robot: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -862,11 +862,21 @@ def _data_group(f: h5py.File, path: Path) -> h5py.Group:
 
 def _demo_names(data: h5py.Group, path: Path) -> list[str]:
     names = list(data)
-    odd = [n for n in names if not _DEMO_NAME.match(n) or not isinstance(data[n], h5py.Group)]
+    odd = [n for n in names if not _DEMO_NAME.match(n) or not isinstance(_member(data, n, path), h5py.Group)]
     if odd:
         raise EpisodeFileError(f"{path}: data holds members that are not demo_<i> groups: {odd}")
     # Numeric order, as robomimic sorts them (demo_10 after demo_9).
     return sorted(names, key=lambda n: int(n[len(DEMO_PREFIX) :]))
+
+
+def _member(data: h5py.Group, name: str, path: Path) -> h5py.Group | h5py.Dataset:
+    """data[name]; EpisodeFileError naming the file and the demo when HDF5 cannot open it (a damaged object header,
+    a link to nothing)."""
+    try:
+        return data[name]
+    except (KeyError, OSError, RuntimeError) as err:
+        detail = " ".join(str(err).split())
+        raise EpisodeFileError(f"{path}: {name} cannot be opened, the file is damaged ({detail})") from err
 
 
 def _read_demo(group: h5py.Group, where: str, note: _Note = lambda kind, names=(): None) -> Episode | None:
@@ -926,7 +936,11 @@ def _demo_datasets(group: h5py.Group, where: str) -> dict[str, h5py.Dataset]:
             raise EpisodeFileError(f"{where}: missing the '{member}' dataset")
     if foreign and not isinstance(group.get("dones"), h5py.Dataset):
         raise EpisodeFileError(f"{where}: missing both 'terminated' and 'dones'")
-    return _datasets(group)
+    try:
+        return _datasets(group)
+    except (KeyError, OSError, RuntimeError) as err:  # HDF5 cannot open a member: a damaged object header
+        detail = " ".join(str(err).split())
+        raise EpisodeFileError(f"{where}: a member cannot be opened, the file is damaged ({detail})") from err
 
 
 def _robomimic_extra_members(datasets: dict[str, h5py.Dataset]) -> set[str]:
@@ -957,7 +971,12 @@ def _demo_length(group: h5py.Group, datasets: dict[str, h5py.Dataset], where: st
     if "num_samples" not in group.attrs:
         # Cut short by a crash: datasets were flushed together, so the shortest one marks the last whole step.
         return min(lengths.values())
-    steps = int(group.attrs["num_samples"])
+    raw = group.attrs["num_samples"]
+    value = np.asarray(raw)
+    whole = value.ndim == 0 and value.dtype.kind in "iuf" and np.isfinite(value) and value >= 0 and value == int(value)
+    if not whole:
+        raise EpisodeFileError(f"{where}: num_samples must be a whole number of steps, got {raw!r}")
+    steps = int(value)
     wrong = {name: n for name, n in lengths.items() if n != steps}
     if wrong:
         raise EpisodeFileError(f"{where}: num_samples is {steps} but these datasets differ in length: {wrong}")

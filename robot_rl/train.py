@@ -63,10 +63,35 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------------------------------------------------
 # Demonstrations and BC
 # --------------------------------------------------------------------------------------------------------------------
+class ExpertFailed(ConfigError):
+    """The scripted expert succeeded too rarely to record the demonstrations asked for (its or the task's settings)."""
+
+
+def refuse_unreachable_sim_server(cfg: RunConfig) -> None:
+    """ConfigError, before anything connects, when a franky-sim twin is asked for at an address its server cannot
+    bind (it binds a loopback address; env.franka.host defaults to the real arm's)."""
+    franka = cfg.env.franka
+    if cfg.env.robot == "franky" and franka.sim_server and not franka.host.startswith("127."):
+        raise ConfigError(
+            f"env.franka.sim_server is true (a franky-sim twin) but env.franka.host is {franka.host!r}, and a "
+            "franky-sim server binds a loopback address (127.x.y.z): set one, e.g. --set env.franka.host=127.0.1.2, "
+            f"or, for the real arm at {franka.host}, env.franka.sim_server=false (actor: --robot franky)"
+        )
+
+
 def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, status: StatusLine | None = None):
-    """Scripted-expert demonstrations (sim) written to robomimic-layout HDF5; returns (kept, attempted)."""
+    """Scripted-expert demonstrations (sim) written to robomimic-layout HDF5; returns (kept, attempted).
+    ConfigError before connecting when the config names the real arm (the expert runs in simulation only);
+    ExpertFailed when the expert succeeds too rarely."""
     from robot_rl.hardware.sim.expert import ScriptedExpert
 
+    if cfg.env.robot != "sim" and not cfg.env.franka.sim_server:
+        raise ConfigError(
+            f"the scripted expert records demonstrations in simulation only, and env.robot {cfg.env.robot!r} with "
+            f"env.franka.sim_server false is the real arm at {cfg.env.franka.host}: use env.robot=sim (the default) "
+            "or a franky-sim twin (env.franka.sim_server=true)"
+        )
+    refuse_unreachable_sim_server(cfg)
     env = make_env(cfg.env)
     rng = np.random.default_rng(seed)
     expert = ScriptedExpert(env.unwrapped, cfg.expert, rng)
@@ -75,8 +100,12 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
     with EpisodeWriter(out_path, env_args={"env": "robot_rl/PegInsertionSim-v0", "config": cfg.env.model_dump()}) as w:
         while kept < episodes:
             if attempted >= 20 * episodes + 20:
-                raise RuntimeError(
-                    f"the expert succeeded in only {kept} of {attempted} episodes; check expert/task settings"
+                env.close()
+                raise ExpertFailed(
+                    f"the scripted expert succeeded in only {kept} of {attempted} episodes, too rarely to record "
+                    f"{episodes} demonstrations; check the env.task settings (max_episode_steps is "
+                    f"{cfg.env.task.max_episode_steps}: too few steps to insert the peg?) and the expert.* settings, "
+                    "or set expert.successful_only=false to keep failed episodes too"
                 )
             expert.reset()
             result = run_episode(env, _expert_policy(expert, env.observation_space), seed=seed + attempted)
@@ -686,15 +715,18 @@ def eval_config(
     shown = "".join(f" --set {text}" for text in overrides)
     if config_path is not None or own is None:
         source = f"--config {config_path}" if config_path is not None else "the embedded default config (no --config)"
-        return load_config(config_path, overrides), source + shown
-    tree = own.model_dump(mode="json")
-    for text in overrides:
-        apply_override(tree, *parse_override(text))
-    source = f"the config {what} was trained with"
-    try:
-        return RunConfig.model_validate(tree), source + shown
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source + shown)) from None
+        cfg = load_config(config_path, overrides)
+    else:
+        tree = own.model_dump(mode="json")
+        for text in overrides:
+            apply_override(tree, *parse_override(text))
+        source = f"the config {what} was trained with"
+        try:
+            cfg = RunConfig.model_validate(tree)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, source + shown)) from None
+    refuse_unreachable_sim_server(cfg)
+    return cfg, source + shown
 
 
 def evaluate_checkpoint(

@@ -620,3 +620,102 @@ def test_report_reads_an_eval_csv_saved_by_a_spreadsheet(tmp_path: Path, capsys)
     (run / "eval.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\r\n", "\n").replace("\n", "\r\n").encode())
     assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Damaged demonstrations, a failing expert, an --out that cannot be made, franky settings, SIGTERM
+# --------------------------------------------------------------------------------------------------------------------
+def damage_num_samples(path: Path) -> str:
+    with h5py.File(path, "r+") as f:
+        f["data/demo_0"].attrs["num_samples"] = "abc"
+    return "demo_0: num_samples must be a whole number of steps, got 'abc'"
+
+
+def link_to_nothing(path: Path) -> str:
+    with h5py.File(path, "r+") as f:
+        f["data/demo_1"] = h5py.SoftLink("/nowhere")
+    return "demo_1 cannot be opened, the file is damaged"
+
+
+def damage_header(member: str) -> Callable[[Path], str]:
+    def damage(path: Path) -> str:
+        with h5py.File(path, "r") as f:
+            address = h5py.h5o.get_info(f[member].id).addr
+        with path.open("r+b") as f:  # the object header's version byte and what follows: HDF5 cannot open it
+            f.seek(address)
+            f.write(b"\xff" * 16)
+        return "cannot be opened, the file is damaged"
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_num_samples, link_to_nothing, damage_header("data/demo_0"), damage_header("data/demo_0/obs/ee_pose")],
+    ids=["num_samples-text", "link-to-nothing", "demo-header", "dataset-header"],
+)
+def test_demos_with_a_damaged_demo_are_one_line_naming_file_and_demo(tmp_path: Path, damage, capsys) -> None:
+    demos = state_demos(tmp_path / "demos.hdf5")
+    expected = damage(demos)
+    out = tmp_path / "bc"
+    assert main(["bc", "--config", str(STATE), "--demos", str(demos), "--out", str(out)]) == 2
+    err = error_line(capsys, "bc")
+    assert str(demos) in err and expected in err and "demo_" in err
+    assert not out.exists()  # the directory it made for the policy is gone: the same command runs once fixed
+
+
+FAILING_EXPERT = ["--config", str(STATE), "--set", "env.task.max_episode_steps=1"]
+
+
+def test_collect_whose_expert_fails_is_one_line_and_leaves_no_file(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demos.hdf5"
+    for _ in range(2):  # the second run says the same, not that the file exists
+        assert main(["collect", *FAILING_EXPERT, "--episodes", "1", "--out", str(out)]) == 2
+        err = error_line(capsys, "collect")
+        assert "the scripted expert succeeded in only 0 of 40 episodes" in err and "max_episode_steps is 1" in err
+        assert not out.exists()
+
+
+def test_train_whose_expert_fails_leaves_no_run_directory(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *FAILING_EXPERT, "--set", "bc.demos=1", "--out", str(out), "--quiet"]) == 2
+    assert "the scripted expert succeeded in only 0 of 40 episodes" in error_line(capsys, "train")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where nothing can be created")
+@pytest.mark.parametrize("command", ["train", "bc"])
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path: Path, command: str, capsys) -> None:
+    out = Path("/proc/robot-rl-never")
+    args = out_file_args(command, tmp_path, out)
+    if command == "bc":
+        args[args.index("--demos") + 1] = str(state_demos(tmp_path / "demos.hdf5"))
+    assert main(args) == 2
+    assert error_line(capsys, command).startswith(f"robot-rl {command}: --out {out}: cannot create the ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["actor", "--out", "OUT", "--learner", "none", "--bc", "BC", "--robot", "franky-sim"],
+        ["collect", "--episodes", "1", "--out", "OUT", "--set", "env.robot=franky", "--set", "env.franka.sim_server=1"],
+        ["train", "--out", "OUT", "--set", "env.robot=franky", "--set", "env.franka.sim_server=true", "--quiet"],
+    ],
+    ids=["actor", "collect", "train"],
+)
+def test_franky_sim_at_an_address_it_cannot_bind_is_refused_before_anything_starts(tmp_path: Path, args, capsys):
+    out = tmp_path / "out"
+    args = [str(out) if a == "OUT" else str(fake_bc_dir(tmp_path / "bc")) if a == "BC" else a for a in args]
+    assert main([*args, "--config", str(STATE)]) == 2
+    err = error_line(capsys, args[0])
+    assert "env.franka.host is '172.16.0.2'" in err and "--set env.franka.host=127.0.1.2" in err
+    assert not out.exists()
+
+
+def test_collect_refuses_the_real_arm_before_connecting(tmp_path: Path, monkeypatch, capsys) -> None:
+    import robot_rl.envs
+
+    monkeypatch.setattr(robot_rl.envs, "make_env", raising(AssertionError("connected")))
+    out = tmp_path / "demos.hdf5"
+    assert main(["collect", "--episodes", "1", "--out", str(out), "--set", "env.robot=franky"]) == 2
+    assert "simulation only" in error_line(capsys, "collect") and not out.exists()

@@ -250,6 +250,21 @@ def test_a_diverging_run_stops_with_exit_3_and_says_why(tmp_path: Path, capsys):
     assert not (tmp_path / "run" / "checkpoints" / "final").exists()
 
 
+@pytest.mark.parametrize("command", ["bc", "train"])
+def test_a_diverging_bc_policy_is_one_line_naming_bc_lr(run_dir, tmp_path: Path, command: str, capsys):
+    """An absurd BC learning rate used to end in `RuntimeError: BC loss became non-finite` and a traceback."""
+    out = tmp_path / "out"
+    args = [command, "--config", str(TINY), "--demos", str(run_dir / "demos.hdf5"), "--out", str(out)]
+    args += ["--set", "bc.lr=1e30", "--set", "bc.steps=100"] + (["--quiet"] if command == "train" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"robot-rl {command}: BC training diverged: the loss became non-finite") and err.count("\n") == 1
+    )
+    assert "lower the learning rate bc.lr (now 1e+30" in err
+    assert not out.exists()  # nothing of the failed command is left: the same command runs with a sane bc.lr
+
+
 def test_bc_command_is_reproducible_under_its_seed(tmp_path: Path):
     """`robot-rl bc --seed S` twice on the same demonstrations gives the same policy (initial weights included)."""
     from robot_rl.bc import load_bc
