@@ -605,6 +605,19 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a job scheduler's stop) received by a command that stops on it as on Ctrl-C."""
+
+
+# The one-shot commands that stop on SIGTERM as on Ctrl-C, with a line saying what they left (the services have
+# their own orderly stop).
+_TERMINABLE = ("train", "collect", "bc")
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -615,21 +628,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # Ctrl-C interrupts every command, also one started with SIGINT ignored (a background job of a shell).
             signal.signal(signal.SIGINT, signal.default_int_handler)
+    catch_term = threading.current_thread() is threading.main_thread() and args.command in _TERMINABLE
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if catch_term else None  # restored on return
     try:
         _refuse_undecodable_paths(args)
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         out = getattr(args, "out", None)
+        left = out is not None and out.exists() and not (out.is_dir() and not any(out.iterdir()))
+        terminated = isinstance(exc, Terminated)
         print(
-            f"\nrobot-rl {args.command}: interrupted" + (f"; partial output in {out}" if out else ""),
+            f"\nrobot-rl {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}"
+            + (f"; partial output in {out}" if left else ""),
             file=sys.stderr,
         )
-        return 130
+        return 128 + signal.SIGTERM if terminated else 130
     except Exception as exc:
         code = _failure(args, exc)
         if code is None:
             raise
         return code
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
 
 
 if __name__ == "__main__":

@@ -719,3 +719,39 @@ def test_collect_refuses_the_real_arm_before_connecting(tmp_path: Path, monkeypa
     out = tmp_path / "demos.hdf5"
     assert main(["collect", "--episodes", "1", "--out", str(out), "--set", "env.robot=franky"]) == 2
     assert "simulation only" in error_line(capsys, "collect") and not out.exists()
+
+
+def killed(signum: int, leave: Callable[[Path], None] | None = None):
+    """A command that leaves something in its --out (or nothing), then receives `signum`."""
+
+    def command(args) -> int:
+        if leave is not None:
+            leave(args.out)
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not stop the command")
+
+    return command
+
+
+@pytest.mark.parametrize("command", ["collect", "train", "bc"])
+def test_sigterm_stops_a_command_as_ctrl_c_does_with_a_line(tmp_path: Path, monkeypatch, command, capsys) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    extra = {"collect": ["--episodes", "1"], "bc": ["--demos", "D"]}.get(command, [])
+    args = [command, "--out", str(out), *extra]
+    monkeypatch.setitem(cli.COMMANDS, command, killed(signal.SIGTERM, lambda out: out.write_bytes(b"partial")))
+    assert main(args) == 143
+    assert capsys.readouterr().err == f"\nrobot-rl {command}: terminated (SIGTERM); partial output in {out}\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # main called in-process gives the handler back
+    out.unlink()
+    monkeypatch.setitem(cli.COMMANDS, command, killed(signal.SIGTERM, lambda out: out.mkdir()))
+    assert main(args) == 143
+    assert capsys.readouterr().err == f"\nrobot-rl {command}: terminated (SIGTERM)\n"  # an empty directory: nothing
+
+
+def test_an_interrupt_that_left_nothing_does_not_point_at_partial_output(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "bc", raising(KeyboardInterrupt()))
+    assert main(["bc", "--demos", "D", "--out", str(tmp_path / "never")]) == 130
+    assert capsys.readouterr().err == "\nrobot-rl bc: interrupted\n"
