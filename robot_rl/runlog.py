@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -126,8 +127,9 @@ class RunLog:
 
 
 def _eval_row(record: dict[str, str]) -> EvalRow:
-    """One eval.csv record as an EvalRow; KeyError or ValueError when a field is missing or not a number."""
-    return EvalRow(
+    """One eval.csv record as an EvalRow; KeyError or ValueError when a field is missing, not a number, or out of
+    its range (rates in [0, 1], counts >= 0, finite times)."""
+    row = EvalRow(
         env_steps=int(record["env_steps"]),
         learner_steps=int(record["learner_steps"]),
         wall_s=float(record["wall_s"]),
@@ -136,6 +138,16 @@ def _eval_row(record: dict[str, str]) -> EvalRow:
         episodes=int(record["episodes"]),
         phase=record["phase"],
     )
+    for name in ("success_rate", "bc_action_fraction"):
+        value = getattr(row, name)
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ValueError(f"{name} {value} is not a rate in [0, 1]")
+    for name in ("env_steps", "learner_steps", "episodes"):
+        if getattr(row, name) < 0:
+            raise ValueError(f"{name} {getattr(row, name)} is negative")
+    if not math.isfinite(row.wall_s):
+        raise ValueError(f"wall_s {row.wall_s} is not finite")
+    return row
 
 
 def read_eval_csv(path: Path, warn: Callable[[str], None] | None = None) -> list[EvalRow]:
