@@ -27,6 +27,7 @@ from robot_rl.wire import (
     Hello,
     Refuse,
     Status,
+    Transitions,
     Weights,
     Welcome,
     WireError,
@@ -145,6 +146,9 @@ class LearnerLink(threading.Thread):
         for sock in (dealer, sub):
             sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.transport.max_message_bytes)
             sock.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a learner that is not connected: chunks sent into a dead connection's queue would reach
+        # a restarted learner after the ones resent from its welcome, each backlog crossing the link twice.
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
         sub.setsockopt(zmq.RCVHWM, 4)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         keys = self.cfg.transport.keys_dir
@@ -278,23 +282,43 @@ class LearnerLink(threading.Thread):
     def _send_chunks(self, dealer: zmq.Socket, cursor: int) -> int:
         """Send spilled chunks from `cursor` while fewer than `window` chunks' worth is unacknowledged."""
         budget = self.window * self.cfg.actor.chunk_steps
+        max_bytes = self.cfg.transport.max_message_bytes
         for chunk, payload in self.spill.chunks_from(cursor):
             if cursor - (self.state.acked_seq + 1) >= budget:
                 break
-            if not _send_chunk(dealer, payload, self.cfg.transport.max_message_bytes):
+            lost = chunk.first_seq - cursor
+            if lost > 0 and self.spill.lost(cursor, chunk.first_seq - 1):
+                # The spill lost these for good (damaged): the chunk says so, and the learner goes on past them.
+                message = _spilled_message(payload, max_bytes).model_copy(update={"lost_before": lost})
+                if not _send_frames(dealer, to_frames(message)):
+                    break
+            elif not _send_chunk(dealer, payload, max_bytes):
                 break  # (a chunk straddling the cursor is sent whole; the learner trims it)
             cursor = chunk.last_seq + 1
             self._replace(sent_seq=max(self.state.sent_seq, chunk.last_seq))
         return cursor
 
 
+def _spilled_message(payload: bytes, max_bytes: int) -> Transitions:
+    """The Transitions message a spilled chunk holds (joined frames, or one frame of an earlier version)."""
+    if is_joined_frames(payload):
+        message = from_frames(list(split_frames(payload)), max_bytes=max_bytes, versions=STORED_VERSIONS)
+    else:
+        message = from_wire(payload, max_bytes=max_bytes, versions=STORED_VERSIONS)
+    if not isinstance(message, Transitions):
+        raise WireError(f"a spilled chunk holds a {message.kind} message, not transitions")
+    return message
+
+
 def _send_chunk(sock: zmq.Socket, payload: bytes, max_bytes: int) -> bool:
     """Send one spilled chunk without blocking: its frames joined (as the actor spills them) go out as those frames,
     without copying; a chunk spilled as one frame by an earlier version is encoded as frames first."""
     if is_joined_frames(payload):
-        frames: list[bytes | memoryview] = list(split_frames(payload))
-    else:
-        frames = to_frames(from_wire(payload, max_bytes=max_bytes, versions=STORED_VERSIONS))
+        return _send_frames(sock, list(split_frames(payload)))
+    return _send_frames(sock, to_frames(_spilled_message(payload, max_bytes)))
+
+
+def _send_frames(sock: zmq.Socket, frames: list[bytes | memoryview]) -> bool:
     try:
         sock.send_multipart(frames, zmq.NOBLOCK, copy=False)  # whole or not at all (ZeroMQ's multipart atomicity)
     except zmq.Again:

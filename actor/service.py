@@ -47,8 +47,9 @@ from robot_rl.actor.spill import Spill
 from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.actor.weights_loader import WeightsLoader
 from robot_rl.agent import Q2RLAgent
-from robot_rl.bc import bc_fingerprint, load_bc
-from robot_rl.config import ConfigError, RunConfig, dump_config
+from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc
+from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
+from robot_rl.dirlock import DirectoryLock
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeFault, EpisodeWriter
 from robot_rl.hardware.camera import CameraError
@@ -59,7 +60,7 @@ from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.security import check_client_keys
 from robot_rl.signals import stop_signals
-from robot_rl.wire import EvalReport, Transitions, join_frames, to_frames
+from robot_rl.wire import EvalReport, Transitions, config_fingerprint, diff_fingerprints, join_frames, to_frames
 
 log = logging.getLogger(__name__)
 # What fails an episode, is recorded in its log, and lets the actor go on after recovering.
@@ -148,17 +149,19 @@ class ActorService:
         self.cfg, self.out, self.learner_endpoint = cfg, out, learner
         self.max_episodes = episodes
         out.mkdir(parents=True, exist_ok=True)
+        self._check_same_run_config()
         (out / "config.yaml").write_text(dump_config(cfg))
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         self.run_id = self._run_id()
         self.bc_dir = bc_dir.resolve()
+        self.bc = load_bc(bc_dir)
+        self._check_same_bc()  # before the arm is connected
         self._record_bc_dir()
         self.env = make_env(cfg.env)
         self.obs_spec = obs_lib.spec_from_space(self.env.observation_space)
         low, high = obs_lib.state_bounds(self.env.observation_space)
         self.action_dim = int(self.env.action_space.shape[0])
-        self.bc = load_bc(bc_dir)
         if self.bc.obs_spec != self.obs_spec:
             self.env.close()
             raise ConfigError(
@@ -231,6 +234,39 @@ class ActorService:
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
         write_json_atomic(state_path, {"actor_id": self.cfg.actor.actor_id, "run_id": run_id})
         return run_id
+
+    def _check_same_run_config(self) -> None:
+        """A run continued in its --out keeps what its transitions and episode logs mean: ActorError naming the
+        fields when the config differs from the run's config.yaml there (the parts actor and learner agree on)."""
+        saved = self.out / "config.yaml"
+        if not (saved.is_file() and (self.out / "actor_state.json").is_file()):
+            return
+        try:
+            before = config_fingerprint(load_config(saved))
+        except ConfigError as err:
+            log.warning("%s cannot be read (%s); it is replaced by this run's config", saved, err)
+            return
+        fields = diff_fingerprints(before, config_fingerprint(self.cfg))
+        if fields:
+            raise ActorError(
+                f"{self.out} holds a run with another config: it differs from {saved} in {', '.join(fields[:20])}. "
+                "Continue that run with its config (--config " + str(saved) + "), or start a new run with another "
+                "--out"
+            )
+
+    def _check_same_bc(self) -> None:
+        """actor_state.json keeps the BC policy's weights fingerprint: a continued run acts with the same policy."""
+        state_path = self.out / "actor_state.json"
+        state = json.loads(state_path.read_text())
+        weights = bc_fingerprint(self.bc)[BC_FINGERPRINT_KEY]
+        if state.get("bc_weights") is None:
+            write_json_atomic(state_path, {**state, "bc_weights": weights})
+        elif state["bc_weights"] != weights:
+            raise ActorError(
+                f"--bc {self.bc_dir} is not the BC policy the run in {self.out} acted with (from "
+                f"{state.get('bc_dir', 'an earlier --bc')}): its episodes, spill and evaluations belong to that "
+                "policy. Continue with that --bc, or start a new run with another --out"
+            )
 
     def _record_bc_dir(self) -> None:
         """actor_state.json names the BC policy this actor acts with (replay finds it there)."""
@@ -767,6 +803,10 @@ class ActorService:
             "weights_archive_failures": self.weights_archive.failures,
             "weights_archive_dropped": self.weights_archive.dropped,
             "faults": c.faults,
+            # What the spill's recovery found at start: transitions lost to damage inside it, and cut with a torn
+            # tail (a write the crash interrupted); see the log for which.
+            "spill_lost": self.spill.lost_transitions if self.spill else 0,
+            "spill_cut": self.spill.cut_transitions if self.spill else 0,
             "loop": self.rate.stats.summary()
             | ({"overruns": self.rate.stats.overruns + self.env_pacer.overruns} if self.env_pacer else {}),
             "wall_s": round(time.monotonic() - self.start_time, 1),
@@ -801,6 +841,18 @@ def run_actor(
     reuse_freed_memory()  # weights frames, camera frames and chunks reuse heap memory instead of fresh pages
     if learner is not None and cfg.transport.keys_dir is not None:  # before anything is written or started
         check_client_keys(Path(cfg.transport.keys_dir), cfg.actor.actor_id)
+    if out.exists() and not out.is_dir():
+        raise ActorError(f"--out {out} is a file; give the actor a directory")
+    lock = DirectoryLock(out, what="actor")  # a second actor on this --out is refused; the running one goes on
+    try:
+        return _run_locked(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    cfg: RunConfig, out: Path, *, bc_dir: Path, learner: str | None, episodes: int | None, quiet: bool
+) -> int:
     service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
 
     def on_signal(signum, frame) -> None:

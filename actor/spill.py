@@ -249,6 +249,14 @@ class Spill:
                 self.next_seq = seq
                 self._segment = None
 
+    def lost(self, first: int, last: int) -> bool:
+        """Whether every sequence number first..last lies in a gap the recovery found (transitions lost for good)."""
+        seq = first
+        for lo, hi in sorted(self.gaps):
+            if lo <= seq <= hi:
+                seq = hi + 1
+        return seq > last
+
     # -- reading ------------------------------------------------------------------------------------------------------
     def chunks_from(self, seq: int) -> Iterator[tuple[SpilledChunk, bytes]]:
         """Chunks whose last sequence is >= seq, oldest first, with their payloads."""

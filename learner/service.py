@@ -55,8 +55,9 @@ from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent, UpdateStats
 from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
-from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
+from robot_rl.dirlock import LOCK_FILE, DirectoryLock
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
@@ -183,6 +184,7 @@ class ActorStats:
     duplicates: int = 0
     refused: int = 0
     gaps: int = 0
+    lost: int = 0  # transitions the actor said it lost for good (its spill was damaged)
     last_seen: float | None = None
 
 
@@ -248,7 +250,7 @@ def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> N
     if out.exists() and not out.is_dir():
         raise LearnerError(f"run directory {out} is a file")
     if not resume:
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
             raise LearnerError(
                 f"run directory {out} exists and is not empty; pass --resume to continue the run in it, "
                 "or choose another --out"
@@ -673,10 +675,11 @@ class LearnerService:
             if owner != hello.actor_id:
                 self.sessions.pop(identity, None)
                 whose = f"the key of actor {owner}" if owner else "a key not in authorized/"
-                return self._refuse(
+                return self._refuse(  # a field named: the actor stops and says why instead of saying hello again
                     identity,
                     f"actor {hello.actor_id}: this connection authenticated with {whose}; an actor may say "
                     "hello only under the id its key pair was made for (robot-rl keys --actors ...)",
+                    ["actor.actor_id"],
                 )
         for other, (actor_id, run_id) in self.sessions.items():
             if other != identity and actor_id == hello.actor_id and run_id != hello.run_id:
@@ -751,6 +754,20 @@ class LearnerService:
         key = (msg.actor_id, msg.run_id)
         stream, stats = self.streams[key], self.actors[msg.actor_id]
         self._last_transitions = time.monotonic()
+        if msg.first_seq > stream.next_seq and msg.first_seq - msg.lost_before <= stream.next_seq:
+            # The actor lost these for good (its spill was damaged): the stream goes on past them.
+            lost = msg.first_seq - stream.next_seq
+            stats.lost += lost
+            log.error(
+                "actor %s run %s: transitions %d..%d were lost at the actor (its spill was damaged; its log says "
+                "more); the stream continues at %d",
+                *key,
+                stream.next_seq,
+                msg.first_seq - 1,
+                msg.first_seq,
+            )
+            stream.next_seq = msg.first_seq
+            stream.pending = []  # an open Q-Estimation episode is broken by the loss
         if msg.last_seq < stream.next_seq:
             stats.duplicates += msg.count
         elif msg.first_seq > stream.next_seq:
@@ -925,6 +942,7 @@ class LearnerService:
                 self._start_eval("online")
             elif self.counters.online_env_steps >= self.next_ckpt_at:
                 self._checkpoint(f"step_{self.counters.online_env_steps:08d}")
+                prune_checkpoints(self.out / CHECKPOINTS, self.cfg.train.keep_checkpoints)
                 self._checkpoint(LATEST)
                 while self.next_ckpt_at <= self.counters.online_env_steps:
                     self.next_ckpt_at += self.cfg.train.checkpoint_every
@@ -1249,6 +1267,7 @@ class LearnerService:
                     "duplicates": s.duplicates,
                     "refused": s.refused,
                     "gaps": s.gaps,
+                    "lost": s.lost,
                     "last_seen_s": None if s.last_seen is None else round(now - s.last_seen, 2),
                     # Each run of this actor id apart (an actor restarted with a new --out starts a new run).
                     "runs": {
@@ -1339,6 +1358,14 @@ class LearnerService:
             self.actors.setdefault(chunk.actor_id, ActorStats()).stored += chunk.count
         if restored is not None:
             self._check_log_against(restored)
+        online, budget = self.counters.online_env_steps, self.cfg.train.env_steps
+        if (self.out / CHECKPOINTS / "final").is_dir() and online >= budget:
+            self.store.close()
+            raise LearnerError(
+                f"the run in {self.out} is complete ({CHECKPOINTS}/final; {online} online env steps of "
+                f"train.env_steps {budget}): nothing to resume. To train on, resume with a larger budget (--set "
+                "train.env_steps=...); to start over, choose another --out"
+            )
         if self.phase == "paused":  # stopped while finishing: evaluate once more and finish (under the new id)
             self.phase, self.eval_kind = "eval", "online"
         log.info(
@@ -1461,6 +1488,31 @@ def run_learner(
     reuse_freed_memory()  # each chunk's megabyte-sized buffers are reused, not faulted in again
     out = Path(out)
     existed = out.exists()
+    if existed and not out.is_dir():
+        raise LearnerError(f"run directory {out} is a file")
+    lock = DirectoryLock(out, what="learner")  # before anything reads or repairs the run's files
+    try:
+        return _run_locked(cfg, out, existed, bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id,
+                           quiet=quiet)  # fmt: skip
+    except BaseException:
+        if not existed and out.is_dir() and not any(p.name != LOCK_FILE for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # a new run refused before it wrote anything: leave no trace
+        raise
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    cfg: RunConfig,
+    out: Path,
+    existed: bool,
+    *,
+    bc_dir: Path | None,
+    demos: Path | None,
+    resume: bool,
+    learner_id: str,
+    quiet: bool,
+) -> int:
     service = LearnerService(cfg, out, bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id, quiet=quiet)
     stop = threading.Event()
     previous: dict[int, Any] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,13 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
         raise CheckpointError(f"checkpoint {directory} lacks optimizer tensor {exc}") from exc
     model_tensors = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     return model_tensors, manifest, optimizers
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` periodic checkpoints (`root/step_<zero-padded step>`); `latest`, `final` and
+    anything else in `root` stay. Returns what was removed."""
+    steps = sorted(p for p in Path(root).glob("step_*") if p.is_dir())
+    old = steps[: max(len(steps) - keep, 0)]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old

@@ -495,6 +495,9 @@ class TrainConfig(Strict):
     eval_every: int = Field(2000, ge=1, description="Evaluate every this many environment steps.")
     eval_episodes: int = Field(20, ge=1, description="Episodes per evaluation.")
     checkpoint_every: int = Field(5000, ge=1, description="Checkpoint every this many environment steps.")
+    keep_checkpoints: int = Field(
+        5, ge=1, description="Periodic step_* checkpoints kept, the newest (latest and final are always kept)."
+    )
     buffer_capacity: int = Field(2_000_000, ge=1000, description="Replay buffer capacity (transitions).")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Torch device; auto picks CUDA if present.")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(

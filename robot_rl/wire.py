@@ -329,6 +329,12 @@ class Transitions(Message):
     first_seq: int = Field(ge=0, description="Sequence number of the first transition of the chunk.")
     count: int = Field(ge=1, description="Number of transitions in the chunk.")
     arrays: dict[str, np.ndarray] = Field(description="Array name -> [count, ...] array (see the class docstring).")
+    lost_before: int = Field(
+        default=0,
+        ge=0,
+        description="Sequence numbers just before first_seq that the actor lost for good (its spill was damaged): "
+        "the learner continues the stream past them instead of waiting for them. Sent only when above 0.",
+    )
     # Set by `parse` for a chunk received with next_obs_shared: [count - 1] bool, True where next_obs[i] was rebuilt
     # from obs[i + 1] (so equals it bit for bit). Not a field: it says how the message travelled, not what it holds.
     _rows_continue: np.ndarray | None = PrivateAttr(default=None)
@@ -347,6 +353,8 @@ class Transitions(Message):
     def to_message(self) -> dict[str, Any]:
         """The message map, with next-observation rows that repeat the following observation left out."""
         body = super().to_message()
+        if not self.lost_before:
+            del body["lost_before"]  # the common case reads as before
         shared = _shared_next_obs(self.arrays, self.count)
         if shared is not None:
             kept = ~shared

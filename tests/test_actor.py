@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from robot_rl.actor.rate import RateKeeper
 from robot_rl.actor.spill import Spill
-from robot_rl.bc import make_bc_policy, save_bc
+from robot_rl.bc import load_bc, make_bc_policy, save_bc
 from robot_rl.cli import main
 from robot_rl.config import load_config
+from robot_rl.dirlock import DirectoryLock
 from robot_rl.episodes import read_episodes
 from robot_rl.obs import state_spec
 from robot_rl.wire import transition_spec
@@ -138,6 +141,38 @@ def test_actor_without_learner_runs_bc_and_logs_every_episode(tmp_path: Path, bc
     assert main([*args, "--episodes", "1", "--quiet", "--set", "actor.period_s=0"]) == 0
     assert json.loads((out / "stats.json").read_text())["run_id"] == run_id
     assert len(list((out / "episodes").glob("episode_*.hdf5"))) == 3
+
+
+def test_a_continued_run_keeps_its_config_and_bc_policy_and_one_actor_holds_its_directory(
+    tmp_path: Path, bc_dir: Path, capsys
+):
+    out = tmp_path / "actor"
+    args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--episodes", "1", "--quiet"]
+    assert main([*args, "--bc", str(bc_dir)]) == 0
+    saved = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    # Another world: the episodes and spill in `out` would mean something else. Refused, nothing overwritten.
+    assert main([*args, "--bc", str(bc_dir), "--set", "env.task.max_episode_steps=30"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds a run with another config" in err and "env.task.max_episode_steps" in err
+    assert (out / "config.yaml").read_text() == saved
+    # Another BC policy: refused before the arm is connected.
+    other = tmp_path / "other_bc"
+    policy = load_bc(bc_dir)
+    with torch.no_grad():
+        next(policy.parameters()).add_(0.01)  # (a fresh random policy may equal it: the actor seeds torch's RNG)
+    save_bc(policy, other)
+    assert main([*args, "--bc", str(other)]) == 2
+    assert f"--bc {other.resolve()} is not the BC policy the run in {out} acted with" in capsys.readouterr().err
+    # A second actor on the same directory is refused; the one holding it is not disturbed.
+    held = DirectoryLock(out, what="actor")
+    try:
+        assert main([*args, "--bc", str(bc_dir)]) == 2
+        assert f"{out} is in use by pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        held.release()
+    assert main([*args, "--bc", str(bc_dir)]) == 0  # free again
+    assert len(list((out / "episodes").glob("episode_*.hdf5"))) == 2
 
 
 def test_actor_refuses_a_missing_bc_policy_and_a_bad_endpoint(tmp_path: Path, bc_dir: Path, capsys):
@@ -592,7 +627,7 @@ def test_an_actor_says_soon_when_its_learner_falls_silent_what_waits_unacknowled
     service.link = SimpleNamespace(
         state=LinkState(last_heard=time.monotonic(), acked_seq=99), seconds_since_heard=lambda: heard.ago
     )
-    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1))
+    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1), lost_transitions=0, cut_transitions=0)
     try:
         service._announce("online")
         assert caplog.text == ""
@@ -624,7 +659,7 @@ def test_an_actor_says_at_once_when_its_learner_says_it_is_stopping_and_when_it_
     service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
     state = LinkState(last_heard=time.monotonic(), acked_seq=99, status=SimpleNamespace(stopping=False))
     service.link = SimpleNamespace(state=state, seconds_since_heard=lambda: 0.3)
-    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1))
+    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1), lost_transitions=0, cut_transitions=0)
     try:
         service._announce("online")
         assert caplog.text == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from robot_rl.checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 
 
 def _save(path: Path, value: float, step: int) -> Path:
@@ -72,3 +72,14 @@ def test_a_checkpoint_of_diverged_networks_is_refused_naming_the_tensor(tmp_path
     path = _save(tmp_path / "ckpt", float("nan"), 3)
     with pytest.raises(CheckpointError, match=r"tensor w holds NaN or inf"):
         load_checkpoint(path)
+
+
+def test_pruning_keeps_the_newest_periodic_checkpoints_and_every_other_one(tmp_path: Path) -> None:
+    for step in (900, 1000, 200, 10_000, 5000):
+        _save(tmp_path / f"step_{step:08d}", 1.0, step)
+    for name in ("latest", "final"):
+        _save(tmp_path / name, 1.0, 0)
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step_00000200", "step_00000900", "step_00001000"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "latest", "step_00005000", "step_00010000"]
+    assert prune_checkpoints(tmp_path, keep=2) == []

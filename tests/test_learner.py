@@ -29,6 +29,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, make_bc_policy, save_bc
 from robot_rl.checkpoint import CheckpointError
 from robot_rl.config import RunConfig, dump_config, load_config
+from robot_rl.dirlock import DirectoryInUse, DirectoryLock
 from robot_rl.envs import make_env
 from robot_rl.learner import service as learner_service
 from robot_rl.learner.broadcast import WeightsFrames
@@ -215,9 +216,10 @@ class FakeActor:
         )
         return self.request(hello, timeout)
 
-    def transitions(self, first: int, count: int, **kw) -> Message:
+    def transitions(self, first: int, count: int, lost_before: int = 0, **kw) -> Message:
         arrays = chunk_arrays(self.cfg, first, count, **kw)
-        msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first, count=count, arrays=arrays)
+        msg = Transitions(actor_id=self.actor_id, run_id=self.run_id, first_seq=first, count=count, arrays=arrays,
+                          lost_before=lost_before)  # fmt: skip
         return self.request(msg)
 
     def report(self, eval_id: int, success_rate: float, episodes: int = 2) -> None:
@@ -349,6 +351,7 @@ def test_curve_admits_an_authorised_actor_only(tmp_path: Path, bc_dir: Path, ctx
         impostor.actor_id = "a0"
         refusal = impostor.hello()
         assert isinstance(refusal, Refuse) and "authenticated with the key of actor a1" in refusal.reason
+        assert refusal.fields == ["actor.actor_id"]  # a field named: the actor stops and says why, not hello again
         assert isinstance(impostor.transitions(0, 5), Refuse)
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
     assert stats["refused_unidentified"] == 2 and list(stats["actors"]) == ["a0"]
@@ -367,27 +370,34 @@ def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Pat
         assert acked(actor.transitions(5, 10)) == 14  # overlapping: only 10..14 are new
         assert acked(actor.transitions(20, 5)) == 14  # past a gap: not stored, resume from 15
         assert acked(actor.transitions(15, 5)) == 19
+        # Past a gap the actor says it lost (its spill was damaged): stored, the stream goes on past the lost ones.
+        assert acked(actor.transitions(25, 5, lost_before=4)) == 19  # says 21..24 are lost: 20 is not, so a gap
+        assert acked(actor.transitions(25, 5, lost_before=5)) == 29
         # A second run under the same actor id (an actor restarted with a new --out): its own stream.
         again = FakeActor(ctx, cfg, run_id="r1")
         assert isinstance(again.hello(), Welcome)
         assert acked(again.transitions(0, 7)) == 6
-    assert len(service.buffer) == 27
+    assert len(service.buffer) == 32
     stats = json.loads((out / "stats.json").read_text())
     assert stats["actors"]["a0"] | {"last_seen_s": None} == {
-        "stored": 27,
+        "stored": 32,
         "duplicates": 15,
         "refused": 0,
-        "gaps": 1,
+        "gaps": 2,
+        "lost": 5,
         "last_seen_s": None,
-        "runs": {"r0": {"stored": 20, "acked_seq": 19}, "r1": {"stored": 7, "acked_seq": 6}},
+        "runs": {"r0": {"stored": 25, "acked_seq": 29}, "r1": {"stored": 7, "acked_seq": 6}},
     }
-    assert stats["env_steps"] == 27 and stats["online_env_steps"] == 0
-    # The durable log holds sequences 0..19 once each, exactly as sent.
+    assert stats["env_steps"] == 32 and stats["online_env_steps"] == 0
+    # The durable log holds sequences 0..19 and 25..29 once each, exactly as sent; a resume continues after 29.
     chunks = [c for c in TransitionStore(out / "buffer").read_back() if c.run_id == "r0"]
-    assert [(c.first_seq, c.count) for c in chunks] == [(0, 10), (10, 5), (15, 5)]
-    stored_obs = np.concatenate([c.arrays["obs/ee_pose"] for c in chunks])
+    assert [(c.first_seq, c.count) for c in chunks] == [(0, 10), (10, 5), (15, 5), (25, 5)]
+    stored_obs = np.concatenate([c.arrays["obs/ee_pose"] for c in chunks[:3]])
     np.testing.assert_array_equal(stored_obs, chunk_arrays(cfg, 0, 20)["obs/ee_pose"])
     np.testing.assert_array_equal(service.buffer.take(np.arange(20)).obs["ee_pose"], stored_obs)
+    resumed = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    assert resumed.streams[("a0", "r0")].next_seq == 30
+    resumed.store.close()
 
 
 def test_chunks_in_frames_are_logged_as_received_and_a_hello_of_another_protocol_is_refused(
@@ -674,6 +684,22 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
     for path in ("curves.png", "config.yaml", "checkpoints/final/manifest.json", "checkpoints/final/bc/bc.json"):
         assert (out / path).is_file(), path
     assert any((out / "tb").iterdir())
+
+    # The run is complete: a resume has nothing to do (it used to evaluate again and wait for actors to drive the
+    # robot), unless it is given a larger budget. One learner at a time holds the directory.
+    with pytest.raises(
+        LearnerError, match=r"is complete \(checkpoints/final; 50 online env steps of train\.env_steps 40"
+    ):
+        LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    more = LearnerService(tiny_config("train.env_steps=80"), out, bc_dir=bc_dir, resume=True, quiet=True)
+    assert (more.phase, more.counters.online_env_steps) == ("eval", 50)
+    more.store.close()
+    held = DirectoryLock(out, what="learner")
+    try:
+        with pytest.raises(DirectoryInUse, match=rf"{out} is in use by pid {os.getpid()}"):
+            run_learner(tiny_config("train.env_steps=80"), out, bc_dir=bc_dir, resume=True, quiet=True)
+    finally:
+        held.release()
 
 
 def test_a_done_learner_waits_for_the_episode_a_slower_actor_is_still_sending(
@@ -1123,11 +1149,12 @@ def test_store_reads_a_log_of_crc32_records_and_appends_after_it(tmp_path: Path)
     chunks = TransitionStore(tmp_path).read_back()
     assert [(c.first_seq, c.count, c.online) for c in chunks] == [(0, 4, False), (4, 4, True)]
     np.testing.assert_array_equal(chunks[1].arrays["actions"], chunk_arrays(cfg, 4, 4)["actions"])
-    # Damage is found in either layout: a flipped payload byte of the old record cuts the log there.
+    # Damage is found in either layout: a flipped payload byte of the old record takes that record out, and the
+    # intact record after it stays.
     damaged = bytearray(data)
     damaged[len(old) - 5] ^= 0xFF
     path.write_bytes(bytes(damaged))
-    assert TransitionStore(tmp_path).read_back() == []
+    assert [c.first_seq for c in TransitionStore(tmp_path).read_back()] == [4]
 
 
 def test_store_reads_protocol_1_records_and_refuses_unknown_versions_without_cutting(tmp_path: Path) -> None:

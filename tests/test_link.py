@@ -9,9 +9,9 @@ import zmq
 
 from robot_rl.actor.link import REPORT_RESEND_S, LearnerLink
 from robot_rl.actor.spill import Spill
-from robot_rl.config import load_config
+from robot_rl.config import RunConfig, load_config
 from robot_rl.demo import free_port_pair
-from robot_rl.wire import EvalReport, Hello, Refuse, Status, Welcome, from_wire, to_wire
+from robot_rl.wire import EvalReport, Hello, Refuse, Status, Transitions, Welcome, from_frames, from_wire, to_wire
 
 TINY = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
 
@@ -76,6 +76,38 @@ def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluat
     assert kinds[first_refused + 1 :].index("hello") < kinds[first_refused + 1 :].index("eval_report")
 
 
+def _chunks_a_link_sends(cfg: RunConfig, spill: Spill, count: int) -> list[tuple[int, Transitions]]:
+    """(frames, message) of the first `count` transitions chunks a LearnerLink on `spill` sends to a fake learner
+    that welcomes it with nothing acknowledged."""
+    port = free_port_pair()
+    ctx = zmq.Context.instance()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    pub.bind(f"tcp://127.0.0.1:{port + 1}")
+    link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
+    link.start()
+    got: list[tuple[int, Transitions]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(got) < count and time.monotonic() < deadline:
+            pub.send(_status("online", -1))
+            if not router.poll(50):
+                continue
+            identity, *frames = router.recv_multipart()
+            msg = from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
+            if isinstance(msg, Hello):
+                welcome = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=-1)
+                router.send_multipart([identity, to_wire(welcome)])
+            elif isinstance(msg, Transitions):
+                got.append((len(frames), msg))
+    finally:
+        link.stop_event.set()
+        link.join(timeout=5)
+        router.close(0)
+        pub.close(0)
+    return got
+
+
 def test_chunks_spilled_as_one_frame_by_an_earlier_version_are_sent_as_frames(tmp_path: Path):
     """An actor restarted on a spill written before transitions travelled as frames resends what is unacknowledged
     there: a learner speaking this protocol receives each chunk as a header and one frame per array."""
@@ -95,36 +127,39 @@ def test_chunks_spilled_as_one_frame_by_an_earlier_version_are_sent_as_frames(tm
     spill = Spill(tmp_path / "spill")
     spill.append(msgpack.packb(old, default=wire._pack_default, use_bin_type=True), first_seq=0, count=3)
     spill.append(wire.join_frames(wire.to_frames(chunks[1])), first_seq=3, count=3)
-    port = free_port_pair()
-    ctx = zmq.Context.instance()
-    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    pub.bind(f"tcp://127.0.0.1:{port + 1}")
-    link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
-    link.start()
-    got: list[tuple[int, wire.Transitions]] = []
-    try:
-        deadline = time.monotonic() + 30
-        while len(got) < 2 and time.monotonic() < deadline:
-            pub.send(_status("online", -1))
-            if not router.poll(50):
-                continue
-            identity, *frames = router.recv_multipart()
-            msg = wire.from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
-            if isinstance(msg, Hello):
-                welcome = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=-1)
-                router.send_multipart([identity, to_wire(welcome)])
-            elif isinstance(msg, wire.Transitions):
-                got.append((len(frames), msg))
-    finally:
-        link.stop_event.set()
-        link.join(timeout=5)
-        router.close(0)
-        pub.close(0)
+    got = _chunks_a_link_sends(cfg, spill, 2)
     assert [(n, m.first_seq) for n, m in got] == [(1 + len(spec.arrays(3)), 0), (1 + len(spec.arrays(3)), 3)]
     for (_, msg), sent in zip(got, chunks, strict=True):
         for name, array in sent.arrays.items():
             np.testing.assert_array_equal(msg.arrays[name], array, err_msg=name)
+
+
+def test_a_chunk_after_transitions_the_spill_lost_says_so_and_nothing_else_does(tmp_path: Path):
+    """A spill damaged in the middle keeps the chunks after the damage; those it lost are gone for good. The first
+    chunk after them says how many sequence numbers before it are lost, so the learner goes on past them instead of
+    holding the stream at the gap (the actor would resend forever)."""
+    import numpy as np
+
+    from robot_rl import wire
+
+    cfg = load_config(TINY)
+    spec = wire.transition_spec(cfg)
+    spill = Spill(tmp_path / "spill")
+    for first in (0, 3, 6, 9):
+        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
+        msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3, arrays=arrays)
+        spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=first, count=3)
+    damaged = spill._chunks[1]
+    with damaged.segment.open("r+b") as f:  # a flipped byte inside chunk 3..5
+        f.seek(damaged.offset + damaged.length // 2)
+        byte = f.read(1)
+        f.seek(damaged.offset + damaged.length // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    spill = Spill(tmp_path / "spill")
+    assert spill.gaps == [(3, 5)] and spill.lost(3, 5) and not spill.lost(3, 6)
+    got = [msg for _, msg in _chunks_a_link_sends(cfg, spill, 3)]
+    assert [(m.first_seq, m.lost_before) for m in got] == [(0, 0), (6, 3), (9, 0)]
+    np.testing.assert_array_equal(got[1].arrays["rewards"], np.full(3, 6.0, np.float32))
 
 
 def test_free_port_pairs_come_from_below_the_ephemeral_range_and_are_bindable(tmp_path: Path, monkeypatch):
