@@ -61,7 +61,7 @@ import torch
 from robot_rl import obs as obs_lib
 from robot_rl.actor.weights_archive import WeightsArchive, WeightsArchiveError
 from robot_rl.agent import Q2RLAgent
-from robot_rl.bc import BCCheckpointError, BCPolicy, load_bc
+from robot_rl.bc import BC_FINGERPRINT_KEY, BCCheckpointError, BCPolicy, bc_fingerprint, load_bc
 from robot_rl.checkpoint import CheckpointError, load_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, load_config
 from robot_rl.episodes import (
@@ -363,13 +363,28 @@ def load_inputs(
         bc = load_bc(bc_path)
     except BCCheckpointError as exc:
         raise ReplayInputError(f"BC policy {bc_path}: {exc}") from exc
+    acted_with = _recorded_bc_weights(actor_dir)
+    if bc_dir is None and acted_with is not None and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
+        raise ReplayInputError(
+            f"BC policy {bc_path} is not the one this actor acted with (its weights differ from those "
+            f"{actor_dir / 'actor_state.json'} recorded; trained again since?): pass the policy it acted with as --bc"
+        )
     if checkpoint is None and not gated_versions(episodes):
         # BC only: no step acted with weights, so there are none to load (an actor without a learner writes none).
         return ReplayInputs(cfg=cfg, bc=bc, weights=None, config_path=config_path, bc_path=bc_path)
-    archive = checkpoint or Path(str(episodes[0].attrs.get("weights_archive", actor_dir / "weights")))
+    archive = checkpoint or actor_dir / "weights"  # the archive next to the log, wherever the directory went
     if checkpoint is None and not archive.is_dir():
-        archive = actor_dir / "weights"  # the actor directory was moved: the archive next to the log
+        archive = Path(str(episodes[0].attrs.get("weights_archive", archive)))  # an archive kept elsewhere
     return ReplayInputs(cfg=cfg, bc=bc, weights=ActingWeights(archive), config_path=config_path, bc_path=bc_path)
+
+
+def _recorded_bc_weights(actor_dir: Path) -> str | None:
+    """The BC weights fingerprint actor_state.json recorded (actors since it was recorded), else None."""
+    try:
+        recorded = json.loads((actor_dir / "actor_state.json").read_text()).get("bc_weights")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
 
 
 def gated_versions(episodes: list[Episode]) -> list[int]:
@@ -691,6 +706,8 @@ def replay_log(
     if inputs.weights is not None:
         inputs.weights.check(versions)
     report = ReplayReport(log=log, episodes=len(episodes), versions=versions)
+    weights = "no weights (BC only)" if inputs.weights is None else f"weights {inputs.weights.directory}"
+    report.notes.append(f"replayed with config {inputs.config_path}, BC policy {inputs.bc_path}, {weights}")
     if inputs.weights is not None and inputs.weights.fixed is not None and versions:
         report.notes.append(f"every gated step replayed with {inputs.weights.describe()} (logged versions {versions})")
     report.notes.extend(env_notes(log, inputs))

@@ -8,6 +8,7 @@ BC (as `robot-rl actor --learner none` does): it never received weights, so it h
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -365,6 +366,29 @@ def test_a_gated_log_without_its_weights_archive_still_asks_for_a_checkpoint(run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist (pass --checkpoint DIR)" in err
     assert main(["replay", str(log), "--checkpoint", str(run["archive"])]) == 0
+
+
+def test_a_copied_actor_directory_replays_with_its_own_archive_and_says_which_inputs_it_used(
+    run, tmp_path: Path, capsys
+):
+    """The episode attr names the archive where the actor wrote it; a copy (or a moved directory whose old place was
+    reused) replays with the archive next to its log, which is what the copy holds."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run["root"] / "actor", copy)
+    tensors = load_file(str(copy / "weights" / "v00000003.safetensors"))
+    name = next(k for k in sorted(tensors) if k.startswith("critics.") and k.endswith("weight"))
+    save_file({**tensors, name: tensors[name] + 0.5}, str(copy / "weights" / "v00000003.safetensors"))
+    log = copy / "episodes" / run["gated_log"].name
+    assert main(["replay", str(log)]) == 1  # the copy's own (changed) archive, not the original it names
+    out = capsys.readouterr().out
+    assert f"note: replayed with config {copy / 'config.yaml'}, BC policy {run['root'] / 'bc'}" in out
+    assert f"weights {copy / 'weights'}" in out and "first divergence: step 0 field q_rl" in out
+    # The BC policy the actor acted with is checked by its weights: another one at the recorded place is refused.
+    state = json.loads((copy / "actor_state.json").read_text())
+    (copy / "actor_state.json").write_text(json.dumps({**state, "bc_weights": "0" * 16}))
+    assert main(["replay", str(run["bc_log"]).replace(str(run["root"] / "actor"), str(copy))]) == 2
+    assert "is not the one this actor acted with" in capsys.readouterr().err
+    assert main(["replay", str(copy / "episodes" / run["bc_log"].name), "--bc", str(run["root"] / "bc")]) == 0
 
 
 @pytest.mark.parametrize(
