@@ -1279,6 +1279,11 @@ class LearnerService:
                 for name, s in self.actors.items()
             },
             "refused_unidentified": self.refused_unidentified,
+            # What reading the transition log back at --resume found: damaged records taken out (their transitions
+            # lost, a copy of the file kept) and a torn tail cut; the log says which.
+            "log_damaged_records": self.store.damaged_records,
+            "log_lost_transitions": self.store.lost_transitions,
+            "log_cut_transitions": self.store.cut_transitions,
             "weights_folded": self.weights_folded,
             "wall_s": self._wall(),
         }

@@ -1417,3 +1417,24 @@ def test_a_q_estimation_episode_cut_by_an_actor_restart_is_not_joined_to_the_nex
     service._assemble(stream, *steps(500, 6, end=True))  # the restarted actor's new episode
     assert [len(r.actions) for r in service.rollouts] == [12, 6]
     np.testing.assert_array_equal(service.rollouts[1].obs["ee_pose"], steps(500, 6, end=True)[0]["ee_pose"])
+
+
+def test_a_resumed_learner_says_in_its_stats_what_a_damaged_log_lost(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    with running(LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        for first in (0, 10, 20):
+            assert acked(actor.transitions(first, 10)) == first + 9
+    log_file = out / "buffer" / "a0@r0.log"
+    first_record = len(encode_record(StoredChunk("a0", "r0", 0, chunk_arrays(cfg, 0, 10), False)))
+    data = bytearray(log_file.read_bytes())
+    data[first_record + 200] ^= 0xFF  # inside the second record: the third one is intact
+    log_file.write_bytes(bytes(data))
+    resumed = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    resumed._write_stats()
+    resumed.store.close()
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["log_damaged_records"], stats["log_lost_transitions"], stats["log_cut_transitions"]) == (1, 10, 0)
+    assert resumed.counters.env_steps == 20 and resumed.streams[("a0", "r0")].next_seq == 30
