@@ -1,11 +1,13 @@
 """Kill the learner and the actor with SIGKILL at random moments during a run, restart them, and count transitions.
 
-    python bench/reliability.py [--kills 10] [--seed 0] [--config configs/ci_tiny.yaml] [--set path=value ...]
+    python bench/reliability.py [--kills 10] [--seed 0] [--outage 0] [--config configs/ci_tiny.yaml]
+                                [--set path=value ...]
 
 Runs `robot-rl learner` and `robot-rl actor` as processes on loopback, as the demo does (the tiny state config by
 default, with enough online steps to outlast the kills; the actor unpaced and not held back by the learner's
 progress). At random moments, 2-6 s apart, it SIGKILLs one of them (alternating, `--kills` times each) and starts it
-again: the learner with `--resume`, the actor with the same `--out` (so the same run continues). Kills land anywhere:
+again: the learner with `--resume` (after `--outage` seconds down, the actor spilling meanwhile), the actor with the
+same `--out` (so the same run continues). Kills land anywhere:
 mid-episode, mid-chunk, during an fsync, a checkpoint or a weights broadcast. Then it stops both cleanly (SIGTERM: the
 actor flushes and waits for its last acknowledgements) and compares the actor's produced and acked counts with what
 the learner's log holds, reading every record back: transitions lost (produced but not stored), stored twice, or
@@ -44,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs of each process.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outage", type=float, default=0.0, help="Seconds a killed learner stays down.")
     parser.add_argument("--config", type=Path, default=TINY)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     parser.add_argument("--keep", type=Path, help="Run in this directory and keep it (default: a temporary one).")
@@ -66,6 +69,8 @@ def main() -> None:
                 procs[name].send_signal(signal.SIGKILL)
                 procs[name].wait()
                 kills[name] += 1
+                if name == "learner":
+                    time.sleep(args.outage)
                 procs[name] = services.learner(resume=True) if name == "learner" else services.actor()
                 print(f"{time.monotonic() - start:6.1f} s: killed the {name} ({kills[name]}), restarted", flush=True)
             acked = services.stats("actor0").get("acked", 0)
