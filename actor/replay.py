@@ -621,12 +621,18 @@ class Replayer:
         report.steps += n
 
     def _measured(self, ep: Episode, report: ReplayReport) -> np.ndarray:
-        if "measured" in ep.extras and np.all(np.isfinite(ep.extras["measured"])):
-            return np.asarray(ep.extras["measured"], np.float64)
+        measured = ep.extras.get("measured")
+        if measured is not None and np.all(np.isfinite(measured)):
+            return np.asarray(measured, np.float64)
         if STATE_OBS_KEY in ep.obs and ep.obs[STATE_OBS_KEY].shape[1:] == (6,):
+            if measured is None:
+                why = "the log has no extras/measured (an older actor)"
+            else:
+                bad = np.flatnonzero(~np.isfinite(np.asarray(measured, np.float64).reshape(len(measured), -1)).all(1))
+                why = f"extras/measured holds NaN or inf at {len(bad)} steps (first: step {int(bad[0])}; damaged?)"
             report.notes.append(
-                "the log has no extras/measured (an older actor): the measured pose is taken from obs/ee_pose "
-                "(float32, clipped to the observation bounds), so target and command may differ by its rounding"
+                f"{why}: the measured pose is taken from obs/ee_pose (float32, clipped to the observation bounds), so "
+                "target and command may differ by its rounding"
             )
             return np.asarray(ep.obs[STATE_OBS_KEY], np.float64)
         raise ReplayInputError(f"episode log {report.log}: no extras/measured and no obs/ee_pose to feed the robot")

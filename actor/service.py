@@ -79,6 +79,7 @@ class ActorCounters:
     steps: int = 0
     bc_steps: int = 0
     eval_runs: int = 0
+    eval_episodes: int = 0  # evaluation episodes run (not in `episodes`, which --episodes counts)
     faults: int = 0
     recent: list[tuple[int, int, bool]] = field(default_factory=list)  # (steps, bc_steps, success) per episode
 
@@ -551,6 +552,7 @@ class ActorService:
             # A faulted evaluation episode (a reflex, a lost camera) is recovered from and counts as a failure.
             s, k, b = self._guarded_episode(kind="eval", gated=gated, send=False, seed=EVAL_SEED_BASE + i)
             wins, steps, bc = wins + int(s), steps + k, bc + b
+            self.counters.eval_episodes += 1
             self._write_stats(force=True)
         self._done_eval_ids.add(eval_id)
         self.counters.eval_runs += 1
@@ -786,6 +788,7 @@ class ActorService:
             "sent": (link.sent_seq + 1) if link else 0,
             "acked": (link.acked_seq + 1) if link else 0,
             "episodes": c.episodes,
+            "eval_episodes": c.eval_episodes,
             "successes": c.successes,
             "success_rate_recent": (sum(s for _, _, s in recent) / len(recent)) if recent else None,
             "bc_fraction_recent": (sum(b for _, b, _ in recent) / max(sum(k for k, _, _ in recent), 1))
@@ -865,9 +868,10 @@ def _run_locked(
         for s, handler in previous.items():
             signal.signal(s, handler)
     rate = stats["successes"] / max(stats["episodes"], 1)
+    evals = f" (and {stats['eval_episodes']} evaluation episodes)" if stats["eval_episodes"] else ""
     print(
-        f"actor {stats['actor_id']}: {stats['episodes']} episodes, success {rate:.2f}, produced {stats['produced']}, "
-        f"acked {stats['acked']}; run directory {out}",
+        f"actor {stats['actor_id']}: {stats['episodes']} episodes{evals}, success {rate:.2f}, produced "
+        f"{stats['produced']}, acked {stats['acked']}; run directory {out}",
         flush=True,
     )
     unacked = stats["produced"] - stats["acked"]

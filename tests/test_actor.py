@@ -578,8 +578,8 @@ def test_an_online_actor_waits_a_bounded_time_for_weights_the_learner_has_publis
 
 
 def test_an_evaluation_another_actor_reported_first_is_abandoned_between_episodes(tmp_path: Path, bc_dir: Path):
-    """Every actor evaluates; the learner takes the first report and goes on. A slower actor stops its evaluation
-    at the next episode instead of running the rest (minutes on a robot) for a report the learner ignores."""
+    """Every actor evaluates; the learner scores the reports in and goes on. An actor still evaluating then stops at
+    the next episode instead of running the rest (minutes on a robot) for a report the learner ignores."""
     from types import SimpleNamespace
 
     import robot_rl.actor.service as actor_service
@@ -605,6 +605,8 @@ def test_an_evaluation_another_actor_reported_first_is_abandoned_between_episode
         state.status = SimpleNamespace(phase="eval", eval_id=4)  # one still asked for runs to its end
         service._evaluate(4)
         assert len(episodes) == 6 and [r.eval_id for r in reports] == [4]
+        stats = service.stats()  # evaluation episodes are counted apart from the episodes --episodes counts
+        assert (stats["eval_episodes"], stats["episodes"]) == (6, 0)
     finally:
         service.link = None
         service._shutdown()

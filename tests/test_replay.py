@@ -216,6 +216,16 @@ def test_a_tampered_command_is_reported_at_exactly_that_step(run, tmp_path: Path
     assert report.divergences[0].logged[0] == pytest.approx(report.divergences[0].replayed[0] + 1e-3, abs=1e-9)
 
 
+def test_a_measured_pose_holding_nan_is_named_as_such_not_as_an_older_log(run, tmp_path: Path):
+    log = tmp_path / "episode.hdf5"
+    shutil.copy(run["bc_log"], log)
+    with h5py.File(log, "r+") as f:
+        f["data/demo_0/extras/measured"][5, 2] = np.nan
+    report = replay_log(log, config=run["root"] / "actor" / "config.yaml", bc_dir=run["root"] / "bc")
+    notes = [n for n in report.notes if "obs/ee_pose" in n]
+    assert len(notes) == 1 and notes[0].startswith("extras/measured holds NaN or inf at 1 steps (first: step 5;")
+
+
 def test_a_tampered_decision_is_reported_as_use_bc(run, tmp_path: Path):
     log = tmp_path / "episode.hdf5"
     shutil.copy(run["gated_log"], log)
