@@ -468,11 +468,15 @@ class LearnerService:
             from robot_rl.security import secure_server
 
             self._auth = secure_server(ctx, [self.router, self.pub], keys_dir=Path(transport.keys_dir))
-        for sock, endpoint in ((self.router, transport.learner), (self.pub, transport.weights_endpoint)):
+        weights_what = "transport.weights" if transport.weights is not None else "the bind port + 1"
+        for sock, endpoint, what in (
+            (self.router, transport.learner, "requests from actors: --bind, transport.learner"),
+            (self.pub, transport.weights_endpoint, f"weights and status to actors: {weights_what}"),
+        ):
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
-                raise LearnerError(f"cannot bind {endpoint}: {exc}") from exc
+                raise LearnerError(f"cannot bind {endpoint} ({what}): {exc}") from exc
         self._poller.register(self.router, zmq.POLLIN)
         self._poller.register(self.store.wake_fd, zmq.POLLIN)
         self._poller.register(self.updater.wake_fd, zmq.POLLIN)
@@ -527,6 +531,9 @@ class LearnerService:
                 self.out,
             )
             return {"finished": False, **self._progress()}
+        except BaseException:  # a full disk, a failed update...: the actors hear it now, not from its silence
+            self._say_stopping()
+            raise
         finally:
             self._send_held_replies()
             self._write_stats()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket as pysocket
@@ -1376,15 +1377,16 @@ def test_resume_of_no_run_is_refused_and_a_run_that_cannot_bind_leaves_no_direct
             LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
     assert not (tmp_path / "absent").exists() and not (bc_dir / "buffer").exists()
 
-    taken = ctx.socket(zmq.ROUTER)  # another learner holds the port
-    taken.bind(cfg.transport.learner)
     out = tmp_path / "run"
-    try:
-        with pytest.raises(LearnerError, match="cannot bind"):
-            run_learner(cfg, out, bc_dir=bc_dir, quiet=True)
-    finally:
-        taken.close(linger=0)
-    assert not out.exists(), "the run that never started left a directory behind"
+    for endpoint, what in ((cfg.transport.learner, "requests"), (cfg.transport.weights_endpoint, "weights")):
+        taken = ctx.socket(zmq.ROUTER)  # another process holds the port
+        taken.bind(endpoint)
+        try:
+            with pytest.raises(LearnerError, match=rf"cannot bind {re.escape(endpoint)} \({what}"):
+                run_learner(cfg, out, bc_dir=bc_dir, quiet=True)
+        finally:
+            taken.close(linger=0)
+        assert not out.exists(), "the run that never started left a directory behind"
     LearnerService(cfg, out, bc_dir=bc_dir, quiet=True).store.close()  # the same --out is free for the retry
 
 
@@ -1438,3 +1440,25 @@ def test_a_resumed_learner_says_in_its_stats_what_a_damaged_log_lost(tmp_path: P
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["log_damaged_records"], stats["log_lost_transitions"], stats["log_cut_transitions"]) == (1, 10, 0)
     assert resumed.counters.env_steps == 20 and resumed.streams[("a0", "r0")].next_seq == 30
+
+
+def test_a_learner_that_fails_tells_the_actors_it_is_stopping(tmp_path: Path, bc_dir: Path, ctx) -> None:
+    """A full disk or a failed update ends the learner with an error: the actors hear at once that it is stopping,
+    instead of learning it from seconds of silence."""
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    fail = threading.Event()
+    advance = service._advance
+
+    def failing_advance() -> None:
+        if fail.is_set():
+            raise OSError(28, "No space left on device")
+        advance()
+
+    service._advance = failing_advance
+    with pytest.raises(OSError, match="No space left"), running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        assert not actor.wait_status(lambda s: s.phase == "eval").stopping
+        fail.set()
+        assert actor.wait_status(lambda s: s.stopping).phase == "eval"
