@@ -757,9 +757,16 @@ class ActorService:
     def _shutdown(self) -> None:
         if self.link is not None and self.spill is not None:
             deadline = time.monotonic() + self.cfg.actor.stop_wait_s
+            unacked = self.spill.unacked(self.link.state.acked_seq)
+            if unacked > 0 and not self._learner_stopping():
+                log.warning(
+                    "stopping: waiting up to %.0f s (actor.stop_wait_s) for the learner to acknowledge %d transitions",
+                    self.cfg.actor.stop_wait_s,
+                    unacked,
+                )
             while self.spill.unacked(self.link.state.acked_seq) > 0 and time.monotonic() < deadline:
-                if self.link.state.refused is not None or not self.link.is_alive():
-                    break
+                if self.link.state.refused is not None or not self.link.is_alive() or self._learner_stopping():
+                    break  # nothing more will be acknowledged now: what is unacknowledged stays in the spill
                 time.sleep(0.05)
                 self._write_stats()
             self.link.stop()
@@ -774,6 +781,11 @@ class ActorService:
         close_cameras(self.cameras)
         self.status_line.close()
         self.env.close()
+
+    def _learner_stopping(self) -> bool:
+        """The learner's newest status says it is stopping (it acknowledges nothing more until --resume)."""
+        status = self.link.state.status if self.link is not None else None
+        return bool(getattr(status, "stopping", False))
 
     # -- stats ---------------------------------------------------------------------------------------------------------
     def stats(self) -> dict:

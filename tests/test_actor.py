@@ -680,6 +680,31 @@ def test_an_actor_says_at_once_when_its_learner_says_it_is_stopping_and_when_it_
         service._shutdown()
 
 
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_stopping_actor_waits_for_its_last_acks_only_while_the_learner_may_still_give_them(
+    tmp_path: Path, bc_dir: Path, caplog, stopping: bool
+):
+    from types import SimpleNamespace
+
+    import robot_rl.actor.service as actor_service
+    from robot_rl.actor.link import LinkState
+
+    caplog.set_level(logging.WARNING)
+    cfg = load_config(TINY, ["actor.period_s=0", "actor.stop_wait_s=1.5"])
+    service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
+    state = LinkState(last_heard=time.monotonic(), acked_seq=99, status=SimpleNamespace(stopping=stopping))
+    service.link = SimpleNamespace(state=state, is_alive=lambda: True, stop=lambda: None, join=lambda timeout: None)
+    service.spill = SimpleNamespace(unacked=lambda acked: 130 - (acked + 1), lost_transitions=0, cut_transitions=0)
+    started = time.monotonic()
+    service._shutdown()
+    took = time.monotonic() - started
+    waiting = "stopping: waiting up to 2 s (actor.stop_wait_s) for the learner to acknowledge 30 transitions"
+    if stopping:  # the learner said it is stopping: no acknowledgement can come, so none is waited for
+        assert took < 1.0 and waiting not in caplog.text
+    else:
+        assert took >= 1.5 and waiting in caplog.text
+
+
 def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp_path: Path, bc_dir: Path):
     import threading
     from types import SimpleNamespace
