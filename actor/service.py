@@ -678,7 +678,8 @@ class ActorService:
                 "no answer from the learner at %s for %.0f s: is it running, is the address right%s? Waiting.",
                 self.learner_endpoint,
                 waited,
-                ""
+                ", and does it run without CURVE keys (a learner with transport.keys_dir answers only actors given "
+                "keys too)"
                 if keys is None
                 else f", and does its authorized/ hold this actor's key and {keys}/learner.key the learner's",
             )

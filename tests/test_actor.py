@@ -545,6 +545,7 @@ def test_an_actor_whose_learner_never_answers_says_so_and_keeps_waiting(
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.05)
         assert endpoint in caplog.text and "Waiting." in caplog.text
+        assert "a learner with transport.keys_dir answers only actors given keys too" in caplog.text
         assert service.counters.episodes == 0  # nothing started without the learner
     finally:
         service.stop_event.set()
