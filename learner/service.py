@@ -1261,6 +1261,7 @@ class LearnerService:
         return {
             "learner_id": self.learner_id,
             "phase": self.phase,
+            "done": self.done,  # the run is complete (its phase is then paused: actors are told to stop)
             "eval_id": self.eval_id,
             "weights_version": self.weights_version,
             "learner_steps": c.learner_steps,

@@ -719,7 +719,8 @@ def test_a_done_learner_waits_for_the_episode_a_slower_actor_is_still_sending(
             actor.report(eval_id, 0.5)
         actor.wait_status(lambda s: s.done)
         time.sleep(3.0)  # the robot's next chunk, 30 steps at 10 Hz later
-        assert json.loads((tmp_path / "run" / "stats.json").read_text())["phase"] == "paused"  # not "eval"
+        stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+        assert (stats["phase"], stats["done"]) == ("paused", True)  # not "eval"
         assert acked(actor.transitions(55, 5, version=2, ends=(4,))) == 59
     assert result["summary"]["finished"] is True and result["summary"]["env_steps"] == 60
 
