@@ -64,7 +64,7 @@ from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 from robot_rl.security import key_owners
 from robot_rl.signals import stop_signals
-from robot_rl.train import demo_buffer, resolve_device
+from robot_rl.train import check_compile, demo_buffer, resolve_device
 from robot_rl.wire import (
     ID_PATTERN,
     PHASES,
@@ -337,6 +337,8 @@ class LearnerService:
                 f"method {cfg.agent.method} samples no demonstrations (offline ratio 0), so --demos {demos} would "
                 "be ignored: drop --demos, or set agent.offline_ratio above 0 to sample them"
             )
+        self.device = resolve_device(cfg.train.device)  # refused before the run directory is touched
+        check_compile(cfg.train.compile, self.device)
         self.spec = transition_spec(cfg)
         self.fingerprint = config_fingerprint(cfg)
         _check_out_dir(self.out, resume=resume, fingerprint=self.fingerprint)
@@ -345,7 +347,6 @@ class LearnerService:
             torch.set_num_threads(cfg.train.torch_threads)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.device = resolve_device(cfg.train.device)
         space = learner_observation_space(cfg)
         self.obs_spec = obs_lib.spec_from_space(space)
         low, high = obs_lib.state_bounds(space)

@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -709,6 +711,12 @@ def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
             return
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         child = node.get(key)
+        if isinstance(child, list) or _is_list_field(annotation):
+            example = " (e.g. [{name: front, out_size: 64}, {name: wrist, out_size: 64}])" if key == "cameras" else ""
+            raise ConfigError(
+                f"--set {'.'.join(keys)}: {path!r} is a list, set as a whole: --set '{path}=[...]' with every item in "
+                f"YAML flow style{example}; a config file shows its items"
+            )
         if child is None:
             child = {}
         elif isinstance(child, BaseModel):
@@ -717,6 +725,14 @@ def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
             raise ConfigError(f"--set {'.'.join(keys)}: {path!r} is not a section")
         node[key] = child
         node = child
+
+
+def _is_list_field(annotation: Any) -> bool:
+    """Whether a field's annotation is a list type (list[...], possibly optional)."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return True
+    return origin in (typing.Union, types.UnionType) and any(_is_list_field(a) for a in typing.get_args(annotation))
 
 
 def _read_config_file(p: Path) -> dict[str, Any]:

@@ -7,6 +7,8 @@ and passes each the slice of config it needs.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -53,11 +55,34 @@ QEST_SEED_OFFSET = 500_000
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device train.device names; ConfigError for 'cuda' where torch sees no CUDA device."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+        raise ConfigError(
+            "train.device is 'cuda' but torch sees no CUDA device here (no GPU, no driver, or a CPU build of torch): "
+            "use --set train.device=auto (CUDA when present, else the CPU) or train.device=cpu"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_compile(mode: str, device: torch.device) -> None:
+    """ConfigError when train.compile is on and no compiler torch.compile needs is on PATH (it builds its kernels
+    with a C++ compiler on a CPU, a C compiler for Triton's launchers on a GPU): said at start, not after
+    Q-Estimation at the first compiled update."""
+    if mode == "off":
+        return
+    names = ("CXX", "c++", "g++", "clang++") if device.type == "cpu" else ("CC", "cc", "gcc", "clang")
+    found = [name for name in names[1:] if shutil.which(name)]
+    if os.environ.get(names[0]) and shutil.which(os.environ[names[0]]):
+        found.append(os.environ[names[0]])
+    if not found:
+        kind = "C++" if device.type == "cpu" else "C"
+        raise ConfigError(
+            f"train.compile={mode} needs a {kind} compiler on PATH ({', '.join(names[1:])} or ${names[0]}) to build "
+            f"its {device.type} kernels, and none was found: install one (apt-get install "
+            f"{'g++' if kind == 'C++' else 'gcc'}) or set train.compile=off"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -278,13 +303,14 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, out: Path, *, bc_dir: Path | None, demos: Path | None, quiet: bool) -> None:
         self.cfg, self.out = cfg, out
+        self.device = resolve_device(cfg.train.device)  # before anything is written: a refusal leaves no run
+        check_compile(cfg.train.compile, self.device)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.device = resolve_device(cfg.train.device)
         self.status = StatusLine(enabled=not quiet)
         self.log = RunLog(out)
         self.start = time.monotonic()
@@ -681,10 +707,18 @@ def refuse_other_obs(env, spec: obs_lib.ObsSpec, what: str, source: str, trained
     observed = obs_lib.spec_from_space(env.observation_space)
     if observed != spec:
         env.close()
-        raise ConfigError(
-            f"{what} observes {sorted(spec)}, the env of {source} observes {sorted(observed)}; pass --config with "
-            f"the config {trained_with}"
+        differ = [k for k in sorted(set(spec) | set(observed)) if spec.get(k) != observed.get(k)]
+        detail = "; ".join(
+            f"{k}: {_shape_of(spec.get(k))} against the env's {_shape_of(observed.get(k))}" for k in differ
         )
+        raise ConfigError(
+            f"{what} observes other than the env of {source} ({detail}); pass --config with the config {trained_with}"
+        )
+
+
+def _shape_of(entry: tuple | None) -> str:
+    """An observation spec entry (shape, dtype) as 'shape dtype', or 'nothing' for a key one side lacks."""
+    return "nothing" if entry is None else f"{tuple(entry[0])} {entry[1]}"
 
 
 # What `eval --set` may change: the env the fixed policy acts in, and whether its BC proposal is the mode or a sample.

@@ -518,7 +518,13 @@ def test_eval_of_a_bc_policy_that_observes_cameras_the_config_lacks_is_refused(t
     bc_dir = save_bc(policy, tmp_path / "bc")
     assert main(["eval", "--checkpoint", str(bc_dir), "--episodes", "1"]) == 2
     line = error_line(capsys, "eval")
-    assert "observes ['ee_pose', 'front', 'wrist']" in line and "pass --config with the config" in line
+    assert "observes other than the env of" in line and "pass --config with the config" in line
+    assert "front: (84, 84, 3) uint8 against the env's nothing" in line
+    # The same keys at another image size: the shapes are what differ, and they are named.
+    cameras = "env.cameras=[{name: front, out_size: 64}, {name: wrist, out_size: 64}]"
+    assert main(["eval", "--checkpoint", str(bc_dir), "--config", str(IMAGE), "--set", cameras]) == 2
+    line = error_line(capsys, "eval")
+    assert "front: (84, 84, 3) uint8 against the env's (64, 64, 3) uint8; wrist: (84, 84, 3) uint8" in line
 
 
 def test_report_names_runs_with_nothing_to_plot_and_refuses_when_no_run_has_anything(tmp_path: Path, capsys) -> None:
@@ -755,3 +761,27 @@ def test_an_interrupt_that_left_nothing_does_not_point_at_partial_output(tmp_pat
     monkeypatch.setitem(cli.COMMANDS, "bc", raising(KeyboardInterrupt()))
     assert main(["bc", "--demos", "D", "--out", str(tmp_path / "never")]) == 130
     assert capsys.readouterr().err == "\nrobot-rl bc: interrupted\n"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "learner"])
+def test_a_cuda_device_without_cuda_is_one_line_and_leaves_no_run(tmp_path: Path, command: str, capsys) -> None:
+    out = tmp_path / "run"
+    args = [command, "--config", str(STATE), "--out", str(out), "--bc", str(fake_bc_dir(tmp_path / "bc"))]
+    assert main([*args, "--set", "train.device=cuda"]) == 2
+    assert "train.device is 'cuda' but torch sees no CUDA device" in error_line(capsys, command)
+    assert not out.exists()  # the same command with train.device=auto runs in it
+
+
+@pytest.mark.parametrize("command", ["train", "learner"])
+def test_compile_without_a_compiler_is_refused_at_start(tmp_path: Path, command: str, capsys, monkeypatch) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # a machine without c++, g++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    out = tmp_path / "run"
+    args = [command, "--config", str(STATE), "--out", str(out), "--bc", str(fake_bc_dir(tmp_path / "bc"))]
+    assert main([*args, "--set", "train.compile=default", "--set", "train.device=cpu"]) == 2
+    err = error_line(capsys, command)
+    assert "train.compile=default needs a C++ compiler on PATH (c++, g++, clang++ or $CXX)" in err
+    assert "or set train.compile=off" in err and not out.exists()

@@ -48,7 +48,11 @@ def test_override_beats_file(tmp_path):
         ("env.impedance.stiffness=[1, 1, 1, 1, 1, -1]", "env.impedance"),
         ("train.eval_every=0", "train.eval_every"),
         ("novalue", "path.to.field=value"),
-        ("agent.hidden.x=1", "agent.hidden.x"),
+        (
+            "agent.hidden.x=1",
+            "--set agent.hidden.x: 'agent.hidden' is a list, set as a whole: --set 'agent.hidden=[...]'",
+        ),
+        ("env.cameras.0.out_size=64", "'env.cameras' is a list, set as a whole: --set 'env.cameras=[...]'"),
         # What reaches a real arm has a ceiling: a 5 m box (0.5 for 0.05 is a typo away) or a rigid arm is refused.
         ("env.safety.xyz_high=[0.05, 0.05, 5.0]", "xyz limits reach beyond ±0.3 m of the reference on axis z"),
         ("env.safety.rpy_low_deg=[-5, -90, -20]", "rpy_deg limits reach beyond ±60 degrees"),
