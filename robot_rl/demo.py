@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -210,13 +211,24 @@ def _supervise(
     return "learner" if procs["learner"].poll() not in (None, 0) else None
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: ")  # "RuntimeError: ...", "torch._x.exc.Failed: ..."
+
+
 def _last_line(path: Path) -> str:
-    """The last non-empty line of a service's log (its one-line error, when it failed with one)."""
+    """The line of a service's log that says why it failed: its one-line error, or the exception line of a traceback
+    (a library's advice printed after it, such as torch's, is not the reason); else its last non-empty line."""
     try:
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no log)"
-    return lines[-1] if lines else "(the log is empty)"
+    if not lines:
+        return "(the log is empty)"
+    if "Traceback (most recent call last):" in lines:
+        after = lines[len(lines) - 1 - lines[::-1].index("Traceback (most recent call last):") :]
+        exceptions = [line for line in after if _EXCEPTION_LINE.match(line)]
+        if exceptions:
+            return exceptions[-1]
+    return lines[-1]
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -390,3 +390,22 @@ def test_the_kill_and_fuzz_benches_lose_and_store_nothing_wrong(script: str, arg
     assert re.match(headline, last), out.stdout[-3000:]
     if script == "fuzz.py":  # the real actor's transitions kept arriving during the fuzz
         assert int(last.rsplit(": ", 1)[1].split()[0]) > 0, last
+
+
+def test_a_failed_service_is_summed_up_by_its_exception_not_by_advice_printed_after_it(tmp_path: Path):
+    from robot_rl.demo import _last_line
+
+    log = tmp_path / "learner.log"
+    log.write_text(
+        "learner: phase qest_fit\n"
+        "Traceback (most recent call last):\n"
+        '  File "agent.py", line 479, in _critic_step\n'
+        "torch._dynamo.exc.BackendCompilerFailed: backend='inductor' raised:\n"
+        "InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')\n"
+        "\n"
+        "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're reporting a bug "
+        'to PyTorch). For even more developer context, set TORCH_LOGS="+dynamo"\n'
+    )
+    assert _last_line(log).startswith("InvalidCxxCompiler: No working C++ compiler found")
+    log.write_text("learner: phase eval\nrobot-rl learner: run directory runs/x exists and is not empty\n")
+    assert _last_line(log) == "robot-rl learner: run directory runs/x exists and is not empty"
