@@ -14,6 +14,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import ValidationError
 
 from robot_rl.config import CameraConfig, ConfigError, CropConfig, load_config
 
@@ -49,6 +50,33 @@ def recording_camera_config(path: Path, *, name: str = "recording") -> CameraCon
         side = min(width, height)
         crop = CropConfig(x=(width - side) // 2, y=(height - side) // 2, width=side, height=side)
     return CameraConfig(name=name, recording=str(path), width=width, height=height, fps=fps, crop=crop)
+
+
+def _recording_configs(recording: Path, config_path: Path | None, overrides: list[str]) -> list[CameraConfig]:
+    """What to preview a recording through: with a config (--config or --set), each of its cameras' crop and image
+    size read from the recording; without one, the default crop (a centred square where it does not fit)."""
+    base = recording_camera_config(recording)
+    if config_path is None and not overrides:
+        return [base]
+    cameras = load_config(config_path, overrides).env.cameras
+    out = []
+    for camera in cameras:
+        fields = camera.model_dump() | {
+            "serial": None,
+            "recording": str(recording),
+            "width": base.width,
+            "height": base.height,
+            "fps": base.fps,
+        }
+        try:
+            out.append(CameraConfig.model_validate(fields))
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise ConfigError(
+                f"camera {camera.name} of the config does not fit recording {recording} ({base.width}x{base.height}): "
+                f"{problem}"
+            ) from None
+    return out or [base]
 
 
 def preview_image(raw: np.ndarray, processed: np.ndarray, crop: CropConfig) -> np.ndarray:
@@ -141,7 +169,7 @@ def run_cameras(
         listing_error = None
     try:
         if recording is not None:
-            configs = [recording_camera_config(recording)]
+            configs = _recording_configs(recording, config_path, overrides)
         else:
             cfg = load_config(config_path, overrides)
             absent = [

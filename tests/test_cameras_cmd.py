@@ -106,3 +106,24 @@ def test_a_configured_serial_that_is_not_connected_is_named(capsys, tmp_path: Pa
     args = ["cameras", "--set", 'env.cameras=[{name: front, serial: "123456"}]']
     assert main(args) == 2
     assert "camera front (serial 123456) not connected; connected RealSense serials: none" in capsys.readouterr().err
+
+
+def test_a_recording_is_previewed_through_the_configured_cameras_crop_and_size(tmp_path: Path, capsys):
+    """Checking a configured crop on a recording: the preview uses the config's cameras, not the default crop."""
+    rec = write_recording(tmp_path / "rec.db3", frames(6), fps=30, width=W, height=H)
+    image_config = Path(__file__).resolve().parents[1] / "configs" / "sim_peg_image.yaml"
+    cameras = (
+        "env.cameras=[{name: front, out_size: 64, crop: {x: 0, y: 0, width: 400, height: 400}}, "
+        "{name: wrist, out_size: 32}]"
+    )
+    out = tmp_path / "previews"
+    args = ["cameras", "--config", str(image_config), "--set", cameras, "--recording", str(rec), "--out", str(out)]
+    assert main([*args, "--frames", "3"]) == 0
+    front, wrist = (cv2.imread(str(out / f"{name}.png")) for name in ("front", "wrist"))
+    assert front.shape[1] == W + 4 + 64 and wrist.shape[1] == W + 4 + 32  # raw frame, margin, the configured size
+    assert tuple(front[200, 0]) == (0, 255, 0)  # the configured crop's left edge, x=0
+    # A configured crop that does not fit the recording is named, not clipped silently.
+    small = write_recording(tmp_path / "small.db3", frames(4, 320, 240), fps=30, width=320, height=240)
+    capsys.readouterr()
+    assert main([*args[:5], "--recording", str(small), "--out", str(out)]) == 2  # front's 400x400 crop
+    assert "camera front of the config does not fit recording" in capsys.readouterr().err
