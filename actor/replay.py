@@ -713,6 +713,8 @@ def replay_log(
         inputs.weights.check(versions)
     report = ReplayReport(log=log, episodes=len(episodes), versions=versions)
     weights = "no weights (BC only)" if inputs.weights is None else f"weights {inputs.weights.directory}"
+    if checkpoint is not None and not versions:
+        weights = f"no weights: every step acted with the BC policy alone, so --checkpoint {checkpoint} is not used"
     report.notes.append(f"replayed with config {inputs.config_path}, BC policy {inputs.bc_path}, {weights}")
     if inputs.weights is not None and inputs.weights.fixed is not None and versions:
         report.notes.append(f"every gated step replayed with {inputs.weights.describe()} (logged versions {versions})")

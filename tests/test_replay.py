@@ -311,6 +311,8 @@ def test_a_bc_only_log_of_an_actor_without_weights_replays_without_a_checkpoint(
     assert "(0 gated, BC only)" in out and ": 0 divergent steps" in out
     report = replay_log(log)
     assert report.ok and report.versions == [] and report.steps == len(read_episodes(log)[0])
+    assert main(["replay", str(log), "--checkpoint", str(run["archive"])]) == 0  # weights it never acted with
+    assert f"so --checkpoint {run['archive']} is not used" in capsys.readouterr().out
 
 
 def test_a_config_whose_env_differs_from_the_logs_is_named_with_the_divergence_it_explains(run, tmp_path, capsys):
