@@ -511,7 +511,8 @@ class TrainConfig(Strict):
     bf16: bool = Field(
         False,
         description="bf16 autocast of the learner's forward passes (weights, optimiser and losses stay float32); "
-        "for GPUs and CPUs with bf16 units.",
+        "for GPUs and CPUs with bf16 units, and large networks: on a CPU it about doubles the image config's steps/s "
+        "but slows small networks (the casts cost more than they save). Gains: docs/benchmarks.md.",
     )
     prefetch: bool = Field(
         False, description="Sample each learner step's minibatches on a background thread (pinned memory on CUDA)."
