@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import TransitionBatch
-from robot_rl.config import AgentConfig, BCConfig, EncoderConfig
+from robot_rl.config import AgentConfig, BCConfig, ConfigError, EncoderConfig
 from robot_rl.networks import CriticEnsemble, ObsEncoder, random_shift
 from robot_rl.train import resolve_device
 
@@ -128,7 +128,7 @@ def test_device_auto_falls_back_to_cpu_without_cuda():
         assert resolve_device("auto").type == "cuda"
     else:
         assert resolve_device("auto").type == "cpu"
-        with pytest.raises(RuntimeError, match="no CUDA"):
+        with pytest.raises(ConfigError, match="sees no CUDA device"):
             resolve_device("cuda")
 
 
