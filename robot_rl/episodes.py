@@ -1030,7 +1030,12 @@ def episodes_to_transitions(episodes: Iterable[Episode]) -> dict[str, np.ndarray
     keys = set(flats[0])
     for i, flat in enumerate(flats[1:], start=1):
         if set(flat) != keys:
-            raise ValueError(f"episode {i} has fields {sorted(flat)}, episode 0 has {sorted(keys)}")
+            extra, missing = sorted(set(flat) - keys), sorted(keys - set(flat))
+            raise ValueError(
+                f"episode {i} has fields episode 0 lacks ({', '.join(extra) or 'none'}) and lacks fields it has "
+                f"({', '.join(missing) or 'none'}): episodes recorded with different settings; keep them in "
+                "separate files"
+            )
     out = {name: np.concatenate([flat[name] for flat in flats]) for name in flats[0]}
     out["episode_index"] = np.concatenate([np.full(len(ep), i, dtype=np.int64) for i, ep in enumerate(episodes)])
     out["step_index"] = np.concatenate([np.arange(len(ep), dtype=np.int64) for ep in episodes])

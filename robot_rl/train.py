@@ -6,6 +6,7 @@ and passes each the slice of config it needs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -196,7 +197,9 @@ def demo_transitions(demos: Path, warn: Callable[[str], None] | None = None) -> 
     """The transitions of a demonstrations file (episodes_to_transitions); EpisodeFileError when it holds no
     demonstration with a step (an empty file, or one whose writer died before its first step) or its
     demonstrations differ in their fields. What the read skipped or derived goes to `warn`."""
-    episodes = read_episodes(demos, warn=warn)
+    # Per-step extras (an actor's gating record, a fault's) are not demonstrations: BC and RLPD read the steps only,
+    # so logs whose episodes record different extras (a run's rollouts.hdf5, say) still serve.
+    episodes = [dataclasses.replace(ep, extras={}) for ep in read_episodes(demos, warn=warn)]
     if not episodes:
         raise EpisodeFileError(
             f"{demos}: no demonstration with a step in it; record some with `robot-rl collect` or pass another file"

@@ -225,6 +225,26 @@ def test_demos_whose_actions_or_fields_do_not_fit_are_one_line(
     assert not out.exists()
 
 
+def test_demos_whose_episodes_record_different_extras_still_train_bc(tmp_path: Path, capsys) -> None:
+    """Per-step extras (an actor's gating record, a fault's) are not demonstrations: a log whose episodes record
+    different ones (a run's rollouts.hdf5, say) serves BC. Differing observations stay refused, naming the fields."""
+    demos = state_demos(tmp_path / "demos.hdf5")
+    with EpisodeWriter(demos, env_args={"env": "robot_rl/PegInsertionSim-v0"}, mode="a") as writer:
+        writer.add_episode(read_episodes(demos)[0])
+    with h5py.File(demos, "a") as f:
+        f["data/demo_1/extras/q_rl"] = np.zeros(len(f["data/demo_1/actions"]), np.float32)
+    out = tmp_path / "bc"
+    args = ["bc", "--config", str(STATE), "--demos", str(demos), "--out", str(out), "--set", "bc.steps=5"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "bc.json").is_file()
+    with h5py.File(demos, "a") as f:
+        add_obs_key(f["data/demo_1"])
+    assert main([*args[:-2], "--out", str(tmp_path / "bc2"), "--set", "bc.steps=5"]) == 2
+    line = error_line(capsys, "bc")
+    assert "episode 1 has fields episode 0 lacks (next_obs/extra, obs/extra) and lacks fields it has (none)" in line
+    assert "keep them in separate files" in line
+
+
 @pytest.mark.parametrize("command", ["bc", "train", "learner"])
 def test_demos_that_are_a_directory_are_named_as_such(tmp_path: Path, command: str, capsys) -> None:
     out = tmp_path / "out"
