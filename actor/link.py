@@ -34,6 +34,7 @@ from robot_rl.wire import (
     config_fingerprint,
     config_hash,
     from_frames,
+    from_joined,
     from_wire,
     is_joined_frames,
     split_frames,
@@ -301,10 +302,7 @@ class LearnerLink(threading.Thread):
 
 def _spilled_message(payload: bytes, max_bytes: int) -> Transitions:
     """The Transitions message a spilled chunk holds (joined frames, or one frame of an earlier version)."""
-    if is_joined_frames(payload):
-        message = from_frames(list(split_frames(payload)), max_bytes=max_bytes, versions=STORED_VERSIONS)
-    else:
-        message = from_wire(payload, max_bytes=max_bytes, versions=STORED_VERSIONS)
+    message = from_joined(payload, max_bytes=max_bytes, versions=STORED_VERSIONS)
     if not isinstance(message, Transitions):
         raise WireError(f"a spilled chunk holds a {message.kind} message, not transitions")
     return message

@@ -157,8 +157,7 @@ class ActorService:
         self.run_id = self._run_id()
         self.bc_dir = bc_dir.resolve()
         self.bc = load_bc(bc_dir)
-        self._check_same_bc()  # before the arm is connected
-        self._record_bc_dir()
+        self._record_bc()  # before the arm is connected
         self.env = make_env(cfg.env)
         self.obs_spec = obs_lib.spec_from_space(self.env.observation_space)
         low, high = obs_lib.state_bounds(self.env.observation_space)
@@ -255,26 +254,21 @@ class ActorService:
                 "--out"
             )
 
-    def _check_same_bc(self) -> None:
-        """actor_state.json keeps the BC policy's weights fingerprint: a continued run acts with the same policy."""
+    def _record_bc(self) -> None:
+        """actor_state.json names the BC policy this actor acts with (replay finds it there) and keeps its weights
+        fingerprint: a continued run acts with the same policy (ActorError otherwise)."""
         state_path = self.out / "actor_state.json"
         state = json.loads(state_path.read_text())
         weights = bc_fingerprint(self.bc)[BC_FINGERPRINT_KEY]
-        if state.get("bc_weights") is None:
-            write_json_atomic(state_path, {**state, "bc_weights": weights})
-        elif state["bc_weights"] != weights:
+        if state.get("bc_weights") not in (None, weights):
             raise ActorError(
                 f"--bc {self.bc_dir} is not the BC policy the run in {self.out} acted with (from "
                 f"{state.get('bc_dir', 'an earlier --bc')}): its episodes, spill and evaluations belong to that "
                 "policy. Continue with that --bc, or start a new run with another --out"
             )
-
-    def _record_bc_dir(self) -> None:
-        """actor_state.json names the BC policy this actor acts with (replay finds it there)."""
-        state_path = self.out / "actor_state.json"
-        state = json.loads(state_path.read_text())
-        if state.get("bc_dir") != str(self.bc_dir):
-            write_json_atomic(state_path, {**state, "bc_dir": str(self.bc_dir)})
+        recorded = {**state, "bc_dir": str(self.bc_dir), "bc_weights": weights}
+        if recorded != state:
+            write_json_atomic(state_path, recorded)
 
     # -- weights and phase ---------------------------------------------------------------------------------------------
     def _swap_weights(self) -> None:
@@ -859,27 +853,9 @@ def run_actor(
         check_client_keys(Path(cfg.transport.keys_dir), cfg.actor.actor_id)
     if out.exists() and not out.is_dir():
         raise ActorError(f"--out {out} is a file; give the actor a directory")
-    lock = DirectoryLock(out, what="actor")  # a second actor on this --out is refused; the running one goes on
-    try:
-        return _run_locked(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
-    finally:
-        lock.release()
-
-
-def _run_locked(
-    cfg: RunConfig, out: Path, *, bc_dir: Path, learner: str | None, episodes: int | None, quiet: bool
-) -> int:
-    service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
-
-    def on_signal(signum, frame) -> None:
-        service.stop_event.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in stop_signals()}
-    try:
-        stats = service.run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with DirectoryLock(out, what="actor"):  # a second actor on this --out is refused; the running one goes on
+        service = ActorService(cfg, out, bc_dir=bc_dir, learner=learner, episodes=episodes, quiet=quiet)
+        stats = _run(service)
     rate = stats["successes"] / max(stats["episodes"], 1)
     evals = f" (and {stats['eval_episodes']} evaluation episodes)" if stats["eval_episodes"] else ""
     print(
@@ -896,3 +872,18 @@ def _run_locked(
         )
         return 1
     return 0
+
+
+def _run(service: ActorService) -> dict:
+    """service.run(), stopped by SIGINT/SIGTERM (the episode ends, the spill is flushed, the last acks waited for)."""
+
+    def on_signal(signum, frame) -> None:
+        service.stop_event.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals()}
+    try:
+        stats = service.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return stats

@@ -57,7 +57,7 @@ from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, check_buffer_memory
 from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
-from robot_rl.dirlock import LOCK_FILE, DirectoryLock
+from robot_rl.dirlock import DirectoryLock, holds_only_the_lock
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
@@ -250,7 +250,7 @@ def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> N
     if out.exists() and not out.is_dir():
         raise LearnerError(f"run directory {out} is a file")
     if not resume:
-        if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        if out.exists() and not holds_only_the_lock(out):
             raise LearnerError(
                 f"run directory {out} exists and is not empty; pass --resume to continue the run in it, "
                 "or choose another --out"
@@ -813,22 +813,19 @@ class LearnerService:
                 # Acted with the BC policy alone (the actor had no weights yet): not an evaluation of the weights.
                 self.eval_awaited.discard(report.actor_id)
                 self._weights_due = True
-                if self.eval_reports or self.eval_awaited:
-                    log.warning(
-                        "evaluation %d: actor %s had no weights yet and evaluated the BC policy alone; its report is "
-                        "not used (the evaluation is scored on the other actors' reports)",
-                        report.eval_id,
-                        report.actor_id,
-                    )
-                    return None
+                others = bool(self.eval_reports or self.eval_awaited)
                 log.warning(
                     "evaluation %d: actor %s had no weights yet and evaluated the BC policy alone; its report is not "
-                    "used, and the evaluation is asked for again (as %d) with the weights broadcast anew",
+                    "used, %s",
                     report.eval_id,
                     report.actor_id,
-                    report.eval_id + 1,
+                    "the evaluation is scored on the other actors' reports"
+                    if others
+                    else f"and the evaluation is asked for again (as {report.eval_id + 1}) with the weights broadcast "
+                    "anew",
                 )
-                self._start_eval(self.eval_kind)
+                if not others:
+                    self._start_eval(self.eval_kind)
                 return None
             if not self.eval_reports:
                 self.eval_first_report = time.monotonic()
@@ -1504,16 +1501,14 @@ def run_learner(
     existed = out.exists()
     if existed and not out.is_dir():
         raise LearnerError(f"run directory {out} is a file")
-    lock = DirectoryLock(out, what="learner")  # before anything reads or repairs the run's files
-    try:
-        return _run_locked(cfg, out, existed, bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id,
-                           quiet=quiet)  # fmt: skip
-    except BaseException:
-        if not existed and out.is_dir() and not any(p.name != LOCK_FILE for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)  # a new run refused before it wrote anything: leave no trace
-        raise
-    finally:
-        lock.release()
+    with DirectoryLock(out, what="learner"):  # before anything reads or repairs the run's files
+        try:
+            return _run_locked(cfg, out, existed, bc_dir=bc_dir, demos=demos, resume=resume, learner_id=learner_id,
+                               quiet=quiet)  # fmt: skip
+        except BaseException:
+            if out.is_dir() and holds_only_the_lock(out):  # refused before it wrote anything: leave no trace
+                _discard_new_run(out, existed)
+            raise
 
 
 def _run_locked(

@@ -51,3 +51,14 @@ class DirectoryLock:
         if self._file is not None:
             self._file.close()  # closing the descriptor drops the flock
             self._file = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holds_only_the_lock(directory: Path) -> bool:
+    """Whether `directory` holds nothing but (at most) the lock file: a run that wrote nothing yet."""
+    return not any(p.name != LOCK_FILE for p in directory.iterdir())
