@@ -18,19 +18,18 @@ sequence (`gaps`); `damaged_records`, `lost_transitions`, `cut_transitions` and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import struct
 import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from robot_rl.durable import keep_damaged_copy, rewrite
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
@@ -170,22 +169,9 @@ class Spill:
         self, segment: Path, data: bytes, kept: list[tuple[int, int, int, int]], damage: list[tuple[int, int, int, int]]
     ) -> Path:
         """Keep the original of a segment damaged in the middle beside it, then rewrite it of its intact records."""
-        copy = segment.with_name(f"{segment.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
-        try:
-            os.link(segment, copy)  # the segment is rewritten into a new file: the linked original is never changed
-        except OSError:
-            shutil.copyfile(segment, copy)
-            with copy.open("rb") as f:
-                os.fsync(f.fileno())
-        tmp = segment.with_name(f".{segment.name}.repair")
+        copy = keep_damaged_copy(segment)
         view = memoryview(data)
-        with tmp.open("wb") as f:
-            for start, end, _, _ in kept:
-                f.write(view[start:end])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, segment)
-        _fsync_directory(self.root)
+        rewrite(segment, (view[start:end] for start, end, _, _ in kept))
         self.damaged_copies.append(copy)
         return copy
 
@@ -341,13 +327,3 @@ def _segment_seq(segment: Path) -> int:
         return max(0, int(segment.name[len("seg_") : -len(".log")]))
     except ValueError:
         return 0
-
-
-def _fsync_directory(directory: Path) -> None:
-    """fsync a directory so that a rename in it survives a crash (skipped where directories cannot be fsync'd)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

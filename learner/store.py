@@ -68,20 +68,19 @@ import errno
 import logging
 import mmap
 import os
-import shutil
 import struct
 import threading
 import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
 import xxhash
 
+from robot_rl.durable import fsync_directory, keep_damaged_copy, rewrite
 from robot_rl.wire import (
     STORED_VERSIONS,
     Transitions,
@@ -324,30 +323,6 @@ class _Damage:
     kept_before: int  # records kept before it
 
 
-def _keep_copy(path: Path, copy: Path) -> None:
-    """Keep `path`'s bytes as `copy`: a hard link (the log is then rewritten into a new file, so the linked one is
-    never changed), else a copy fsync'd."""
-    try:
-        os.link(path, copy)
-    except OSError:
-        shutil.copyfile(path, copy)
-        with open(copy, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_directory(path.parent)
-
-
-def _rewrite(path: Path, records: list[memoryview]) -> None:
-    """Replace `path` atomically by the concatenation of `records` (a new file fsync'd, renamed over it)."""
-    tmp = path.with_name(f".{path.name}.repair")
-    with open(tmp, "wb") as f:
-        for record in records:
-            f.write(record)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
-
-
 @dataclass(frozen=True)
 class _Record:
     key: tuple[str, str]
@@ -483,10 +458,9 @@ class TransitionStore:
 
     def _repair(self, path: Path, data: memoryview, kept: list[tuple[int, int]], damage: list[_Damage]) -> None:
         """Keep the original of a log damaged in the middle beside it, then rewrite it of its intact records alone."""
-        copy = path.with_name(f"{path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
         try:
-            _keep_copy(path, copy)
-            _rewrite(path, [data[start:end] for start, end in kept])
+            copy = keep_damaged_copy(path)
+            rewrite(path, (data[start:end] for start, end in kept))
         except OSError as err:
             raise StoreError(
                 f"{path} is damaged in the middle ({len(damage)} stretch(es) of bad bytes, the first at byte "
@@ -692,7 +666,7 @@ class TransitionStore:
                 for fd in fds:
                     self._fsync(fd)
                 if new_files:
-                    _fsync_directory(self.directory)
+                    fsync_directory(self.directory)
             except BaseException as err:
                 self._fail(err)
                 return
@@ -833,17 +807,3 @@ def _direct_io_refused(directory: Path) -> str | None:
         with contextlib.suppress(OSError):
             probe.unlink()
     return None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """fsync a directory so that files created in it survive a crash (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

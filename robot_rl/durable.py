@@ -1,0 +1,46 @@
+"""Durable file operations the transition log and the spill share when they repair a file damaged in the middle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory so that files created or renamed in it survive a crash (skipped where it cannot be)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def keep_damaged_copy(path: Path) -> Path:
+    """Keep `path`'s bytes beside it as `<name>.damaged-<UTC time>` (a hard link: the file is then rewritten into a
+    new one, so the linked original never changes; else a copy, fsync'd); returns the copy's path."""
+    copy = path.with_name(f"{path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copyfile(path, copy)
+        with open(copy, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_directory(path.parent)
+    return copy
+
+
+def rewrite(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
+    """Replace `path` atomically by the concatenation of `pieces` (a new file fsync'd, renamed over it)."""
+    tmp = path.with_name(f".{path.name}.repair")
+    with open(tmp, "wb") as f:
+        for piece in pieces:
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
