@@ -762,13 +762,19 @@ def _read_config_file(p: Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the embedded defaults when path is None), apply overrides, validate."""
-    tree: dict[str, Any] = {}
-    source = "embedded defaults"
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: RunConfig | None = None,
+    source: str | None = None,
+) -> RunConfig:
+    """Read a YAML config (or `base`, or the embedded defaults when path is None), apply overrides, validate.
+    `source` names where the config came from in error messages (default: the file, or "embedded defaults")."""
+    tree: dict[str, Any] = {} if base is None else base.model_dump(mode="json")
     if path is not None:
-        source = str(path)
         tree = _read_config_file(Path(path))
+    source = source or (str(path) if path is not None else "embedded defaults")
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(tree, keys, value)

@@ -29,7 +29,6 @@ from robot_rl.config import (
     ConfigError,
     RunConfig,
     _format_validation_error,
-    apply_override,
     dump_config,
     load_config,
     parse_override,
@@ -754,14 +753,8 @@ def eval_config(
         source = f"--config {config_path}" if config_path is not None else "the embedded default config (no --config)"
         cfg = load_config(config_path, overrides)
     else:
-        tree = own.model_dump(mode="json")
-        for text in overrides:
-            apply_override(tree, *parse_override(text))
         source = f"the config {what} was trained with"
-        try:
-            cfg = RunConfig.model_validate(tree)
-        except ValidationError as err:
-            raise ConfigError(_format_validation_error(err, source + shown)) from None
+        cfg = load_config(None, overrides, base=own, source=source + shown)
     refuse_unreachable_sim_server(cfg)
     return cfg, source + shown
 
