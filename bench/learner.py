@@ -1,12 +1,13 @@
 """Learner steps per second (one step = UTD critic updates + one actor update) for the state and the image config.
 
     python bench/learner.py [--device cpu|cuda|auto] [--config state|image|PATH] [--sizes config,paper,...]
-                            [--threads N] [--steps N] [--prefetch] [--bf16] [--compile MODE]
+                            [--threads N] [--steps N] [--prefetch | --replay-on-gpu] [--bf16] [--compile MODE]
 
 The observation spec is the config's (state: the 6-D pose; image: the pose plus two 84x84x3 uint8 cameras); minibatches
 are drawn from a replay buffer filled with synthetic transitions, so the figure includes sampling, host->device copies
 and, for images, the DrQ shifts and both CNN encoders, as in training. `--sizes` runs the config's agent ("config")
 and/or other network sizes on the same observations. `--prefetch` samples on a background thread (robot_rl.prefetch);
+`--replay-on-gpu` keeps a copy of the buffer on the device and gathers each minibatch there (train.replay_on_gpu);
 `--bf16` runs the forward passes under bf16 autocast; `--compile MODE` compiles the updates with torch.compile
 (during the warm-up steps, which are not timed; reduce-overhead adds CUDA graphs on a GPU). The last line is the
 headline (the last size's rate).
@@ -39,9 +40,12 @@ SIZES = {
 ACTION_DIM = 6
 
 
-def synthetic_buffer(spec: obs_lib.ObsSpec, n: int, rng: np.random.Generator) -> ReplayBuffer:
-    """n transitions in episodes of 100 steps (so consecutive images are shared as in real data)."""
-    buf = ReplayBuffer(n, spec, ACTION_DIM)
+def synthetic_buffer(
+    spec: obs_lib.ObsSpec, n: int, rng: np.random.Generator, device: str | None = None
+) -> ReplayBuffer:
+    """n transitions in episodes of 100 steps (so consecutive images are shared as in real data); `device`: the
+    buffer's device copy (sampling gathers there)."""
+    buf = ReplayBuffer(n, spec, ACTION_DIM, device=device)
     episode = 100
     for start in range(0, n, episode):
         m = min(episode, n - start)
@@ -93,11 +97,12 @@ def measure(
     prefetch: bool,
     bf16: bool = False,
     compile: str = "off",
+    replay_on_gpu: bool = False,
 ) -> float:
     agent, spec = build(cfg, agent_cfg, device, bf16=bf16, compile=compile)
     rng = np.random.default_rng(0)
     n = 5000 if obs_lib.image_keys(spec) else 50_000
-    buf = synthetic_buffer(spec, n, rng)
+    buf = synthetic_buffer(spec, n, rng, device=device if replay_on_gpu else None)
 
     def sample() -> list:
         return sample_utd_batches(buf, None, agent_cfg, rng)
@@ -143,11 +148,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="config", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--prefetch", action="store_true", help="sample minibatches on a background thread")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes")
+    parser.add_argument("--replay-on-gpu", action="store_true",
+                        help="the buffer keeps a copy on the device and minibatches are gathered there")  # fmt: skip
     parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the updates (compiled while warming up)")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.replay_on_gpu and args.prefetch:
+        parser.error("--prefetch samples in host memory; --replay-on-gpu gathers on the device: pick one")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,6 +168,7 @@ def main() -> None:
     print(f"config {path}: obs {spec}")
     flags = (
         ("prefetch", args.prefetch),
+        ("replay on the device", args.replay_on_gpu),
         ("bf16 autocast", args.bf16),
         (f"torch.compile {args.compile}", args.compile != "off"),
     )
@@ -174,7 +184,7 @@ def main() -> None:
         if hidden is not None:
             agent_cfg = agent_cfg.model_copy(update={"hidden": hidden, "num_critics": critics, "batch_size": batch})
         last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch, bf16=args.bf16,
-                       compile=args.compile)  # fmt: skip
+                       compile=args.compile, replay_on_gpu=args.replay_on_gpu)  # fmt: skip
         print(
             f"{name:<12} {agent_cfg.hidden!s:<18} {agent_cfg.num_critics:>7} {agent_cfg.batch_size:>5} "
             f"{agent_cfg.utd:>3} {last:>9.2f}"

@@ -22,6 +22,11 @@ when a new frame would overwrite a frame that a live transition still reads: wit
 transition, e.g. chunks of several actors interleaved step by step) `size` stays near half the frame ring.
 
 Memory. Arrays are allocated with np.zeros, so pages the ring has not reached yet cost no memory.
+
+On the learner's GPU. `ReplayBuffer(..., device="cuda")` keeps a copy of every array in that device's memory,
+written together with the host arrays, and `take_tensors` / `sample_tensors` gather minibatches there: a learner step
+of the image config then moves a few kilobytes of indices to the GPU instead of gathering, pinning and copying its
+~87 MB of images on the host. The host arrays stay the buffer of record (`take`, persistence); the copy is only read.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
 
 from robot_rl.config import AgentConfig, ConfigError
 from robot_rl.obs import ObsSpec, check_spec
@@ -100,6 +106,29 @@ def check_buffer_memory(
     )
 
 
+def replay_device(
+    device: torch.device,
+    on_gpu: bool,
+    needed_bytes: int,
+    *,
+    free_bytes: int | None = None,
+    setting: str = "train.replay_on_gpu",
+) -> torch.device | None:
+    """Where a learner keeps its buffers' device copy: `device` when it is CUDA and `on_gpu`, else None (host only).
+    ConfigError when the copy (`needed_bytes`, e.g. buffer_bytes of each buffer) would take more than MEMORY_FRACTION
+    of the GPU memory free now (measured unless given)."""
+    if device.type != "cuda" or not on_gpu:
+        return None
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    if needed_bytes > MEMORY_FRACTION * free:
+        raise ConfigError(
+            f"{setting}: the replay buffer's GPU copy needs {needed_bytes / 2**30:.1f} GiB, more than "
+            f"{MEMORY_FRACTION:.0%} of the {free / 2**30:.1f} GiB free on {device}: lower train.buffer_capacity or "
+            f"--set {setting}=false (sampling in host memory, see train.prefetch)"
+        )
+    return device
+
+
 @dataclass(frozen=True)
 class TransitionBatch:
     """A minibatch as numpy arrays; shapes [B, ...]."""
@@ -153,7 +182,15 @@ class ReplayBuffer:
     Not thread-safe: a thread that samples while another adds must share a lock with it (robot_rl.prefetch).
     """
 
-    def __init__(self, capacity: int, obs_spec: ObsSpec, action_dim: int, *, frame_slack: int = FRAME_SLACK) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        obs_spec: ObsSpec,
+        action_dim: int,
+        *,
+        frame_slack: int = FRAME_SLACK,
+        device: torch.device | str | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be positive, got {capacity}")
         if action_dim < 1:
@@ -177,6 +214,12 @@ class ReplayBuffer:
         self._last_frame = -1  # global id of the newest frame written; frame f lives in slot f % frame_capacity
         self.size = 0
         self.total_added = 0
+        self._copy = None if device is None else _DeviceCopy(self, torch.device(device))
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device holding a copy of the buffer (take_tensors / sample_tensors gather there); None: host only."""
+        return None if self._copy is None else self._copy.device
 
     def __len__(self) -> int:
         return self.size
@@ -259,9 +302,11 @@ class ReplayBuffer:
         frames_per_row = new_obs.astype(np.int64) + 1
         next_ids = self._last_frame + np.cumsum(frames_per_row)
         self._evict(incoming=n, last_new_frame=int(next_ids[-1]))
+        obs_slots, next_slots = (next_ids[new_obs] - 1) % self.frame_capacity, next_ids % self.frame_capacity
+        obs_rows = {key: rows.obs[key][new_obs] for key in self._frames}
         for key, frames in self._frames.items():
-            frames[(next_ids[new_obs] - 1) % self.frame_capacity] = rows.obs[key][new_obs]
-            frames[next_ids % self.frame_capacity] = rows.next_obs[key]
+            frames[obs_slots] = obs_rows[key]
+            frames[next_slots] = rows.next_obs[key]
         pos = self._pos(self.size + np.arange(n))
         self._next_frame[pos] = next_ids
         self.actions[pos] = rows.actions
@@ -269,6 +314,8 @@ class ReplayBuffer:
         self.terminated[pos] = rows.terminated
         self.truncated[pos] = rows.truncated
         self.bc_actions[pos] = rows.bc_actions
+        if self._copy is not None:
+            self._copy.write(obs_slots, obs_rows, next_slots, rows, pos)
         self.size += n
         self._last_frame = int(next_ids[-1])
 
@@ -350,16 +397,23 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty buffer")
         return self.take(rng.integers(0, self.size, size=batch_size))
 
+    def sample_tensors(self, batch_size: int, rng: np.random.Generator) -> dict:
+        """As `sample` (the same draws from `rng`), gathered on the buffer's device: a TensorBatch as
+        robot_rl.prefetch.to_tensors makes. Only for a buffer made with a device."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty buffer")
+        return self.take_tensors(rng.integers(0, self.size, size=batch_size))
+
+    def take_tensors(self, idx: np.ndarray) -> dict:
+        """As `take`, as tensors gathered on the buffer's device (dtypes kept, images uint8); only the indices cross
+        from the host. Only for a buffer made with a device."""
+        if self._copy is None:
+            raise ValueError("take_tensors needs a buffer made with a device (ReplayBuffer(..., device=...))")
+        return self._copy.gather(*self._slots(idx))
+
     def take(self, idx: np.ndarray) -> TransitionBatch:
         """The transitions at `idx` in [0, size), 0 being the oldest live one; the arrays are copies."""
-        idx = np.asarray(idx)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"idx must hold integers, got {idx.dtype}")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.size):
-            raise IndexError(f"idx must lie in [0, {self.size}), got [{idx.min()}, {idx.max()}]")
-        pos = self._pos(idx)
-        next_slots = self._next_frame[pos] % self.frame_capacity
-        obs_slots = (next_slots - 1) % self.frame_capacity
+        pos, obs_slots, next_slots = self._slots(idx)
         return TransitionBatch(
             obs={k: frames[obs_slots] for k, frames in self._frames.items()},
             actions=self.actions[pos],
@@ -369,9 +423,70 @@ class ReplayBuffer:
             bc_actions=self.bc_actions[pos],
         )
 
+    def _slots(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ring positions, obs frame slots and next_obs frame slots of the transitions at `idx` (checked)."""
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"idx must hold integers, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(f"idx must lie in [0, {self.size}), got [{idx.min()}, {idx.max()}]")
+        pos = self._pos(idx)
+        next_slots = self._next_frame[pos] % self.frame_capacity
+        return pos, (next_slots - 1) % self.frame_capacity, next_slots
+
     def _pos(self, k: int | np.ndarray) -> int | np.ndarray:
         """Ring position of the k-th oldest live transition."""
         return (self._start + k) % self.capacity
+
+
+class _DeviceCopy:
+    """A ReplayBuffer's arrays in a torch device's memory, written with the host arrays (same slots, same order)."""
+
+    def __init__(self, buffer: ReplayBuffer, device: torch.device) -> None:
+        self.device = device
+
+        def like(array: np.ndarray) -> torch.Tensor:
+            return torch.zeros(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=device)
+
+        self.frames = {key: like(frames) for key, frames in buffer._frames.items()}
+        self.actions, self.bc_actions = like(buffer.actions), like(buffer.bc_actions)
+        self.rewards, self.terminated = like(buffer.rewards), like(buffer.terminated)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # e.g. decoded from the wire; torch warns on read-only memory
+            array = array.copy()
+        return torch.from_numpy(array).to(self.device)
+
+    def write(
+        self,
+        obs_slots: np.ndarray,
+        obs_rows: dict[str, np.ndarray],
+        next_slots: np.ndarray,
+        rows: _Rows,
+        pos: np.ndarray,
+    ) -> None:
+        # No slot repeats within one call (a piece writes fewer frames than the ring holds), so the order of the
+        # scattered writes cannot matter.
+        obs_at, next_at, pos_at = (self._tensor(a) for a in (obs_slots, next_slots, pos))
+        for key, frames in self.frames.items():
+            frames[obs_at] = self._tensor(obs_rows[key])
+            frames[next_at] = self._tensor(rows.next_obs[key])
+        self.actions[pos_at] = self._tensor(rows.actions)
+        self.bc_actions[pos_at] = self._tensor(rows.bc_actions)
+        self.rewards[pos_at] = self._tensor(rows.rewards)
+        self.terminated[pos_at] = self._tensor(rows.terminated)
+
+    def gather(self, pos: np.ndarray, obs_slots: np.ndarray, next_slots: np.ndarray) -> dict:
+        pos_at, obs_at, next_at = self._tensor(np.stack([pos, obs_slots, next_slots]).astype(np.int64))
+        return {
+            "obs": {key: frames[obs_at] for key, frames in self.frames.items()},
+            "next_obs": {key: frames[next_at] for key, frames in self.frames.items()},
+            "actions": self.actions[pos_at],
+            "rewards": self.rewards[pos_at],
+            "terminated": self.terminated[pos_at],
+            "bc_actions": self.bc_actions[pos_at],
+        }
 
 
 def _one_row(obs: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
@@ -403,15 +518,35 @@ def concat_batches(a: TransitionBatch, b: TransitionBatch) -> TransitionBatch:
     return TransitionBatch(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(TransitionBatch)})
 
 
+def concat_tensor_batches(a: dict, b: dict) -> dict:
+    """concat_batches for tensor batches (ReplayBuffer.take_tensors)."""
+    if a["obs"].keys() != b["obs"].keys():
+        raise ValueError(f"cannot join batches with observation keys {sorted(a['obs'])} and {sorted(b['obs'])}")
+    return {
+        name: {k: torch.cat([v, b[name][k]]) for k, v in value.items()}
+        if isinstance(value, dict)
+        else torch.cat([value, b[name]])
+        for name, value in a.items()
+    }
+
+
 def sample_utd_batches(
     buffer: ReplayBuffer, offline: ReplayBuffer | None, cfg: AgentConfig, rng: np.random.Generator
-) -> list[TransitionBatch]:
-    """The `cfg.utd` minibatches of one learner step; with `offline` (RLPD) each holds its share of demonstrations."""
+) -> list[TransitionBatch] | list[dict]:
+    """The `cfg.utd` minibatches of one learner step; with `offline` (RLPD) each holds its share of demonstrations.
+
+    From a buffer with a device copy they are tensor batches gathered there (the same draws from `rng`); `offline`
+    must then have a copy on the same device."""
+    on_device = buffer.device is not None
+    if offline is not None and offline.device != buffer.device:
+        raise ValueError(f"the offline buffer is on {offline.device}, the replay buffer on {buffer.device}")
+    sample = ReplayBuffer.sample_tensors if on_device else ReplayBuffer.sample
+    join = concat_tensor_batches if on_device else concat_batches
     batches = []
     for _ in range(cfg.utd):
         if offline is not None:
             n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
-            batches.append(concat_batches(buffer.sample(cfg.batch_size - n_off, rng), offline.sample(n_off, rng)))
+            batches.append(join(sample(buffer, cfg.batch_size - n_off, rng), sample(offline, n_off, rng)))
         else:
-            batches.append(buffer.sample(cfg.batch_size, rng))
+            batches.append(sample(buffer, cfg.batch_size, rng))
     return batches

@@ -515,7 +515,15 @@ class TrainConfig(Strict):
         "but slows small networks (the casts cost more than they save). Gains: docs/benchmarks.md.",
     )
     prefetch: bool = Field(
-        False, description="Sample each learner step's minibatches on a background thread (pinned memory on CUDA)."
+        False,
+        description="Sample each learner step's minibatches on a background thread (pinned memory on CUDA); for a "
+        "replay buffer in host memory only (replay_on_gpu samples on the GPU).",
+    )
+    replay_on_gpu: bool = Field(
+        True,
+        description="On a CUDA learner, keep a copy of the replay buffer (and of the demonstrations' buffer) in GPU "
+        "memory and gather each minibatch there: only indices cross from the host. Needs the buffer's size in free "
+        "GPU memory (refused at start otherwise). A CPU learner ignores it.",
     )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 leaves torch's default.")
 

@@ -204,9 +204,9 @@ def learner_sampler(
     device: torch.device | str,
 ) -> StepSampler:
     """The StepSampler of a learner loop: `cfg.agent.utd` minibatches per step (RLPD's share of `offline` included),
-    on a prefetch thread when `cfg.train.prefetch`. Sampled in place, the loop's own `rng` draws them (a run then
+    on a prefetch thread when `cfg.train.prefetch` and the buffer is in host memory only (a buffer with a device
+    copy gathers there, which needs no thread). Sampled in place, the loop's own `rng` draws them (a run then
     reproduces exactly); a prefetch thread gets an rng of its own."""
-    sample_rng = np.random.default_rng(cfg.seed + 31) if cfg.train.prefetch else rng
-    return StepSampler(
-        lambda: sample_utd_batches(buffer, offline, cfg.agent, sample_rng), device, prefetch=cfg.train.prefetch
-    )
+    prefetch = cfg.train.prefetch and buffer.device is None
+    sample_rng = np.random.default_rng(cfg.seed + 31) if prefetch else rng
+    return StepSampler(lambda: sample_utd_batches(buffer, offline, cfg.agent, sample_rng), device, prefetch=prefetch)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import ACTION_TOLERANCE, load_bc, make_bc_policy, save_bc, train_bc
-from robot_rl.buffer import ReplayBuffer, check_buffer_memory
+from robot_rl.buffer import ReplayBuffer, buffer_bytes, check_buffer_memory, replay_device
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import (
     ConfigError,
@@ -236,12 +236,14 @@ def demo_buffer(
     warn: Callable[[str], None] | None = None,
     *,
     data: dict[str, np.ndarray] | None = None,
+    device: torch.device | None = None,
 ) -> ReplayBuffer:
     """A replay buffer holding every transition of a demonstrations file (RLPD's offline share); ValueError naming
-    the file when its observations are not the env's. `data`: the file's demo_transitions, when already read."""
+    the file when its observations are not the env's. `data`: the file's demo_transitions, when already read;
+    `device`: where the buffer keeps its copy (ReplayBuffer's device)."""
     if data is None:
         data = demo_transitions(demos, warn)
-    buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim)
+    buf = ReplayBuffer(max(len(data["actions"]), 1000), spec, action_dim, device=device)
     buf.add_many(
         obs=transitions_obs(data, "obs", spec, demos, warn),
         actions=demo_actions(data, action_dim, demos),
@@ -341,7 +343,12 @@ class Trainer:
             compile=cfg.train.compile,
         )
         check_buffer_memory(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
-        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
+        self.replay_device = replay_device(
+            self.device,
+            cfg.train.replay_on_gpu,
+            buffer_bytes(cfg.train.buffer_capacity, self.obs_spec, self.action_dim),
+        )
+        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim, device=self.replay_device)
         self.offline = self._offline_buffer()
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
         self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
@@ -387,7 +394,14 @@ class Trainer:
             if self.cfg.agent.effective_offline_ratio <= 0:
                 return None
             demos = self._ensure_demos()
-            return demo_buffer(demos, self.obs_spec, self.action_dim, warn=self._warn_once, data=self._demo_data())
+            return demo_buffer(
+                demos,
+                self.obs_spec,
+                self.action_dim,
+                warn=self._warn_once,
+                data=self._demo_data(),
+                device=self.replay_device,
+            )
         finally:
             self._demos_read = None  # both readers are done: the buffer holds its own copy
 

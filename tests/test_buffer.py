@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from robot_rl.buffer import (
     buffer_bytes,
     check_buffer_memory,
     concat_batches,
+    replay_device,
     sample_utd_batches,
 )
 from robot_rl.config import AgentConfig, ConfigError
@@ -71,6 +73,20 @@ def assert_batch_equals_chunk(batch: TransitionBatch, chunk: dict) -> None:
         assert batch.obs[key].dtype == chunk["obs"][key].dtype
     for name in ("actions", "rewards", "terminated", "bc_actions"):
         np.testing.assert_array_equal(getattr(batch, name), chunk[name], err_msg=name)
+
+
+def assert_tensors_equal_batch(tensors: dict, batch: TransitionBatch) -> None:
+    """A device-copy minibatch (take_tensors) holds exactly a host minibatch's arrays, in their dtypes."""
+    for name in ("obs", "next_obs"):
+        assert tensors[name].keys() == getattr(batch, name).keys()
+        for key, expected in getattr(batch, name).items():
+            got = tensors[name][key].cpu().numpy()
+            assert got.dtype == expected.dtype, (name, key)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name}[{key}]")
+    for name in ("actions", "rewards", "terminated", "bc_actions"):
+        got, expected = tensors[name].cpu().numpy(), getattr(batch, name)
+        assert got.dtype == expected.dtype, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +284,7 @@ def expected_frames(live: list[dict]) -> int:
     ),
 )
 def test_live_transitions_always_read_back_what_was_added(capacity, slack, ops):
-    buf = ReplayBuffer(capacity, SMALL_SPEC, ACT, frame_slack=slack)
+    buf = ReplayBuffer(capacity, SMALL_SPEC, ACT, frame_slack=slack, device="cpu")
     actors = [_Actor(i) for i in range(3)]
     added: list[dict] = []
     for actor, n, ends, one_by_one in ops:
@@ -287,6 +303,8 @@ def test_live_transitions_always_read_back_what_was_added(capacity, slack, ops):
                 np.testing.assert_array_equal(got.next_obs[key][i], step["next_obs"][key])
             np.testing.assert_array_equal(got.actions[i], step["action"])
             assert got.terminated[i] == step["terminated"]
+        # The device copy gathers exactly what the host arrays hold, after every add, eviction and wrap.
+        assert_tensors_equal_batch(buf.take_tensors(np.arange(len(buf))), got)
 
 
 @settings(max_examples=50, deadline=None)
@@ -515,3 +533,67 @@ def test_a_continues_hint_of_the_wrong_shape_or_dtype_is_refused_and_nothing_is_
         with pytest.raises(ValueError, match="continues must be a bool array of shape \\[4\\]"):
             buf.add_many(**chunk, continues=hint)
     assert len(buf) == 0 and buf.total_added == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The device copy: minibatches gathered where the learner runs
+# ----------------------------------------------------------------------------------------------------------------
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_copy_samples_what_the_host_samples_with_the_same_draws(device):
+    rng = np.random.default_rng(21)
+    online = ReplayBuffer(40, SPEC, ACT, device=device)
+    offline = ReplayBuffer(40, SPEC, ACT, device=device)
+    host_online, host_offline = ReplayBuffer(40, SPEC, ACT), ReplayBuffer(40, SPEC, ACT)
+    for _ in range(7):  # 63 transitions into 40: the rings wrap and evict
+        chunk = episode_chunk(rng, 9, terminal=bool(rng.integers(2)))
+        chunk["bc_actions"][rng.random(9) < 0.3] = np.nan  # rows without a BC proposal stay NaN
+        online.add_many(**chunk)
+        host_online.add_many(**chunk)
+    demo = episode_chunk(rng, 30)
+    offline.add_many(**demo)
+    host_offline.add_many(**demo)
+    assert online.device == torch.device(device) and host_online.device is None
+    cfg = AgentConfig(method="rlpd", utd=3, batch_size=16)
+    on_device = sample_utd_batches(online, offline, cfg, np.random.default_rng(3))
+    on_host = sample_utd_batches(host_online, host_offline, cfg, np.random.default_rng(3))
+    assert len(on_device) == len(on_host) == 3
+    for tensors, batch in zip(on_device, on_host, strict=True):
+        assert tensors["actions"].device.type == torch.device(device).type
+        assert_tensors_equal_batch(tensors, batch)
+    # A gathered minibatch is a copy: adding more (overwriting the slots it was read from) leaves it as it was.
+    before = online.take_tensors(np.arange(len(online)))
+    kept = {k: v.clone() for k, v in before["obs"].items()}
+    for _ in range(5):
+        online.add_many(**episode_chunk(rng, 9))
+    for key, value in kept.items():
+        assert torch.equal(before["obs"][key], value)
+
+
+def test_host_and_device_buffers_are_not_mixed_and_take_tensors_needs_a_copy():
+    rng = np.random.default_rng(22)
+    host, copy = ReplayBuffer(20, SPEC, ACT), ReplayBuffer(20, SPEC, ACT, device="cpu")
+    for buf in (host, copy):
+        buf.add_many(**episode_chunk(rng, 5))
+    with pytest.raises(ValueError, match="take_tensors needs a buffer made with a device"):
+        host.take_tensors(np.arange(2))
+    cfg = AgentConfig(method="rlpd", utd=1, batch_size=4)
+    with pytest.raises(ValueError, match="offline buffer is on None, the replay buffer on cpu"):
+        sample_utd_batches(copy, host, cfg, np.random.default_rng(0))
+    with pytest.raises(IndexError):
+        copy.take_tensors(np.array([5]))
+
+
+def test_replay_device_is_the_cuda_learner_and_refuses_a_copy_that_does_not_fit():
+    image = {"ee_pose": ((6,), "float32"), "front": ((84, 84, 3), "uint8"), "wrist": ((84, 84, 3), "uint8")}
+    needed = buffer_bytes(200_000, image, 6)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert replay_device(cpu, True, needed, free_bytes=0) is None  # a CPU learner's buffer is already there
+    assert replay_device(cuda, False, needed, free_bytes=0) is None  # turned off: host memory only
+    assert replay_device(cuda, True, needed, free_bytes=80 * 2**30) == cuda
+    with pytest.raises(
+        ConfigError, match=r"needs 9\.\d GiB, more than 80% of the 8\.0 GiB free on cuda.*replay_on_gpu=false"
+    ):
+        replay_device(cuda, True, needed, free_bytes=8 * 2**30)

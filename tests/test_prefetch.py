@@ -208,3 +208,24 @@ def test_step_sampler_samples_in_place_or_through_a_thread_started_on_first_use(
     threaded.close()
     threaded.close()  # idempotent
     assert threading.active_count() == before
+
+
+def test_a_buffer_with_a_device_copy_is_sampled_in_place_even_with_prefetch_on():
+    """train.prefetch applies to host-memory buffers: a device copy is gathered in the loop's thread, from the
+    loop's own rng, so the run reproduces exactly; no thread starts."""
+    from robot_rl.config import RunConfig
+    from robot_rl.prefetch import learner_sampler
+
+    cfg = RunConfig.model_validate({"agent": {"utd": 2, "batch_size": 8}, "train": {"prefetch": True}})
+    buf = ReplayBuffer(1000, SPEC, ACT, device="cpu")
+    buf.add_many(**numbered_chunk(0, 40))
+    before = threading.active_count()
+    sampler = learner_sampler(buf, None, cfg, np.random.default_rng(5), "cpu")
+    batches = sampler.next()
+    assert threading.active_count() == before
+    want = sample_utd_batches(buf, None, cfg.agent, np.random.default_rng(5))
+    assert len(batches) == 2
+    for got, expected in zip(batches, want, strict=True):
+        assert_consistent(got)
+        assert torch.equal(got["actions"], expected["actions"])
+    sampler.close()
