@@ -351,7 +351,7 @@ class Trainer:
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim, device=self.replay_device)
         self.offline = self._offline_buffer()
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
-        self.bc_generator = torch.Generator().manual_seed(cfg.seed + 17)
+        self.bc_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
         # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
         self.rollouts = EpisodeWriter(
             out / "rollouts.hdf5", env_args={"env": SIM_PEG_ENV_ID, "config": cfg.env.model_dump(mode="json")}
@@ -430,7 +430,9 @@ class Trainer:
     def _evaluate(self, phase: str) -> EvalRow:
         if self.cfg.agent.method == "sac" or phase == "bc":
             policy = (
-                bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, generator=torch.Generator().manual_seed(7))
+                bc_policy_fn(
+                    self.bc, mode=self.cfg.agent.bc_action, generator=torch.Generator(device=self.device).manual_seed(7)
+                )
                 if phase == "bc"
                 else gated_policy_fn(self.agent, rl_action="mode")
             )

@@ -240,6 +240,19 @@ def test_prefetch_and_bf16_switches_learn_and_leave_no_thread_behind(run_dir, tm
     assert "prefetch" not in {t.name for t in threading.enumerate()} - before
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_on_cuda_completes_with_its_buffer_on_the_gpu(run_dir, tmp_path):
+    """train.device=cuda: the BC evaluation and rollouts sample the BC policy on the GPU, the replay buffer keeps its
+    copy there, and the run learns as many steps as on the CPU."""
+    out = tmp_path / "cuda"
+    args = ["train", "--config", str(TINY), "--seed", "1", "--out", str(out), "--quiet", "--bc", str(run_dir / "bc"),
+            "--demos", str(run_dir / "demos.hdf5"), "--set", "train.device=cuda"]  # fmt: skip
+    assert main(args) == 0
+    plain, on_gpu = (json.loads((d / "summary.json").read_text()) for d in (run_dir, out))
+    assert on_gpu["device"] == "cuda" and on_gpu["learner_steps"] == plain["learner_steps"] > 0
+    assert np.isfinite(on_gpu["final_success_rate"])
+
+
 def test_a_diverging_run_stops_with_exit_3_and_says_why(tmp_path: Path, capsys):
     """Absurd learning rates turn the networks to NaN at the first online update: the run stops there."""
     args = ["train", "--config", str(TINY), "--out", str(tmp_path / "run"), "--quiet"]
