@@ -7,6 +7,7 @@ SAC) and ablations (no gating, no Q-initialisation) are the same code with `Agen
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,9 +139,12 @@ class Q2RLAgent(nn.Module):
         if bc_policy is not None:
             bc_policy.requires_grad_(False)
         self.to(self.device)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic_parameters(), lr=cfg.critic_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.temperature_lr)
+        # On a GPU the optimisers keep their step counts there (capturable): a CPU tensor in the update would keep
+        # torch.compile's reduce-overhead mode from capturing it in a CUDA graph.
+        adam = functools.partial(torch.optim.Adam, capturable=self.device.type == "cuda")
+        self.actor_opt = adam(self.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = adam(self.critic_parameters(), lr=cfg.critic_lr)
+        self.alpha_opt = adam([self.log_alpha], lr=cfg.temperature_lr)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The soft update as two fused ops (one per list) instead of one small op per tensor.
         self._online = [*self.critics.parameters(), *self.encoder.parameters()]

@@ -36,7 +36,7 @@ def random_obs(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def make_agent(**overrides) -> Q2RLAgent:
-    cfg = AgentConfig(hidden=[32, 32], num_critics=4, batch_size=16, encoder=ENC, **overrides)
+    cfg = AgentConfig(**{"hidden": [32, 32], "num_critics": 4, "batch_size": 16, "encoder": ENC, **overrides})
     bc = make_bc_policy(BCConfig(hidden=[32], num_modes=2, encoder=ENC), SPEC, 6, LOW, HIGH)
     return Q2RLAgent(cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6, bc_policy=bc, seed=0)
 
@@ -155,6 +155,47 @@ def test_gating_and_a_value_update_on_cuda_match_cpu():
         v_cpu = cpu.v_bc(cpu.obs_tensors(obs)).numpy()
         v_gpu = gpu.v_bc(gpu.obs_tensors(obs)).cpu().numpy()
     np.testing.assert_allclose(v_gpu, v_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", ["off", "reduce-overhead"])
+def test_a_learner_step_on_cuda_matches_cpu(compile):
+    import copy
+
+    """One whole learner step (utd critic updates, the actor and temperature update) on the GPU, eager or compiled
+    with CUDA graphs, gives the CPU's statistics and weights. The GPU agent replays the CPU agent's random draws
+    (their generators differ by device); shift_pad 0 leaves the DrQ shifts out of what is compared; TF32 is off."""
+    enc = ENC.model_copy(update={"shift_pad": 0})
+    cpu = make_agent(encoder=enc)
+    gpu = Q2RLAgent(cpu.cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6,
+                    bc_policy=copy.deepcopy(cpu.bc_policy), seed=0, device="cuda", compile=compile)  # fmt: skip
+    gpu.load_state_dict(cpu.state_dict())
+    draws: list = []
+    cpu_normal, cpu_td = cpu._normal, cpu._td_draws
+    cpu._normal = lambda rows: draws.append(cpu_normal(rows)) or draws[-1]
+    cpu._td_draws = lambda rows: draws.append(cpu_td(rows)) or draws[-1]
+    replay = iter(draws)
+
+    def replay_td(rows: int) -> tuple:
+        next(replay)  # the noise the CPU's _td_draws drew through _normal (recorded again in its tuple)
+        return tuple(t.to("cuda") for t in next(replay))
+
+    gpu._normal = lambda rows: next(replay).to("cuda")
+    gpu._td_draws = replay_td
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for step in range(3):  # CUDA graphs record on the first calls and replay after
+            batches = [random_batch(16, seed=10 * step + i) for i in range(cpu.cfg.utd)]
+            a = cpu.update(batches)
+            b = gpu.update(batches)
+            for name, value in a.as_dict().items():
+                assert b.as_dict()[name] == pytest.approx(value, rel=1e-3, abs=1e-4), (step, name)
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+        assert p.device.type == "cpu" and q.device.type == "cuda", name
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
