@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The learner's GPU figures in one run (docs/benchmarks.md, "Learner speed (GPU)"): eager, then each speed-up, for the
-# paper-size state config and the image config, then the CPU-vs-CUDA agreement test. Each bench line ends with its
-# headline. About 8 minutes on one H100/H200 (compilation included); run from the repository root:
+# The learner's GPU figures in one run (docs/benchmarks.md, "Learner speed (GPU)"): for the paper-size state config
+# and the image config, the eager baseline, then each speed-up (replay buffer copy on the GPU, bf16 autocast,
+# torch.compile, CUDA graphs), then the CUDA tests (a learner step on the GPU against the CPU, eager and with CUDA
+# graphs; GPU sampling against host sampling). Each bench prints its table, last line the headline. The most telling
+# rows come first, so that a run cut short keeps them. Run from the repository root:
 #
 #     bash bench/gpu.sh [PYTHON]
 set -u
 py=${1:-python}
-run() {
+row() {
     echo "== $*"
-    timeout 300 "$py" "$@" 2>&1 | grep -v -e '^W[0-9]' -e '^V[0-9]' | tail -4
+    timeout "${ROW_TIMEOUT:-240}" "$py" bench/learner.py --device cuda "$@" 2>&1 | grep -v -e '^W[0-9]' -e '^V[0-9]' | tail -3
 }
-run bench/learner.py --device cuda --config state --sizes paper --steps 300
-run bench/learner.py --device cuda --config state --sizes paper --steps 300 --prefetch --compile default
-run bench/learner.py --device cuda --config state --sizes paper --steps 300 --prefetch --compile reduce-overhead
-run bench/learner.py --device cuda --config image --steps 60
-run bench/learner.py --device cuda --config image --steps 60 --bf16 --prefetch
-run bench/learner.py --device cuda --config image --steps 100 --bf16 --prefetch --compile default
-run bench/learner.py --device cuda --config image --steps 100 --bf16 --prefetch --compile reduce-overhead
-run -m pytest -q tests/test_image_obs.py -k cuda
+state=(--config state --sizes paper)
+row "${state[@]}" --steps 300
+row --config image --steps 60
+row --config image --steps 300 --bf16 --replay-on-gpu --compile reduce-overhead
+row "${state[@]}" --steps 1000 --replay-on-gpu --compile reduce-overhead
+echo "== CUDA tests"
+timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_image_obs.py tests/test_buffer.py tests/test_prefetch.py -k cuda 2>&1 | tail -4
+row "${state[@]}" --steps 300 --replay-on-gpu
+row "${state[@]}" --steps 300 --replay-on-gpu --compile default
+row --config image --steps 60 --bf16 --prefetch
+row --config image --steps 100 --bf16 --replay-on-gpu
+row --config image --steps 100 --replay-on-gpu
+row --config image --steps 200 --bf16 --replay-on-gpu --compile default
