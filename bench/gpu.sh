@@ -5,12 +5,13 @@
 # graphs; GPU sampling against host sampling). Each bench prints its table, last line the headline. The most telling
 # rows come first, so that a run cut short keeps them. Run from the repository root:
 #
-#     bash bench/gpu.sh [PYTHON]
+#     bash bench/gpu.sh [PYTHON]     (GPU_LOG=FILE: every line of every row there, torch's warnings included)
 set -u
 py=${1:-python}
+log=${GPU_LOG:-/dev/null}
 row() {
-    echo "== $*"
-    timeout "${ROW_TIMEOUT:-240}" "$py" bench/learner.py --device cuda "$@" 2>&1 | grep -v -e '^W[0-9]' -e '^V[0-9]' | tail -3
+    echo "== $*" | tee -a "$log"
+    timeout "${ROW_TIMEOUT:-240}" "$py" bench/learner.py --device cuda "$@" 2>&1 | tee -a "$log" | grep -v -e '^W[0-9]' -e '^V[0-9]' | tail -3
 }
 state=(--config state --sizes paper)
 row "${state[@]}" --steps 300
@@ -18,7 +19,8 @@ row --config image --steps 60
 row --config image --steps 300 --bf16 --replay-on-gpu --compile reduce-overhead
 row "${state[@]}" --steps 1000 --replay-on-gpu --compile reduce-overhead
 echo "== CUDA tests"
-timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_image_obs.py tests/test_buffer.py tests/test_prefetch.py -k cuda 2>&1 | tail -4
+timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_image_obs.py tests/test_buffer.py tests/test_prefetch.py \
+    tests/test_train_e2e.py -k cuda 2>&1 | tee -a "$log" | tail -4
 row "${state[@]}" --steps 300 --replay-on-gpu
 row "${state[@]}" --steps 300 --replay-on-gpu --compile default
 row --config image --steps 60 --bf16 --prefetch
