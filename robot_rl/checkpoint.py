@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from robot_rl.durable import fsync_path
+
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -57,14 +59,6 @@ def _merge(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _file_digest(path: Path) -> str:
     """The SHA-256 of a file, read in 8 MiB pieces."""
     digest = hashlib.sha256()
@@ -97,12 +91,12 @@ def save_checkpoint(
     body[DIGEST] = _file_digest(tmp_tensors)
     tmp_manifest.write_text(json.dumps(body, indent=2, sort_keys=False))
     for path in (tmp_tensors, tmp_manifest):
-        _fsync(path)
+        fsync_path(path)
     os.replace(tmp_tensors, directory / TENSORS_FILE)
     os.replace(tmp_manifest, directory / MANIFEST_FILE)
-    _fsync(directory)
+    fsync_path(directory)
     if created:  # the new directory's entry in its parent
-        _fsync(directory.parent)
+        fsync_path(directory.parent)
     return directory
 
 

@@ -1,4 +1,5 @@
-"""Durable file operations the transition log and the spill share when they repair a file damaged in the middle."""
+"""Durable file operations: fsync by path, and the repair of a file damaged in the middle that the transition log and
+the spill share."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (a directory: so that entries created or renamed in it survive a
+    crash); OSError where it cannot be."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_directory(directory: Path) -> None:
-    """fsync a directory so that files created or renamed in it survive a crash (skipped where it cannot be)."""
+    """fsync_path of a directory, skipped where it cannot be (some filesystems refuse a directory's fsync)."""
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(directory)
 
 
 def keep_damaged_copy(path: Path) -> Path:
