@@ -180,8 +180,7 @@ class ActorService:
         )
         self.agent.set_acting_precision(cfg.actor.gating_precision)
         self.agent.set_acting_threads(cfg.actor.gating_threads)
-        self.bc_generator = torch.Generator().manual_seed(cfg.seed + 101)
-        self._bc_policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, generator=self.bc_generator)
+        self._bc_policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, seed=cfg.seed + 101)
         self._gated_policies = {r: gated_policy_fn(self.agent, rl_action=r) for r in (None, "mode")}
         self.weights_version = -1
         self.weights_time = 0.0

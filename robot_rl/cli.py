@@ -339,7 +339,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_bc(args: argparse.Namespace) -> int:
-    import torch
 
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
@@ -365,7 +364,7 @@ def cmd_bc(args: argparse.Namespace) -> int:
         env = make_env(cfg.env)
         result = evaluate(
             env,
-            bc_policy_fn(policy, mode=cfg.agent.bc_action, generator=torch.Generator().manual_seed(7)),
+            bc_policy_fn(policy, mode=cfg.agent.bc_action, seed=7),
             episodes=args.eval_episodes,
             seed=EVAL_SEED,
         )
@@ -401,7 +400,6 @@ def _bc_run_config(directory: Path) -> RunConfig | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from robot_rl.bc import load_bc
     from robot_rl.envs import make_env
@@ -427,7 +425,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bc = load_bc(args.checkpoint)
         env = make_env(cfg.env)
         refuse_other_obs(env, bc.obs_spec, what, source, "the policy was trained with")
-        policy = bc_policy_fn(bc, mode=cfg.agent.bc_action, generator=torch.Generator())
+        policy = bc_policy_fn(bc, mode=cfg.agent.bc_action)
         result = evaluate(env, policy, episodes=args.episodes, seed=seed)
         env.close()
         report = {"checkpoint": str(args.checkpoint), "method": "bc", **result.__dict__}

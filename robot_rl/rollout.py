@@ -85,8 +85,12 @@ def clip_action(action: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(np.asarray(action, np.float32), nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
 
 
-def bc_policy_fn(bc: torch.nn.Module, *, mode: str, generator: torch.Generator) -> Policy:
-    """The BC policy alone (Q-Estimation rollouts, BC evaluation); the proposal is recorded as bc_action."""
+def bc_policy_fn(bc: torch.nn.Module, *, mode: str, seed: int | None = None) -> Policy:
+    """The BC policy alone (Q-Estimation rollouts, BC evaluation); the proposal is recorded as bc_action. Sampled
+    actions come from one generator on the policy's device, seeded with `seed` (None: torch's default seed)."""
+    generator = torch.Generator(device=bc.device)
+    if seed is not None:
+        generator.manual_seed(seed)
 
     @torch.no_grad()
     def act(obs: dict[str, np.ndarray]) -> StepChoice:

@@ -351,7 +351,6 @@ class Trainer:
         self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim, device=self.replay_device)
         self.offline = self._offline_buffer()
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
-        self.bc_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 17)
         # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
         self.rollouts = EpisodeWriter(
             out / "rollouts.hdf5", env_args={"env": SIM_PEG_ENV_ID, "config": cfg.env.model_dump(mode="json")}
@@ -430,9 +429,7 @@ class Trainer:
     def _evaluate(self, phase: str) -> EvalRow:
         if self.cfg.agent.method == "sac" or phase == "bc":
             policy = (
-                bc_policy_fn(
-                    self.bc, mode=self.cfg.agent.bc_action, generator=torch.Generator(device=self.device).manual_seed(7)
-                )
+                bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, seed=7)
                 if phase == "bc"
                 else gated_policy_fn(self.agent, rl_action="mode")
             )
@@ -476,7 +473,7 @@ class Trainer:
     def q_estimation(self) -> dict:
         cfg = self.cfg
         rollouts = []
-        policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, generator=self.bc_generator)
+        policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, seed=cfg.seed + 17)
         for i in range(cfg.qest.rollouts):
             result = run_episode(self.env, policy, seed=cfg.seed * 7919 + QEST_SEED_OFFSET + i)
             ep = result.episode

@@ -335,7 +335,7 @@ def test_bc_policy_with_hostile_outputs_never_sends_an_unsafe_command(run_cfg, s
     feeder = Feeder(outputs)
     bc.sample = feeder  # type: ignore[method-assign]
     bc.mode = feeder  # type: ignore[method-assign]
-    policy = bc_policy_fn(bc, mode=mode, generator=torch.Generator().manual_seed(0))
+    policy = bc_policy_fn(bc, mode=mode, seed=0)
     result = run_with_check(env, recorder, policy, seed=feeder.calls)
     assert feeder.calls == result.length  # every step's action came from the hostile network
     # The recorded proposal is the sanitised one: finite and in [-1, 1] (the episode file refuses NaN actions).
@@ -347,7 +347,7 @@ def test_bc_policy_of_the_wrong_action_size_is_refused_before_the_robot(run_cfg,
     env, recorder = sim
     bc = make_bc(run_cfg, env)
     bc.mode = lambda obs: torch.zeros(shape)  # type: ignore[method-assign]
-    policy = bc_policy_fn(bc, mode="mode", generator=torch.Generator())
+    policy = bc_policy_fn(bc, mode="mode")
     env.reset(seed=0)
     recorder.clear()
     with pytest.raises(ValueError, match="shape"):
