@@ -54,7 +54,7 @@ from gymnasium import spaces
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent, UpdateStats
 from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, save_bc
-from robot_rl.buffer import ReplayBuffer, buffer_bytes, check_buffer_memory, replay_device
+from robot_rl.buffer import ReplayBuffer, learner_buffer
 from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
 from robot_rl.dirlock import DirectoryLock, holds_only_the_lock
@@ -368,15 +368,9 @@ class LearnerService:
             compile=cfg.train.compile,
         )
         try:
-            check_buffer_memory(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
-            self.replay_device = replay_device(
-                self.device,
-                cfg.train.replay_on_gpu,
-                buffer_bytes(cfg.train.buffer_capacity, self.obs_spec, self.action_dim),
-            )
+            self.buffer = learner_buffer(cfg.train, self.obs_spec, self.action_dim, self.device)
         except ConfigError as exc:
             raise LearnerError(str(exc)) from None
-        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim, device=self.replay_device)
         self.offline = self._offline_buffer(demos)
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
 
@@ -457,7 +451,7 @@ class LearnerService:
                 f"{self.cfg.agent.effective_offline_ratio}): pass --demos FILE"
             )
         try:
-            return demo_buffer(demos, self.obs_spec, self.action_dim, device=self.replay_device)
+            return demo_buffer(demos, self.obs_spec, self.action_dim, device=self.buffer.device)
         except ValueError as exc:
             raise LearnerError(str(exc)) from None
 

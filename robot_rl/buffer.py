@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from robot_rl.config import AgentConfig, ConfigError
+from robot_rl.config import AgentConfig, ConfigError, TrainConfig
 from robot_rl.obs import ObsSpec, check_spec
 
 FRAME_SLACK = 64
@@ -127,6 +127,16 @@ def replay_device(
             f"--set {setting}=false (sampling in host memory, see train.prefetch)"
         )
     return device
+
+
+def learner_buffer(cfg: TrainConfig, obs_spec: ObsSpec, action_dim: int, device: torch.device) -> ReplayBuffer:
+    """A learner loop's replay buffer (`robot-rl train`, the learner service): train.buffer_capacity transitions,
+    with a copy on `device` where replay_device puts one; ConfigError at start when it would not fit in host memory
+    (check_buffer_memory) or on the GPU."""
+    check_buffer_memory(cfg.buffer_capacity, obs_spec, action_dim)
+    needed = buffer_bytes(cfg.buffer_capacity, obs_spec, action_dim)
+    copy_on = replay_device(device, cfg.replay_on_gpu, needed)
+    return ReplayBuffer(cfg.buffer_capacity, obs_spec, action_dim, device=copy_on)
 
 
 @dataclass(frozen=True)

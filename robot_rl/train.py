@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import ACTION_TOLERANCE, load_bc, make_bc_policy, save_bc, train_bc
-from robot_rl.buffer import ReplayBuffer, buffer_bytes, check_buffer_memory, replay_device
+from robot_rl.buffer import ReplayBuffer, learner_buffer
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import (
     ConfigError,
@@ -342,13 +342,7 @@ class Trainer:
             amp=cfg.train.bf16,
             compile=cfg.train.compile,
         )
-        check_buffer_memory(cfg.train.buffer_capacity, self.obs_spec, self.action_dim)
-        self.replay_device = replay_device(
-            self.device,
-            cfg.train.replay_on_gpu,
-            buffer_bytes(cfg.train.buffer_capacity, self.obs_spec, self.action_dim),
-        )
-        self.buffer = ReplayBuffer(cfg.train.buffer_capacity, self.obs_spec, self.action_dim, device=self.replay_device)
+        self.buffer = learner_buffer(cfg.train, self.obs_spec, self.action_dim, self.device)
         self.offline = self._offline_buffer()
         self.sampler = learner_sampler(self.buffer, self.offline, cfg, self.rng, self.device)
         # Everything the loop executes is on disk: BC rollouts and online episodes with the gating record.
@@ -399,7 +393,7 @@ class Trainer:
                 self.action_dim,
                 warn=self._warn_once,
                 data=self._demo_data(),
-                device=self.replay_device,
+                device=self.buffer.device,
             )
         finally:
             self._demos_read = None  # both readers are done: the buffer holds its own copy
