@@ -403,16 +403,17 @@ class ReplayBuffer:
     # ----------------------------------------------------------------------------------------------------------------
     def sample(self, batch_size: int, rng: np.random.Generator) -> TransitionBatch:
         """`batch_size` live transitions drawn uniformly with replacement."""
-        if self.size == 0:
-            raise ValueError("cannot sample from an empty buffer")
-        return self.take(rng.integers(0, self.size, size=batch_size))
+        return self.take(self._draw(batch_size, rng))
 
     def sample_tensors(self, batch_size: int, rng: np.random.Generator) -> dict:
         """As `sample` (the same draws from `rng`), gathered on the buffer's device: a TensorBatch as
         robot_rl.prefetch.to_tensors makes. Only for a buffer made with a device."""
+        return self.take_tensors(self._draw(batch_size, rng))
+
+    def _draw(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         if self.size == 0:
             raise ValueError("cannot sample from an empty buffer")
-        return self.take_tensors(rng.integers(0, self.size, size=batch_size))
+        return rng.integers(0, self.size, size=batch_size)
 
     def take_tensors(self, idx: np.ndarray) -> dict:
         """As `take`, as tensors gathered on the buffer's device (dtypes kept, images uint8); only the indices cross
