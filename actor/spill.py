@@ -92,18 +92,19 @@ class Spill:
     def _recover_segment(self, segment: Path, *, newest: bool) -> None:
         data = segment.read_bytes()
         kept: list[tuple[int, int, int, int]] = []  # (offset, end, first_seq, count) of each intact record
-        damage: list[tuple[int, int, int, int]] = []  # (first bad byte, next intact record, first and last lost seq)
+        # (first bad byte, next intact record, first and last lost seq, intact records before it)
+        damage: list[tuple[int, int, int, int, int]] = []
         offset, next_seq, tail = 0, 0, None
         while offset < len(data):
             record = _record_at(data, offset, next_seq)
             if record is None:
-                start = _resync(data, offset + 1, next_seq if kept else _segment_seq(segment))
-                if start is None:
+                floor = next_seq if kept else _segment_seq(segment)
+                found = _resync(data, offset + 1, floor)
+                if found is None:
                     tail = offset
                     break
-                record = _record_at(data, start, next_seq)
-                assert record is not None
-                damage.append((offset, start, next_seq if kept else _segment_seq(segment), record[0] - 1))
+                start, record = found
+                damage.append((offset, start, floor, record[0] - 1, len(kept)))
                 offset = start
             first_seq, count, end = record
             kept.append((offset, end, first_seq, count))
@@ -111,7 +112,7 @@ class Spill:
         if tail is not None:
             self._report_tail(segment, data, tail, len(kept), newest=newest)
         if damage:
-            copy = self._repair(segment, data, kept, damage)
+            copy = self._repair(segment, data, kept)
         elif tail is not None:
             with segment.open("r+b") as f:
                 f.truncate(tail)
@@ -165,9 +166,7 @@ class Spill:
             what,
         )
 
-    def _repair(
-        self, segment: Path, data: bytes, kept: list[tuple[int, int, int, int]], damage: list[tuple[int, int, int, int]]
-    ) -> Path:
+    def _repair(self, segment: Path, data: bytes, kept: list[tuple[int, int, int, int]]) -> Path:
         """Keep the original of a segment damaged in the middle beside it, then rewrite it of its intact records."""
         copy = keep_damaged_copy(segment)
         view = memoryview(data)
@@ -180,16 +179,15 @@ class Spill:
         segment: Path,
         size: int,
         kept: list[tuple[int, int, int, int]],
-        damage: list[tuple[int, int, int, int]],
+        damage: list[tuple[int, int, int, int, int]],
         copy: Path,
     ) -> None:
-        for start, end, lost_first, lost_last in damage:
+        for start, end, lost_first, lost_last, before in damage:
             lost = max(0, lost_last - lost_first + 1)
             self.damaged_records += 1
             self.lost_transitions += lost
             if lost:
                 self.gaps.append((lost_first, lost_last))
-            before = sum(1 for record in kept if record[1] <= start)
             log.error(
                 "spill %s: damaged bytes %d..%d of %d in the middle of the segment, with intact chunks after them: "
                 "%d chunks before and %d after are kept, the bad bytes taken out; %s; the original segment is kept "
@@ -294,10 +292,11 @@ def _record_at(data: bytes, offset: int, next_seq: int) -> tuple[int, int, int] 
     return first_seq, count, end
 
 
-def _resync(data: bytes, start: int, min_seq: int) -> int | None:
+def _resync(data: bytes, start: int, min_seq: int) -> tuple[int, tuple[int, int, int]] | None:
     """The offset of the first record from `start` on that verifies and starts at `min_seq` or later (within
-    SEQ_SPAN, at most MAX_COUNT transitions); None when there is none. Every offset's length, first_seq and count
-    are tested at once (numpy views at a stride of one byte), and the crc32 only where those are plausible."""
+    SEQ_SPAN, at most MAX_COUNT transitions), with what _record_at says of it; None when there is none. Every offset's
+    length, first_seq and count are tested at once (numpy views at a stride of one byte), and the crc32 only where
+    those are plausible."""
     last = len(data) - _HEADER.size - _SEQS.size  # the last offset a header and the sequence fields fit after
     pos = start
     while pos <= last:
@@ -315,8 +314,9 @@ def _resync(data: bytes, start: int, min_seq: int) -> int | None:
             & (firsts < min_seq + SEQ_SPAN)
         )
         for i in np.flatnonzero(plausible):
-            if _record_at(data, pos + int(i), min_seq) is not None:
-                return pos + int(i)
+            record = _record_at(data, pos + int(i), min_seq)
+            if record is not None:
+                return pos + int(i), record
         pos += n
     return None
 
