@@ -157,6 +157,7 @@ class ActorService:
         self.run_id = self._run_id()
         self.bc_dir = bc_dir.resolve()
         self.bc = load_bc(bc_dir)
+        self.bc_fingerprint = bc_fingerprint(self.bc)  # hashes every tensor: once, for the learner and the record
         self._record_bc()  # before the arm is connected
         self.env = make_env(cfg.env)
         self.obs_spec = obs_lib.spec_from_space(self.env.observation_space)
@@ -202,7 +203,7 @@ class ActorService:
             self.spill = Spill(out / "spill")
             self.counters.produced = self.spill.next_seq
             self.link = LearnerLink(
-                cfg, self.spill, run_id=self.run_id, endpoint=learner, fingerprint=bc_fingerprint(self.bc)
+                cfg, self.spill, run_id=self.run_id, endpoint=learner, fingerprint=self.bc_fingerprint
             )
             self.weights_source = WeightsLoader(
                 self.link.take_weights, self.agent, min_interval_s=cfg.actor.weights_min_interval_s
@@ -258,7 +259,7 @@ class ActorService:
         fingerprint: a continued run acts with the same policy (ActorError otherwise)."""
         state_path = self.out / "actor_state.json"
         state = json.loads(state_path.read_text())
-        weights = bc_fingerprint(self.bc)[BC_FINGERPRINT_KEY]
+        weights = self.bc_fingerprint[BC_FINGERPRINT_KEY]
         if state.get("bc_weights") not in (None, weights):
             raise ActorError(
                 f"--bc {self.bc_dir} is not the BC policy the run in {self.out} acted with (from "
