@@ -255,6 +255,16 @@ def demo_buffer(
     return buf
 
 
+# Beside a BC policy saved by train (train_bc_from_demos, checkpoints): the whole run config it was trained with.
+BC_RUN_CONFIG = "config.yaml"
+
+
+def save_bc_with_config(policy: torch.nn.Module, directory: Path, cfg: RunConfig) -> None:
+    """save_bc, then the run config beside it: `robot-rl eval` of the directory alone evaluates in that config's env."""
+    save_bc(policy, directory)
+    (directory / BC_RUN_CONFIG).write_text(dump_config(cfg))
+
+
 def train_bc_from_demos(
     cfg: RunConfig,
     demos_path: Path,
@@ -278,14 +288,8 @@ def train_bc_from_demos(
         torch.manual_seed(seed)
         policy = make_bc_policy(cfg.bc, spec, actions.shape[1], low, high)
     train_bc(policy, obs, actions, cfg.bc, seed=seed)
-    save_bc(policy, out_dir)
-    # The run config it was trained with: `robot-rl eval` of the directory evaluates in this config's env.
-    (Path(out_dir) / BC_RUN_CONFIG).write_text(dump_config(cfg))
+    save_bc_with_config(policy, Path(out_dir), cfg)
     return policy
-
-
-# Beside a BC policy trained from demonstrations (train_bc_from_demos): the whole run config it was trained with.
-BC_RUN_CONFIG = "config.yaml"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -587,8 +591,7 @@ class Trainer:
             optimizers=self.agent.optimizer_states(),
         )
         if self.bc is not None:
-            save_bc(self.bc, path / "bc")
-            (path / "bc" / BC_RUN_CONFIG).write_text(dump_config(self.cfg))  # what `eval` of it alone runs in
+            save_bc_with_config(self.bc, path / "bc", self.cfg)
         return path
 
     def run(self) -> dict:
@@ -752,9 +755,8 @@ def eval_config(
 ) -> tuple[RunConfig, str]:
     """The config an evaluation of the checkpoint `what` runs under, and words for where it came from: --config's
     (else `own`, the config the checkpoint was trained with, else the embedded defaults) with the --set overrides
-    on top; ConfigError for an override refuse_eval_overrides refuses."""
+    on top. Its callers have refused the overrides refuse_eval_overrides refuses before reading the checkpoint."""
     overrides = list(overrides or [])
-    refuse_eval_overrides(overrides, what)
     shown = "".join(f" --set {text}" for text in overrides)
     if config_path is not None or own is None:
         source = f"--config {config_path}" if config_path is not None else "the embedded default config (no --config)"
