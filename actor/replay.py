@@ -358,13 +358,14 @@ def load_inputs(
         cfg = load_config(config_path)
     except ConfigError as exc:
         raise ReplayInputError(f"config {config_path}: {exc}") from exc
-    bc_path = bc_dir or _recorded_bc_dir(actor_dir, episodes)
+    state = {} if bc_dir is not None else _actor_state(actor_dir)
+    bc_path = bc_dir or _recorded_bc_dir(actor_dir, episodes, state)
     try:
         bc = load_bc(bc_path)
     except BCCheckpointError as exc:
         raise ReplayInputError(f"BC policy {bc_path}: {exc}") from exc
-    acted_with = _recorded_bc_weights(actor_dir)
-    if bc_dir is None and acted_with is not None and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
+    acted_with = state.get("bc_weights")  # the fingerprint the actor recorded (actors since it was recorded)
+    if isinstance(acted_with, str) and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
         raise ReplayInputError(
             f"BC policy {bc_path} is not the one this actor acted with (its weights differ from those "
             f"{actor_dir / 'actor_state.json'} recorded; trained again since?): pass the policy it acted with as --bc"
@@ -378,13 +379,13 @@ def load_inputs(
     return ReplayInputs(cfg=cfg, bc=bc, weights=ActingWeights(archive), config_path=config_path, bc_path=bc_path)
 
 
-def _recorded_bc_weights(actor_dir: Path) -> str | None:
-    """The BC weights fingerprint actor_state.json recorded (actors since it was recorded), else None."""
+def _actor_state(actor_dir: Path) -> dict:
+    """actor_state.json of an actor directory; empty where it is missing or unreadable."""
     try:
-        recorded = json.loads((actor_dir / "actor_state.json").read_text()).get("bc_weights")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    return recorded if isinstance(recorded, str) else None
+        state = json.loads((actor_dir / "actor_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def gated_versions(episodes: list[Episode]) -> list[int]:
@@ -392,15 +393,12 @@ def gated_versions(episodes: list[Episode]) -> list[int]:
     return sorted({int(v) for ep in episodes for v in ep.extras["weights_version"] if int(v) >= 0})
 
 
-def _recorded_bc_dir(actor_dir: Path, episodes: list[Episode]) -> Path:
+def _recorded_bc_dir(actor_dir: Path, episodes: list[Episode], state: dict) -> Path:
+    """The BC policy the log names (episode attr bc_dir where it still exists, else actor_state.json's `state`)."""
     recorded = episodes[0].attrs.get("bc_dir")
     if isinstance(recorded, str) and (Path(recorded) / "bc.json").is_file():
         return Path(recorded)
     state_path = actor_dir / "actor_state.json"
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        state = {}
     if isinstance(state.get("bc_dir"), str):
         return Path(state["bc_dir"])
     if isinstance(recorded, str):
