@@ -48,7 +48,7 @@ from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.actor.weights_loader import WeightsLoader
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc
-from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
+from robot_rl.config import ConfigError, RunConfig, dump_config
 from robot_rl.dirlock import DirectoryLock
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeFault, EpisodeWriter
@@ -60,7 +60,7 @@ from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.security import check_client_keys
 from robot_rl.signals import stop_signals
-from robot_rl.wire import EvalReport, Transitions, config_fingerprint, diff_fingerprints, join_frames, to_frames
+from robot_rl.wire import EvalReport, Transitions, config_fingerprint, join_frames, saved_config_differences, to_frames
 
 log = logging.getLogger(__name__)
 # What fails an episode, is recorded in its log, and lets the actor go on after recovering.
@@ -242,14 +242,13 @@ class ActorService:
         if not (saved.is_file() and (self.out / "actor_state.json").is_file()):
             return
         try:
-            before = config_fingerprint(load_config(saved))
+            fields = saved_config_differences(saved, config_fingerprint(self.cfg))
         except ConfigError as err:
             log.warning("%s cannot be read (%s); it is replaced by this run's config", saved, err)
             return
-        fields = diff_fingerprints(before, config_fingerprint(self.cfg))
         if fields:
             raise ActorError(
-                f"{self.out} holds a run with another config: it differs from {saved} in {', '.join(fields[:20])}. "
+                f"{self.out} holds a run with another config: it differs from {saved} in {fields}. "
                 "Continue that run with its config (--config " + str(saved) + "), or start a new run with another "
                 "--out"
             )

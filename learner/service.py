@@ -56,7 +56,7 @@ from robot_rl.agent import Q2RLAgent, UpdateStats
 from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc, save_bc
 from robot_rl.buffer import ReplayBuffer, learner_buffer
 from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
-from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config, load_config
+from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config
 from robot_rl.dirlock import DirectoryLock, holds_only_the_lock
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
@@ -79,8 +79,8 @@ from robot_rl.wire import (
     WireError,
     check_hello,
     config_fingerprint,
-    diff_fingerprints,
     from_frames,
+    saved_config_differences,
     to_wire,
     transition_spec,
     validate_transitions,
@@ -263,11 +263,9 @@ def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> N
         )
     saved = out / "config.yaml"
     if saved.is_file():
-        fields = diff_fingerprints(config_fingerprint(load_config(saved)), fingerprint)
+        fields = saved_config_differences(saved, fingerprint)
         if fields:
-            raise LearnerError(
-                f"cannot resume {out}: the config differs from the run's {saved} in {', '.join(fields[:20])}"
-            )
+            raise LearnerError(f"cannot resume {out}: the config differs from the run's {saved} in {fields}")
 
 
 def _resume_state(manifest: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -40,13 +40,14 @@ import struct
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from robot_rl.config import STATE_OBS_KEY
+from robot_rl.config import STATE_OBS_KEY, load_config
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -856,6 +857,12 @@ def config_hash(fingerprint: Mapping[str, str]) -> str:
 def diff_fingerprints(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
     """Sorted dotted paths whose values differ, a path present on one side only included."""
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+def saved_config_differences(saved: Path, fingerprint: Mapping[str, str]) -> str:
+    """The fields (at most 20, comma-separated; empty when none) in which a run directory's saved config.yaml differs
+    from a config with this fingerprint, in the parts actor and learner agree on; ConfigError when it cannot be read."""
+    return ", ".join(diff_fingerprints(config_fingerprint(load_config(saved)), fingerprint)[:20])
 
 
 def check_hello(hello: Hello, fingerprint: Mapping[str, str], *, unchecked: Collection[str] = ()) -> Refuse | None:
