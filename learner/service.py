@@ -237,6 +237,12 @@ class Stream:
     episode_open: bool = False
     chunk_interval_s: float = 0.0
 
+    def skip_to(self, seq: int) -> None:
+        """Continue at `seq` past transitions that were lost: an open Q-Estimation episode is broken by the loss and
+        is no rollout."""
+        self.next_seq = seq
+        self.pending = []
+
     def chunk_stored(self, arrays: dict[str, np.ndarray]) -> None:
         now = time.monotonic()
         if self.episode_open and self.last_chunk_at is not None:
@@ -771,8 +777,7 @@ class LearnerService:
                 msg.first_seq - 1,
                 msg.first_seq,
             )
-            stream.next_seq = msg.first_seq
-            stream.pending = []  # an open Q-Estimation episode is broken by the loss
+            stream.skip_to(msg.first_seq)
         if msg.last_seq < stream.next_seq:
             stats.duplicates += msg.count
         elif msg.first_seq > stream.next_seq:
@@ -1449,8 +1454,7 @@ class LearnerService:
                     self.out / "buffer",
                     next_seq,
                 )
-                stream.next_seq = next_seq
-                stream.pending = []  # an episode cut by the loss is no Q-Estimation rollout
+                stream.skip_to(next_seq)
                 self.actors.setdefault(actor_id, ActorStats())
 
     def _restore_stats(self) -> None:
