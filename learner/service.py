@@ -1458,7 +1458,8 @@ class LearnerService:
                 self.actors.setdefault(actor_id, ActorStats())
 
     def _restore_stats(self) -> None:
-        """Counters kept only in stats.json: the newest weights version broadcast, duplicates and refusals."""
+        """Counters kept only in stats.json: the newest weights version broadcast, duplicates, refusals, gaps and the
+        transitions actors said they lost."""
         path = self.out / "stats.json"
         try:
             saved = json.loads(path.read_text())
@@ -1469,7 +1470,7 @@ class LearnerService:
         for name, entry in (saved.get("actors") or {}).items():
             stats = self.actors.setdefault(name, ActorStats())
             stats.duplicates, stats.refused = int(entry.get("duplicates", 0)), int(entry.get("refused", 0))
-            stats.gaps = int(entry.get("gaps", 0))
+            stats.gaps, stats.lost = int(entry.get("gaps", 0)), int(entry.get("lost", 0))
 
 
 def _discard_new_run(out: Path, existed: bool) -> None:

@@ -401,6 +401,9 @@ def test_transitions_stored_once_duplicates_counted_gap_not_stored(tmp_path: Pat
     np.testing.assert_array_equal(service.buffer.take(np.arange(20)).obs["ee_pose"], stored_obs)
     resumed = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
     assert resumed.streams[("a0", "r0")].next_seq == 30
+    # Counters kept only in stats.json survive the resume, the transitions the actor lost among them.
+    kept = resumed.actors["a0"]
+    assert (kept.duplicates, kept.refused, kept.gaps, kept.lost) == (15, 0, 2, 5)
     resumed.store.close()
 
 
