@@ -70,15 +70,19 @@ class Spill:
         self._segment: Path | None = None
         self._segment_count = 0
         # What recovery found (0 and empty when every segment was whole): stretches of damage in the middle of a
-        # segment taken out (each followed by intact chunks), the transitions missing across them and their sequence
-        # numbers (first, last), the transitions of chunks cut as torn tails (where their bodies said), and the copies
-        # of the damaged segments.
+        # segment taken out (each followed by intact chunks), the sequence numbers (first, last) lost across them
+        # (`gaps`; lost_transitions counts them), the transitions of chunks cut as torn tails (where their bodies
+        # said), and the copies of the damaged segments.
         self.damaged_records = 0
-        self.lost_transitions = 0
         self.gaps: list[tuple[int, int]] = []
         self.cut_transitions = 0
         self.damaged_copies: list[Path] = []
         self._recover()
+
+    @property
+    def lost_transitions(self) -> int:
+        """Transitions recovery found lost for good: those of `gaps`."""
+        return sum(last - first + 1 for first, last in self.gaps)
 
     # -- recovery -----------------------------------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -154,7 +158,6 @@ class Spill:
             return
         self.damaged_records += 1
         if held is not None:
-            self.lost_transitions += held[1]
             self.gaps.append((held[0], held[0] + held[1] - 1))
         log.error(
             "spill %s: cut %d damaged bytes at byte %d at the end of a segment that is not the newest (not a torn "
@@ -185,7 +188,6 @@ class Spill:
         for start, end, lost_first, lost_last, before in damage:
             lost = max(0, lost_last - lost_first + 1)
             self.damaged_records += 1
-            self.lost_transitions += lost
             if lost:
                 self.gaps.append((lost_first, lost_last))
             log.error(

@@ -362,10 +362,10 @@ class TransitionStore:
         self._syncer: threading.Thread | None = None
         self._writer_finished = False  # the writer has written its last record (closing) or failed
         # What the last read_back found (0 when every log was whole): stretches of damage in the middle of a log taken
-        # out (each followed by intact records), the transitions missing across them, the transitions of records
-        # cut as torn tails (where their headers said), and the copies of the damaged originals.
+        # out (each followed by intact records), the sequence numbers lost across them (`gaps`; lost_transitions
+        # counts them), the transitions of records cut as torn tails (where their headers said), and the copies of
+        # the damaged originals.
         self.damaged_records = 0
-        self.lost_transitions = 0
         self.gaps: list[tuple[str, str, int, int]] = []  # (actor_id, run_id, first, last lost sequence number)
         self.cut_transitions = 0
         self.damaged_copies: list[Path] = []
@@ -380,10 +380,15 @@ class TransitionStore:
         """True when no stream file holds any bytes."""
         return not any(p.stat().st_size for p in self.directory.glob(f"*{SUFFIX}"))
 
+    @property
+    def lost_transitions(self) -> int:
+        """Transitions the last read_back lost to damage in the middle of a log: those of `gaps`."""
+        return sum(last - first + 1 for _, _, first, last in self.gaps)
+
     def read_back(self) -> list[StoredChunk]:
         """Every stored chunk, stream by stream in sequence order. A torn tail is cut off (warning); damage in the
         middle of a log is taken out of it, the original kept beside it (error): see the module's docstring."""
-        self.damaged_records = self.lost_transitions = self.cut_transitions = 0
+        self.damaged_records = self.cut_transitions = 0
         self.gaps, self.damaged_copies = [], []
         chunks: list[StoredChunk] = []
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
@@ -470,7 +475,6 @@ class TransitionStore:
         for bad in damage:
             lost = max(0, bad.lost_last - bad.lost_first + 1)
             self.damaged_records += 1
-            self.lost_transitions += lost
             log.error(
                 "%s: damaged bytes %d..%d of %d (%s) in the middle of the log, with intact records after them: "
                 "%d records before and %d after are kept, the bad bytes taken out; %s; the original file is kept "
