@@ -68,6 +68,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 import zlib
@@ -99,6 +100,8 @@ log = logging.getLogger("robot_rl.learner")
 MAGIC = b"RRLX"
 HEADER = struct.Struct("<4sBIQ")
 CRC32_MAGIC = b"RRLT"  # the records of logs written before XXH3 (read, never written)
+# Where a record may start: either magic (they cannot overlap each other), for resynchronising after damage.
+_RECORD_START = re.compile(re.escape(MAGIC) + b"|" + re.escape(CRC32_MAGIC))
 CRC32_HEADER = struct.Struct("<4sBII")
 FLAG_ONLINE = 0x01
 SUFFIX = ".log"
@@ -263,20 +266,13 @@ def _resync(raw: bytes, start: int, actor_id: str, run_id: str, next_seq: int) -
     """The first record from `start` on that parses and verifies and continues the stream: (its offset, its chunk,
     the offset after it); None when none does (the bytes from the bad record on are a torn tail)."""
     data = memoryview(raw)
-    found = {magic: raw.find(magic, start) for magic in (MAGIC, CRC32_MAGIC)}
-    while True:
-        candidates = [pos for pos in found.values() if pos >= 0]
-        if not candidates:
-            return None
-        pos = min(candidates)
+    for match in _RECORD_START.finditer(raw, start):
         try:
-            chunk, end = _read_in_order(data, pos, actor_id, run_id, next_seq)
+            chunk, end = _read_in_order(data, match.start(), actor_id, run_id, next_seq)
         except _TornRecord:
-            for magic, at in found.items():
-                if at == pos:
-                    found[magic] = raw.find(magic, pos + 1)
             continue
-        return pos, chunk, end
+        return match.start(), chunk, end
+    return None
 
 
 def _seqs_in_torn_record(data: memoryview, offset: int, actor_id: str, run_id: str) -> tuple[int, int] | None:
