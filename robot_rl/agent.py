@@ -22,7 +22,7 @@ from robot_rl import obs as obs_lib
 from robot_rl.buffer import TransitionBatch
 from robot_rl.compact import compact_copy, joint_encoder
 from robot_rl.config import AgentConfig
-from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment
+from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment, shift_obs
 from robot_rl.obs import ObsSpec
 from robot_rl.prefetch import to_tensors
 
@@ -406,15 +406,19 @@ class Q2RLAgent(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Learning
     # ----------------------------------------------------------------------------------------------------------------
-    def _batch_tensors(self, batch: TransitionBatch | dict) -> dict:
-        """Tensors of a minibatch, images randomly shifted (obs and next_obs independently, as DrQ).
+    def _on_device(self, batch: TransitionBatch | dict) -> dict:
+        """A minibatch as tensors on the agent's device: numpy (TransitionBatch) is moved there; a dict already there
+        (robot_rl.prefetch.to_tensors' or the buffer's device copy's) is taken as it is."""
+        return to_tensors(batch, self.device) if isinstance(batch, TransitionBatch) else batch
 
-        batch: numpy (TransitionBatch) or already on the device (robot_rl.prefetch.to_tensors' dict)."""
-        if isinstance(batch, TransitionBatch):
-            batch = to_tensors(batch, self.device)
+    def learning_inputs(
+        self, batch: dict, obs_shifts: torch.Tensor | None, next_shifts: torch.Tensor | None
+    ) -> dict[str, torch.Tensor | TensorObs]:
+        """What the updates read from a tensor minibatch: images shifted (DrQ; obs and next_obs at their own offsets,
+        `_draws`' 'shifts'), rewards transformed (r~ = scale * r + bias), `not_done` = 1 - terminated."""
         return {
-            "obs": self.augment(batch["obs"]),
-            "next_obs": self.augment(batch["next_obs"]),
+            "obs": shift_obs(batch["obs"], self.image_keys, self.cfg.encoder.shift_pad, obs_shifts),
+            "next_obs": shift_obs(batch["next_obs"], self.image_keys, self.cfg.encoder.shift_pad, next_shifts),
             "actions": batch["actions"],
             "rewards": transform_reward(batch["rewards"], self.cfg.reward_scale, self.cfg.reward_bias),
             "not_done": 1.0 - batch["terminated"].to(torch.float32),
@@ -443,7 +447,8 @@ class Q2RLAgent(nn.Module):
         noise / members: the random draws (standard normal for a', the subset of critics), drawn here by default.
         """
         if noise is None:
-            noise, members = self._td_draws(rewards.shape[0])
+            draws = self._draws(rewards.shape[0], critic=1, actor=False)
+            noise, members = draws["noise"][0], draws["members"][0]
         with torch.no_grad():
             next_features = self.encoder(next_obs)
             next_action, next_log_prob = self.actor(next_features).rsample_with_log_prob(noise=noise)
@@ -460,36 +465,55 @@ class Q2RLAgent(nn.Module):
         assert target.shape == rewards.shape, (target.shape, rewards.shape)
         return target
 
-    def _normal(self, rows: int) -> torch.Tensor:
-        """A [rows, action_dim] standard-normal draw from the agent's generator."""
-        return torch.randn((rows, self.action_dim), generator=self.generator, device=self.device)
+    def _draws(self, rows: int, *, critic: int, actor: bool) -> dict[str, torch.Tensor | None]:
+        """Every random draw of `critic` critic updates and (with `actor`) one actor update on minibatches of `rows`,
+        made up front from the agent's generator in two calls, so that the updates themselves draw nothing (they can
+        then be compiled and captured whole, and a compiled update reproduces the eager one):
 
-    def _td_draws(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The TD target's random draws: the noise of a' ~ pi(s'), then the subset of target critics."""
-        noise = self._normal(rows)
-        members = torch.randperm(self.cfg.num_critics, generator=self.generator, device=self.device)
-        return noise, members[: self.cfg.critic_subsample]
+        - 'noise' [critic + actor, rows, action_dim]: standard normal; a' ~ pi(s') of each TD target, then the actor's
+          a ~ pi(s);
+        - 'members' [critic, critic_subsample]: the target critics of each TD target, distinct and uniformly drawn
+          (the first of a random permutation: the order of uniform draws);
+        - 'shifts' [2 * critic + actor, cameras, rows, 2]: the DrQ offsets in [0, 2 * shift_pad] of each camera, obs
+          then next_obs of each critic update, then the actor's obs; None without cameras or with shift_pad 0.
+        """
+        n, pad = self.cfg.num_critics, self.cfg.encoder.shift_pad
+        images = 2 * critic + int(actor) if pad > 0 and self.image_keys else 0
+        shape = (images, len(self.image_keys), rows, 2)
+        noise = torch.randn((critic + int(actor), rows, self.action_dim), generator=self.generator, device=self.device)
+        uniform = torch.rand(critic * n + math.prod(shape), generator=self.generator, device=self.device)
+        members = uniform[: critic * n].view(critic, n).argsort(dim=1)[:, : self.cfg.critic_subsample]
+        shifts = (uniform[critic * n :] * (2 * pad + 1)).long().clamp_max(2 * pad).view(shape) if images else None
+        return {"noise": noise, "members": members, "shifts": shifts}
+
+    @staticmethod
+    def _shifts(draws: dict, i: int) -> torch.Tensor | None:
+        return None if draws["shifts"] is None else draws["shifts"][i]
 
     def critic_update(self, batch: TransitionBatch | dict) -> tuple[float, float]:
-        """One critic update; returns (loss per member, mean Q)."""
-        loss, q_mean = self._critic_step(batch)
+        """One critic update alone (eager, outside `update`); returns (loss per member, mean Q)."""
+        batch = self._on_device(batch)
+        d = self._draws(batch["actions"].shape[0], critic=1, actor=False)
+        loss, q_mean = self._critic_tensors(
+            batch, d["noise"][0], d["members"][0], self._shifts(d, 0), self._shifts(d, 1)
+        )
+        self.critic_updates += 1
         return float(loss), float(q_mean)
 
-    def _critic_step(self, batch: TransitionBatch | dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One critic update; its statistics stay on the device (no synchronisation). The random draws are made
-        here, outside the (possibly compiled) tensor work, which takes them as inputs."""
-        t = self._batch_tensors(batch)
-        t["td_noise"], t["td_members"] = self._td_draws(t["rewards"].shape[0])
-        out = self._run_compiled(self._critic_fn, t)
-        self.critic_updates += 1
-        return out
-
-    def _critic_tensors(self, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensor work of one critic update (what train.compile compiles): (loss per member, mean Q)."""
+    def _critic_tensors(
+        self,
+        batch: dict,
+        noise: torch.Tensor,
+        members: torch.Tensor,
+        obs_shifts: torch.Tensor | None,
+        next_shifts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor work of one critic update, its draws given (what train.compile compiles): the DrQ shifts,
+        reward transform, TD target, critic loss, backward, optimiser step and soft update. Returns (loss per member,
+        mean Q), on the device."""
+        t = self.learning_inputs(batch, obs_shifts, next_shifts)
         with self.autocast():
-            target = self.td_target(
-                t["rewards"], t["not_done"], t["next_obs"], noise=t["td_noise"], members=t["td_members"]
-            ).float()
+            target = self.td_target(t["rewards"], t["not_done"], t["next_obs"], noise=noise, members=members).float()
             q = self.critics(self.encoder(t["obs"]), t["actions"]).float()
         assert q.shape == (self.cfg.num_critics, target.shape[0]), q.shape
         # Every member regresses to the same target; summing over members gives each its own full gradient.
@@ -500,13 +524,13 @@ class Q2RLAgent(nn.Module):
         self._soft_update()
         return loss.detach() / self.cfg.num_critics, q.detach().mean()
 
-    def _run_compiled(self, fn: Callable[[dict], tuple | dict], t: dict) -> tuple | dict:
-        """fn(t); with CUDA graphs (reduce-overhead on a GPU) each call is a new step, and its outputs are copied out
-        of the graph's memory, which the next replay overwrites."""
+    def _run_compiled(self, fn: Callable[..., tuple | dict], *args: object) -> tuple | dict:
+        """fn(*args); with CUDA graphs (reduce-overhead on a GPU) each call is a new step, and its outputs are copied
+        out of the graph's memory, which the next replay overwrites."""
         if self.compile_mode != "reduce-overhead" or self.device.type != "cuda":
-            return fn(t)
+            return fn(*args)
         torch.compiler.cudagraph_mark_step_begin()
-        out = fn(t)
+        out = fn(*args)
         if isinstance(out, dict):
             return {k: v.clone() for k, v in out.items()}
         return tuple(v.clone() for v in out)
@@ -517,23 +541,24 @@ class Q2RLAgent(nn.Module):
         torch._foreach_lerp_(self._targets, self._online, self.cfg.tau)
 
     def actor_update(self, batch: TransitionBatch | dict) -> dict[str, float]:
-        """One actor and temperature update; returns its losses and the policy's entropy estimate."""
-        return {k: float(v) for k, v in self._actor_step(batch).items()}
-
-    def _actor_step(self, batch: TransitionBatch | dict) -> dict[str, torch.Tensor]:
-        t = self._batch_tensors(batch)
-        t["noise"] = self._normal(t["actions"].shape[0])
-        out = self._run_compiled(self._actor_fn, t)
+        """One actor and temperature update alone (eager, outside `update`); returns its losses and the policy's
+        entropy estimate."""
+        batch = self._on_device(batch)
+        d = self._draws(batch["actions"].shape[0], critic=0, actor=True)
+        out = self._actor_tensors(batch, d["noise"][0], self._shifts(d, 0))
         self.actor_updates += 1
-        return out
+        return {k: float(v) for k, v in out.items()}
 
-    def _actor_tensors(self, t: dict) -> dict[str, torch.Tensor]:
-        """The tensor work of one actor and temperature update (what train.compile compiles)."""
+    def _actor_tensors(
+        self, batch: dict, noise: torch.Tensor, obs_shifts: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The tensor work of one actor and temperature update, its draws given (what train.compile compiles)."""
+        obs = shift_obs(batch["obs"], self.image_keys, self.cfg.encoder.shift_pad, obs_shifts)
         # The actor sees the critics' features detached: only the critic loss trains the encoder.
         with torch.no_grad(), self.autocast():
-            features = self.encoder(t["obs"]).float()
+            features = self.encoder(obs).float()
         dist = self.actor(features)
-        action, log_prob = dist.rsample_with_log_prob(noise=t["noise"])
+        action, log_prob = dist.rsample_with_log_prob(noise=noise)
         # REDQ: the actor ascends the mean over the whole ensemble (or, pessimistic, its minimum).
         with self.autocast():
             q_all = self.critics(features, action).float()
@@ -543,7 +568,7 @@ class Q2RLAgent(nn.Module):
         if self.cfg.normalize_actor_q:
             sac_loss = sac_loss / q.detach().abs().mean().clamp_min(1e-3)
         w = self.cfg.effective_bc_loss_weight
-        bc_loss = self.bc_loss(dist.mode(), t["bc_actions"])
+        bc_loss = self.bc_loss(dist.mode(), batch["bc_actions"])
         loss = (1.0 - w) * sac_loss + w * bc_loss if w > 0 else sac_loss
         self.actor_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -575,11 +600,19 @@ class Q2RLAgent(nn.Module):
         """One learner step: exactly `utd` critic updates (one per batch) then one actor update (last batch)."""
         if len(batches) != self.cfg.utd:
             raise ValueError(f"update needs exactly utd={self.cfg.utd} batches, got {len(batches)}")
+        batches = [self._on_device(batch) for batch in batches]
+        rows = {int(batch["actions"].shape[0]) for batch in batches}
+        if len(rows) != 1:
+            raise ValueError(f"the minibatches of one learner step must be of one size, got sizes {sorted(rows)}")
+        d = self._draws(rows.pop(), critic=len(batches), actor=True)
         losses, q_mean = [], None
-        for batch in batches:
-            loss, q_mean = self._critic_step(batch)
+        for k, batch in enumerate(batches):
+            args = (batch, d["noise"][k], d["members"][k], self._shifts(d, 2 * k), self._shifts(d, 2 * k + 1))
+            loss, q_mean = self._run_compiled(self._critic_fn, *args)
             losses.append(loss)
-        actor = self._actor_step(batches[-1])
+        self.critic_updates += len(batches)
+        actor = self._run_compiled(self._actor_fn, batches[-1], d["noise"][-1], self._shifts(d, -1))
+        self.actor_updates += 1
         # One read-back of every statistic for the whole step.
         names = ["critic_loss", "q_mean", "temperature", *actor]
         values = torch.stack([torch.stack(losses).mean(), q_mean, self.temperature.detach(), *actor.values()])

@@ -117,11 +117,18 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | No
     """
     if pad <= 0:
         return images
+    device = generator.device if generator is not None else images.device
+    shifts = torch.randint(0, 2 * pad + 1, (images.shape[0], 2), generator=generator, device=device)
+    return shift_images(images, pad, shifts.to(images.device))
+
+
+def shift_images(images: torch.Tensor, pad: int, shifts: torch.Tensor) -> torch.Tensor:
+    """The crop of `images` [B, H, W, C], edge-padded by `pad`, at the offsets `shifts` [B, 2] (row, column; each in
+    [0, 2 * pad]): random_shift with its draws given, so that it can run inside a compiled (graph-captured) update."""
     b, h, w, _ = images.shape
+    assert shifts.shape == (b, 2), (shifts.shape, images.shape)
     padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
     padded = padded.to(images.dtype).permute(0, 2, 3, 1)
-    shifts = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device if generator else None)
-    shifts = shifts.to(images.device)
     rows = (torch.arange(h, device=images.device)[None, :] + shifts[:, :1])[:, :, None]
     cols = (torch.arange(w, device=images.device)[None, :] + shifts[:, 1:])[:, None, :]
     batch = torch.arange(b, device=images.device)[:, None, None]
@@ -135,6 +142,18 @@ def augment(obs: dict[str, torch.Tensor], keys: list[str], pad: int, generator: 
     out = dict(obs)
     for key in keys:
         out[key] = random_shift(obs[key], pad, generator)
+    return out
+
+
+def shift_obs(obs: dict[str, torch.Tensor], keys: list[str], pad: int, shifts: torch.Tensor | None) -> dict:
+    """The observation with shift_images applied to each image key, keys[i] at shifts[i] [B, 2]; `shifts` None (no
+    images, or pad 0) returns it as it is."""
+    if shifts is None:
+        return obs
+    assert shifts.shape[0] == len(keys), (shifts.shape, keys)
+    out = dict(obs)
+    for i, key in enumerate(keys):
+        out[key] = shift_images(obs[key], pad, shifts[i])
     return out
 
 

@@ -14,6 +14,7 @@ from robot_rl.bc import make_bc_policy
 from robot_rl.buffer import ReplayBuffer, TransitionBatch
 from robot_rl.config import AgentConfig, BCConfig, QEstimationConfig
 from robot_rl.obs import state_spec
+from robot_rl.prefetch import to_tensors
 from robot_rl.qestimation import Rollout, initialise_critics, mc_returns, run_q_estimation
 
 OBS, ACT = 6, 6
@@ -190,7 +191,8 @@ def test_ibrl_bootstraps_from_the_better_of_the_rl_and_bc_proposals(method):
     n = 256
     next_obs = obs_dict(torch.as_tensor(np.random.default_rng(4).uniform(-1, 1, (n, OBS)).astype(np.float32)))
     rewards, not_done = torch.zeros(n), torch.ones(n)
-    noise, members = agent._td_draws(n)
+    draws = agent._draws(n, critic=1, actor=False)
+    noise, members = draws["noise"][0], draws["members"][0]
     y = agent.td_target(rewards, not_done, next_obs, noise=noise, members=members)
     with torch.no_grad():  # the same target, written out
         a_rl = agent.actor(agent.encoder(next_obs)).rsample_with_log_prob(noise=noise)[0]
@@ -228,7 +230,7 @@ def test_td_target_terminal_has_no_bootstrap_and_truncation_keeps_it():
 
 def test_reward_transform_applied_to_batch_rewards():
     agent = make_agent(reward_scale=10.0, reward_bias=-1.0)
-    t = agent._batch_tensors(random_batch())
+    t = agent.learning_inputs(to_tensors(random_batch(), "cpu"), None, None)
     raw = torch.as_tensor(random_batch().rewards)
     torch.testing.assert_close(t["rewards"], 10.0 * raw - 1.0)
 
@@ -237,7 +239,10 @@ def test_reward_transform_applied_to_batch_rewards():
 # UTD, BC loss, learning
 # ---------------------------------------------------------------------------------------------------------------------
 def test_update_runs_exactly_utd_critic_updates_per_actor_update():
-    agent = make_agent(utd=4)
+    agent = make_agent(utd=4, tau=0.3)
+    with torch.no_grad():  # targets away from the critics and a large tau: the soft update moves them measurably
+        for p in agent.target_critics.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     steps = {"critic": 0, "actor": 0}
     agent.critic_opt.register_step_post_hook(lambda *a: steps.__setitem__("critic", steps["critic"] + 1))
     agent.actor_opt.register_step_post_hook(lambda *a: steps.__setitem__("actor", steps["actor"] + 1))
@@ -437,6 +442,135 @@ def test_compiled_update_matches_the_eager_update():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     assert compiled.critic_updates == eager.critic_updates == 2 * eager.cfg.utd
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One learner step against the reference math, written out: plain per-member loops, Adam by its formula
+# ---------------------------------------------------------------------------------------------------------------------
+def _adam(params: dict, grads: dict, state: dict, lr: float, betas=(0.9, 0.999), eps=1e-8) -> None:
+    """Kingma & Ba's Adam with bias correction, in place on `params` (plain tensors)."""
+    state["t"] = state.get("t", 0) + 1
+    for name, g in grads.items():
+        m = state.setdefault(("m", name), torch.zeros_like(g)).mul_(betas[0]).add_((1 - betas[0]) * g)
+        v = state.setdefault(("v", name), torch.zeros_like(g)).mul_(betas[1]).add_((1 - betas[1]) * g * g)
+        m_hat, v_hat = m / (1 - betas[0] ** state["t"]), v / (1 - betas[1] ** state["t"])
+        params[name] = (params[name] - lr * m_hat / (v_hat.sqrt() + eps)).detach()
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+
+def _q_member(p: dict, k: int, layers: int, features: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Critic k alone: Linear -> LayerNorm (member k's affine) -> ReLU per hidden layer, then the head."""
+    x = torch.cat([features, actions], dim=-1)
+    for i in range(layers):
+        x = x @ p[f"linears.{i}.weight"][k] + p[f"linears.{i}.bias"][k, 0]
+        x = torch.relu(_layer_norm(x) * p[f"norms.{i}.weight"][k, 0] + p[f"norms.{i}.bias"][k, 0])
+    return (x @ p["head.weight"][k] + p["head.bias"][k, 0]).squeeze(-1)
+
+
+def _tanh_gaussian(p: dict, layers: int, features: torch.Tensor, noise: torch.Tensor) -> tuple:
+    """(a = tanh(u), log pi(a), mode tanh(mean)) of the SAC actor, u = mean + std * noise."""
+    x = features
+    for i in range(layers + 1):
+        x = x @ p[f"net.{2 * i}.weight"].T + p[f"net.{2 * i}.bias"]
+        x = torch.relu(x) if i < layers else x
+    mean, raw = x.chunk(2, dim=-1)
+    std = torch.exp(-5.0 + 3.5 * (torch.tanh(raw) + 1))
+    u = mean + std * noise
+    log_prob = torch.distributions.Normal(mean, std).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2).sum(-1)
+    return torch.tanh(u), log_prob, torch.tanh(mean)
+
+
+def _reference_step(agent: Q2RLAgent, ref: dict, batches: list, draws: dict) -> dict:
+    """One learner step (utd critic updates, then the actor and temperature update on the last minibatch) from the
+    paper's equations, on the plain tensors of `ref` (updated in place); returns its statistics."""
+    cfg = agent.cfg
+    layers = len(cfg.hidden)
+    low, high = cfg.value_range
+    center, half = agent.encoder.normalizer.center, agent.encoder.normalizer.half_range
+
+    def enc(obs):
+        return (torch.as_tensor(obs["ee_pose"]) - center) / half
+
+    losses = []
+    for k, b in enumerate(batches):
+        r = cfg.reward_scale * torch.as_tensor(b.rewards) + cfg.reward_bias
+        not_done = 1.0 - torch.as_tensor(b.terminated).float()
+        with torch.no_grad():
+            a_next, _, _ = _tanh_gaussian(ref["actor"], layers, enc(b.next_obs), draws["noise"][k])
+            q_next = (
+                torch.stack(
+                    [_q_member(ref["target"], int(m), layers, enc(b.next_obs), a_next) for m in draws["members"][k]]
+                )
+                .min(dim=0)
+                .values
+            )
+            y = (r + cfg.discount * not_done * q_next).clamp(low, high)
+        critic = {n: t.clone().requires_grad_(True) for n, t in ref["critic"].items()}
+        q = torch.stack([_q_member(critic, m, layers, enc(b.obs), torch.as_tensor(b.actions)) for m in range(10)])
+        loss = sum(((q[m] - y) ** 2).mean() for m in range(10))
+        grads = dict(zip(critic, torch.autograd.grad(loss, list(critic.values())), strict=True))
+        _adam(ref["critic"], grads, ref["critic_adam"], cfg.critic_lr)
+        for n in ref["target"]:
+            ref["target"][n] = ref["target"][n] + cfg.tau * (ref["critic"][n] - ref["target"][n])
+        losses.append(float(loss) / 10)
+        q_mean = float(q.mean())
+    b = batches[-1]
+    actor = {n: t.clone().requires_grad_(True) for n, t in ref["actor"].items()}
+    a, log_prob, mode = _tanh_gaussian(actor, layers, enc(b.obs), draws["noise"][-1])
+    q = torch.stack([_q_member(ref["critic"], m, layers, enc(b.obs), a) for m in range(10)]).mean(dim=0)
+    sac = (ref["log_alpha"].exp() * log_prob - q).mean() / q.detach().abs().mean().clamp_min(1e-3)
+    bc = ((mode - torch.as_tensor(b.bc_actions)) ** 2).sum(-1).mean()
+    w = cfg.bc_loss_weight
+    actor_loss = (1 - w) * sac + w * bc
+    grads = dict(zip(actor, torch.autograd.grad(actor_loss, list(actor.values())), strict=True))
+    _adam(ref["actor"], grads, ref["actor_adam"], cfg.actor_lr)
+    log_alpha = ref["log_alpha"].clone().requires_grad_(True)
+    alpha_loss = -(log_alpha * (log_prob.detach() - agent.action_dim)).mean()
+    _adam(ref, {"log_alpha": torch.autograd.grad(alpha_loss, log_alpha)[0]}, ref["alpha_adam"], cfg.temperature_lr)
+    return {"critic_loss": np.mean(losses), "q_mean": q_mean, "temperature": float(ref["log_alpha"].exp()),
+            "actor_loss": float(actor_loss), "sac_loss": float(sac), "bc_loss": float(bc),
+            "entropy": float(-log_prob.mean())}  # fmt: skip
+
+
+def test_a_learner_step_matches_the_reference_math():
+    """Two learner steps of the agent (batched ensemble, fused soft update, torch's Adam) against the same steps
+    written out from the equations: TD target with the min over a random subset of target critics, the sum of the
+    members' squared errors, the REDQ-mean actor loss normalised by |Q| plus the BC term, the temperature loss, Adam
+    and the soft target update. Both consume the agent's random draws."""
+    agent = make_agent(utd=4, tau=0.3)
+    with torch.no_grad():  # targets away from the critics and a large tau: the soft update moves them measurably
+        for p in agent.target_critics.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.detach().clone() for k, v in agent.state_dict().items()}
+    ref = {
+        "critic": {k[len("critics.") :]: v for k, v in state.items() if k.startswith("critics.")},
+        "target": {k[len("target_critics.") :]: v for k, v in state.items() if k.startswith("target_critics.")},
+        "actor": {k[len("actor.") :]: v for k, v in state.items() if k.startswith("actor.")},
+        "log_alpha": state["log_alpha"],
+        "critic_adam": {}, "actor_adam": {}, "alpha_adam": {},
+    }  # fmt: skip
+    draws: list = []
+    agent_draws = agent._draws
+    agent._draws = lambda rows, **kw: draws.append(agent_draws(rows, **kw)) or draws[-1]
+    for step in range(2):
+        batches = [random_batch(32, seed=10 * step + i) for i in range(4)]
+        got = agent.update(batches).as_dict()
+        expected = _reference_step(agent, ref, batches, draws[-1])
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, name)
+    for name, value in ref["critic"].items():
+        torch.testing.assert_close(agent.critics.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in ref["target"].items():
+        torch.testing.assert_close(agent.target_critics.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in ref["actor"].items():
+        torch.testing.assert_close(agent.actor.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(agent.log_alpha.detach(), ref["log_alpha"])
+    # The step moved every part (a reference equal to the start would prove nothing).
+    assert not torch.equal(ref["actor"]["net.0.weight"], state["actor.net.0.weight"])
+    assert not torch.equal(ref["critic"]["head.weight"], state["critics.head.weight"])
 
 
 def test_a_diverged_update_is_refused_not_reported_as_statistics():

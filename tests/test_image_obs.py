@@ -14,6 +14,7 @@ from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import TransitionBatch
 from robot_rl.config import AgentConfig, BCConfig, ConfigError, EncoderConfig
 from robot_rl.networks import CriticEnsemble, ObsEncoder, random_shift
+from robot_rl.prefetch import to_tensors
 from robot_rl.train import resolve_device
 
 SIZE = 24
@@ -104,6 +105,31 @@ def test_random_shift_crops_a_window_of_the_edge_padded_image():
     assert torch.equal(random_shift(images, 0), images)
 
 
+def test_a_learner_steps_draws_are_uniform_and_used_where_they_say():
+    """`_draws` for one learner step: DrQ offsets uniform over [0, 2 * pad] per camera, row and axis; the TD subsets
+    distinct members drawn uniformly; and an update crops each image exactly at its drawn offset."""
+    agent = make_agent(num_critics=4, critic_subsample=2)
+    d = agent._draws(3000, critic=2, actor=True)
+    pad = ENC.shift_pad
+    assert d["noise"].shape == (3, 3000, 6) and d["members"].shape == (2, 2)
+    assert d["shifts"].shape == (5, 2, 3000, 2)  # obs, next_obs per critic update, then the actor's obs
+    counts = torch.bincount(d["shifts"].flatten(), minlength=2 * pad + 1).double()
+    assert len(counts) == 2 * pad + 1
+    assert float((counts / counts.sum() - 1 / (2 * pad + 1)).abs().max()) < 0.01
+    pairs = [tuple(sorted(agent._draws(1, critic=1, actor=False)["members"][0].tolist())) for _ in range(600)]
+    assert all(a != b for a, b in pairs)
+    assert set(pairs) == set(itertools.combinations(range(4), 2))  # every pair comes up
+    # The inputs an update learns from: each image the crop of its padded original at the drawn offset.
+    batch = to_tensors(random_batch(4, seed=3), "cpu")
+    d = agent._draws(4, critic=1, actor=False)
+    t = agent.learning_inputs(batch, d["shifts"][0], d["shifts"][1])
+    for which, shifts in (("obs", d["shifts"][0]), ("next_obs", d["shifts"][1])):
+        for c, key in enumerate(agent.image_keys):
+            padded = np.pad(batch[which][key].numpy(), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+            for i, (dy, dx) in enumerate(shifts[c].tolist()):
+                np.testing.assert_array_equal(t[which][key][i].numpy(), padded[i, dy : dy + SIZE, dx : dx + SIZE])
+
+
 def test_ensemble_matches_a_loop_over_members_with_plain_layers():
     """Reference math: each member is Linear -> LayerNorm(affine) -> ReLU ... -> Linear, computed one at a time."""
     torch.manual_seed(0)
@@ -160,28 +186,20 @@ def test_gating_and_a_value_update_on_cuda_match_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", ["off", "reduce-overhead"])
 def test_a_learner_step_on_cuda_matches_cpu(compile):
+    """One whole learner step (utd critic updates, the actor and temperature update, DrQ shifts included) on the GPU,
+    eager or compiled with CUDA graphs, gives the CPU's statistics and weights. The GPU agent replays the CPU agent's
+    random draws (their generators differ by device); TF32 is off."""
     import copy
 
-    """One whole learner step (utd critic updates, the actor and temperature update) on the GPU, eager or compiled
-    with CUDA graphs, gives the CPU's statistics and weights. The GPU agent replays the CPU agent's random draws
-    (their generators differ by device); shift_pad 0 leaves the DrQ shifts out of what is compared; TF32 is off."""
-    enc = ENC.model_copy(update={"shift_pad": 0})
-    cpu = make_agent(encoder=enc)
+    cpu = make_agent()
     gpu = Q2RLAgent(cpu.cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6,
                     bc_policy=copy.deepcopy(cpu.bc_policy), seed=0, device="cuda", compile=compile)  # fmt: skip
     gpu.load_state_dict(cpu.state_dict())
     draws: list = []
-    cpu_normal, cpu_td = cpu._normal, cpu._td_draws
-    cpu._normal = lambda rows: draws.append(cpu_normal(rows)) or draws[-1]
-    cpu._td_draws = lambda rows: draws.append(cpu_td(rows)) or draws[-1]
+    cpu_draws = cpu._draws
+    cpu._draws = lambda rows, **kw: draws.append(cpu_draws(rows, **kw)) or draws[-1]
     replay = iter(draws)
-
-    def replay_td(rows: int) -> tuple:
-        next(replay)  # the noise the CPU's _td_draws drew through _normal (recorded again in its tuple)
-        return tuple(t.to("cuda") for t in next(replay))
-
-    gpu._normal = lambda rows: next(replay).to("cuda")
-    gpu._td_draws = replay_td
+    gpu._draws = lambda rows, **kw: {k: None if v is None else v.to("cuda") for k, v in next(replay).items()}
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
