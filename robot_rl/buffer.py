@@ -489,7 +489,13 @@ class _DeviceCopy:
         self.terminated[pos_at] = self._tensor(rows.terminated)
 
     def gather(self, pos: np.ndarray, obs_slots: np.ndarray, next_slots: np.ndarray) -> dict:
-        pos_at, obs_at, next_at = self._tensor(np.stack([pos, obs_slots, next_slots]).astype(np.int64))
+        indices = torch.from_numpy(np.stack([pos, obs_slots, next_slots]).astype(np.int64))
+        if self.device.type == "cuda":
+            # Staged in pinned memory and copied without waiting: a pageable copy would make the host wait for every
+            # update queued on the GPU before it could queue the next (torch keeps the pinned block until the copy
+            # has run).
+            indices = indices.pin_memory()
+        pos_at, obs_at, next_at = indices.to(self.device, non_blocking=True)
         return {
             "obs": {key: frames[obs_at] for key, frames in self.frames.items()},
             "next_obs": {key: frames[next_at] for key, frames in self.frames.items()},
@@ -541,23 +547,40 @@ def concat_tensor_batches(a: dict, b: dict) -> dict:
     }
 
 
+def split_rows(batch: TransitionBatch | dict, parts: int) -> list[TransitionBatch] | list[dict]:
+    """A minibatch (numpy or a tensor batch) cut into `parts` minibatches of equal size along its rows: views, no
+    copies. Its rows must divide evenly."""
+
+    def cut(value: object) -> list:
+        if isinstance(value, dict):
+            return [dict(zip(value, row, strict=True)) for row in zip(*(cut(v) for v in value.values()), strict=True)]
+        if len(value) % parts:
+            raise ValueError(f"{len(value)} rows do not split into {parts} equal minibatches")
+        return list(value.split(len(value) // parts)) if isinstance(value, torch.Tensor) else np.split(value, parts)
+
+    if isinstance(batch, TransitionBatch):
+        names = [f.name for f in fields(TransitionBatch)]
+        columns = zip(*(cut(getattr(batch, name)) for name in names), strict=True)
+        return [TransitionBatch(**dict(zip(names, column, strict=True))) for column in columns]
+    return cut(batch)
+
+
 def sample_utd_batches(
     buffer: ReplayBuffer, offline: ReplayBuffer | None, cfg: AgentConfig, rng: np.random.Generator
 ) -> list[TransitionBatch] | list[dict]:
     """The `cfg.utd` minibatches of one learner step; with `offline` (RLPD) each holds its share of demonstrations.
 
-    From a buffer with a device copy they are tensor batches gathered there (the same draws from `rng`); `offline`
-    must then have a copy on the same device."""
+    All the step's rows are drawn and gathered at once from each buffer (one gather per array, not one per
+    minibatch), then cut into the minibatches. From a buffer with a device copy they are tensor batches gathered
+    there (the same draws from `rng`); `offline` must then have a copy on the same device."""
     on_device = buffer.device is not None
     if offline is not None and offline.device != buffer.device:
         raise ValueError(f"the offline buffer is on {offline.device}, the replay buffer on {buffer.device}")
     sample = ReplayBuffer.sample_tensors if on_device else ReplayBuffer.sample
+    n_off = round(cfg.batch_size * cfg.effective_offline_ratio) if offline is not None else 0
+    online = split_rows(sample(buffer, cfg.utd * (cfg.batch_size - n_off), rng), cfg.utd)
+    if not n_off:
+        return online
     join = concat_tensor_batches if on_device else concat_batches
-    batches = []
-    for _ in range(cfg.utd):
-        if offline is not None:
-            n_off = round(cfg.batch_size * cfg.effective_offline_ratio)
-            batches.append(join(sample(buffer, cfg.batch_size - n_off, rng), sample(offline, n_off, rng)))
-        else:
-            batches.append(sample(buffer, cfg.batch_size, rng))
-    return batches
+    demos = split_rows(sample(offline, cfg.utd * n_off, rng), cfg.utd)
+    return [join(a, b) for a, b in zip(online, demos, strict=True)]

@@ -25,6 +25,7 @@ from robot_rl.buffer import (
     concat_batches,
     replay_device,
     sample_utd_batches,
+    split_rows,
 )
 from robot_rl.config import AgentConfig, ConfigError
 
@@ -452,6 +453,33 @@ def test_utd_batches_hold_the_offline_share_in_every_key():
             sources = [online_chunk["obs"][key]] * 8 + [offline_chunk["obs"][key]] * 8
             for row, source in zip(batch.obs[key], sources, strict=True):
                 assert any(np.array_equal(row, s) for s in source)
+
+
+def _field(batch: TransitionBatch | dict, name: str):
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+def test_a_steps_minibatches_are_one_draw_cut_into_utd_views():
+    rng = np.random.default_rng(15)
+    buf = ReplayBuffer(60, SPEC, ACT, device="cpu")
+    buf.add_many(**episode_chunk(rng, 50))
+    cfg = AgentConfig(utd=4, batch_size=8)
+    whole_idx = np.random.default_rng(2).integers(0, len(buf), 32)
+    for batches, whole in (
+        (sample_utd_batches(buf, None, cfg, np.random.default_rng(2)), buf.take_tensors(whole_idx)),
+        (split_rows(buf.take(whole_idx), 4), buf.take(whole_idx)),
+    ):
+        assert len(batches) == 4
+        for i, batch in enumerate(batches):
+            rows = slice(8 * i, 8 * i + 8)
+            for name in ("actions", "rewards", "terminated", "bc_actions"):
+                np.testing.assert_array_equal(np.asarray(_field(batch, name)), np.asarray(_field(whole, name))[rows])
+            for key in SPEC:
+                got, expected = _field(batch, "next_obs")[key], _field(whole, "next_obs")[key]
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(expected)[rows])
+    assert not np.array_equal(np.asarray(batches[0].actions), np.asarray(batches[1].actions))  # four draws, not one
+    with pytest.raises(ValueError, match="do not split into 3 equal minibatches"):
+        split_rows(buf.take(np.arange(8)), 3)
 
 
 def test_concat_refuses_different_observation_keys():
