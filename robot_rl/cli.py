@@ -17,6 +17,12 @@ from pathlib import Path
 from robot_rl.config import ConfigError, RunConfig, TransportConfig, load_config
 from robot_rl.signals import SUPERVISED_ENV
 
+DESCRIPTION = (
+    "On-robot reinforcement learning with Q2RL: Q-Estimation from a frozen BC policy, then online SAC/REDQ with "
+    "Q-gating between the BC and the RL action. Start with `robot-rl demo` (the simulated twin, CPU); README.md "
+    "lists every command."
+)
+
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
     p.add_argument("--config", type=Path, required=required, help="YAML config (default: embedded defaults)")
@@ -31,7 +37,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool = False) -> N
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robot-rl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="robot-rl", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="Q-Estimation then online Q2RL in one process; writes a run directory")
