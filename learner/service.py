@@ -64,7 +64,7 @@ from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 from robot_rl.security import key_owners
 from robot_rl.signals import stop_signals
-from robot_rl.train import check_compile, demo_buffer, resolve_device
+from robot_rl.train import check_compile, demo_buffer, resolve_device, warn_image_learner_on_cpu
 from robot_rl.wire import (
     ID_PATTERN,
     PHASES,
@@ -343,6 +343,7 @@ class LearnerService:
             )
         self.device = resolve_device(cfg.train.device)  # refused before the run directory is touched
         check_compile(cfg.train.compile, self.device)
+        warn_image_learner_on_cpu(cfg, self.device, log.warning)
         self.spec = transition_spec(cfg)
         self.fingerprint = config_fingerprint(cfg)
         _check_out_dir(self.out, resume=resume, fingerprint=self.fingerprint)

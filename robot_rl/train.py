@@ -66,6 +66,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Image-config learner steps per second on a 2-core CPU, bf16 with torch.compile at best (docs/benchmarks.md).
+CPU_IMAGE_STEPS_PER_S = 0.7
+
+
+def warn_image_learner_on_cpu(cfg: RunConfig, device: torch.device, warn: Callable[[str], None] | None = None) -> None:
+    """Say at start, with the time it will take, when a config with cameras will learn on a CPU."""
+    if device.type != "cpu" or not cfg.env.cameras:
+        return
+    steps = cfg.train.env_steps * cfg.train.learner_steps_per_env_step
+    hours = steps / CPU_IMAGE_STEPS_PER_S / 3600
+    (warn or log.warning)(
+        f"this config learns from cameras on the CPU ({device}): its {steps:.0f} online learner steps alone will take "
+        f"about {hours:.0f} h or more (~{CPU_IMAGE_STEPS_PER_S} learner steps/s measured on a 2-core CPU); learn on a "
+        "CUDA machine (train.device=cuda or auto) for image configs"
+    )
+
+
 def check_compile(mode: str, device: torch.device) -> None:
     """ConfigError when train.compile is on and no compiler torch.compile needs is on PATH (it builds its kernels
     with a C++ compiler on a CPU, a C compiler for Triton's launchers on a GPU): said at start, not after
@@ -313,6 +330,7 @@ class Trainer:
         self.cfg, self.out = cfg, out
         self.device = resolve_device(cfg.train.device)  # before anything is written: a refusal leaves no run
         check_compile(cfg.train.compile, self.device)
+        warn_image_learner_on_cpu(cfg, self.device)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         if cfg.train.torch_threads:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +13,15 @@ import torch.nn.functional as F
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import load_bc, make_bc_policy, save_bc, train_bc
 from robot_rl.buffer import TransitionBatch
-from robot_rl.config import AgentConfig, BCConfig, ConfigError, EncoderConfig
+from robot_rl.config import AgentConfig, BCConfig, ConfigError, EncoderConfig, load_config
 from robot_rl.networks import CriticEnsemble, ObsEncoder, random_shift
 from robot_rl.prefetch import to_tensors
-from robot_rl.train import resolve_device
+from robot_rl.train import resolve_device, warn_image_learner_on_cpu
 
 SIZE = 24
 SPEC = {"ee_pose": ((6,), "float32"), "front": ((SIZE, SIZE, 3), "uint8"), "wrist": ((SIZE, SIZE, 3), "uint8")}
 LOW, HIGH = -np.ones(6, np.float32), np.ones(6, np.float32)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ENC = EncoderConfig(channels=[8, 8], feature_dim=16, shift_pad=2)
 
 
@@ -156,6 +158,16 @@ def test_device_auto_falls_back_to_cpu_without_cuda():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(ConfigError, match="sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_an_image_config_learning_on_the_cpu_is_told_how_long_it_will_take():
+    image = load_config(CONFIGS / "sim_peg_image.yaml", ["train.env_steps=7000", "train.learner_steps_per_env_step=1"])
+    said: list[str] = []
+    warn_image_learner_on_cpu(image, torch.device("cpu"), said.append)
+    assert len(said) == 1 and "7000 online learner steps" in said[0] and "about 3 h" in said[0]
+    warn_image_learner_on_cpu(image, torch.device("cuda"), said.append)
+    warn_image_learner_on_cpu(load_config(CONFIGS / "sim_peg_state.yaml"), torch.device("cpu"), said.append)
+    assert len(said) == 1  # a GPU learner, or a state config on the CPU, is not warned
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
