@@ -29,6 +29,10 @@ from robot_rl.prefetch import to_tensors
 TensorObs = dict[str, torch.Tensor]
 
 
+# What a learner step reports, in the order `Q2RLAgent._step_tensors` returns it.
+STEP_STATISTICS = ("critic_loss", "q_mean", "temperature", "actor_loss", "sac_loss", "bc_loss", "entropy")
+
+
 class TrainingDiverged(RuntimeError):
     """A learner step produced non-finite losses or values."""
 
@@ -142,7 +146,8 @@ class Q2RLAgent(nn.Module):
         # On a GPU the optimisers keep their step counts there (capturable): a CPU tensor in the update would keep
         # torch.compile's reduce-overhead mode from capturing it in a CUDA graph.
         adam = functools.partial(torch.optim.Adam, capturable=self.device.type == "cuda")
-        self.actor_opt = adam(self.actor.parameters(), lr=cfg.actor_lr)
+        self._actor_params = list(self.actor.parameters())
+        self.actor_opt = adam(self._actor_params, lr=cfg.actor_lr)
         self.critic_opt = adam(self.critic_parameters(), lr=cfg.critic_lr)
         self.alpha_opt = adam([self.log_alpha], lr=cfg.temperature_lr)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -153,10 +158,7 @@ class Q2RLAgent(nn.Module):
         if compile not in ("off", "default", "reduce-overhead", "max-autotune"):
             raise ValueError(f"unknown compile mode {compile!r}")
         self.compile_mode = compile
-        self._critic_fn, self._actor_fn = self._critic_tensors, self._actor_tensors
-        if compile != "off":
-            self._critic_fn = torch.compile(self._critic_tensors, mode=compile)
-            self._actor_fn = torch.compile(self._actor_tensors, mode=compile)
+        self._step_fn = self._step_tensors if compile == "off" else torch.compile(self._step_tensors, mode=compile)
         # Gating samples BC proposals from its own stream, so that the BC branch may run on another thread.
         self.bc_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.critic_updates = 0
@@ -524,16 +526,13 @@ class Q2RLAgent(nn.Module):
         self._soft_update()
         return loss.detach() / self.cfg.num_critics, q.detach().mean()
 
-    def _run_compiled(self, fn: Callable[..., tuple | dict], *args: object) -> tuple | dict:
-        """fn(*args); with CUDA graphs (reduce-overhead on a GPU) each call is a new step, and its outputs are copied
+    def _run_compiled(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        """fn(*args); with CUDA graphs (reduce-overhead on a GPU) each call is a new step, and its output is copied
         out of the graph's memory, which the next replay overwrites."""
         if self.compile_mode != "reduce-overhead" or self.device.type != "cuda":
             return fn(*args)
         torch.compiler.cudagraph_mark_step_begin()
-        out = fn(*args)
-        if isinstance(out, dict):
-            return {k: v.clone() for k, v in out.items()}
-        return tuple(v.clone() for v in out)
+        return fn(*args).clone()
 
     @torch.no_grad()
     def _soft_update(self) -> None:
@@ -571,7 +570,9 @@ class Q2RLAgent(nn.Module):
         bc_loss = self.bc_loss(dist.mode(), batch["bc_actions"])
         loss = (1.0 - w) * sac_loss + w * bc_loss if w > 0 else sac_loss
         self.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # Gradients for the actor's weights only: the critics' weight gradients (a third of their backward pass) are
+        # neither computed nor left behind.
+        loss.backward(inputs=self._actor_params)
         self.actor_opt.step()
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
         self.alpha_opt.zero_grad(set_to_none=True)
@@ -596,6 +597,20 @@ class Q2RLAgent(nn.Module):
         sq = ((rl_mode - torch.nan_to_num(bc_actions)) ** 2).sum(dim=-1)
         return (sq * mask).sum() / mask.sum().clamp_min(1)
 
+    def _step_tensors(self, batches: list[dict], draws: dict) -> torch.Tensor:
+        """The tensor work of one whole learner step, its draws given (what train.compile compiles: one graph, and
+        with CUDA graphs one replay, per step): the utd critic updates, then the actor and temperature update on the
+        last minibatch. Returns the step's statistics in STEP_STATISTICS order, one float32 tensor on the device."""
+        losses, q_mean = [], None
+        for k, batch in enumerate(batches):
+            shifts = self._shifts(draws, 2 * k), self._shifts(draws, 2 * k + 1)
+            loss, q_mean = self._critic_tensors(batch, draws["noise"][k], draws["members"][k], *shifts)
+            losses.append(loss)
+        actor = self._actor_tensors(batches[-1], draws["noise"][-1], self._shifts(draws, -1))
+        temperature = self.temperature.detach()
+        parts = {"critic_loss": torch.stack(losses).mean(), "q_mean": q_mean, "temperature": temperature, **actor}
+        return torch.stack([parts[name].float() for name in STEP_STATISTICS])
+
     def update(self, batches: list[TransitionBatch] | list[dict]) -> UpdateStats:
         """One learner step: exactly `utd` critic updates (one per batch) then one actor update (last batch)."""
         if len(batches) != self.cfg.utd:
@@ -604,19 +619,11 @@ class Q2RLAgent(nn.Module):
         rows = {int(batch["actions"].shape[0]) for batch in batches}
         if len(rows) != 1:
             raise ValueError(f"the minibatches of one learner step must be of one size, got sizes {sorted(rows)}")
-        d = self._draws(rows.pop(), critic=len(batches), actor=True)
-        losses, q_mean = [], None
-        for k, batch in enumerate(batches):
-            args = (batch, d["noise"][k], d["members"][k], self._shifts(d, 2 * k), self._shifts(d, 2 * k + 1))
-            loss, q_mean = self._run_compiled(self._critic_fn, *args)
-            losses.append(loss)
+        draws = self._draws(rows.pop(), critic=len(batches), actor=True)
+        values = self._run_compiled(self._step_fn, batches, draws)
         self.critic_updates += len(batches)
-        actor = self._run_compiled(self._actor_fn, batches[-1], d["noise"][-1], self._shifts(d, -1))
         self.actor_updates += 1
-        # One read-back of every statistic for the whole step.
-        names = ["critic_loss", "q_mean", "temperature", *actor]
-        values = torch.stack([torch.stack(losses).mean(), q_mean, self.temperature.detach(), *actor.values()])
-        stats = dict(zip(names, values.float().tolist(), strict=True))
+        stats = dict(zip(STEP_STATISTICS, values.tolist(), strict=True))  # one read-back for the whole step
         diverged = {k: v for k, v in stats.items() if not math.isfinite(v)}
         if diverged:
             raise TrainingDiverged(
