@@ -2,6 +2,7 @@
 
     python bench/learner.py [--device cpu|cuda|auto] [--config state|image|PATH] [--sizes config,paper,...]
                             [--threads N] [--steps N] [--prefetch | --replay-on-gpu] [--bf16] [--compile MODE]
+                            [--cuda-graph]
 
 The observation spec is the config's (state: the 6-D pose; image: the pose plus two 84x84x3 uint8 cameras); minibatches
 are drawn from a replay buffer filled with synthetic transitions, so the figure includes sampling, host->device copies
@@ -9,8 +10,8 @@ and, for images, the DrQ shifts and both CNN encoders, as in training. `--sizes`
 and/or other network sizes on the same observations. `--prefetch` samples on a background thread (robot_rl.prefetch);
 `--replay-on-gpu` keeps a copy of the buffer on the device and gathers each minibatch there (train.replay_on_gpu);
 `--bf16` runs the forward passes under bf16 autocast; `--compile MODE` compiles the updates with torch.compile
-(during the warm-up steps, which are not timed; reduce-overhead adds CUDA graphs on a GPU). The last line is the
-headline (the last size's rate).
+(during the warm-up steps, which are not timed; reduce-overhead adds CUDA graphs on a GPU); `--cuda-graph` captures
+the whole learner step in one CUDA graph (train.cuda_graph). The last line is the headline (the last size's rate).
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def synthetic_buffer(
 
 
 def build(
-    cfg: RunConfig, agent_cfg: AgentConfig, device: str, *, bf16: bool = False, compile: str = "off"
+    cfg: RunConfig,
+    agent_cfg: AgentConfig,
+    device: str,
+    *,
+    bf16: bool = False,
+    compile: str = "off",
+    cuda_graph: bool = False,
 ) -> tuple[Q2RLAgent, dict]:
     spec = transition_spec(cfg).obs
     dim = obs_lib.state_dim(spec)
@@ -84,6 +91,7 @@ def build(
         device=device,
         amp=bf16,
         compile=compile,
+        cuda_graph=cuda_graph,
     )
     return agent, spec
 
@@ -98,8 +106,9 @@ def measure(
     bf16: bool = False,
     compile: str = "off",
     replay_on_gpu: bool = False,
+    cuda_graph: bool = False,
 ) -> float:
-    agent, spec = build(cfg, agent_cfg, device, bf16=bf16, compile=compile)
+    agent, spec = build(cfg, agent_cfg, device, bf16=bf16, compile=compile, cuda_graph=cuda_graph)
     rng = np.random.default_rng(0)
     n = 5000 if obs_lib.image_keys(spec) else 50_000
     buf = synthetic_buffer(spec, n, rng, device=device if replay_on_gpu else None)
@@ -124,7 +133,7 @@ def measure(
         agent.update(fetch())
 
     try:
-        for _ in range(3):
+        for _ in range(6 if cuda_graph else 3):  # a CUDA graph: 3 eager steps, the capture, then replays
             step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -150,11 +159,17 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes")
     parser.add_argument("--replay-on-gpu", action="store_true",
                         help="the buffer keeps a copy on the device and minibatches are gathered there")  # fmt: skip
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="the whole learner step in one CUDA graph (train.cuda_graph; CUDA only)")  # fmt: skip
     parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the updates (compiled while warming up)")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cuda_graph and args.device == "cpu":
+        parser.error("--cuda-graph needs --device cuda")
+    if args.cuda_graph and args.compile == "reduce-overhead":
+        parser.error("--cuda-graph captures the step itself: use it with --compile default or off")
     if args.replay_on_gpu and args.prefetch:
         parser.error("--prefetch samples in host memory; --replay-on-gpu gathers on the device: pick one")
     device = args.device
@@ -171,6 +186,7 @@ def main() -> None:
         ("replay on the device", args.replay_on_gpu),
         ("bf16 autocast", args.bf16),
         (f"torch.compile {args.compile}", args.compile != "off"),
+        ("whole step in a CUDA graph", args.cuda_graph),
     )
     extras = ", ".join(n for n, on in flags if on) or "plain"
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps each, {extras}")
@@ -184,7 +200,7 @@ def main() -> None:
         if hidden is not None:
             agent_cfg = agent_cfg.model_copy(update={"hidden": hidden, "num_critics": critics, "batch_size": batch})
         last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch, bf16=args.bf16,
-                       compile=args.compile, replay_on_gpu=args.replay_on_gpu)  # fmt: skip
+                       compile=args.compile, replay_on_gpu=args.replay_on_gpu, cuda_graph=args.cuda_graph)  # fmt: skip
         print(
             f"{name:<12} {agent_cfg.hidden!s:<18} {agent_cfg.num_critics:>7} {agent_cfg.batch_size:>5} "
             f"{agent_cfg.utd:>3} {last:>9.2f}"

@@ -371,6 +371,7 @@ class LearnerService:
             device=self.device,
             amp=cfg.train.bf16,
             compile=cfg.train.compile,
+            cuda_graph=cfg.train.cuda_graph and self.device.type == "cuda",
         )
         try:
             self.buffer = learner_buffer(cfg.train, self.obs_spec, self.action_dim, self.device)

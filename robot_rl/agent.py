@@ -22,6 +22,7 @@ from robot_rl import obs as obs_lib
 from robot_rl.buffer import TransitionBatch
 from robot_rl.compact import compact_copy, joint_encoder
 from robot_rl.config import AgentConfig
+from robot_rl.cuda_graph import StepGraph
 from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment, shift_obs
 from robot_rl.obs import ObsSpec
 from robot_rl.prefetch import to_tensors
@@ -118,6 +119,7 @@ class Q2RLAgent(nn.Module):
         device: str | torch.device = "cpu",
         amp: bool = False,
         compile: str = "off",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -159,6 +161,14 @@ class Q2RLAgent(nn.Module):
             raise ValueError(f"unknown compile mode {compile!r}")
         self.compile_mode = compile
         self._step_fn = self._step_tensors if compile == "off" else torch.compile(self._step_tensors, mode=compile)
+        # The whole step in one CUDA graph (train.cuda_graph), replayed every step after a few eager ones.
+        self._step_graph: StepGraph | None = None
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(f"a CUDA graph learner step needs a CUDA device, not {self.device}")
+            if compile == "reduce-overhead":
+                raise ValueError("cuda_graph captures the step itself: combine it with compile 'default' or 'off'")
+            self._step_graph = StepGraph(self._step_fn)
         # Gating samples BC proposals from its own stream, so that the BC branch may run on another thread.
         self.bc_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.critic_updates = 0
@@ -430,7 +440,9 @@ class Q2RLAgent(nn.Module):
     def autocast(self) -> torch.autocast:
         """bf16 autocast of the learner's forward passes when the agent was built with amp=True (losses, optimiser
         state and weights stay float32); a disabled context otherwise."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        # A CUDA graph capture needs autocast's cast cache off (torch's CUDA graphs notes).
+        cache = self._step_graph is None
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache)
 
     def td_target(
         self,
@@ -620,7 +632,10 @@ class Q2RLAgent(nn.Module):
         if len(rows) != 1:
             raise ValueError(f"the minibatches of one learner step must be of one size, got sizes {sorted(rows)}")
         draws = self._draws(rows.pop(), critic=len(batches), actor=True)
-        values = self._run_compiled(self._step_fn, batches, draws)
+        if self._step_graph is not None:
+            values = self._step_graph(batches, draws)
+        else:
+            values = self._run_compiled(self._step_fn, batches, draws)
         self.critic_updates += len(batches)
         self.actor_updates += 1
         stats = dict(zip(STEP_STATISTICS, values.tolist(), strict=True))  # one read-back for the whole step
@@ -724,6 +739,8 @@ class Q2RLAgent(nn.Module):
         self.actor_opt.load_state_dict(states["actor"])
         self.critic_opt.load_state_dict(states["critic"])
         self.alpha_opt.load_state_dict(states["alpha"])
+        if self._step_graph is not None:  # new state tensors: a captured step would still read the old ones
+            self._step_graph.reset()
 
 
 def _holding(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -508,6 +508,13 @@ class TrainConfig(Strict):
         "(reduce-overhead: also CUDA graphs on a GPU). The first steps compile (tens of seconds; the learner serves "
         "no actor meanwhile). Gains: docs/benchmarks.md.",
     )
+    cuda_graph: bool = Field(
+        False,
+        description="On a CUDA learner, capture one whole learner step (the utd critic updates, the actor and "
+        "temperature update, their backward passes and optimiser steps) in one CUDA graph after a few eager steps, "
+        "and replay it every step: one launch per step. With train.compile=default the compiled kernels are "
+        "captured; reduce-overhead (torch's own CUDA graphs) cannot be combined with it. A CPU learner ignores it.",
+    )
     bf16: bool = Field(
         False,
         description="bf16 autocast of the learner's forward passes (weights, optimiser and losses stay float32); "
@@ -526,6 +533,16 @@ class TrainConfig(Strict):
         "GPU memory (refused at start otherwise). A CPU learner ignores it.",
     )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 leaves torch's default.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_cuda_graph(self) -> TrainConfig:
+        if self.cuda_graph and self.compile == "reduce-overhead":
+            raise ValueError(
+                "train.cuda_graph captures the whole learner step in a CUDA graph itself; torch.compile's "
+                "reduce-overhead mode makes CUDA graphs of its own inside it: use train.compile=default (or off) with "
+                "train.cuda_graph, or train.cuda_graph=false"
+            )
+        return self
 
 
 class ActorConfig(Strict):

@@ -363,6 +363,7 @@ class Trainer:
             device=self.device,
             amp=cfg.train.bf16,
             compile=cfg.train.compile,
+            cuda_graph=cfg.train.cuda_graph and self.device.type == "cuda",
         )
         self.buffer = learner_buffer(cfg.train, self.obs_spec, self.action_dim, self.device)
         self.offline = self._offline_buffer()

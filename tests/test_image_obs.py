@@ -196,16 +196,21 @@ def test_gating_and_a_value_update_on_cuda_match_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile", ["off", "reduce-overhead"])
-def test_a_learner_step_on_cuda_matches_cpu(compile):
-    """One whole learner step (utd critic updates, the actor and temperature update, DrQ shifts included) on the GPU,
-    eager or compiled with CUDA graphs, gives the CPU's statistics and weights. The GPU agent replays the CPU agent's
-    random draws (their generators differ by device); TF32 is off."""
+@pytest.mark.parametrize(
+    ("compile", "cuda_graph"), [("off", False), ("reduce-overhead", False), ("off", True), ("default", True)]
+)
+def test_a_learner_step_on_cuda_matches_cpu(compile, cuda_graph):
+    """Learner steps (utd critic updates, the actor and temperature update, DrQ shifts included) on the GPU, eager,
+    compiled with torch's CUDA graphs, or captured whole in one CUDA graph (train.cuda_graph, eager or compiled
+    kernels), give the CPU's statistics and weights, through warm-up, capture and replays. Optimiser states loaded
+    midway (an earlier snapshot, so that stale state would show) are what the next steps use. The GPU agent replays
+    the CPU agent's random draws (their generators differ by device); TF32 is off."""
     import copy
 
     cpu = make_agent()
     gpu = Q2RLAgent(cpu.cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6,
-                    bc_policy=copy.deepcopy(cpu.bc_policy), seed=0, device="cuda", compile=compile)  # fmt: skip
+                    bc_policy=copy.deepcopy(cpu.bc_policy), seed=0, device="cuda", compile=compile,
+                    cuda_graph=cuda_graph)  # fmt: skip
     gpu.load_state_dict(cpu.state_dict())
     draws: list = []
     cpu_draws = cpu._draws
@@ -214,8 +219,14 @@ def test_a_learner_step_on_cuda_matches_cpu(compile):
     gpu._draws = lambda rows, **kw: {k: None if v is None else v.to("cuda") for k, v in next(replay).items()}
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
+    snapshot = None
     try:
-        for step in range(3):  # CUDA graphs record on the first calls and replay after
+        for step in range(12):  # graphs record on the first calls and replay after; loaded state: capture again
+            if step == 1:
+                snapshot = copy.deepcopy(cpu.optimizer_states())
+            if step == 6:
+                cpu.load_optimizer_states(copy.deepcopy(snapshot))
+                gpu.load_optimizer_states(copy.deepcopy(snapshot))
             batches = [random_batch(16, seed=10 * step + i) for i in range(cpu.cfg.utd)]
             a = cpu.update(batches)
             b = gpu.update(batches)
@@ -223,9 +234,20 @@ def test_a_learner_step_on_cuda_matches_cpu(compile):
                 assert b.as_dict()[name] == pytest.approx(value, rel=1e-3, abs=1e-4), (step, name)
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    if cuda_graph:
+        assert gpu._step_graph.captured and gpu._step_graph.captures == 2  # before and after the loaded states
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
         assert p.device.type == "cpu" and q.device.type == "cuda", name
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_cuda_graph_step_is_refused_on_the_cpu_and_beside_torchs_own_cuda_graphs():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Q2RLAgent(make_agent().cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6, bc_policy=None,
+                  device="cpu", cuda_graph=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"use train\.compile=default"):
+        load_config(CONFIGS / "sim_peg_state.yaml", ["train.cuda_graph=true", "train.compile=reduce-overhead"])
+    assert load_config(CONFIGS / "sim_peg_state.yaml", ["train.cuda_graph=true"]).train.cuda_graph
 
 
 # ---------------------------------------------------------------------------------------------------------------------
