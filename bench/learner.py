@@ -68,15 +68,8 @@ def synthetic_buffer(
     return buf
 
 
-def build(
-    cfg: RunConfig,
-    agent_cfg: AgentConfig,
-    device: str,
-    *,
-    bf16: bool = False,
-    compile: str = "off",
-    cuda_graph: bool = False,
-) -> tuple[Q2RLAgent, dict]:
+def build(cfg: RunConfig, agent_cfg: AgentConfig, device: str, **options: object) -> tuple[Q2RLAgent, dict]:
+    """The config's agent with synthetic state bounds; `options`: Q2RLAgent's amp, compile and cuda_graph."""
     spec = transition_spec(cfg).obs
     dim = obs_lib.state_dim(spec)
     low, high = -0.1 * np.ones(dim, np.float32), 0.1 * np.ones(dim, np.float32)
@@ -89,9 +82,7 @@ def build(
         action_dim=ACTION_DIM,
         bc_policy=bc,
         device=device,
-        amp=bf16,
-        compile=compile,
-        cuda_graph=cuda_graph,
+        **options,
     )
     return agent, spec
 
@@ -103,12 +94,12 @@ def measure(
     device: str,
     steps: int,
     prefetch: bool,
-    bf16: bool = False,
-    compile: str = "off",
     replay_on_gpu: bool = False,
-    cuda_graph: bool = False,
+    **options: object,
 ) -> float:
-    agent, spec = build(cfg, agent_cfg, device, bf16=bf16, compile=compile, cuda_graph=cuda_graph)
+    """Learner steps per second over `steps` timed steps; `options` go to Q2RLAgent (amp, compile, cuda_graph)."""
+    agent, spec = build(cfg, agent_cfg, device, **options)
+    cuda_graph = bool(options.get("cuda_graph"))
     rng = np.random.default_rng(0)
     n = 5000 if obs_lib.image_keys(spec) else 50_000
     buf = synthetic_buffer(spec, n, rng, device=device if replay_on_gpu else None)
@@ -199,7 +190,7 @@ def main() -> None:
         agent_cfg = cfg.agent
         if hidden is not None:
             agent_cfg = agent_cfg.model_copy(update={"hidden": hidden, "num_critics": critics, "batch_size": batch})
-        last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch, bf16=args.bf16,
+        last = measure(cfg, agent_cfg, device=device, steps=args.steps, prefetch=args.prefetch, amp=args.bf16,
                        compile=args.compile, replay_on_gpu=args.replay_on_gpu, cuda_graph=args.cuda_graph)  # fmt: skip
         print(
             f"{name:<12} {agent_cfg.hidden!s:<18} {agent_cfg.num_critics:>7} {agent_cfg.batch_size:>5} "
