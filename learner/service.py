@@ -1358,6 +1358,9 @@ class LearnerService:
     def _restore(self) -> None:
         """Networks, optimisers and phase from the newest readable checkpoint (latest, else final, else the newest
         step_*; a warning says which and why); buffer and sequence counters from the store."""
+        # A complete run is refused on its final checkpoint's word, before every log is read back (minutes for a
+        # long image run); the logs' own count decides below where that checkpoint cannot be read.
+        self._refuse_if_complete(self._final_online_env_steps())
         restored = self._restore_checkpoint()
         if restored is None and self.eval_id >= 0:
             # No checkpoint: the networks start over, but actors may have answered evaluations of the earlier run.
@@ -1373,14 +1376,7 @@ class LearnerService:
             self.actors.setdefault(chunk.actor_id, ActorStats()).stored += chunk.count
         if restored is not None:
             self._check_log_against(restored)
-        online, budget = self.counters.online_env_steps, self.cfg.train.env_steps
-        if (self.out / CHECKPOINTS / "final").is_dir() and online >= budget:
-            self.store.close()
-            raise LearnerError(
-                f"the run in {self.out} is complete ({CHECKPOINTS}/final; {online} online env steps of "
-                f"train.env_steps {budget}): nothing to resume. To train on, resume with a larger budget (--set "
-                "train.env_steps=...); to start over, choose another --out"
-            )
+        self._refuse_if_complete(self.counters.online_env_steps)
         if self.phase == "paused":  # stopped while finishing: evaluate once more and finish (under the new id)
             self.phase, self.eval_kind = "eval", "online"
         log.info(
@@ -1392,6 +1388,26 @@ class LearnerService:
             self.counters.learner_steps,
             self.weights_version,
         )
+
+    def _final_online_env_steps(self) -> int | None:
+        """The online env steps the final checkpoint's manifest counts; None without a final checkpoint or where its
+        manifest cannot be read."""
+        try:
+            manifest = json.loads((self.out / CHECKPOINTS / "final" / MANIFEST_FILE).read_text())
+            return int(manifest["counters"]["online_env_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _refuse_if_complete(self, online: int | None) -> None:
+        """LearnerError when the run has its final checkpoint and `online` env steps reach train.env_steps."""
+        budget = self.cfg.train.env_steps
+        if online is not None and (self.out / CHECKPOINTS / "final").is_dir() and online >= budget:
+            self.store.close()
+            raise LearnerError(
+                f"the run in {self.out} is complete ({CHECKPOINTS}/final; {online} online env steps of "
+                f"train.env_steps {budget}): nothing to resume. To train on, resume with a larger budget (--set "
+                "train.env_steps=...); to start over, choose another --out"
+            )
 
     def _restore_checkpoint(self) -> dict[str, Any] | None:
         """Load the newest checkpoint that reads and restores; its manifest's learner state, or None when the run

@@ -630,7 +630,7 @@ def to_online_eval(actor: FakeActor, steps: int) -> None:
     actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 1)
 
 
-def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir: Path, ctx) -> None:
+def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir: Path, ctx, monkeypatch) -> None:
     cfg = tiny_config()
     out = tmp_path / "run"
     service = LearnerService(cfg, out, bc_dir=bc_dir, quiet=True)
@@ -693,11 +693,20 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
     assert any((out / "tb").iterdir())
 
     # The run is complete: a resume has nothing to do (it used to evaluate again and wait for actors to drive the
-    # robot), unless it is given a larger budget. One learner at a time holds the directory.
-    with pytest.raises(
-        LearnerError, match=r"is complete \(checkpoints/final; 50 online env steps of train\.env_steps 40"
-    ):
+    # robot), unless it is given a larger budget. It is told so before the logs are read back (the final
+    # checkpoint's counters say it), and so it is where that checkpoint's manifest cannot be read (the logs' count).
+    # One learner at a time holds the directory.
+    complete = r"is complete \(checkpoints/final; 50 online env steps of train\.env_steps 40"
+    with monkeypatch.context() as patch:
+        patch.setattr(TransitionStore, "read_back", lambda self: pytest.fail("read back a complete run's logs"))
+        with pytest.raises(LearnerError, match=complete):
+            LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    manifest = out / "checkpoints/final/manifest.json"
+    kept = manifest.read_bytes()
+    manifest.write_text("{")
+    with pytest.raises(LearnerError, match=complete):
         LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
+    manifest.write_bytes(kept)
     more = LearnerService(tiny_config("train.env_steps=80"), out, bc_dir=bc_dir, resume=True, quiet=True)
     assert (more.phase, more.counters.online_env_steps) == ("eval", 50)
     more.store.close()
