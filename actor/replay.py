@@ -283,6 +283,7 @@ class ReplayReport:
     divergences: list[Divergence] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    compared: set[str] = field(default_factory=set)  # the fields the replay computed and compared, at any step
 
     @property
     def ok(self) -> bool:
@@ -293,11 +294,12 @@ class ReplayReport:
         return 0 if self.ok else 1
 
     def per_field(self) -> dict[str, int]:
-        """Divergent steps per field, in FIELDS order (fields without divergence left out)."""
-        counts = {name: 0 for name in FIELDS}
+        """Divergent steps per field, in FIELDS order (an image observation's `obs/<camera>` after `obs`; fields
+        without divergence left out)."""
+        counts: dict[str, int] = {}
         for d in self.divergences:
-            counts[d.field] += 1
-        return {name: n for name, n in counts.items() if n}
+            counts[d.field] = counts.get(d.field, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: _field_order(item[0])))
 
     @property
     def first(self) -> Divergence | None:
@@ -324,7 +326,20 @@ class ReplayReport:
             yield f"divergent steps per field: {counts}"
             yield f"first divergence: {where} field {first.field}"
         else:
-            yield "no divergence: the replay reproduces every logged action, Q-value, decision and command"
+            compared = sorted(self.compared, key=_field_order)
+            yield f"no divergence: the replay reproduces every logged {', '.join(compared) or 'nothing'}"
+            groups = {name.split("/")[0] for name in self.compared}
+            if skipped := [name for name in FIELDS if name not in groups]:
+                yield (
+                    f"not compared: {', '.join(skipped)} (not computed at any step: BC-only steps have no RL action "
+                    "or Q-values, and sampled proposals are taken from the log)"
+                )
+
+
+def _field_order(name: str) -> tuple[int, str]:
+    """Sort key of a report field: FIELDS order, `obs/<camera>` right after `obs`."""
+    group = name.split("/")[0]
+    return (FIELDS.index(group) if group in FIELDS else len(FIELDS), name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,6 +601,7 @@ class Replayer:
         ext = ep.extras
 
         def check(t: int, name: str, logged: np.ndarray, replayed: np.ndarray) -> None:
+            report.compared.add(name)
             if not self._same(name, logged, replayed):
                 report.divergences.append(Divergence(index, t, name, np.asarray(logged), np.asarray(replayed)))
 

@@ -9,6 +9,7 @@ BC (as `robot-rl actor --learner none` does): it never received weights, so it h
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from robot_rl.actor.replay import ReplayInputError, replay_log
+from robot_rl.actor.replay import Divergence, ReplayInputError, ReplayReport, replay_log
 from robot_rl.actor.service import ActorService
 from robot_rl.actor.weights_archive import WeightsArchive
 from robot_rl.actor.weights_loader import ReadyWeights, prepare_weights
@@ -157,6 +158,23 @@ def test_a_clean_replay_reproduces_every_step_and_exits_0(run, log, capsys):
     report = replay_log(run[log])
     assert report.ok and report.steps == len(read_episodes(run[log])[0])
     assert report.gated_steps == (0 if log == "bc_log" else report.steps)
+    # The summary names what was compared, and what was not: a BC-only log has no Q-values to reproduce.
+    assert {"obs", "action", "target", "command", "done", "use_bc"} <= report.compared
+    if log == "bc_log":
+        assert not {"rl_action", "q_bc", "q_rl"} & report.compared
+        assert re.search(r"not compared: .*rl_action, q_bc, q_rl", out)
+    else:
+        assert {"q_bc", "q_rl"} <= report.compared
+
+
+def test_a_report_counts_divergent_camera_images_beside_the_other_fields():
+    report = ReplayReport(log=Path("episode.hdf5"), steps=4, episodes=1)
+    for step, name in ((1, "obs/front"), (1, "action"), (2, "obs"), (3, "obs/wrist")):
+        report.divergences.append(Divergence(0, step, name, np.zeros(2), np.ones(2)))
+    assert report.per_field() == {"obs": 1, "obs/front": 1, "obs/wrist": 1, "action": 1}
+    lines = list(report.lines())
+    assert "divergent steps per field: obs 1, obs/front 1, obs/wrist 1, action 1" in lines
+    assert "first divergence: step 1 field obs/front" in lines
 
 
 def test_compact_gating_replays_with_its_own_networks_not_the_float_ones(run, tmp_path: Path):
