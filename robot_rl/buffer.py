@@ -522,29 +522,21 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         raise ValueError(f"{name} holds non-finite values; refusing to store them")
 
 
-def concat_batches(a: TransitionBatch, b: TransitionBatch) -> TransitionBatch:
-    """Join two minibatches (RLPD's 50/50 offline/online sampling)."""
-    if a.obs.keys() != b.obs.keys():
-        raise ValueError(f"cannot join batches with observation keys {sorted(a.obs)} and {sorted(b.obs)}")
+def concat_batches(a: TransitionBatch | dict, b: TransitionBatch | dict) -> TransitionBatch | dict:
+    """Join two minibatches, numpy (TransitionBatch) or tensor batches (ReplayBuffer.take_tensors), rows of `a` first
+    (RLPD's 50/50 offline/online sampling)."""
+    obs_a, obs_b = (x["obs"] if isinstance(x, dict) else x.obs for x in (a, b))
+    if obs_a.keys() != obs_b.keys():
+        raise ValueError(f"cannot join batches with observation keys {sorted(obs_a)} and {sorted(obs_b)}")
 
-    def join(x: np.ndarray | dict[str, np.ndarray], y: np.ndarray | dict[str, np.ndarray]):
+    def join(x: object, y: object) -> object:
         if isinstance(x, dict):
-            return {k: np.concatenate([x[k], y[k]]) for k in x}
-        return np.concatenate([x, y])
+            return {k: join(v, y[k]) for k, v in x.items()}
+        return torch.cat([x, y]) if isinstance(x, torch.Tensor) else np.concatenate([x, y])
 
-    return TransitionBatch(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(TransitionBatch)})
-
-
-def concat_tensor_batches(a: dict, b: dict) -> dict:
-    """concat_batches for tensor batches (ReplayBuffer.take_tensors)."""
-    if a["obs"].keys() != b["obs"].keys():
-        raise ValueError(f"cannot join batches with observation keys {sorted(a['obs'])} and {sorted(b['obs'])}")
-    return {
-        name: {k: torch.cat([v, b[name][k]]) for k, v in value.items()}
-        if isinstance(value, dict)
-        else torch.cat([value, b[name]])
-        for name, value in a.items()
-    }
+    if isinstance(a, TransitionBatch):
+        return TransitionBatch(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
+    return join(a, b)
 
 
 def split_rows(batch: TransitionBatch | dict, parts: int) -> list[TransitionBatch] | list[dict]:
@@ -581,6 +573,5 @@ def sample_utd_batches(
     online = split_rows(sample(buffer, cfg.utd * (cfg.batch_size - n_off), rng), cfg.utd)
     if not n_off:
         return online
-    join = concat_tensor_batches if on_device else concat_batches
     demos = split_rows(sample(offline, cfg.utd * n_off, rng), cfg.utd)
-    return [join(a, b) for a, b in zip(online, demos, strict=True)]
+    return [concat_batches(a, b) for a, b in zip(online, demos, strict=True)]
