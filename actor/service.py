@@ -54,7 +54,7 @@ from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeFault, EpisodeWriter
 from robot_rl.hardware.camera import CameraError
 from robot_rl.hardware.interfaces import RobotConnectionLost, RobotFault
-from robot_rl.hardware.operator import OperatorEvent, make_operator
+from robot_rl.hardware.operator import EVENT_CODES, OperatorEvent, apply_operator_events, logged_event, make_operator
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
@@ -66,9 +66,6 @@ log = logging.getLogger(__name__)
 # What fails an episode, is recorded in its log, and lets the actor go on after recovering.
 FAULTS = (RobotFault, CameraError)
 EVAL_SEED_BASE = 1_000_000
-# Operator events as stored per step in the episode logs (extras/operator_event).
-EVENT_CODES = {None: 0, OperatorEvent.SUCCESS: 1, OperatorEvent.FAILURE: 2, OperatorEvent.PAUSE: 3,
-               OperatorEvent.RESUME: 4, OperatorEvent.QUIT: 5}  # fmt: skip
 
 
 @dataclass
@@ -463,31 +460,24 @@ class ActorService:
         return done, success, steps, bc_steps
 
     def _operator_step(self, info, reward, terminated, truncated):
-        """Apply the operator's events of this step: success ends the episode terminated with reward 1 (the
-        operator judges success on the robot), failure or quit end it truncated, pause holds the loop here (no new
-        command is sent, the arm holds its target) until resume. Returns (reward, terminated, truncated, event)."""
+        """Apply the operator's events of this step (hardware.operator.apply_operator_events): success ends the
+        episode terminated with reward 1, failure or quit end it truncated, pause holds the loop here (no new command
+        is sent, the arm holds its target) until resume; what is pressed while paused counts for this step too.
+        Returns (reward, terminated, truncated, the event the log records: hardware.operator.logged_event)."""
         observe = getattr(self.operator, "observe", None)
         if observe is not None:
             observe(info)
-        event = None
-        for item in self.operator.poll():
-            event = item.event
-            if event is OperatorEvent.SUCCESS and not terminated:
-                reward, terminated, truncated = 1.0, True, False
-            elif event is OperatorEvent.FAILURE and not terminated:
-                truncated = True
-            elif event is OperatorEvent.QUIT:
-                self.stop_event.set()
-                truncated = truncated or not terminated
-        while self.operator.paused and not self.stop_event.is_set():
+        events = [item.event for item in self.operator.poll()]
+        while self.operator.paused and not self.stop_event.is_set() and OperatorEvent.QUIT not in events:
             self.message = "paused by the operator"
             self._write_stats()
             self.stop_event.wait(0.05)
-            for item in self.operator.poll():
-                if item.event is OperatorEvent.QUIT:
-                    self.stop_event.set()
+            events += [item.event for item in self.operator.poll()]
             self.rate.start()  # the pause is not an overrun
-        return reward, terminated, truncated, event
+        if OperatorEvent.QUIT in events:
+            self.stop_event.set()
+        reward, terminated, truncated = apply_operator_events(events, reward, terminated, truncated)
+        return reward, terminated, truncated, logged_event(events)
 
     def _spill_chunk(self) -> None:
         assert self.spill is not None

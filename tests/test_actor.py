@@ -184,8 +184,8 @@ def test_actor_refuses_a_missing_bc_policy_and_a_bad_endpoint(tmp_path: Path, bc
 
 
 def test_operator_failure_ends_the_episode_and_quit_stops_the_actor(tmp_path: Path, bc_dir: Path):
-    from robot_rl.actor.service import EVENT_CODES, ActorService
-    from robot_rl.hardware.operator import OperatorEvent, ScriptedOperator
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.operator import EVENT_CODES, OperatorEvent, ScriptedOperator
 
     cfg = load_config(TINY, ["actor.period_s=0"])
     service = ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, episodes=5, quiet=True)
@@ -200,6 +200,63 @@ def test_operator_failure_ends_the_episode_and_quit_stops_the_actor(tmp_path: Pa
     second = read_episodes(files[1])[0]
     assert len(second) == 4 and second.extras["operator_event"][-1] == EVENT_CODES[OperatorEvent.QUIT]
     assert stats["episodes"] <= 2 and len(files) == 2  # quit: no further episode started
+
+
+class _PressingOperator:
+    """Presses what `presses` says at each step: {observed step: [events, ...]}; a list of lists at a step delivers
+    them over that many polls (the later ones while the loop waits in a pause)."""
+
+    def __init__(self, presses: dict[int, list[list]]) -> None:
+        self.presses = {step: list(polls) for step, polls in presses.items()}
+        self.step = 0
+        self.paused = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def observe(self, info) -> None:
+        self.step += 1
+
+    def poll(self) -> list:
+        from robot_rl.hardware.operator import OperatorEvent, OperatorInput
+
+        polls = self.presses.get(self.step, [])
+        events = polls.pop(0) if polls else []
+        for event in events:
+            self.paused = {OperatorEvent.PAUSE: True, OperatorEvent.RESUME: False}.get(event, self.paused)
+        return [OperatorInput(event, 0.0) for event in events]
+
+
+def test_every_operator_event_of_a_step_counts_and_its_log_replays_without_divergence(tmp_path: Path, bc_dir: Path):
+    """Several events in one step (success and quit at once), and a success pressed while the loop waits in a pause,
+    end their episodes as success; each log records the deciding event, and replays to the same outcome."""
+    from robot_rl.actor.replay import replay_log
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.operator import EVENT_CODES, OperatorEvent
+
+    E = OperatorEvent
+    for name, presses, length in (
+        ("at_once", {3: [[E.PAUSE, E.SUCCESS, E.RESUME, E.QUIT]]}, 3),
+        ("while_paused", {2: [[E.PAUSE], [], [E.SUCCESS], [], [E.RESUME]]}, 2),
+    ):
+        cfg = load_config(TINY, ["actor.period_s=0"])
+        out = tmp_path / name
+        service = ActorService(cfg, out, bc_dir=bc_dir, learner=None, episodes=1, quiet=True)
+        service.operator = _PressingOperator(presses)
+        service.run()
+        log = next((out / "episodes").glob("episode_*.hdf5"))
+        ep = read_episodes(log)[0]
+        assert len(ep) == length and bool(ep.terminated[-1]) and not bool(ep.truncated[-1]), name
+        assert float(ep.rewards[-1]) == 1.0, name
+        assert ep.extras["operator_event"][-1] == EVENT_CODES[E.SUCCESS], name
+        report = replay_log(log)
+        assert report.ok, (name, [d.line() for d in report.divergences])
 
 
 def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path: Path, bc_dir: Path):

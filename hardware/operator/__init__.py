@@ -7,13 +7,24 @@
 `make_operator` builds the one the config asks for.
 """
 
-from robot_rl.hardware.operator.events import Operator, OperatorError, OperatorEvent, OperatorInput
+from robot_rl.hardware.operator.events import (
+    EVENT_CODES,
+    EVENTS_BY_CODE,
+    Operator,
+    OperatorError,
+    OperatorEvent,
+    OperatorInput,
+    apply_operator_events,
+    logged_event,
+)
 from robot_rl.hardware.operator.factory import make_operator
 from robot_rl.hardware.operator.keys import TerminalOperator
 from robot_rl.hardware.operator.replay import ReplayedOperator
 from robot_rl.hardware.operator.scripted import ScriptedOperator
 
 __all__ = [
+    "EVENTS_BY_CODE",
+    "EVENT_CODES",
     "Operator",
     "OperatorError",
     "OperatorEvent",
@@ -21,5 +32,7 @@ __all__ = [
     "ReplayedOperator",
     "ScriptedOperator",
     "TerminalOperator",
+    "apply_operator_events",
+    "logged_event",
     "make_operator",
 ]

@@ -28,6 +28,41 @@ class OperatorEvent(enum.Enum):
     """End the run: stop the robot, flush logs, exit."""
 
 
+# Operator events as episode logs store them per step (extras/operator_event).
+EVENT_CODES: dict[OperatorEvent | None, int] = {
+    None: 0,
+    OperatorEvent.SUCCESS: 1,
+    OperatorEvent.FAILURE: 2,
+    OperatorEvent.PAUSE: 3,
+    OperatorEvent.RESUME: 4,
+    OperatorEvent.QUIT: 5,
+}
+EVENTS_BY_CODE: dict[int, OperatorEvent] = {code: event for event, code in EVENT_CODES.items() if event is not None}
+# The event a step logs when several came in it: the one that decided its outcome.
+_LOGGED_FIRST = (OperatorEvent.SUCCESS, OperatorEvent.FAILURE, OperatorEvent.QUIT, OperatorEvent.PAUSE,
+                 OperatorEvent.RESUME)  # fmt: skip
+
+
+def apply_operator_events(
+    events: list[OperatorEvent], reward: float, terminated: bool, truncated: bool
+) -> tuple[float, bool, bool]:
+    """One control step's operator events applied to its (reward, terminated, truncated): success ends the episode
+    terminated with reward 1 (the operator judges success on the robot), failure or quit end it truncated; pause and
+    resume only hold the loop. The outcome does not depend on the events' order: any success wins."""
+    for event in events:
+        if event is OperatorEvent.SUCCESS and not terminated:
+            reward, terminated, truncated = 1.0, True, False
+        elif event in (OperatorEvent.FAILURE, OperatorEvent.QUIT) and not terminated:
+            truncated = True
+    return reward, terminated, truncated
+
+
+def logged_event(events: list[OperatorEvent]) -> OperatorEvent | None:
+    """The one event a step's log records: of those that came in the step, the one that decided its outcome (success
+    over failure over quit over pause over resume). Applied alone, it gives what all of them gave."""
+    return next((event for event in _LOGGED_FIRST if event in events), None)
+
+
 @dataclass(frozen=True)
 class OperatorInput:
     """One event as it was received."""
