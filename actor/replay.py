@@ -76,7 +76,7 @@ from robot_rl.episodes import (
 from robot_rl.hardware.camera import CameraError, Frame
 from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
 from robot_rl.hardware.interfaces import ClosesOnExit, Pose, RobotState
-from robot_rl.hardware.operator import OperatorEvent, ReplayedOperator
+from robot_rl.hardware.operator import EVENTS_BY_CODE, ReplayedOperator, apply_operator_events
 from robot_rl.hardware.safety import relative_to_world
 from robot_rl.rollout import clip_action
 from robot_rl.wire import transition_spec
@@ -85,9 +85,6 @@ FIELDS = ("obs", "bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "action", "
 """Compared per step, in this order (the order the actor produces them)."""
 EXACT_FIELDS = frozenset({"use_bc", "done"})
 DEFAULT_ATOL = 1e-5
-# Operator events as the actor logs them (actor.service.EVENT_CODES; kept here to avoid importing the service).
-EVENTS_BY_CODE = {1: OperatorEvent.SUCCESS, 2: OperatorEvent.FAILURE, 3: OperatorEvent.PAUSE,
-                  4: OperatorEvent.RESUME, 5: OperatorEvent.QUIT}  # fmt: skip
 # Env fields of how the actor reached its robot and operator: the replay has its own, so they may differ.
 _LINK_FIELDS = frozenset({"robot", "franka", "operator"})
 REQUIRED_EXTRAS = ("bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "weights_version", "command", "target",
@@ -174,21 +171,6 @@ class ReplayRobot:
         return True
 
 
-def apply_operator_events(
-    events: list[OperatorEvent], reward: float, terminated: bool, truncated: bool
-) -> tuple[float, bool, bool]:
-    """The actor's rule for one step's operator events: success ends the episode terminated with reward 1, failure
-    or quit end it truncated (a pause only holds the loop, which a replay need not)."""
-    for event in events:
-        if event is OperatorEvent.SUCCESS and not terminated:
-            reward, terminated, truncated = 1.0, True, False
-        elif event is OperatorEvent.FAILURE and not terminated:
-            truncated = True
-        elif event is OperatorEvent.QUIT:
-            truncated = truncated or not terminated
-    return reward, terminated, truncated
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Weights by version
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +243,22 @@ class Divergence:
 
     def line(self, *, with_episode: bool = False) -> str:
         where = f"demo_{self.episode} step {self.step}" if with_episode else f"step {self.step}"
-        return f"{where} {self.field}: logged {_fmt(self.logged)} replayed {_fmt(self.replayed)}"
+        logged, replayed = np.asarray(self.logged), np.asarray(self.replayed)
+        if logged.size > _LINE_VALUES and logged.shape == replayed.shape:  # an image: where and how much, not pixels
+            x, y = logged.astype(np.float64), replayed.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                differ = ~((x == y) | (np.isnan(x) & np.isnan(y)))
+            gap = np.abs(x - y)[differ]
+            first = tuple(int(i) for i in np.argwhere(differ)[0]) if differ.any() else ()
+            return (
+                f"{where} {self.field}: {int(differ.sum())} of {logged.size} values of {logged.dtype}"
+                f"{list(logged.shape)} differ, by up to {np.nanmax(gap) if gap.size else 0:.7g}, first at {list(first)}"
+            )
+        return f"{where} {self.field}: logged {_fmt(logged)} replayed {_fmt(replayed)}"
+
+
+# A divergence of more values than this (an image) is summarised on its line instead of printed whole.
+_LINE_VALUES = 64
 
 
 def _fmt(value: np.ndarray) -> str:
@@ -594,11 +591,22 @@ class Replayer:
             raise ReplayInputError(
                 f"episode log {report.log}: demo {index} observes {keys}, the config's policies {sorted(self.obs_spec)}"
             )
+        for key in keys:
+            shape, dtype = self.obs_spec[key]
+            logged = ep.obs[key]
+            if tuple(logged.shape[1:]) != tuple(shape) or logged.dtype != np.dtype(dtype):
+                raise ReplayInputError(
+                    f"episode log {report.log}: demo {index} obs/{key} is {logged.dtype}{list(logged.shape[1:])}, the "
+                    f"config's policies take {np.dtype(dtype)}{list(shape)}: replay with the config the actor ran "
+                    "(its run directory's config.yaml)"
+                )
         measured = self._measured(ep, report)
         rl_mode = "mode" if ep.attrs.get("kind") == "eval" else self.cfg.agent.rl_action
         codes = [int(c) for c in ep.extras["operator_event"]]
         operator = ReplayedOperator([(t, EVENTS_BY_CODE[c]) for t, c in enumerate(codes) if c in EVENTS_BY_CODE])
         ext = ep.extras
+
+        unusable_targets: list[int] = []
 
         def check(t: int, name: str, logged: np.ndarray, replayed: np.ndarray) -> None:
             report.compared.add(name)
@@ -625,7 +633,15 @@ class Replayer:
             env_obs, reward, terminated, truncated, info = self.env.step(action)
             check(t, "target", ext["target"][t], info["target"])
             check(t, "command", ext["command"][t], info["command"])
-            self.env.mapper.reset(np.asarray(ext["target"][t], np.float64))  # continue from the logged target
+            target = np.asarray(ext["target"][t], np.float64)
+            if np.all(np.isfinite(target)):
+                self.env.mapper.reset(target)  # continue from the logged target
+            elif not unusable_targets:
+                unusable_targets.append(t)
+                report.notes.append(
+                    f"demo_{index} step {t}: the logged target holds NaN or inf (damaged, or an env that reported "
+                    "none): the replay goes on from its own target there"
+                )
             operator.advance(t)
             reward, terminated, truncated = apply_operator_events(
                 [i.event for i in operator.poll()], reward, terminated, truncated

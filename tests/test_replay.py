@@ -175,6 +175,12 @@ def test_a_report_counts_divergent_camera_images_beside_the_other_fields():
     lines = list(report.lines())
     assert "divergent steps per field: obs 1, obs/front 1, obs/wrist 1, action 1" in lines
     assert "first divergence: step 1 field obs/front" in lines
+    # An image's divergence is one short line: how many values differ, by how much, where first.
+    logged = np.zeros((84, 84, 3), np.uint8)
+    replayed = logged.copy()
+    replayed[5, 6, 1], replayed[70, 1, 0] = 200, 3
+    line = Divergence(0, 3, "obs/front", logged, replayed).line()
+    assert line == "step 3 obs/front: 2 of 21168 values of uint8[84, 84, 3] differ, by up to 200, first at [5, 6, 1]"
 
 
 def test_compact_gating_replays_with_its_own_networks_not_the_float_ones(run, tmp_path: Path):
@@ -232,6 +238,16 @@ def test_a_tampered_command_is_reported_at_exactly_that_step(run, tmp_path: Path
     report = replay_log(log, checkpoint=run["archive"], config=run["root"] / "actor" / "config.yaml")
     assert [(d.step, d.field) for d in report.divergences] == [(17, "command")]
     assert report.divergences[0].logged[0] == pytest.approx(report.divergences[0].replayed[0] + 1e-3, abs=1e-9)
+
+
+def test_a_logged_target_holding_nan_is_a_divergence_and_a_note_not_a_crash(run, tmp_path: Path):
+    log = tmp_path / "episode.hdf5"
+    shutil.copy(run["gated_log"], log)
+    with h5py.File(log, "r+") as f:
+        f["data/demo_0/extras/target"][9, 2] = np.nan
+    report = replay_log(log, checkpoint=run["archive"], config=run["root"] / "actor" / "config.yaml")
+    assert [(d.step, d.field) for d in report.divergences] == [(9, "target")]  # the next steps replay as logged
+    assert any("step 9: the logged target holds NaN or inf" in note for note in report.notes)
 
 
 def test_a_measured_pose_holding_nan_is_named_as_such_not_as_an_older_log(run, tmp_path: Path):
@@ -485,3 +501,13 @@ def test_a_log_of_an_actor_that_observes_cameras_replays_with_the_logged_images(
         f["data/demo_0/obs/front"][...] = frames
     report = replay_log(tampered, bc_dir=bc_dir, config=tmp_path / "actor" / "config.yaml")
     assert not report.ok and min(d.step for d in report.divergences) == 3
+    # A config whose cameras make other images than the log holds is refused, naming the camera and both shapes.
+    other, other_bc = tmp_path / "other.yaml", tmp_path / "other_bc"
+    other_cfg = load_config(TINY, [o.replace("out_size: 24", "out_size: 32") for o in overrides])
+    other.write_text(dump_config(other_cfg))
+    other_spec = transition_spec(other_cfg).obs
+    save_bc(make_bc_policy(other_cfg.bc, other_spec, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), other_bc)
+    with pytest.raises(
+        ReplayInputError, match=r"obs/front is uint8\[24, 24, 3\], the config's policies take uint8\[32"
+    ):
+        replay_log(log, bc_dir=other_bc, config=other)
