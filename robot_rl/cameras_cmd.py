@@ -49,7 +49,13 @@ def recording_camera_config(path: Path, *, name: str = "recording") -> CameraCon
     if crop.x + crop.width > width or crop.y + crop.height > height:
         side = min(width, height)
         crop = CropConfig(x=(width - side) // 2, y=(height - side) // 2, width=side, height=side)
-    return CameraConfig(name=name, recording=str(path), width=width, height=height, fps=fps, crop=crop)
+    try:
+        return CameraConfig(name=name, recording=str(path), width=width, height=height, fps=fps, crop=crop)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"recording {path} ({width}x{height} at {fps} fps) is outside what a camera config allows: "
+            f"{exc.errors()[0]['msg']}"
+        ) from None
 
 
 def _recording_configs(recording: Path, config_path: Path | None, overrides: list[str]) -> list[CameraConfig]:

@@ -72,6 +72,13 @@ def test_small_recording_gets_a_centred_square_crop(tmp_path: Path):
     assert cam["frames"] == 4 and cam["recording_ended"]
 
 
+def test_a_recording_no_camera_config_allows_exits_2_naming_it(tmp_path: Path, capsys):
+    rec = write_recording(tmp_path / "tiny.db3", frames(2, 12, 8), fps=30, width=12, height=8)
+    assert main(["cameras", "--recording", str(rec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny.db3 (12x8 at 30 fps) is outside what a camera config allows" in err and "Traceback" not in err
+
+
 def test_missing_recording_exits_2_naming_the_file(tmp_path: Path, capsys):
     missing = tmp_path / "nope.db3"
     assert main(["cameras", "--recording", str(missing), "--out", str(tmp_path)]) == 2
