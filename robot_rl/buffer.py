@@ -548,7 +548,9 @@ def split_rows(batch: TransitionBatch | dict, parts: int) -> list[TransitionBatc
             return [dict(zip(value, row, strict=True)) for row in zip(*(cut(v) for v in value.values()), strict=True)]
         if len(value) % parts:
             raise ValueError(f"{len(value)} rows do not split into {parts} equal minibatches")
-        return list(value.split(len(value) // parts)) if isinstance(value, torch.Tensor) else np.split(value, parts)
+        if isinstance(value, torch.Tensor):
+            return list(value.split(len(value) // parts)) if len(value) else [value] * parts
+        return np.split(value, parts)
 
     if isinstance(batch, TransitionBatch):
         names = [f.name for f in fields(TransitionBatch)]

@@ -480,6 +480,15 @@ def test_a_steps_minibatches_are_one_draw_cut_into_utd_views():
     assert not np.array_equal(np.asarray(batches[0].actions), np.asarray(batches[1].actions))  # four draws, not one
     with pytest.raises(ValueError, match="do not split into 3 equal minibatches"):
         split_rows(buf.take(np.arange(8)), 3)
+    # No rows (a minibatch all demonstrations, RLPD at a high offline share) cut into empty minibatches, either kind.
+    for empty in (buf.take(np.arange(0)), buf.take_tensors(np.arange(0))):
+        parts = split_rows(empty, 4)
+        assert len(parts) == 4 and all(len(_field(p, "actions")) == 0 for p in parts)
+    offline = ReplayBuffer(60, SPEC, ACT, device="cpu")
+    offline.add_many(**episode_chunk(rng, 20))
+    all_demos = AgentConfig(method="rlpd", utd=4, batch_size=8, offline_ratio=0.95)  # round(7.6) = 8 offline rows
+    batches = sample_utd_batches(buf, offline, all_demos, np.random.default_rng(0))
+    assert len(batches) == 4 and all(b["actions"].shape == (8, ACT) for b in batches)
 
 
 def test_concat_refuses_different_observation_keys():
