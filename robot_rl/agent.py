@@ -305,7 +305,8 @@ class Q2RLAgent(nn.Module):
             self._acting_tensors = [
                 t for name in self.ACTING_MODULES for t in getattr(self, name).state_dict().values()
             ]
-        return sum(0 if t.is_inference() else t._version for t in self._acting_tensors)
+        # A learner step replayed from a CUDA graph writes the weights without moving their counters: count steps too.
+        return self.actor_updates + sum(0 if t.is_inference() else t._version for t in self._acting_tensors)
 
     def set_acting_threads(self, threads: int) -> None:
         """1: `act` runs on the calling thread. 2: with Q2RL gating, the BC branch (BC encoder, sample, V_BC, Q^_BC)
