@@ -8,6 +8,9 @@ counts on the GPU (capturable Adam), no host synchronisation inside, and the sam
 The first `warmup` calls run eagerly on a side stream (the optimisers create their state, cuBLAS its workspaces,
 torch.compile its kernels); the next one captures the step and replays it; every later call copies its inputs into the
 graph's input tensors and replays. Each call is one real step. Inputs of another structure or shape capture again.
+What the graph holds is fixed at capture: the tensors it reads and writes (weights and optimiser states must be
+written in place, as loading them is; replaced ones need `reset`) and plain numbers such as the learning rates (a
+changed learning rate needs `reset` too).
 """
 
 from __future__ import annotations
