@@ -328,6 +328,13 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, out: Path, *, bc_dir: Path | None, demos: Path | None, quiet: bool) -> None:
         self.cfg, self.out = cfg, out
+        trains_bc = bc_dir is None and cfg.agent.method != "sac"
+        if demos is not None and not trains_bc and cfg.agent.effective_offline_ratio <= 0:
+            why = f"the BC policy comes from --bc {bc_dir}" if bc_dir is not None else "method sac has no BC policy"
+            raise ConfigError(
+                f"--demos {demos} would be ignored: {why}, and method {cfg.agent.method} samples no demonstrations "
+                "(offline ratio 0). Drop --demos, or set agent.offline_ratio above 0 to sample them"
+            )
         self.device = resolve_device(cfg.train.device)  # before anything is written: a refusal leaves no run
         check_compile(cfg.train.compile, self.device)
         warn_image_learner_on_cpu(cfg, self.device)

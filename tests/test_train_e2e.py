@@ -223,16 +223,18 @@ def test_malformed_demo_file_is_named(tmp_path, capsys):
     assert "bad.hdf5" in capsys.readouterr().err
 
 
-def test_prefetch_and_bf16_switches_learn_and_leave_no_thread_behind(run_dir, tmp_path):
+def test_prefetch_and_bf16_switches_learn_and_leave_no_thread_behind(run_dir, tmp_path, capsys):
     """The same run with minibatches sampled on a thread and bf16 autocast: it learns as many steps, reuses the
-    demonstrations and the BC policy, and its prefetch thread is gone when the command returns."""
+    BC policy, and its prefetch thread is gone when the command returns. --demos beside --bc, which q2rl would not
+    read, is refused before anything starts."""
     import threading
 
     before = {t.name for t in threading.enumerate()}
     out = tmp_path / "switches"
     args = ["train", "--config", str(TINY), "--seed", "1", "--out", str(out), "--quiet", "--bc", str(run_dir / "bc"),
-            "--demos", str(run_dir / "demos.hdf5"),
             "--set", "train.prefetch=true", "--set", "train.bf16=true"]  # fmt: skip
+    assert main([*args, "--demos", str(run_dir / "demos.hdf5")]) == 2
+    assert "would be ignored: the BC policy comes from --bc" in capsys.readouterr().err and not out.exists()
     assert main(args) == 0
     plain, switched = (json.loads((d / "summary.json").read_text()) for d in (run_dir, out))
     assert switched["learner_steps"] == plain["learner_steps"] > 0
@@ -246,7 +248,7 @@ def test_a_run_on_cuda_completes_with_its_buffer_on_the_gpu(run_dir, tmp_path):
     copy there, and the run learns as many steps as on the CPU."""
     out = tmp_path / "cuda"
     args = ["train", "--config", str(TINY), "--seed", "1", "--out", str(out), "--quiet", "--bc", str(run_dir / "bc"),
-            "--demos", str(run_dir / "demos.hdf5"), "--set", "train.device=cuda"]  # fmt: skip
+            "--set", "train.device=cuda"]  # fmt: skip
     assert main(args) == 0
     plain, on_gpu = (json.loads((d / "summary.json").read_text()) for d in (run_dir, out))
     assert on_gpu["device"] == "cuda" and on_gpu["learner_steps"] == plain["learner_steps"] > 0
