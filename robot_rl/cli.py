@@ -116,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     register_keys_command(sub)
 
     p = sub.add_parser("report", help="plot learning curves of one or more run directories")
-    p.add_argument("runs", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, default=Path("report.png"))
+    p.add_argument("runs", type=Path, nargs="+", help="run directories (of train, learner or demo)")
+    p.add_argument("--out", type=Path, default=Path("report.png"),
+                   help="the picture to write (default: report.png here; a directory: DIR/report.png)")  # fmt: skip
     return parser
 
 
@@ -487,11 +488,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         csv_path = run / "eval.csv"
         if not csv_path.is_file() and (run / "learner" / "eval.csv").is_file():
             csv_path = run / "learner" / "eval.csv"  # a demo's (or a learner beside its actor's) run directory
+        if not run.exists():
+            raise ConfigError(f"{run} does not exist")
         if not csv_path.is_file():
-            raise ConfigError(f"{run} has no eval.csv")
+            raise ConfigError(f"{run} has no eval.csv: not a run directory of train, learner or demo")
         rows = read_eval_csv(csv_path, lambda line: print(f"robot-rl report: {line}", file=sys.stderr))
         if any(row.phase != "bc" for row in rows):  # the curves start at the first evaluation after BC's
-            runs[str(run)] = rows
+            label = str(run)
+            if not (csv_path.parent / "summary.json").is_file():  # written when a run finishes
+                label += " (unfinished)"
+                print(
+                    f"robot-rl report: {run} has no summary.json: the run is unfinished (running, or interrupted); "
+                    f"its curve ends at {rows[-1].env_steps} env steps",
+                    file=sys.stderr,
+                )
+            runs[label] = rows
         else:
             print(f"robot-rl report: {csv_path} has no evaluation after BC's yet; {run} is left out", file=sys.stderr)
     if not runs:

@@ -355,9 +355,12 @@ ROWS = [
 ]
 
 
-def run_dir(path: Path, *, header: tuple[str, ...] = EVAL_COLUMNS, tail: str = "") -> Path:
-    """A run directory whose eval.csv holds ROWS under `header`, then `tail` verbatim."""
+def run_dir(path: Path, *, header: tuple[str, ...] = EVAL_COLUMNS, tail: str = "", finished: bool = True) -> Path:
+    """A run directory whose eval.csv holds ROWS under `header`, then `tail` verbatim; a finished run's has its
+    summary.json."""
     path.mkdir()
+    if finished:
+        (path / "summary.json").write_text("{}")
     with (path / "eval.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -387,6 +390,18 @@ def test_report_prints_the_file_it_wrote(tmp_path: Path, capsys) -> None:
     assert main(["report", str(run), "--out", str(folder)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {folder / 'report.png'}"
     assert (folder / "report.png").is_file()
+
+
+def test_report_marks_an_unfinished_run_and_names_a_missing_one(tmp_path: Path, capsys) -> None:
+    """A run without summary.json (interrupted, or still running) is plotted as unfinished and said so; a finished
+    one is not; a path that does not exist is named as such."""
+    unfinished, finished = run_dir(tmp_path / "cut", finished=False), run_dir(tmp_path / "done")
+    assert main(["report", str(unfinished), str(finished), "--out", str(tmp_path / "r.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"{unfinished} has no summary.json: the run is unfinished (running, or interrupted)" in err
+    assert f"its curve ends at {ROWS[-1][0]} env steps" in err and str(finished) not in err
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.png")]) == 2
+    assert f"{tmp_path / 'nowhere'} does not exist" in error_line(capsys, "report")
 
 
 def test_report_refuses_an_eval_csv_without_the_columns(tmp_path: Path, capsys) -> None:
