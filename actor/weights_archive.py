@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from robot_rl.durable import save_tensors
 from robot_rl.hardware.interfaces import ClosesOnExit
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class WeightsArchive(ClosesOnExit):
             if manifest_path.is_file():
                 return
             tensors_name = f"{_stem(version)}.safetensors"
-            _replace_atomic(self.root / tensors_name, lambda p: save_file(tensors, str(p)))
+            _replace_atomic(self.root / tensors_name, lambda p: save_tensors(tensors, p))
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,

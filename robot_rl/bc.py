@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from robot_rl import obs as obs_lib
 from robot_rl.config import BCConfig
 from robot_rl.distributions import ActionDistribution, DiagGaussian, GaussianMixture
+from robot_rl.durable import save_tensors
 from robot_rl.networks import ObsEncoder, augment
 from robot_rl.obs import ObsSpec, state_dim
 
@@ -318,7 +319,7 @@ def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
         "action_dim": policy.action_dim,
         "config": policy.cfg.model_dump(mode="json"),
     }
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _write_atomic(out / WEIGHTS_FILE, lambda p: save_tensors(tensors, p))
     _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return out
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from robot_rl.durable import fsync_path
+from robot_rl.durable import fsync_path, save_tensors
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
@@ -87,7 +86,7 @@ def save_checkpoint(
     body = {"format_version": FORMAT_VERSION, **manifest, WRITE_ID: write_id, "optimizers": skeletons}
     tmp_tensors = directory / (TENSORS_FILE + ".tmp")
     tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
-    save_file(all_tensors, str(tmp_tensors), metadata={WRITE_ID: write_id})
+    save_tensors(all_tensors, tmp_tensors, metadata={WRITE_ID: write_id})
     body[DIGEST] = _file_digest(tmp_tensors)
     tmp_manifest.write_text(json.dumps(body, indent=2, sort_keys=False))
     for path in (tmp_tensors, tmp_manifest):

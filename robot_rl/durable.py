@@ -11,6 +11,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, the file then given the mode a plain open() gives (0o666 less the umask): save_file
+    makes it 0600, which keeps other users from reading weights copied to a shared machine."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux' /proc; 0o022 where that cannot be read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory by its path (a directory: so that entries created or renamed in it survive a
     crash); OSError where it cannot be."""

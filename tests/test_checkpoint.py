@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,23 @@ def test_pruning_keeps_the_newest_periodic_checkpoints_and_every_other_one(tmp_p
     assert sorted(p.name for p in removed) == ["step_00000200", "step_00000900", "step_00001000"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "latest", "step_00005000", "step_00010000"]
     assert prune_checkpoints(tmp_path, keep=2) == []
+
+
+def test_weights_files_get_the_mode_the_umask_gives_not_owner_only(tmp_path: Path) -> None:
+    """safetensors writes 0600; checkpoints and BC policies are copied between machines and users, so their weights
+    files get what a plain open() would give under the umask, as the JSON beside them does."""
+    import numpy as np
+
+    from robot_rl.bc import make_bc_policy, save_bc
+    from robot_rl.config import BCConfig
+    from robot_rl.obs import state_spec
+
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "ckpt", tensors={"w": torch.ones(2)}, manifest={})
+        policy = make_bc_policy(BCConfig(hidden=[8]), state_spec(6), 6, -np.ones(6, np.float32), np.ones(6, np.float32))
+        save_bc(policy, tmp_path / "bc")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "ckpt" / "model.safetensors", tmp_path / "bc" / "bc.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
