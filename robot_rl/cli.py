@@ -367,6 +367,7 @@ def cmd_bc(args: argparse.Namespace) -> int:
             args.out.rmdir()
         raise
     print(f"BC policy ({cfg.bc.policy}) written to {args.out}")
+    args.complete_output = True  # an interruption from here on cuts the evaluation only
     if args.eval_episodes > 0:
         env = make_env(cfg.env)
         result = evaluate(
@@ -652,9 +653,12 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         left = out is not None and out.exists() and not (out.is_dir() and not any(out.iterdir()))
         terminated = isinstance(exc, Terminated)
+        if getattr(args, "complete_output", False):
+            what = f"; {out} is complete, what came after writing it was cut short"
+        else:
+            what = f"; partial output in {out}" if left else ""
         print(
-            f"\nrobot-rl {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}"
-            + (f"; partial output in {out}" if left else ""),
+            f"\nrobot-rl {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{what}",
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM if terminated else 130

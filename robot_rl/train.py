@@ -220,6 +220,12 @@ def demo_transitions(demos: Path, warn: Callable[[str], None] | None = None) -> 
         raise EpisodeFileError(
             f"{demos}: no demonstration with a step in it; record some with `robot-rl collect` or pass another file"
         )
+    failed = sum(not bool(ep.terminated[-1]) for ep in episodes)  # success terminates an episode
+    if failed:
+        (warn or log.warning)(
+            f"{demos}: {failed} of {len(episodes)} episodes do not end in success, and their steps are used too "
+            "(rollouts of a policy rather than demonstrations? record demonstrations with `robot-rl collect`)"
+        )
     try:
         return episodes_to_transitions(episodes)
     except ValueError as err:  # demonstrations of two recordings appended into one file, say

@@ -4,6 +4,7 @@ and nothing the user already had is overwritten. No test here trains anything.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import os
 from collections.abc import Callable
@@ -47,21 +48,27 @@ def fake_bc_dir(path: Path) -> Path:
     return path
 
 
-def state_demos(path: Path, steps: int = 4) -> Path:
-    """A tiny demonstrations file recorded with the state config's observations (ee_pose only)."""
+def state_demos(path: Path, steps: int = 4, *, failed: int = 0) -> Path:
+    """A tiny demonstrations file recorded with the state config's observations (ee_pose only): one successful
+    episode, then `failed` episodes cut off at the step limit."""
     rng = np.random.default_rng(0)
     pose = rng.uniform(-0.01, 0.01, size=(steps + 1, 6)).astype(np.float32)
     episode = Episode(
         obs={"ee_pose": pose[:-1]},
         next_obs={"ee_pose": pose[1:]},
         actions=rng.uniform(-1, 1, size=(steps, 6)).astype(np.float32),
-        rewards=np.zeros(steps, np.float32),
-        terminated=np.zeros(steps, bool),
-        truncated=np.eye(1, steps, steps - 1, dtype=bool)[0],
-        attrs={"seed": 0, "success": False},
+        rewards=np.eye(1, steps, steps - 1, dtype=np.float32)[0],
+        terminated=np.eye(1, steps, steps - 1, dtype=bool)[0],  # a demonstration ends in success
+        truncated=np.zeros(steps, bool),
+        attrs={"seed": 0, "success": True},
     )
+    cut = dataclasses.replace(
+        episode, rewards=np.zeros(steps, np.float32), terminated=np.zeros(steps, bool),
+        truncated=episode.terminated.copy(), attrs={"seed": 1, "success": False},
+    )  # fmt: skip
     with EpisodeWriter(path, env_args={"env": "robot_rl/PegInsertionSim-v0"}) as writer:
-        writer.add_episode(episode)
+        for ep in [episode] + [cut] * failed:
+            writer.add_episode(ep)
     return path
 
 
@@ -820,3 +827,27 @@ def test_compile_without_a_compiler_is_refused_at_start(tmp_path: Path, command:
     err = error_line(capsys, command)
     assert "train.compile=default needs a C++ compiler on PATH (c++, g++, clang++ or $CXX)" in err
     assert "or set train.compile=off" in err and not out.exists()
+
+
+def test_an_interrupted_bc_evaluation_says_the_policy_is_complete(tmp_path: Path, monkeypatch, capsys) -> None:
+    import robot_rl.rollout
+
+    def evaluate(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(robot_rl.rollout, "evaluate", evaluate)
+    out = tmp_path / "bc"
+    args = ["bc", "--config", str(STATE), "--demos", str(state_demos(tmp_path / "d.hdf5")), "--out", str(out)]
+    assert main([*args, "--eval-episodes", "3", "--set", "bc.steps=5"]) == 130
+    assert capsys.readouterr().err.endswith(f"robot-rl bc: interrupted; {out} is complete, what came after writing it "
+                                            "was cut short\n")  # fmt: skip
+    assert (out / "bc.safetensors").is_file() and (out / "bc.json").is_file()
+
+
+def test_bc_says_when_its_demonstrations_hold_episodes_that_did_not_succeed(tmp_path: Path, capsys) -> None:
+    """A run's rollouts.hdf5 passed as demonstrations trains BC on failures too: said, not refused."""
+    for failed, out in ((0, "clean"), (2, "mixed")):
+        args = ["bc", "--config", str(STATE), "--demos", str(state_demos(tmp_path / f"{out}.hdf5", failed=failed))]
+        assert main([*args, "--out", str(tmp_path / out), "--set", "bc.steps=5"]) == 0
+        err = capsys.readouterr().err
+        assert ("2 of 3 episodes do not end in success" in err) == (failed == 2), err
