@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -279,8 +280,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from robot_rl.demo import run_demo
 
-    if args.minutes <= 0:
-        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    if not math.isfinite(args.minutes) or args.minutes <= 0:
+        raise ConfigError(f"--minutes must be a positive number, got {args.minutes}")
     out = args.out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")  # messages name it too
     _refuse_used_out(out, "run directory")
     return run_demo(out=out, minutes=args.minutes, config=args.config, overrides=args.overrides, quiet=args.quiet)

@@ -851,3 +851,10 @@ def test_bc_says_when_its_demonstrations_hold_episodes_that_did_not_succeed(tmp_
         assert main([*args, "--out", str(tmp_path / out), "--set", "bc.steps=5"]) == 0
         err = capsys.readouterr().err
         assert ("2 of 3 episodes do not end in success" in err) == (failed == 2), err
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])
+def test_demo_refuses_minutes_that_are_not_a_positive_number(tmp_path: Path, minutes: str, capsys) -> None:
+    assert main(["demo", "--minutes", minutes, "--out", str(tmp_path / "demo"), "--quiet"]) == 2
+    assert f"--minutes must be a positive number, got {float(minutes)}" in error_line(capsys, "demo")
+    assert not (tmp_path / "demo").exists()
