@@ -125,6 +125,7 @@ NEVER_HEARD_WARN_S = 10.0  # a learner that never answered is reported after thi
 # actor.weights_staleness_s makes the actor act with BC alone: stopped, killed, restarting, or the network is down.
 LEARNER_SILENT_WARN_S = 10.0
 THROTTLED = "online: waiting for the learner's updates (actor.max_env_steps_ahead {})"
+BUDGET_REACHED = "online: the run's online steps are collected; waiting for the learner's final evaluation"
 
 
 class ActorError(ConfigError):
@@ -510,6 +511,24 @@ class ActorService:
             self.link.notify()
 
     # -- throttle ------------------------------------------------------------------------------------------------------
+    def _held_back(self) -> str | None:
+        """Why no online episode starts now (the budget is collected, or the learner's updates are behind), or None."""
+        if self._online_budget_reached():
+            return BUDGET_REACHED
+        if self._too_far_ahead():
+            return THROTTLED.format(self.cfg.actor.max_env_steps_ahead)
+        return None
+
+    def _online_budget_reached(self) -> bool:
+        """The learner's online budget (Status.online_budget) is met by what it stored and what this actor still has
+        to deliver: a further episode would run past the run's end."""
+        if self.link is None or self.link.state.status is None:
+            return False
+        st = self.link.state.status
+        budget = getattr(st, "online_budget", None)
+        unacked = self.spill.unacked(self.link.state.acked_seq) if self.spill else 0
+        return budget is not None and st.online_env_steps + unacked >= budget
+
     def _too_far_ahead(self) -> bool:
         ahead = self.cfg.actor.max_env_steps_ahead
         if ahead is None or self.link is None or self.link.state.status is None:
@@ -592,9 +611,9 @@ class ActorService:
                 if phase in ("waiting", "qest_fit", "paused"):
                     self._idle()
                     continue
-                if phase == "online" and self._too_far_ahead():
+                if phase == "online" and (held := self._held_back()) is not None:
                     if self.message == phase:  # a silent learner is said instead
-                        self.message = THROTTLED.format(self.cfg.actor.max_env_steps_ahead)
+                        self.message = held
                     self._idle()
                     continue
                 if phase == "online" and self._first_weights_due():

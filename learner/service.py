@@ -1217,6 +1217,7 @@ class LearnerService:
             eval_id=self.eval_id if self.phase == "eval" else -1,
             done=done,
             stopping=stopping,
+            online_budget=self.cfg.train.env_steps,
         )
         self.pub.send(to_wire(status), zmq.NOBLOCK)
         self._last_status = time.monotonic()

@@ -453,6 +453,13 @@ class Status(Message):
         default=False,
         description="The learner is stopping before its run is done (a signal); `--resume` brings it back.",
     )
+    online_budget: int | None = Field(
+        default=None,
+        ge=1,
+        description="The online env steps the run collects (the learner's train.env_steps): once they are stored, "
+        "actors start no further online episode while the learner finishes its learner steps and its final "
+        "evaluation. None: not said.",
+    )
 
 
 class EvalReport(Message):

@@ -763,7 +763,10 @@ def test_a_stopping_actor_waits_for_its_last_acks_only_while_the_learner_may_sti
         assert took >= 1.5 and waiting in caplog.text
 
 
-def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp_path: Path, bc_dir: Path):
+@pytest.mark.parametrize("why", ["max_env_steps_ahead", "online_budget"])
+def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp_path: Path, bc_dir: Path, why):
+    """Ahead of the learner's updates by more than actor.max_env_steps_ahead, or with the learner's online budget
+    collected (the learner then finishes its steps and evaluates), the actor starts no online episode and says why."""
     import threading
     from types import SimpleNamespace
 
@@ -772,7 +775,10 @@ def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp
 
     cfg = load_config(TINY, ["actor.period_s=0", "actor.max_env_steps_ahead=10"])
     service = actor_service.ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, quiet=True)
-    status = SimpleNamespace(phase="online", eval_id=-1, done=False, online_env_steps=100, learner_steps=0)
+    learner_steps, budget = (0, 1000) if why == "max_env_steps_ahead" else (100, 100)
+    status = SimpleNamespace(phase="online", eval_id=-1, done=False, online_env_steps=100, learner_steps=learner_steps,
+                             online_budget=budget)  # fmt: skip
+    expected = actor_service.THROTTLED.format(10) if why == "max_env_steps_ahead" else actor_service.BUDGET_REACHED
     service.link = SimpleNamespace(
         state=LinkState(synced=True, status=status, last_heard=time.monotonic()),
         error=None,
@@ -783,7 +789,7 @@ def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp
     thread.start()
     try:
         deadline = time.monotonic() + 10
-        while service.message != actor_service.THROTTLED.format(10):
+        while service.message != expected:
             assert time.monotonic() < deadline and thread.is_alive(), service.message
             time.sleep(0.02)
         assert service.counters.episodes == 0

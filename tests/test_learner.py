@@ -661,6 +661,7 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
         assert acked(actor.transitions(10, 45, version=1)) == 54
         status = actor.wait_status(lambda s: s.phase == "eval")
         assert status.eval_id == 1 and status.online_env_steps == 45 and status.learner_steps == 20
+        assert status.online_budget == cfg.train.env_steps == 40  # what actors stop collecting at
         actor.report(1, 0.25)
         actor.wait_status(lambda s: s.phase == "online")
         status = actor.wait_status(lambda s: s.phase == "eval")
