@@ -1271,7 +1271,8 @@ class LearnerService:
             "online_env_steps": c.online_env_steps,
             "env_steps": c.env_steps,
             "buffer_size": len(self.buffer),
-            "rollouts": len(self.rollouts),
+            # Q-Estimation rollouts: collected so far, or (their list freed after the fit) how many it used.
+            "rollouts": len(self.rollouts) if not self.qest_done else int(self.qest_stats.get("episodes", 0)),
             "actors": {
                 name: {
                     "stored": s.stored,

@@ -689,6 +689,7 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
         ("online", 55, 0.75),
     ]
     assert json.loads((out / "summary.json").read_text())["final_success_rate"] == 0.75
+    assert json.loads((out / "stats.json").read_text())["rollouts"] == cfg.qest.rollouts == 2  # kept after the fit
     for path in ("curves.png", "config.yaml", "checkpoints/final/manifest.json", "checkpoints/final/bc/bc.json"):
         assert (out / path).is_file(), path
     assert any((out / "tb").iterdir())
