@@ -244,6 +244,9 @@ class ActorService:
         except ConfigError as err:
             log.warning("%s cannot be read (%s); it is replaced by this run's config", saved, err)
             return
+        if fields and self._produced_nothing():
+            log.info("%s: a run that produced nothing yet takes this config (it differs in %s)", self.out, fields)
+            return
         if fields:
             raise ActorError(
                 f"{self.out} holds a run with another config: it differs from {saved} in {fields}. "
@@ -251,13 +254,20 @@ class ActorService:
                 "--out"
             )
 
+    def _produced_nothing(self) -> bool:
+        """The run in --out has logged no episode and spilled nothing (refused before its first step: at the
+        learner's handshake, say), so a corrected config or BC policy may take it over."""
+        return not any((self.out / "episodes").glob("episode_*.hdf5")) and not any(
+            (self.out / "spill").glob("seg_*.log")
+        )
+
     def _record_bc(self) -> None:
         """actor_state.json names the BC policy this actor acts with (replay finds it there) and keeps its weights
         fingerprint: a continued run acts with the same policy (ActorError otherwise)."""
         state_path = self.out / "actor_state.json"
         state = json.loads(state_path.read_text())
         weights = self.bc_fingerprint[BC_FINGERPRINT_KEY]
-        if state.get("bc_weights") not in (None, weights):
+        if state.get("bc_weights") not in (None, weights) and not self._produced_nothing():
             raise ActorError(
                 f"--bc {self.bc_dir} is not the BC policy the run in {self.out} acted with (from "
                 f"{state.get('bc_dir', 'an earlier --bc')}): its episodes, spill and evaluations belong to that "

@@ -146,9 +146,15 @@ def test_actor_without_learner_runs_bc_and_logs_every_episode(tmp_path: Path, bc
 def test_a_continued_run_keeps_its_config_and_bc_policy_and_one_actor_holds_its_directory(
     tmp_path: Path, bc_dir: Path, capsys
 ):
+    from robot_rl.actor.service import ActorService
+
     out = tmp_path / "actor"
     args = ["actor", "--config", str(TINY), "--out", str(out), "--learner", "none", "--episodes", "1", "--quiet"]
+    # A run that never took a step (refused by a learner's handshake, say) is taken over by a corrected config.
+    ActorService(load_config(TINY, ["agent.hidden=[16,16]"]), out, bc_dir=bc_dir, learner=None, quiet=True)._shutdown()
+    assert load_config(out / "config.yaml").agent.hidden == [16, 16]
     assert main([*args, "--bc", str(bc_dir)]) == 0
+    assert load_config(out / "config.yaml").agent.hidden == load_config(TINY).agent.hidden != [16, 16]
     saved = (out / "config.yaml").read_text()
     capsys.readouterr()
     # Another world: the episodes and spill in `out` would mean something else. Refused, nothing overwritten.
