@@ -464,10 +464,15 @@ class _DeviceCopy:
         self.rewards, self.terminated = like(buffer.rewards), like(buffer.terminated)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """`array` on the device. To a GPU it goes through pinned memory without waiting: a pageable copy would make
+        the host wait for every update queued on the GPU (torch keeps the pinned block until the copy has run)."""
         array = np.ascontiguousarray(array)
         if not array.flags.writeable:  # e.g. decoded from the wire; torch warns on read-only memory
             array = array.copy()
-        return torch.from_numpy(array).to(self.device)
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def write(
         self,
@@ -489,13 +494,7 @@ class _DeviceCopy:
         self.terminated[pos_at] = self._tensor(rows.terminated)
 
     def gather(self, pos: np.ndarray, obs_slots: np.ndarray, next_slots: np.ndarray) -> dict:
-        indices = torch.from_numpy(np.stack([pos, obs_slots, next_slots]).astype(np.int64))
-        if self.device.type == "cuda":
-            # Staged in pinned memory and copied without waiting: a pageable copy would make the host wait for every
-            # update queued on the GPU before it could queue the next (torch keeps the pinned block until the copy
-            # has run).
-            indices = indices.pin_memory()
-        pos_at, obs_at, next_at = indices.to(self.device, non_blocking=True)
+        pos_at, obs_at, next_at = self._tensor(np.stack([pos, obs_slots, next_slots]).astype(np.int64))
         return {
             "obs": {key: frames[obs_at] for key, frames in self.frames.items()},
             "next_obs": {key: frames[next_at] for key, frames in self.frames.items()},
