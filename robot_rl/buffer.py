@@ -521,21 +521,29 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         raise ValueError(f"{name} holds non-finite values; refusing to store them")
 
 
+def _columns(batch: TransitionBatch | dict) -> dict:
+    """A minibatch's fields by name, numpy (TransitionBatch) or a tensor batch (ReplayBuffer.take_tensors) alike."""
+    return batch if isinstance(batch, dict) else {f.name: getattr(batch, f.name) for f in fields(batch)}
+
+
+def _like(batch: TransitionBatch | dict, columns: dict) -> TransitionBatch | dict:
+    """`columns` as a minibatch of `batch`'s kind."""
+    return TransitionBatch(**columns) if isinstance(batch, TransitionBatch) else columns
+
+
 def concat_batches(a: TransitionBatch | dict, b: TransitionBatch | dict) -> TransitionBatch | dict:
     """Join two minibatches, numpy (TransitionBatch) or tensor batches (ReplayBuffer.take_tensors), rows of `a` first
     (RLPD's 50/50 offline/online sampling)."""
-    obs_a, obs_b = (x["obs"] if isinstance(x, dict) else x.obs for x in (a, b))
-    if obs_a.keys() != obs_b.keys():
-        raise ValueError(f"cannot join batches with observation keys {sorted(obs_a)} and {sorted(obs_b)}")
+    x, y = _columns(a), _columns(b)
+    if x["obs"].keys() != y["obs"].keys():
+        raise ValueError(f"cannot join batches with observation keys {sorted(x['obs'])} and {sorted(y['obs'])}")
 
-    def join(x: object, y: object) -> object:
-        if isinstance(x, dict):
-            return {k: join(v, y[k]) for k, v in x.items()}
-        return torch.cat([x, y]) if isinstance(x, torch.Tensor) else np.concatenate([x, y])
+    def join(u: object, v: object) -> object:
+        if isinstance(u, dict):
+            return {k: join(w, v[k]) for k, w in u.items()}
+        return torch.cat([u, v]) if isinstance(u, torch.Tensor) else np.concatenate([u, v])
 
-    if isinstance(a, TransitionBatch):
-        return TransitionBatch(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
-    return join(a, b)
+    return _like(a, join(x, y))
 
 
 def split_rows(batch: TransitionBatch | dict, parts: int) -> list[TransitionBatch] | list[dict]:
@@ -551,11 +559,7 @@ def split_rows(batch: TransitionBatch | dict, parts: int) -> list[TransitionBatc
             return list(value.split(len(value) // parts)) if len(value) else [value] * parts
         return np.split(value, parts)
 
-    if isinstance(batch, TransitionBatch):
-        names = [f.name for f in fields(TransitionBatch)]
-        columns = zip(*(cut(getattr(batch, name)) for name in names), strict=True)
-        return [TransitionBatch(**dict(zip(names, column, strict=True))) for column in columns]
-    return cut(batch)
+    return [_like(batch, columns) for columns in cut(_columns(batch))]
 
 
 def sample_utd_batches(
