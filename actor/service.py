@@ -522,30 +522,19 @@ class ActorService:
 
     # -- throttle ------------------------------------------------------------------------------------------------------
     def _held_back(self) -> str | None:
-        """Why no online episode starts now (the budget is collected, or the learner's updates are behind), or None."""
-        if self._online_budget_reached():
-            return BUDGET_REACHED
-        if self._too_far_ahead():
-            return THROTTLED.format(self.cfg.actor.max_env_steps_ahead)
-        return None
-
-    def _online_budget_reached(self) -> bool:
-        """The learner's online budget (Status.online_budget) is met by what it stored and what this actor still has
-        to deliver: a further episode would run past the run's end."""
+        """Why no online episode starts now, or None: the learner's online budget (Status.online_budget) is met by
+        what it stored and what this actor still has to deliver, or this actor is more than
+        actor.max_env_steps_ahead ahead of the learner's updates."""
         if self.link is None or self.link.state.status is None:
-            return False
+            return None
         st = self.link.state.status
-        budget = getattr(st, "online_budget", None)
-        unacked = self.spill.unacked(self.link.state.acked_seq) if self.spill else 0
-        return budget is not None and st.online_env_steps + unacked >= budget
-
-    def _too_far_ahead(self) -> bool:
+        collected = st.online_env_steps + (self.spill.unacked(self.link.state.acked_seq) if self.spill else 0)
+        if st.online_budget is not None and collected >= st.online_budget:
+            return BUDGET_REACHED
         ahead = self.cfg.actor.max_env_steps_ahead
-        if ahead is None or self.link is None or self.link.state.status is None:
-            return False
-        st = self.link.state.status
-        unacked = self.spill.unacked(self.link.state.acked_seq) if self.spill else 0
-        return st.online_env_steps + unacked - st.learner_steps / self.cfg.train.learner_steps_per_env_step > ahead
+        if ahead is not None and collected - st.learner_steps / self.cfg.train.learner_steps_per_env_step > ahead:
+            return THROTTLED.format(ahead)
+        return None
 
     # -- evaluation ----------------------------------------------------------------------------------------------------
     def _evaluate(self, eval_id: int) -> None:
