@@ -606,7 +606,7 @@ class Replayer:
         operator = ReplayedOperator([(t, EVENTS_BY_CODE[c]) for t, c in enumerate(codes) if c in EVENTS_BY_CODE])
         ext = ep.extras
 
-        unusable_targets: list[int] = []
+        target_noted = False  # a NaN logged target is said once per episode
 
         def check(t: int, name: str, logged: np.ndarray, replayed: np.ndarray) -> None:
             report.compared.add(name)
@@ -636,8 +636,8 @@ class Replayer:
             target = np.asarray(ext["target"][t], np.float64)
             if np.all(np.isfinite(target)):
                 self.env.mapper.reset(target)  # continue from the logged target
-            elif not unusable_targets:
-                unusable_targets.append(t)
+            elif not target_noted:
+                target_noted = True
                 report.notes.append(
                     f"demo_{index} step {t}: the logged target holds NaN or inf (damaged, or an env that reported "
                     "none): the replay goes on from its own target there"
