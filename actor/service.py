@@ -218,6 +218,7 @@ class ActorService:
         self._faults_in_a_row = 0  # episodes in a row that failed on a robot or camera fault
         self._weights_wait_since: float | None = None  # when an online phase first waited for published weights
         self._never_heard_warned = -math.inf  # when (s after the start) the never-answered warning was last given
+        self._connected_said = False  # the first welcome from the learner has been said
 
     def _run_id(self) -> str:
         state_path = self.out / "actor_state.json"
@@ -666,6 +667,24 @@ class ActorService:
             )
         self.stop_event.wait(min(0.5 * 2 ** (self._faults_in_a_row - 1), 10.0))
 
+    def _say_connected(self) -> None:
+        """Say once, when the learner first welcomes this actor, that it is connected and where its run stands."""
+        st = self.link.state
+        if self._connected_said or not st.welcomed:
+            return
+        self._connected_said = True
+        acked = st.acked_seq + 1
+        waiting = self.spill.unacked(st.acked_seq) if self.spill is not None else 0
+        log.info(
+            "actor %s: connected to the learner at %s (run %s; %d transitions of this actor held there, %d in the "
+            "spill to send)",
+            self.cfg.actor.actor_id,
+            self.learner_endpoint,
+            self.run_id,
+            acked,
+            waiting,
+        )
+
     def _warn_if_never_heard(self, phase: str) -> None:
         """While the learner has never answered: a warning after NEVER_HEARD_WARN_S, then once a minute (a wrong
         address, a learner not started yet, or CURVE keys it does not accept: all look the same from here)."""
@@ -693,6 +712,7 @@ class ActorService:
         self._warn_if_never_heard(phase)
         if self.link is None:
             return
+        self._say_connected()
         quiet_s = self.link.seconds_since_heard()
         limit = min(LEARNER_SILENT_WARN_S, self.cfg.actor.weights_staleness_s)
         # The learner's last word was that it is stopping (a signal): said at once, not after its silence.
@@ -847,7 +867,8 @@ class ActorService:
                 "overruns": s["loop"].get("overruns", 0),
                 "faults": s["faults"],
             }
-            | ({"weights refused": s["weights_refused"]} if s["weights_refused"] else {})
+            | ({"weights refused": s["weights_refused"]} if s["weights_refused"] else {}),
+            force=force,  # in a log: a line at each forced write (episode ends, faults) besides the periodic one
         )
 
 

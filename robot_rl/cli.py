@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -629,6 +630,36 @@ class Terminated(KeyboardInterrupt):
 # The one-shot commands that stop on SIGTERM as on Ctrl-C, with a line saying what they left (the services have
 # their own orderly stop).
 _TERMINABLE = ("train", "collect", "bc")
+# Long-running services: their log says what happens (actors welcomed, gaps, evaluations), with the time of each line.
+_SERVICES = ("learner", "actor")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a live status line redirects it to print above itself)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def _configure_logging(command: str) -> None:
+    """robot_rl's messages to stderr: services from INFO up with a timestamp, other commands warnings as bare lines.
+    Left alone when the process already has logging set up (an embedding program, pytest)."""
+    ours = logging.getLogger("robot_rl")
+    if logging.getLogger().handlers or ours.handlers:
+        return
+    handler = _StderrHandler()
+    service = command in _SERVICES
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if service else "%(message)s")
+    )
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO if service else logging.WARNING)
+    ours.propagate = False  # printed once, by this handler
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -637,6 +668,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _configure_logging(args.command)
     if threading.current_thread() is threading.main_thread():
         if os.environ.get(SUPERVISED_ENV) == "1":
             # A service the demo started: the terminal's Ctrl-C reaches it too, but the demo stops it in order

@@ -190,7 +190,7 @@ def _supervise(
 ) -> str | None:
     """Show the status line until the learner finishes (or the actor fails, or `minutes` pass); the name of the
     service that exited with an error, if one did."""
-    deadline, last_plain = start + minutes * 60, time.monotonic()
+    deadline = start + minutes * 60
     while procs["learner"].poll() is None:
         if procs["actor"].poll() is not None:
             if procs["actor"].returncode != 0:
@@ -204,9 +204,7 @@ def _supervise(
             print(f"\ndemo: {minutes} minutes reached; stopping", flush=True)
             return None
         learner, actor = _read_json(out / "learner" / "stats.json"), _read_json(out / "actor" / "stats.json")
-        plain_due = not status.interactive and time.monotonic() - last_plain > 30  # a line every 30 s in logs
-        last_plain = time.monotonic() if plain_due else last_plain
-        status.update(_status_fields(learner, actor, time.monotonic() - start), force=plain_due)
+        status.update(_status_fields(learner, actor, time.monotonic() - start))  # in logs: a line every 30 s
         time.sleep(0.5)
     return "learner" if procs["learner"].poll() not in (None, 0) else None
 

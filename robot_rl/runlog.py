@@ -216,13 +216,17 @@ def plot_curves(
 
 
 class StatusLine:
-    """One live status line on a terminal (rich); plain lines at notable moments elsewhere (CI logs, pipes)."""
+    """One live status line on a terminal (rich). Elsewhere (logs, pipes, services under a supervisor) plain lines: one
+    when an update is forced (notable moments) and one every `plain_every_s` seconds, so a log shows the run going on.
+    """
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(self, *, enabled: bool = True, plain_every_s: float = 30.0) -> None:
         self.enabled = enabled
         self.interactive = enabled and sys.stdout.isatty()
+        self.plain_every_s = plain_every_s
         self._live = None
         self._last = 0.0
+        self._last_plain = time.monotonic()  # the first periodic line comes plain_every_s after the start
         if self.interactive:
             from rich.live import Live
             from rich.text import Text
@@ -240,8 +244,18 @@ class StatusLine:
             if force or now - self._last > 0.25:
                 self._live.update(self._text(line))
                 self._last = now
-        elif force:
+        elif force or now - self._last_plain >= self.plain_every_s:
             print(line, flush=True)
+            self._last_plain = now
+
+    def say(self, message: str) -> None:
+        """A line that stays (an event: connected, lost, refused), above the live line on a terminal."""
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.console.print(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
         if self._live is not None:

@@ -1,14 +1,15 @@
-"""eval.csv as read back for plots and resumes: every row checked."""
+"""eval.csv as read back for plots and resumes: every row checked; the status line outside a terminal."""
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 from robot_rl.config import ConfigError
-from robot_rl.runlog import EVAL_COLUMNS, read_eval_csv
+from robot_rl.runlog import EVAL_COLUMNS, StatusLine, read_eval_csv
 
 GOOD = {
     "env_steps": "100",
@@ -43,3 +44,20 @@ def test_a_row_out_of_range_is_named_not_plotted(tmp_path: Path, field: str, val
         read_eval_csv(path)
     rows = read_eval_csv(_csv(tmp_path / "good.csv", GOOD, {**GOOD, "success_rate": "1.0"}))
     assert [r.success_rate for r in rows] == [0.5, 1.0]
+
+
+def test_a_status_line_outside_a_terminal_prints_forced_updates_and_one_line_per_period(capsys):
+    status = StatusLine(plain_every_s=0.3)  # pytest's captured stdout is not a terminal
+    assert not status.interactive
+    status.update({"phase": "online", "episodes": 1})
+    assert capsys.readouterr().out == ""  # not forced, period not over
+    status.update({"phase": "online", "episodes": 2}, force=True)
+    assert capsys.readouterr().out == "phase online  episodes 2\n"
+    status.update({"phase": "online", "episodes": 3})
+    assert capsys.readouterr().out == ""  # the forced line restarted the period
+    time.sleep(0.35)
+    status.update({"phase": "eval", "episodes": 4})
+    status.update({"phase": "eval", "episodes": 5})
+    assert capsys.readouterr().out == "phase eval  episodes 4\n"
+    StatusLine(enabled=False, plain_every_s=0.0).update({"phase": "x"}, force=True)
+    assert capsys.readouterr().out == ""

@@ -351,6 +351,12 @@ def test_an_actor_says_when_it_is_refused_or_its_learner_falls_silent_and_what_s
         while _stats(tmp_path / "a2" / "stats.json").get("acked", 0) < 60:
             assert time.monotonic() < deadline and actor.poll() is None, (tmp_path / "a2.log").read_text()[-2000:]
             time.sleep(0.2)
+        # Both services say, with the time, that they found each other (also under --quiet: it is their log).
+        said = (tmp_path / "a2.log").read_text()
+        assert re.search(rf"^\d{{4}}-\d\d-\d\d [\d:,]+ INFO .*connected to the learner at {endpoint} ", said, re.M), (
+            said
+        )
+        assert re.search(r"INFO .*welcomed actor actor0", (tmp_path / "l.log").read_text())
         learner.kill()
         learner.wait()
         while "acting with the BC policy alone" not in (tmp_path / "a2.log").read_text():
