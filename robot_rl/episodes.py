@@ -446,6 +446,12 @@ class EpisodeWriter:
         self._stream = EpisodeStream(self, group, index)
         return self._stream
 
+    def set_file_attrs(self, **attrs: AttrValue) -> None:
+        """Set attributes of the file's `data` group (what wrote it and how far it got), flushed at once."""
+        for name, value in attrs.items():
+            self._data.attrs[name] = value
+        self._file.flush()
+
     def close(self) -> None:
         """Ends an open stream (marked `interrupted`) and closes the file; safe to call twice."""
         if not self._file.id.valid:
@@ -812,6 +818,29 @@ def read_episodes_without_steps(path: str | Path) -> list[dict[str, AttrValue]]:
             return [_clean_attrs(group[n].attrs) for n in sorted(names, key=lambda n: int(n[len(DEMO_PREFIX) :]))]
         except ValueError as err:
             raise EpisodeFileError(f"{path}: {WITHOUT_STEPS}: {err}") from err
+
+
+# Set by `robot-rl collect` on its file: how many demonstrations it was asked for, and True once it wrote them all.
+COLLECT_REQUESTED, COLLECT_FINISHED = "collect_requested", "collect_finished"
+
+
+def collect_shortfall(path: str | Path, episodes: int) -> str | None:
+    """Why a demonstrations file holding `episodes` is short of what `robot-rl collect` was asked for (it was stopped
+    before it finished), or None: it finished, or the file did not come from `collect`."""
+    path = Path(path)
+    with _open_for_read(path) as f:
+        data = _data_group(f, path)
+        requested, finished = data.attrs.get(COLLECT_REQUESTED), data.attrs.get(COLLECT_FINISHED)
+    if requested is None or finished is None or bool(finished):  # another writer's file, or a finished collect
+        return None
+    try:
+        requested = int(requested)
+    except (TypeError, ValueError):
+        return None
+    return (
+        f"{path}: `robot-rl collect` was stopped before it finished: the file holds {episodes} of the {requested} "
+        "demonstrations it was asked for"
+    )
 
 
 def read_env_args(path: str | Path) -> dict[str, Any]:

@@ -34,7 +34,15 @@ from robot_rl.config import (
     parse_override,
 )
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
-from robot_rl.episodes import EpisodeFileError, EpisodeWriter, episodes_to_transitions, read_episodes
+from robot_rl.episodes import (
+    COLLECT_FINISHED,
+    COLLECT_REQUESTED,
+    EpisodeFileError,
+    EpisodeWriter,
+    collect_shortfall,
+    episodes_to_transitions,
+    read_episodes,
+)
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.rollout import (
@@ -140,6 +148,7 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
     kept = attempted = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with EpisodeWriter(out_path, env_args={"env": "robot_rl/PegInsertionSim-v0", "config": cfg.env.model_dump()}) as w:
+        w.set_file_attrs(**{COLLECT_REQUESTED: episodes, COLLECT_FINISHED: False})  # a stop leaves it False
         while kept < episodes:
             if attempted >= 20 * episodes + 20:
                 env.close()
@@ -157,6 +166,7 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
                 kept += 1
             if status is not None:
                 status.update({"phase": "collect", "kept": kept, "attempted": attempted}, force=False)
+        w.set_file_attrs(**{COLLECT_FINISHED: True})
     env.close()
     return kept, attempted
 
@@ -220,6 +230,9 @@ def demo_transitions(demos: Path, warn: Callable[[str], None] | None = None) -> 
         raise EpisodeFileError(
             f"{demos}: no demonstration with a step in it; record some with `robot-rl collect` or pass another file"
         )
+    short = collect_shortfall(demos, len(episodes))
+    if short:
+        (warn or log.warning)(f"{short}; training on those")
     failed = sum(not bool(ep.terminated[-1]) for ep in episodes)  # success terminates an episode
     if failed:
         (warn or log.warning)(

@@ -347,3 +347,37 @@ def test_demonstration_observation_keys_the_env_does_not_observe_are_named():
     assert notes == ["demos.hdf5: observation keys ['object'] are not observed by the config's env and go unused"]
     transitions_obs(data, "next_obs", state_spec(6), "demos.hdf5", notes.append)
     assert len(notes) == 1  # told once, for obs
+
+
+def test_demonstrations_of_a_stopped_collect_are_read_with_a_warning_that_says_how_many_are_missing(
+    tmp_path, monkeypatch, capsys
+):
+    import robot_rl.train as train_mod
+
+    episodes_run = []
+    real_run_episode = train_mod.run_episode
+
+    def stopped_at_the_third(*args, **kwargs):  # Ctrl-C while the third expert episode runs
+        if len(episodes_run) == 2:
+            raise KeyboardInterrupt
+        episodes_run.append(1)
+        return real_run_episode(*args, **kwargs)
+
+    stopped, finished = tmp_path / "stopped.hdf5", tmp_path / "finished.hdf5"
+    monkeypatch.setattr(train_mod, "run_episode", stopped_at_the_third)
+    assert main(["collect", "--config", str(TINY), "--episodes", "5", "--out", str(stopped)]) == 130
+    assert f"partial output in {stopped}" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod, "run_episode", real_run_episode)
+    assert main(["collect", "--config", str(TINY), "--episodes", "2", "--out", str(finished)]) == 0
+
+    said: list[str] = []
+    kept = len(read_episodes(stopped))
+    assert 0 < kept <= 2  # the expert keeps successful episodes only
+    assert train_mod.demo_transitions(stopped, said.append)["actions"].shape[0] > 0  # still usable
+    assert [line for line in said if "stopped before it finished" in line] == [
+        f"{stopped}: `robot-rl collect` was stopped before it finished: the file holds {kept} of the 5 "
+        "demonstrations it was asked for; training on those"
+    ]
+    said.clear()
+    train_mod.demo_transitions(finished, said.append)
+    assert not any("stopped before it finished" in line for line in said)
