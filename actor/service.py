@@ -15,7 +15,8 @@ it. What it does depends on the learner's phase:
 | done | stops |
 
 `DIR/stats.json` (atomic, every second): actor_id, run_id, produced (transitions in the durable spill), sent, acked,
-episodes, successes, phase, weights version and age, loop overruns. `DIR/weights/` archives every weights version
+episodes and successes since this start, episode_logs (episode files in DIR/episodes, earlier starts included), phase,
+weights version and age, loop overruns. `DIR/weights/` archives every weights version
 swapped in (`weights_archive.py`); episode attrs and `DIR/actor_state.json` name it and the BC policy, and each step
 logs the measured pose the safety mapping used, so `robot-rl replay` can re-run an episode (`replay.py`).
 Restarting with the same DIR continues the run and its sequence numbers; on SIGTERM/SIGINT the actor ends the
@@ -356,12 +357,18 @@ class ActorService:
                 }
             ) as stream,
         ):
+            new_episode = getattr(self.operator, "new_episode", None)
+            if new_episode is not None:
+                new_episode()
             try:
                 obs_dict, _ = self.env.reset(seed=seed)
             except FAULTS as err:  # recorded (the file keeps the episode's attrs without steps), then handled by run()
                 self._record_fault(stream, err, during="reset", step=0, command=self._unfinished_command())
                 raise
-            self.rate.start()
+            # Keys pressed during the reset move: a pause holds the arm before the first command, quit ends the
+            # episode before it (the callers polled before the reset).
+            self._operator_outside_steps("during the reset")
+            self._restart_pacing()
             try:
                 done, success, steps, bc_steps = self._episode_steps(
                     stream, obs_dict, kind=kind, gated=gated, send=send, rl_action=rl_action
@@ -479,17 +486,41 @@ class ActorService:
         observe = getattr(self.operator, "observe", None)
         if observe is not None:
             observe(info)
-        events = [item.event for item in self.operator.poll()]
+        events = self._hold_while_paused([item.event for item in self.operator.poll()], "")
+        reward, terminated, truncated = apply_operator_events(events, reward, terminated, truncated)
+        return reward, terminated, truncated, logged_event(events)
+
+    def _hold_while_paused(self, events: list[OperatorEvent], where: str) -> list[OperatorEvent]:
+        """While the operator has the actor paused: wait here (nothing is commanded, the arm holds its target),
+        polling, until resume, quit or stop. Returns `events` with those pressed meanwhile; quit sets the stop. The
+        step after a pause gets a whole control period (the pause is not an overrun)."""
+        paused = False
         while self.operator.paused and not self.stop_event.is_set() and OperatorEvent.QUIT not in events:
-            self.message = "paused by the operator"
+            paused = True
+            self.message = f"paused by the operator{' ' + where if where else ''}"
             self._write_stats()
             self.stop_event.wait(0.05)
             events += [item.event for item in self.operator.poll()]
-            self.rate.start()  # the pause is not an overrun
+        if paused:
+            self._restart_pacing()
         if OperatorEvent.QUIT in events:
             self.stop_event.set()
-        reward, terminated, truncated = apply_operator_events(events, reward, terminated, truncated)
-        return reward, terminated, truncated, logged_event(events)
+        return events
+
+    def _operator_outside_steps(self, where: str) -> None:
+        """The operator's keys outside an episode's steps (waiting phases, between episodes, around a reset): pause
+        holds here before the arm is moved again, quit stops the actor; success and failure belong to no step and are
+        dropped, said in the log (a late key for the episode that ended, say)."""
+        events = self._hold_while_paused([item.event for item in self.operator.poll()], where)
+        dropped = [e.value for e in events if e in (OperatorEvent.SUCCESS, OperatorEvent.FAILURE)]
+        if dropped:
+            log.info("operator keys %s pressed %s belong to no episode step: ignored", dropped, where)
+
+    def _restart_pacing(self) -> None:
+        """The next step's period starts now: the actor's rate keeper and the env's deadline pacer (franky) both."""
+        self.rate.start()
+        if self.env_pacer is not None:
+            self.env_pacer.restart()
 
     def _spill_chunk(self) -> None:
         assert self.spill is not None
@@ -543,6 +574,7 @@ class ActorService:
         gated = self._gated()
         wins = steps = bc = 0
         for i in range(n):
+            self._operator_outside_steps("between evaluation episodes")
             if self.stop_event.is_set():
                 return
             if not self._eval_asked(eval_id):
@@ -587,9 +619,7 @@ class ActorService:
         self.operator.__enter__()
         seed_base = self.cfg.seed * 7919 + 31 * self._episode_index
         try:
-            while not self.stop_event.is_set():
-                if self.max_episodes is not None and self.counters.episodes >= self.max_episodes:
-                    break
+            while self._go_on():
                 if self.link is not None and self.link.error is not None:
                     raise RuntimeError(f"learner link failed: {self.link.error}")
                 self._swap_weights()
@@ -635,6 +665,16 @@ class ActorService:
         finally:
             self._shutdown()
         return self.stats()
+
+    def _go_on(self) -> bool:
+        """Whether the run loop goes on: not stopped (signal, the operator's quit), --episodes not reached. The
+        operator's keys are read here between episodes and while waiting (a pause holds the loop here)."""
+        if self.stop_event.is_set():
+            return False
+        if self.max_episodes is not None and self.counters.episodes >= self.max_episodes:
+            return False
+        self._operator_outside_steps("between episodes")
+        return not self.stop_event.is_set()
 
     def _guarded_episode(self, *, kind: str, gated: bool, send: bool, seed: int) -> tuple[bool, int, int]:
         """run_episode, with a robot or camera fault recovered from: such an episode failed (success False, no steps
@@ -821,8 +861,9 @@ class ActorService:
             "produced": c.produced,
             "sent": (link.sent_seq + 1) if link else 0,
             "acked": (link.acked_seq + 1) if link else 0,
-            "episodes": c.episodes,
+            "episodes": c.episodes,  # since this start (what --episodes counts)
             "eval_episodes": c.eval_episodes,
+            "episode_logs": self._episode_index,  # in DIR/episodes, over every start with this DIR (evaluations too)
             "successes": c.successes,
             "success_rate_recent": (sum(s for _, _, s in recent) / len(recent)) if recent else None,
             "bc_fraction_recent": (sum(b for _, b, _ in recent) / max(sum(k for k, _, _ in recent), 1))

@@ -139,8 +139,10 @@ def test_actor_without_learner_runs_bc_and_logs_every_episode(tmp_path: Path, bc
     # The same directory continues the run (same run id) and numbers new episode files after the old ones.
     run_id = stats["run_id"]
     assert main([*args, "--episodes", "1", "--quiet", "--set", "actor.period_s=0"]) == 0
-    assert json.loads((out / "stats.json").read_text())["run_id"] == run_id
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["run_id"] == run_id
     assert len(list((out / "episodes").glob("episode_*.hdf5"))) == 3
+    assert (stats["episodes"], stats["episode_logs"]) == (1, 3)  # this start's, and every start's in the directory
 
 
 def test_a_continued_run_keeps_its_config_and_bc_policy_and_one_actor_holds_its_directory(
@@ -263,6 +265,74 @@ def test_every_operator_event_of_a_step_counts_and_its_log_replays_without_diver
         assert ep.extras["operator_event"][-1] == EVENT_CODES[E.SUCCESS], name
         report = replay_log(log)
         assert report.ok, (name, [d.line() for d in report.divergences])
+
+
+class _QueuedKeysOperator(_PressingOperator):
+    """Keys queued by the test (`press`) come with the next poll; a pause resumes by itself after `resume_after`
+    polls. Records whether it was paused at each of the env's resets and steps (`seen`)."""
+
+    def __init__(self, resume_after: int) -> None:
+        super().__init__({})
+        self.queue: list = []
+        self.resume_after, self.polls_paused = resume_after, 0
+        self.seen: list[tuple[str, bool]] = []
+
+    def press(self, *events) -> None:
+        self.queue += events
+
+    def poll(self) -> list:
+        from robot_rl.hardware.operator import OperatorEvent, OperatorInput
+
+        if self.paused:
+            self.polls_paused += 1
+            if self.polls_paused >= self.resume_after:
+                self.queue.append(OperatorEvent.RESUME)
+        events, self.queue = self.queue, []
+        for event in events:
+            self.paused = {OperatorEvent.PAUSE: True, OperatorEvent.RESUME: False}.get(event, self.paused)
+            self.polls_paused = 0 if event == OperatorEvent.PAUSE else self.polls_paused
+        return [OperatorInput(event, 0.0) for event in events]
+
+
+def test_keys_pressed_during_a_reset_or_between_episodes_hold_the_arm_or_are_dropped(tmp_path: Path, bc_dir: Path):
+    """A pause pressed during the reset move holds the actor before the episode's first command (and the step after
+    it gets a whole period); a success or failure pressed then belongs to no step and ends nothing; quit pressed
+    between episodes starts no further episode."""
+    from robot_rl.actor.service import ActorService
+    from robot_rl.hardware.operator import OperatorEvent as E
+
+    cfg = load_config(TINY, ["actor.period_s=0"])
+    service = ActorService(cfg, tmp_path / "a", bc_dir=bc_dir, learner=None, episodes=4, quiet=True)
+    operator = service.operator = _QueuedKeysOperator(resume_after=5)
+    restarts = []
+    service.env_pacer = type("Pacer", (), {"restart": lambda self: restarts.append(1), "overruns": 0})()
+    real_reset, real_step = service.env.reset, service.env.step
+    resets = {"n": 0}
+
+    def reset(**kwargs):
+        resets["n"] += 1
+        operator.seen.append(("reset", operator.paused))
+        out = real_reset(**kwargs)
+        # Pressed while the arm moves to the reset pose: a late success, a pause, a failure, then quit (in the
+        # third episode's reset: it ends that episode before its first step, and the run).
+        operator.press(*{1: [E.SUCCESS], 2: [E.PAUSE, E.FAILURE], 3: [E.QUIT]}[resets["n"]])
+        return out
+
+    def step(action):
+        operator.seen.append(("step", operator.paused))
+        return real_step(action)
+
+    service.env.reset, service.env.step = reset, step
+    stats = service.run()
+    files = sorted((tmp_path / "a" / "episodes").glob("episode_*.hdf5"))
+    assert len(files) == 3 and resets["n"] == 3  # quit during the third reset: no fourth episode
+    assert ("step", True) not in operator.seen and ("reset", True) not in operator.seen  # nothing moved while paused
+    first, second = (read_episodes(f)[0] for f in files[:2])
+    for ep in (first, second):  # the success and the failure pressed during the resets ended nothing
+        assert len(ep) > 1 and not np.any(ep.extras["operator_event"][:1])
+    assert read_episodes(files[2]) == [] or len(read_episodes(files[2])[0]) == 0  # no step after the quit
+    assert len(restarts) >= 2  # after each reset, and again after the pause
+    assert stats["episodes"] == 3
 
 
 def test_a_robot_fault_fails_the_episode_recovers_and_the_actor_goes_on(tmp_path: Path, bc_dir: Path):
