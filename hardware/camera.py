@@ -1,4 +1,4 @@
-"""The camera interface every camera (RealSense, its recordings, the MuJoCo renderer, log replay) offers (DESIGN §7).
+"""The camera interface every camera (RealSense, its recordings, the MuJoCo renderer, log replay) offers (design §7).
 
 A camera delivers the newest frame it has, stamped three ways: the device's own timestamp, the device's frame number,
 and the moment our process received it on our monotonic clock. `read()` refuses a frame that is older than the

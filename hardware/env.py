@@ -1,6 +1,6 @@
 """`RobotEnv`: a gymnasium environment composed of a Robot, a task (success detector) and the TargetMapper.
 
-One step (DESIGN §7): action in [-1, 1]^6 -> `TargetMapper` (scaled delta on the current target, kept near the
+One step (design §7): action in [-1, 1]^6 -> `TargetMapper` (scaled delta on the current target, kept near the
 measured pose, at most one delta per step, clipped to the safety box last) -> world pose -> `robot.command` -> wait one
 control period -> measure. Observations and targets are 6-vectors relative to the task's reference pose (xyz offset
 in metres along the base axes, additive roll/pitch/yaw in radians, see `safety.py`).

@@ -1,4 +1,4 @@
-"""The robot interface every arm implementation (MuJoCo twin, franky, replay) offers to `RobotEnv` (DESIGN §7).
+"""The robot interface every arm implementation (MuJoCo twin, franky, replay) offers to `RobotEnv` (design §7).
 
 Poses are in the robot's base frame: positions in metres, orientations as unit quaternions (w, x, y, z). The
 end-effector point is the tool-centre point the task cares about (for peg insertion: the peg tip).

@@ -1,4 +1,4 @@
-"""From a policy action to the next end-effector target, with the safety box as the last word (DESIGN §7).
+"""From a policy action to the next end-effector target, with the safety box as the last word (design §7).
 
 The target is six numbers relative to a reference pose: xyz offset in metres along the base axes and roll, pitch, yaw
 in radians (additive per axis). World orientation = R(rpy) @ R_reference, i.e. the angles rotate the tool about the

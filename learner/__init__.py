@@ -1,4 +1,4 @@
-"""The learner service (`robot-rl learner`, DESIGN §4-§6): phases, durable transition store, weights broadcast.
+"""The learner service (`robot-rl learner`, design §4-§6): phases, durable transition store, weights broadcast.
 
 `LearnerService` runs one learner; `run_learner` is the command's entry point (signal handling, exit code).
 """

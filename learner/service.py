@@ -1,4 +1,4 @@
-"""`robot-rl learner`: the learner service (DESIGN §4-§6). It owns the phase, the replay buffer and the networks.
+"""`robot-rl learner`: the learner service (design §4-§6). It owns the phase, the replay buffer and the networks.
 
 The composition root of the learner: it builds the agent, the replay buffer, the durable transition store and the
 sockets, and drives the phases
@@ -93,7 +93,7 @@ from .updater import Updater
 EVAL_ID_JUMP_ON_RESUME = 1000
 log = logging.getLogger("robot_rl.learner")
 
-WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (DESIGN §6)
+WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (design §6)
 # A periodic broadcast waits while the previous one is still being handed to the actors' connections (a slow link: an
 # image config's weights are ~77 MB, 0.6 s on 1 Gb/s), for at most this long; meanwhile due broadcasts fold into one.
 WEIGHTS_MAX_WAIT_S = 5.0

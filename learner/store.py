@@ -1,4 +1,4 @@
-"""The learner's durable transition log (DESIGN §6, §9): what it acknowledges is on disk first.
+"""The learner's durable transition log (design §6, §9): what it acknowledges is on disk first.
 
 One append-only file per (actor_id, run_id) stream under `DIR/buffer/`, named `<actor_id>@<run_id>.log` (ids match
 `[A-Za-z0-9_.-]{1,64}`, so the name holds no path separator and `@` separates them unambiguously). A file is a

@@ -1,4 +1,4 @@
-"""The Q2RL agent: SAC with a REDQ-style critic ensemble, an auxiliary BC loss, and Q-gating (DESIGN §5).
+"""The Q2RL agent: SAC with a REDQ-style critic ensemble, an auxiliary BC loss, and Q-gating (design §5).
 
 No I/O here: the agent takes minibatches and observations, returns statistics and decisions. Baselines (IBRL, RLPD,
 SAC) and ablations (no gating, no Q-initialisation) are the same code with `AgentConfig.method` switching parts.

@@ -1,4 +1,4 @@
-"""Checkpoints: tensors in safetensors, everything else in a JSON manifest (DESIGN §9). No pickle anywhere.
+"""Checkpoints: tensors in safetensors, everything else in a JSON manifest (design §9). No pickle anywhere.
 
 Optimizer state dicts are split: their tensors go to safetensors under `optim.<name>.<path>`, their plain values
 (step counts, hyper-parameters, parameter ids) to the manifest, and they are merged back on load.

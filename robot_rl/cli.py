@@ -1,4 +1,4 @@
-"""The `robot-rl` command (DESIGN §3)."""
+"""The `robot-rl` command (design §3)."""
 
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class ImpedanceConfig(Strict):
 
 
 class SimTaskConfig(Strict):
-    """The simulated FR3 peg-insertion cell (DESIGN §8)."""
+    """The simulated FR3 peg-insertion cell (design §8)."""
 
     clearance_m: float = Field(0.001, gt=0, le=0.01, description="Gap between peg and hole on each side.")
     peg_half_width_m: float = Field(0.01, gt=0.002, le=0.03, description="Half the width of the square peg.")
@@ -357,7 +357,7 @@ Method = Literal["q2rl", "ibrl", "rlpd", "sac", "no_gating", "no_qinit"]
 
 
 class QEstimationConfig(Strict):
-    """Q-Estimation: BC rollouts, V_BC regression, Q_RL initialisation and actor pre-training (DESIGN §5)."""
+    """Q-Estimation: BC rollouts, V_BC regression, Q_RL initialisation and actor pre-training (design §5)."""
 
     rollouts: int = Field(100, ge=1, description="BC episodes rolled out for Q-Estimation.")
     alpha: float = Field(1.0, gt=0, description="Boltzmann temperature of the BC policy in Q^_BC.")
@@ -387,7 +387,7 @@ class QEstimationConfig(Strict):
 
 
 class AgentConfig(Strict):
-    """SAC/REDQ learner with Q-gating (DESIGN §5); baselines by `method`."""
+    """SAC/REDQ learner with Q-gating (design §5); baselines by `method`."""
 
     method: Method = Field("q2rl", description="q2rl, or a baseline/ablation from the same code.")
     hidden: list[int] = Field(default_factory=lambda: [512, 512, 512], description="Actor and critic MLP sizes.")
@@ -620,7 +620,7 @@ def check_endpoint(value: str) -> str:
 
 
 class TransportConfig(Strict):
-    """ZeroMQ endpoints and limits shared by actor and learner (DESIGN §6)."""
+    """ZeroMQ endpoints and limits shared by actor and learner (design §6)."""
 
     learner: str = Field(
         "tcp://127.0.0.1:5555",

@@ -1,4 +1,4 @@
-"""`robot-rl demo`: learner and actor as two OS processes on loopback, the sim twin, CPU (DESIGN §3).
+"""`robot-rl demo`: learner and actor as two OS processes on loopback, the sim twin, CPU (design §3).
 
 Steps: collect scripted demonstrations and train the BC policy (in this process), then start `robot-rl learner` and
 `robot-rl actor` as child processes talking ZeroMQ on 127.0.0.1, show one live status line from their stats.json

@@ -1,4 +1,4 @@
-"""Episode files in robomimic's HDF5 layout (DESIGN §9).
+"""Episode files in robomimic's HDF5 layout (design §9).
 
 Demonstrations, rollout logs and the learner's persisted buffer share one format, written with h5py so that we
 do not depend on robomimic itself (it drags in a CUDA torch and an old numpy):
@@ -14,7 +14,7 @@ do not depend on robomimic itself (it drags in a CUDA torch and an old numpy):
     data/demo_<i>/truncated        (T,)      bool, ours: the step limit: bootstrap
     data/demo_<i>/extras/<name>    (T, ...)  ours: gating record, robot state, timestamps, weights version
 
-`dones` alone cannot tell a success from a time-out, and swapping the two breaks the TD target (DESIGN §5), so
+`dones` alone cannot tell a success from a time-out, and swapping the two breaks the TD target (design §5), so
 the two flags are stored next to it; a file from another tool, without them, is read as robomimic reads it (see
 `iter_episodes`). A demo without `num_samples` is one whose writer died mid-episode (crash,
 SIGKILL, Ctrl-C): readers take it up to the shortest length of its datasets, i.e. up to the last flushed step.

@@ -1,4 +1,4 @@
-"""Q-Estimation (paper §IV-A, DESIGN §5): from BC rollouts to V_BC, Q^_BC, an initialised Q_RL and a pre-trained actor.
+"""Q-Estimation (paper §IV-A, design §5): from BC rollouts to V_BC, Q^_BC, an initialised Q_RL and a pre-trained actor.
 
 1. Monte-Carlo returns of every rollout step under the transformed reward.
 2. Regress V_BC(s) on them. A step-limit (truncated) episode has no terminal value, so its tail is bootstrapped:

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §3): config.yaml, eval.csv, summary.json, TensorBoard scalars, curves.png, and a live
+"""The run directory (design §3): config.yaml, eval.csv, summary.json, TensorBoard scalars, curves.png, and a live
 status line on the terminal."""
 
 from __future__ import annotations

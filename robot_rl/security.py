@@ -1,4 +1,4 @@
-"""CURVE authentication and encryption between actors and the learner (DESIGN §6, security).
+"""CURVE authentication and encryption between actors and the learner (design §6, security).
 
 ZeroMQ's own CURVE mechanism encrypts every frame and authenticates both ends by key pair. `robot-rl keys --out DIR`
 writes one key pair for the learner and one per actor, plus `DIR/authorized/` with the actors' public keys:

@@ -1,4 +1,4 @@
-"""The actor <-> learner wire format (DESIGN §6): typed, versioned msgpack messages with numpy arrays as raw bytes.
+"""The actor <-> learner wire format (design §6): typed, versioned msgpack messages with numpy arrays as raw bytes.
 
 Every message is a msgpack map carrying `kind` (one of `KINDS`) and `v` (`PROTOCOL_VERSION`); the protocol version
 of the hello is this `v`. A numpy array travels as the map {"__nd__": 1, "dtype": "<f4", "shape": [..], "data": raw

@@ -1,4 +1,4 @@
-"""`make_franky_env`: the RobotEnv on franky's client, against the real FR3 or the franky-sim twin (DESIGN §7).
+"""`make_franky_env`: the RobotEnv on franky's client, against the real FR3 or the franky-sim twin (design §7).
 
 Composition: a `FrankyRobot` (impedance tracking through franky), the task (reference pose and success detector) and
 the same `TargetMapper` every RobotEnv uses (built inside `RobotEnv`). Time is the wall clock: a step waits for the

@@ -1,6 +1,6 @@
 """`FrankyRobot`: the Robot protocol on a Franka FR3 through franky (or on a franky-sim server, same client).
 
-Streaming (DESIGN §7): the first `command` starts franky's client-side `CartesianImpedanceTrackingMotion`
+Streaming (design §7): the first `command` starts franky's client-side `CartesianImpedanceTrackingMotion`
 asynchronously, seeded with the measured pose so that nothing jumps; every later `command` only swaps the motion's
 reference (`set_reference`, microseconds) and the 1 kHz torque loop in franky's own thread tracks it. Gains are the
 paper's (Table V): K = [1024]*3 + [100]*3, D = [64]*3 + [10]*3, unless the config says otherwise.

@@ -1,4 +1,4 @@
-"""The operator: who says an episode succeeded, must be reset, is paused, or that the run is over (DESIGN §7).
+"""The operator: who says an episode succeeded, must be reset, is paused, or that the run is over (design §7).
 
 - `TerminalOperator`: a person at the actor's terminal (keys, non-blocking, works over SSH with no X server).
 - `ScriptedOperator`: the simulation's twin, fed by the env's success detector.

@@ -1,4 +1,4 @@
-"""`SimCamera`: the Camera interface (DESIGN §7) for the MuJoCo twin, rendering a named camera of the scene offscreen.
+"""`SimCamera`: the Camera interface (design §7) for the MuJoCo twin, rendering a named camera of the scene offscreen.
 
 Each `read()` / `read_raw()` renders the current `data` once at the raw size of the camera's config (so the crop box
 means the same pixels as on the real camera) and `read()` hands back `preprocess`'s crop-then-resize of it, exactly as

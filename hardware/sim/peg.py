@@ -1,4 +1,4 @@
-"""The simulated peg-insertion task (DESIGN §8): success detector and the environment factory.
+"""The simulated peg-insertion task (design §8): success detector and the environment factory.
 
 `make_peg_insertion_env` is the gymnasium entry point of "robot_rl/PegInsertionSim-v0".
 """

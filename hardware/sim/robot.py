@@ -1,6 +1,6 @@
 """`MujocoRobot`: the in-process FR3 twin, tracking Cartesian targets with our own impedance law.
 
-The law, computed every `hold_steps` physics steps (DESIGN §7, gains of the paper's Table V):
+The law, computed every `hold_steps` physics steps (design §7, gains of the paper's Table V):
 
     tau = J^T (K e - D J qdot) + qfrc_bias + N (k_null (q_posture - q) - d_null qdot)
 
