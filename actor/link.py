@@ -110,6 +110,7 @@ class LearnerLink(threading.Thread):
         self._reports: queue.Queue[EvalReport] = queue.Queue()
         self._last_report: EvalReport | None = None
         self._last_report_sent = 0.0
+        self._released_said: int | None = None  # the cursor at which transitions released earlier were said lost
         self._wake = threading.Event()
         self.fingerprint = {**config_fingerprint(cfg), **(fingerprint or {})}
         self.error: BaseException | None = None
@@ -288,8 +289,21 @@ class LearnerLink(threading.Thread):
             if cursor - (self.state.acked_seq + 1) >= budget:
                 break
             lost = chunk.first_seq - cursor
-            if lost > 0 and self.spill.lost(cursor, chunk.first_seq - 1):
-                # The spill lost these for good (damaged): the chunk says so, and the learner goes on past them.
+            if lost > 0:
+                # The spill no longer holds these: lost for good when it was damaged, or released after a learner
+                # acknowledged them, which the learner answering now does not hold (a learner started anew on this
+                # run, or resumed from an older state). The chunk says so, and the learner goes on past them.
+                if not self.spill.lost(cursor, chunk.first_seq - 1) and self._released_said != cursor:
+                    self._released_said = cursor
+                    log.warning(
+                        "the learner holds this run only up to transition %d, but transitions %d..%d were "
+                        "acknowledged earlier and are no longer in the spill: they are lost to this learner (started "
+                        "anew, or resumed from an older state); sending on from %d",
+                        cursor - 1,
+                        cursor,
+                        chunk.first_seq - 1,
+                        chunk.first_seq,
+                    )
                 message = _spilled_message(payload, max_bytes).model_copy(update={"lost_before": lost})
                 if not _send_frames(dealer, to_frames(message)):
                     break

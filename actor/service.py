@@ -61,7 +61,16 @@ from robot_rl.rollout import StepChoice, bc_policy_fn, gated_policy_fn
 from robot_rl.runlog import StatusLine, write_json_atomic
 from robot_rl.security import check_client_keys
 from robot_rl.signals import stop_signals
-from robot_rl.wire import EvalReport, Transitions, config_fingerprint, join_frames, saved_config_differences, to_frames
+from robot_rl.wire import (
+    EvalReport,
+    Transitions,
+    WireError,
+    check_transition_values,
+    config_fingerprint,
+    join_frames,
+    saved_config_differences,
+    to_frames,
+)
 
 log = logging.getLogger(__name__)
 # What fails an episode, is recorded in its log, and lets the actor go on after recovering.
@@ -79,6 +88,7 @@ class ActorCounters:
     eval_runs: int = 0
     eval_episodes: int = 0  # evaluation episodes run (not in `episodes`, which --episodes counts)
     faults: int = 0
+    not_sent: int = 0  # transitions logged but not sent: values the learner would refuse (non-finite observations)
     recent: list[tuple[int, int, bool]] = field(default_factory=list)  # (steps, bc_steps, success) per episode
 
 
@@ -90,19 +100,26 @@ class ChunkBuilder:
         self.actor_id, self.run_id = actor_id, run_id
         self.rows: list[dict[str, np.ndarray]] = []
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated, bc_action, weights_version) -> None:
-        self.rows.append(
-            {
-                **{f"obs/{k}": np.asarray(obs[k], dtype) for k, (_, dtype) in self.obs_spec.items()},
-                **{f"next_obs/{k}": np.asarray(next_obs[k], dtype) for k, (_, dtype) in self.obs_spec.items()},
-                "actions": np.asarray(action, np.float32),
-                "bc_actions": np.asarray(bc_action, np.float32),
-                "rewards": np.float32(reward),
-                "terminated": np.bool_(terminated),
-                "truncated": np.bool_(truncated),
-                "weights_version": np.int64(weights_version),
-            }
-        )
+    def add(self, obs, action, reward, next_obs, terminated, truncated, bc_action, weights_version) -> str | None:
+        """Queue one transition; the reason it is not queued (None when it is): one the learner would refuse (a
+        non-finite observation from a bad sensor read, say) is kept out, since a refused chunk would be resent forever
+        and hold back every transition after it."""
+        row = {
+            **{f"obs/{k}": np.asarray(obs[k], dtype) for k, (_, dtype) in self.obs_spec.items()},
+            **{f"next_obs/{k}": np.asarray(next_obs[k], dtype) for k, (_, dtype) in self.obs_spec.items()},
+            "actions": np.asarray(action, np.float32),
+            "bc_actions": np.asarray(bc_action, np.float32),
+            "rewards": np.float32(reward),
+            "terminated": np.bool_(terminated),
+            "truncated": np.bool_(truncated),
+            "weights_version": np.int64(weights_version),
+        }
+        try:
+            check_transition_values({name: value[None] for name, value in row.items()})
+        except WireError as err:
+            return str(err)
+        self.rows.append(row)
+        return None
 
     def take(self, first_seq: int) -> tuple[bytes, int] | None:
         """The pending rows as one chunk starting at first_seq, its wire frames joined (None if empty)."""
@@ -440,8 +457,10 @@ class ActorService:
             use_bc = bool(e.get("use_bc", False))
             bc_action = np.asarray(e.get("bc_action", nan_action), np.float32)
             if send:
-                self.chunks.add(obs_dict, choice.action, reward, next_dict, terminated, truncated,
-                                bc_action, version)  # fmt: skip
+                unsendable = self.chunks.add(obs_dict, choice.action, reward, next_dict, terminated, truncated,
+                                             bc_action, version)  # fmt: skip
+                if unsendable is not None:
+                    self._not_sent(unsendable, step=steps)
                 if len(self.chunks.rows) >= self.cfg.actor.chunk_steps or done:
                     self._spill_chunk()
             compute, overran = self.rate.tick()
@@ -477,6 +496,21 @@ class ActorService:
             success = success or bool(terminated)
             self._write_stats()
         return done, success, steps, bc_steps
+
+    def _not_sent(self, reason: str, *, step: int) -> None:
+        """A transition the learner would refuse stays in the episode log only; said for the first and then every
+        100th, so that a sensor giving bad values keeps showing without flooding the log."""
+        c = self.counters
+        c.not_sent += 1
+        if c.not_sent == 1 or c.not_sent % 100 == 0:
+            log.warning(
+                "episode %d step %d: transition not sent to the learner (%s); it is in the episode log (%d such "
+                "transitions so far): check the robot's state and the cameras",
+                self._episode_index - 1,
+                step,
+                reason,
+                c.not_sent,
+            )
 
     def _operator_step(self, info, reward, terminated, truncated):
         """Apply the operator's events of this step (hardware.operator.apply_operator_events): success ends the
@@ -881,6 +915,7 @@ class ActorService:
             "weights_archive_failures": self.weights_archive.failures,
             "weights_archive_dropped": self.weights_archive.dropped,
             "faults": c.faults,
+            "not_sent": c.not_sent,
             # What the spill's recovery found at start: transitions lost to damage inside it, and cut with a torn
             # tail (a write the crash interrupted); see the log for which.
             "spill_lost": self.spill.lost_transitions if self.spill else 0,

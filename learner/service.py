@@ -772,8 +772,9 @@ class LearnerService:
             lost = msg.first_seq - stream.next_seq
             stats.lost += lost
             log.error(
-                "actor %s run %s: transitions %d..%d were lost at the actor (its spill was damaged; its log says "
-                "more); the stream continues at %d",
+                "actor %s run %s: transitions %d..%d are lost at the actor (its spill was damaged, or it released "
+                "them after an acknowledgement this learner does not hold: a learner started anew on the run, or "
+                "resumed from an older state; the actor's log says which); the stream continues at %d",
                 *key,
                 stream.next_seq,
                 msg.first_seq - 1,

@@ -333,7 +333,8 @@ class Transitions(Message):
     lost_before: int = Field(
         default=0,
         ge=0,
-        description="Sequence numbers just before first_seq that the actor lost for good (its spill was damaged): "
+        description="Sequence numbers just before first_seq that the actor no longer holds (its spill was damaged, or "
+        "it released them after an acknowledgement the learner answering now does not hold): "
         "the learner continues the stream past them instead of waiting for them. Sent only when above 0.",
     )
     # Set by `parse` for a chunk received with next_obs_shared: [count - 1] bool, True where next_obs[i] was rebuilt
@@ -739,8 +740,9 @@ def _check_array(name: str, array: Any, shape: tuple[int, ...], dtype: str) -> N
         raise WireError(f"transitions.{name}: shape {list(array.shape)}, expected {list(shape)}")
 
 
-def _check_values(arrays: Mapping[str, np.ndarray]) -> None:
-    """Finite observations, actions and rewards; bc_actions rows all finite or all NaN; weights versions >= -1."""
+def check_transition_values(arrays: Mapping[str, np.ndarray]) -> None:
+    """WireError unless observations, actions and rewards are finite, bc_actions rows all finite or all NaN and weights
+    versions >= -1: the learner checks each chunk with it, the actor each transition before sending it."""
     for name, array in arrays.items():
         if array.dtype.kind == "f" and name != "bc_actions" and not np.isfinite(array).all():
             raise WireError(f"transitions.{name}: holds non-finite values")
@@ -769,7 +771,7 @@ def validate_transitions(msg: Transitions, spec: TransitionSpec, *, max_count: i
         raise WireError(f"transitions.{_name(unexpected[0])}: unexpected array")
     for name, (shape, dtype) in expected.items():
         _check_array(name, msg.arrays[name], shape, dtype)
-    _check_values(msg.arrays)
+    check_transition_values(msg.arrays)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -874,3 +874,27 @@ def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp
         thread.join(10)
         service.link = None
     assert not thread.is_alive()
+
+
+def test_a_transition_the_learner_would_refuse_is_kept_out_of_the_chunks_and_the_others_go(tmp_path: Path):
+    """A NaN in an observation (a bad robot-state read) would get its whole chunk refused and resent forever, holding
+    back every transition after it: the chunk builder keeps that transition out and says why."""
+    from robot_rl import wire
+    from robot_rl.actor.service import ChunkBuilder
+
+    cfg = load_config(TINY)
+    spec = wire.transition_spec(cfg)
+    builder = ChunkBuilder(spec.obs, spec.action_dim, "actor0", "run1")
+    obs = {k: np.zeros(shape, np.dtype(dtype)) for k, (shape, dtype) in spec.obs.items()}
+    bad = {**obs, "ee_pose": np.array([0.0, np.nan, 0, 0, 0, 0], np.float32)}
+    action, no_bc = np.zeros(spec.action_dim, np.float32), np.full(spec.action_dim, np.nan, np.float32)
+    assert builder.add(obs, action, 0.0, obs, False, False, no_bc, 3) is None
+    reason = builder.add(obs, action, 0.0, bad, False, False, no_bc, 3)
+    assert reason == "transitions.next_obs/ee_pose: holds non-finite values"
+    assert builder.add(obs, np.full(spec.action_dim, np.inf, np.float32), 0.0, obs, False, False, no_bc, 3)
+    assert builder.add(obs, action, 1.0, obs, True, False, action, 3) is None
+    payload, count = builder.take(first_seq=10)
+    assert count == 2
+    msg = wire.from_joined(payload, max_bytes=cfg.transport.max_message_bytes)
+    wire.validate_transitions(msg, spec)  # what the learner checks: accepted
+    assert msg.first_seq == 10 and msg.arrays["rewards"].tolist() == [0.0, 1.0]

@@ -162,6 +162,32 @@ def test_a_chunk_after_transitions_the_spill_lost_says_so_and_nothing_else_does(
     np.testing.assert_array_equal(got[1].arrays["rewards"], np.full(3, 6.0, np.float32))
 
 
+def test_a_learner_holding_less_than_it_acknowledged_is_told_what_the_spill_released_and_the_stream_goes_on(
+    tmp_path: Path, caplog
+):
+    """Transitions 0..5 were acknowledged and released from the spill; then a learner that holds nothing of the run
+    answers (one started anew, or resumed from an older state). The actor cannot resend 0..5: the first chunk it
+    has says they are lost (the learner then goes on past them) rather than waiting forever for a resend, and the
+    actor says so in its log."""
+    import numpy as np
+
+    from robot_rl import wire
+
+    cfg = load_config(TINY)
+    spec = wire.transition_spec(cfg)
+    spill = Spill(tmp_path / "spill")
+    for first in (0, 3, 6, 9):
+        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
+        msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3, arrays=arrays)
+        spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=first, count=3)
+    spill.release(5)  # acknowledged by the learner before
+    with caplog.at_level("WARNING", logger="robot_rl.actor.link"):
+        got = [msg for _, msg in _chunks_a_link_sends(cfg, spill, 2)]
+    assert [(m.first_seq, m.lost_before) for m in got] == [(6, 6), (9, 0)]
+    said = [r.getMessage() for r in caplog.records if "no longer in the spill" in r.getMessage()]
+    assert said and "transitions 0..5 were acknowledged earlier" in said[0]
+
+
 def test_free_port_pairs_come_from_below_the_ephemeral_range_and_are_bindable(tmp_path: Path, monkeypatch):
     """Ports the kernel hands out as source ports of outgoing connections could be taken before the learner binds
     them; the pair is looked for below that range, and only where there is no room there from the kernel."""
