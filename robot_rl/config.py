@@ -46,6 +46,11 @@ MAX_BOX_M = 0.3
 MAX_BOX_DEG = 60.0
 MAX_STIFFNESS = (3000.0, 3000.0, 3000.0, 300.0, 300.0, 300.0)  # N/m, Nm/rad
 MAX_DAMPING = (250.0, 250.0, 250.0, 50.0, 50.0, 50.0)  # Ns/m, Nms/rad
+# Floor of the damping ratio D / (2 sqrt(K)) per axis (unit mass and inertia, the convention of the paper's gains: the
+# defaults are 1.0 translational, 0.5 rotational). Positive damping alone is no limit: an arm damped far below critical
+# swings about its target, so the target no longer bounds where the arm goes. A quarter of critical leaves a margin
+# below the paper's 0.5.
+MIN_DAMPING_RATIO = 0.25
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -128,6 +133,19 @@ class ImpedanceConfig(Strict):
             over = [f"{axis} {v:g} > {m:g}" for axis, v, m in zip(AXES6, values, most, strict=True) if v > m]
             if over:
                 raise ValueError(f"{name} above what is sent to an arm ({', '.join(over)}): got {values}")
+        # The ceilings above keep every needed damping below MAX_DAMPING. Shown rounded up: what is shown passes.
+        needed = [MIN_DAMPING_RATIO * 2.0 * math.sqrt(k) for k in self.stiffness]
+        shown = [math.ceil(n * 1000.0) / 1000.0 for n in needed]
+        under = [
+            f"{axis} {d:g} < {m:g}" for axis, d, n, m in zip(AXES6, self.damping, needed, shown, strict=True) if d < n
+        ]
+        if under:
+            raise ValueError(
+                f"damping too low for the stiffness ({', '.join(under)}): each axis needs damping >= "
+                f"{MIN_DAMPING_RATIO:g} * 2 * sqrt(stiffness) (damping ratio {MIN_DAMPING_RATIO:g}), or the arm "
+                f"oscillates about its target; got damping {self.damping} for stiffness {self.stiffness}, "
+                f"damping >= {shown} would be accepted"
+            )
         return self
 
 
@@ -284,10 +302,56 @@ class EnvConfig(Strict):
 
     @model_validator(mode="after")
     def _reset_inside_box(self) -> EnvConfig:
+        """Reset offsets are sampled within ± the task's ranges around the reference and clipped to the box
+        (hardware/env.py): a range wider than the box would start most resets pinned to a face of it."""
+        box = self.safety
         r = self.task.reset_xyz_range_m
-        for axis, lo, hi in zip("xyz", self.safety.xyz_low, self.safety.xyz_high, strict=True):
+        fits = min(min(-lo, hi) for lo, hi in zip(box.xyz_low, box.xyz_high, strict=True))
+        for axis, lo, hi in zip("xyz", box.xyz_low, box.xyz_high, strict=True):
             if -r < lo or r > hi:
-                raise ValueError(f"task.reset_xyz_range_m ±{r} leaves safety box on axis {axis} [{lo}, {hi}]")
+                raise ValueError(
+                    f"task.reset_xyz_range_m ±{r} leaves safety box on axis {axis} [{lo}, {hi}]; "
+                    f"at most {fits:g} would be accepted (or widen safety.xyz_low/xyz_high)"
+                )
+        # The box's orientation limits are degrees around the reference, per axis; the reset range is radians.
+        r = self.task.reset_rpy_range_rad
+        low, high = [math.radians(v) for v in box.rpy_low_deg], [math.radians(v) for v in box.rpy_high_deg]
+        fits = min(min(-lo, hi) for lo, hi in zip(low, high, strict=True))
+        for axis, lo, hi, lo_deg, hi_deg in zip(
+            ("roll", "pitch", "yaw"), low, high, box.rpy_low_deg, box.rpy_high_deg, strict=True
+        ):
+            if -r < lo or r > hi:
+                raise ValueError(
+                    f"task.reset_rpy_range_rad ±{r} leaves safety box on axis {axis} [{lo_deg:g}, {hi_deg:g}] degrees "
+                    f"= [{lo:.4g}, {hi:.4g}] rad; at most {math.floor(fits * 1e5) / 1e5:g} would be accepted "
+                    "(or widen safety.rpy_low_deg/rpy_high_deg)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _cameras_keep_up(self) -> EnvConfig:
+        """Every step must see a frame taken since the step before: a camera at least as fast as the control rate,
+        and a freshness limit that refuses a frame older than about one step."""
+        period = self.task.control_period_s
+        for i, cam in enumerate(self.cameras):
+            where = f"cameras[{i}] ({cam.name})"
+            if cam.fps * period < 1.0 - 1e-9:
+                raise ValueError(
+                    f"{where}: fps {cam.fps} is below the control rate {1.0 / period:g} Hz "
+                    f"(1 / task.control_period_s {period:g} s): steps would see the same frame again; fps >= "
+                    f"{math.ceil(1.0 / period - 1e-9)} would be accepted (or a longer task.control_period_s)"
+                )
+            # A frame is up to one frame interval old when it arrives and up to one control period older when a step
+            # reads it; two periods cover both, since 1/fps <= period (checked above).
+            frame_s, limit = 1.0 / cam.fps, 2.0 * period
+            # A recording is exempt: its frames are replayed, and its last frame may be read after its end.
+            if cam.recording is None and cam.freshness_s > limit + 1e-12:
+                raise ValueError(
+                    f"{where}: freshness_s {cam.freshness_s:g} s would let a step read a frame taken before the "
+                    f"previous step (a frame is up to 1/fps = {frame_s:.4g} s old on arrival and one control period "
+                    f"older when read), so the policy could act on an outdated image; freshness_s <= {limit:.4g} s "
+                    f"= 2 x task.control_period_s ({period:g} s) would be accepted"
+                )
         return self
 
 

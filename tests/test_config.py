@@ -58,6 +58,16 @@ def test_override_beats_file(tmp_path):
         ("env.safety.rpy_low_deg=[-5, -90, -20]", "rpy_deg limits reach beyond ±60 degrees"),
         ("env.impedance.stiffness=[1e9, 1024, 1024, 100, 100, 100]", "stiffness above what is sent to an arm (x 1e+09"),
         ("env.impedance.damping=[64, 64, 64, 10, 10, 500]", "damping above what is sent to an arm (yaw 500 > 50)"),
+        # Damping far below the stiffness (ratio < MIN_DAMPING_RATIO) leaves the arm oscillating about its target.
+        (
+            "env.impedance.damping=[1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6]",
+            "damping too low for the stiffness (x 1e-06 < 16",
+        ),
+        # A reset range wider than the box's orientation limits starts resets pinned to the box (5 degrees = 0.0873).
+        ("env.task.reset_rpy_range_rad=0.2", "task.reset_rpy_range_rad ±0.2 leaves safety box on axis roll"),
+        # A camera slower than the control rate, or one whose frames may be older than about one step.
+        ("env.cameras=[{name: front, fps: 6}]", "cameras[0] (front): fps 6 is below the control rate 10 Hz"),
+        ("env.cameras=[{name: front, freshness_s: 0.5}]", "freshness_s <= 0.2 s = 2 x task.control_period_s"),
         # NaN and infinities are refused in every field, bounded or not.
         ("agent.reward_bias=.nan", "agent.reward_bias: Input should be a finite number"),
         ("agent.critic_lr=.inf", "agent.critic_lr: Input should be a finite number"),
@@ -129,3 +139,58 @@ def test_method_switches():
     assert not load_config(None, ["agent.method=no_qinit"]).agent.q_init
     assert load_config(None, ["agent.method=rlpd"]).agent.effective_offline_ratio == 0.5
     assert load_config(None, ["agent.method=sac"]).agent.effective_bc_loss_weight == 0.0
+
+
+def test_damping_must_reach_a_quarter_of_critical_for_the_stiffness():
+    stiff = "env.impedance.stiffness=[3000, 3000, 3000, 300, 300, 300]"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [stiff, "env.impedance.damping=[0.01, 0.01, 0.01, 0.01, 0.01, 0.01]"])
+    message = str(err.value)
+    assert "env.impedance: damping too low for the stiffness (x 0.01 < 27.387" in message
+    assert "0.25 * 2 * sqrt(stiffness)" in message
+    assert "damping >= [27.387, 27.387, 27.387, 8.661, 8.661, 8.661] would be accepted" in message
+    # The values the message offers pass, and so do the defaults (ratios 1.0 and 0.5) and the floor itself.
+    accepted = load_config(None, [stiff, "env.impedance.damping=[27.387, 27.387, 27.387, 8.661, 8.661, 8.661]"])
+    assert accepted.env.impedance.damping[0] == 27.387
+    assert load_config(None).env.impedance.damping == (64.0, 64.0, 64.0, 10.0, 10.0, 10.0)
+    assert load_config(None, ["env.impedance.damping=[16, 16, 16, 5, 5, 5]"]).env.impedance.damping[3] == 5.0
+    with pytest.raises(ConfigError, match=r"\(yaw 4\.99 < 5\)"):
+        load_config(None, ["env.impedance.damping=[16, 16, 16, 5, 5, 4.99]"])
+
+
+def test_reset_orientation_range_must_fit_the_box_per_axis():
+    # The box's roll/pitch/yaw limits are degrees around the reference; the reset range is radians on every axis.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["env.safety.rpy_low_deg=[-5, -2, -20]"])  # the default range 0.07875 > 2 degrees
+    assert (
+        "task.reset_rpy_range_rad ±0.07875 leaves safety box on axis pitch [-2, 5] degrees = [-0.03491, 0.08727] rad; "
+        "at most 0.0349 would be accepted"
+    ) in str(err.value)
+    cfg = load_config(None, ["env.safety.rpy_low_deg=[-5, -2, -20]", "env.task.reset_rpy_range_rad=0.0349"])
+    assert cfg.env.task.reset_rpy_range_rad == 0.0349
+    with pytest.raises(ConfigError, match=r"at most 0\.08726 would be accepted"):
+        load_config(None, ["env.task.reset_rpy_range_rad=0.0873"])  # just past the ±5 degrees of roll and pitch
+    assert load_config(None, ["env.task.reset_rpy_range_rad=0.08726"]).env.task.reset_rpy_range_rad == 0.08726
+    with pytest.raises(ConfigError, match=r"reset_xyz_range_m ±0.06 leaves safety box on axis x .*at most 0.05 would"):
+        load_config(None, ["env.task.reset_xyz_range_m=0.06"])
+
+
+def test_cameras_must_keep_up_with_the_control_rate():
+    with pytest.raises(ConfigError) as err:
+        cameras = "env.cameras=[{name: front, freshness_s: 0.1}, {name: wrist, fps: 15, freshness_s: 0.1}]"
+        load_config(None, ["env.task.control_period_s=0.05", cameras])
+    assert "cameras[1] (wrist): fps 15 is below the control rate 20 Hz" in str(err.value)
+    assert "fps >= 20 would be accepted" in str(err.value)
+    assert load_config(None, ["env.cameras=[{name: front, fps: 10}]"]).env.cameras[0].fps == 10  # exactly the rate
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["env.cameras=[{name: front, serial: '123', freshness_s: 0.25}]"])
+    assert (
+        "cameras[0] (front): freshness_s 0.25 s would let a step read a frame taken before the previous step"
+    ) in str(err.value)
+    assert "freshness_s <= 0.2 s = 2 x task.control_period_s (0.1 s) would be accepted" in str(err.value)
+    assert load_config(None, ["env.cameras=[{name: front, freshness_s: 0.2}]"]).env.cameras[0].freshness_s == 0.2
+    slow = load_config(None, ["env.task.control_period_s=0.5", "env.cameras=[{name: front, freshness_s: 1.0}]"])
+    assert slow.env.cameras[0].freshness_s == 1.0
+    # A recording is replayed: reading its last frame after its end is no stale view of the arm's world.
+    recording = load_config(None, ["env.cameras=[{name: front, recording: front.db3, freshness_s: 5}]"])
+    assert recording.env.cameras[0].freshness_s == 5

@@ -134,21 +134,30 @@ def test_chunks_spilled_as_one_frame_by_an_earlier_version_are_sent_as_frames(tm
             np.testing.assert_array_equal(msg.arrays[name], array, err_msg=name)
 
 
+def _spill_of_four_chunks(cfg: RunConfig, path: Path) -> Spill:
+    """A spill holding transitions 0..11 as chunks of 3, each chunk's values its first sequence number."""
+    import numpy as np
+
+    from robot_rl import wire
+
+    spec = wire.transition_spec(cfg)
+    spill = Spill(path)
+    for first in (0, 3, 6, 9):
+        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
+        msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3, arrays=arrays)
+        spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=first, count=3)
+    return spill
+
+
 def test_a_chunk_after_transitions_the_spill_lost_says_so_and_nothing_else_does(tmp_path: Path):
     """A spill damaged in the middle keeps the chunks after the damage; those it lost are gone for good. The first
     chunk after them says how many sequence numbers before it are lost, so the learner goes on past them instead of
     holding the stream at the gap (the actor would resend forever)."""
     import numpy as np
 
-    from robot_rl import wire
 
     cfg = load_config(TINY)
-    spec = wire.transition_spec(cfg)
-    spill = Spill(tmp_path / "spill")
-    for first in (0, 3, 6, 9):
-        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
-        msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3, arrays=arrays)
-        spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=first, count=3)
+    spill = _spill_of_four_chunks(cfg, tmp_path / "spill")
     damaged = spill._chunks[1]
     with damaged.segment.open("r+b") as f:  # a flipped byte inside chunk 3..5
         f.seek(damaged.offset + damaged.length // 2)
@@ -169,17 +178,10 @@ def test_a_learner_holding_less_than_it_acknowledged_is_told_what_the_spill_rele
     answers (one started anew, or resumed from an older state). The actor cannot resend 0..5: the first chunk it
     has says they are lost (the learner then goes on past them) rather than waiting forever for a resend, and the
     actor says so in its log."""
-    import numpy as np
 
-    from robot_rl import wire
 
     cfg = load_config(TINY)
-    spec = wire.transition_spec(cfg)
-    spill = Spill(tmp_path / "spill")
-    for first in (0, 3, 6, 9):
-        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
-        msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3, arrays=arrays)
-        spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=first, count=3)
+    spill = _spill_of_four_chunks(cfg, tmp_path / "spill")
     spill.release(5)  # acknowledged by the learner before
     with caplog.at_level("WARNING", logger="robot_rl.actor.link"):
         got = [msg for _, msg in _chunks_a_link_sends(cfg, spill, 2)]

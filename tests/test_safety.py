@@ -146,3 +146,28 @@ def test_rpy_matrix_quat_round_trips(rpy) -> None:
 def test_quaternion_product_matches_matrix_product(a, b) -> None:
     qa, qb = rpy_to_quat(a), rpy_to_quat(b)
     np.testing.assert_allclose(quat_to_matrix(quat_multiply(qa, qb)), rpy_to_matrix(a) @ rpy_to_matrix(b), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("width", "speed", "fragment"),
+    [
+        (0.09, 0.05, "gripper width 0.09 m is beyond the Franka Hand's maximum opening 0.08 m"),
+        (80.0, 0.05, "a width in [0, 0.08] m would be accepted"),
+        (0.04, 0.2, "gripper speed 0.2 m/s is above the Franka Hand's maximum 0.1 m/s"),
+        (0.04, 0.5, "a speed in (0, 0.1] m/s would be accepted"),
+        (-0.01, 0.05, "width must be >= 0"),
+    ],
+)
+def test_gripper_commands_beyond_the_franka_hand_are_refused_before_franky(width, speed, fragment) -> None:
+    pytest.importorskip("franky", reason="franky-control is not installed")
+    from robot_rl.config import FrankaConfig, ImpedanceConfig
+    from robot_rl.hardware.franka import FrankyRobot
+
+    # Never connected (no server): the limits are checked before any franky call; a width and speed within them get
+    # as far as the connection check.
+    robot = FrankyRobot(FrankaConfig(host="127.0.1.7", gripper=True), impedance=ImpedanceConfig())
+    with pytest.raises(ValueError) as err:
+        robot.move_gripper(width, speed=speed)
+    assert fragment in str(err.value)
+    with pytest.raises(RuntimeError, match="not connected"):
+        robot.move_gripper(0.08, speed=0.1)

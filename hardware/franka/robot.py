@@ -70,6 +70,10 @@ NULLSPACE_STIFFNESS = 10.0
 # franky's error clips (its defaults, stated): a distant target never asks for unbounded force.
 TRANSLATIONAL_ERROR_CLIP_M = 0.1
 ROTATIONAL_ERROR_CLIP_RAD = 0.25
+# The Franka Hand's limits (its datasheet): the fingers open at most 80 mm together and move at most 0.1 m/s. A
+# command beyond them is a unit slip (80 for 0.08 m), refused here rather than left to the gripper to reject or clamp.
+GRIPPER_MAX_WIDTH_M = 0.08
+GRIPPER_MAX_SPEED_M_S = 0.1
 # libfranka's NetworkException surfaces as a bare RuntimeError with this text on some state reads.
 _NET_MESSAGE = "Net Exception"
 
@@ -349,6 +353,16 @@ class FrankyRobot:
         """Start moving the fingers to `width` (m) at `speed` (m/s) and return; `wait_gripper` waits for it."""
         if not (math.isfinite(width) and math.isfinite(speed)) or width < 0 or speed <= 0:
             raise ValueError(f"gripper width must be >= 0 and speed > 0, got {width}, {speed}")
+        if width > GRIPPER_MAX_WIDTH_M:
+            raise ValueError(
+                f"gripper width {width} m is beyond the Franka Hand's maximum opening {GRIPPER_MAX_WIDTH_M} m; "
+                f"a width in [0, {GRIPPER_MAX_WIDTH_M}] m would be accepted"
+            )
+        if speed > GRIPPER_MAX_SPEED_M_S:
+            raise ValueError(
+                f"gripper speed {speed} m/s is above the Franka Hand's maximum {GRIPPER_MAX_SPEED_M_S} m/s; "
+                f"a speed in (0, {GRIPPER_MAX_SPEED_M_S}] m/s would be accepted"
+            )
         self._live_gripper()
         self._gripper_future = self._call("move the gripper", lambda: self._live_gripper().move_async(width, speed))
 
