@@ -97,6 +97,14 @@ WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (design §6)
 # A periodic broadcast waits while the previous one is still being handed to the actors' connections (a slow link: an
 # image config's weights are ~77 MB, 0.6 s on 1 Gb/s), for at most this long; meanwhile due broadcasts fold into one.
 WEIGHTS_MAX_WAIT_S = 5.0
+# Messages the PUB queues per actor connection beyond what is on the wire: a weights broadcast and the statuses sent
+# while it leaves (a few seconds of them on a slow link). An actor that stops reading (stopped, stuck) then holds at
+# most this many messages in the learner's memory, mostly statuses, since weights go out at most every few seconds
+# (an image config's are ~77 MB each); what comes after is dropped for that actor alone, as PUB does.
+PUB_SNDHWM = 16
+# Chunks of one stream alternating between connections this often within the window: two actors, one id and run.
+SENDER_SWITCHES, SENDER_WINDOW_S = 3, 10.0
+UNIDENTIFIED = "peers without an accepted hello"  # their refusals share one log budget (_log_refusal)
 STATS_EVERY_S = 0.5  # stats.json is rewritten at least this often
 # Status(done=True) is broadcast until no actor has sent transitions for this long (at least two chunks' time at the
 # actors' period), for at most this long (at least two episodes' time): actors finish their episodes first.
@@ -389,6 +397,8 @@ class LearnerService:
         self._key_owners: dict[str, str] = key_owners(Path(keys_dir)) if keys_dir is not None else {}
         self.refused_unidentified = 0
         self._refusal_log: dict[str, tuple[float, int]] = {}
+        # Per stream: (the connection its last chunk came on, switches of connection in the window, window start).
+        self._senders: dict[tuple[str, str], tuple[bytes, int, float]] = {}
         self.rollouts: list[Rollout] = []
         self.qest_stats: dict[str, Any] = {}
         # Phase state. Without a BC policy there is nothing to evaluate before learning: start online.
@@ -469,7 +479,7 @@ class LearnerService:
             sock.setsockopt(zmq.MAXMSGSIZE, transport.max_message_bytes)
             sock.setsockopt(zmq.LINGER, 200)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.pub.setsockopt(zmq.SNDHWM, 64)
+        self.pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
         if transport.keys_dir is not None:
             from robot_rl.security import secure_server
 
@@ -663,24 +673,26 @@ class LearnerService:
         session = self.sessions.get(identity)
         if session is not None:
             self.actors[session[0]].refused += 1
-            who = f"actor {session[0]} (run {session[1]})"
+            who = key = f"actor {session[0]} (run {session[1]})"
         else:
             self.refused_unidentified += 1
             who = who or "an unidentified peer"
-        self._log_refusal(who, reason)
+            key = UNIDENTIFIED  # what such a peer claims to be is its own choice: one budget for all of them
+        self._log_refusal(key, who, reason)
         return Refuse(reason=reason[:4096], fields=fields or [])
 
-    def _log_refusal(self, who: str, reason: str) -> None:
-        """One warning per sender and second at most (a hostile or confused peer cannot flood the log); the
-        refusals in between are counted in the stats and summarised in the next warning."""
+    def _log_refusal(self, key: str, who: str, reason: str) -> None:
+        """One warning per second at most per accepted actor, and one for all peers without an accepted hello (a
+        hostile or confused peer cannot flood the log, whatever names it sends); the refusals in between are counted
+        in the stats and summarised in the next warning."""
         now = time.monotonic()
-        last, suppressed = self._refusal_log.get(who, (-math.inf, 0))
+        last, suppressed = self._refusal_log.get(key, (-math.inf, 0))
         if now - last < 1.0:
-            self._refusal_log[who] = (last, suppressed + 1)
+            self._refusal_log[key] = (last, suppressed + 1)
             return
         more = f" (and {suppressed} more refusals in the last second)" if suppressed else ""
         log.warning("refused a message from %s: %s%s", who, reason, more)
-        self._refusal_log[who] = (now, 0)
+        self._refusal_log[key] = (now, 0)
 
     def _on_hello(self, identity: bytes, hello: Hello, key: str | None) -> Message:
         if self._key_owners:  # CURVE: an actor says hello only under the id its key was made for
@@ -767,6 +779,7 @@ class LearnerService:
         key = (msg.actor_id, msg.run_id)
         stream, stats = self.streams[key], self.actors[msg.actor_id]
         self._last_transitions = time.monotonic()
+        self._check_one_sender(key, identity)
         if msg.first_seq > stream.next_seq and msg.first_seq - msg.lost_before <= stream.next_seq:
             # The actor lost these for good (its spill was damaged): the stream goes on past them.
             lost = msg.first_seq - stream.next_seq
@@ -808,6 +821,26 @@ class LearnerService:
             stream.chunk_stored(chunk.arrays)
             stats.stored += chunk.count
         return Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=stream.next_seq - 1)
+
+    def _check_one_sender(self, key: tuple[str, str], identity: bytes) -> None:
+        """Warn when one stream's chunks keep alternating between two connections: two actors under one id and run (an
+        actor's --out copied to a second robot PC), whose transitions would be taken for each other's duplicates. An
+        actor that reconnects switches connection once; alternating SENDER_SWITCHES times within SENDER_WINDOW_S is
+        said, at most once per window."""
+        now = time.monotonic()
+        last = self._senders.get(key)
+        if last is None or last[0] == identity:
+            self._senders[key] = (identity, *(last[1:] if last else (0, now)))
+            return
+        switches, since = (last[1] + 1, last[2]) if now - last[2] < SENDER_WINDOW_S else (1, now)
+        self._senders[key] = (identity, switches, since)
+        if switches == SENDER_SWITCHES:
+            log.warning(
+                "actor %s run %s: transitions arrive on two connections at once; two actors with one --out (copied "
+                "to a second robot PC?) send under the same id and run, and one's transitions are dropped as the "
+                "other's duplicates: give each actor its own --out and --actor-id",
+                *key,
+            )
 
     def _on_eval_report(self, identity: bytes, report: EvalReport) -> Message | None:
         refusal = self._session_refusal(identity, report.actor_id, report.run_id, "eval_report")

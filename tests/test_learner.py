@@ -500,6 +500,63 @@ def test_a_stopped_learner_tells_the_actors_it_is_stopping(tmp_path: Path, bc_di
     assert not last.done  # stopping is not finishing: --resume continues the run
 
 
+def test_an_actor_that_stops_reading_holds_a_bounded_number_of_broadcasts_in_the_learners_memory(
+    tmp_path: Path, bc_dir: Path, ctx
+) -> None:
+    """A subscriber that never reads (a stopped or stuck actor): the learner's PUB keeps at most a few messages for it
+    and drops the rest, so broadcasts of tens of megabytes do not pile up in memory."""
+    from robot_rl.learner.service import PUB_SNDHWM
+
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    service._open_sockets()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.RCVHWM, 1)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(cfg.transport.weights_endpoint)
+        time.sleep(0.5)  # connected before the broadcasts
+        payload = np.zeros(2 << 20, np.uint8)  # 2 MB, the size of a small agent's weights
+        trackers = []
+        for _ in range(48):
+            frame = zmq.Frame(payload, copy=False, track=True)
+            service.pub.send(frame, copy=False)
+            trackers.append(frame.tracker)
+            del frame
+            time.sleep(0.02)
+        time.sleep(1.0)
+        held = sum(not t.done for t in trackers)  # still in the learner's memory (queued for the subscriber)
+        assert held <= PUB_SNDHWM + 8, held  # the queue, plus what the socket buffers and the connection take
+    finally:
+        sub.close(0)
+        service._close()
+
+
+def test_two_actors_sending_under_one_id_and_run_are_said_and_a_reconnecting_actor_is_not(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    said = lambda: [r for r in caplog.records if "transitions arrive on two connections" in r.getMessage()]  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="robot_rl.learner.service"), running(service):
+        first = FakeActor(ctx, cfg, "arm", "run1")
+        assert isinstance(first.hello(), Welcome)
+        assert acked(first.transitions(0, 5)) == 4
+        first.dealer.close(0)
+        first.sub.close(0)
+        again = FakeActor(ctx, cfg, "arm", "run1")  # the same actor reconnected: a new connection, once
+        assert isinstance(again.hello(), Welcome)
+        assert acked(again.transitions(5, 5)) == 9
+        assert said() == []
+        copy = FakeActor(ctx, cfg, "arm", "run1")  # a second robot PC with a copy of the actor's --out
+        assert isinstance(copy.hello(), Welcome)
+        for k in range(4):  # both send their own transitions 10.. in turn
+            again.transitions(10 + 5 * k, 5)
+            copy.transitions(10 + 5 * k, 5)
+        assert len(said()) == 1 and "arm run run1" in said()[0].getMessage()
+
+
 def test_malformed_and_unidentified_refused_while_a_good_actor_is_served(tmp_path: Path, bc_dir: Path, ctx) -> None:
     cfg = tiny_config()
     service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
@@ -1017,12 +1074,16 @@ def test_a_flood_of_refused_messages_is_counted_but_logged_at_most_once_a_second
         flooder = FakeActor(ctx, cfg, "flooder")
         for _ in range(40):
             assert isinstance(flooder.request(os.urandom(32)), Refuse)
+        for i in range(40):  # transitions before a hello, each under another name: the names do not buy log lines
+            flooder.actor_id, flooder.run_id = f"ghost{i}", f"run{i}"
+            assert isinstance(flooder.transitions(0, 2), Refuse)
         good = FakeActor(ctx, cfg, "good")
         assert isinstance(good.hello(), Welcome)
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
-    assert stats["refused_unidentified"] == 40  # every refusal counted
+    assert stats["refused_unidentified"] == 80  # every refusal counted
     warnings = [r for r in caplog.records if "refused a message" in r.getMessage()]
-    assert 1 <= len(warnings) <= 5, len(warnings)
+    assert 1 <= len(warnings) <= 6, len(warnings)
+    assert len(service._refusal_log) == 1  # one budget for every unidentified peer, whatever it claimed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
