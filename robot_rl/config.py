@@ -640,7 +640,8 @@ class ActorConfig(Strict):
         256.0,
         ge=0,
         description="Free space the actor's --out disk must keep: below it the actor ends the episode (logged as "
-        "interrupted) and stops before a write fails; 0 turns the check off.",
+        "interrupted) and stops before a write fails; `train` and `collect` check it before each episode too. 0 turns "
+        "the check off.",
     )
     gating_precision: Literal["float32", "int8"] = Field(
         "float32",

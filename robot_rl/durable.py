@@ -4,6 +4,7 @@ the spill share."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterable
@@ -29,6 +30,20 @@ def _umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o022
+
+
+def refuse_nearly_full_disk(path: Path, min_free_mb: float, setting: str) -> None:
+    """OSError(ENOSPC) naming `path` when its filesystem has less than `min_free_mb` free (0 turns the check off): said
+    before a write fails midway, which HDF5 does not always survive cleanly. `setting` names the config field."""
+    if min_free_mb <= 0:
+        return
+    free = shutil.disk_usage(path).free
+    if free < min_free_mb * 1e6:
+        raise OSError(
+            errno.ENOSPC,
+            f"{free / 1e6:.0f} MB free, below {setting}={min_free_mb:g}; stopped before a write would fail",
+            str(path),
+        )
 
 
 def fsync_path(path: Path) -> None:

@@ -33,6 +33,7 @@ from robot_rl.config import (
     load_config,
     parse_override,
 )
+from robot_rl.durable import refuse_nearly_full_disk
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import (
     COLLECT_FINISHED,
@@ -158,6 +159,7 @@ def collect_demos(cfg: RunConfig, out_path: Path, *, episodes: int, seed: int, s
                     f"{cfg.env.task.max_episode_steps}: too few steps to insert the peg?) and the expert.* settings, "
                     "or set expert.successful_only=false to keep failed episodes too"
                 )
+            refuse_nearly_full_disk(out_path, cfg.actor.min_free_disk_mb, "actor.min_free_disk_mb")
             expert.reset()
             result = run_episode(env, _expert_policy(expert, env.observation_space), seed=seed + attempted)
             attempted += 1
@@ -504,6 +506,11 @@ class Trainer:
                 bc_action=bc_action,
             )
 
+    def _check_disk(self) -> None:
+        """Before each episode: stop (OSError ENOSPC, said as a full disk) while --out still has
+        actor.min_free_disk_mb free, rather than let an HDF5 write fail midway."""
+        refuse_nearly_full_disk(self.out, self.cfg.actor.min_free_disk_mb, "actor.min_free_disk_mb")
+
     def _learner_step(self) -> None:
         t0 = time.perf_counter()
         stats = self.agent.update(self.sampler.next())
@@ -518,6 +525,7 @@ class Trainer:
         rollouts = []
         policy = bc_policy_fn(self.bc, mode=cfg.agent.bc_action, seed=cfg.seed + 17)
         for i in range(cfg.qest.rollouts):
+            self._check_disk()
             result = run_episode(self.env, policy, seed=cfg.seed * 7919 + QEST_SEED_OFFSET + i)
             ep = result.episode
             obs, next_obs = ep.obs, ep.next_obs
@@ -571,6 +579,7 @@ class Trainer:
         credit = 0.0
         episode_index = 0
         while self.counters.env_steps < target_steps:
+            self._check_disk()
             obs, _ = self.env.reset(seed=cfg.seed * 7919 + episode_index)
             episode_index += 1
             done = False

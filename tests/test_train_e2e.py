@@ -381,3 +381,37 @@ def test_demonstrations_of_a_stopped_collect_are_read_with_a_warning_that_says_h
     said.clear()
     train_mod.demo_transitions(finished, said.append)
     assert not any("stopped before it finished" in line for line in said)
+
+
+@pytest.mark.parametrize("command", ["collect", "train"])
+def test_train_and_collect_stop_cleanly_before_a_nearly_full_disk_fails_a_write(tmp_path, monkeypatch, capsys, command):
+    """Free space falls below actor.min_free_disk_mb after a few episodes: the command stops before its next episode
+    with the one disk-full line and exit 2 (HDF5 writes failing midway do not always end cleanly), and what it wrote
+    so far reads back."""
+    import shutil as shutil_mod
+
+    from robot_rl import durable
+
+    checks = {"n": 0}
+    real = shutil_mod.disk_usage
+
+    def disk_usage(path):
+        usage = real(path)
+        if command == "train" and str(path).endswith("demos.hdf5"):  # train's own demonstrations: room for them
+            return usage
+        checks["n"] += 1
+        free = usage.free if checks["n"] <= 2 else 100 * 10**6  # then 100 MB: below the default 256 MB
+        return type(usage)(usage.total, usage.used, free)
+
+    monkeypatch.setattr(durable.shutil, "disk_usage", disk_usage)
+    out = tmp_path / ("demos.hdf5" if command == "collect" else "run")
+    args = {
+        "collect": ["collect", "--config", str(TINY), "--episodes", "5", "--out", str(out)],
+        "train": ["train", "--config", str(TINY), "--out", str(out), "--quiet", "--set", "qest.rollouts=4"],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = f"robot-rl {command}: disk full while writing {out}: 100 MB free"
+    assert line in err and "below actor.min_free_disk_mb=256" in err and "Traceback" not in err, err
+    written = out if command == "collect" else out / "rollouts.hdf5"
+    assert 1 <= len(read_episodes(written)) <= 2  # the episodes before the check, whole
