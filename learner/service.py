@@ -64,7 +64,13 @@ from robot_rl.qestimation import Rollout, run_q_estimation
 from robot_rl.runlog import EvalRow, RunLog, StatusLine, plot_curves, write_json_atomic
 from robot_rl.security import key_owners
 from robot_rl.signals import stop_signals
-from robot_rl.train import check_compile, demo_buffer, resolve_device, warn_image_learner_on_cpu
+from robot_rl.train import (
+    check_compile,
+    checkpoint_bc_entry,
+    demo_buffer,
+    resolve_device,
+    warn_image_learner_on_cpu,
+)
 from robot_rl.wire import (
     ID_PATTERN,
     PHASES,
@@ -1383,6 +1389,7 @@ class LearnerService:
                 "q_estimation": self.qest_stats,
                 "next_seq": {f"{a}@{r}": s.next_seq for (a, r), s in self.streams.items()},
             },
+            **checkpoint_bc_entry(self.bc),
         }
         save_checkpoint(
             path, tensors=self.agent.network_state(), manifest=manifest, optimizers=self.agent.optimizer_states()

@@ -29,12 +29,13 @@ from torch import nn
 from robot_rl import obs as obs_lib
 from robot_rl.config import BCConfig
 from robot_rl.distributions import ActionDistribution, DiagGaussian, GaussianMixture
-from robot_rl.durable import save_tensors
+from robot_rl.durable import file_sha256, save_tensors
 from robot_rl.networks import ObsEncoder, augment
 from robot_rl.obs import ObsSpec, state_dim
 
 WEIGHTS_FILE = "bc.safetensors"
 MANIFEST_FILE = "bc.json"
+DIGEST = "tensors_sha256"  # in bc.json: the SHA-256 of bc.safetensors
 FORMAT = "robot_rl.bc"
 FORMAT_VERSION = 2
 
@@ -319,7 +320,12 @@ def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
         "action_dim": policy.action_dim,
         "config": policy.cfg.model_dump(mode="json"),
     }
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_tensors(tensors, p))
+
+    def write_weights(path: Path) -> None:
+        save_tensors(tensors, path)
+        manifest[DIGEST] = file_sha256(path)  # what load_bc checks: damaged or exchanged bytes are refused
+
+    _write_atomic(out / WEIGHTS_FILE, write_weights)
     _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return out
 
@@ -395,6 +401,12 @@ def load_bc(directory: str | Path, device: str | torch.device = "cpu") -> BCPoli
     cfg = _manifest_config(manifest_path, manifest)
     if not weights_path.is_file():
         raise BCCheckpointError(f"BC checkpoint weights {weights_path} are missing")
+    digest = manifest.get(DIGEST)  # policies saved before it was recorded lack it
+    if digest is not None and file_sha256(weights_path) != digest:
+        raise BCCheckpointError(
+            f"BC checkpoint weights {weights_path} are not the bytes that were saved (their SHA-256 differs from the "
+            f"one {MANIFEST_FILE} recorded): the file was damaged or replaced since; train or copy the policy again"
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -6,7 +6,6 @@ Optimizer state dicts are split: their tensors go to safetensors under `optim.<n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from robot_rl.durable import fsync_path, save_tensors
+from robot_rl.durable import file_sha256, fsync_path, save_tensors
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
@@ -58,15 +57,6 @@ def _merge(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _file_digest(path: Path) -> str:
-    """The SHA-256 of a file, read in 8 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(8 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -87,7 +77,7 @@ def save_checkpoint(
     tmp_tensors = directory / (TENSORS_FILE + ".tmp")
     tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
     save_tensors(all_tensors, tmp_tensors, metadata={WRITE_ID: write_id})
-    body[DIGEST] = _file_digest(tmp_tensors)
+    body[DIGEST] = file_sha256(tmp_tensors)
     tmp_manifest.write_text(json.dumps(body, indent=2, sort_keys=False))
     for path in (tmp_tensors, tmp_manifest):
         fsync_path(path)
@@ -128,7 +118,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
             "(a crash while it was written)"
         )
     digest = manifest.pop(DIGEST, None)
-    if digest is not None and _file_digest(tensors_path) != digest:
+    if digest is not None and file_sha256(tensors_path) != digest:
         raise CheckpointError(
             f"checkpoint tensors {tensors_path} are not the bytes that were saved (their SHA-256 differs from the "
             f"one {MANIFEST_FILE} recorded): the file was damaged or changed since; use another checkpoint"

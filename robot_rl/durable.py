@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Iterable
@@ -30,6 +31,15 @@ def _umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o022
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (hex), read in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def refuse_nearly_full_disk(path: Path, min_free_mb: float, setting: str) -> None:

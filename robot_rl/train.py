@@ -22,7 +22,15 @@ from pydantic import ValidationError
 
 from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
-from robot_rl.bc import ACTION_TOLERANCE, load_bc, make_bc_policy, save_bc, train_bc
+from robot_rl.bc import (
+    ACTION_TOLERANCE,
+    BC_FINGERPRINT_KEY,
+    bc_fingerprint,
+    load_bc,
+    make_bc_policy,
+    save_bc,
+    train_bc,
+)
 from robot_rl.buffer import ReplayBuffer, learner_buffer
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import (
@@ -295,6 +303,27 @@ def demo_buffer(
 
 # Beside a BC policy saved by train (train_bc_from_demos, checkpoints): the whole run config it was trained with.
 BC_RUN_CONFIG = "config.yaml"
+
+
+CHECKPOINT_BC_KEY = "bc_weights"  # in an agent checkpoint's manifest: the hash of its BC policy (bc_fingerprint)
+
+
+def checkpoint_bc_entry(bc: torch.nn.Module | None) -> dict[str, str]:
+    """The manifest entry naming the BC policy a checkpoint's agent was trained with ({} without one)."""
+    return {} if bc is None else {CHECKPOINT_BC_KEY: bc_fingerprint(bc)[BC_FINGERPRINT_KEY]}
+
+
+def check_checkpoint_bc(checkpoint: Path, manifest: dict, bc: torch.nn.Module | None) -> None:
+    """CheckpointError when the BC policy in `checkpoint`/bc is not the one its manifest names (replaced by another
+    BC directory): its gating would pair the agent with a Q^_BC it was never trained against."""
+    recorded = manifest.get(CHECKPOINT_BC_KEY)  # checkpoints saved before it was recorded lack it
+    if bc is None or recorded is None:
+        return
+    if bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != recorded:
+        raise CheckpointError(
+            f"{checkpoint}: its bc/ holds another BC policy than the one the agent was trained with (the "
+            f"manifest's {CHECKPOINT_BC_KEY} differs): put back the run's own bc/, or use another checkpoint"
+        )
 
 
 def save_bc_with_config(policy: torch.nn.Module, directory: Path, cfg: RunConfig) -> None:
@@ -637,6 +666,7 @@ class Trainer:
             "action_dim": self.action_dim,
             "config": self.cfg.model_dump(mode="json"),
             "has_bc": self.bc is not None,
+            **checkpoint_bc_entry(self.bc),
         }
         save_checkpoint(
             path,
@@ -739,6 +769,7 @@ def load_agent(checkpoint: Path, *, device: str = "cpu") -> tuple[Q2RLAgent, Run
     if not isinstance(action_dim, int) or isinstance(action_dim, bool) or action_dim < 1:
         raise CheckpointError(f"{where}: action_dim must be a positive integer, got {action_dim!r}")
     bc = load_bc(checkpoint / "bc", device=device) if manifest.get("has_bc") else None
+    check_checkpoint_bc(checkpoint, manifest, bc)
     if "obs_spec" not in manifest:
         raise CheckpointError(f"{checkpoint}: the manifest has no obs_spec (written by an older robot_rl; retrain)")
     try:

@@ -275,6 +275,12 @@ def test_corrupted_weights_name_the_file(tmp_path: Path) -> None:
     directory = _saved(tmp_path)
     weights = directory / "bc.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BCCheckpointError, match=r"bc\.safetensors are not the bytes that were saved"):
+        load_bc(directory)
+    # A policy saved before bc.json recorded the weights' digest: the read itself fails, naming the file.
+    manifest = json.loads((directory / "bc.json").read_text())
+    del manifest["tensors_sha256"]
+    (directory / "bc.json").write_text(json.dumps(manifest))
     with pytest.raises(BCCheckpointError, match=r"bc\.safetensors cannot be read"):
         load_bc(directory)
     weights.write_bytes(b"\x00" * 16)
@@ -284,14 +290,13 @@ def test_corrupted_weights_name_the_file(tmp_path: Path) -> None:
 
 def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path: Path) -> None:
     """A policy that learned NaN (or a damaged file) would sample NaN actions, or fail deep inside torch."""
-    from safetensors.torch import load_file, save_file
-
     directory = _saved(tmp_path)
-    weights = directory / "bc.safetensors"
-    tensors = load_file(str(weights))
+    policy = load_bc(directory)
+    tensors = policy.state_dict()
     name = next(n for n, t in tensors.items() if t.is_floating_point() and t.numel() > 1 and "normalizer" not in n)
-    tensors[name][0] = float("nan")
-    save_file(tensors, str(weights))
+    with torch.no_grad():
+        tensors[name].view(-1)[0] = float("nan")  # the policy's own tensor: saved as it learned it
+    save_bc(policy, directory)
     with pytest.raises(BCCheckpointError, match=rf"bc\.safetensors: {re.escape(name)} holds NaN or inf"):
         load_bc(directory)
 

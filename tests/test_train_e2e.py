@@ -123,6 +123,31 @@ def test_eval_of_a_checkpoint_missing_a_tensor_is_one_line(run_dir, tmp_path, ca
     assert removed.split(".", 1)[1] in err  # the tensor, named within its module
 
 
+def test_eval_refuses_a_checkpoint_whose_bc_policy_was_damaged_or_replaced(run_dir, tmp_path, capsys):
+    from robot_rl.bc import load_bc, make_bc_policy, save_bc
+
+    final = run_dir / "checkpoints" / "final"
+    assert main(["eval", "--checkpoint", str(final), "--episodes", "1"]) == 0
+    capsys.readouterr()
+    damaged = Path(shutil.copytree(final, tmp_path / "damaged"))
+    weights = damaged / "bc" / "bc.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1000] ^= 0x40  # a flipped bit inside a weight: still a readable, finite tensor
+    weights.write_bytes(bytes(data))
+    assert main(["eval", "--checkpoint", str(damaged), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"BC checkpoint weights {weights} are not the bytes that were saved" in err and err.count("\n") == 1
+    # Another BC policy of the same shapes put in its place: intact itself, but not the agent's.
+    replaced = Path(shutil.copytree(final, tmp_path / "replaced"))
+    own = load_bc(replaced / "bc")
+    torch.manual_seed(123)
+    other = make_bc_policy(own.cfg, own.obs_spec, own.action_dim, -np.ones(6, np.float32), np.ones(6, np.float32))
+    save_bc(other, replaced / "bc")
+    assert main(["eval", "--checkpoint", str(replaced), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "its bc/ holds another BC policy than the one the agent was trained with" in err
+
+
 def test_eval_of_a_run_directory_names_its_checkpoints(run_dir, capsys):
     for given in (run_dir, run_dir / "checkpoints"):
         assert main(["eval", "--checkpoint", str(given), "--episodes", "1"]) == 2
