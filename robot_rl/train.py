@@ -92,10 +92,11 @@ def warn_image_learner_on_cpu(cfg: RunConfig, device: torch.device, warn: Callab
     if device.type != "cpu" or not cfg.env.cameras:
         return
     steps = cfg.train.env_steps * cfg.train.learner_steps_per_env_step
-    hours = steps / CPU_IMAGE_STEPS_PER_S / 3600
+    seconds = steps / CPU_IMAGE_STEPS_PER_S
+    took = f"{seconds / 3600:.0f} h" if seconds >= 5400 else f"{max(seconds / 60, 1):.0f} min"
     (warn or log.warning)(
         f"this config learns from cameras on the CPU ({device}): its {steps:.0f} online learner steps alone will take "
-        f"about {hours:.0f} h or more (~{CPU_IMAGE_STEPS_PER_S} learner steps/s measured on a 2-core CPU); learn on a "
+        f"about {took} or more (~{CPU_IMAGE_STEPS_PER_S} learner steps/s measured on a 2-core CPU); learn on a "
         "CUDA machine (train.device=cuda or auto) for image configs"
     )
 

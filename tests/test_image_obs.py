@@ -165,6 +165,9 @@ def test_an_image_config_learning_on_the_cpu_is_told_how_long_it_will_take():
     said: list[str] = []
     warn_image_learner_on_cpu(image, torch.device("cpu"), said.append)
     assert len(said) == 1 and "7000 online learner steps" in said[0] and "about 3 h" in said[0]
+    short = load_config(CONFIGS / "sim_peg_image.yaml", ["train.env_steps=200", "train.learner_steps_per_env_step=1"])
+    warn_image_learner_on_cpu(short, torch.device("cpu"), said.append)
+    assert "about 5 min or more" in said.pop()  # 200 steps at 0.7 a second: minutes, not "0 h"
     warn_image_learner_on_cpu(image, torch.device("cuda"), said.append)
     warn_image_learner_on_cpu(load_config(CONFIGS / "sim_peg_state.yaml"), torch.device("cpu"), said.append)
     assert len(said) == 1  # a GPU learner, or a state config on the CPU, is not warned
