@@ -119,6 +119,12 @@ def make_keys(out: Path, *, actors: list[str]) -> dict[str, Path]:
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing:
         raise SecurityError(f"refusing to overwrite existing key files: {', '.join(existing)}")
+    others = sorted(p.name for p in (out / AUTHORIZED).iterdir()) if (out / AUTHORIZED).is_dir() else []
+    if others:
+        raise SecurityError(
+            f"{out / AUTHORIZED} already holds {', '.join(others)}: a learner given {out} would admit those keys "
+            "too; write the keys into a new directory"
+        )
     try:
         (out / AUTHORIZED).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

@@ -445,6 +445,15 @@ def test_make_keys_refuses_to_overwrite(tmp_path: Path) -> None:
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_make_keys_refuses_a_directory_whose_authorized_keys_would_be_admitted_too(tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    (out / "authorized").mkdir(parents=True)
+    (out / "authorized" / "stale.key").write_text("an old actor's public key")
+    with pytest.raises(SecurityError, match=r"authorized already holds stale\.key: a learner given .* would admit"):
+        make_keys(out, actors=["actor0"])
+    assert sorted(p.name for p in out.rglob("*")) == ["authorized", "stale.key"]  # nothing written
+
+
 @pytest.mark.parametrize("actors", [[], ["learner"], ["a", "a"], ["bad/name"], [""]])
 def test_make_keys_refuses_bad_actor_names(tmp_path: Path, actors: list[str]) -> None:
     with pytest.raises(SecurityError):
