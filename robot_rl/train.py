@@ -34,6 +34,7 @@ from robot_rl.bc import (
 from robot_rl.buffer import ReplayBuffer, learner_buffer
 from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robot_rl.config import (
+    BCConfig,
     ConfigError,
     RunConfig,
     _format_validation_error,
@@ -449,6 +450,7 @@ class Trainer:
                     f"--bc {bc_dir}: the BC policy observes {bc.obs_spec}, the config's env {self.obs_spec}; it was "
                     "probably trained with another config"
                 )
+            self._take_bc_config(bc.cfg, bc_dir)
             return bc
         demos = self._ensure_demos()
         self._status("bc_train", force=True)
@@ -456,6 +458,20 @@ class Trainer:
             self.cfg, demos, self.out / "bc", seed=self.cfg.seed, warn=self._warn_once, data=self._demo_data()
         )
         return policy.to(self.device)
+
+    def _take_bc_config(self, used: BCConfig, bc_dir: Path) -> None:
+        """The run's config records the BC settings of the policy it uses (--bc), not those of the config file or
+        --set, which train nothing here; a difference is said."""
+        ours, theirs = self.cfg.bc.model_dump(mode="json"), used.model_dump(mode="json")
+        differ = [f"bc.{k} {ours[k]!r} (config) / {theirs[k]!r} (policy)" for k in ours if ours[k] != theirs.get(k)]
+        if not differ:
+            return
+        self._warn_once(
+            f"--bc {bc_dir}: its policy was trained with other BC settings than the config's, which train nothing "
+            f"here: {'; '.join(differ)}; the run uses and records the policy's"
+        )
+        self.cfg = self.cfg.model_copy(update={"bc": used})
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
 
     def _demo_data(self) -> dict[str, np.ndarray]:
         """The demonstrations' transitions, read once for BC training and the offline buffer together."""

@@ -440,3 +440,19 @@ def test_train_and_collect_stop_cleanly_before_a_nearly_full_disk_fails_a_write(
     assert line in err and "below actor.min_free_disk_mb=256" in err and "Traceback" not in err, err
     written = out if command == "collect" else out / "rollouts.hdf5"
     assert 1 <= len(read_episodes(written)) <= 2  # the episodes before the check, whole
+
+
+def test_train_with_a_bc_policy_records_the_policys_bc_settings_and_says_where_the_config_differs(tmp_path, capsys):
+    from robot_rl.bc import load_bc
+
+    demos, bc_dir = tmp_path / "demos.hdf5", tmp_path / "bc"
+    assert main(["collect", "--config", str(TINY), "--episodes", "2", "--out", str(demos)]) == 0
+    assert main(["bc", "--config", str(TINY), "--demos", str(demos), "--out", str(bc_dir), "--set", "bc.steps=7"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    args = ["train", "--config", str(TINY), "--bc", str(bc_dir), "--out", str(out), "--quiet", "--set", "bc.steps=99"]
+    assert main([*args, "--set", "train.env_steps=20", "--set", "qest.rollouts=1"]) == 0
+    err = capsys.readouterr().err
+    assert "its policy was trained with other BC settings" in err and "bc.steps 99 (config) / 7 (policy)" in err
+    recorded = RunConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
+    assert recorded.bc == load_bc(bc_dir).cfg and recorded.bc.steps == 7
