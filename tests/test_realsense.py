@@ -140,6 +140,9 @@ def test_unpaced_recording_delivers_newest_frames_in_order(recording: tuple[Path
         frames = read_until_end(camera)
         assert camera.frames_received == len(sources)  # the reader thread got every frame the file holds
         assert camera.ended and not camera.connected
+        # Each frame handed over again is counted (and said): the camera fell behind the reads.
+        numbers = [f.frame_number for f in frames]
+        assert camera.repeated == len(numbers) - len(set(numbers)) and camera.repeated > 0
     assert frames, "no frame was read"
     numbers = [f.frame_number for f in frames]
     # A read faster than the stream may hand the newest frame over again; never an older one.

@@ -184,6 +184,7 @@ class RealSenseCamera(ClosesOnExit):
         self._latest: Frame | None = None
         self._latest_seq = 0  # counts published frames; frame numbers may restart after a reconnect, this does not
         self._consumed_seq = 0
+        self.repeated = 0  # reads that handed over the frame the read before had (the camera fell behind the loop)
         self._arrivals: deque[float] = deque(maxlen=FPS_WINDOW)
         self._running = True
         self._connected = False
@@ -309,8 +310,23 @@ class RealSenseCamera(ClosesOnExit):
                     age_s=age,
                     limit_s=self._cfg.freshness_s,
                 )
+            if self._latest_seq == self._consumed_seq:
+                self._said_repeat(frame)
             self._consumed_seq = self._latest_seq
             return frame
+
+    def _said_repeat(self, frame: Frame) -> None:
+        """Count a frame handed over twice (fresh enough, but no newer one came since the last read) and say the
+        first and every 100th: the camera delivers slower than the loop reads (its fps, USB bandwidth, a stall)."""
+        self.repeated += 1
+        if self.repeated == 1 or self.repeated % 100 == 0:
+            log.warning(
+                "camera %s: frame #%d read again by the next step (%d such reads): the camera delivers slower than "
+                "the control loop reads; check its fps and its USB link",
+                self.name,
+                frame.frame_number,
+                self.repeated,
+            )
 
     def _no_frame_error(self) -> CameraError:
         """The error for 'nothing to hand over'; called with the lock held."""
