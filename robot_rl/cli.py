@@ -124,11 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides_with_seed(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides)
+def _overrides_with_seed(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The --set overrides, then the seed of --seed; and how each flag's override was given, for load_config's
+    messages (a refused seed is named `--seed N`, not as a --set)."""
+    overrides, flags = list(args.overrides), {}
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
-    return overrides
+        flags[overrides[-1]] = f"--seed {args.seed}"
+    return overrides, flags
 
 
 def _check_parents(out: Path) -> None:
@@ -191,13 +194,19 @@ def _refuse_undecodable_paths(args: argparse.Namespace) -> None:
 
 
 def _check_demos_file(demos: Path | None) -> None:
-    """ConfigError unless `demos` (when given) is a file: a directory or a missing path is named as such."""
+    """ConfigError unless `demos` (when given) is a regular file: a directory, a missing path and something else (a
+    device, a pipe) are named as such."""
     if demos is None:
         return
     if demos.is_dir():
         raise ConfigError(f"--demos {demos} is a directory; give a demonstrations file (robomimic's HDF5 layout)")
-    if not demos.is_file():
+    if not demos.exists():
         raise ConfigError(f"demonstrations file {demos} does not exist")
+    if not demos.is_file():
+        raise ConfigError(
+            f"--demos {demos} is not a regular file (a device, pipe or socket); give a demonstrations file "
+            "(robomimic's HDF5 layout)"
+        )
 
 
 def _check_count(value: int | None, flag: str, *, minimum: int = 1) -> None:
@@ -241,10 +250,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robot_rl.train import run_training
 
     _check_count(args.env_steps, "--env-steps")
-    overrides = _overrides_with_seed(args)
+    overrides, flags = _overrides_with_seed(args)
     if args.env_steps is not None:
         overrides.append(f"train.env_steps={args.env_steps}")
-    cfg = load_config(args.config, overrides)
+        flags[overrides[-1]] = f"--env-steps {args.env_steps}"
+    cfg = load_config(args.config, overrides, flags=flags)
     _refuse_used_out(args.out, "run directory")
     if args.bc is not None and not args.bc.exists():
         raise ConfigError(f"--bc directory {args.bc} does not exist")
@@ -307,14 +317,17 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.robot == "franky-sim":
-        overrides += ["env.robot=franky", "env.franka.sim_server=true"]
+        robot = ["env.robot=franky", "env.franka.sim_server=true"]
     elif args.robot == "franky":  # the real arm at env.franka.host
-        overrides += ["env.robot=franky", "env.franka.sim_server=false"]
-    elif args.robot is not None:
-        overrides.append(f"env.robot={args.robot}")
+        robot = ["env.robot=franky", "env.franka.sim_server=false"]
+    else:
+        robot = [] if args.robot is None else [f"env.robot={args.robot}"]
+    overrides += robot
+    flags = {text: f"--robot {args.robot}" for text in robot}
     if args.actor_id is not None:
         overrides.append(f"actor.actor_id={args.actor_id}")
-    cfg = load_config(args.config, overrides)
+        flags[overrides[-1]] = f"--actor-id {args.actor_id}"
+    cfg = load_config(args.config, overrides, flags=flags)
     refuse_unreachable_sim_server(cfg)
     if not (args.bc / "bc.json").is_file():
         raise ConfigError(f"--bc {args.bc}: no BC policy there (bc.json missing); train one with `robot-rl bc`")
@@ -329,7 +342,8 @@ def cmd_actor(args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     from robot_rl.train import ExpertFailed, collect_demos
 
-    cfg = load_config(args.config, _overrides_with_seed(args))
+    overrides, flags = _overrides_with_seed(args)
+    cfg = load_config(args.config, overrides, flags=flags)
     _check_count(args.episodes, "--episodes")
     if args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a directory; give the path of a new HDF5 file, e.g. demos.hdf5")
@@ -353,7 +367,8 @@ def cmd_bc(args: argparse.Namespace) -> int:
     from robot_rl.rollout import bc_policy_fn, evaluate
     from robot_rl.train import EVAL_SEED, refuse_unreachable_sim_server, train_bc_from_demos
 
-    cfg = load_config(args.config, _overrides_with_seed(args))
+    overrides, flags = _overrides_with_seed(args)
+    cfg = load_config(args.config, overrides, flags=flags)
     _check_count(args.eval_episodes, "--eval-episodes", minimum=0)
     if args.eval_episodes > 0:
         refuse_unreachable_sim_server(cfg)
@@ -486,6 +501,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from robot_rl.runlog import plot_curves, read_eval_csv
 
     out = _report_path(args.out)
+    seen: dict[Path, Path] = {}
+    for run in args.runs:
+        same = seen.setdefault(run.resolve(), run)
+        if same is not run:
+            also = "" if str(same) == str(run) else f" (also as {run})"
+            raise ConfigError(f"run directory {same} is given twice{also}; give each run once")
     runs = {}
     for run in args.runs:
         csv_path = run / "eval.csv"

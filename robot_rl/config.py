@@ -171,7 +171,13 @@ class SimTaskConfig(Strict):
     )
     max_episode_steps: int = Field(200, ge=1, le=10_000, description="Step limit; reaching it truncates.")
     control_period_s: float = Field(0.1, gt=0, le=1.0, description="Policy period (10 Hz).")
-    physics_dt_s: float = Field(0.002, gt=0, le=0.005, description="MuJoCo physics step.")
+    physics_dt_s: float = Field(
+        0.002,
+        ge=1e-4,
+        le=0.005,
+        description="MuJoCo physics step, at least 1e-4 s: each control step runs control_period_s / physics_dt_s "
+        "physics steps, and a far smaller step makes every command that steps the sim effectively hang.",
+    )
     joint_friction_scale: float = Field(
         0.1,
         ge=0,
@@ -727,10 +733,21 @@ class TransportConfig(Strict):
         return f"{host}:{int(port) + 1}"
 
 
+# The largest run seed: torch.manual_seed and HDF5's integer attributes take 64 bits, and the seeds derived from the
+# run's are it times small constants.
+MAX_SEED = 2**31 - 1
+
+
 class RunConfig(Strict):
     """The whole tree: one per run, saved resolved as config.yaml in the run directory."""
 
-    seed: int = Field(0, ge=0, description="Seed for environment, networks and sampling.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description=f"Seed for environment, networks and sampling, 0 to {MAX_SEED}: seeds derived from it (it times "
+        "small constants) are stored as 64-bit integers.",
+    )
     env: EnvConfig = Field(default_factory=EnvConfig, description="Environment and robot.")
     expert: ExpertConfig = Field(default_factory=ExpertConfig, description="Scripted demonstrator (sim).")
     bc: BCConfig = Field(default_factory=BCConfig, description="Behaviour cloning.")
@@ -772,8 +789,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _OverrideLoader(_UniqueKeyLoader):
+    """The loader of --set values: _UniqueKeyLoader that also reads a number in exponent form without a '.' or without
+    the exponent's sign (1e9, 2.5e6, -3E-2), which YAML 1.1 leaves a string, as a float; quoted, it stays a string."""
+
+
+_OverrideLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `a.b.c=value` into (['a','b','c'], value parsed as YAML)."""
+    """Split `a.b.c=value` into (['a','b','c'], value parsed as YAML; 1e9 and the like as floats)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form path.to.field=value")
     path, raw = text.split("=", 1)
@@ -781,14 +810,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys or any(not k for k in keys):
         raise ConfigError(f"override {text!r} has an empty field name")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+        value = yaml.load(raw, Loader=_OverrideLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return keys, value
 
 
+def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:
+    """Write the entries of `value` into `into`, a mapping into a mapping entry recursively (other entries kept)."""
+    for key, item in value.items():
+        child = into.get(key)
+        if isinstance(child, BaseModel):
+            child = child.model_dump()
+        if isinstance(item, dict) and isinstance(child, dict):
+            child = dict(child)
+            _merge(child, item)
+            into[key] = child
+        else:
+            into[key] = item
+
+
 def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
-    """Set tree[k0][k1]...= value, refusing a path that names no field of RunConfig."""
+    """Set tree[k0][k1]...= value, refusing a path that names no field of RunConfig. A mapping set on a section is
+    merged into it (`agent={num_critics: 4}` changes num_critics, the section's other fields stay); any other value
+    replaces the field."""
     model: type[BaseModel] | None = RunConfig
     node = tree
     for depth, key in enumerate(keys):
@@ -798,7 +843,7 @@ def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
         annotation = model.model_fields[key].annotation
         is_last = depth == len(keys) - 1
         if is_last:
-            node[key] = value
+            _merge(node, {key: value})
             return
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         child = node.get(key)
@@ -846,10 +891,57 @@ def _read_config_file(p: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if loaded is None:
-        return {}
+        raise ConfigError(
+            f"config file {p} holds no settings (it is empty or only comments); leave out --config to run on the "
+            "embedded defaults"
+        )
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
     return loaded
+
+
+def _set_by(keys: list[str], value: Any, loc: tuple[int | str, ...]) -> Literal["yes", "part", "no"]:
+    """Whether the override `keys`=`value` set the field at pydantic's error location `loc`: "yes" (it gave that
+    field its value), "part" (it set something inside the section the error is about, which other sources filled
+    too), "no"."""
+    if len(loc) < len(keys):
+        return "part" if [str(p) for p in loc] == keys[: len(loc)] else "no"
+    if [str(p) for p in loc[: len(keys)]] != keys:
+        return "no"
+    node, whole = value, False  # whole: inside a list, which an override replaces as a whole
+    for part in loc[len(keys) :]:
+        if isinstance(node, dict) and not whole:
+            if part not in node:
+                return "no"  # a field of a merged section the override did not name
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node, whole = node[part], True
+        else:
+            return "yes"  # the value replaced the field; pydantic's location goes on into its type
+    return "part" if isinstance(node, dict) and not whole else "yes"
+
+
+def _error_source(
+    err: ValidationError, overrides: list[tuple[str, list[str], Any]], source: str, *, explicit: bool
+) -> str:
+    """Where the invalid values of `err` came from: the --set (or flag) that set every failing field, else `source`
+    when no override touched them, else `source` with --set overrides (`source` alone when the caller named it
+    (`explicit`): its words say which overrides it holds)."""
+    labels: list[str] = []
+    for e in err.errors():
+        found = [(label, _set_by(keys, value, tuple(e["loc"]))) for label, keys, value in overrides]
+        setters = [label for label, how in found if how == "yes"]
+        if setters:
+            labels.append(setters[-1])  # the last override of a field wins
+        elif any(how == "part" for _, how in found):
+            labels.append("")  # cannot tell: the section's values come from several sources
+        else:
+            labels.append(source)
+    if all(labels) and all(label != source for label in labels):
+        return ", ".join(dict.fromkeys(labels))
+    if all(label == source for label in labels) or not overrides or explicit:
+        return source
+    return f"{source} with --set overrides"
 
 
 def load_config(
@@ -858,20 +950,27 @@ def load_config(
     *,
     base: RunConfig | None = None,
     source: str | None = None,
+    flags: dict[str, str] | None = None,
 ) -> RunConfig:
     """Read a YAML config (or `base`, or the embedded defaults when path is None), apply overrides, validate.
-    `source` names where the config came from in error messages (default: the file, or "embedded defaults")."""
+    `source` names where the config came from in error messages (default: the file, or "embedded defaults"); an
+    invalid value an override set is named by that override instead: `--set TEXT`, or `flags[TEXT]` for an override
+    a command-line flag made (e.g. {"seed=5": "--seed 5"})."""
     tree: dict[str, Any] = {} if base is None else base.model_dump(mode="json")
     if path is not None:
         tree = _read_config_file(Path(path))
+    explicit = source is not None
     source = source or (str(path) if path is not None else "embedded defaults")
+    applied: list[tuple[str, list[str], Any]] = []
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(tree, keys, value)
+        applied.append(((flags or {}).get(text, f"--set {text}"), keys, value))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        where = _error_source(err, applied, source, explicit=explicit)
+        raise ConfigError(_format_validation_error(err, where)) from None
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -126,16 +126,25 @@ class RunLog:
             self._tb = None
 
 
+def _number(record: dict[str, str], name: str, kind: type[int] | type[float]) -> Any:
+    """record[name] as `kind`; KeyError when missing, ValueError naming the column and the value when unreadable."""
+    text = record[name]
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def _eval_row(record: dict[str, str]) -> EvalRow:
     """One eval.csv record as an EvalRow; KeyError or ValueError when a field is missing, not a number, or out of
     its range (rates in [0, 1], counts >= 0, finite times)."""
     row = EvalRow(
-        env_steps=int(record["env_steps"]),
-        learner_steps=int(record["learner_steps"]),
-        wall_s=float(record["wall_s"]),
-        success_rate=float(record["success_rate"]),
-        bc_action_fraction=float(record["bc_action_fraction"]),
-        episodes=int(record["episodes"]),
+        env_steps=_number(record, "env_steps", int),
+        learner_steps=_number(record, "learner_steps", int),
+        wall_s=_number(record, "wall_s", float),
+        success_rate=_number(record, "success_rate", float),
+        bc_action_fraction=_number(record, "bc_action_fraction", float),
+        episodes=_number(record, "episodes", int),
         phase=record["phase"],
     )
     for name in ("success_rate", "bc_action_fraction"):
@@ -151,9 +160,10 @@ def _eval_row(record: dict[str, str]) -> EvalRow:
 
 
 def read_eval_csv(path: Path, warn: Callable[[str], None] | None = None) -> list[EvalRow]:
-    """The rows of a run's eval.csv, checked: ConfigError naming the file and line when it is not an eval.csv or a
-    row is damaged; a cut-off last row (a run stopped while writing it) is skipped with a call to `warn` (default: a
-    logged warning)."""
+    """The rows of a run's eval.csv, checked: ConfigError naming the file and line when it is not an eval.csv, a row
+    before the last lacks columns (damaged), or a row holding every column has a value that is not valid (invalid:
+    the message names the column and the value). A last row cut off (columns missing, or no line break at its end: a
+    run stopped while writing it) is skipped with a call to `warn` (default: a logged warning)."""
     warn = warn or log.warning
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM, as a spreadsheet saving CSV writes one
@@ -166,20 +176,26 @@ def read_eval_csv(path: Path, warn: Callable[[str], None] | None = None) -> list
     missing = [c for c in EVAL_COLUMNS if c not in header]
     if missing:
         raise ConfigError(f"{path} lacks the columns {missing} (its header is {header}); is it a run's eval.csv?")
-    cut_off = bool(body) and not text.endswith(("\n", "\r"))  # every row the run writes ends with a line break
+    unterminated = bool(body) and not text.endswith(("\n", "\r"))  # every row the run writes ends with a line break
     out: list[EvalRow] = []
     for i, values in enumerate(body):
+        if not values:
+            continue
         last = i == len(body) - 1
+        record = dict(zip(header, values, strict=False))
         try:
-            if last and cut_off:
+            if last and unterminated:
                 raise ValueError("no line break at its end")
-            if values:
-                out.append(_eval_row(dict(zip(header, values, strict=False))))
+            out.append(_eval_row(record))
         except (KeyError, ValueError) as exc:
             problem = f"field {exc} missing" if isinstance(exc, KeyError) else str(exc)
-            if not last:
+            complete = all(c in record for c in EVAL_COLUMNS)
+            if last and (unterminated or not complete):
+                warn(f"{path} line {i + 2}: the last row is cut off ({problem}); skipping it")
+            elif complete:
+                raise ConfigError(f"{path} line {i + 2} is invalid ({problem}); fix or remove that line") from None
+            else:
                 raise ConfigError(f"{path} line {i + 2} is damaged ({problem}); fix or remove that line") from None
-            warn(f"{path} line {i + 2}: the last row is cut off ({problem}); skipping it")
     return out
 
 

@@ -858,3 +858,100 @@ def test_demo_refuses_minutes_that_are_not_a_positive_number(tmp_path: Path, min
     assert main(["demo", "--minutes", minutes, "--out", str(tmp_path / "demo"), "--quiet"]) == 2
     assert f"--minutes must be a positive number, got {float(minutes)}" in error_line(capsys, "demo")
     assert not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A new user's review: seeds, --demos that is no file, empty configs, runs given twice, where a bad value came from
+# --------------------------------------------------------------------------------------------------------------------
+def config_error(capsys: pytest.CaptureFixture[str], command: str) -> list[str]:
+    """The lines of an invalid-configuration message: the header naming the source, then one per field."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.startswith(f"robot-rl {command}: invalid configuration ("), err
+    return err.splitlines()
+
+
+@pytest.mark.parametrize("command", ["collect", "bc", "train"])
+def test_a_seed_beyond_31_bits_is_refused_before_anything_starts(tmp_path: Path, command: str, capsys) -> None:
+    out = tmp_path / "out"
+    args = {
+        "collect": ["collect", "--episodes", "1"],
+        "bc": ["bc", "--demos", str(state_demos(tmp_path / "demos.hdf5"))],
+        "train": ["train", "--quiet"],
+    }[command]
+    assert main([*args, "--config", str(STATE), "--seed", "99999999999999999999", "--out", str(out)]) == 2
+    assert config_error(capsys, command) == [
+        f"robot-rl {command}: invalid configuration (--seed 99999999999999999999):",
+        "  seed: Input should be less than or equal to 2147483647 (got 99999999999999999999)",
+    ]
+    assert not out.exists()  # train left no config.yaml behind
+
+
+@pytest.mark.parametrize("command", ["bc", "train", "learner"])
+@pytest.mark.parametrize("kind", ["device", "pipe"])
+def test_demos_that_are_not_a_regular_file_are_named_as_such(tmp_path: Path, command: str, kind: str, capsys) -> None:
+    if kind == "pipe":
+        demos = tmp_path / "fifo"
+        os.mkfifo(demos)  # what `--demos <(cat demos.hdf5)` passes
+    else:
+        demos = Path(os.devnull)
+    out = tmp_path / "out"
+    args = [command, "--config", str(STATE), "--demos", str(demos), "--out", str(out)]
+    if command == "learner":
+        args += ["--bc", str(fake_bc_dir(tmp_path / "bc"))]
+    assert main(args) == 2
+    assert error_line(capsys, command) == (
+        f"robot-rl {command}: --demos {demos} is not a regular file (a device, pipe or socket); give a "
+        "demonstrations file (robomimic's HDF5 layout)"
+    )
+    assert not out.exists()
+
+
+def test_an_empty_config_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    out = tmp_path / "demos.hdf5"
+    assert main(["collect", "--config", str(empty), "--episodes", "1", "--out", str(out)]) == 2
+    assert error_line(capsys, "collect") == (
+        f"robot-rl collect: config file {empty} holds no settings (it is empty or only comments); leave out --config "
+        "to run on the embedded defaults"
+    )
+    assert not out.exists()
+    bc = fake_bc_dir(tmp_path / "bc")
+    (bc / "config.yaml").write_text("# nothing\n")  # the run config a BC policy directory records it was trained with
+    assert main(["eval", "--checkpoint", str(bc), "--episodes", "1"]) == 2
+    assert f"config file {bc / 'config.yaml'} holds no settings" in error_line(capsys, "eval")
+
+
+def test_report_refuses_a_run_given_twice(tmp_path: Path, capsys) -> None:
+    run, other = run_dir(tmp_path / "run"), run_dir(tmp_path / "other")
+    assert main(["report", str(run), str(other), str(run), "--out", str(tmp_path / "r.png")]) == 2
+    assert error_line(capsys, "report") == f"robot-rl report: run directory {run} is given twice; give each run once"
+    again = tmp_path / "other" / ".." / "run"  # the same directory, written another way
+    assert main(["report", str(run), str(again), "--out", str(tmp_path / "r.png")]) == 2
+    assert f"run directory {run} is given twice (also as {again}); give each run once" in error_line(capsys, "report")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_report_refuses_a_complete_last_row_with_an_invalid_value(tmp_path: Path, capsys) -> None:
+    run = run_dir(tmp_path / "run", tail="300,150,4.0,nan,0.3,20,online\n")
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 2
+    assert error_line(capsys, "report") == (
+        f"robot-rl report: {run / 'eval.csv'} line 5 is invalid (success_rate nan is not a rate in [0, 1]); fix or "
+        "remove that line"
+    )
+
+
+def test_a_bad_value_names_the_set_or_flag_that_gave_it(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--config", str(STATE), "--out", str(out), "--quiet", "--set", "agent.utd=2"]
+    assert main([*args, "--set", "agent.num_critics=1"]) == 2
+    assert config_error(capsys, "train") == [
+        "robot-rl train: invalid configuration (--set agent.num_critics=1):",
+        "  agent.num_critics: Input should be greater than or equal to 2 (got 1)",
+    ]
+    assert main([*args, "--set", "env.safety.xyz_low=[0.1, 0.0, 0.0]"]) == 2
+    assert config_error(capsys, "train")[0] == f"robot-rl train: invalid configuration ({STATE} with --set overrides):"
+    actor = ["actor", "--config", str(STATE), "--out", str(out), "--learner", "none", "--bc", str(tmp_path)]
+    assert main([*actor, "--actor-id", "a b", "--quiet"]) == 2
+    assert config_error(capsys, "actor")[0] == "robot-rl actor: invalid configuration (--actor-id a b):"
+    assert not out.exists()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from robot_rl.config import ConfigError, RunConfig, dump_config, load_config
+from robot_rl.config import ConfigError, RunConfig, SimTaskConfig, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -194,3 +194,86 @@ def test_cameras_must_keep_up_with_the_control_rate():
     # A recording is replayed: reading its last frame after its end is no stale view of the arm's world.
     recording = load_config(None, ["env.cameras=[{name: front, recording: front.db3, freshness_s: 5}]"])
     assert recording.env.cameras[0].freshness_s == 5
+
+
+def test_a_seed_beyond_31_bits_is_refused_naming_the_field():
+    """Seeds are multiplied by small constants and stored as 64-bit integers: a larger one fails deep in a run."""
+    assert load_config(None, [f"seed={2**31 - 1}"]).seed == 2**31 - 1
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["seed=99999999999999999999"])
+    assert "seed: Input should be less than or equal to 2147483647 (got 99999999999999999999)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"seed: Input should be less than or equal to 2147483647"):
+        load_config(None, [f"seed={2**31}"])
+
+
+def test_a_mapping_set_on_a_section_merges_into_the_files_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("agent:\n  utd: 3\n  hidden: [32, 32]\nenv:\n  task:\n    clearance_m: 0.002\n")
+    cfg = load_config(path, ["agent={num_critics: 4}", "env={task: {peg_length_m: 0.06}}"])
+    assert (cfg.agent.num_critics, cfg.agent.utd, cfg.agent.hidden) == (4, 3, [32, 32])  # the file's others stay
+    assert (cfg.env.task.peg_length_m, cfg.env.task.clearance_m) == (0.06, 0.002)
+    # A list, or any value that is not a mapping, still replaces the field.
+    assert load_config(path, ["agent.hidden=[8]"]).agent.hidden == [8]
+    with pytest.raises(ConfigError, match=r"agent: Input should be a valid dictionary"):
+        load_config(path, ["agent=4"])
+
+
+def test_a_physics_step_far_below_the_control_period_is_refused():
+    """1e-7 s would run 10^6 physics steps per control step: collect and train would seem to hang."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["env.task.physics_dt_s=1e-7"])
+    assert "env.task.physics_dt_s: Input should be greater than or equal to 0.0001 (got 1e-07)" in str(err.value)
+    assert load_config(None, ["env.task.physics_dt_s=0.0001"]).env.task.physics_dt_s == 0.0001
+    assert "at least 1e-4 s" in SimTaskConfig.model_fields["physics_dt_s"].description
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_an_empty_config_file_is_refused_naming_it(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"config file {path} holds no settings (it is empty or only comments); leave out --config to run on the "
+        "embedded defaults"
+    )
+
+
+def test_a_bad_value_is_named_by_the_override_or_flag_that_set_it(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("agent:\n  utd: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["agent.utd=4", "agent.num_critics=1"])
+    assert str(err.value).splitlines() == [
+        "invalid configuration (--set agent.num_critics=1):",
+        "  agent.num_critics: Input should be greater than or equal to 2 (got 1)",
+    ]
+    with pytest.raises(ConfigError, match=r"^invalid configuration \(--seed 5000000000\):"):
+        load_config(path, ["seed=5000000000"], flags={"seed=5000000000": "--seed 5000000000"})
+    with pytest.raises(ConfigError, match=r"^invalid configuration \(--set agent=\{num_critics: 1\}\):"):
+        load_config(path, ["agent={num_critics: 1}"])
+    # A value of the file is named by the file, even with --set overrides of other fields.
+    path.write_text("agent:\n  utd: 0\n")
+    with pytest.raises(ConfigError, match=rf"^invalid configuration \({path}\):\n  agent.utd: "):
+        load_config(path, ["agent.num_critics=4"])
+    with pytest.raises(ConfigError, match=rf"^invalid configuration \({path}\):\n  agent.utd: "):
+        load_config(path, ["agent={num_critics: 4}"])  # merged: utd still comes from the file
+    # A check across fields of a section that both gave values to: both named.
+    path.write_text("env:\n  safety:\n    xyz_high: [0.05, 0.05, 0.06]\n")
+    with pytest.raises(ConfigError, match=rf"^invalid configuration \({path} with --set overrides\):\n  env.safety: "):
+        load_config(path, ["env.safety.xyz_low=[0.1, 0.0, 0.0]"])
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [("bc.steps=1e9", 1_000_000_000), ("bc.steps=2.5e3", 2500), ("agent.critic_lr=3E-4", 3e-4), ("bc.lr=+1e-3", 1e-3)],
+)
+def test_a_set_value_in_exponent_form_is_a_number(override, value):
+    """YAML 1.1 reads 1e9 (no '.', no exponent sign) as a string; --set reads it as the number it is written as."""
+    section, field = override.split("=")[0].split(".")
+    assert getattr(getattr(load_config(None, [override]), section), field) == value
+    with pytest.raises(ConfigError, match=r"bc.steps: Input should be a valid integer, got a number with a fractional"):
+        load_config(None, ["bc.steps=1.5e0"])
+    with pytest.raises(ConfigError, match=r"bc.steps: Input should be a valid integer, unable to parse string"):
+        load_config(None, ["bc.steps='1e9'"])  # quoted: the string it says it is
+    assert load_config(None, ["env.franka.reconnect_attempts=true"]).env.franka.reconnect_attempts == 1  # as before

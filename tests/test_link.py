@@ -155,7 +155,6 @@ def test_a_chunk_after_transitions_the_spill_lost_says_so_and_nothing_else_does(
     holding the stream at the gap (the actor would resend forever)."""
     import numpy as np
 
-
     cfg = load_config(TINY)
     spill = _spill_of_four_chunks(cfg, tmp_path / "spill")
     damaged = spill._chunks[1]
@@ -178,7 +177,6 @@ def test_a_learner_holding_less_than_it_acknowledged_is_told_what_the_spill_rele
     answers (one started anew, or resumed from an older state). The actor cannot resend 0..5: the first chunk it
     has says they are lost (the learner then goes on past them) rather than waiting forever for a resend, and the
     actor says so in its log."""
-
 
     cfg = load_config(TINY)
     spill = _spill_of_four_chunks(cfg, tmp_path / "spill")

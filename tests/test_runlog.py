@@ -36,14 +36,33 @@ def _csv(path: Path, *rows: dict[str, str]) -> Path:
         ("bc_action_fraction", "-0.1", "bc_action_fraction -0.1 is not a rate in [0, 1]"),
         ("episodes", "-3", "episodes -3 is negative"),
         ("wall_s", "inf", "wall_s inf is not finite"),
+        ("env_steps", "12x", "env_steps '12x' is not an integer"),
+        ("wall_s", "soon", "wall_s 'soon' is not a number"),
     ],
 )
 def test_a_row_out_of_range_is_named_not_plotted(tmp_path: Path, field: str, value: str, said: str) -> None:
     path = _csv(tmp_path / "eval.csv", GOOD, {**GOOD, field: value}, GOOD)
-    with pytest.raises(ConfigError, match=rf"line 3 is damaged \({re.escape(said)}\)"):
+    with pytest.raises(ConfigError, match=rf"line 3 is invalid \({re.escape(said)}\); fix or remove that line"):
         read_eval_csv(path)
+    # The last row too: every column is there, so it is no row cut off by a kill.
+    last = _csv(tmp_path / "last.csv", GOOD, {**GOOD, field: value})
+    with pytest.raises(ConfigError, match=rf"line 3 is invalid \({re.escape(said)}\)"):
+        read_eval_csv(last, lambda line: pytest.fail(f"warned: {line}"))
     rows = read_eval_csv(_csv(tmp_path / "good.csv", GOOD, {**GOOD, "success_rate": "1.0"}))
     assert [r.success_rate for r in rows] == [0.5, 1.0]
+
+
+def test_only_a_last_row_with_columns_missing_or_no_line_break_is_cut_off(tmp_path: Path) -> None:
+    warned: list[str] = []
+    head = ",".join(EVAL_COLUMNS) + "\n" + ",".join(GOOD[c] for c in EVAL_COLUMNS) + "\n"
+    missing = tmp_path / "missing.csv"
+    missing.write_text(head + "200,100,3.0\n")  # columns missing, even with its line break
+    assert len(read_eval_csv(missing, warned.append)) == 1
+    assert warned == [f"{missing} line 3: the last row is cut off (field 'success_rate' missing); skipping it"]
+    unterminated = tmp_path / "unterminated.csv"
+    unterminated.write_text(head + "200,100,3.0,0.5,0.25,20,onl")  # every column, but the write stopped mid-row
+    assert len(read_eval_csv(unterminated, warned.append)) == 1
+    assert warned[-1] == f"{unterminated} line 3: the last row is cut off (no line break at its end); skipping it"
 
 
 def test_a_status_line_outside_a_terminal_prints_forced_updates_and_one_line_per_period(capsys):
