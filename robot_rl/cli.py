@@ -625,7 +625,8 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
         path, error = full
         out = getattr(args, "out", None)
         where = f" {path}" if path else (f" to {out}" if out else "")
-        advice = _DISK_FULL_ADVICE.get(args.command, "rerun").format(out=out)
+        gone = out is not None and args.command in ("bc", "collect") and not Path(out).exists()  # removed, empty
+        advice = "rerun" if gone else _DISK_FULL_ADVICE.get(args.command, "rerun").format(out=out)
         print(
             f"robot-rl {args.command}: disk full while writing{where}: {error}; free space and {advice}",
             file=sys.stderr,

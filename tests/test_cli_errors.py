@@ -519,7 +519,8 @@ def chained(outer: BaseException, inner: BaseException) -> BaseException:
             "bc",
             ["--demos", "D", "--out", "RUN"],
             FakeSafetensorError("Error while serializing: No space left on device (os error 28)"),
-            "disk full while writing to RUN: FakeSafetensorError: Error while serializing: No space left on device",
+            "disk full while writing to RUN: FakeSafetensorError: Error while serializing: No space left on device "
+            "(os error 28); free space and rerun",  # RUN was left empty and removed: nothing to remove by hand
         ),
     ],
 )
