@@ -243,6 +243,7 @@ class StatusLine:
         self._live = None
         self._last = 0.0
         self._last_plain = time.monotonic()  # the first periodic line comes plain_every_s after the start
+        self._last_line = ""
         if self.interactive:
             from rich.live import Live
             from rich.text import Text
@@ -260,9 +261,9 @@ class StatusLine:
             if force or now - self._last > 0.25:
                 self._live.update(self._text(line))
                 self._last = now
-        elif force or now - self._last_plain >= self.plain_every_s:
-            print(line, flush=True)
-            self._last_plain = now
+        elif (force and line != self._last_line) or now - self._last_plain >= self.plain_every_s:
+            print(line, flush=True)  # a forced line that says nothing new is left out (the periodic one is kept)
+            self._last_plain, self._last_line = now, line
 
     def say(self, message: str) -> None:
         """A line that stays (an event: connected, lost, refused), above the live line on a terminal."""

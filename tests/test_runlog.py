@@ -72,6 +72,8 @@ def test_a_status_line_outside_a_terminal_prints_forced_updates_and_one_line_per
     assert capsys.readouterr().out == ""  # not forced, period not over
     status.update({"phase": "online", "episodes": 2}, force=True)
     assert capsys.readouterr().out == "phase online  episodes 2\n"
+    status.update({"phase": "online", "episodes": 2}, force=True)
+    assert capsys.readouterr().out == ""  # forced again with nothing new: not repeated
     status.update({"phase": "online", "episodes": 3})
     assert capsys.readouterr().out == ""  # the forced line restarted the period
     time.sleep(0.35)
