@@ -40,6 +40,8 @@ from robot_rl.wire import (
     split_frames,
     to_frames,
     to_wire,
+    transition_spec,
+    validate_transitions,
 )
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class LearnerLink(threading.Thread):
         self._released_said: int | None = None  # the cursor at which transitions released earlier were said lost
         self._wake = threading.Event()
         self.fingerprint = {**config_fingerprint(cfg), **(fingerprint or {})}
+        self.spec = transition_spec(cfg)  # what the learner checks chunks against
         self.error: BaseException | None = None
 
     # -- API for the control thread -------------------------------------------------------------------------------
@@ -255,6 +258,8 @@ class LearnerLink(threading.Thread):
                     log.error("learner refused this actor: %s %s", msg.reason, list(msg.fields))
                     self._replace(refused=msg.reason, refused_fields=tuple(msg.fields), last_heard=now)
                 else:
+                    if msg.reason.startswith("transitions."):  # what a chunk holds: resending it would not help
+                        self._discard_refused(cursor, max_bytes)
                     # The learner does not know this connection (it restarted) or refused one message: say hello
                     # again and resend from the last acknowledgement (refusals of chunks already in flight repeat
                     # this harmlessly).
@@ -263,6 +268,24 @@ class LearnerLink(threading.Thread):
                     self._replace(welcomed=False, last_heard=now)
                     cursor = self.state.acked_seq + 1
                     self._last_report_sent = 0.0  # a refused report goes again right after the next welcome
+
+    def _discard_refused(self, cursor: int, max_bytes: int) -> None:
+        """After the learner refused a chunk for what it holds: the chunks sent but not acknowledged that fail the
+        learner's own check (a spill written by an earlier version, which sent any values) are given up, said as an
+        error, so that the stream goes on past them instead of resending them forever."""
+        for chunk, payload in self.spill.chunks_from(self.state.acked_seq + 1):
+            if chunk.first_seq >= cursor:
+                break
+            try:
+                validate_transitions(_spilled_message(payload, max_bytes), self.spec)
+            except WireError as err:
+                self.spill.discard(chunk)
+                log.error(
+                    "spilled transitions %d..%d are refused by the learner (%s): not sent again, lost to it",
+                    chunk.first_seq,
+                    chunk.last_seq,
+                    err,
+                )
 
     def _on_broadcast(self, sub: zmq.Socket, max_bytes: int) -> None:
         while True:

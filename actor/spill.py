@@ -235,6 +235,13 @@ class Spill:
                 self.next_seq = seq
                 self._segment = None
 
+    def discard(self, chunk: SpilledChunk) -> None:
+        """Give up `chunk` (the learner refuses what it holds): it is no longer read, and its sequence numbers count as
+        lost, so the next chunk tells the learner to go on past them. A restart reads it again from disk."""
+        with self._lock:
+            self._chunks = [c for c in self._chunks if c.first_seq != chunk.first_seq]
+            self.gaps.append((chunk.first_seq, chunk.last_seq))
+
     def lost(self, first: int, last: int) -> bool:
         """Whether every sequence number first..last lies in a gap the recovery found (transitions lost for good)."""
         seq = first

@@ -134,8 +134,9 @@ def test_chunks_spilled_as_one_frame_by_an_earlier_version_are_sent_as_frames(tm
             np.testing.assert_array_equal(msg.arrays[name], array, err_msg=name)
 
 
-def _spill_of_four_chunks(cfg: RunConfig, path: Path) -> Spill:
-    """A spill holding transitions 0..11 as chunks of 3, each chunk's values its first sequence number."""
+def _spill_of_four_chunks(cfg: RunConfig, path: Path, *, nan_in: int | None = None) -> Spill:
+    """A spill holding transitions 0..11 as chunks of 3, each chunk's values its first sequence number (NaN in the
+    observations of the chunk starting at `nan_in`: one spilled before the actor checked values)."""
     import numpy as np
 
     from robot_rl import wire
@@ -143,7 +144,9 @@ def _spill_of_four_chunks(cfg: RunConfig, path: Path) -> Spill:
     spec = wire.transition_spec(cfg)
     spill = Spill(path)
     for first in (0, 3, 6, 9):
-        arrays = {name: np.ones(shape, np.dtype(dtype)) * first for name, (shape, dtype) in spec.arrays(3).items()}
+        arrays = {name: np.full(shape, first, np.dtype(dtype)) for name, (shape, dtype) in spec.arrays(3).items()}
+        if first == nan_in:
+            arrays["obs/ee_pose"][1, 2] = np.nan
         msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=first, count=3, arrays=arrays)
         spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=first, count=3)
     return spill
@@ -186,6 +189,53 @@ def test_a_learner_holding_less_than_it_acknowledged_is_told_what_the_spill_rele
     assert [(m.first_seq, m.lost_before) for m in got] == [(6, 6), (9, 0)]
     said = [r.getMessage() for r in caplog.records if "no longer in the spill" in r.getMessage()]
     assert said and "transitions 0..5 were acknowledged earlier" in said[0]
+
+
+def test_a_spilled_chunk_the_learner_refuses_for_its_values_is_given_up_and_the_stream_goes_on(tmp_path: Path):
+    """A chunk the learner refuses for what it holds (NaN observations spilled by an earlier version) would be resent
+    forever, holding back every transition after it: the link gives it up, and the next chunk says it is lost."""
+    from robot_rl import wire
+
+    cfg = load_config(TINY)
+    spec = wire.transition_spec(cfg)
+    spill = _spill_of_four_chunks(cfg, tmp_path / "spill", nan_in=3)
+    port = free_port_pair()
+    ctx = zmq.Context.instance()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    pub.bind(f"tcp://127.0.0.1:{port + 1}")
+    link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
+    link.start()
+    next_seq, refused, stored = 0, 0, []
+    try:
+        deadline = time.monotonic() + 30
+        while next_seq < 12 and time.monotonic() < deadline:
+            pub.send(_status("online", -1))
+            if not router.poll(50):
+                continue
+            identity, *frames = router.recv_multipart()
+            msg = from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
+            if isinstance(msg, Hello):
+                reply = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=next_seq - 1)
+            else:  # transitions, checked as the learner checks them
+                try:
+                    wire.validate_transitions(msg, spec)
+                except wire.WireError as err:
+                    refused += 1
+                    router.send_multipart([identity, to_wire(Refuse(reason=str(err)))])
+                    continue
+                if msg.first_seq - msg.lost_before <= next_seq <= msg.last_seq:
+                    stored.append((msg.first_seq, msg.lost_before))
+                    next_seq = msg.last_seq + 1
+                reply = wire.Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=next_seq - 1)
+            router.send_multipart([identity, to_wire(reply)])
+    finally:
+        link.stop_event.set()
+        link.join(timeout=5)
+        router.close(0)
+        pub.close(0)
+    assert stored == [(0, 0), (6, 3), (9, 0)] and refused == 1  # refused once, then given up: not resent
+    assert spill.gaps == [(3, 5)]
 
 
 def test_free_port_pairs_come_from_below_the_ephemeral_range_and_are_bindable(tmp_path: Path, monkeypatch):
