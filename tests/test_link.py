@@ -76,9 +76,8 @@ def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluat
     assert kinds[first_refused + 1 :].index("hello") < kinds[first_refused + 1 :].index("eval_report")
 
 
-def _chunks_a_link_sends(cfg: RunConfig, spill: Spill, count: int) -> list[tuple[int, Transitions]]:
-    """(frames, message) of the first `count` transitions chunks a LearnerLink on `spill` sends to a fake learner
-    that welcomes it with nothing acknowledged."""
+def _fake_learner_and_link(cfg: RunConfig, spill: Spill) -> tuple[zmq.Socket, zmq.Socket, LearnerLink]:
+    """A fake learner's ROUTER and PUB on a free loopback port pair, and a started LearnerLink on `spill` to them."""
     port = free_port_pair()
     ctx = zmq.Context.instance()
     router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
@@ -86,6 +85,13 @@ def _chunks_a_link_sends(cfg: RunConfig, spill: Spill, count: int) -> list[tuple
     pub.bind(f"tcp://127.0.0.1:{port + 1}")
     link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
     link.start()
+    return router, pub, link
+
+
+def _chunks_a_link_sends(cfg: RunConfig, spill: Spill, count: int) -> list[tuple[int, Transitions]]:
+    """(frames, message) of the first `count` transitions chunks a LearnerLink on `spill` sends to a fake learner
+    that welcomes it with nothing acknowledged."""
+    router, pub, link = _fake_learner_and_link(cfg, spill)
     got: list[tuple[int, Transitions]] = []
     try:
         deadline = time.monotonic() + 30
@@ -199,13 +205,7 @@ def test_a_spilled_chunk_the_learner_refuses_for_its_values_is_given_up_and_the_
     cfg = load_config(TINY)
     spec = wire.transition_spec(cfg)
     spill = _spill_of_four_chunks(cfg, tmp_path / "spill", nan_in=3)
-    port = free_port_pair()
-    ctx = zmq.Context.instance()
-    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    pub.bind(f"tcp://127.0.0.1:{port + 1}")
-    link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
-    link.start()
+    router, pub, link = _fake_learner_and_link(cfg, spill)
     next_seq, refused, stored = 0, 0, []
     try:
         deadline = time.monotonic() + 30
