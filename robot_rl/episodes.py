@@ -31,6 +31,7 @@ an empty one); its attrs are kept in a group outside `data`, which robomimic and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -737,7 +738,7 @@ def iter_episodes(
     """
     path = Path(path)
     notes = _ReadNotes()
-    with _open_for_read(path) as f:
+    with _reading(path) as f:
         data = _data_group(f, path)
         count = 0
         for name in _demo_names(data, path):
@@ -795,7 +796,7 @@ def _demo_list(demos: list[str]) -> str:
 def first_episode_kind(path: str | Path) -> str | None:
     """The `kind` attr of a file's first episode, read without its datasets (None: no episode, or none set)."""
     path = Path(path)
-    with _open_for_read(path) as f:
+    with _reading(path) as f:
         data = _data_group(f, path)
         names = _demo_names(data, path)
         kind = data[names[0]].attrs.get("kind") if names else None
@@ -806,7 +807,7 @@ def read_episodes_without_steps(path: str | Path) -> list[dict[str, AttrValue]]:
     """The attrs of the episodes of a file that faulted before their first step (a reset that faulted), in index
     order; `fault_of(attrs)` is the fault. Empty for a file that has none (every file `read_episodes` reads)."""
     path = Path(path)
-    with _open_for_read(path) as f:
+    with _reading(path) as f:
         _data_group(f, path)
         group = f.get(WITHOUT_STEPS)
         if group is None:
@@ -828,7 +829,7 @@ def collect_shortfall(path: str | Path, episodes: int) -> str | None:
     """Why a demonstrations file holding `episodes` is short of what `robot-rl collect` was asked for (it was stopped
     before it finished), or None: it finished, or the file did not come from `collect`."""
     path = Path(path)
-    with _open_for_read(path) as f:
+    with _reading(path) as f:
         data = _data_group(f, path)
         requested, finished = data.attrs.get(COLLECT_REQUESTED), data.attrs.get(COLLECT_FINISHED)
     if requested is None or finished is None or bool(finished):  # another writer's file, or a finished collect
@@ -846,7 +847,7 @@ def collect_shortfall(path: str | Path, episodes: int) -> str | None:
 def read_env_args(path: str | Path) -> dict[str, Any]:
     """The file's `data.attrs['env_args']`, parsed from JSON."""
     path = Path(path)
-    with _open_for_read(path) as f:
+    with _reading(path) as f:
         data = _data_group(f, path)
         if "env_args" not in data.attrs:
             raise EpisodeFileError(f"{path}: data group has no env_args attribute")
@@ -862,6 +863,19 @@ def _parse_env_args(raw: Any, path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise EpisodeFileError(f"{path}: env_args is JSON but not an object: {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[h5py.File]:
+    """The file open for reading; an error HDF5 raises while it is read (a damaged file: its structure, attributes or
+    data) becomes an EpisodeFileError naming the file, like one raised while opening it."""
+    with _open_for_read(path) as f:
+        try:
+            yield f
+        except EpisodeFileError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise EpisodeFileError(f"{path}: damaged, cannot be read ({type(err).__name__}: {err})") from err
 
 
 def _open_for_read(path: Path) -> h5py.File:

@@ -798,3 +798,26 @@ def test_a_damaged_chunk_is_an_episode_file_error_naming_the_dataset(tmp_path: P
     message = f"{path}: demo_0: rewards cannot be read, the file is damaged"
     with pytest.raises(EpisodeFileError, match=re.escape(message)):
         read_episodes(path)
+
+
+def test_a_damaged_file_is_refused_naming_it_whatever_part_of_it_is_damaged(tmp_path: Path) -> None:
+    """Bits flipped anywhere in a log (its structure, attributes or data): every read either gives the episodes or
+    an EpisodeFileError naming the file, never HDF5's own error from deep inside a read."""
+    path = tmp_path / "log.hdf5"
+    with EpisodeWriter(path, ENV_ARGS) as w:
+        for i in range(2):
+            w.add_episode(make_episode(8, seed=i))
+    original = path.read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = tmp_path / "damaged.hdf5"
+    said: list[str] = []
+    for offset in rng.integers(0, len(original), 300):
+        data = bytearray(original)
+        data[offset] ^= 1 << int(rng.integers(0, 8))
+        damaged.write_bytes(bytes(data))
+        try:
+            read_episodes(damaged, warn=lambda line: None)
+        except EpisodeFileError as err:
+            assert str(err).startswith(str(damaged)), err
+            said.append(str(err))
+    assert any(": damaged, cannot be read (" in line for line in said), said  # reads deep inside the file failed too
