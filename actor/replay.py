@@ -196,7 +196,10 @@ class ActingWeights:
                 f"{directory / 'checkpoints'}/<name> ({shown})"
             )
         elif directory.is_dir():
-            self.archive = WeightsArchive(directory)
+            try:
+                self.archive = WeightsArchive(directory)
+            except WeightsArchiveError as exc:
+                raise ReplayInputError(str(exc)) from exc
         else:
             raise ReplayInputError(f"weights archive {directory} does not exist (pass --checkpoint DIR)")
 
@@ -370,20 +373,24 @@ def load_inputs(
         cfg = load_config(config_path)
     except ConfigError as exc:
         raise ReplayInputError(f"config {config_path}: {exc}") from exc
-    state = {} if bc_dir is not None else _actor_state(actor_dir)
+    state = _actor_state(actor_dir)
     bc_path = bc_dir or _recorded_bc_dir(actor_dir, episodes, state)
     try:
         bc = load_bc(bc_path)
     except BCCheckpointError as exc:
         raise ReplayInputError(f"BC policy {bc_path}: {exc}") from exc
     acted_with = state.get("bc_weights")  # the fingerprint the actor recorded (actors since it was recorded)
-    if isinstance(acted_with, str) and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
+    spec = transition_spec(cfg)
+    fits = (bc.obs_spec, bc.action_dim) == (obs_lib.check_spec(spec.obs), spec.action_dim)  # else: said later
+    if fits and isinstance(acted_with, str) and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
+        given = " (--bc)" if bc_dir is not None else ""
         raise ReplayInputError(
-            f"BC policy {bc_path} is not the one this actor acted with (its weights differ from those "
+            f"BC policy {bc_path}{given} is not the one this actor acted with (its weights differ from those "
             f"{actor_dir / 'actor_state.json'} recorded; trained again since?): pass the policy it acted with as --bc"
         )
-    if checkpoint is None and not gated_versions(episodes):
-        # BC only: no step acted with weights, so there are none to load (an actor without a learner writes none).
+    if not gated_versions(episodes):
+        # BC only: no step acted with weights, so there are none to load (an actor without a learner writes none;
+        # a --checkpoint given is not opened, and the report says it was not used).
         return ReplayInputs(cfg=cfg, bc=bc, weights=None, config_path=config_path, bc_path=bc_path)
     archive = checkpoint or actor_dir / "weights"  # the archive next to the log, wherever the directory went
     if checkpoint is None and not archive.is_dir():

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from robot_rl.durable import save_tensors
+from robot_rl.durable import file_hexdigest, save_tensors
 from robot_rl.hardware.interfaces import ClosesOnExit
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ class WeightsArchiveError(ValueError):
 
 def _stem(version: int) -> str:
     return f"v{version:08d}"
+
+
+DIGEST = "tensors_xxh3"  # in a version's manifest: the xxh3-64 of its tensors file (hex), checked on load
+
+
+def _file_xxh3(path: Path) -> str:
+    """xxh3-64 of a file (hex): a fast check of the bytes, made on the archive's writer thread."""
+    return file_hexdigest(path, xxhash.xxh3_64())
 
 
 def _replace_atomic(path: Path, write: Any) -> None:
@@ -144,13 +153,20 @@ class WeightsArchive(ClosesOnExit):
             if manifest_path.is_file():
                 return
             tensors_name = f"{_stem(version)}.safetensors"
-            _replace_atomic(self.root / tensors_name, lambda p: save_tensors(tensors, p))
+            digest: list[str] = []
+
+            def write_tensors(path: Path) -> None:
+                save_tensors(tensors, path)
+                digest.append(_file_xxh3(path))
+
+            _replace_atomic(self.root / tensors_name, write_tensors)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "version": version,
                 "tensors_file": tensors_name,
                 "tensor_count": len(tensors),
+                DIGEST: digest[0],
                 **meta,
             }
             _replace_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
@@ -211,6 +227,8 @@ class WeightsArchive(ClosesOnExit):
             manifest = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise WeightsArchiveError(f"weights archive manifest {path} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise WeightsArchiveError(f"weights archive manifest {path} is not a JSON object")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise WeightsArchiveError(f"{path} is not a weights archive manifest of format version {FORMAT_VERSION}")
         if manifest.get("version") != version:
@@ -223,7 +241,17 @@ class WeightsArchive(ClosesOnExit):
         path = self.root / str(manifest.get("tensors_file", f"{_stem(version)}.safetensors"))
         if path.parent != self.root or not path.is_file():
             raise WeightsArchiveError(f"weights archive tensors {path} are missing")
+        digest = manifest.get(DIGEST)  # versions archived before it was recorded lack it
+        if digest is not None and _file_xxh3(path) != digest:
+            raise WeightsArchiveError(
+                f"weights archive tensors {path} are not the bytes that were archived (their hash differs from the "
+                f"one {path.with_suffix('.json').name} recorded): the file was damaged or replaced since"
+            )
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsArchiveError(f"weights archive tensors {path} cannot be read: {exc}") from exc
+        bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise WeightsArchiveError(f"weights archive tensors {path}: {bad} holds NaN or inf")
+        return tensors

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 
 def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -33,13 +34,17 @@ def _umask() -> int:
     return 0o022
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file (hex), read in 8 MiB pieces."""
-    digest = hashlib.sha256()
+def file_hexdigest(path: Path, digest: Any) -> str:
+    """`digest` (a hashlib-like object: update, hexdigest) of a file's bytes, read in 8 MiB pieces."""
     with open(path, "rb") as f:
         while piece := f.read(8 << 20):
             digest.update(piece)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file (hex)."""
+    return file_hexdigest(path, hashlib.sha256())
 
 
 def refuse_nearly_full_disk(path: Path, min_free_mb: float, setting: str) -> None:

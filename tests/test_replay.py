@@ -197,13 +197,25 @@ def test_compact_gating_replays_with_its_own_networks_not_the_float_ones(run, tm
     assert replay_log(run["compact_log"]).ok
 
 
+def _archive_other_weights(archive: Path, version: int, tensors: dict) -> None:
+    """Replace `version`'s tensors in `archive` by other weights, as if the actor had acted with those: the manifest
+    gets their hash (tensors changed without it are refused as damaged)."""
+    from robot_rl.actor.weights_archive import DIGEST, _file_xxh3
+
+    path = archive / f"v{version:08d}.safetensors"
+    save_file(tensors, str(path))
+    manifest_path = path.with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, DIGEST: _file_xxh3(path)}))
+
+
 def test_a_changed_critic_is_reported_at_the_first_step_that_used_it(run, tmp_path: Path, capsys):
     changed = tmp_path / "weights"
     shutil.copytree(run["archive"], changed)
     tensors = load_file(str(changed / "v00000003.safetensors"))
     name = next(k for k in sorted(tensors) if k.startswith("critics.") and k.endswith("weight"))
     tensors[name] = tensors[name] + 0.5 * torch.ones_like(tensors[name])
-    save_file(tensors, str(changed / "v00000003.safetensors"))
+    _archive_other_weights(changed, 3, tensors)
 
     assert main(["replay", str(run["gated_log"]), "--checkpoint", str(changed)]) == 1
     out = capsys.readouterr().out
@@ -423,7 +435,7 @@ def test_a_copied_actor_directory_replays_with_its_own_archive_and_says_which_in
     shutil.copytree(run["root"] / "actor", copy)
     tensors = load_file(str(copy / "weights" / "v00000003.safetensors"))
     name = next(k for k in sorted(tensors) if k.startswith("critics.") and k.endswith("weight"))
-    save_file({**tensors, name: tensors[name] + 0.5}, str(copy / "weights" / "v00000003.safetensors"))
+    _archive_other_weights(copy / "weights", 3, {**tensors, name: tensors[name] + 0.5})
     log = copy / "episodes" / run["gated_log"].name
     assert main(["replay", str(log)]) == 1  # the copy's own (changed) archive, not the original it names
     out = capsys.readouterr().out
@@ -434,6 +446,10 @@ def test_a_copied_actor_directory_replays_with_its_own_archive_and_says_which_in
     (copy / "actor_state.json").write_text(json.dumps({**state, "bc_weights": "0" * 16}))
     assert main(["replay", str(run["bc_log"]).replace(str(run["root"] / "actor"), str(copy))]) == 2
     assert "is not the one this actor acted with" in capsys.readouterr().err
+    # Named with --bc, the same policy is checked the same way: what the actor recorded decides.
+    assert main(["replay", str(copy / "episodes" / run["bc_log"].name), "--bc", str(run["root"] / "bc")]) == 2
+    assert f"BC policy {run['root'] / 'bc'} (--bc) is not the one this actor acted with" in capsys.readouterr().err
+    (copy / "actor_state.json").write_text(json.dumps(state))
     assert main(["replay", str(copy / "episodes" / run["bc_log"].name), "--bc", str(run["root"] / "bc")]) == 0
 
 
@@ -507,7 +523,39 @@ def test_a_log_of_an_actor_that_observes_cameras_replays_with_the_logged_images(
     other.write_text(dump_config(other_cfg))
     other_spec = transition_spec(other_cfg).obs
     save_bc(make_bc_policy(other_cfg.bc, other_spec, 6, -np.ones(6, np.float32), np.ones(6, np.float32)), other_bc)
-    with pytest.raises(
+    with pytest.raises(  # (the log on its own: its actor directory would first refuse a BC policy not its own)
         ReplayInputError, match=r"obs/front is uint8\[24, 24, 3\], the config's policies take uint8\[32"
     ):
-        replay_log(log, bc_dir=other_bc, config=other)
+        replay_log(shutil.copy(log, tmp_path / "log.hdf5"), bc_dir=other_bc, config=other)
+
+
+def test_a_damaged_weights_archive_is_unusable_input_not_a_divergence(run, tmp_path: Path, capsys):
+    """Damaged archive files (pins, a manifest, the tensors' bytes) and archived weights holding NaN are refused with
+    one line and exit 2: a replay on them would report the damage as the actor having acted otherwise."""
+    cases = {}
+    for name in ("pins", "manifest", "bytes", "nan"):
+        archive = Path(shutil.copytree(run["archive"], tmp_path / name))
+        cases[name] = archive
+    (cases["pins"] / "pins.json").write_text("{bad")
+    (cases["manifest"] / "v00000003.json").write_text("[]")
+    tensors_file = cases["bytes"] / "v00000003.safetensors"
+    data = bytearray(tensors_file.read_bytes())
+    data[-100] ^= 0x40
+    tensors_file.write_bytes(bytes(data))
+    tensors = load_file(str(cases["nan"] / "v00000003.safetensors"))
+    name = next(k for k in sorted(tensors) if k.startswith("critics.") and k.endswith("weight"))
+    tensors[name][0, 0] = float("nan")
+    _archive_other_weights(cases["nan"], 3, tensors)
+    expected = {
+        "pins": "pins.json cannot be read",
+        "manifest": "v00000003.json is not a JSON object",
+        "bytes": "v00000003.safetensors are not the bytes that were archived",
+        "nan": f"v00000003.safetensors: {name} holds NaN or inf",
+    }
+    for case, archive in cases.items():
+        assert main(["replay", str(run["gated_log"]), "--checkpoint", str(archive)]) == 2, case
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected[case] in err and "Traceback" not in err, (case, err)
+    # A BC-only log does not open a --checkpoint at all: it has no step that acted with weights.
+    assert main(["replay", str(run["bc_log"]), "--checkpoint", str(tmp_path / "nowhere")]) == 0
+    assert f"--checkpoint {tmp_path / 'nowhere'} is not used" in capsys.readouterr().out
