@@ -89,6 +89,12 @@ DEFAULT_ATOL = 1e-5
 _LINK_FIELDS = frozenset({"robot", "franka", "operator"})
 REQUIRED_EXTRAS = ("bc_action", "rl_action", "q_bc", "q_rl", "use_bc", "weights_version", "command", "target",
                    "operator_event")  # fmt: skip
+# Per step: the shape of each extra the replay reads, and the kinds of dtype it may have (f float, i/u integer, b bool).
+EXTRA_FORMS = {
+    "bc_action": ((6,), "f"), "rl_action": ((6,), "f"), "q_bc": ((), "f"), "q_rl": ((), "f"), "use_bc": ((), "bui"),
+    "weights_version": ((), "iu"), "command": ((7,), "f"), "target": ((6,), "f"), "operator_event": ((), "iu"),
+    "measured": ((6,), "f"),
+}  # fmt: skip
 
 
 Check = Callable[[int, str, np.ndarray, np.ndarray], None]
@@ -502,7 +508,17 @@ def read_log(log: Path) -> list[Episode]:
         missing = [name for name in REQUIRED_EXTRAS if name not in ep.extras]
         if missing:
             raise ReplayInputError(f"episode log {log}: demo_{i} lacks extras {missing}: not an actor episode log")
+        for name, (shape, kinds) in EXTRA_FORMS.items():
+            array = ep.extras.get(name)
+            if array is not None and (array.shape[1:] != shape or array.dtype.kind not in kinds):
+                raise ReplayInputError(
+                    f"episode log {log}: demo_{i} extras/{name} is {array.dtype}{list(array.shape[1:])} per step, an "
+                    f"actor logs {'/'.join(_KIND_NAMES[k] for k in kinds)}{list(shape)} (damaged or edited?)"
+                )
     return episodes
+
+
+_KIND_NAMES = {"f": "float", "i": "int", "u": "uint", "b": "bool"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

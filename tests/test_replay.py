@@ -559,3 +559,26 @@ def test_a_damaged_weights_archive_is_unusable_input_not_a_divergence(run, tmp_p
     # A BC-only log does not open a --checkpoint at all: it has no step that acted with weights.
     assert main(["replay", str(run["bc_log"]), "--checkpoint", str(tmp_path / "nowhere")]) == 0
     assert f"--checkpoint {tmp_path / 'nowhere'} is not used" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "make", "said"),
+    [
+        ("weights_version", lambda a: np.where(np.arange(len(a)) == 3, np.nan, a).astype(np.float64), "float64[]"),
+        ("operator_event", lambda a: a.astype(np.float32), "float32[]"),
+        ("target", lambda a: a[:, :3], "float64[3]"),
+        ("bc_action", lambda a: a[:, 0], "float32[]"),
+    ],
+)
+def test_an_extra_of_another_form_than_an_actor_logs_is_refused_in_one_line(run, tmp_path: Path, capsys, extra, make,
+                                                                            said):  # fmt: skip
+    log = tmp_path / "episode.hdf5"
+    shutil.copy(run["gated_log"], log)
+    with h5py.File(log, "r+") as f:
+        group = f["data/demo_0/extras"]
+        value = make(group[extra][...])
+        del group[extra]
+        group[extra] = value
+    assert main(["replay", str(log), "--config", str(run["root"] / "actor" / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"demo_0 extras/{extra} is {said} per step, an actor logs" in err, err
