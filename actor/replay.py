@@ -263,7 +263,12 @@ class Divergence:
                 f"{where} {self.field}: {int(differ.sum())} of {logged.size} values of {logged.dtype}"
                 f"{list(logged.shape)} differ, by up to {np.nanmax(gap) if gap.size else 0:.7g}, first at {list(first)}"
             )
-        return f"{where} {self.field}: logged {_fmt(logged)} replayed {_fmt(replayed)}"
+        line = f"{where} {self.field}: logged {_fmt(logged)} replayed {_fmt(replayed)}"
+        if _fmt(logged) == _fmt(replayed) and logged.shape == replayed.shape:  # a difference below the shown digits
+            with np.errstate(invalid="ignore"):
+                gap = np.nanmax(np.abs(logged.astype(np.float64) - replayed.astype(np.float64)))
+            line += f" (differ by {gap:.3g}, below the digits shown)"
+        return line
 
 
 # A divergence of more values than this (an image) is summarised on its line instead of printed whole.

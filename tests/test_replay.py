@@ -582,3 +582,10 @@ def test_an_extra_of_another_form_than_an_actor_logs_is_refused_in_one_line(run,
     assert main(["replay", str(log), "--config", str(run["root"] / "actor" / "config.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"demo_0 extras/{extra} is {said} per step, an actor logs" in err, err
+
+
+def test_a_divergence_below_the_digits_shown_says_by_how_much():
+    tiny = Divergence(0, 3, "target", np.array([0.25, -0.5]), np.array([0.25, -0.5 + 2e-12])).line()
+    assert tiny.startswith("step 3 target: logged [ 0.25, -0.5 ] replayed [ 0.25, -0.5 ]") and "differ by 2e-12" in tiny
+    plain = Divergence(0, 3, "q_rl", np.float32(1.5), np.float32(2.5)).line()
+    assert plain == "step 3 q_rl: logged 1.5 replayed 2.5"
