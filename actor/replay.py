@@ -76,7 +76,7 @@ from robot_rl.episodes import (
 from robot_rl.hardware.camera import CameraError, Frame
 from robot_rl.hardware.env import OperatorJudgedTask, RobotEnv
 from robot_rl.hardware.interfaces import ClosesOnExit, Pose, RobotState
-from robot_rl.hardware.operator import EVENTS_BY_CODE, ReplayedOperator, apply_operator_events
+from robot_rl.hardware.operator import EVENT_CODES, EVENTS_BY_CODE, ReplayedOperator, apply_operator_events
 from robot_rl.hardware.safety import relative_to_world
 from robot_rl.rollout import clip_action
 from robot_rl.wire import transition_spec
@@ -520,6 +520,12 @@ def read_log(log: Path) -> list[Episode]:
                     f"episode log {log}: demo_{i} extras/{name} is {array.dtype}{list(array.shape[1:])} per step, an "
                     f"actor logs {'/'.join(_KIND_NAMES[k] for k in kinds)}{list(shape)} (damaged or edited?)"
                 )
+        unknown = sorted({int(c) for c in ep.extras["operator_event"]} - set(EVENT_CODES.values()))
+        if unknown:
+            raise ReplayInputError(
+                f"episode log {log}: demo_{i} extras/operator_event holds codes {unknown} that no operator event has "
+                f"(known: {sorted(EVENT_CODES.values())}; damaged, or written by a newer robot-rl?)"
+            )
     return episodes
 
 

@@ -568,6 +568,7 @@ def test_a_damaged_weights_archive_is_unusable_input_not_a_divergence(run, tmp_p
         ("operator_event", lambda a: a.astype(np.float32), "float32[]"),
         ("target", lambda a: a[:, :3], "float64[3]"),
         ("bc_action", lambda a: a[:, 0], "float32[]"),
+        ("operator_event", lambda a: np.where(np.arange(len(a)) == 2, 99, a).astype(a.dtype), "codes [99]"),
     ],
 )
 def test_an_extra_of_another_form_than_an_actor_logs_is_refused_in_one_line(run, tmp_path: Path, capsys, extra, make,
@@ -581,7 +582,12 @@ def test_an_extra_of_another_form_than_an_actor_logs_is_refused_in_one_line(run,
         group[extra] = value
     assert main(["replay", str(log), "--config", str(run["root"] / "actor" / "config.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"demo_0 extras/{extra} is {said} per step, an actor logs" in err, err
+    shown = (
+        f"extras/{extra} holds {said} that no operator event has"
+        if said.startswith("codes")
+        else (f"extras/{extra} is {said} per step, an actor logs")
+    )
+    assert err.count("\n") == 1 and f"demo_0 {shown}" in err, err
 
 
 def test_a_divergence_below_the_digits_shown_says_by_how_much():
