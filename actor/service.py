@@ -51,6 +51,7 @@ from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import BC_FINGERPRINT_KEY, bc_fingerprint, load_bc
 from robot_rl.config import ConfigError, RunConfig, dump_config
 from robot_rl.dirlock import DirectoryLock
+from robot_rl.durable import write_text_atomic
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import EpisodeFault, EpisodeWriter
 from robot_rl.hardware.camera import CameraError
@@ -167,7 +168,7 @@ class ActorService:
         self.max_episodes = episodes
         out.mkdir(parents=True, exist_ok=True)
         self._check_same_run_config()
-        (out / "config.yaml").write_text(dump_config(cfg))
+        write_text_atomic(out / "config.yaml", dump_config(cfg))
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         self.run_id = self._run_id()

@@ -58,6 +58,7 @@ from robot_rl.buffer import ReplayBuffer, learner_buffer
 from robot_rl.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 from robot_rl.config import STATE_OBS_KEY, ConfigError, RunConfig, dump_config
 from robot_rl.dirlock import DirectoryLock, holds_only_the_lock
+from robot_rl.durable import write_text_atomic
 from robot_rl.malloc import reuse_freed_memory
 from robot_rl.prefetch import learner_sampler
 from robot_rl.qestimation import Rollout, run_q_estimation
@@ -283,7 +284,11 @@ def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> N
         )
     saved = out / "config.yaml"
     if saved.is_file():
-        fields = saved_config_differences(saved, fingerprint)
+        try:
+            fields = saved_config_differences(saved, fingerprint)
+        except ConfigError as err:  # the run's own copy, damaged: nothing to compare with
+            log.warning("%s cannot be read (%s); it is replaced by this run's config", saved, err)
+            return
         if fields:
             raise LearnerError(f"cannot resume {out}: the config differs from the run's {saved} in {fields}")
 
@@ -436,7 +441,7 @@ class LearnerService:
         self.evallog = RunLog(self.out, resume=resume)
         if resume:
             self._restore()
-        (self.out / "config.yaml").write_text(dump_config(cfg))
+        write_text_atomic(self.out / "config.yaml", dump_config(cfg))
         self.start = time.monotonic()
         self._stop = threading.Event()
         self._last_status = self._last_stats = -math.inf
@@ -1420,8 +1425,11 @@ class LearnerService:
         if restored is not None:
             self._check_log_against(restored)
         self._refuse_if_complete(self.counters.online_env_steps)
-        if self.phase == "paused":  # stopped while finishing: evaluate once more and finish (under the new id)
-            self.phase, self.eval_kind = "eval", "online"
+        if self.phase == "paused":  # stopped while finishing, after the final evaluation (eval.csv has its row)
+            if self.counters.online_env_steps >= self.cfg.train.env_steps:
+                self.done = True  # finish at once: no evaluation to wait for, no actor needed
+            else:  # resumed with a larger train.env_steps: train on
+                self.phase, self.eval_kind = "online", "online"
         log.info(
             "resumed %s: phase %s, %d transitions in %d streams, %d learner steps, weights version %d",
             self.out,
@@ -1456,15 +1464,17 @@ class LearnerService:
         """Load the newest checkpoint that reads and restores; its manifest's learner state, or None when the run
         has no checkpoint yet. CheckpointError, naming each one's problem, when none of several can be restored."""
         root = self.out / CHECKPOINTS
-        steps = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
-        candidates = [path for path in (root / LATEST, root / "final", *steps) if path.is_dir()]
+        others = [*root.glob("step_*"), root / "final"] if root.is_dir() else []
+        # After latest: the others newest first by the learner steps their manifests count (unreadable ones last).
+        others = sorted((p for p in others if p.is_dir()), key=_checkpoint_progress, reverse=True)
+        candidates = [path for path in (root / LATEST, *others) if path.is_dir()]
         problems: list[str] = []
         for path in candidates:
             try:
                 tensors, manifest, optimizers = load_checkpoint(path)
                 state = _resume_state(manifest, path)
                 self.agent.load_network_state(tensors)
-                self.agent.load_optimizer_states(optimizers)
+                changed = self.agent.load_optimizer_states(optimizers)
             except (CheckpointError, KeyError, ValueError, RuntimeError) as err:  # load_state_dict: RuntimeError
                 problems.append(f"{path.name}: {err}")
                 log.warning("cannot resume from checkpoint %s: %s", path, err)
@@ -1477,6 +1487,8 @@ class LearnerService:
                     LATEST,
                     problems[0] if problems else "it is missing",
                 )
+            if changed:
+                log.warning("resumed with the config's learning rates, not the checkpoint's: %s", ", ".join(changed))
             self.counters.learner_steps = state["learner_steps"]
             self.phase, self.eval_kind = state["phase"], state["eval_kind"]
             # Evaluation ids jump on every resume: the killed learner may have asked for (and an actor answered)
@@ -1524,14 +1536,40 @@ class LearnerService:
         path = self.out / "stats.json"
         try:
             saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(saved, dict):
+                raise TypeError(f"holds a {type(saved).__name__}, not an object")
+            weights_version = int(saved.get("weights_version", -1))
+            asked = int(saved.get("eval_id", -1))
+            refused = int(saved.get("refused_unidentified", 0))
+            actors = {
+                str(name): {key: int(entry.get(key, 0)) for key in ("duplicates", "refused", "gaps", "lost")}
+                for name, entry in (saved.get("actors") or {}).items()
+            }
+        except FileNotFoundError:
             return
-        self.weights_version = max(self.weights_version, int(saved.get("weights_version", -1)))
-        self.refused_unidentified = int(saved.get("refused_unidentified", 0))
-        for name, entry in (saved.get("actors") or {}).items():
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as err:  # JSONDecodeError too
+            log.warning("%s cannot be read (%s): its counters start over; the stored transitions are not affected",
+                        path, err)  # fmt: skip
+            return
+        self.weights_version = max(self.weights_version, weights_version)
+        # The last evaluation this run asked for may be newer than the checkpoint's (asked after it, or by an earlier
+        # resume from the same checkpoint): ids go on above both, so no actor takes a new one for one it answered.
+        if asked >= 0:
+            self.eval_id = max(self.eval_id, asked + EVAL_ID_JUMP_ON_RESUME)
+        self.refused_unidentified = refused
+        for name, entry in actors.items():
             stats = self.actors.setdefault(name, ActorStats())
-            stats.duplicates, stats.refused = int(entry.get("duplicates", 0)), int(entry.get("refused", 0))
-            stats.gaps, stats.lost = int(entry.get("gaps", 0)), int(entry.get("lost", 0))
+            stats.duplicates, stats.refused, stats.gaps, stats.lost = (entry[k] for k in ("duplicates", "refused",
+                                                                                          "gaps", "lost"))  # fmt: skip
+
+
+def _checkpoint_progress(path: Path) -> tuple[int, str]:
+    """Sort key of a checkpoint by the learner steps its manifest counts (-1 where it cannot be read), then name."""
+    try:
+        steps = int(json.loads((path / MANIFEST_FILE).read_text())["counters"]["learner_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        steps = -1
+    return steps, path.name
 
 
 def _discard_new_run(out: Path, existed: bool) -> None:

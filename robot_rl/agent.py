@@ -736,12 +736,25 @@ class Q2RLAgent(nn.Module):
             "alpha": self.alpha_opt.state_dict(),
         }
 
-    def load_optimizer_states(self, states: dict[str, dict]) -> None:
-        self.actor_opt.load_state_dict(states["actor"])
-        self.critic_opt.load_state_dict(states["critic"])
-        self.alpha_opt.load_state_dict(states["alpha"])
+    def load_optimizer_states(self, states: dict[str, dict]) -> list[str]:
+        """Load saved optimiser states; the learning rates stay the config's (a resume may change them). Returns what
+        changed, e.g. ["agent.actor_lr 0.0003 -> 0.0001"]."""
+        changed = []
+        for name, opt, setting in (
+            ("actor", self.actor_opt, "actor_lr"),
+            ("critic", self.critic_opt, "critic_lr"),
+            ("alpha", self.alpha_opt, "temperature_lr"),
+        ):
+            opt.load_state_dict(states[name])
+            lr = float(getattr(self.cfg, setting))
+            saved = {float(group["lr"]) for group in opt.param_groups}
+            if saved != {lr}:
+                changed.append(f"agent.{setting} {'/'.join(f'{v:g}' for v in sorted(saved))} -> {lr:g}")
+            for group in opt.param_groups:
+                group["lr"] = lr
         if self._step_graph is not None:  # new state tensors: a captured step would still read the old ones
             self._step_graph.reset()
+        return changed
 
 
 def _holding(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from robot_rl.config import ConfigError, dump_config, load_config
+from robot_rl.durable import write_text_atomic
 from robot_rl.runlog import EvalRow, StatusLine, read_eval_csv
 from robot_rl.signals import SUPERVISED_ENV
 
@@ -130,7 +131,7 @@ def run_demo(*, out: Path, minutes: float, config: Path | None, overrides: list[
     port = free_port_pair()
     cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"learner": f"tcp://127.0.0.1:{port}"})})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
     start = time.monotonic()
     demos, bc_dir = out / "demos.hdf5", out / "bc"
     print(f"demo: run directory {out}", flush=True)

@@ -34,6 +34,13 @@ def _umask() -> int:
     return 0o022
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it over `path`: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def file_hexdigest(path: Path, digest: Any) -> str:
     """`digest` (a hashlib-like object: update, hexdigest) of a file's bytes, read in 8 MiB pieces."""
     with open(path, "rb") as f:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from robot_rl.config import ConfigError
+from robot_rl.durable import write_text_atomic
 
 log = logging.getLogger("robot_rl")
 
@@ -43,9 +44,7 @@ class EvalRow:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 class RunLog:
@@ -222,7 +221,8 @@ def plot_curves(
     ax_b.set(xlabel="environment steps", ylabel="fraction of BC actions", ylim=(-0.02, 1.02), title="BC actions")
     for ax in (ax_s, ax_b):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run without online evaluations draws no line
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -42,7 +42,7 @@ from robot_rl.config import (
     load_config,
     parse_override,
 )
-from robot_rl.durable import refuse_nearly_full_disk
+from robot_rl.durable import refuse_nearly_full_disk, write_text_atomic
 from robot_rl.envs import SIM_PEG_ENV_ID, make_env
 from robot_rl.episodes import (
     COLLECT_FINISHED,
@@ -331,7 +331,7 @@ def check_checkpoint_bc(checkpoint: Path, manifest: dict, bc: torch.nn.Module | 
 def save_bc_with_config(policy: torch.nn.Module, directory: Path, cfg: RunConfig) -> None:
     """save_bc, then the run config beside it: `robot-rl eval` of the directory alone evaluates in that config's env."""
     save_bc(policy, directory)
-    (directory / BC_RUN_CONFIG).write_text(dump_config(cfg))
+    write_text_atomic(directory / BC_RUN_CONFIG, dump_config(cfg))
 
 
 def train_bc_from_demos(
@@ -391,7 +391,7 @@ class Trainer:
         check_compile(cfg.train.compile, self.device)
         warn_image_learner_on_cpu(cfg, self.device)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        write_text_atomic(out / "config.yaml", dump_config(cfg))
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         torch.manual_seed(cfg.seed)
@@ -471,7 +471,7 @@ class Trainer:
             f"here: {'; '.join(differ)}; the run uses and records the policy's"
         )
         self.cfg = self.cfg.model_copy(update={"bc": used})
-        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        write_text_atomic(self.out / "config.yaml", dump_config(self.cfg))
 
     def _demo_data(self) -> dict[str, np.ndarray]:
         """The demonstrations' transitions, read once for BC training and the offline buffer together."""

@@ -767,7 +767,7 @@ def test_phases_from_bc_eval_through_q_estimation_to_done(tmp_path: Path, bc_dir
         LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
     manifest.write_bytes(kept)
     more = LearnerService(tiny_config("train.env_steps=80"), out, bc_dir=bc_dir, resume=True, quiet=True)
-    assert (more.phase, more.counters.online_env_steps) == ("eval", 50)
+    assert (more.phase, more.counters.online_env_steps) == ("online", 50)  # its final evaluation is in eval.csv
     more.store.close()
     held = DirectoryLock(out, what="learner")
     try:
@@ -879,7 +879,8 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
         caplog.clear()
         service = LearnerService(cfg, out, bc_dir=bc_dir, resume=True, quiet=True)
         assert (service.phase, service.counters.learner_steps, service.counters.env_steps) == expected
-        assert service.eval_id == step["learner"]["eval_id"] + EVAL_ID_JUMP_ON_RESUME
+        # Ids go on above the last one the run asked for (evaluation 1, after step_00000020: stats.json says so).
+        assert service.eval_id == max(step["learner"]["eval_id"], 1) + EVAL_ID_JUMP_ON_RESUME == 1001
         assert "resuming from checkpoint" in caplog.text and "step_00000020" in caplog.text and why in caplog.text
         service.store.close()
 
@@ -907,6 +908,73 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
     again = LearnerService(cfg, lost, bc_dir=bc_dir, resume=True, quiet=True)
     assert again.streams[("a0", "r0")].next_seq == 35 and again.counters.env_steps == 15
     again.store.close()
+
+
+def test_resume_takes_the_newest_checkpoint_the_configs_learning_rates_and_ids_above_any_asked_before(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg = tiny_config()
+    run = tmp_path / "run"
+    with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
+        to_online_eval(FakeActor(ctx, cfg), 20)
+    checkpoints = run / "checkpoints"
+    # An older `final` beside a newer step_*: without latest, the newest by learner steps restores, not `final`.
+    shutil.copytree(checkpoints / "step_00000020", checkpoints / "final")
+    for name, steps in (("final", 3), ("step_00000020", 7)):  # the counts a run makes further apart
+        manifest = json.loads((checkpoints / name / "manifest.json").read_text())
+        manifest["counters"]["learner_steps"] = steps
+        (checkpoints / name / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(checkpoints / "latest")
+    # An earlier resume asked for evaluation 1500 (stats.json); new learning rates are given.
+    stats = json.loads((run / "stats.json").read_text())
+    (run / "stats.json").write_text(json.dumps({**stats, "eval_id": 1500}))
+    caplog.set_level(logging.WARNING, logger="robot_rl.learner")
+    faster = tiny_config("agent.actor_lr=0.001")
+    service = LearnerService(faster, run, bc_dir=bc_dir, resume=True, quiet=True)
+    assert service.counters.learner_steps == 7
+    assert "resuming from checkpoint" in caplog.text and "step_00000020" in caplog.text
+    assert service.eval_id == 1500 + EVAL_ID_JUMP_ON_RESUME
+    assert [g["lr"] for g in service.agent.actor_opt.param_groups] == [0.001]
+    assert [g["lr"] for g in service.agent.critic_opt.param_groups] == [faster.agent.critic_lr]
+    assert "resumed with the config's learning rates, not the checkpoint's: agent.actor_lr 0.0003 -> 0.001" in (
+        caplog.text
+    )
+    service.store.close()
+    # A damaged stats.json (its counters only) is said and left behind; the run resumes from its checkpoint.
+    for garbage in (b"\x00\xff\xfe", b"[1, 2]", b'{"weights_version": "x"}', b'{"actors": {"a0": 5}}'):
+        (run / "stats.json").write_bytes(garbage)
+        caplog.clear()
+        service = LearnerService(cfg, run, bc_dir=bc_dir, resume=True, quiet=True)
+        assert "stats.json cannot be read" in caplog.text and service.counters.learner_steps > 0
+        service.store.close()
+
+
+def test_a_learner_stopped_while_finishing_resumes_to_finish_without_an_actor(
+    tmp_path: Path, bc_dir: Path, ctx
+) -> None:
+    cfg = tiny_config()
+    run = tmp_path / "run"
+    with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
+        to_online_eval(FakeActor(ctx, cfg), 20)
+    # Its last checkpoint says it was finishing: the final evaluation is done (at 20 online steps, the budget here).
+    latest = run / "checkpoints" / "latest" / "manifest.json"
+    manifest = json.loads(latest.read_text())
+    manifest["learner"]["phase"] = "paused"
+    latest.write_text(json.dumps(manifest))
+    more = LearnerService(tiny_config("train.env_steps=400"), Path(shutil.copytree(run, tmp_path / "more")),
+                          bc_dir=bc_dir, resume=True, quiet=True)  # fmt: skip
+    assert (more.done, more.phase) == (False, "online")  # with a larger budget it trains on
+    more.store.close()
+    done = tiny_config("train.env_steps=20")
+    service = LearnerService(done, run, bc_dir=bc_dir, resume=True, quiet=True)
+    assert service.done
+    start = time.monotonic()
+    with running(service) as result:
+        deadline = time.monotonic() + 60
+        while "summary" not in result and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert result["summary"]["finished"] and time.monotonic() - start < 40  # no evaluation waited for
+    assert (run / "checkpoints" / "final").is_dir() and (run / "summary.json").is_file()
 
 
 def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_gets_the_weights(
