@@ -847,13 +847,19 @@ def test_resume_in_an_evaluation_restores_networks_counters_and_phase(tmp_path: 
     ]
 
 
-def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_log_lost_acked_chunks(
-    tmp_path: Path, bc_dir: Path, ctx, caplog
-) -> None:
+def _stopped_at_the_first_online_evaluation(tmp_path: Path, bc_dir: Path, ctx) -> tuple[RunConfig, Path]:
+    """A learner run (tmp_path/run) driven to its first online evaluation (20 online steps), then stopped."""
     cfg = tiny_config()
     run = tmp_path / "run"
     with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
         to_online_eval(FakeActor(ctx, cfg), 20)
+    return cfg, run
+
+
+def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_log_lost_acked_chunks(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    cfg, run = _stopped_at_the_first_online_evaluation(tmp_path, bc_dir, ctx)
     checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000020"]
 
@@ -913,10 +919,7 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
 def test_resume_takes_the_newest_checkpoint_the_configs_learning_rates_and_ids_above_any_asked_before(
     tmp_path: Path, bc_dir: Path, ctx, caplog
 ) -> None:
-    cfg = tiny_config()
-    run = tmp_path / "run"
-    with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
-        to_online_eval(FakeActor(ctx, cfg), 20)
+    cfg, run = _stopped_at_the_first_online_evaluation(tmp_path, bc_dir, ctx)
     checkpoints = run / "checkpoints"
     # An older `final` beside a newer step_*: without latest, the newest by learner steps restores, not `final`.
     shutil.copytree(checkpoints / "step_00000020", checkpoints / "final")
@@ -952,10 +955,7 @@ def test_resume_takes_the_newest_checkpoint_the_configs_learning_rates_and_ids_a
 def test_a_learner_stopped_while_finishing_resumes_to_finish_without_an_actor(
     tmp_path: Path, bc_dir: Path, ctx
 ) -> None:
-    cfg = tiny_config()
-    run = tmp_path / "run"
-    with running(LearnerService(cfg, run, bc_dir=bc_dir, quiet=True)):
-        to_online_eval(FakeActor(ctx, cfg), 20)
+    _, run = _stopped_at_the_first_online_evaluation(tmp_path, bc_dir, ctx)
     # Its last checkpoint says it was finishing: the final evaluation is done (at 20 online steps, the budget here).
     latest = run / "checkpoints" / "latest" / "manifest.json"
     manifest = json.loads(latest.read_text())
