@@ -598,16 +598,35 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _disk_full(exc: BaseException) -> tuple[str | None, str] | None:
-    """(path or None, error text) when `exc` or an exception in its chain says the disk or the quota is full."""
+def _os_error_in(exc: BaseException, errnos: tuple[int, ...], text: re.Pattern) -> tuple[str | None, str] | None:
+    """(path or None, error text) when `exc` or an exception in its chain is an OSError of one of `errnos`, or (the
+    OSError gone, e.g. inside safetensors or HDF5) says so in words `text` finds."""
     chain = _exception_chain(exc)
     for e in chain:
-        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        if isinstance(e, OSError) and e.errno in errnos:
             return (None if e.filename is None else os.fsdecode(e.filename)), e.strerror or str(e)
     for e in chain:
-        if _DISK_FULL_TEXT.search(str(e)):
+        if text.search(str(e)):
             return None, " ".join(f"{type(e).__name__}: {e}".split())
     return None
+
+
+def _disk_full(exc: BaseException) -> tuple[str | None, str] | None:
+    """What `exc` says when the disk or the quota is full (see _os_error_in)."""
+    return _os_error_in(exc, _DISK_FULL_ERRNOS, _DISK_FULL_TEXT)
+
+
+_UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+# The same when only the text is left: safetensors' Rust errors ("os error 30") and the C library's words.
+_UNWRITABLE_TEXT = re.compile(
+    "|".join([re.escape(os.strerror(e)) for e in _UNWRITABLE_ERRNOS] + [rf"os error {e}\b" for e in _UNWRITABLE_ERRNOS])
+)
+
+
+def _unwritable(exc: BaseException) -> tuple[str | None, str] | None:
+    """What `exc` says when a file could not be written or read for lack of permission, or written on a read-only
+    filesystem (see _os_error_in)."""
+    return _os_error_in(exc, _UNWRITABLE_ERRNOS, _UNWRITABLE_TEXT)
 
 
 def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
@@ -632,7 +651,21 @@ def _failure(args: argparse.Namespace, exc: Exception) -> int | None:
             file=sys.stderr,
         )
         return 2
-    known = (ConfigError, EpisodeFileError, BCCheckpointError, BCDiverged, CheckpointError, SecurityError, CameraError)
+    unwritable = _unwritable(exc)
+    if unwritable is not None:
+        path, error = unwritable
+        out = getattr(args, "out", None)
+        where = path or out or "its files"
+        print(
+            f"robot-rl {args.command}: {where}: {error} (permissions, or a read-only mount); fix that and run the same "
+            "command again",
+            file=sys.stderr,
+        )
+        return 2
+    from robot_rl.learner.store import StoreError
+
+    known = (ConfigError, EpisodeFileError, BCCheckpointError, BCDiverged, CheckpointError, SecurityError, CameraError,
+             StoreError)  # fmt: skip
     if isinstance(exc, RobotFault):  # unreachable, or lost and not reconnected: the actor has stopped it
         print(f"robot-rl {args.command}: robot: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

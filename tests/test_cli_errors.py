@@ -530,6 +530,35 @@ def test_disk_full_is_one_line_with_what_to_do(monkeypatch, capsys, command, arg
     assert expected in error_line(capsys, command)
 
 
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (OSError(errno.EROFS, "Read-only file system", "RUN/.lock"), "RUN/.lock: Read-only file system"),
+        (
+            chained(RuntimeError("writing the transition log failed"), OSError(errno.EACCES, "Permission denied")),
+            "RUN: Permission denied",
+        ),
+        (
+            FakeSafetensorError("Error while serializing: Read-only file system (os error 30) at path RUN/x"),
+            "RUN: FakeSafetensorError: Error while serializing: Read-only file system (os error 30)",
+        ),
+    ],
+)
+def test_a_file_that_cannot_be_written_is_one_line_with_what_to_do(monkeypatch, capsys, exc, expected) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "learner", raising(exc))
+    assert main(["learner", "--out", "RUN", "--bc", "BC"]) == 2
+    line = error_line(capsys, "learner")
+    assert line.startswith(f"robot-rl learner: {expected}") and "(permissions, or a read-only mount)" in line
+
+
+def test_a_transition_log_that_fails_is_one_line(monkeypatch, capsys) -> None:
+    from robot_rl.learner.store import StoreError
+
+    monkeypatch.setitem(cli.COMMANDS, "learner", raising(StoreError("the transition log RUN/buffer/a.log is damaged")))
+    assert main(["learner", "--out", "RUN", "--bc", "BC"]) == 2
+    assert error_line(capsys, "learner") == "robot-rl learner: the transition log RUN/buffer/a.log is damaged"
+
+
 def test_disk_full_inside_a_config_error_is_reported_as_disk_full(monkeypatch, capsys) -> None:
     exc = chained(ConfigError("cannot open"), OSError(errno.ENOSPC, "No space left on device", "X.hdf5"))
     monkeypatch.setitem(cli.COMMANDS, "collect", raising(exc))
@@ -538,8 +567,8 @@ def test_disk_full_inside_a_config_error_is_reported_as_disk_full(monkeypatch, c
 
 
 def test_other_errors_still_raise(monkeypatch) -> None:
-    monkeypatch.setitem(cli.COMMANDS, "train", raising(OSError(errno.EACCES, "Permission denied", "x")))
-    with pytest.raises(PermissionError):
+    monkeypatch.setitem(cli.COMMANDS, "train", raising(OSError(errno.EIO, "Input/output error", "x")))
+    with pytest.raises(OSError, match="Input/output error"):
         main(["train", "--out", "RUN"])
 
 
