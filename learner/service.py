@@ -995,11 +995,12 @@ class LearnerService:
             if self._eval_due():
                 self._start_eval("online")
             elif self.counters.online_env_steps >= self.next_ckpt_at:
+                # The next due point first: the checkpoints record it, so a resume from them does not save again.
+                while self.next_ckpt_at <= self.counters.online_env_steps:
+                    self.next_ckpt_at += self.cfg.train.checkpoint_every
                 self._checkpoint(f"step_{self.counters.online_env_steps:08d}")
                 prune_checkpoints(self.out / CHECKPOINTS, self.cfg.train.keep_checkpoints)
                 self._checkpoint(LATEST)
-                while self.next_ckpt_at <= self.counters.online_env_steps:
-                    self.next_ckpt_at += self.cfg.train.checkpoint_every
 
     def _warn_eval_wait(self) -> None:
         """Say, every eval_warn_every_s, that an evaluation's report is late, for how long it is still waited for, and

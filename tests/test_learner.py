@@ -862,6 +862,8 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
     cfg, run = _stopped_at_the_first_online_evaluation(tmp_path, bc_dir, ctx)
     checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000020"]
+    for name in ("latest", "step_00000020"):  # they record the next due point: a resume does not save at once again
+        assert json.loads((checkpoints / name / "manifest.json").read_text())["learner"]["next_ckpt_at"] == 40
 
     def copy(name: str) -> Path:
         return Path(shutil.copytree(run, tmp_path / name))
