@@ -1528,8 +1528,8 @@ class LearnerService:
                     self.out / "buffer",
                     next_seq,
                 )
+                self.actors.setdefault(actor_id, ActorStats()).lost += next_seq - stream.next_seq  # in stats.json
                 stream.skip_to(next_seq)
-                self.actors.setdefault(actor_id, ActorStats())
 
     def _restore_stats(self) -> None:
         """Counters kept only in stats.json: the newest weights version broadcast, duplicates, refusals, gaps and the

@@ -908,6 +908,7 @@ def test_resume_falls_back_to_an_older_checkpoint_and_continues_a_stream_whose_l
     caplog.clear()
     service = LearnerService(cfg, lost, bc_dir=bc_dir, resume=True, quiet=True)
     assert "20 acknowledged transitions were lost" in caplog.text and service.counters.env_steps == 10
+    assert service.actors["a0"].lost == 20  # counted in stats.json as lost (kept across later resumes)
     with running(service):
         actor = FakeActor(ctx, cfg)
         welcome = actor.hello()
