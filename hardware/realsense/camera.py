@@ -257,7 +257,7 @@ class RealSenseCamera(ClosesOnExit):
 
     def read_raw(self) -> Frame:
         """The newest frame as delivered (height x width x 3 uint8 RGB, read-only)."""
-        return self._take()
+        return self._take(count_repeat=False)  # a measuring loop polls faster than frames come: not a fault
 
     def read(self) -> Frame:
         """The newest frame cropped and resized to out_size x out_size x 3 uint8 RGB (read-only)."""
@@ -286,7 +286,7 @@ class RealSenseCamera(ClosesOnExit):
     # ----------------------------------------------------------------------------------------------------------------
     # Reading
     # ----------------------------------------------------------------------------------------------------------------
-    def _take(self) -> Frame:
+    def _take(self, *, count_repeat: bool = True) -> Frame:
         with self._cond:
             if self._closed:
                 raise CameraError(f"camera {self.name}: closed")
@@ -303,14 +303,17 @@ class RealSenseCamera(ClosesOnExit):
                 raise self._no_frame_error()
             age = self._clock() - frame.received_s
             if age > self._cfg.freshness_s:
-                state = "" if self._connected else " (disconnected, reconnecting)"
+                if finished:  # ended or damaged (a reader slower than the freshness limit): said as such
+                    state = f" ({str(self._no_frame_error()).removeprefix(f'camera {self.name}: ')})"
+                else:
+                    state = "" if self._connected else " (disconnected, reconnecting)"
                 raise StaleFrameError(
                     f"camera {self.name}: newest frame #{frame.frame_number} is {age:.3f} s old, "
                     f"limit {self._cfg.freshness_s} s{state}",
                     age_s=age,
                     limit_s=self._cfg.freshness_s,
                 )
-            if self._latest_seq == self._consumed_seq:
+            if count_repeat and self._latest_seq == self._consumed_seq:
                 self._said_repeat(frame)
             self._consumed_seq = self._latest_seq
             return frame
