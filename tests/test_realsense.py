@@ -423,8 +423,9 @@ def test_unreadable_recording_is_named_in_the_error(tmp_path: Path) -> None:
 def test_recording_of_another_size_is_refused_with_both_sizes(recording: tuple[Path, list]) -> None:
     path, _ = recording
     cfg = CameraConfig(name="front", recording=str(path), width=640, height=480, crop=CropConfig(x=80))
-    with pytest.raises(CameraError, match=re.escape(f"cannot open recording {path} as 640x480 RGB8 at 30 fps")):
+    with pytest.raises(CameraError, match=re.escape(f"cannot open recording {path} as 640x480 RGB8 at 30 fps")) as info:
         RealSenseCamera(cfg)
+    assert str(info.value).endswith(f"; the file holds color {W}x{H} RGB8 at 30 fps")  # what it asked, what there is
 
 
 def test_conflicting_or_missing_sources_are_refused(recording: tuple[Path, list], tmp_path: Path) -> None:

@@ -72,6 +72,25 @@ class _Stream:
     frames_in_file: int | None = None
 
 
+def recording_streams(recording: Path) -> str:
+    """What an SDK recording holds, for messages: e.g. "color 640x480 BGR8 at 30 fps, depth 848x480 Z16 at 30 fps"."""
+    config = rs.config()
+    try:
+        config.enable_device_from_file(str(recording), repeat_playback=False)
+        profile = config.resolve(rs.pipeline_wrapper(rs.pipeline()))
+        streams = []
+        for stream in profile.get_streams():
+            kind, fmt = str(stream.stream_type()).split(".")[-1], str(stream.format()).split(".")[-1].upper()
+            size = ""
+            if stream.is_video_stream_profile():
+                video = stream.as_video_stream_profile()
+                size = f" {video.width()}x{video.height()}"
+            streams.append(f"{kind}{size} {fmt} at {stream.fps()} fps")
+    except RuntimeError as exc:
+        return f"no stream that can be listed ({exc})"
+    return ", ".join(streams) if streams else "no stream"
+
+
 def _start_pipeline(cfg: CameraConfig, *, recording: Path | None, record_to: Path | None) -> _Stream:
     """Start the colour stream of `cfg` from the device `cfg.serial` or from `recording`; the one code path of both."""
     source = f"recording {recording}" if recording is not None else f"device {cfg.serial}"
@@ -90,7 +109,8 @@ def _start_pipeline(cfg: CameraConfig, *, recording: Path | None, record_to: Pat
         if device.is_playback():
             device.as_playback().set_real_time(False)  # before start, or frames get lost (hardware-facts.md)
     except RuntimeError as exc:
-        raise CameraError(f"camera {cfg.name}: cannot open {source} as {wanted}: {exc}") from exc
+        holds = f"; the file holds {recording_streams(recording)}" if recording is not None else ""
+        raise CameraError(f"camera {cfg.name}: cannot open {source} as {wanted}: {exc}{holds}") from exc
     frames_in_file = None
     if recording is not None:
         try:
