@@ -60,6 +60,10 @@ def test_measurements(tmp_path: Path):
     assert cam["frames"] == 5 and cam["size"] == f"{W}x{H}"
     assert 10 < cam["fps_measured"] < 90  # paced at the recorded 30 fps
     assert 0 <= cam["latency_p50_ms"] <= cam["latency_p99_ms"] < 200
+    # A camera whose frame numbers do not advance: frames are told apart by their arrival, not their number.
+    still = write_recording(tmp_path / "still.db3", frames(10), fps=30, width=W, height=H, number_step=0)
+    (cam,) = cameras_cmd.run_cameras(None, [], still, tmp_path / "out2", 100)["cameras"]
+    assert cam["frames"] >= 8 and cam["recording_ended"] and 10 < cam["fps_measured"] < 90
 
 
 def test_small_recording_gets_a_centred_square_crop(tmp_path: Path):

@@ -71,12 +71,14 @@ def write_recording(
     height: int,
     start_timestamp_ms: float = 1_000.0,
     first_frame_number: int = 1,
+    number_step: int = 1,
     serial: str = "synthetic",
     overwrite: bool = False,
 ) -> Path:
     """Write `frames` (uint8 RGB, height x width x 3 each) as an SDK colour-stream recording; returns the path.
 
-    Frame i gets frame number `first_frame_number + i` and device timestamp `start_timestamp_ms + i * 1000 / fps`
+    Frame i gets frame number `first_frame_number + i * number_step` (0: a camera whose numbers do not advance) and
+    device timestamp `start_timestamp_ms + i * 1000 / fps`
     (hardware-clock domain, as a real camera stamps its frames); both replay intact.
     """
     path = Path(path)
@@ -110,7 +112,7 @@ def write_recording(
             frame.bpp = 3
             frame.timestamp = start_timestamp_ms + i * 1000.0 / fps
             frame.domain = rs.timestamp_domain.hardware_clock
-            frame.frame_number = first_frame_number + i
+            frame.frame_number = first_frame_number + i * number_step
             frame.profile = profile
             sensor.on_video_frame(frame)
     finally:
