@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
@@ -76,8 +77,12 @@ def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluat
     assert kinds[first_refused + 1 :].index("hello") < kinds[first_refused + 1 :].index("eval_report")
 
 
-def _fake_learner_and_link(cfg: RunConfig, spill: Spill) -> tuple[zmq.Socket, zmq.Socket, LearnerLink]:
-    """A fake learner's ROUTER and PUB on a free loopback port pair, and a started LearnerLink on `spill` to them."""
+def _fake_learner(
+    cfg: RunConfig, spill: Spill, done: Callable[[], bool]
+) -> Iterator[tuple[zmq.Socket, bytes, list[bytes], object]]:
+    """A fake learner (ROUTER and PUB on a free loopback port pair, status 'online') and a LearnerLink on `spill`
+    talking to it: yields (router, identity, frames, message) for each message the link sends until `done()` or 30
+    s; the link is stopped and the sockets closed when the loop ends."""
     port = free_port_pair()
     ctx = zmq.Context.instance()
     router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
@@ -85,32 +90,31 @@ def _fake_learner_and_link(cfg: RunConfig, spill: Spill) -> tuple[zmq.Socket, zm
     pub.bind(f"tcp://127.0.0.1:{port + 1}")
     link = LearnerLink(cfg, spill, run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
     link.start()
-    return router, pub, link
-
-
-def _chunks_a_link_sends(cfg: RunConfig, spill: Spill, count: int) -> list[tuple[int, Transitions]]:
-    """(frames, message) of the first `count` transitions chunks a LearnerLink on `spill` sends to a fake learner
-    that welcomes it with nothing acknowledged."""
-    router, pub, link = _fake_learner_and_link(cfg, spill)
-    got: list[tuple[int, Transitions]] = []
     try:
         deadline = time.monotonic() + 30
-        while len(got) < count and time.monotonic() < deadline:
+        while not done() and time.monotonic() < deadline:
             pub.send(_status("online", -1))
             if not router.poll(50):
                 continue
             identity, *frames = router.recv_multipart()
-            msg = from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
-            if isinstance(msg, Hello):
-                welcome = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=-1)
-                router.send_multipart([identity, to_wire(welcome)])
-            elif isinstance(msg, Transitions):
-                got.append((len(frames), msg))
+            yield router, identity, frames, from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
     finally:
         link.stop_event.set()
         link.join(timeout=5)
         router.close(0)
         pub.close(0)
+
+
+def _chunks_a_link_sends(cfg: RunConfig, spill: Spill, count: int) -> list[tuple[int, Transitions]]:
+    """(frames, message) of the first `count` transitions chunks a LearnerLink on `spill` sends to a fake learner
+    that welcomes it with nothing acknowledged."""
+    got: list[tuple[int, Transitions]] = []
+    for router, identity, frames, msg in _fake_learner(cfg, spill, lambda: len(got) >= count):
+        if isinstance(msg, Hello):
+            welcome = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=-1)
+            router.send_multipart([identity, to_wire(welcome)])
+        elif isinstance(msg, Transitions):
+            got.append((len(frames), msg))
     return got
 
 
@@ -205,35 +209,22 @@ def test_a_spilled_chunk_the_learner_refuses_for_its_values_is_given_up_and_the_
     cfg = load_config(TINY)
     spec = wire.transition_spec(cfg)
     spill = _spill_of_four_chunks(cfg, tmp_path / "spill", nan_in=3)
-    router, pub, link = _fake_learner_and_link(cfg, spill)
     next_seq, refused, stored = 0, 0, []
-    try:
-        deadline = time.monotonic() + 30
-        while next_seq < 12 and time.monotonic() < deadline:
-            pub.send(_status("online", -1))
-            if not router.poll(50):
+    for router, identity, _, msg in _fake_learner(cfg, spill, lambda: next_seq >= 12):  # noqa: B023 (the newest)
+        if isinstance(msg, Hello):
+            reply = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=next_seq - 1)
+        else:  # transitions, checked as the learner checks them
+            try:
+                wire.validate_transitions(msg, spec)
+            except wire.WireError as err:
+                refused += 1
+                router.send_multipart([identity, to_wire(Refuse(reason=str(err)))])
                 continue
-            identity, *frames = router.recv_multipart()
-            msg = from_frames(frames, max_bytes=cfg.transport.max_message_bytes)
-            if isinstance(msg, Hello):
-                reply = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=next_seq - 1)
-            else:  # transitions, checked as the learner checks them
-                try:
-                    wire.validate_transitions(msg, spec)
-                except wire.WireError as err:
-                    refused += 1
-                    router.send_multipart([identity, to_wire(Refuse(reason=str(err)))])
-                    continue
-                if msg.first_seq - msg.lost_before <= next_seq <= msg.last_seq:
-                    stored.append((msg.first_seq, msg.lost_before))
-                    next_seq = msg.last_seq + 1
-                reply = wire.Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=next_seq - 1)
-            router.send_multipart([identity, to_wire(reply)])
-    finally:
-        link.stop_event.set()
-        link.join(timeout=5)
-        router.close(0)
-        pub.close(0)
+            if msg.first_seq - msg.lost_before <= next_seq <= msg.last_seq:
+                stored.append((msg.first_seq, msg.lost_before))
+                next_seq = msg.last_seq + 1
+            reply = wire.Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=next_seq - 1)
+        router.send_multipart([identity, to_wire(reply)])
     assert stored == [(0, 0), (6, 3), (9, 0)] and refused == 1  # refused once, then given up: not resent
     assert spill.gaps == [(3, 5)]
 
