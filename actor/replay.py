@@ -391,9 +391,7 @@ def load_inputs(
     except BCCheckpointError as exc:
         raise ReplayInputError(f"BC policy {bc_path}: {exc}") from exc
     acted_with = state.get("bc_weights")  # the fingerprint the actor recorded (actors since it was recorded)
-    spec = transition_spec(cfg)
-    fits = (bc.obs_spec, bc.action_dim) == (obs_lib.check_spec(spec.obs), spec.action_dim)  # else: said later
-    if fits and isinstance(acted_with, str) and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
+    if _bc_fits(bc, cfg) and isinstance(acted_with, str) and bc_fingerprint(bc)[BC_FINGERPRINT_KEY] != acted_with:
         given = " (--bc)" if bc_dir is not None else ""
         raise ReplayInputError(
             f"BC policy {bc_path}{given} is not the one this actor acted with (its weights differ from those "
@@ -407,6 +405,12 @@ def load_inputs(
     if checkpoint is None and not archive.is_dir():
         archive = Path(str(episodes[0].attrs.get("weights_archive", archive)))  # an archive kept elsewhere
     return ReplayInputs(cfg=cfg, bc=bc, weights=ActingWeights(archive), config_path=config_path, bc_path=bc_path)
+
+
+def _bc_fits(bc: torch.nn.Module, cfg: RunConfig) -> bool:
+    """Whether the BC policy takes the observations and actions of the config's env (the Replayer says it when not)."""
+    spec = transition_spec(cfg)
+    return (bc.obs_spec, bc.action_dim) == (obs_lib.check_spec(spec.obs), spec.action_dim)
 
 
 def _actor_state(actor_dir: Path) -> dict:
@@ -563,7 +567,7 @@ class Replayer:
         # The policies observe what the config's env observes (cameras included); the replay env rebuilds the state.
         self.obs_spec = transition_spec(cfg).obs
         action_dim = int(self.env.action_space.shape[0])
-        if (self.bc.obs_spec, self.bc.action_dim) != (obs_lib.check_spec(self.obs_spec), action_dim):
+        if not _bc_fits(self.bc, cfg):
             raise ReplayInputError(
                 f"{bc_name} takes observations {self.bc.obs_spec} and {self.bc.action_dim}-dim actions; {config_name} "
                 f"has {self.obs_spec} and {action_dim} (replay with the config and BC policy the actor ran with)"

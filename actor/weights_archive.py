@@ -153,20 +153,14 @@ class WeightsArchive(ClosesOnExit):
             if manifest_path.is_file():
                 return
             tensors_name = f"{_stem(version)}.safetensors"
-            digest: list[str] = []
-
-            def write_tensors(path: Path) -> None:
-                save_tensors(tensors, path)
-                digest.append(_file_xxh3(path))
-
-            _replace_atomic(self.root / tensors_name, write_tensors)
+            _replace_atomic(self.root / tensors_name, lambda p: save_tensors(tensors, p))
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "version": version,
                 "tensors_file": tensors_name,
                 "tensor_count": len(tensors),
-                DIGEST: digest[0],
+                DIGEST: _file_xxh3(self.root / tensors_name),
                 **meta,
             }
             _replace_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))

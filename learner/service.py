@@ -1395,7 +1395,7 @@ class LearnerService:
                 "q_estimation": self.qest_stats,
                 "next_seq": {f"{a}@{r}": s.next_seq for (a, r), s in self.streams.items()},
             },
-            **checkpoint_bc_entry(self.bc),
+            **checkpoint_bc_entry(self.fingerprint.get(BC_FINGERPRINT_KEY)),  # hashed at start
         }
         save_checkpoint(
             path, tensors=self.agent.network_state(), manifest=manifest, optimizers=self.agent.optimizer_states()

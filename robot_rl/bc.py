@@ -321,11 +321,8 @@ def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
         "config": policy.cfg.model_dump(mode="json"),
     }
 
-    def write_weights(path: Path) -> None:
-        save_tensors(tensors, path)
-        manifest[DIGEST] = file_sha256(path)  # what load_bc checks: damaged or exchanged bytes are refused
-
-    _write_atomic(out / WEIGHTS_FILE, write_weights)
+    _write_atomic(out / WEIGHTS_FILE, lambda p: save_tensors(tensors, p))
+    manifest[DIGEST] = file_sha256(out / WEIGHTS_FILE)  # what load_bc checks: damaged or exchanged bytes are refused
     _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return out
 

@@ -107,7 +107,7 @@ def measure_camera(cfg: CameraConfig, out: Path, frames: int) -> dict[str, Any]:
     with RealSenseCamera(cfg, pace_recording=True) as cam:
         deadline = time.monotonic() + READ_TIMEOUT_S
         last_received: float | None = None  # frames told apart by their arrival, not their (device's) number
-        counts: list[int] = []  # frames the camera had received when each seen frame was read
+        first_count = last_count = 0  # frames the camera had received when the first and the last seen were read
         while len(arrivals) < frames:
             try:
                 raw = cam.read_raw()
@@ -123,7 +123,8 @@ def measure_camera(cfg: CameraConfig, out: Path, frames: int) -> dict[str, Any]:
                 last_received = raw.received_s
                 latencies.append(returned - raw.received_s)
                 arrivals.append(raw.received_s)
-                counts.append(cam.frames_received)
+                last_count = cam.frames_received
+                first_count = first_count if len(arrivals) > 1 else last_count
                 last_raw = raw
                 deadline = returned + READ_TIMEOUT_S
             elif returned > deadline:
@@ -146,7 +147,7 @@ def measure_camera(cfg: CameraConfig, out: Path, frames: int) -> dict[str, Any]:
         "recording_ended": ended,
         "size": f"{cfg.width}x{cfg.height}",
         # Frames the camera received between the first and the last frame read (a busy reader may miss some).
-        "fps_measured": (counts[-1] - counts[0]) / span if len(arrivals) > 1 and span > 0 else 0.0,
+        "fps_measured": (last_count - first_count) / span if len(arrivals) > 1 and span > 0 else 0.0,
         "latency_p50_ms": float(np.percentile(ms, 50)),
         "latency_p99_ms": float(np.percentile(ms, 99)),
         "png": str(png),

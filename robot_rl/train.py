@@ -310,9 +310,10 @@ BC_RUN_CONFIG = "config.yaml"
 CHECKPOINT_BC_KEY = "bc_weights"  # in an agent checkpoint's manifest: the hash of its BC policy (bc_fingerprint)
 
 
-def checkpoint_bc_entry(bc: torch.nn.Module | None) -> dict[str, str]:
-    """The manifest entry naming the BC policy a checkpoint's agent was trained with ({} without one)."""
-    return {} if bc is None else {CHECKPOINT_BC_KEY: bc_fingerprint(bc)[BC_FINGERPRINT_KEY]}
+def checkpoint_bc_entry(bc_weights: str | None) -> dict[str, str]:
+    """The manifest entry naming the BC policy a checkpoint's agent was trained with, by its fingerprint
+    (bc_fingerprint's BC_FINGERPRINT_KEY, hashed once per run); {} without one."""
+    return {} if bc_weights is None else {CHECKPOINT_BC_KEY: bc_weights}
 
 
 def check_checkpoint_bc(checkpoint: Path, manifest: dict, bc: torch.nn.Module | None) -> None:
@@ -410,6 +411,7 @@ class Trainer:
         self._demos_read: dict[str, np.ndarray] | None = None
         self._told: set[str] = set()
         self.bc = self._bc_policy(bc_dir)
+        self.bc_weights = None if self.bc is None else bc_fingerprint(self.bc)[BC_FINGERPRINT_KEY]  # for checkpoints
         self.agent = Q2RLAgent(
             cfg.agent,
             obs_spec=self.obs_spec,
@@ -683,7 +685,7 @@ class Trainer:
             "action_dim": self.action_dim,
             "config": self.cfg.model_dump(mode="json"),
             "has_bc": self.bc is not None,
-            **checkpoint_bc_entry(self.bc),
+            **checkpoint_bc_entry(self.bc_weights),
         }
         save_checkpoint(
             path,
