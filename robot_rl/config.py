@@ -38,6 +38,31 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
+        """pydantic reads true as 1 and false as 0 for a number: `seed: true` or `lr: false` is a typo, refused."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _holds_bool(value) and not _admits_bool(field.annotation):
+            raise ValueError("true/false where a number is expected")
+        return value
+
+
+def _holds_bool(value: Any) -> bool:
+    """Whether a raw value is a bool or a list/tuple holding one (nested)."""
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value)
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a bool anywhere in it (bool, Any, a union or container with one, a model)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_admits_bool(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis)
+
 
 # Ceilings of what a config may send to a real arm: a typo (0.5 for 0.05 m) is refused, not executed. The box is the
 # commanded target's range around the reference pose; the gains are Cartesian impedance gains (franky passes them to

@@ -206,6 +206,23 @@ def test_a_seed_beyond_31_bits_is_refused_naming_the_field():
         load_config(None, [f"seed={2**31}"])
 
 
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("seed=true", "seed"),
+        ("agent.actor_lr=false", "agent.actor_lr"),
+        ("env.safety.xyz_low=[true, -0.1, -0.1]", "env.safety.xyz_low"),
+    ],
+)
+def test_true_or_false_for_a_number_is_refused(override, field):
+    """pydantic would read true as 1 and false as 0: a run with seed 1 or a learning rate of 0 from a typo."""
+    with pytest.raises(ConfigError, match=rf"{field}: true/false where a number is expected"):
+        load_config(None, [override])
+    # A switch still takes true/false, and a number still takes a number.
+    config = load_config(None, ["agent.layer_norm=false", "seed=3"])
+    assert config.agent.layer_norm is False and config.seed == 3
+
+
 def test_a_mapping_set_on_a_section_merges_into_the_files_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("agent:\n  utd: 3\n  hidden: [32, 32]\nenv:\n  task:\n    clearance_m: 0.002\n")
@@ -276,4 +293,5 @@ def test_a_set_value_in_exponent_form_is_a_number(override, value):
         load_config(None, ["bc.steps=1.5e0"])
     with pytest.raises(ConfigError, match=r"bc.steps: Input should be a valid integer, unable to parse string"):
         load_config(None, ["bc.steps='1e9'"])  # quoted: the string it says it is
-    assert load_config(None, ["env.franka.reconnect_attempts=true"]).env.franka.reconnect_attempts == 1  # as before
+    with pytest.raises(ConfigError, match=r"reconnect_attempts: true/false where a number is expected"):
+        load_config(None, ["env.franka.reconnect_attempts=true"])  # a bool is not read as 1
