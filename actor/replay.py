@@ -338,7 +338,13 @@ class ReplayReport:
             yield f"first divergence: {where} field {first.field}"
         else:
             compared = sorted(self.compared, key=_field_order)
-            yield f"no divergence: the replay reproduces every logged {', '.join(compared) or 'nothing'}"
+            reproduced = [name for name in compared if not name.startswith("obs/")]
+            yield f"no divergence: the replay reproduces every logged {', '.join(reproduced) or 'nothing'}"
+            if fed := [name for name in compared if name.startswith("obs/")]:
+                yield (
+                    f"fed from the log: {', '.join(fed)} (camera images are the replay's inputs, not reproduced: it "
+                    "checks only that they reach the policies as logged)"
+                )
             groups = {name.split("/")[0] for name in self.compared}
             if skipped := [name for name in FIELDS if name not in groups]:
                 yield (

@@ -507,7 +507,12 @@ def test_a_log_of_an_actor_that_observes_cameras_replays_with_the_logged_images(
     ep = read_episodes(log)[0]
     assert ep.obs["front"].shape == (len(ep), 24, 24, 3) and np.all(ep.extras["weights_version"] == 1)
     assert main(["replay", str(log)]) == 0
-    assert ": 0 divergent steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ": 0 divergent steps" in out
+    # The images are not said to be reproduced: they are fed from the log.
+    reproduced = next(line for line in out.splitlines() if line.startswith("no divergence: "))
+    assert "obs/front" not in reproduced and "action" in reproduced
+    assert "fed from the log: obs/front, obs/wrist (camera images" in out
     # The images are inputs, not checked outputs: another image changes what the policies propose.
     frames = ep.obs["front"].copy()
     frames[3] = 255 - frames[3]
