@@ -87,12 +87,13 @@ def _recording_configs(recording: Path, config_path: Path | None, overrides: lis
 
 def preview_image(raw: np.ndarray, processed: np.ndarray, crop: CropConfig) -> np.ndarray:
     """BGR image for imwrite: the raw RGB frame with the crop box in green, the processed image to its right."""
-    left = cv2.cvtColor(np.ascontiguousarray(raw), cv2.COLOR_RGB2BGR)
+    rows = max(raw.shape[0], processed.shape[0])  # out_size may exceed the raw height: neither image is cut
+    left = np.zeros((rows, raw.shape[1], 3), np.uint8)
+    left[: raw.shape[0]] = cv2.cvtColor(np.ascontiguousarray(raw), cv2.COLOR_RGB2BGR)
     cv2.rectangle(left, (crop.x, crop.y), (crop.x + crop.width - 1, crop.y + crop.height - 1), (0, 255, 0), 2)
-    right = np.zeros((left.shape[0], processed.shape[1], 3), np.uint8)
-    h = min(processed.shape[0], left.shape[0])
-    right[:h] = cv2.cvtColor(np.ascontiguousarray(processed[:h]), cv2.COLOR_RGB2BGR)
-    return np.hstack([left, np.full((left.shape[0], 4, 3), 255, np.uint8), right])
+    right = np.zeros((rows, processed.shape[1], 3), np.uint8)
+    right[: processed.shape[0]] = cv2.cvtColor(np.ascontiguousarray(processed), cv2.COLOR_RGB2BGR)
+    return np.hstack([left, np.full((rows, 4, 3), 255, np.uint8), right])
 
 
 def measure_camera(cfg: CameraConfig, out: Path, frames: int) -> dict[str, Any]:

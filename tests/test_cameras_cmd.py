@@ -53,6 +53,18 @@ def test_recording_is_measured_and_previewed(tmp_path: Path, capsys):
     assert tuple(image[240, 184]) == (0, 255, 0)
 
 
+def test_a_policy_image_taller_than_the_raw_frame_is_previewed_whole():
+    """A small recording's frame (80x60) beside an 84x84 policy image: the canvas is as tall as the taller one."""
+    raw = frames(1, 80, 60)[0]
+    processed = np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    crop = cameras_cmd.CropConfig(x=10, y=0, width=60, height=60)
+    image = cameras_cmd.preview_image(raw, processed, crop)
+    assert image.shape == (84, 80 + 4 + 84, 3)
+    np.testing.assert_array_equal(image[:, 84:], processed[..., ::-1])  # every row of the policy image, as BGR
+    np.testing.assert_array_equal(image[5, 20], raw[5, 20, ::-1])  # the raw frame inside the crop box
+    assert tuple(image[30, 10]) == (0, 255, 0) and not image[61:, :80].any()  # the box (2 px); black below the frame
+
+
 def test_measurements(tmp_path: Path):
     rec = write_recording(tmp_path / "rec.db3", frames(10), fps=30, width=W, height=H)
     report = cameras_cmd.run_cameras(None, [], rec, tmp_path / "out", 5)
