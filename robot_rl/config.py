@@ -490,7 +490,9 @@ class AgentConfig(Strict):
     critic_subsample: int = Field(2, ge=1, description="Target critics drawn for the min in the TD target.")
     utd: int = Field(4, ge=1, description="Critic updates per actor update (one learner step).")
     actor_q: Literal["mean", "min"] = Field(
-        "mean", description="What the actor ascends: the ensemble mean (REDQ) or the ensemble minimum (pessimistic)."
+        "min",
+        description="What the actor ascends: the ensemble minimum (pessimistic) or the ensemble mean (REDQ's; every "
+        "online run on the twin with it collapsed, docs/algorithm.md).",
     )
     batch_size: int = Field(256, ge=2, description="Minibatch size.")
     actor_lr: float = Field(3e-4, gt=0, description="Actor learning rate.")
@@ -565,10 +567,12 @@ class AgentConfig(Strict):
 
     @property
     def value_range(self) -> tuple[float, float]:
-        """Feasible range of discounted returns of r~ = scale*r + bias when success (r = 1) terminates."""
-        low_reward = min(self.reward_bias, self.reward_scale + self.reward_bias)
-        high_reward = max(self.reward_bias, self.reward_scale + self.reward_bias)
-        return min(0.0, low_reward) / (1.0 - self.discount), max(0.0, high_reward)
+        """Feasible range of discounted returns of r~ = scale*r + bias when success (r = 1) terminates. A return is
+        bias for each step before success plus, at step k, success's reward: bias/(1-gamma) + gamma^k (scale + bias -
+        bias/(1-gamma)), between its values at k = 0 (succeeding now) and k -> inf (never succeeding); 0 included."""
+        success = self.reward_scale + self.reward_bias
+        never = self.reward_bias / (1.0 - self.discount)
+        return min(0.0, success, never), max(0.0, success, never)
 
     @property
     def effective_offline_ratio(self) -> float:

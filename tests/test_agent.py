@@ -520,7 +520,8 @@ def _reference_step(agent: Q2RLAgent, ref: dict, batches: list, draws: dict) -> 
     b = batches[-1]
     actor = {n: t.clone().requires_grad_(True) for n, t in ref["actor"].items()}
     a, log_prob, mode = _tanh_gaussian(actor, layers, enc(b.obs), draws["noise"][-1])
-    q = torch.stack([_q_member(ref["critic"], m, layers, enc(b.obs), a) for m in range(10)]).mean(dim=0)
+    qs = torch.stack([_q_member(ref["critic"], m, layers, enc(b.obs), a) for m in range(10)])
+    q = qs.mean(dim=0) if cfg.actor_q == "mean" else qs.min(dim=0).values
     sac = (ref["log_alpha"].exp() * log_prob - q).mean() / q.detach().abs().mean().clamp_min(1e-3)
     bc = ((mode - torch.as_tensor(b.bc_actions)) ** 2).sum(-1).mean()
     w = cfg.bc_loss_weight
@@ -535,12 +536,13 @@ def _reference_step(agent: Q2RLAgent, ref: dict, batches: list, draws: dict) -> 
             "entropy": float(-log_prob.mean())}  # fmt: skip
 
 
-def test_a_learner_step_matches_the_reference_math():
+@pytest.mark.parametrize("actor_q", ["min", "mean"])
+def test_a_learner_step_matches_the_reference_math(actor_q):
     """Two learner steps of the agent (batched ensemble, fused soft update, torch's Adam) against the same steps
     written out from the equations: TD target with the min over a random subset of target critics, the sum of the
-    members' squared errors, the REDQ-mean actor loss normalised by |Q| plus the BC term, the temperature loss, Adam
-    and the soft target update. Both consume the agent's random draws."""
-    agent = make_agent(utd=4, tau=0.3)
+    members' squared errors, the actor loss on the ensemble's min or REDQ's mean normalised by |Q| plus the BC term,
+    the temperature loss, Adam and the soft target update. Both consume the agent's random draws."""
+    agent = make_agent(utd=4, tau=0.3, actor_q=actor_q)
     with torch.no_grad():  # targets away from the critics and a large tau: the soft update moves them measurably
         for p in agent.target_critics.parameters():
             p.add_(0.05 * torch.randn_like(p))

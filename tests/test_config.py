@@ -295,3 +295,21 @@ def test_a_set_value_in_exponent_form_is_a_number(override, value):
         load_config(None, ["bc.steps='1e9'"])  # quoted: the string it says it is
     with pytest.raises(ConfigError, match=r"reconnect_attempts: true/false where a number is expected"):
         load_config(None, ["env.franka.reconnect_attempts=true"])  # a bool is not read as 1
+
+
+@pytest.mark.parametrize(("scale", "bias"), [(10.0, -1.0), (1.0, 0.0), (5.0, 5.0), (1.0, 0.5)])
+def test_the_value_range_holds_every_return_an_episode_can_have(scale, bias):
+    """The clip range of TD targets and Q^_BC holds the return of any episode: failing forever, or succeeding (which
+    terminates) after any number of steps. With a positive bias every step's reward adds up (paper: +5 for Adroit)."""
+    from robot_rl.config import AgentConfig
+
+    cfg = AgentConfig(reward_scale=scale, reward_bias=bias)
+    low, high = cfg.value_range
+    gamma = cfg.discount
+    fail, success = bias, scale + bias
+    returns = [fail / (1 - gamma)]  # never succeeding, never ending
+    returns += [fail * (1 - gamma**k) / (1 - gamma) + gamma**k * success for k in (0, 1, 10, 100, 10_000)]
+    assert all(low - 1e-9 <= g <= high + 1e-9 for g in returns), (low, high, returns)
+    # ...and is no wider than the extremes need.
+    assert low == pytest.approx(min(min(returns), 0.0), abs=1e-6)
+    assert high == pytest.approx(max(max(returns), 0.0), rel=1e-3)
