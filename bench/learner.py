@@ -27,7 +27,7 @@ from robot_rl import obs as obs_lib
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy
 from robot_rl.buffer import ReplayBuffer, sample_utd_batches
-from robot_rl.config import AgentConfig, RunConfig, load_config
+from robot_rl.config import CUDA_GRAPH_COMPILE_MODES, AgentConfig, RunConfig, load_config
 from robot_rl.wire import transition_spec
 
 CONFIGS = {"state": "configs/sim_peg_state.yaml", "image": "configs/sim_peg_image.yaml"}
@@ -157,15 +157,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cuda_graph and args.device == "cpu":
-        parser.error("--cuda-graph needs --device cuda")
-    if args.cuda_graph and args.compile == "reduce-overhead":
-        parser.error("--cuda-graph captures the step itself: use it with --compile default or off")
-    if args.replay_on_gpu and args.prefetch:
-        parser.error("--prefetch samples in host memory; --replay-on-gpu gathers on the device: pick one")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cuda_graph and device == "cpu":
+        parser.error(f"--cuda-graph needs a CUDA device (--device {args.device} is the CPU here)")
+    if args.cuda_graph and args.compile in CUDA_GRAPH_COMPILE_MODES:
+        parser.error(f"--cuda-graph captures the step itself; --compile {args.compile} makes CUDA graphs of its own: "
+                     "use it with --compile default or off")  # fmt: skip
+    if args.replay_on_gpu and args.prefetch:
+        parser.error("--prefetch samples in host memory; --replay-on-gpu gathers on the device: pick one")
     path = CONFIGS.get(args.config, args.config)
     if not Path(path).is_file():
         parser.error(f"config {path} does not exist")

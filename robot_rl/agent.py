@@ -21,7 +21,7 @@ from torch import nn
 from robot_rl import obs as obs_lib
 from robot_rl.buffer import TransitionBatch
 from robot_rl.compact import compact_copy, joint_encoder
-from robot_rl.config import AgentConfig
+from robot_rl.config import CUDA_GRAPH_COMPILE_MODES, AgentConfig
 from robot_rl.cuda_graph import StepGraph
 from robot_rl.networks import Actor, CriticEnsemble, ObsEncoder, ValueNet, augment, shift_obs
 from robot_rl.obs import ObsSpec
@@ -145,9 +145,11 @@ class Q2RLAgent(nn.Module):
         if bc_policy is not None:
             bc_policy.requires_grad_(False)
         self.to(self.device)
-        # On a GPU the optimisers keep their step counts there (capturable): a CPU tensor in the update would keep
-        # torch.compile's reduce-overhead mode from capturing it in a CUDA graph.
-        adam = functools.partial(torch.optim.Adam, capturable=self.device.type == "cuda")
+        # Where the step runs in a CUDA graph (ours, or torch.compile's), the optimisers keep their step counts on the
+        # GPU (capturable): a CPU tensor in the step keeps torch.compile from capturing it, and our capture refuses a
+        # non-capturable optimiser. Elsewhere capturable only costs time (torch says so).
+        self._capturable = self.device.type == "cuda" and (cuda_graph or compile in CUDA_GRAPH_COMPILE_MODES)
+        adam = functools.partial(torch.optim.Adam, capturable=self._capturable)
         self._actor_params = list(self.actor.parameters())
         self.actor_opt = adam(self._actor_params, lr=cfg.actor_lr)
         self.critic_opt = adam(self.critic_parameters(), lr=cfg.critic_lr)
@@ -166,8 +168,11 @@ class Q2RLAgent(nn.Module):
         if cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError(f"a CUDA graph learner step needs a CUDA device, not {self.device}")
-            if compile == "reduce-overhead":
-                raise ValueError("cuda_graph captures the step itself: combine it with compile 'default' or 'off'")
+            if compile in CUDA_GRAPH_COMPILE_MODES:
+                raise ValueError(
+                    f"cuda_graph captures the step itself; compile {compile!r} makes CUDA graphs of its own: combine "
+                    "it with compile 'default' or 'off'"
+                )
             self._step_graph = StepGraph(self._step_fn)
         # Gating samples BC proposals from its own stream, so that the BC branch may run on another thread.
         self.bc_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
@@ -540,9 +545,9 @@ class Q2RLAgent(nn.Module):
         return loss.detach() / self.cfg.num_critics, q.detach().mean()
 
     def _run_compiled(self, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-        """fn(*args); with CUDA graphs (reduce-overhead on a GPU) each call is a new step, and its output is copied
-        out of the graph's memory, which the next replay overwrites."""
-        if self.compile_mode != "reduce-overhead" or self.device.type != "cuda":
+        """fn(*args); with torch.compile's CUDA graphs (reduce-overhead and max-autotune on a GPU) each call is a new
+        step, and its output is copied out of the graph's memory, which the next replay overwrites."""
+        if self.compile_mode not in CUDA_GRAPH_COMPILE_MODES or self.device.type != "cuda":
             return fn(*args)
         torch.compiler.cudagraph_mark_step_begin()
         return fn(*args).clone()
@@ -746,6 +751,7 @@ class Q2RLAgent(nn.Module):
             ("alpha", self.alpha_opt, "temperature_lr"),
         ):
             opt.load_state_dict(states[name])
+            self._own_capturable(opt)
             lr = float(getattr(self.cfg, setting))
             saved = {float(group["lr"]) for group in opt.param_groups}
             if saved != {lr}:
@@ -755,6 +761,17 @@ class Q2RLAgent(nn.Module):
         if self._step_graph is not None:  # new state tensors: a captured step would still read the old ones
             self._step_graph.reset()
         return changed
+
+    def _own_capturable(self, opt: torch.optim.Optimizer) -> None:
+        """After load_state_dict: the saved groups' `capturable` (a state saved on a GPU, or on a CPU) replaced ours;
+        back to ours, with the step counts where that keeps them (on the parameter's device, or on the CPU)."""
+        for group in opt.param_groups:
+            group["capturable"] = self._capturable
+            for param in group["params"]:
+                state = opt.state.get(param, {})
+                if "step" in state:
+                    where = param.device if self._capturable else torch.device("cpu")
+                    state["step"] = state["step"].detach().to(where, torch.float32)
 
 
 def _holding(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

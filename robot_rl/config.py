@@ -581,6 +581,10 @@ class AgentConfig(Strict):
         return 0.5 if self.method == "rlpd" else 0.0
 
 
+# torch.compile modes that make CUDA graphs of their own on a GPU (torch.compile's documentation says so of both).
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 class TrainConfig(Strict):
     """The single-process loop of `robot-rl train`."""
 
@@ -604,15 +608,16 @@ class TrainConfig(Strict):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off",
         description="torch.compile the tensor work of the learner's critic and actor updates with this mode "
-        "(reduce-overhead: also CUDA graphs on a GPU). The first steps compile (tens of seconds; the learner serves "
-        "no actor meanwhile). Gains: docs/benchmarks.md.",
+        "(reduce-overhead and max-autotune: also CUDA graphs on a GPU). The first steps compile (tens of seconds; the "
+        "learner serves no actor meanwhile). Gains: docs/benchmarks.md.",
     )
     cuda_graph: bool = Field(
         False,
         description="On a CUDA learner, capture one whole learner step (the utd critic updates, the actor and "
         "temperature update, their backward passes and optimiser steps) in one CUDA graph after a few eager steps, "
         "and replay it every step: one launch per step. With train.compile=default the compiled kernels are "
-        "captured; reduce-overhead (torch's own CUDA graphs) cannot be combined with it. A CPU learner ignores it.",
+        "captured; reduce-overhead and max-autotune (torch's own CUDA graphs) cannot be combined with it. A CPU "
+        "learner ignores it.",
     )
     bf16: bool = Field(
         False,
@@ -635,10 +640,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _one_kind_of_cuda_graph(self) -> TrainConfig:
-        if self.cuda_graph and self.compile == "reduce-overhead":
+        if self.cuda_graph and self.compile in CUDA_GRAPH_COMPILE_MODES:
             raise ValueError(
                 "train.cuda_graph captures the whole learner step in a CUDA graph itself; torch.compile's "
-                "reduce-overhead mode makes CUDA graphs of its own inside it: use train.compile=default (or off) with "
+                f"{self.compile} mode makes CUDA graphs of its own inside it: use train.compile=default (or off) with "
                 "train.cuda_graph, or train.cuda_graph=false"
             )
         return self

@@ -6,11 +6,13 @@ provides: no random draw inside the step (its draws are inputs, `Q2RLAgent._draw
 counts on the GPU (capturable Adam), no host synchronisation inside, and the same input shapes every step.
 
 The first `warmup` calls run eagerly on a side stream (the optimisers create their state, cuBLAS its workspaces,
-torch.compile its kernels); the next one captures the step and replays it; every later call copies its inputs into the
-graph's input tensors and replays. Each call is one real step. Inputs of another structure or shape capture again.
-What the graph holds is fixed at capture: the tensors it reads and writes (weights and optimiser states must be
-written in place, as loading them is; replaced ones need `reset`) and plain numbers such as the learning rates (a
-changed learning rate needs `reset` too).
+torch.compile its kernels), the same stream the capture then records on (cuBLAS keeps a workspace per stream: one
+first made inside the capture would be capture-unsafe set-up); the next one captures the step and replays it; every
+later call copies its inputs into the graph's input tensors and replays. Each call is one real step. Inputs of another
+structure or shape capture again. What the graph holds is fixed at capture: the tensors it reads and writes (weights
+and optimiser states must be written in place, as loading them is; replaced ones need `reset`) and plain numbers such
+as the learning rates (a changed learning rate needs `reset` too). A capture that fails raises an error naming the
+switch to turn off; the graph is forgotten, so a caller that goes on warms up and tries again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class StepGraph:
         self.fn = fn
         self.warmup = warmup
         self.captures = 0
+        self.stream: torch.cuda.Stream | None = None  # warm-up and capture stream, made at the first call
         self.reset()
 
     def reset(self) -> None:
@@ -69,7 +72,14 @@ class StepGraph:
                 self.inputs = [leaf for leaf in statics if isinstance(leaf, torch.Tensor)]
                 self.signature = signature
                 return self._eager(self.static_args)
-            self._capture()
+            try:
+                self._capture()
+            except Exception as exc:
+                self.reset()
+                raise RuntimeError(
+                    f"capturing the learner step in a CUDA graph failed ({type(exc).__name__}: {exc}); "
+                    "train.cuda_graph=false runs it without"
+                ) from exc
         for static, new in zip(self.inputs, tensors, strict=True):
             static.copy_(new)
         self.graph.replay()
@@ -77,7 +87,8 @@ class StepGraph:
 
     def _eager(self, args: tuple) -> torch.Tensor:
         """One step run eagerly on a side stream, as torch's graph-capture warm-up asks."""
-        side = torch.cuda.Stream()
+        self.stream = self.stream or torch.cuda.Stream()
+        side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self.fn(*args)
@@ -90,7 +101,8 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the learner service's other thread may use the GPU meanwhile (transitions into the buffer's
         # copy, weights out), which a process-wide capture would refuse.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        self.stream = self.stream or torch.cuda.Stream()
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             output = self.fn(*self.static_args)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"a CUDA graph step must return one tensor, got {type(output).__name__}")

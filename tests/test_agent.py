@@ -581,3 +581,28 @@ def test_a_diverged_update_is_refused_not_reported_as_statistics():
         agent.critics.linears[0].weight[0, 0, 0] = float("inf")
     with pytest.raises(TrainingDiverged, match="non-finite"):
         agent.update([random_batch(seed=i) for i in range(agent.cfg.utd)])
+
+
+def test_optimiser_states_saved_on_a_gpu_resume_on_a_cpu_learner():
+    """A GPU learner's Adam states are capturable (step counts on the GPU); its checkpoint resumed on a CPU learner
+    keeps the CPU's kind: the saved groups' `capturable` would make every CPU update fail. The steps then go on exactly
+    as from the same states saved on a CPU."""
+    import copy
+
+    source = make_agent()
+    source.update([random_batch(32, seed=i) for i in range(source.cfg.utd)])
+    saved = source.optimizer_states()
+    as_if_gpu = copy.deepcopy(saved)
+    for state in as_if_gpu.values():
+        for group in state["param_groups"]:
+            group["capturable"] = True  # (the step tensors come back to the CPU with the checkpoint's tensors)
+    results = []
+    for states in (saved, as_if_gpu):
+        agent = make_agent()
+        agent.load_state_dict(source.state_dict())
+        agent.load_optimizer_states(copy.deepcopy(states))
+        for opt in (agent.actor_opt, agent.critic_opt, agent.alpha_opt):
+            assert not any(group["capturable"] for group in opt.param_groups)
+            assert all(s["step"].device.type == "cpu" and s["step"].dtype == torch.float32 for s in opt.state.values())
+        results.append(agent.update([random_batch(32, seed=10 + i) for i in range(agent.cfg.utd)]).as_dict())
+    assert results[1] == results[0]

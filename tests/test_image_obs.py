@@ -227,9 +227,14 @@ def test_a_learner_step_on_cuda_matches_cpu(compile, cuda_graph):
         for step in range(12):  # graphs record on the first calls and replay after; loaded state: capture again
             if step == 1:
                 snapshot = copy.deepcopy(cpu.optimizer_states())
-            if step == 6:
+            if step == 6:  # a CPU agent's states (not capturable): the GPU agent keeps its own kind
                 cpu.load_optimizer_states(copy.deepcopy(snapshot))
                 gpu.load_optimizer_states(copy.deepcopy(snapshot))
+                capturable = cuda_graph or compile == "reduce-overhead"
+                for opt in (gpu.actor_opt, gpu.critic_opt, gpu.alpha_opt):
+                    assert all(group["capturable"] == capturable for group in opt.param_groups)
+                    steps = [state["step"].device.type for state in opt.state.values()]
+                    assert steps and set(steps) == {"cuda" if capturable else "cpu"}
             batches = [random_batch(16, seed=10 * step + i) for i in range(cpu.cfg.utd)]
             a = cpu.update(batches)
             b = gpu.update(batches)
@@ -244,12 +249,13 @@ def test_a_learner_step_on_cuda_matches_cpu(compile, cuda_graph):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_a_cuda_graph_step_is_refused_on_the_cpu_and_beside_torchs_own_cuda_graphs():
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_a_cuda_graph_step_is_refused_on_the_cpu_and_beside_torchs_own_cuda_graphs(mode):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Q2RLAgent(make_agent().cfg, obs_spec=SPEC, state_low=LOW, state_high=HIGH, action_dim=6, bc_policy=None,
                   device="cpu", cuda_graph=True)  # fmt: skip
-    with pytest.raises(ConfigError, match=r"use train\.compile=default"):
-        load_config(CONFIGS / "sim_peg_state.yaml", ["train.cuda_graph=true", "train.compile=reduce-overhead"])
+    with pytest.raises(ConfigError, match=rf"{mode} mode makes CUDA graphs of its own .* use train\.compile=default"):
+        load_config(CONFIGS / "sim_peg_state.yaml", ["train.cuda_graph=true", f"train.compile={mode}"])
     assert load_config(CONFIGS / "sim_peg_state.yaml", ["train.cuda_graph=true"]).train.cuda_graph
 
 
