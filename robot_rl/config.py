@@ -404,6 +404,25 @@ class EncoderConfig(Strict):
             raise ValueError(f"channels must be a non-empty list of positive sizes, got {self.channels}")
         return self
 
+    @property
+    def min_image_size(self) -> int:
+        """The smallest image side the convs take: each unpadded 3x3 stride-2 conv needs 2 * (its output) + 1."""
+        return 2 ** (len(self.channels) + 1) - 1
+
+    def image_problem(self, size: int) -> str | None:
+        """Why a size x size image does not suit this encoder, or None."""
+        if size < self.min_image_size:
+            return (
+                f"{size} px is too small for {len(self.channels)} stride-2 convs (channels {self.channels}): at least "
+                f"{self.min_image_size} px, or fewer channels"
+            )
+        if 2 * self.shift_pad >= size:
+            return (
+                f"a random shift of up to {self.shift_pad} px (shift_pad) moves half or more of a {size} px image out "
+                f"of view: shift_pad below {(size + 1) // 2}"
+            )
+        return None
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Demonstrations and BC
@@ -790,6 +809,18 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     actor: ActorConfig = Field(default_factory=ActorConfig, description="Actor service.")
     transport: TransportConfig = Field(default_factory=TransportConfig, description="Actor-learner transport.")
+
+    @model_validator(mode="after")
+    def _images_suit_the_encoders(self) -> RunConfig:
+        problems = [
+            f"env.cameras {camera.name}: out_size {camera.out_size} for {where}.encoder: {problem}"
+            for camera in self.env.cameras
+            for where, encoder in (("bc", self.bc.encoder), ("agent", self.agent.encoder))
+            if (problem := encoder.image_problem(camera.out_size))
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -61,10 +61,13 @@ class CameraEncoders(nn.Module):
             layers += [nn.Conv2d(channels * n, out * n, kernel_size=3, stride=2, groups=n), nn.ReLU()]
             channels = out
         self.convs = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        if min(height, width) < cfg.min_image_size:
+            raise ValueError(
+                f"a {height}x{width} image is too small for {len(cfg.channels)} stride-2 convs: at least "
+                f"{cfg.min_image_size} px a side"
+            )
         with torch.no_grad():
             flat = int(self.convs(torch.zeros(1, 3 * n, height, width)).numel()) // n
-        if flat == 0:
-            raise ValueError(f"a {height}x{width} image is too small for {len(cfg.channels)} stride-2 convs")
         self.trunk = EnsembleLinear(n, flat, cfg.feature_dim)
         self.norm = EnsembleLayerNorm(n, cfg.feature_dim)
         self.feature_dim = cfg.feature_dim

@@ -313,3 +313,26 @@ def test_the_value_range_holds_every_return_an_episode_can_have(scale, bias):
     # ...and is no wider than the extremes need.
     assert low == pytest.approx(min(min(returns), 0.0), abs=1e-6)
     assert high == pytest.approx(max(max(returns), 0.0), rel=1e-3)
+
+
+def test_camera_images_must_suit_the_encoders_convs_and_shift():
+    """Three unpadded 3x3 stride-2 convs need 15 px; a shift of half the image or more shows mostly padding. Both are
+    refused when the config is read, not when a network is built after demonstrations were collected."""
+    camera = "env.cameras=[{name: front, out_size: %d}]"
+    assert load_config(None, [camera % 15]).env.cameras[0].out_size == 15
+    with pytest.raises(ConfigError, match=r"front: out_size 14 for bc.encoder: 14 px is too small for 3 stride-2 "
+                       r"convs \(channels \[32, 64, 64\]\): at least 15 px"):  # fmt: skip
+        load_config(None, [camera % 14])
+    assert load_config(None, [camera % 14, "bc.encoder.channels=[8, 8]", "agent.encoder.channels=[8, 8]"])
+    with pytest.raises(ConfigError, match=r"out_size 84 for agent.encoder: 84 px is too small for 6 stride-2 convs"):
+        load_config(None, [camera % 84, "agent.encoder.channels=[8, 8, 8, 8, 8, 8]"])
+    with pytest.raises(ConfigError, match=r"front: out_size 15 for bc.encoder: a random shift of up to 8 px"):
+        load_config(None, [camera % 15, "bc.encoder.shift_pad=8"])
+    assert load_config(None, [camera % 15, "bc.encoder.shift_pad=7"]).bc.encoder.shift_pad == 7
+    # A network built for a smaller image (a BC policy or demonstrations from elsewhere) says so, not torch's error.
+    from robot_rl.config import EncoderConfig
+    from robot_rl.networks import CameraEncoders
+
+    assert CameraEncoders(["front"], 15, 15, EncoderConfig()).feature_dim == 64
+    with pytest.raises(ValueError, match=r"a 14x20 image is too small for 3 stride-2 convs: at least 15 px a side"):
+        CameraEncoders(["front"], 14, 20, EncoderConfig())
