@@ -85,6 +85,9 @@ class LinkState:
     refused_fields: tuple[str, ...] = ()
     last_heard: float = 0.0
     status: Status | None = None
+    # acked_seq when `status` arrived: transitions acknowledged later may be missing from its counts (statuses come a
+    # few times a second, acknowledgements at once).
+    status_acked_seq: int = -1
 
 
 class LearnerLink(threading.Thread):
@@ -302,7 +305,7 @@ class LearnerLink(threading.Thread):
                 self._weights.put(msg)
                 self._replace(last_heard=time.monotonic())
             elif isinstance(msg, Status):
-                self._replace(status=msg, last_heard=time.monotonic())
+                self._replace(status=msg, status_acked_seq=self.state.acked_seq, last_heard=time.monotonic())
 
     def _send_chunks(self, dealer: zmq.Socket, cursor: int) -> int:
         """Send spilled chunks from `cursor` while fewer than `window` chunks' worth is unacknowledged."""

@@ -594,8 +594,13 @@ class ActorService:
         actor.max_env_steps_ahead ahead of the learner's updates."""
         if self.link is None or self.link.state.status is None:
             return None
-        st = self.link.state.status
-        collected = st.online_env_steps + (self.spill.unacked(self.link.state.acked_seq) if self.spill else 0)
+        state = self.link.state
+        st = state.status
+        # What the status counted, plus what this actor has sent since: acknowledged after the status came (so maybe
+        # not in its counts; a status comes every 0.5 s) or not acknowledged yet. Counting it twice only holds an
+        # episode back until the next status; missing it started an episode past the budget.
+        counted_up_to = min(state.status_acked_seq, state.acked_seq)
+        collected = st.online_env_steps + (self.spill.unacked(counted_up_to) if self.spill else 0)
         if st.online_budget is not None and collected >= st.online_budget:
             return BUDGET_REACHED
         ahead = self.cfg.actor.max_env_steps_ahead

@@ -839,10 +839,12 @@ def test_a_stopping_actor_waits_for_its_last_acks_only_while_the_learner_may_sti
         assert took >= 1.5 and waiting in caplog.text
 
 
-@pytest.mark.parametrize("why", ["max_env_steps_ahead", "online_budget"])
+@pytest.mark.parametrize("why", ["max_env_steps_ahead", "online_budget", "online_budget_acked_since_status"])
 def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp_path: Path, bc_dir: Path, why):
     """Ahead of the learner's updates by more than actor.max_env_steps_ahead, or with the learner's online budget
-    collected (the learner then finishes its steps and evaluates), the actor starts no online episode and says why."""
+    collected (the learner then finishes its steps and evaluates), the actor starts no online episode and says why.
+    Transitions acknowledged after the newest status count too: that status may not include them yet (an episode
+    started on its count alone went past the budget)."""
     import threading
     from types import SimpleNamespace
 
@@ -855,11 +857,20 @@ def test_an_actor_held_back_by_max_env_steps_ahead_says_so_instead_of_online(tmp
     status = SimpleNamespace(phase="online", eval_id=-1, done=False, online_env_steps=100, learner_steps=learner_steps,
                              online_budget=budget)  # fmt: skip
     expected = actor_service.THROTTLED.format(10) if why == "max_env_steps_ahead" else actor_service.BUDGET_REACHED
+    acked = {}
+    if why == "online_budget_acked_since_status":  # the status counted 60 of the 100 this actor sent, all acknowledged
+        status.online_env_steps = 60
+        acked = {"acked_seq": 99, "status_acked_seq": 59}
+        service.spill = SimpleNamespace(unacked=lambda seq: max(0, 99 - seq), next_seq=100, lost_transitions=0,
+                                        cut_transitions=0, close=lambda: None)  # fmt: skip
     service.link = SimpleNamespace(
-        state=LinkState(synced=True, status=status, last_heard=time.monotonic()),
+        state=LinkState(synced=True, status=status, last_heard=time.monotonic(), **acked),
         error=None,
         start=lambda: None,
         seconds_since_heard=lambda: 0.1,
+        is_alive=lambda: True,
+        stop=lambda: None,
+        join=lambda timeout: None,
     )
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
