@@ -67,6 +67,7 @@ from robot_rl.security import key_owners
 from robot_rl.signals import stop_signals
 from robot_rl.train import (
     check_compile,
+    check_demos_env,
     checkpoint_bc_entry,
     demo_buffer,
     resolve_device,
@@ -478,6 +479,7 @@ class LearnerService:
                 f"{self.cfg.agent.effective_offline_ratio}): pass --demos FILE"
             )
         try:
+            check_demos_env(demos, self.cfg.env)
             return demo_buffer(demos, self.obs_spec, self.action_dim, device=self.buffer.device)
         except ValueError as exc:
             raise LearnerError(str(exc)) from None

@@ -36,6 +36,7 @@ from robot_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from robot_rl.config import (
     BCConfig,
     ConfigError,
+    EnvConfig,
     RunConfig,
     _format_validation_error,
     dump_config,
@@ -51,6 +52,7 @@ from robot_rl.episodes import (
     EpisodeWriter,
     collect_shortfall,
     episodes_to_transitions,
+    read_env_args,
     read_episodes,
 )
 from robot_rl.prefetch import learner_sampler
@@ -257,6 +259,45 @@ def demo_transitions(demos: Path, warn: Callable[[str], None] | None = None) -> 
         raise EpisodeFileError(f"{demos}: {err}") from err
 
 
+# Env settings that give demonstrations their meaning: what an action moves the arm by, per step and how often, the
+# frame of the pose observations, and what each camera image shows. Demonstrations recorded with other values teach
+# a policy motions and views the config's env does not have.
+_DEMO_MEANING = ("action.translation_scale_m", "action.rotation_scale_rad", "task.control_period_s",
+                 "task.reference_height_m")  # fmt: skip
+_CAMERA_MEANING = ("width", "height", "crop", "out_size")
+
+
+def check_demos_env(demos: Path, env: EnvConfig) -> None:
+    """EpisodeFileError naming the env settings in which `demos` were recorded otherwise than `env` says (read from
+    the file's env_args, as `collect` and the actor write them); nothing to check in a file without them."""
+    try:
+        recorded = read_env_args(demos).get("config")
+    except EpisodeFileError:
+        return  # demonstrations recorded elsewhere need not say how
+    if not isinstance(recorded, dict):
+        return
+    ours = env.model_dump(mode="json")
+
+    def at(tree: Any, path: str) -> Any:
+        for key in path.split("."):
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        return tree
+
+    differ = [(f"env.{path}", at(ours, path), at(recorded, path)) for path in _DEMO_MEANING]
+    theirs = {c.get("name"): c for c in recorded.get("cameras") or [] if isinstance(c, dict)}
+    for camera in ours["cameras"]:
+        if (their := theirs.get(camera["name"])) is not None:
+            differ += [(f"env.cameras {camera['name']} {key}", camera[key], their.get(key)) for key in _CAMERA_MEANING]
+    differ = [(name, a, b) for name, a, b in differ if b is not None and a != b]
+    if differ:
+        shown = "; ".join(f"{name}: config {a}, demonstrations {b}" for name, a, b in differ)
+        raise EpisodeFileError(
+            f"{demos} was recorded with other env settings than the config's: {shown}. A policy learned from them "
+            "would act and see otherwise than this env: give the config the demonstrations' values (--set), or record "
+            "demonstrations with this config"
+        )
+
+
 def demo_actions(data: dict[str, np.ndarray], action_dim: int, source: Path | str) -> np.ndarray:
     """The `actions` of episodes_to_transitions' output as float32 in [-1, 1]; EpisodeFileError naming the file
     when they have another width than the env's actions or leave [-1, 1] (actions of another robot or controller,
@@ -346,6 +387,7 @@ def train_bc_from_demos(
 ) -> torch.nn.Module:
     """A BC policy trained on a demonstrations file and saved to `out_dir`. `data`: the file's demo_transitions,
     when already read."""
+    check_demos_env(demos_path, cfg.env)
     if data is None:
         data = demo_transitions(demos_path, warn)
     env = make_env(cfg.env)
@@ -486,6 +528,7 @@ class Trainer:
             if self.cfg.agent.effective_offline_ratio <= 0:
                 return None
             demos = self._ensure_demos()
+            check_demos_env(demos, self.cfg.env)
             return demo_buffer(
                 demos,
                 self.obs_spec,

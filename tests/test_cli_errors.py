@@ -48,9 +48,9 @@ def fake_bc_dir(path: Path) -> Path:
     return path
 
 
-def state_demos(path: Path, steps: int = 4, *, failed: int = 0) -> Path:
+def state_demos(path: Path, steps: int = 4, *, failed: int = 0, env: dict | None = None) -> Path:
     """A tiny demonstrations file recorded with the state config's observations (ee_pose only): one successful
-    episode, then `failed` episodes cut off at the step limit."""
+    episode, then `failed` episodes cut off at the step limit. `env`: the env config it says it was recorded with."""
     rng = np.random.default_rng(0)
     pose = rng.uniform(-0.01, 0.01, size=(steps + 1, 6)).astype(np.float32)
     episode = Episode(
@@ -66,7 +66,8 @@ def state_demos(path: Path, steps: int = 4, *, failed: int = 0) -> Path:
         episode, rewards=np.zeros(steps, np.float32), terminated=np.zeros(steps, bool),
         truncated=episode.terminated.copy(), attrs={"seed": 1, "success": False},
     )  # fmt: skip
-    with EpisodeWriter(path, env_args={"env": "robot_rl/PegInsertionSim-v0"}) as writer:
+    env_args = {"env": "robot_rl/PegInsertionSim-v0"} | ({"config": env} if env is not None else {})
+    with EpisodeWriter(path, env_args=env_args) as writer:
         for ep in [episode] + [cut] * failed:
             writer.add_episode(ep)
     return path
@@ -171,6 +172,38 @@ def test_bc_on_demos_of_another_config_names_the_missing_keys(tmp_path: Path, ca
     assert "lack the observation keys ['front', 'wrist']" in err
     assert "recorded with another config" in err and str(demos) in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["bc", "train"])
+def test_demos_recorded_with_other_action_scales_or_camera_views_are_refused_naming_them(
+    tmp_path: Path, command: str, capsys
+) -> None:
+    """Demonstrations whose env_args say they moved the arm by other steps or saw other crops would teach the policy
+    what this env does not do: refused, naming each setting with both values. Settings that do not change what the
+    demonstrations mean (the safety box, the robot's address) may differ."""
+    env = load_config(STATE).env.model_dump(mode="json")
+    same = state_demos(
+        tmp_path / "same.hdf5", env=env | {"safety": {**env["safety"], "xyz_low": [-0.04, -0.05, -0.08]}}
+    )
+    env["action"]["translation_scale_m"] = 0.005
+    env["task"]["control_period_s"] = 0.05
+    other = state_demos(tmp_path / "other.hdf5", env=env)
+    out = tmp_path / "out"
+    args = {"bc": ["bc", "--config", str(STATE), "--out", str(out)],
+            "train": ["train", "--config", str(STATE), "--out", str(out), "--quiet"]}  # fmt: skip
+    assert main([*args[command], "--demos", str(other)]) == 2
+    err = error_line(capsys, command)
+    assert f"{other} was recorded with other env settings than the config's" in err
+    assert "env.action.translation_scale_m: config 0.015, demonstrations 0.005" in err
+    assert "env.task.control_period_s: config 0.1, demonstrations 0.05" in err and "safety" not in err
+    if command == "bc":
+        assert main([*args[command], "--demos", str(same), "--set", "bc.steps=2"]) == 0
+    # A camera's crop: the image config's views, recorded with the front camera cropped elsewhere.
+    image_env = load_config(IMAGE).env.model_dump(mode="json")
+    image_env["cameras"][0]["crop"]["x"] += 8
+    moved = state_demos(tmp_path / "moved.hdf5", env=image_env)
+    assert main(["bc", "--config", str(IMAGE), "--demos", str(moved), "--out", str(tmp_path / "img")]) == 2
+    assert f"env.cameras {image_env['cameras'][0]['name']} crop: config" in error_line(capsys, "bc")
 
 
 def test_demos_without_a_step_are_one_line_for_bc_and_train(tmp_path: Path, capsys) -> None:
