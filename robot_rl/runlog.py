@@ -198,10 +198,22 @@ def read_eval_csv(path: Path, warn: Callable[[str], None] | None = None) -> list
     return out
 
 
+def curve_points(rows: list[EvalRow]) -> list[EvalRow]:
+    """The points of a run's curve: its BC policy's evaluation (at 0 env steps, where the run starts from), then every
+    evaluation after it, as written; the BC row only when the run has one. Empty without an evaluation after
+    BC's (no curve to draw)."""
+    later = [r for r in rows if r.phase != "bc"]
+    if not later:
+        return []
+    first_bc = next((r for r in rows if r.phase == "bc"), None)
+    return ([first_bc] if first_bc is not None else []) + later
+
+
 def plot_curves(
     runs: dict[str, list[EvalRow]], path: Path, *, bc_success: float | None = None, title: str = ""
 ) -> Path:
-    """Success rate and BC-action fraction against environment steps, one line per run."""
+    """Success rate and BC-action fraction against environment steps, one line per run, each from its BC policy's
+    evaluation (curve_points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +221,7 @@ def plot_curves(
 
     fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in runs.items():
-        rows = [r for r in rows if r.phase != "bc"]
+        rows = curve_points(rows)
         if not rows:
             continue
         steps = [r.env_steps for r in rows]

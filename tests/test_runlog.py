@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from robot_rl.config import ConfigError
-from robot_rl.runlog import EVAL_COLUMNS, StatusLine, read_eval_csv
+from robot_rl.runlog import EVAL_COLUMNS, StatusLine, curve_points, read_eval_csv
 
 GOOD = {
     "env_steps": "100",
@@ -82,3 +82,17 @@ def test_a_status_line_outside_a_terminal_prints_forced_updates_and_one_line_per
     assert capsys.readouterr().out == "phase eval  episodes 4\n"
     StatusLine(enabled=False, plain_every_s=0.0).update({"phase": "x"}, force=True)
     assert capsys.readouterr().out == ""
+
+
+def test_a_curve_starts_at_its_bc_policys_evaluation(tmp_path: Path) -> None:
+    """`robot-rl report` and curves.png draw each run from the BC policy it improves on (its row at 0 env steps),
+    then its evaluations as written; a run with nothing after BC's has no curve."""
+    bc = GOOD | {"env_steps": "0", "learner_steps": "0", "success_rate": "0.4", "bc_action_fraction": "1.0",
+                 "phase": "bc"}  # fmt: skip
+    later = [GOOD | {"env_steps": str(n), "success_rate": str(r)} for n, r in ((300, 0.8), (600, 0.9))]
+    rows = read_eval_csv(_csv(tmp_path / "eval.csv", bc, *later))
+    points = curve_points(rows)
+    assert [(p.env_steps, p.success_rate, p.phase) for p in points] == [(0, 0.4, "bc"), (300, 0.8, "online"),
+                                                                          (600, 0.9, "online")]  # fmt: skip
+    assert curve_points(read_eval_csv(_csv(tmp_path / "only_bc.csv", bc))) == []
+    assert [p.env_steps for p in curve_points(read_eval_csv(_csv(tmp_path / "no_bc.csv", *later)))] == [300, 600]
