@@ -363,10 +363,10 @@ class LearnerService:
             )
         self.device = resolve_device(cfg.train.device)  # refused before the run directory is touched
         check_compile(cfg.train.compile, self.device)
-        warn_image_learner_on_cpu(cfg, self.device, log.warning)
         self.spec = transition_spec(cfg)
         self.fingerprint = config_fingerprint(cfg)
         _check_out_dir(self.out, resume=resume, fingerprint=self.fingerprint)
+        warn_image_learner_on_cpu(cfg, self.device, log.warning)  # after the refusals: said of a run that goes on
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)

@@ -168,6 +168,11 @@ def test_an_image_config_learning_on_the_cpu_is_told_how_long_it_will_take():
     short = load_config(CONFIGS / "sim_peg_image.yaml", ["train.env_steps=200", "train.learner_steps_per_env_step=1"])
     warn_image_learner_on_cpu(short, torch.device("cpu"), said.append)
     assert "about 5 min or more" in said.pop()  # 200 steps at 0.7 a second: minutes, not "0 h"
+    assert "(train.device is auto and torch sees no CUDA device here)" in said[0]  # the config asks for auto
+    # Smaller sizes than those measured: no figure in hours claimed for them, the basis said instead.
+    small = load_config(CONFIGS / "sim_peg_image.yaml", ["agent.batch_size=16", "agent.hidden=[64, 64]"])
+    warn_image_learner_on_cpu(small, torch.device("cpu"), said.append)
+    assert "about" not in said[-1] and "at sim_peg_image.yaml's sizes (batch_size 256" in said.pop()
     warn_image_learner_on_cpu(image, torch.device("cuda"), said.append)
     warn_image_learner_on_cpu(load_config(CONFIGS / "sim_peg_state.yaml"), torch.device("cpu"), said.append)
     assert len(said) == 1  # a GPU learner, or a state config on the CPU, is not warned
