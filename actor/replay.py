@@ -346,11 +346,18 @@ class ReplayReport:
                     "checks only that they reach the policies as logged)"
                 )
             groups = {name.split("/")[0] for name in self.compared}
-            if skipped := [name for name in FIELDS if name not in groups]:
-                yield (
-                    f"not compared: {', '.join(skipped)} (not computed at any step: BC-only steps have no RL action "
-                    "or Q-values, and sampled proposals are taken from the log)"
-                )
+            for name in FIELDS:
+                if name not in groups:
+                    yield f"not compared: {name} ({_NOT_COMPUTED.get(name, 'not computed at any step')})"
+
+
+# Why a field was computed at no step of a replay.
+_NOT_COMPUTED = {
+    "bc_action": "the BC proposals were sampled (agent.bc_action: sample): a sample is taken from the log, not redrawn",
+    "rl_action": "no step acted with the RL policy's mode: the RL proposals were sampled (taken from the log), or "
+    "the steps were BC-only",
+    **dict.fromkeys(("q_bc", "q_rl"), "every step was BC-only (no weights yet): no gating values"),
+}
 
 
 def _field_order(name: str) -> tuple[int, str]:

@@ -9,7 +9,6 @@ BC (as `robot-rl actor --learner none` does): it never received weights, so it h
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -162,9 +161,13 @@ def test_a_clean_replay_reproduces_every_step_and_exits_0(run, log, capsys):
     assert {"obs", "action", "target", "command", "done", "use_bc"} <= report.compared
     if log == "bc_log":
         assert not {"rl_action", "q_bc", "q_rl"} & report.compared
-        assert re.search(r"not compared: .*rl_action, q_bc, q_rl", out)
+        assert "not compared: rl_action (no step acted with the RL policy's mode" in out
+        assert "not compared: q_bc (every step was BC-only" in out and "not compared: q_rl (every step" in out
     else:
         assert {"q_bc", "q_rl"} <= report.compared
+        assert "every step was BC-only" not in out  # the reasons said are this log's
+    if "bc_action" not in report.compared:  # the BC proposals were sampled (the default)
+        assert "not compared: bc_action (the BC proposals were sampled" in out
 
 
 def test_a_report_counts_divergent_camera_images_beside_the_other_fields():
