@@ -868,10 +868,27 @@ def diff_fingerprints(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
+def describe_differences(a: Mapping[str, str], b: Mapping[str, str], a_name: str, b_name: str) -> list[str]:
+    """diff_fingerprints for people: a camera only one side has is one entry, `env.cameras.<name> (only <side's
+    name>)`, instead of each of its fields."""
+    cameras = [{key.split(".")[2] for key in side if key.startswith("env.cameras.")} for side in (a, b)]
+    out: list[str] = []
+    for field in diff_fingerprints(a, b):
+        name = field.split(".")[2] if field.startswith("env.cameras.") else None
+        if name is not None and name in cameras[0] ^ cameras[1]:
+            entry = f"env.cameras.{name} (only {a_name if name in cameras[0] else b_name})"
+            if entry not in out:
+                out.append(entry)
+            continue
+        out.append(field)
+    return out
+
+
 def saved_config_differences(saved: Path, fingerprint: Mapping[str, str]) -> str:
     """The fields (at most 20, comma-separated; empty when none) in which a run directory's saved config.yaml differs
     from a config with this fingerprint, in the parts actor and learner agree on; ConfigError when it cannot be read."""
-    return ", ".join(diff_fingerprints(config_fingerprint(load_config(saved)), fingerprint)[:20])
+    fields = describe_differences(config_fingerprint(load_config(saved)), fingerprint, "the run's", "the config's")
+    return ", ".join(fields[:20]) + (f" and {len(fields) - 20} more" if len(fields) > 20 else "")
 
 
 def check_hello(hello: Hello, fingerprint: Mapping[str, str], *, unchecked: Collection[str] = ()) -> Refuse | None:
@@ -885,7 +902,8 @@ def check_hello(hello: Hello, fingerprint: Mapping[str, str], *, unchecked: Coll
     if config_hash(theirs) == config_hash(fingerprint):
         return None
     fields = diff_fingerprints(fingerprint, theirs)
-    shown = ", ".join(fields[:20]) + (f" and {len(fields) - 20} more" if len(fields) > 20 else "")
+    described = describe_differences(fingerprint, theirs, "the learner's", "the actor's")
+    shown = ", ".join(described[:20]) + (f" and {len(described) - 20} more" if len(described) > 20 else "")
     reason = f"config differs from the learner's in: {shown}"
     if any(field.startswith("bc.weights") for field in fields):
         reason += " (bc.weights: the actor's --bc policy is not the learner's)"

@@ -897,3 +897,25 @@ def test_a_parsed_chunk_says_which_next_observations_were_rebuilt_from_the_follo
             np.testing.assert_array_equal(back.arrays["next_obs/front"][i], back.arrays["obs/front"][i + 1])
     small = Transitions(actor_id="a", run_id="r", first_seq=0, count=30, arrays=trajectory(transition_spec(cfg), 30))
     assert from_frames(to_frames(small), max_bytes=LIMIT).rows_continue is None  # sent whole: unknown
+
+
+def test_a_camera_one_side_lacks_is_named_once_in_a_config_difference(tmp_path):
+    """A run or learner of the state config met with the image config: each camera is one entry, not its 8 fields;
+    fields both sides have are listed as before, and the Refuse keeps every field for programs."""
+    from pathlib import Path
+
+    from robot_rl.config import dump_config
+    from robot_rl.wire import saved_config_differences
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    state, image = load_config(configs / "sim_peg_state.yaml"), load_config(configs / "sim_peg_image.yaml")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(state))
+    text = saved_config_differences(saved, config_fingerprint(image))
+    assert "env.cameras.front (only the config's)" in text and "env.cameras.wrist (only the config's)" in text
+    assert "env.cameras.front.crop" not in text and "obs.front" in text and "agent.hidden" in text
+    fp_state, fp_image = config_fingerprint(state), config_fingerprint(image)
+    hello = Hello(actor_id="a", run_id="r", config_hash=config_hash(fp_image), config_fingerprint=fp_image)
+    refuse = check_hello(hello, fp_state)
+    assert "env.cameras.front (only the actor's)" in refuse.reason
+    assert "env.cameras.front.crop.x" in refuse.fields  # every field, for programs
