@@ -266,8 +266,13 @@ class LearnerLink(threading.Thread):
                     # The learner does not know this connection (it restarted) or refused one message: say hello
                     # again and resend from the last acknowledgement (refusals of chunks already in flight repeat
                     # this harmlessly).
-                    if self.state.welcomed:
-                        log.warning("learner refused a message (%s); saying hello again", msg.reason)
+                    if self.state.welcomed:  # a learner that restarted does not know this connection: no fault
+                        restarted = "before an accepted hello" in msg.reason
+                        log.log(
+                            logging.INFO if restarted else logging.WARNING,
+                            "learner refused a message (%s); saying hello again",
+                            msg.reason,
+                        )
                     self._replace(welcomed=False, last_heard=now)
                     cursor = self.state.acked_seq + 1
                     self._last_report_sent = 0.0  # a refused report goes again right after the next welcome

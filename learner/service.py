@@ -680,9 +680,16 @@ class LearnerService:
         return self._refuse(identity, f"kind: the learner does not accept {msg.kind} messages")
 
     def _refuse(
-        self, identity: bytes, reason: str, fields: list[str] | None = None, *, who: str | None = None
+        self,
+        identity: bytes,
+        reason: str,
+        fields: list[str] | None = None,
+        *,
+        who: str | None = None,
+        level: int = logging.WARNING,
     ) -> Refuse:
-        """Count and log a refusal; `who` names the sender in the log when its session does not (a refused hello)."""
+        """Count and log a refusal (at `level`); `who` names the sender in the log when its session does not (a
+        refused hello)."""
         session = self.sessions.get(identity)
         if session is not None:
             self.actors[session[0]].refused += 1
@@ -691,10 +698,10 @@ class LearnerService:
             self.refused_unidentified += 1
             who = who or "an unidentified peer"
             key = UNIDENTIFIED  # what such a peer claims to be is its own choice: one budget for all of them
-        self._log_refusal(key, who, reason)
+        self._log_refusal(key, who, reason, level)
         return Refuse(reason=reason[:4096], fields=fields or [])
 
-    def _log_refusal(self, key: str, who: str, reason: str) -> None:
+    def _log_refusal(self, key: str, who: str, reason: str, level: int = logging.WARNING) -> None:
         """One warning per second at most per accepted actor, and one for all peers without an accepted hello (a
         hostile or confused peer cannot flood the log, whatever names it sends); the refusals in between are counted
         in the stats and summarised in the next warning."""
@@ -704,7 +711,7 @@ class LearnerService:
             self._refusal_log[key] = (last, suppressed + 1)
             return
         more = f" (and {suppressed} more refusals in the last second)" if suppressed else ""
-        log.warning("refused a message from %s: %s%s", who, reason, more)
+        log.log(level, "refused a message from %s: %s%s", who, reason, more)
         self._refusal_log[key] = (now, 0)
 
     def _on_hello(self, identity: bytes, hello: Hello, key: str | None) -> Message:
@@ -772,6 +779,8 @@ class LearnerService:
                 f"{kind} before an accepted hello on this connection (a learner restarted since the hello, or a new "
                 "connection): say hello first",
                 who=f"a peer sending as actor {actor_id} (run {run_id})",
+                # An actor of this run reconnecting after a restart of the learner does this once: no warning.
+                level=logging.INFO if actor_id in self.actors else logging.WARNING,
             )
         if session != (actor_id, run_id):
             return self._refuse(

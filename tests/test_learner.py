@@ -1157,6 +1157,26 @@ def test_a_flood_of_refused_messages_is_counted_but_logged_at_most_once_a_second
     assert len(service._refusal_log) == 1  # one budget for every unidentified peer, whatever it claimed
 
 
+def test_transitions_before_hello_from_an_actor_of_the_run_are_said_not_warned(
+    tmp_path: Path, bc_dir: Path, ctx, caplog
+) -> None:
+    """An actor of this run sending on a connection the learner does not know (the learner restarted since its hello)
+    is no fault: the refusal is logged at INFO; a name the learner has never heard is still warned about."""
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with caplog.at_level(logging.INFO, logger="robot_rl.learner"), running(service):
+        assert isinstance(FakeActor(ctx, cfg, "a0").hello(), Welcome)
+        again = FakeActor(ctx, cfg, "a0")  # a new connection, no hello on it
+        assert isinstance(again.transitions(0, 2), Refuse)
+        time.sleep(1.1)  # past the log budget of unidentified peers
+        assert isinstance(FakeActor(ctx, cfg, "stranger").transitions(0, 2), Refuse)
+    levels = {
+        name: [r.levelno for r in caplog.records if f"sending as actor {name} " in r.getMessage()]
+        for name in ("a0", "stranger")
+    }
+    assert levels == {"a0": [logging.INFO], "stranger": [logging.WARNING]}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Group fsync on the store's writer thread: acknowledgements wait for the fsync that covers them
 # ---------------------------------------------------------------------------------------------------------------------

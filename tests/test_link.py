@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ def _status(phase: str, eval_id: int) -> bytes:
                           eval_id=eval_id, done=False))  # fmt: skip
 
 
-def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluation_is_over(tmp_path: Path):
+def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluation_is_over(tmp_path: Path, caplog):
     """A learner that restarted does not know the connection: it refuses the report (no hello yet). The link says
     hello again and resends the report while the learner's status still asks for that evaluation, then stops."""
     cfg = load_config(TINY)
@@ -31,6 +32,7 @@ def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluat
     router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
     router.bind(f"tcp://127.0.0.1:{port}")
     pub.bind(f"tcp://127.0.0.1:{port + 1}")
+    caplog.set_level(logging.INFO, logger="robot_rl.actor.link")
     link = LearnerLink(cfg, Spill(tmp_path / "spill"), run_id="run1", endpoint=f"tcp://127.0.0.1:{port}")
     link.start()
     report = EvalReport(actor_id=cfg.actor.actor_id, run_id="run1", eval_id=7, episodes=2, success_rate=0.5,
@@ -75,6 +77,9 @@ def test_a_report_refused_by_a_restarted_learner_is_sent_again_until_the_evaluat
     first_refused = kinds.index("eval_report")
     assert "hello" in kinds[first_refused + 1 :]
     assert kinds[first_refused + 1 :].index("hello") < kinds[first_refused + 1 :].index("eval_report")
+    # A learner that restarted is no fault: said, not warned.
+    said = [r for r in caplog.records if "saying hello again" in r.getMessage()]
+    assert said and all(r.levelno == logging.INFO for r in said)
 
 
 def _fake_learner(
