@@ -339,6 +339,13 @@ def test_learner_demos_for_a_method_that_samples_none_are_refused(tmp_path: Path
     assert main([*args, "--bind", "tcp://999.0.0.1:1", "--set", "agent.method=rlpd"]) == 2
     err = error_line(capsys, "learner")
     assert "999.0.0.1" in err and "--demos" not in err
+    # Demonstrations recorded with another action scale are refused, naming it.
+    env = cfg.env.model_dump(mode="json")
+    env["action"]["rotation_scale_rad"] = 0.05
+    other = state_demos(tmp_path / "other.hdf5", env=env)
+    args = ["learner", "--config", str(STATE), "--out", str(tmp_path / "run2"), "--bc", bc, "--demos", str(other)]
+    assert main([*args, "--set", "agent.method=rlpd"]) == 2
+    assert "env.action.rotation_scale_rad: config 0.02625, demonstrations 0.05" in error_line(capsys, "learner")
 
 
 # --------------------------------------------------------------------------------------------------------------------
