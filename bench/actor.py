@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_main
 import numpy as np
 import torch
 
@@ -190,4 +191,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import bench_main
 import numpy as np
 
 from robot_rl.buffer import ReplayBuffer
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--image-capacity", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
+    if args.seconds <= 0 or min(args.batch, args.state_capacity, args.image_capacity) < 1:
+        parser.error("--seconds must be positive; --batch and the capacities at least 1")
     print(f"batch {args.batch}, chunks of {CHUNK} steps, episodes of {EPISODE} steps, {args.seconds} s per row")
     print(f"{'spec':<11} {'capacity':>8} {'frames':>6} {'add_many tr/s':>13} {'add tr/s':>9} "
           f"{'sample batch/s':>14} {'sample MB/s':>11} {'ceiling batch/s':>15} {'prefetch step/s':>15}")  # fmt: skip
@@ -135,7 +138,8 @@ def main() -> None:
         print(f"{name:<11} {capacity:>8} {f['frames']:>6.3f} {f['add_many']:>13,.0f} {f['add']:>9,.0f} "
               f"{batches:>14,.1f} {mb_s:>11,.1f} {f['ceiling'] / args.batch:>15,.1f} "
               f"{f['prefetch'] / args.batch / UTD:>15,.1f}")  # fmt: skip
+    print(f"minibatches of {args.batch} sampled per second ({name}): {batches:,.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

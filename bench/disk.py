@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_main
+
 from robot_rl.learner.store import FLAG_ONLINE, StoredChunk, TransitionStore, _checksum, _crc32_checksum
 
 CHUNK_TRANSITIONS = 30
@@ -129,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import bench_main
 import numpy as np
 
 from robot_rl.config import FrankaConfig, ImpedanceConfig, SimTaskConfig
@@ -136,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+import bench_main
 import torch
 
 SIZE = 1024
@@ -87,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -20,6 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
+import bench_main
 import numpy as np
 import torch
 
@@ -155,11 +156,16 @@ def main() -> None:
     parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the updates (compiled while warming up)")  # fmt: skip
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (no GPU, no driver, or a CPU build of torch)")
+    if args.steps < 1 or args.threads < 0:
+        parser.error("--steps must be at least 1 and --threads at least 0")
+    sizes = args.sizes.split(",")
+    if unknown := [name for name in sizes if name not in SIZES]:  # before any size is measured
+        parser.error(f"unknown size {', '.join(map(repr, unknown))} (known: {', '.join(SIZES)})")
     if args.cuda_graph and device == "cpu":
         parser.error(f"--cuda-graph needs a CUDA device (--device {args.device} is the CPU here)")
     if args.cuda_graph and args.compile in CUDA_GRAPH_COMPILE_MODES:
@@ -171,6 +177,8 @@ def main() -> None:
     if not Path(path).is_file():
         parser.error(f"config {path} does not exist")
     cfg = load_config(path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = transition_spec(cfg).obs
     print(f"config {path}: obs {spec}")
     flags = (
@@ -184,9 +192,7 @@ def main() -> None:
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps each, {extras}")
     print(f"{'size':<12} {'hidden':<18} {'critics':>7} {'batch':>5} {'utd':>3} {'steps/s':>9}")
     last, name = 0.0, ""
-    for name in args.sizes.split(","):
-        if name not in SIZES:
-            parser.error(f"unknown size {name!r} (known: {', '.join(SIZES)})")
+    for name in sizes:
         hidden, critics, batch = SIZES[name]
         agent_cfg = cfg.agent
         if hidden is not None:
@@ -201,4 +207,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -22,8 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bench_main
 import numpy as np
 
+from robot_rl.config import ConfigError, load_config
 from robot_rl.runlog import EvalRow, read_eval_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +61,11 @@ def train(seed_dir: Path, seed: int, method: str, args: argparse.Namespace) -> P
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     sets = [x for o in args.overrides for x in ("--set", o)]
+    # The demonstrations go to the methods that sample them (RLPD); train refuses --demos it would ignore.
+    samples_demos = load_config(args.config, [*args.overrides, f"agent.method={method}"]).agent.effective_offline_ratio
+    demos = ["--demos", str(seed_dir / "demos.hdf5")] if samples_demos > 0 else []
     cmd = [sys.executable, "-m", "robot_rl.cli", "train", "--config", args.config, *sets, "--seed", str(seed),
-           "--out", str(run_dir), "--bc", str(seed_dir / "bc"), "--demos", str(seed_dir / "demos.hdf5"),
+           "--out", str(run_dir), "--bc", str(seed_dir / "bc"), *demos,
            "--env-steps", str(args.env_steps), "--quiet", "--set", f"agent.method={method}",
            "--set", "train.torch_threads=1"]  # fmt: skip
     t0 = time.monotonic()
@@ -101,9 +106,19 @@ def main() -> None:
         help="train nothing: tabulate the runs already in --out, unfinished ones up to their last evaluation",
     )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        marks = [int(m) for m in args.marks.split(",")]
+    except ValueError as exc:
+        parser.error(f"--seeds and --marks take comma-separated integers ({exc})")
     methods = args.methods.split(",")
-    marks = [int(m) for m in args.marks.split(",")]
+    if args.env_steps < 1 or args.jobs < 1:
+        parser.error("--env-steps and --jobs must be at least 1")
+    for method in methods:  # before any demonstration is collected: a bad config or method is said at once
+        try:
+            load_config(args.config, [*args.overrides, f"agent.method={method}"])
+        except ConfigError as exc:
+            parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     if args.report_only:
@@ -177,4 +192,4 @@ def plot(curves, seeds, methods, bc_mean, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

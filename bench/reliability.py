@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_main
 from services import TINY, Services, audit_log
 
 OVERRIDES = [
@@ -101,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -17,11 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_main
 import numpy as np
 import torch
 
 from robot_rl.actor.replay import Replayer, ReplayReport, load_inputs, read_log, replay_log
 from robot_rl.actor.service import ActorService
+from robot_rl.actor.weights_loader import ReadyWeights, prepare_weights
 from robot_rl.agent import Q2RLAgent
 from robot_rl.bc import make_bc_policy, save_bc
 from robot_rl.config import load_config
@@ -30,16 +32,22 @@ from robot_rl.wire import Weights, pack_tensors
 
 
 class _OneSnapshot:
-    """The actor's swap point fed one weights snapshot, as the learner link would."""
+    """The actor's swap point (its weights loader) fed one weights snapshot, as a learner's broadcast would."""
 
-    state = None
+    refused = 0  # the loader's counters, in the actor's stats.json
 
-    def __init__(self, weights: Weights) -> None:
-        self.weights: Weights | None = weights
+    def __init__(self, agent: Q2RLAgent, weights: Weights) -> None:
+        self.agent, self.weights = agent, weights
 
-    def take_weights(self) -> Weights | None:
+    def take(self) -> ReadyWeights | None:
         weights, self.weights = self.weights, None
-        return weights
+        return None if weights is None else prepare_weights(self.agent, weights)
+
+    def prepare_p99_s(self) -> None:
+        return None
+
+    def is_alive(self) -> bool:
+        return False
 
 
 def record_episode(config: Path, steps: int, root: Path) -> Path:
@@ -54,10 +62,11 @@ def record_episode(config: Path, steps: int, root: Path) -> Path:
         low, high = state_bounds(service.env.observation_space)
         agent = Q2RLAgent(cfg.agent, obs_spec=service.obs_spec, state_low=low, state_high=high,
                           action_dim=action_dim, bc_policy=service.bc)  # fmt: skip
-        service.link = _OneSnapshot(Weights(version=1, phase="online", tensors=pack_tensors(agent.acting_state())))
+        snapshot = Weights(version=1, phase="online", tensors=pack_tensors(agent.acting_state()))
+        service.weights_source = _OneSnapshot(service.agent, snapshot)
         service.run_episode(kind="online", gated=True, send=False, seed=0)
     finally:
-        service.link = None
+        service.weights_source = None
         service._shutdown()
     return next((root / "actor" / "episodes").glob("episode_*.hdf5"))
 
@@ -88,6 +97,10 @@ def main() -> None:
                 replayer.replay_episode(ep, i, warm)
             loop.append(warm.steps / (time.perf_counter() - start))
         gated = report.gated_steps
+        if (
+            args.log is None and gated != report.steps
+        ):  # the recorded episode is gated throughout, or the bench is wrong
+            raise SystemExit(f"the recorded episode has {gated} gated steps of {report.steps}: no weights were used")
         print(f"log: {report.steps} steps ({gated} gated), config {replayer.cfg.agent.hidden} hidden, "
               f"{replayer.cfg.agent.num_critics} critics")  # fmt: skip
         print(f"whole command (load + replay): {statistics.median(whole):,.0f} steps/s (median of {args.repeats})")
@@ -95,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -20,6 +20,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+import bench_main
 import transport  # bench/transport.py, beside this script
 
 import robot_rl.learner.store as store
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_main
 import msgpack
 import numpy as np
 import zmq
@@ -543,4 +544,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import bench_main
 import numpy as np
 import zmq
 
@@ -45,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main.run(main)
