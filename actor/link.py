@@ -200,6 +200,8 @@ class LearnerLink(threading.Thread):
                 if sub in events:
                     self._on_broadcast(sub, max_bytes)
                 st = self.state
+                if cursor <= st.acked_seq + 1:  # nothing in flight: the wait for an acknowledgement starts at a send
+                    last_progress = time.monotonic()
                 if st.welcomed and st.refused is None:
                     # No acknowledgement for a while with data in flight: the learner may have restarted; resend.
                     if cursor > st.acked_seq + 1 and time.monotonic() - last_progress > 5.0:

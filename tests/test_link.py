@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,6 +233,50 @@ def test_a_spilled_chunk_the_learner_refuses_for_its_values_is_given_up_and_the_
         router.send_multipart([identity, to_wire(reply)])
     assert stored == [(0, 0), (6, 3), (9, 0)] and refused == 1  # refused once, then given up: not resent
     assert spill.gaps == [(3, 5)]
+
+
+def test_a_chunk_after_a_quiet_spell_is_sent_without_saying_hello_again(tmp_path: Path):
+    """After everything was acknowledged, nothing is sent for longer than the resend timeout (an evaluation): the next
+    chunk is not taken for one the learner never answered, so no hello again and no resend."""
+    import threading
+
+    import numpy as np
+
+    from robot_rl import wire
+
+    cfg = load_config(TINY)
+    spill = _spill_of_four_chunks(cfg, tmp_path / "spill")
+    spec = wire.transition_spec(cfg)
+
+    def one_more_chunk() -> None:
+        arrays = {name: np.full(shape, 12, np.dtype(dtype)) for name, (shape, dtype) in spec.arrays(3).items()}
+        msg = wire.Transitions(actor_id=cfg.actor.actor_id, run_id="run1", first_seq=12, count=3, arrays=arrays)
+        spill.append(wire.join_frames(wire.to_frames(msg)), first_seq=12, count=3)
+
+    later = threading.Timer(6.5, one_more_chunk)  # after the link's 5 s without an acknowledgement
+    later.start()
+    kinds, next_seq, acked_all = [], 0, [math.inf]
+
+    def heard_enough() -> bool:  # everything acknowledged, and 1.5 s more to hear a hello said again
+        return time.monotonic() - acked_all[0] > 1.5
+
+    try:
+        for router, identity, _, msg in _fake_learner(cfg, spill, heard_enough):
+            kinds.append(msg.kind)
+            if isinstance(msg, Hello):
+                reply = Welcome(learner_id="fake", phase="online", weights_version=-1, acked_seq=next_seq - 1)
+            else:
+                if msg.first_seq == 12:
+                    time.sleep(0.5)  # a learner busy with an update answers a while later
+                next_seq = max(next_seq, msg.last_seq + 1)
+                reply = wire.Ack(actor_id=msg.actor_id, run_id=msg.run_id, acked_seq=next_seq - 1)
+                if next_seq == 15 and acked_all[0] == math.inf:
+                    acked_all[0] = time.monotonic()
+            router.send_multipart([identity, to_wire(reply)])
+    finally:
+        later.cancel()
+    assert next_seq == 15 and kinds.count("hello") == 1, kinds
+    assert kinds.count("transitions") == 5  # each chunk once
 
 
 def test_free_port_pairs_come_from_below_the_ephemeral_range_and_are_bindable(tmp_path: Path, monkeypatch):
