@@ -244,7 +244,7 @@ class ActorService:
         if state_path.is_file():
             state = json.loads(state_path.read_text())
             if state.get("actor_id") != self.cfg.actor.actor_id:
-                raise ValueError(
+                raise ActorError(
                     f"{self.out} belongs to actor {state.get('actor_id')!r}, not {self.cfg.actor.actor_id!r}; "
                     "use another --out or the same actor.actor_id"
                 )

@@ -732,8 +732,8 @@ class LearnerService:
                 if seen < 60:
                     log.warning(
                         "actor id %s is in use by run %s (heard %.0f s ago) and now says hello from run %s: two actors "
-                        "with one id? their counts merge in stats.json (its runs keep them apart); give each actor "
-                        "its own --actor-id",
+                        "with one id? their counts merge in stats.json (its runs keep them apart) and only the first "
+                        "evaluation report of the id counts; give each actor its own --actor-id",
                         actor_id, run_id, seen, hello.run_id,
                     )  # fmt: skip
                 break
@@ -890,6 +890,8 @@ class LearnerService:
             if not self.eval_reports:
                 self.eval_first_report = time.monotonic()
             self.eval_reports[report.actor_id] = report
+        elif report.eval_id == self.eval_id:  # resent (reports go again until the evaluation is over): had it
+            log.debug("evaluation report %d from actor %s again", report.eval_id, report.actor_id)
         else:
             log.info(
                 "ignoring evaluation report %d from actor %s (asked for %d)",

@@ -909,3 +909,20 @@ def test_a_transition_the_learner_would_refuse_is_kept_out_of_the_chunks_and_the
     msg = wire.from_joined(payload, max_bytes=cfg.transport.max_message_bytes)
     wire.validate_transitions(msg, spec)  # what the learner checks: accepted
     assert msg.first_seq == 10 and msg.arrays["rewards"].tolist() == [0.0, 1.0]
+
+
+def test_an_out_of_another_actor_id_is_one_line_and_exit_2(tmp_path: Path, bc_dir: Path, capsys):
+    """An actor directory holds one actor's run: reused under another actor.actor_id it is refused as the other input
+    mistakes are (one line, exit 2), not with a traceback."""
+    from robot_rl.cli import main
+
+    out = tmp_path / "a1"
+    out.mkdir()
+    (out / "actor_state.json").write_text(json.dumps({"actor_id": "a1", "run_id": "r1"}))
+    args = ["actor", "--config", str(TINY), "--bc", str(bc_dir), "--out", str(out), "--learner", "none", "--quiet"]
+    assert main([*args, "--set", "actor.actor_id=b1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1]
+        == f"robot-rl actor: {out} belongs to actor 'a1', not 'b1'; use another --out or the same actor.actor_id"
+    )

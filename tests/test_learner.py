@@ -980,6 +980,27 @@ def test_a_learner_stopped_while_finishing_resumes_to_finish_without_an_actor(
     assert (run / "checkpoints" / "final").is_dir() and (run / "summary.json").is_file()
 
 
+def test_a_resent_evaluation_report_is_not_logged_as_ignored(tmp_path: Path, bc_dir: Path, ctx, caplog) -> None:
+    """Actors send each report again every few seconds until the evaluation is over: those repeats are no news. A
+    report for an evaluation the learner never asked for is still said."""
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with caplog.at_level(logging.INFO, logger="robot_rl.learner"), running(service):
+        actor = FakeActor(ctx, cfg)
+        assert isinstance(actor.hello(), Welcome)
+        actor.wait_status(lambda s: s.phase == "eval" and s.eval_id == 0)
+        for _ in range(3):
+            actor.report(0, 0.5)
+        actor.wait_status(lambda s: s.phase == "qest_rollouts")
+        actor.report(0, 0.5)  # after the evaluation is over
+        actor.report(7, 0.5)
+        deadline = time.monotonic() + 10
+        while "ignoring evaluation report 7" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    ignored = [r.getMessage() for r in caplog.records if "ignoring evaluation report" in r.getMessage()]
+    assert ignored == ["ignoring evaluation report 7 from actor a0 (asked for -1)"]
+
+
 def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_gets_the_weights(
     tmp_path: Path, bc_dir: Path, ctx
 ) -> None:
