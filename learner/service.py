@@ -136,6 +136,8 @@ EVAL_GATHER_MIN_S = 10.0
 # without a checkpoint of the networks (--resume continues from the last one; every acknowledged transition is on disk).
 UPDATE_STOP_WAIT_S = 10.0
 STARVED_WARN_S = 60.0  # a phase that waits for transitions says so after this long without any, and as often
+# How often the learner says that its actors are an evaluation interval or more ahead of its updates.
+OUTRUN_WARN_S = 300.0
 DIFFERENCES_SHOWN = 5  # a refused hello names every differing field, and the values of this many
 TRAIN_SCALARS_EVERY = 100  # learner steps between TensorBoard training scalars
 CHECKPOINTS = "checkpoints"
@@ -449,6 +451,7 @@ class LearnerService:
         self._last_transitions = -math.inf  # when an actor last sent transitions
         self._phase_since = -math.inf  # when the current phase began (a starved phase is timed from then)
         self._starved_warned = -math.inf
+        self._outrun_warned = -math.inf
         self._ctx: zmq.Context | None = None
         self._auth: Any = None
         self.router: zmq.Socket | None = None
@@ -1292,7 +1295,32 @@ class LearnerService:
         if now - self._last_stats >= STATS_EVERY_S:
             self._write_stats()
         self._warn_if_starved(now)
+        self._warn_if_outrun(now)
         self._show(stage=stage)
+
+    def _warn_if_outrun(self, now: float) -> None:
+        """Say, every OUTRUN_WARN_S, when the actors have collected a whole evaluation interval more online steps than
+        the learner's updates have caught up with (a learner slower than its actors, and no actor.max_env_steps_ahead
+        holding them back): evaluations then come late or are skipped, and the actors act on old weights."""
+        c, train = self.counters, self.cfg.train
+        if self.phase != "online" or now - self._outrun_warned < OUTRUN_WARN_S:
+            return
+        ahead = c.online_env_steps - c.learner_steps / train.learner_steps_per_env_step
+        if ahead < train.eval_every or not self._enough_data():
+            return
+        self._outrun_warned = now
+        cap = self.cfg.actor.max_env_steps_ahead
+        log.warning(
+            "the actors are %.0f online env steps ahead of the learner's updates (train.learner_steps_per_env_step "
+            "%g): evaluations come later than every train.eval_every (%d) steps, each placed at the env steps when it "
+            "ran, and the actors act with older weights; %s",
+            ahead,
+            train.learner_steps_per_env_step,
+            train.eval_every,
+            "a faster learner (a GPU) or actor.max_env_steps_ahead holds them back"
+            if cap is None
+            else f"actor.max_env_steps_ahead {cap} is per actor: several actors together run further ahead",
+        )
 
     def _last_heard(self, now: float) -> str:
         """Each actor id and how long ago it was last heard from, for a warning."""

@@ -607,7 +607,13 @@ CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 class TrainConfig(Strict):
     """The single-process loop of `robot-rl train`."""
 
-    env_steps: int = Field(20_000, ge=1, description="Online environment steps after Q-Estimation.")
+    env_steps: int = Field(
+        20_000,
+        ge=1,
+        description="Online environment steps after Q-Estimation. With actors and a learner, each actor starts no "
+        "episode once the budget is reached, counting what the learner stored and what it has itself sent: actors "
+        "running together can end up to one episode each past it.",
+    )
     learner_steps_per_env_step: float = Field(
         1.0, gt=0, le=16, description="Learner steps (UTD critic + 1 actor update) per environment step."
     )

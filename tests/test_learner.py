@@ -1001,6 +1001,33 @@ def test_a_resent_evaluation_report_is_not_logged_as_ignored(tmp_path: Path, bc_
     assert ignored == ["ignoring evaluation report 7 from actor a0 (asked for -1)"]
 
 
+def test_actors_an_evaluation_interval_ahead_of_the_learner_are_warned_about_now_and_then(
+    tmp_path: Path, bc_dir: Path, caplog
+) -> None:
+    """A learner slower than its actors evaluates late (its evaluations wait for the updates owed): once the actors
+    are a whole train.eval_every ahead, it says so, and what holds them back; not again for OUTRUN_WARN_S."""
+    from robot_rl.learner import service as learner_service
+
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    service.phase = "online"
+    service._enough_data = lambda: True
+    every, ratio = cfg.train.eval_every, cfg.train.learner_steps_per_env_step
+    service.counters.online_env_steps = 3 * every
+    service.counters.learner_steps = int(2.2 * every * ratio)  # 0.8 of an interval behind: nothing said
+    now = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="robot_rl.learner"):
+        service._warn_if_outrun(now)
+        assert "ahead of the learner" not in caplog.text
+        service.counters.learner_steps = int(1.5 * every * ratio)  # 1.5 intervals behind
+        service._warn_if_outrun(now)
+        service._warn_if_outrun(now + 10)
+        service._warn_if_outrun(now + learner_service.OUTRUN_WARN_S + 1)
+    said = [r.getMessage() for r in caplog.records if "ahead of the learner" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith(f"the actors are {1.5 * every:.0f} online env steps ahead")
+    assert "actor.max_env_steps_ahead holds them back" in said[0]
+
+
 def test_an_evaluation_acted_without_weights_is_asked_for_again_and_a_new_actor_gets_the_weights(
     tmp_path: Path, bc_dir: Path, ctx
 ) -> None:
