@@ -111,15 +111,29 @@ def gating(cfg: RunConfig, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--period", type=float, default=0.1)
+    parser.add_argument("--minutes", type=bench_main.positive_float, default=10.0)
+    parser.add_argument("--period", type=bench_main.non_negative_float, default=0.1)
     parser.add_argument("--config", default="state", help="state, image, or a config file")
-    parser.add_argument("--gating", type=int, default=0, help="time N gating decisions alone instead of the loop")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--gating",
+        type=bench_main.non_negative_int,
+        default=0,
+        help="time N gating decisions alone instead of the loop",
+    )
+    parser.add_argument("--threads", type=bench_main.positive_int, default=1, help="torch threads")
     parser.add_argument("--precision", choices=["float32", "int8"], help="actor.gating_precision (default: config's)")
     parser.add_argument("--gating-threads", type=int, choices=[1, 2], help="actor.gating_threads (default: config's)")
-    parser.add_argument("--weights-every", type=float, default=0.0, help="feed a weights broadcast every S seconds")
-    parser.add_argument("--weights-min-interval", type=float, help="actor.weights_min_interval_s (default: config's)")
+    parser.add_argument(
+        "--weights-every",
+        type=bench_main.non_negative_float,
+        default=0.0,
+        help="feed a weights broadcast every S seconds",
+    )
+    parser.add_argument(
+        "--weights-min-interval",
+        type=bench_main.non_negative_float,
+        help="actor.weights_min_interval_s (default: config's)",
+    )
     parser.add_argument(
         "--glibc-malloc-defaults", action="store_true", help="Leave glibc's malloc thresholds (robot_rl.malloc)."
     )

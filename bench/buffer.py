@@ -120,10 +120,10 @@ def measure(spec: ObsSpec, capacity: int, batch: int, seconds: float) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=2.0, help="per row")
-    parser.add_argument("--state-capacity", type=int, default=100_000)
-    parser.add_argument("--image-capacity", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=bench_main.positive_float, default=2.0, help="per row")
+    parser.add_argument("--state-capacity", type=bench_main.positive_int, default=100_000)
+    parser.add_argument("--image-capacity", type=bench_main.positive_int, default=10_000)
+    parser.add_argument("--batch", type=bench_main.positive_int, default=256)
     args = parser.parse_args()
     if args.seconds <= 0 or min(args.batch, args.state_capacity, args.image_capacity) < 1:
         parser.error("--seconds must be positive; --batch and the capacities at least 1")

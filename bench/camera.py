@@ -91,9 +91,11 @@ def preprocessing(cfg: CameraConfig, frames: list[np.ndarray], repeats: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=150, help="frames in the recording")
-    parser.add_argument("--fps", type=int, default=30, help="recorded frame rate")
-    parser.add_argument("--repeats", type=int, default=20, help="passes over the frames when timing preprocess")
+    parser.add_argument("--frames", type=bench_main.positive_int, default=150, help="frames in the recording")
+    parser.add_argument("--fps", type=bench_main.positive_int, default=30, help="recorded frame rate")
+    parser.add_argument(
+        "--repeats", type=bench_main.positive_int, default=20, help="passes over the frames when timing preprocess"
+    )
     args = parser.parse_args()
 
     frames = synthetic_frames(args.frames)

@@ -101,9 +101,11 @@ def _store_writes_direct(directory: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=".", help="Directory on the disk to measure.")
-    parser.add_argument("--seconds", type=float, default=4.0, help="Seconds per row.")
+    parser.add_argument("--seconds", type=bench_main.positive_float, default=4.0, help="Seconds per row.")
     parser.add_argument("--groups", default="1,4,16", help="Chunks per sync, comma-separated.")
-    parser.add_argument("--window", type=int, default=16, help="Chunks pending at most in the store row.")
+    parser.add_argument(
+        "--window", type=bench_main.positive_int, default=16, help="Chunks pending at most in the store row."
+    )
     args = parser.parse_args()
     where = os.path.abspath(args.dir)
     print(f"chunks of {CHUNK_TRANSITIONS} x {TRANSITION_BYTES:,} B in {where}, {args.seconds:g} s per row")

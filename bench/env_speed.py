@@ -110,9 +110,13 @@ def write_preview(path: Path, cameras: list[CameraConfig], hold_steps: int) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="environment steps per row")
-    parser.add_argument("--hold-steps", type=int, default=2, help="physics steps sharing one torque computation")
-    parser.add_argument("--image-steps", type=int, default=400, help="environment steps per image row (0: none)")
+    parser.add_argument("--steps", type=bench_main.positive_int, default=2000, help="environment steps per row")
+    parser.add_argument(
+        "--hold-steps", type=bench_main.positive_int, default=2, help="physics steps sharing one torque computation"
+    )
+    parser.add_argument(
+        "--image-steps", type=bench_main.non_negative_int, default=400, help="environment steps per image row (0: none)"
+    )
     parser.add_argument("--preview", type=Path, default=None, help="write a PNG of the camera images here")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):

@@ -89,8 +89,10 @@ def track(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ticks", type=int, default=15, help="10 Hz ticks streamed per row")
-    parser.add_argument("--friction-scale", type=float, default=None, help="joint friction scale (default: config)")
+    parser.add_argument("--ticks", type=bench_main.positive_int, default=15, help="10 Hz ticks streamed per row")
+    parser.add_argument(
+        "--friction-scale", type=bench_main.positive_float, default=None, help="joint friction scale (default: config)"
+    )
     parser.add_argument("--hostname", default="127.0.1.4", help="loopback address for the franky-sim server")
     args = parser.parse_args()
     task = SimTaskConfig() if args.friction_scale is None else SimTaskConfig(joint_friction_scale=args.friction_scale)

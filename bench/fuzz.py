@@ -358,7 +358,7 @@ def fuzz(services: Services, messages: int, seed: int, alive: Callable[[], bool]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--messages", type=bench_main.positive_int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=TINY)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")

@@ -35,7 +35,7 @@ def per_call_us(fns: list[Callable[[], object]], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--members", type=bench_main.positive_int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

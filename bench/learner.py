@@ -144,8 +144,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--config", default="state", help="state, image, or a config file")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--threads", type=bench_main.non_negative_int, default=0, help="torch threads (0: torch's default)"
+    )
+    parser.add_argument("--steps", type=bench_main.positive_int, default=20)
     parser.add_argument("--sizes", default="config", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--prefetch", action="store_true", help="sample minibatches on a background thread")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes")

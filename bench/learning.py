@@ -95,9 +95,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="q2rl,ibrl,rlpd,sac")
-    parser.add_argument("--env-steps", type=int, default=20_000, help="online env steps per run")
+    parser.add_argument("--env-steps", type=bench_main.positive_int, default=20_000, help="online env steps per run")
     parser.add_argument("--marks", default="5000,10000,15000,20000,25000")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=bench_main.positive_int, default=2)
     parser.add_argument("--config", default="configs/sim_peg_state.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument(

@@ -45,9 +45,11 @@ def wait_for(pred, timeout: float, what: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs of each process.")
+    parser.add_argument("--kills", type=bench_main.positive_int, default=10, help="SIGKILLs of each process.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--outage", type=float, default=0.0, help="Seconds a killed learner stays down.")
+    parser.add_argument(
+        "--outage", type=bench_main.non_negative_float, default=0.0, help="Seconds a killed learner stays down."
+    )
     parser.add_argument("--config", type=Path, default=TINY)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     parser.add_argument("--keep", type=Path, help="Run in this directory and keep it (default: a temporary one).")

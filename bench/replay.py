@@ -75,8 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("log", type=Path, nargs="?", default=None, help="an actor episode log (else one is recorded)")
     parser.add_argument("--config", type=Path, default=Path("configs/sim_peg_state.yaml"), help="config to record with")
-    parser.add_argument("--steps", type=int, default=200, help="steps of the recorded episode")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--steps", type=bench_main.positive_int, default=200, help="steps of the recorded episode")
+    parser.add_argument(
+        "--repeats", type=bench_main.positive_int, default=5, help="timed repetitions (median reported)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,8 +42,10 @@ def use(variant: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds; each measures every variant once.")
-    parser.add_argument("--seconds", type=float, default=4.0, help="Measured seconds per row.")
+    parser.add_argument(
+        "--rounds", type=bench_main.positive_int, default=3, help="Rounds; each measures every variant once."
+    )
+    parser.add_argument("--seconds", type=bench_main.positive_float, default=4.0, help="Measured seconds per row.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated, from: " + ", ".join(VARIANTS))
     args = parser.parse_args()
     variants = args.variants.split(",")

@@ -466,15 +466,24 @@ def measure_weights(state: dict[str, Any], samples: int, seconds: float, malloc:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=4.0, help="Measured seconds per transitions row.")
+    parser.add_argument(
+        "--seconds", type=bench_main.positive_float, default=4.0, help="Measured seconds per transitions row."
+    )
     parser.add_argument(
         "--weights-seconds", type=float, default=20.0, help="At most this long per weights row (p99 needs samples)."
     )
-    parser.add_argument("--chunk", type=int, default=30, help="Transitions per chunk.")
-    parser.add_argument("--window", type=int, default=WINDOW, help="Chunks in flight (actor.link_window).")
+    parser.add_argument("--chunk", type=bench_main.positive_int, default=30, help="Transitions per chunk.")
+    parser.add_argument(
+        "--window", type=bench_main.positive_int, default=WINDOW, help="Chunks in flight (actor.link_window)."
+    )
     parser.add_argument("--rows", help="Only these transitions rows, e.g. '2cam 84x84 stored,state stored'.")
     parser.add_argument("--no-weights", action="store_true", help="Skip the weights rows.")
-    parser.add_argument("--weights-samples", type=int, default=100, help="Weights messages per latency row (at most).")
+    parser.add_argument(
+        "--weights-samples",
+        type=bench_main.positive_int,
+        default=100,
+        help="Weights messages per latency row (at most).",
+    )
     parser.add_argument(
         "--unrelated-next-obs",
         action="store_true",

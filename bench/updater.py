@@ -22,7 +22,7 @@ from robot_rl.learner.updater import Updater
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=bench_main.positive_int, default=5000)
     args = parser.parse_args()
     updater = Updater()
     poller = zmq.Poller()
