@@ -114,7 +114,7 @@ class WeightsArchive(ClosesOnExit):
 
         With a background thread the tensors are written later: `copy=True` copies them to CPU now, so the caller may
         reuse them; `copy=False` keeps references (for CPU tensors nobody writes to again, such as a decoded
-        broadcast: no 77 MB copy at the actor's swap point).
+        broadcast: no 61 MB copy at the actor's swap point).
         """
         if version < 0:
             raise ValueError(f"weights version must be >= 0, got {version}")

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The one install step of robot_rl: README, CI and the Dockerfiles all run this script.
-# It creates .venv/ in the checkout with torch==2.13.0 (CPU wheels where the index provides them; TORCH_SPEC overrides
-# the pin) and the project, and puts libusb (needed before pyrealsense2 imports) in place where it can, saying so
-# where it cannot.
+# It creates .venv/ in the checkout with torch==2.13.0, the CPU build (TORCH_SPEC chooses another), and the project,
+# and puts libusb (needed before pyrealsense2 imports) in place where it can, saying so where it cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -26,9 +25,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first and pinned: left to the resolver, an unpinned torch pulls gigabytes of CUDA packages.
+# torch first, pinned, and the CPU build: PyPI's Linux wheel of torch is the CUDA build, which pulls gigabytes of
+# nvidia-* packages. The CPU build comes from the indexes pip is configured with when they hold it (a local mirror),
+# else from PyTorch's CPU index; only if neither answers is PyPI's build taken, said so.
 # TORCH_SPEC chooses another build of the same version (e.g. torch==2.13.0+cu128, with PIP_EXTRA_INDEX_URL set).
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install -q "$TORCH_SPEC"
+if [ -n "${TORCH_SPEC:-}" ]; then
+  .venv/bin/python -m pip install -q "$TORCH_SPEC"
+elif ! .venv/bin/python -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+  && ! .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu; then
+  echo "install: no CPU build of torch 2.13.0 was found; installing PyPI's (the CUDA build, several GB)"
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 echo "install: ready (.venv/bin/robot-rl)"

@@ -103,12 +103,12 @@ log = logging.getLogger("robot_rl.learner")
 
 WEIGHTS_EVERY = 30  # learner steps between weight broadcasts (design §6)
 # A periodic broadcast waits while the previous one is still being handed to the actors' connections (a slow link: an
-# image config's weights are ~77 MB, 0.6 s on 1 Gb/s), for at most this long; meanwhile due broadcasts fold into one.
+# image config's weights are ~61 MB, 0.5 s on 1 Gb/s), for at most this long; meanwhile due broadcasts fold into one.
 WEIGHTS_MAX_WAIT_S = 5.0
 # Messages the PUB queues per actor connection beyond what is on the wire: a weights broadcast and the statuses sent
 # while it leaves (a few seconds of them on a slow link). An actor that stops reading (stopped, stuck) then holds at
 # most this many messages in the learner's memory, mostly statuses, since weights go out at most every few seconds
-# (an image config's are ~77 MB each); what comes after is dropped for that actor alone, as PUB does.
+# (an image config's are ~61 MB each); what comes after is dropped for that actor alone, as PUB does.
 PUB_SNDHWM = 16
 # Chunks of one stream alternating between connections this often within the window: two actors, one id and run.
 SENDER_SWITCHES, SENDER_WINDOW_S = 3, 10.0
