@@ -32,6 +32,7 @@ and phase from checkpoints/latest.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -269,6 +270,20 @@ class Stream:
         self.episode_open = not (bool(arrays["terminated"][-1]) or bool(arrays["truncated"][-1]))
 
 
+def _loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this machine only (loopback TCP, ipc, inproc)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return scheme in ("ipc", "inproc")
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface name or a host name: may be reachable from elsewhere
+        return False
+
+
 def _check_out_dir(out: Path, *, resume: bool, fingerprint: dict[str, str]) -> None:
     """Refuse a non-empty run directory without resume, and a resume with a config that disagrees with the run's."""
     if out.exists() and not out.is_dir():
@@ -497,9 +512,12 @@ class LearnerService:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
         if transport.keys_dir is not None:
-            from robot_rl.security import secure_server
+            from robot_rl.security import SecurityError, secure_server
 
-            self._auth = secure_server(ctx, [self.router, self.pub], keys_dir=Path(transport.keys_dir))
+            try:
+                self._auth = secure_server(ctx, [self.router, self.pub], keys_dir=Path(transport.keys_dir))
+            except SecurityError as exc:  # a LearnerError: a new run refused here leaves no directory behind
+                raise LearnerError(str(exc)) from None
         weights_what = "transport.weights" if transport.weights is not None else "the bind port + 1"
         for sock, endpoint, what in (
             (self.router, transport.learner, "requests from actors: --bind, transport.learner"),
@@ -509,6 +527,13 @@ class LearnerService:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
                 raise LearnerError(f"cannot bind {endpoint} ({what}): {exc}") from exc
+            if transport.keys_dir is None and not _loopback(endpoint):
+                log.warning(
+                    "%s is bound on %s without transport.keys_dir: anyone who reaches it can read the weights and "
+                    "send transitions; make keys (robot-rl keys) and set transport.keys_dir, or bind on 127.0.0.1",
+                    what.split(":")[0],
+                    endpoint,
+                )
         self._poller.register(self.router, zmq.POLLIN)
         self._poller.register(self.store.wake_fd, zmq.POLLIN)
         self._poller.register(self.updater.wake_fd, zmq.POLLIN)

@@ -212,6 +212,14 @@ def _read_key_file(path: Path, *, need_secret: bool) -> tuple[bytes, bytes | Non
             raise SecurityError(f"key file {path}: the {label} key is not a 40-character Z85 CURVE key")
     if need_secret and secret is None:
         raise SecurityError(f"key file {path} holds no secret-key (expected a *{SECRET_SUFFIX} file)")
+    if secret is not None:
+        mode = path.stat().st_mode
+        if mode & 0o077:  # as ssh refuses a private key others can read
+            raise SecurityError(
+                f"key file {path} holds a secret key and is open to others (mode {mode & 0o777:o}): chmod 600 {path}"
+            )
+        if zmq.curve_public(secret) != public:
+            raise SecurityError(f"key file {path}: its secret key is not the one of its public key (damaged?)")
     return public, secret
 
 
@@ -220,6 +228,15 @@ def _authorized_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise SecurityError(f"authorised-keys directory {directory} does not exist")
     files = sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))
+    # Whoever may write here may let any key in at the next start (group-writable is left alone: with a user's own
+    # group, as a umask of 002 makes, it is the owner again).
+    for path in (directory, *files):
+        mode = path.stat().st_mode
+        if mode & 0o002:
+            raise SecurityError(
+                f"{path} may be written by every user (mode {mode & 0o777:o}): anyone who can write there can admit "
+                f"a key; chmod o-w {path}"
+            )
     if not files:
         raise SecurityError(
             f"authorised-keys directory {directory} holds no *{PUBLIC_SUFFIX} file; no actor could connect"
@@ -228,16 +245,26 @@ def _authorized_files(directory: Path) -> list[Path]:
 
 
 def load_authorized(directory: Path) -> list[bytes]:
-    """Public keys (Z85) of the clients allowed in: every `*.key` in `directory`; SecurityError if there are none."""
-    return [_read_key_file(f, need_secret=False)[0] for f in _authorized_files(directory)]
+    """Public keys (Z85) of the clients allowed in: every `*.key` in `directory`; SecurityError if there are none, or
+    if two files hold one key (its owner would be taken for the other actor)."""
+    files = _authorized_files(directory)
+    keys = [_read_key_file(f, need_secret=False)[0] for f in files]
+    first: dict[bytes, Path] = {}
+    for path, key in zip(files, keys, strict=True):
+        if (other := first.setdefault(key, path)) is not path:
+            raise SecurityError(
+                f"{other} and {path} hold the same public key: keep the file of the actor it belongs to"
+            )
+    return keys
 
 
 def key_owners(keys_dir: Path) -> dict[str, str]:
     """Public key (Z85 text, as a message's `User-Id` carries it) -> actor id, from `keys_dir/authorized/<actor>.key`:
     whose key an admitted connection uses."""
+    directory = Path(keys_dir) / AUTHORIZED
+    keys = load_authorized(directory)
     return {
-        _read_key_file(f, need_secret=False)[0].decode(): f.name[: -len(PUBLIC_SUFFIX)]
-        for f in _authorized_files(Path(keys_dir) / AUTHORIZED)
+        key.decode(): f.name[: -len(PUBLIC_SUFFIX)] for key, f in zip(keys, _authorized_files(directory), strict=True)
     }
 
 

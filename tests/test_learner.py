@@ -1680,3 +1680,42 @@ def test_a_learner_that_fails_tells_the_actors_it_is_stopping(tmp_path: Path, bc
         assert not actor.wait_status(lambda s: s.phase == "eval").stopping
         fail.set()
         assert actor.wait_status(lambda s: s.stopping).phase == "eval"
+
+
+def test_a_learner_reachable_from_other_machines_without_keys_is_warned_about(
+    tmp_path: Path, bc_dir: Path, caplog
+) -> None:
+    """Bound on every interface without transport.keys_dir, anyone on the network can read the weights and send
+    transitions: said at start for each socket so bound. Loopback, ipc and keyed learners are not warned about."""
+    from robot_rl.learner.service import _loopback
+
+    assert _loopback("tcp://127.0.0.1:5555") and _loopback("tcp://localhost:5555") and _loopback("tcp://[::1]:5555")
+    assert _loopback("ipc:///tmp/learner") and not _loopback("tcp://0.0.0.0:5555")
+    assert not _loopback("tcp://192.168.1.20:5555") and not _loopback("tcp://eth0:5555")
+    request, weights = free_ports(2)
+    cfg = tiny_config(f"transport.learner=tcp://0.0.0.0:{request}", f"transport.weights=tcp://127.0.0.1:{weights}")
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    with caplog.at_level(logging.WARNING, logger="robot_rl.learner"), running(service):
+        deadline = time.monotonic() + 10
+        while "without transport.keys_dir" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    said = [r.getMessage() for r in caplog.records if "without transport.keys_dir" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"requests from actors is bound on tcp://0.0.0.0:{request}")
+
+
+def test_a_new_learner_refused_for_its_keys_leaves_no_run_directory(tmp_path: Path, bc_dir: Path, capsys) -> None:
+    """A key file missing or unreadable is said in one line, and the run directory it would have made is gone: the
+    same command with good keys then starts, without --resume."""
+    from robot_rl.cli import main
+    from robot_rl.security import make_keys
+
+    keys = tmp_path / "keys"
+    make_keys(keys, actors=["a0"])
+    (keys / "learner.key_secret").unlink()
+    out = tmp_path / "run"
+    cfg = tiny_config()
+    args = ["learner", "--config", str(TINY), "--bc", str(bc_dir), "--out", str(out), "--quiet",
+            "--bind", cfg.transport.learner, "--set", f"transport.keys_dir={keys}"]  # fmt: skip
+    assert main(args) == 2
+    assert "learner.key_secret does not exist" in capsys.readouterr().err
+    assert not out.exists()

@@ -370,6 +370,52 @@ def test_secure_server_names_missing_and_malformed_key_files(tmp_path: Path, key
         ctx.term()
 
 
+def test_key_files_others_could_read_or_write_or_that_do_not_hold_together_are_refused(
+    tmp_path: Path, keys: Path, rogue_keys: Path
+) -> None:
+    """A secret key others can read (as ssh refuses a private key), an authorized/ every user may write to (they could
+    admit any key), a secret key that is not its public key's (damaged: no actor would ever get in, silently), and two
+    authorised files with one key (its actor would be taken for the other) are refused at start, naming the file."""
+    ctx = bounded_context()
+    router = ctx.socket(zmq.ROUTER)
+    client = ctx.socket(zmq.DEALER)
+    try:
+        secret = keys / "learner.key_secret"
+        secret.chmod(0o644)
+        with pytest.raises(SecurityError, match=rf"{secret} holds a secret key and is open to others \(mode 644\)"):
+            secure_server(ctx, [router], keys_dir=keys)
+        secret.chmod(0o600)
+        actor_secret = keys / "actor0.key_secret"
+        actor_secret.chmod(0o640)
+        with pytest.raises(SecurityError, match=r"actor0\.key_secret holds a secret key and is open to others"):
+            secure_client(client, keys_dir=keys, actor="actor0")
+        actor_secret.chmod(0o600)
+        authorized = keys / "authorized"
+        authorized.chmod(0o777)
+        with pytest.raises(SecurityError, match=r"may be written by every user \(mode 777\)"):
+            secure_server(ctx, [router], keys_dir=keys)
+        authorized.chmod(0o775)  # group-writable: a user's own group, left alone
+        # A secret key of another pair under this public key (one Z85 character changed does the same).
+        text = secret.read_text()
+        other = (rogue_keys / "actor0.key_secret").read_text()
+        mine = text.split('secret-key = "')[1][:40]
+        secret.write_text(text.replace(mine, other.split('secret-key = "')[1][:40]))
+        with pytest.raises(
+            SecurityError, match=r"learner\.key_secret: its secret key is not the one of its public key"
+        ):
+            secure_server(ctx, [router], keys_dir=keys)
+        secret.write_text(text)
+        shutil.copy(authorized / "actor0.key", authorized / "zz_copy.key")
+        with pytest.raises(SecurityError, match=r"actor0\.key and .*zz_copy\.key hold the same public key"):
+            secure_server(ctx, [router], keys_dir=keys)
+        (authorized / "zz_copy.key").unlink()
+        secure_server(ctx, [router], keys_dir=keys).stop()  # as made by robot-rl keys: accepted
+    finally:
+        router.close(linger=0)
+        client.close(linger=0)
+        ctx.term()
+
+
 def test_secure_server_refuses_bound_socket_and_a_second_authenticator(keys: Path) -> None:
     ctx = bounded_context()
     bound, fresh, other = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
