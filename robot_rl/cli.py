@@ -365,7 +365,7 @@ def cmd_bc(args: argparse.Namespace) -> int:
 
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
-    from robot_rl.train import EVAL_SEED, refuse_unreachable_sim_server, train_bc_from_demos
+    from robot_rl.train import BC_EVAL_SEED, EVAL_SEED, refuse_unreachable_sim_server, train_bc_from_demos
 
     overrides, flags = _overrides_with_seed(args)
     cfg = load_config(args.config, overrides, flags=flags)
@@ -389,7 +389,7 @@ def cmd_bc(args: argparse.Namespace) -> int:
         env = make_env(cfg.env)
         result = evaluate(
             env,
-            bc_policy_fn(policy, mode=cfg.agent.bc_action, seed=7),
+            bc_policy_fn(policy, mode=cfg.agent.bc_action, seed=BC_EVAL_SEED),
             episodes=args.eval_episodes,
             seed=EVAL_SEED,
         )
@@ -429,7 +429,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robot_rl.bc import load_bc
     from robot_rl.envs import make_env
     from robot_rl.rollout import bc_policy_fn, evaluate
-    from robot_rl.train import EVAL_SEED, eval_config, evaluate_checkpoint, refuse_eval_overrides, refuse_other_obs
+    from robot_rl.train import (
+        BC_EVAL_SEED,
+        EVAL_SEED,
+        eval_config,
+        evaluate_checkpoint,
+        refuse_eval_overrides,
+        refuse_other_obs,
+    )
 
     seed = EVAL_SEED if args.seed is None else args.seed
     _check_count(args.episodes, "--episodes")
@@ -450,10 +457,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bc = load_bc(args.checkpoint)
         env = make_env(cfg.env)
         refuse_other_obs(env, bc.obs_spec, what, source, "the policy was trained with")
-        policy = bc_policy_fn(bc, mode=cfg.agent.bc_action)
+        policy = bc_policy_fn(bc, mode=cfg.agent.bc_action, seed=BC_EVAL_SEED)  # as train evaluates it
         result = evaluate(env, policy, episodes=args.episodes, seed=seed)
         env.close()
-        report = {"checkpoint": str(args.checkpoint), "method": "bc", **result.__dict__}
+        report = {"checkpoint": str(args.checkpoint), "method": "bc", "config": source, **result.__dict__}
     else:
         report = evaluate_checkpoint(
             args.checkpoint,

@@ -578,7 +578,7 @@ class Trainer:
     def _evaluate(self, phase: str) -> EvalRow:
         if self.cfg.agent.method == "sac" or phase == "bc":
             policy = (
-                bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, seed=7)
+                bc_policy_fn(self.bc, mode=self.cfg.agent.bc_action, seed=BC_EVAL_SEED)
                 if phase == "bc"
                 else gated_policy_fn(self.agent, rl_action="mode")
             )
@@ -895,6 +895,24 @@ def _shape_of(entry: tuple | None) -> str:
 
 # What `eval --set` may change: the env the fixed policy acts in, and whether its BC proposal is the mode or a sample.
 EVAL_OVERRIDABLE = ("env", "agent.bc_action")
+# The seed of the BC policy's samples when it is evaluated (by train, and by `robot-rl eval`: the same episodes).
+BC_EVAL_SEED = 7
+
+
+def differences_from_training(own: RunConfig, used: RunConfig, what: str, source: str) -> list[str]:
+    """The env fields in which `used` (--config's) differs from `own`, the config `what` was trained with, for the
+    report; ConfigError when it differs in the networks or method, which an evaluation cannot change (--config would
+    be taken for them and is not)."""
+    from robot_rl.wire import config_fingerprint, describe_differences
+
+    fields = describe_differences(config_fingerprint(own), config_fingerprint(used), "the training's", "--config's")
+    fixed = [f for f in fields if not f.startswith(("env.", "obs.")) and f not in ("agent.bc_action", "action_dim")]
+    if fixed:
+        raise ConfigError(
+            f"{source} differs from the config {what} was trained with in {', '.join(fixed)}: its networks and method "
+            "are fixed, and --config changes only the env it acts in (or leave --config out)"
+        )
+    return [f for f in fields if f.startswith("env.")]
 
 
 def refuse_eval_overrides(overrides: list[str], what: str) -> None:
@@ -942,7 +960,9 @@ def evaluate_checkpoint(
     env = make_env(run_cfg.env)
     refuse_other_obs(env, agent.obs_spec, what, source, "the checkpoint was trained with (or none: its own)")
     try:
+        env_differs = differences_from_training(cfg, run_cfg, what, source)
         result = evaluate(env, gated_policy_fn(agent, rl_action="mode"), episodes=episodes, seed=seed)
     finally:
         env.close()
-    return {"checkpoint": str(checkpoint), "method": cfg.agent.method, **asdict(result)}
+    return {"checkpoint": str(checkpoint), "method": cfg.agent.method, "config": source,
+            "env_differs_from_training": env_differs, **asdict(result)}  # fmt: skip

@@ -15,7 +15,7 @@ import yaml
 
 from robot_rl.checkpoint import DIGEST
 from robot_rl.cli import main
-from robot_rl.config import RunConfig
+from robot_rl.config import RunConfig, dump_config, load_config
 from robot_rl.episodes import read_episodes
 from robot_rl.train import evaluate_checkpoint
 
@@ -456,3 +456,27 @@ def test_train_with_a_bc_policy_records_the_policys_bc_settings_and_says_where_t
     assert "its policy was trained with other BC settings" in err and "bc.steps 99 (config) / 7 (policy)" in err
     recorded = RunConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
     assert recorded.bc == load_bc(bc_dir).cfg and recorded.bc.steps == 7
+
+
+def test_eval_reproduces_the_runs_bc_row_and_takes_from_config_the_env_only(run_dir, tmp_path, capsys):
+    """`robot-rl eval` of the run's bc/ gives its eval.csv BC row (same episodes, same BC samples). A --config is taken
+    for the env alone: one that differs in the networks or method is refused, naming the fields; env differences
+    are listed in the report."""
+    with (run_dir / "eval.csv").open() as f:
+        bc_row = next(row for row in csv.DictReader(f) if row["phase"] == "bc")
+    assert main(["eval", "--checkpoint", str(run_dir / "bc"), "--episodes", bc_row["episodes"]]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["success_rate"] == pytest.approx(float(bc_row["success_rate"]))
+    own = load_config(run_dir / "config.yaml")
+    other = tmp_path / "other.yaml"
+    other.write_text(dump_config(own.model_copy(update={"agent": own.agent.model_copy(update={"hidden": [7, 7]})})))
+    final = str(run_dir / "checkpoints" / "final")
+    assert main(["eval", "--checkpoint", final, "--episodes", "1", "--config", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the config checkpoint" in err and "agent.hidden" in err and err.count("\n") == 1
+    longer = own.env.task.max_episode_steps + 5
+    other.write_text(dump_config(load_config(run_dir / "config.yaml", [f"env.task.max_episode_steps={longer}"])))
+    assert main(["eval", "--checkpoint", final, "--episodes", "1", "--config", str(other)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["env_differs_from_training"] == ["env.task.max_episode_steps"]
+    assert report["config"] == f"--config {other}"
