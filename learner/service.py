@@ -1133,14 +1133,17 @@ class LearnerService:
                 self._set_phase("qest_rollouts")
             return
         # The final evaluation is the one at train.env_steps; an earlier one overtaken by fast actors is not.
-        if (
+        final = (
             self.counters.online_env_steps >= self.cfg.train.env_steps
             and self._eval_target() >= self.cfg.train.env_steps
-        ):
-            self.done = True
-            return
+        )
+        # Past this evaluation's steps (the final one's too: a run resumed with a larger budget evaluates next at the
+        # next interval, not at the old end again).
         while self.next_eval_at <= self.counters.online_env_steps:
             self.next_eval_at += self.cfg.train.eval_every
+        if final:
+            self.done = True
+            return
         self._set_phase("online")
 
     def _go_online(self) -> None:

@@ -1719,3 +1719,16 @@ def test_a_new_learner_refused_for_its_keys_leaves_no_run_directory(tmp_path: Pa
     assert main(args) == 2
     assert "learner.key_secret does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_after_the_final_evaluation_the_next_is_due_an_interval_later(tmp_path: Path, bc_dir: Path) -> None:
+    """A finished run resumed with a larger train.env_steps evaluates next at the following interval: the final
+    evaluation is not due again (it repeated, with a second eval.csv row at the same env steps)."""
+    cfg = tiny_config()
+    service = LearnerService(cfg, tmp_path / "run", bc_dir=bc_dir, quiet=True)
+    service.eval_kind = "online"
+    service.counters.online_env_steps = service.next_eval_at = cfg.train.env_steps
+    service._eval_done(None)
+    assert service.done and service.next_eval_at == cfg.train.env_steps + cfg.train.eval_every
+    resumed_budget = cfg.train.env_steps + 3 * cfg.train.eval_every
+    assert min(service.next_eval_at, resumed_budget) > service.counters.online_env_steps  # not due at once
