@@ -752,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             what = f"; {out} is complete, what came after writing it was cut short"
         else:
             what = f"; partial output in {out}" if left else ""
+            if left and args.command == "train":  # its checkpoints are for eval: a train run does not resume
+                what += " (train does not resume: start again with a new --out; learner and actor resume)"
         print(
             f"\nrobot-rl {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{what}",
             file=sys.stderr,

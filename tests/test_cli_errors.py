@@ -861,7 +861,8 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_a_line(tmp_path: Path, monk
     args = [command, "--out", str(out), *extra]
     monkeypatch.setitem(cli.COMMANDS, command, killed(signal.SIGTERM, lambda out: out.write_bytes(b"partial")))
     assert main(args) == 143
-    assert capsys.readouterr().err == f"\nrobot-rl {command}: terminated (SIGTERM); partial output in {out}\n"
+    resume = " (train does not resume: start again with a new --out; learner and actor resume)" * (command == "train")
+    assert capsys.readouterr().err == f"\nrobot-rl {command}: terminated (SIGTERM); partial output in {out}{resume}\n"
     assert signal.getsignal(signal.SIGTERM) is before  # main called in-process gives the handler back
     out.unlink()
     monkeypatch.setitem(cli.COMMANDS, command, killed(signal.SIGTERM, lambda out: out.mkdir()))
