@@ -39,7 +39,7 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from robot_rl.durable import file_hexdigest, save_tensors
+from robot_rl.durable import file_hexdigest, replace_atomic, save_tensors
 from robot_rl.hardware.interfaces import ClosesOnExit
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,6 @@ DIGEST = "tensors_xxh3"  # in a version's manifest: the xxh3-64 of its tensors f
 def _file_xxh3(path: Path) -> str:
     """xxh3-64 of a file (hex): a fast check of the bytes, made on the archive's writer thread."""
     return file_hexdigest(path, xxhash.xxh3_64())
-
-
-def _replace_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class WeightsArchive(ClosesOnExit):
@@ -153,7 +147,7 @@ class WeightsArchive(ClosesOnExit):
             if manifest_path.is_file():
                 return
             tensors_name = f"{_stem(version)}.safetensors"
-            _replace_atomic(self.root / tensors_name, lambda p: save_tensors(tensors, p))
+            replace_atomic(self.root / tensors_name, lambda p: save_tensors(tensors, p))
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -163,7 +157,7 @@ class WeightsArchive(ClosesOnExit):
                 DIGEST: _file_xxh3(self.root / tensors_name),
                 **meta,
             }
-            _replace_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+            replace_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
             self._prune()
 
     def pin(self, version: int) -> None:
@@ -174,7 +168,7 @@ class WeightsArchive(ClosesOnExit):
             self._pinned.add(version)
             self.root.mkdir(parents=True, exist_ok=True)
             body = json.dumps({"pinned": sorted(self._pinned)}) + "\n"
-            _replace_atomic(self.root / PINS_FILE, lambda p: p.write_text(body))
+            replace_atomic(self.root / PINS_FILE, lambda p: p.write_text(body))
 
     def _prune(self) -> None:
         kept = set(self.versions()[-self.keep_last :]) | self._pinned

@@ -1629,8 +1629,8 @@ class LearnerService:
         self.refused_unidentified = refused
         for name, entry in actors.items():
             stats = self.actors.setdefault(name, ActorStats())
-            stats.duplicates, stats.refused, stats.gaps, stats.lost = (entry[k] for k in ("duplicates", "refused",
-                                                                                          "gaps", "lost"))  # fmt: skip
+            for key, value in entry.items():
+                setattr(stats, key, value)
 
 
 def _checkpoint_progress(path: Path) -> tuple[int, str]:

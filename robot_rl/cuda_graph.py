@@ -85,10 +85,15 @@ class StepGraph:
         self.graph.replay()
         return self.output.clone()
 
+    def _stream(self) -> torch.cuda.Stream:
+        """The side stream the warm-up runs on and the capture records on (one: cuBLAS keeps a workspace per stream)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
     def _eager(self, args: tuple) -> torch.Tensor:
         """One step run eagerly on a side stream, as torch's graph-capture warm-up asks."""
-        self.stream = self.stream or torch.cuda.Stream()
-        side = self.stream
+        side = self._stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self.fn(*args)
@@ -101,8 +106,7 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the learner service's other thread may use the GPU meanwhile (transitions into the buffer's
         # copy, weights out), which a process-wide capture would refuse.
-        self.stream = self.stream or torch.cuda.Stream()
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self._stream(), capture_error_mode="thread_local"):
             output = self.fn(*self.static_args)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"a CUDA graph step must return one tensor, got {type(output).__name__}")

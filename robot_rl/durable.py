@@ -34,11 +34,16 @@ def _umask() -> int:
     return 0o022
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling and rename it over `path`: a crash leaves the old file or the new one."""
+def replace_atomic(path: Path, write: Any) -> None:
+    """`write(tmp)` a temporary sibling, then rename it over `path`: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through replace_atomic."""
+    replace_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def file_hexdigest(path: Path, digest: Any) -> str:

@@ -244,28 +244,29 @@ def _authorized_files(directory: Path) -> list[Path]:
     return files
 
 
-def load_authorized(directory: Path) -> list[bytes]:
-    """Public keys (Z85) of the clients allowed in: every `*.key` in `directory`; SecurityError if there are none, or
-    if two files hold one key (its owner would be taken for the other actor)."""
-    files = _authorized_files(directory)
-    keys = [_read_key_file(f, need_secret=False)[0] for f in files]
-    first: dict[bytes, Path] = {}
-    for path, key in zip(files, keys, strict=True):
-        if (other := first.setdefault(key, path)) is not path:
+def _authorized_keys(directory: Path) -> dict[bytes, Path]:
+    """Public key (Z85) -> its file, for every `*.key` in `directory`; SecurityError if there are none, or if two
+    files hold one key (its owner would be taken for the other actor)."""
+    keys: dict[bytes, Path] = {}
+    for path in _authorized_files(directory):
+        key = _read_key_file(path, need_secret=False)[0]
+        if (other := keys.setdefault(key, path)) is not path:
             raise SecurityError(
                 f"{other} and {path} hold the same public key: keep the file of the actor it belongs to"
             )
     return keys
 
 
+def load_authorized(directory: Path) -> list[bytes]:
+    """Public keys (Z85) of the clients allowed in: every `*.key` in `directory` (see _authorized_keys)."""
+    return list(_authorized_keys(directory))
+
+
 def key_owners(keys_dir: Path) -> dict[str, str]:
     """Public key (Z85 text, as a message's `User-Id` carries it) -> actor id, from `keys_dir/authorized/<actor>.key`:
     whose key an admitted connection uses."""
-    directory = Path(keys_dir) / AUTHORIZED
-    keys = load_authorized(directory)
-    return {
-        key.decode(): f.name[: -len(PUBLIC_SUFFIX)] for key, f in zip(keys, _authorized_files(directory), strict=True)
-    }
+    keys = _authorized_keys(Path(keys_dir) / AUTHORIZED)
+    return {key.decode(): path.name[: -len(PUBLIC_SUFFIX)] for key, path in keys.items()}
 
 
 def check_client_keys(keys_dir: Path, actor: str) -> None:

@@ -884,11 +884,17 @@ def describe_differences(a: Mapping[str, str], b: Mapping[str, str], a_name: str
     return out
 
 
+def _listed(fields: list[str], shown: int = 20) -> str:
+    """The first `shown` fields, comma-separated, and how many more there are."""
+    return ", ".join(fields[:shown]) + (f" and {len(fields) - shown} more" if len(fields) > shown else "")
+
+
 def saved_config_differences(saved: Path, fingerprint: Mapping[str, str]) -> str:
     """The fields (at most 20, comma-separated; empty when none) in which a run directory's saved config.yaml differs
     from a config with this fingerprint, in the parts actor and learner agree on; ConfigError when it cannot be read."""
-    fields = describe_differences(config_fingerprint(load_config(saved)), fingerprint, "the run's", "the config's")
-    return ", ".join(fields[:20]) + (f" and {len(fields) - 20} more" if len(fields) > 20 else "")
+    return _listed(
+        describe_differences(config_fingerprint(load_config(saved)), fingerprint, "the run's", "the config's")
+    )
 
 
 def check_hello(hello: Hello, fingerprint: Mapping[str, str], *, unchecked: Collection[str] = ()) -> Refuse | None:
@@ -903,8 +909,7 @@ def check_hello(hello: Hello, fingerprint: Mapping[str, str], *, unchecked: Coll
         return None
     fields = diff_fingerprints(fingerprint, theirs)
     described = describe_differences(fingerprint, theirs, "the learner's", "the actor's")
-    shown = ", ".join(described[:20]) + (f" and {len(described) - 20} more" if len(described) > 20 else "")
-    reason = f"config differs from the learner's in: {shown}"
+    reason = f"config differs from the learner's in: {_listed(described)}"
     if any(field.startswith("bc.weights") for field in fields):
         reason += " (bc.weights: the actor's --bc policy is not the learner's)"
     return Refuse(reason=reason, fields=fields)
