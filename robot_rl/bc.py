@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,7 +28,7 @@ from torch import nn
 from robot_rl import obs as obs_lib
 from robot_rl.config import BCConfig
 from robot_rl.distributions import ActionDistribution, DiagGaussian, GaussianMixture
-from robot_rl.durable import file_sha256, save_tensors
+from robot_rl.durable import file_sha256, replace_atomic, save_tensors
 from robot_rl.networks import ObsEncoder, augment
 from robot_rl.obs import ObsSpec, state_dim
 
@@ -300,13 +299,6 @@ def train_bc(
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary sibling and rename, so a crash never leaves a half-written checkpoint file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
     """Write bc.safetensors and bc.json into `directory` (created if needed); returns the directory."""
     out = Path(directory)
@@ -321,9 +313,9 @@ def save_bc(policy: BCPolicy, directory: str | Path) -> Path:
         "config": policy.cfg.model_dump(mode="json"),
     }
 
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_tensors(tensors, p))
+    replace_atomic(out / WEIGHTS_FILE, lambda p: save_tensors(tensors, p))
     manifest[DIGEST] = file_sha256(out / WEIGHTS_FILE)  # what load_bc checks: damaged or exchanged bytes are refused
-    _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    replace_atomic(out / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     return out
 
 

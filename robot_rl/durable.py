@@ -8,7 +8,7 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ def _umask() -> int:
     return 0o022
 
 
-def replace_atomic(path: Path, write: Any) -> None:
+def replace_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """`write(tmp)` a temporary sibling, then rename it over `path`: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
