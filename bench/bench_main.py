@@ -4,9 +4,11 @@ on stderr and exit 2, as the robot-rl commands say theirs; anything else keeps i
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from robot_rl.actor.replay import ReplayInputError
 from robot_rl.config import ConfigError
@@ -21,33 +23,19 @@ def run(main: Callable[[], object]) -> None:
         raise SystemExit(2) from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+def _checked(kind: type, ok: Callable[[Any], bool], refusal: str) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, refused with `refusal` (formatted with the value) unless `ok` holds."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(refusal.format(value))
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number of at least 0."""
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a number of at least 0")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "{} is not a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "{} is negative")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "{} is not a positive number")
+non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "{} is not a number of at least 0")
